@@ -1,0 +1,53 @@
+# The Makefile is the project's interface: the README's commands and .ci/run call these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+GEN := shared/gen
+PROTO_DEPS := build/proto-deps
+
+.DEFAULT_GOAL := help
+.PHONY: help venv proto proto-check lint test run bench clean
+
+help:  ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	echo "$(CURDIR)/$(GEN)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/allot-generated.pth"
+	touch $@
+
+venv: $(VENV)/.installed  ## Create the virtual environment with every dependency
+
+proto: venv  ## Regenerate Python stubs (and .pyi) from protos/ into shared/gen
+	rm -rf $(GEN)/allot && mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc
+	cp $(SITE)/google/rpc/*.proto $(PROTO_DEPS)/google/rpc/
+	$(PY) -m grpc_tools.protoc -I protos -I $(SITE) --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) \
+	  $$(find protos -name '*.proto' | sort)
+	find $(GEN)/allot -type d -exec touch {}/__init__.py \;
+
+proto-check: proto  ## Fail when the committed stubs drift from protos/
+	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
+	  || { echo "generated code in $(GEN) drifts from protos/: run 'make proto' and commit"; exit 1; }
+
+lint: venv proto  ## ruff and buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+
+test: venv  ## Run the whole test suite (PostgreSQL tests need 127.0.0.1:5432; CI=true makes them required)
+	$(PY) -m pytest -q
+
+run: venv  ## Start the whole suite on SQLite under ALLOT_DATA_DIR (default ./var)
+	$(BIN)/allot run
+
+bench: venv  ## Print ReportUsage throughput and latency beside a bare grpc.aio echo server
+	$(PY) -m tests.bench.report_usage
+
+clean:  ## Remove the virtual environment and local data
+	rm -rf $(VENV) build var

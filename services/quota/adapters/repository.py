@@ -1,0 +1,353 @@
+"""Quota's repository: rows <-> domain objects, and the statements of the hot path.
+
+The hot path is shaped for batches: one locking read of every package the batch touches (in
+package-id order, so concurrent batches never deadlock), one read of already-recorded event
+ids, one executemany UPDATE and one executemany INSERT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.sql import ColumnElement
+
+from services.quota.adapters import tables as t
+from services.quota.domain.deduction import UsageOutcome
+from services.quota.domain.packages import Package, PackageSource, PackageState
+from shared.db import UnitOfWork
+from shared.timeutil import from_micros, to_micros
+
+ONE_SECOND_US = 1_000_000
+Scope = tuple[str, str, str]  # account, region, api
+
+
+def to_package(row) -> Package:
+    return Package(
+        package_id=row.package_id,
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        enterprise_project_id=row.enterprise_project_id,
+        source=PackageSource(row.source),
+        total_quantity=row.total_quantity,
+        used_quantity=row.used_quantity,
+        effective_time=from_micros(row.effective_time_us),
+        expire_time=from_micros(row.expire_time_us),
+        create_time=from_micros(row.create_time_us),
+        revoke_time=from_micros(row.revoke_time_us) if row.revoke_time_us is not None else None,
+        order_id=row.order_id,
+    )
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    """A package with the columns the domain object does not carry."""
+
+    package: Package
+    revoke_reason: str = ""
+
+
+def _package_values(package: Package) -> dict:
+    return {
+        "package_id": package.package_id,
+        "account_id": package.account_id,
+        "region": package.region,
+        "api": package.api,
+        "enterprise_project_id": package.enterprise_project_id,
+        "source": int(package.source),
+        "total_quantity": package.total_quantity,
+        "used_quantity": package.used_quantity,
+        "effective_time_us": to_micros(package.effective_time),
+        "expire_time_us": to_micros(package.expire_time),
+        "create_time_us": to_micros(package.create_time),
+        "revoke_time_us": to_micros(package.revoke_time) if package.revoke_time else None,
+        "order_id": package.order_id,
+    }
+
+
+async def insert_package(uow: UnitOfWork, package: Package) -> None:
+    await uow.session.execute(insert(t.packages).values(**_package_values(package)))
+
+
+async def save_package(uow: UnitOfWork, package: Package, revoke_reason: str = "") -> None:
+    values = _package_values(package)
+    values.pop("package_id")
+    values["revoke_reason"] = revoke_reason
+    await uow.session.execute(
+        update(t.packages).where(t.packages.c.package_id == package.package_id).values(**values)
+    )
+
+
+async def get_package(
+    uow: UnitOfWork, package_id: str, for_update: bool = False
+) -> PackageRecord | None:
+    query = select(t.packages).where(t.packages.c.package_id == package_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await uow.session.execute(query)).first()
+    return PackageRecord(to_package(row), row.revoke_reason) if row else None
+
+
+def state_condition(state: PackageState, now_us: int) -> ColumnElement[bool]:
+    """SQL for "the package is in `state` at now" (mirrors Package.state_at)."""
+    p = t.packages.c
+    revoked = p.revoke_time_us.is_not(None)
+    expired = p.expire_time_us + ONE_SECOND_US <= now_us
+    pending = p.effective_time_us > now_us
+    empty = p.used_quantity >= p.total_quantity
+    if state == PackageState.REVOKED:
+        return revoked
+    if state == PackageState.EXPIRED:
+        return and_(~revoked, expired)
+    if state == PackageState.PENDING:
+        return and_(~revoked, ~expired, pending)
+    if state == PackageState.EXHAUSTED:
+        return and_(~revoked, ~expired, ~pending, empty)
+    return and_(~revoked, ~expired, ~pending, ~empty)
+
+
+def in_force_condition(now_us: int) -> ColumnElement[bool]:
+    p = t.packages.c
+    return and_(
+        p.revoke_time_us.is_(None),
+        p.effective_time_us <= now_us,
+        p.expire_time_us + ONE_SECOND_US > now_us,
+    )
+
+
+async def list_packages(
+    uow: UnitOfWork,
+    *,
+    account_id: str,
+    region: str,
+    api: str,
+    states: Iterable[PackageState],
+    now: datetime,
+    after_id: str | None,
+    limit: int,
+) -> list[PackageRecord]:
+    p = t.packages.c
+    now_us = to_micros(now)
+    query = select(t.packages).order_by(p.package_id).limit(limit)
+    if account_id:
+        query = query.where(p.account_id == account_id)
+    if region:
+        query = query.where(p.region == region)
+    if api:
+        query = query.where(p.api == api)
+    states = list(states)
+    if states:
+        query = query.where(or_(*(state_condition(s, now_us) for s in states)))
+    if after_id:
+        query = query.where(p.package_id > after_id)
+    rows = (await uow.session.execute(query)).all()
+    return [PackageRecord(to_package(r), r.revoke_reason) for r in rows]
+
+
+async def lock_packages(uow: UnitOfWork, scopes: Iterable[Scope], since: datetime) -> list[Package]:
+    """Every unrevoked package of the scopes that covers an instant at or after `since`, locked
+    (FOR UPDATE on PostgreSQL) in package-id order."""
+    p = t.packages.c
+    scopes = sorted(set(scopes))
+    if not scopes:
+        return []
+    query = (
+        select(t.packages)
+        .where(
+            or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
+            p.revoke_time_us.is_(None),
+            p.expire_time_us + ONE_SECOND_US > to_micros(since),
+        )
+        .order_by(p.package_id)
+        .with_for_update()
+    )
+    return [to_package(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def update_used(uow: UnitOfWork, changed: Iterable[Package]) -> None:
+    params = [{"b_id": p.package_id, "b_used": p.used_quantity} for p in changed]
+    if not params:
+        return
+    p = t.packages.c
+    statement = (
+        update(t.packages)
+        .where(p.package_id == bindparam("b_id"))
+        .values(used_quantity=bindparam("b_used"))
+    )
+    connection = await uow.session.connection()
+    await connection.execute(statement, params)
+
+
+@dataclass(frozen=True)
+class StoredUsage:
+    """A recorded usage event: its digest and the result it got."""
+
+    event_id: str
+    fingerprint: str
+    account_id: str
+    region: str
+    api: str
+    enterprise_project_id: str
+    occur_time: datetime
+    billable: bool
+    deductions: tuple[tuple[str, int], ...]
+    pay_per_use_quantity: int
+    remaining_quantity: int
+    explanation: dict
+
+
+def _to_stored(row) -> StoredUsage:
+    return StoredUsage(
+        event_id=row.event_id,
+        fingerprint=row.fingerprint,
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        enterprise_project_id=row.enterprise_project_id,
+        occur_time=from_micros(row.occur_time_us),
+        billable=row.billable,
+        deductions=tuple((d[0], d[1]) for d in json.loads(row.deductions)),
+        pay_per_use_quantity=row.pay_per_use_quantity,
+        remaining_quantity=row.remaining_quantity,
+        explanation=json.loads(row.explanation),
+    )
+
+
+async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, StoredUsage]:
+    ids = sorted(set(event_ids))
+    if not ids:
+        return {}
+    rows = (
+        await uow.session.execute(select(t.usage_events).where(t.usage_events.c.event_id.in_(ids)))
+    ).all()
+    return {r.event_id: _to_stored(r) for r in rows}
+
+
+def explanation_json(outcome: UsageOutcome) -> dict:
+    return {
+        "policy": outcome.policy.value,
+        "decisive_rule": outcome.decisive_rule.value,
+        "candidates": [
+            [
+                c.package_id,
+                c.rank,
+                c.eligible,
+                c.ineligible_reason.value if c.ineligible_reason else "",
+                c.deducted_quantity,
+            ]
+            for c in outcome.candidates
+        ],
+    }
+
+
+async def insert_usage(uow: UnitOfWork, rows: list[dict]) -> None:
+    if rows:
+        connection = await uow.session.connection()
+        await connection.execute(insert(t.usage_events), rows)
+
+
+# --- API subscriptions and standing -------------------------------------------------------
+
+
+async def get_subscription(uow: UnitOfWork, account_id: str, region: str, api: str):
+    s = t.api_subscriptions.c
+    return (
+        await uow.session.execute(
+            select(t.api_subscriptions).where(
+                s.account_id == account_id, s.region == region, s.api == api
+            )
+        )
+    ).first()
+
+
+async def put_subscription(
+    uow: UnitOfWork, account_id: str, region: str, api: str, state: int, now: datetime
+):
+    existing = await get_subscription(uow, account_id, region, api)
+    now_us = to_micros(now)
+    s = t.api_subscriptions.c
+    if existing is None:
+        await uow.session.execute(
+            insert(t.api_subscriptions).values(
+                account_id=account_id, region=region, api=api, state=state,
+                create_time_us=now_us, update_time_us=now_us,
+            )
+        )
+    elif existing.state != state:
+        await uow.session.execute(
+            update(t.api_subscriptions)
+            .where(s.account_id == account_id, s.region == region, s.api == api)
+            .values(state=state, update_time_us=now_us)
+        )
+    return await get_subscription(uow, account_id, region, api)
+
+
+async def list_subscriptions(
+    uow: UnitOfWork, account_id: str, regions: Iterable[str], after: list | None, limit: int
+):
+    s = t.api_subscriptions.c
+    query = (
+        select(t.api_subscriptions)
+        .where(s.account_id == account_id, s.region.in_(sorted(set(regions))))
+        .order_by(s.region, s.api)
+        .limit(limit)
+    )
+    if after:
+        region, api = after
+        query = query.where(or_(s.region > region, and_(s.region == region, s.api > api)))
+    return (await uow.session.execute(query)).all()
+
+
+async def get_standing(uow: UnitOfWork, account_id: str) -> int | None:
+    return (
+        await uow.session.execute(
+            select(t.account_standings.c.standing).where(
+                t.account_standings.c.account_id == account_id
+            )
+        )
+    ).scalar()
+
+
+# --- read models ---------------------------------------------------------------------------
+
+
+async def summarize(
+    uow: UnitOfWork, account_id: str, regions: Iterable[str], api: str, now: datetime
+):
+    """(region, api, total, used, active_count) of packages in force, per region and API."""
+    p = t.packages.c
+    now_us = to_micros(now)
+    query = (
+        select(
+            p.region,
+            p.api,
+            func.sum(p.total_quantity).label("total"),
+            func.sum(p.used_quantity).label("used"),
+            func.sum(case((p.used_quantity < p.total_quantity, 1), else_=0)).label("active"),
+        )
+        .where(p.account_id == account_id, p.region.in_(sorted(set(regions))), in_force_condition(now_us))
+        .group_by(p.region, p.api)
+        .order_by(p.region, p.api)
+    )
+    if api:
+        query = query.where(p.api == api)
+    return (await uow.session.execute(query)).all()
+
+
+async def remaining_for_project(
+    uow: UnitOfWork, account_id: str, region: str, api: str, project: str, now: datetime
+) -> int:
+    """Remaining quantity a call of `project` may use now (designated + all-project packages)."""
+    p = t.packages.c
+    query = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
+        p.account_id == account_id,
+        p.region == region,
+        p.api == api,
+        p.enterprise_project_id.in_(["", project]),
+        in_force_condition(to_micros(now)),
+    )
+    return int((await uow.session.execute(query)).scalar_one())

@@ -1,0 +1,90 @@
+"""Quota's tables (SQLAlchemy Core). Instants are integer microseconds since the epoch (UTC),
+quantities are BIGINT: exact on both dialects, no time-zone conversions in the database."""
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+
+from shared.idempotency import idempotency_table
+
+metadata = MetaData()
+
+packages = Table(
+    "packages",
+    metadata,
+    Column("package_id", String(40), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("api", String(64), nullable=False),
+    # '' = every enterprise project of the account.
+    Column("enterprise_project_id", String(64), nullable=False),
+    Column("source", SmallInteger, nullable=False),
+    Column("total_quantity", BigInteger, nullable=False),
+    Column("used_quantity", BigInteger, nullable=False),
+    Column("effective_time_us", BigInteger, nullable=False),
+    Column("expire_time_us", BigInteger, nullable=False),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("revoke_time_us", BigInteger, nullable=True),
+    Column("revoke_reason", String(500), nullable=False, server_default=""),
+    Column("order_id", String(64), nullable=False, server_default=""),
+    CheckConstraint("used_quantity >= 0 AND used_quantity <= total_quantity", name="ck_used"),
+    Index("ix_packages_scope", "account_id", "region", "api"),
+)
+
+api_subscriptions = Table(
+    "api_subscriptions",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("state", SmallInteger, nullable=False),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+)
+
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("event_id", String(128), primary_key=True),
+    # Digest of the event as reported: the same id with other content is EVENT_ID_REUSED.
+    Column("fingerprint", String(64), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("user_id", String(128), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("api", String(64), nullable=False),
+    Column("enterprise_project_id", String(64), nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("http_status", Integer, nullable=False),
+    Column("billable", Boolean, nullable=False),
+    Column("occur_time_us", BigInteger, nullable=False),
+    Column("record_time_us", BigInteger, nullable=False),
+    Column("package_quantity", BigInteger, nullable=False),
+    Column("pay_per_use_quantity", BigInteger, nullable=False),
+    Column("remaining_quantity", BigInteger, nullable=False),
+    # JSON: [[package_id, quantity], ...] in deduction order.
+    Column("deductions", Text, nullable=False),
+    # JSON: the candidates and the decisive rule, for ExplainUsage.
+    Column("explanation", Text, nullable=False),
+    Index("ix_usage_events_scope_time", "account_id", "region", "api", "occur_time_us"),
+)
+
+# Quota's projection of each account's standing (billing's events keep it; absent = GOOD).
+account_standings = Table(
+    "account_standings",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("standing", SmallInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+)
+
+idempotency_keys = idempotency_table(metadata)

@@ -1,0 +1,131 @@
+"""Protobuf <-> quota domain and use-case types. Nothing else crosses this line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from allot.quota.v1 import quota_pb2, quota_service_pb2
+from services.quota.adapters.repository import PackageRecord, StoredUsage
+from services.quota.app.packages import GrantInput
+from services.quota.app.usage import UsageInput, UsageResult
+from services.quota.domain.admission import Admission
+from shared.timeutil import from_micros, from_timestamp, to_timestamp
+
+
+def _optional_time(message, name: str, field: str) -> datetime | None:
+    return from_timestamp(getattr(message, name), field) if message.HasField(name) else None
+
+
+def to_proto_package(record: PackageRecord, now: datetime) -> quota_pb2.Package:
+    p = record.package
+    message = quota_pb2.Package(
+        package_id=p.package_id,
+        account_id=p.account_id,
+        region=p.region,
+        api=p.api,
+        enterprise_project_id=p.enterprise_project_id,
+        source=int(p.source),
+        total_quantity=p.total_quantity,
+        used_quantity=p.used_quantity,
+        remaining_quantity=p.remaining_quantity,
+        effective_time=to_timestamp(p.effective_time),
+        expire_time=to_timestamp(p.expire_time),
+        create_time=to_timestamp(p.create_time),
+        state=int(p.state_at(now)),
+        order_id=p.order_id,
+        revoke_reason=record.revoke_reason,
+    )
+    if p.revoke_time is not None:
+        message.revoke_time.CopyFrom(to_timestamp(p.revoke_time))
+    return message
+
+
+def from_proto_grant(package: quota_pb2.Package) -> GrantInput:
+    return GrantInput(
+        account_id=package.account_id,
+        region=package.region,
+        api=package.api,
+        enterprise_project_id=package.enterprise_project_id,
+        source=package.source,
+        total_quantity=package.total_quantity,
+        effective_time=_optional_time(package, "effective_time", "package.effective_time"),
+        expire_time=_optional_time(package, "expire_time", "package.expire_time"),
+        order_id=package.order_id,
+    )
+
+
+def from_proto_usage(request: quota_service_pb2.ReportUsageRequest, prefix: str = "") -> UsageInput:
+    return UsageInput(
+        event_id=request.event_id,
+        account_id=request.account_id,
+        user_id=request.user_id,
+        region=request.region,
+        api=request.api,
+        enterprise_project_id=request.enterprise_project_id,
+        quantity=request.quantity,
+        http_status=request.http_status,
+        occur_time=_optional_time(request, "occur_time", f"{prefix}occur_time"),
+    )
+
+
+def to_proto_usage(result: UsageResult) -> quota_service_pb2.ReportUsageResponse:
+    return quota_service_pb2.ReportUsageResponse(
+        event_id=result.event_id,
+        duplicate=result.duplicate,
+        billable=result.billable,
+        deductions=[
+            quota_pb2.Deduction(package_id=pid, quantity=qty) for pid, qty in result.deductions
+        ],
+        pay_per_use_quantity=result.pay_per_use_quantity,
+        remaining_quantity=result.remaining_quantity,
+    )
+
+
+def to_proto_subscription(row) -> quota_pb2.ApiSubscription:
+    return quota_pb2.ApiSubscription(
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        state=row.state,
+        create_time=to_timestamp(from_micros(row.create_time_us)),
+        update_time=to_timestamp(from_micros(row.update_time_us)),
+    )
+
+
+def to_proto_admission(admission: Admission) -> quota_service_pb2.CheckQuotaResponse:
+    return quota_service_pb2.CheckQuotaResponse(
+        allowed=admission.allowed,
+        deny_reason=int(admission.deny_reason),
+        remaining_quantity=admission.remaining_quantity,
+        pay_per_use=admission.pay_per_use,
+    )
+
+
+_RULES = {r.lower(): v for r, v in quota_pb2.DecisiveRule.items()}
+_REASONS = {r.lower(): v for r, v in quota_pb2.IneligibleReason.items()}
+
+
+def to_proto_explanation(usage: StoredUsage) -> quota_pb2.UsageExplanation:
+    explanation = usage.explanation
+    return quota_pb2.UsageExplanation(
+        event_id=usage.event_id,
+        policy=explanation["policy"],
+        candidates=[
+            quota_pb2.UsageCandidate(
+                package_id=package_id,
+                rank=rank,
+                eligible=eligible,
+                ineligible_reason=_REASONS.get(f"ineligible_reason_{reason}", 0),
+                deducted_quantity=deducted,
+            )
+            for package_id, rank, eligible, reason, deducted in explanation["candidates"]
+        ],
+        decisive_rule=_RULES[f"decisive_rule_{explanation['decisive_rule']}"],
+        pay_per_use_quantity=usage.pay_per_use_quantity,
+        billable=usage.billable,
+        account_id=usage.account_id,
+        region=usage.region,
+        api=usage.api,
+        enterprise_project_id=usage.enterprise_project_id,
+        occur_time=to_timestamp(usage.occur_time),
+    )

@@ -1,0 +1,219 @@
+"""allot.quota.v1.QuotaService: requests in, use cases called, responses out. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from services.quota.api import convert
+from services.quota.app import packages, subscriptions, usage
+from services.quota.app.context import QuotaContext
+from shared import status
+from shared.auth import current_principal
+from shared.errors import AllotError, NotFound, PermissionDenied, Unimplemented
+from shared.idempotency import IdempotencyStore
+from shared.pagination import decode_page_token, encode_page_token, page_size
+from shared.timeutil import from_timestamp
+
+T = TypeVar("T")
+
+
+async def _owned(load: Callable[[], Awaitable[T]], account_of: Callable[[T], str]) -> T:
+    """Load a resource by id for the caller. Account principals get PERMISSION_DENIED both for
+    other accounts' resources and for ids that do not exist, so existence never leaks."""
+    principal = current_principal()
+    try:
+        resource = await load()
+    except NotFound:
+        if principal.is_operator:
+            raise
+        raise PermissionDenied("the token may not read this resource") from None
+    principal.check_account(account_of(resource))
+    return resource
+
+
+class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
+    def __init__(self, ctx: QuotaContext, idempotency: IdempotencyStore) -> None:
+        self.ctx = ctx
+        self.idempotency = idempotency
+
+    def _package(self, record) -> quota_pb2.Package:
+        return convert.to_proto_package(record, self.ctx.now())
+
+    async def _idempotent(self, scope, request, response_type, work):
+        return await self.idempotency.run(
+            self.ctx.db, scope, request, response_type, work, self.ctx.now
+        )
+
+    # --- usage ---------------------------------------------------------------------------
+
+    async def ReportUsage(self, request, context):
+        (result,) = await usage.record_usage(self.ctx, [convert.from_proto_usage(request)])
+        if isinstance(result, AllotError):
+            raise result
+        return convert.to_proto_usage(result)
+
+    async def BatchReportUsage(self, request, context):
+        inputs: list = []
+        for i, item in enumerate(request.requests):
+            try:
+                inputs.append(convert.from_proto_usage(item, prefix=f"requests[{i}]."))
+            except AllotError as error:
+                inputs.append(error)
+        results = await usage.record_usage(self.ctx, inputs)
+        responses = []
+        for result in results:
+            if isinstance(result, AllotError):
+                responses.append(quota_service_pb2.ReportUsageResponse(error=status.to_status(result)))
+            else:
+                responses.append(convert.to_proto_usage(result))
+        return quota_service_pb2.BatchReportUsageResponse(responses=responses)
+
+    async def CheckQuota(self, request, context):
+        admission = await subscriptions.check_quota(
+            self.ctx, request.account_id, request.region, request.api,
+            request.enterprise_project_id, request.quantity,
+        )
+        return convert.to_proto_admission(admission)
+
+    async def ExplainUsage(self, request, context):
+        found = await _owned(
+            lambda: usage.explain_usage(self.ctx, request.event_id), lambda u: u.account_id
+        )
+        return convert.to_proto_explanation(found)
+
+    # --- packages ------------------------------------------------------------------------
+
+    async def GrantPackage(self, request, context):
+        spec = convert.from_proto_grant(request.package)
+
+        async def work(uow):
+            return self._package(await packages.grant_package(self.ctx, uow, spec))
+
+        return await self._idempotent("GrantPackage", request, quota_pb2.Package, work)
+
+    async def GetPackage(self, request, context):
+        record = await _owned(
+            lambda: packages.get_package(self.ctx, request.package_id),
+            lambda r: r.package.account_id,
+        )
+        return self._package(record)
+
+    async def ListPackages(self, request, context):
+        account_id = current_principal().scoped_account(request.account_id)
+        after = decode_page_token(request)
+        limit = page_size(request.page_size)
+        records = await packages.list_packages(
+            self.ctx, account_id=account_id, region=request.region, api=request.api,
+            states=list(request.states), after_id=after[0] if after else None, limit=limit + 1,
+        )
+        response = quota_service_pb2.ListPackagesResponse(
+            packages=[self._package(r) for r in records[:limit]]
+        )
+        if len(records) > limit:
+            response.next_page_token = encode_page_token([records[limit - 1].package.package_id], request)
+        return response
+
+    async def _change_package(self, scope, request, change):
+        """Renew and revoke: a locked read-modify-write under the request's idempotency key."""
+
+        async def work(uow):
+            record = await change(uow)
+            return self._package(record)
+
+        return await self._idempotent(scope, request, quota_pb2.Package, work)
+
+    async def RenewPackage(self, request, context):
+        expire = (
+            from_timestamp(request.expire_time, "expire_time")
+            if request.HasField("expire_time") else None
+        )
+        return await self._change_package(
+            "RenewPackage", request,
+            lambda uow: packages.renew_package(
+                self.ctx, uow, request.package_id, expire, request.add_quantity
+            ),
+        )
+
+    async def RevokePackage(self, request, context):
+        return await self._change_package(
+            "RevokePackage", request,
+            lambda uow: packages.revoke_package(self.ctx, uow, request.package_id, request.reason),
+        )
+
+    async def GetQuotaSummary(self, request, context):
+        account_id = current_principal().scoped_account(request.account_id)
+        items = await packages.quota_summary(self.ctx, account_id, request.region, request.api)
+        return quota_pb2.QuotaSummary(
+            account_id=account_id,
+            items=[
+                quota_pb2.QuotaSummaryItem(
+                    region=i.region, api=i.api,
+                    total_quantity=i.totals.total_quantity,
+                    used_quantity=i.totals.used_quantity,
+                    remaining_quantity=i.totals.remaining_quantity,
+                    active_package_count=i.totals.active_package_count,
+                )
+                for i in items
+            ],
+        )
+
+    # --- API subscriptions ---------------------------------------------------------------
+
+    async def EnableApi(self, request, context):
+        async def work(uow):
+            row = await subscriptions.enable_api(
+                self.ctx, uow, request.account_id, request.region, request.api
+            )
+            return convert.to_proto_subscription(row)
+
+        return await self._idempotent("EnableApi", request, quota_pb2.ApiSubscription, work)
+
+    async def DisableApi(self, request, context):
+        async def work(uow):
+            row = await subscriptions.disable_api(
+                self.ctx, uow, request.account_id, request.region, request.api
+            )
+            return convert.to_proto_subscription(row)
+
+        return await self._idempotent("DisableApi", request, quota_pb2.ApiSubscription, work)
+
+    async def ListApiSubscriptions(self, request, context):
+        account_id = current_principal().scoped_account(request.account_id)
+        after = decode_page_token(request)
+        limit = page_size(request.page_size)
+        rows = await subscriptions.list_subscriptions(
+            self.ctx, account_id, request.region, after, limit + 1
+        )
+        response = quota_service_pb2.ListApiSubscriptionsResponse(
+            api_subscriptions=[convert.to_proto_subscription(r) for r in rows[:limit]]
+        )
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            response.next_page_token = encode_page_token([last.region, last.api], request)
+        return response
+
+    # --- built by the usage alerts and events issue --------------------------------------
+
+    async def GetUsageStats(self, request, context):
+        raise Unimplemented("GetUsageStats")
+
+    async def CreateUsageAlert(self, request, context):
+        raise Unimplemented("CreateUsageAlert")
+
+    async def GetUsageAlert(self, request, context):
+        raise Unimplemented("GetUsageAlert")
+
+    async def ListUsageAlerts(self, request, context):
+        raise Unimplemented("ListUsageAlerts")
+
+    async def UpdateUsageAlert(self, request, context):
+        raise Unimplemented("UpdateUsageAlert")
+
+    async def DeleteUsageAlert(self, request, context):
+        raise Unimplemented("DeleteUsageAlert")
+
+    async def WatchEvents(self, request, context):
+        raise Unimplemented("WatchEvents")
+        yield  # pragma: no cover - makes this an async generator like the real stream

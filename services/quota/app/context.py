@@ -1,0 +1,65 @@
+"""What quota's use cases run against, and the request checks they all share."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.quota.domain.deduction import DeductionPolicy
+from shared.catalog import Catalog
+from shared.clock import Clock
+from shared.db import Database
+from shared.errors import FailedPrecondition, InvalidArgument
+
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class QuotaContext:
+    db: Database
+    clock: Clock
+    catalog: Catalog
+    served_regions: tuple[str, ...]
+    policy: DeductionPolicy
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def check_region(self, region: str, field: str = "region") -> str:
+        """A region the catalog knows and this process serves."""
+        if not region:
+            raise InvalidArgument(field, f"{field} is required")
+        if not self.catalog.has_region(region):
+            raise InvalidArgument(
+                field, f"unknown region {region!r}", reason="UNKNOWN_REGION", region=region
+            )
+        if region not in self.served_regions:
+            raise FailedPrecondition(
+                "REGION_NOT_SERVED",
+                f"region {region!r} is not served by this quota process",
+                region=region,
+                served=",".join(self.served_regions),
+            )
+        return region
+
+    def check_api(self, api: str, field: str = "api") -> str:
+        if not api:
+            raise InvalidArgument(field, f"{field} is required")
+        if not self.catalog.has_api(api):
+            raise InvalidArgument(field, f"unknown api {api!r}", reason="UNKNOWN_API", api=api)
+        return api
+
+    def regions_or_all(self, region: str, field: str = "region") -> tuple[str, ...]:
+        """One checked region, or every served region when empty."""
+        return (self.check_region(region, field),) if region else self.served_regions
+
+
+def check_account_id(account_id: str, field: str = "account_id") -> str:
+    if not account_id:
+        raise InvalidArgument(field, f"{field} is required")
+    if not ACCOUNT_ID.match(account_id):
+        raise InvalidArgument(
+            field, f"{field} must be 1-64 letters, digits or _.:@- starting with a letter or digit"
+        )
+    return account_id

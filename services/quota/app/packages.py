@@ -1,0 +1,214 @@
+"""Use cases of packages: grant, read, list, renew, revoke, and the quota summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.quota.adapters import repository as repo
+from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.domain.packages import (
+    ALL_PROJECTS,
+    Package,
+    PackageSource,
+    PackageState,
+    QuotaTotals,
+    normalize_project_id,
+)
+from shared.db import UnitOfWork
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.ids import new_id
+
+MAX_QUANTITY = 10**12
+
+
+@dataclass(frozen=True)
+class GrantInput:
+    account_id: str
+    region: str
+    api: str
+    enterprise_project_id: str
+    source: int
+    total_quantity: int
+    effective_time: datetime | None
+    expire_time: datetime | None
+    order_id: str
+
+
+def package_not_found(package_id: str) -> NotFound:
+    return NotFound("PACKAGE_NOT_FOUND", f"no package {package_id!r}", package_id=package_id)
+
+
+async def grant_package(ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput) -> repo.PackageRecord:
+    now = ctx.now()
+    check_account_id(spec.account_id, "package.account_id")
+    ctx.check_region(spec.region, "package.region")
+    ctx.check_api(spec.api, "package.api")
+    project = spec.enterprise_project_id
+    if project and normalize_project_id(project) != project:
+        raise InvalidArgument(
+            "package.enterprise_project_id",
+            "enterprise_project_id must be 1-64 letters, digits, '-' or '_' (empty = all projects)",
+        )
+    if spec.source not in tuple(PackageSource):
+        raise InvalidArgument("package.source", "source must be FREE, PROMOTION or SUBSCRIPTION")
+    if not 0 < spec.total_quantity <= MAX_QUANTITY:
+        raise InvalidArgument("package.total_quantity", "total_quantity must be positive")
+    if spec.expire_time is None:
+        raise InvalidArgument("package.expire_time", "expire_time is required")
+    effective = spec.effective_time or now
+    if spec.expire_time < effective:
+        raise InvalidArgument("package.expire_time", "expire_time is before effective_time")
+    if len(spec.order_id) > 64:
+        raise InvalidArgument("package.order_id", "order_id is longer than 64 characters")
+    package = Package(
+        package_id=new_id("pkg"),
+        account_id=spec.account_id,
+        region=spec.region,
+        api=spec.api,
+        enterprise_project_id=project or ALL_PROJECTS,
+        source=PackageSource(spec.source),
+        total_quantity=spec.total_quantity,
+        used_quantity=0,
+        effective_time=effective,
+        expire_time=spec.expire_time,
+        create_time=now,
+        order_id=spec.order_id,
+    )
+    await repo.insert_package(uow, package)
+    return repo.PackageRecord(package)
+
+
+async def get_package(ctx: QuotaContext, package_id: str) -> repo.PackageRecord:
+    if not package_id:
+        raise InvalidArgument("package_id", "package_id is required")
+
+    async def work(uow: UnitOfWork) -> repo.PackageRecord:
+        record = await repo.get_package(uow, package_id)
+        if record is None:
+            raise package_not_found(package_id)
+        return record
+
+    return await ctx.db.read(work)
+
+
+async def list_packages(
+    ctx: QuotaContext,
+    *,
+    account_id: str,
+    region: str,
+    api: str,
+    states: list[int],
+    after_id: str | None,
+    limit: int,
+) -> list[repo.PackageRecord]:
+    if account_id:
+        check_account_id(account_id)
+    if region and not ctx.catalog.has_region(region):
+        raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
+    if api:
+        ctx.check_api(api)
+    try:
+        wanted = [PackageState(s) for s in states]
+    except ValueError as exc:
+        raise InvalidArgument("states", "unknown package state") from exc
+
+    async def work(uow: UnitOfWork) -> list[repo.PackageRecord]:
+        return await repo.list_packages(
+            uow, account_id=account_id, region=region, api=api, states=wanted,
+            now=ctx.now(), after_id=after_id, limit=limit,
+        )
+
+    return await ctx.db.read(work)
+
+
+async def _load_for_change(uow: UnitOfWork, package_id: str) -> repo.PackageRecord:
+    if not package_id:
+        raise InvalidArgument("package_id", "package_id is required")
+    record = await repo.get_package(uow, package_id, for_update=True)
+    if record is None:
+        raise package_not_found(package_id)
+    return record
+
+
+async def renew_package(
+    ctx: QuotaContext, uow: UnitOfWork, package_id: str, expire_time: datetime | None,
+    add_quantity: int,
+) -> repo.PackageRecord:
+    """Extend to `expire_time` and add quantity. Renewing an expired package (billing allows a
+    grace window) forfeits its old remainder first: the new period does not revive it."""
+    now = ctx.now()
+    record = await _load_for_change(uow, package_id)
+    package = record.package
+    state = package.state_at(now)
+    if state == PackageState.REVOKED:
+        raise FailedPrecondition(
+            "INVALID_STATE_TRANSITION", "a revoked package cannot be renewed",
+            package_id=package_id, state=state.name,
+        )
+    if add_quantity < 0 or add_quantity > MAX_QUANTITY:
+        raise InvalidArgument("add_quantity", "add_quantity must not be negative")
+    new_expire = expire_time or package.expire_time
+    if new_expire < package.expire_time:
+        raise InvalidArgument("expire_time", "expire_time must not move the expiry earlier")
+    if new_expire == package.expire_time and add_quantity == 0:
+        raise InvalidArgument("expire_time", "a renewal must extend expire_time or add quantity")
+    used = package.total_quantity if state == PackageState.EXPIRED else package.used_quantity
+    renewed = dataclasses.replace(
+        package,
+        total_quantity=package.total_quantity + add_quantity,
+        used_quantity=used,
+        expire_time=new_expire,
+    )
+    await repo.save_package(uow, renewed, record.revoke_reason)
+    return repo.PackageRecord(renewed, record.revoke_reason)
+
+
+async def revoke_package(
+    ctx: QuotaContext, uow: UnitOfWork, package_id: str, reason: str
+) -> repo.PackageRecord:
+    now = ctx.now()
+    if len(reason) > 500:
+        raise InvalidArgument("reason", "reason is longer than 500 characters")
+    record = await _load_for_change(uow, package_id)
+    if record.package.revoke_time is not None:
+        raise FailedPrecondition(
+            "INVALID_STATE_TRANSITION", "the package is already revoked", package_id=package_id,
+            state="REVOKED",
+        )
+    revoked = dataclasses.replace(record.package, revoke_time=now)
+    await repo.save_package(uow, revoked, reason)
+    return repo.PackageRecord(revoked, reason)
+
+
+@dataclass(frozen=True)
+class SummaryItem:
+    region: str
+    api: str
+    totals: QuotaTotals
+
+
+async def quota_summary(ctx: QuotaContext, account_id: str, region: str, api: str) -> list[SummaryItem]:
+    check_account_id(account_id)
+    regions = ctx.regions_or_all(region)
+    if api:
+        ctx.check_api(api)
+
+    async def work(uow: UnitOfWork) -> list[SummaryItem]:
+        rows = await repo.summarize(uow, account_id, regions, api, ctx.now())
+        return [
+            SummaryItem(
+                r.region,
+                r.api,
+                QuotaTotals(
+                    total_quantity=int(r.total),
+                    used_quantity=int(r.used),
+                    remaining_quantity=int(r.total) - int(r.used),
+                    active_package_count=int(r.active),
+                ),
+            )
+            for r in rows
+        ]
+
+    return await ctx.db.read(work)

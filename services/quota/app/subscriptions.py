@@ -1,0 +1,69 @@
+"""Use cases of API subscriptions and admission (CheckQuota)."""
+
+from __future__ import annotations
+
+from services.quota.adapters import repository as repo
+from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.domain.admission import Admission, Standing, admit
+from services.quota.domain.packages import normalize_project_id
+from shared.db import UnitOfWork
+from shared.errors import InvalidArgument, NotFound
+
+ACTIVE, CANCELLED = 1, 2  # ApiSubscriptionState
+
+
+def _check(ctx: QuotaContext, account_id: str, region: str, api: str) -> None:
+    check_account_id(account_id)
+    ctx.check_region(region)
+    ctx.check_api(api)
+
+
+async def enable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, region: str, api: str):
+    _check(ctx, account_id, region, api)
+    return await repo.put_subscription(uow, account_id, region, api, ACTIVE, ctx.now())
+
+
+async def disable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, region: str, api: str):
+    _check(ctx, account_id, region, api)
+    if await repo.get_subscription(uow, account_id, region, api) is None:
+        raise NotFound(
+            "API_SUBSCRIPTION_NOT_FOUND",
+            f"{account_id!r} never enabled {api!r} in {region!r}",
+            account_id=account_id, region=region, api=api,
+        )
+    return await repo.put_subscription(uow, account_id, region, api, CANCELLED, ctx.now())
+
+
+async def list_subscriptions(
+    ctx: QuotaContext, account_id: str, region: str, after: list | None, limit: int
+):
+    check_account_id(account_id)
+    regions = ctx.regions_or_all(region)
+
+    async def work(uow: UnitOfWork):
+        return await repo.list_subscriptions(uow, account_id, regions, after, limit)
+
+    return await ctx.db.read(work)
+
+
+async def check_quota(
+    ctx: QuotaContext, account_id: str, region: str, api: str, project: str, quantity: int
+) -> Admission:
+    _check(ctx, account_id, region, api)
+    if quantity < 0:
+        raise InvalidArgument("quantity", "quantity must not be negative")
+
+    async def work(uow: UnitOfWork) -> Admission:
+        subscription = await repo.get_subscription(uow, account_id, region, api)
+        standing = await repo.get_standing(uow, account_id)
+        remaining = await repo.remaining_for_project(
+            uow, account_id, region, api, normalize_project_id(project), ctx.now()
+        )
+        return admit(
+            subscribed=subscription is not None and subscription.state == ACTIVE,
+            standing=Standing(standing) if standing else Standing.GOOD,
+            remaining_quantity=remaining,
+            quantity=quantity or 1,
+        )
+
+    return await ctx.db.read(work)

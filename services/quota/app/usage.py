@@ -1,0 +1,260 @@
+"""Use cases of usage events: record a batch exactly once, explain one.
+
+`record_usage` is the one hot path: `ReportUsage` is a batch of one. In one transaction it
+locks every package the batch touches, finds event ids recorded before, applies the rest
+through the pure deduction engine in order, and writes the results with few statements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from services.quota.adapters import repository as repo
+from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.domain.deduction import UsageEvent, apply_usage
+from services.quota.domain.packages import normalize_project_id
+from shared.db import UnitOfWork
+from shared.errors import AllotError, InvalidArgument, NotFound
+from shared.timeutil import to_micros
+
+MAX_BATCH = 1000
+MAX_QUANTITY = 10**12
+# A gateway's clock may run a little ahead of ours; further in the future is a bad timestamp.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class UsageInput:
+    """A usage event as reported, before validation (occur_time None = now)."""
+
+    event_id: str
+    account_id: str
+    user_id: str
+    region: str
+    api: str
+    enterprise_project_id: str
+    quantity: int
+    http_status: int
+    occur_time: datetime | None
+
+    def fingerprint(self) -> str:
+        """Digest of the event as reported; an unset occur_time stays unset, so a retry of the
+        same report is recognised however late it arrives."""
+        occur = "" if self.occur_time is None else str(to_micros(self.occur_time))
+        parts = (
+            self.account_id, self.user_id, self.region, self.api, self.enterprise_project_id,
+            str(self.quantity or 1), str(self.http_status), occur,
+        )
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    event_id: str
+    duplicate: bool
+    billable: bool
+    deductions: tuple[tuple[str, int], ...]
+    pay_per_use_quantity: int
+    remaining_quantity: int
+
+
+@dataclass(frozen=True)
+class _Valid:
+    event: UsageEvent
+    fingerprint: str
+
+
+def validate_usage(ctx: QuotaContext, raw: UsageInput, now: datetime) -> _Valid:
+    if not raw.event_id:
+        raise InvalidArgument("event_id", "event_id is required")
+    if len(raw.event_id) > 128:
+        raise InvalidArgument("event_id", "event_id is longer than 128 characters")
+    check_account_id(raw.account_id)
+    if len(raw.user_id) > 128:
+        raise InvalidArgument("user_id", "user_id is longer than 128 characters")
+    ctx.check_region(raw.region)
+    ctx.check_api(raw.api)
+    if raw.quantity < 0:
+        raise InvalidArgument("quantity", "quantity must not be negative")
+    if raw.quantity > MAX_QUANTITY:
+        raise InvalidArgument("quantity", f"quantity must be at most {MAX_QUANTITY}")
+    if not 100 <= raw.http_status <= 599:
+        raise InvalidArgument("http_status", "http_status must be an HTTP status code (100-599)")
+    occur_time = raw.occur_time or now
+    if occur_time > now + FUTURE_TOLERANCE:
+        raise InvalidArgument("occur_time", "occur_time lies in the future")
+    event = UsageEvent(
+        event_id=raw.event_id,
+        account_id=raw.account_id,
+        user_id=raw.user_id,
+        region=raw.region,
+        api=raw.api,
+        enterprise_project_id=normalize_project_id(raw.enterprise_project_id),
+        quantity=raw.quantity or 1,
+        http_status=raw.http_status,
+        occur_time=occur_time,
+    )
+    return _Valid(event, raw.fingerprint())
+
+
+def _replay(stored: repo.StoredUsage, fingerprint: str) -> UsageResult:
+    if stored.fingerprint != fingerprint:
+        raise InvalidArgument(
+            "event_id",
+            f"event_id {stored.event_id!r} was reported before with other content",
+            reason="EVENT_ID_REUSED",
+            event_id=stored.event_id,
+        )
+    return UsageResult(
+        event_id=stored.event_id,
+        duplicate=True,
+        billable=stored.billable,
+        deductions=stored.deductions,
+        pay_per_use_quantity=stored.pay_per_use_quantity,
+        remaining_quantity=stored.remaining_quantity,
+    )
+
+
+async def record_usage(
+    ctx: QuotaContext, inputs: list[UsageInput | AllotError]
+) -> list[UsageResult | AllotError]:
+    """Record a batch of events in order; an invalid event fails alone (its error in its slot).
+
+    An input may already be an error (it failed to convert); it keeps its slot.
+    """
+    if len(inputs) > MAX_BATCH:
+        raise InvalidArgument("requests", f"at most {MAX_BATCH} events per batch")
+    now = ctx.now()
+    slots: list[_Valid | AllotError] = []
+    for raw in inputs:
+        if isinstance(raw, AllotError):
+            slots.append(raw)
+            continue
+        try:
+            slots.append(validate_usage(ctx, raw, now))
+        except AllotError as error:
+            slots.append(error)
+    valid = [s for s in slots if isinstance(s, _Valid)]
+    if not valid:
+        return list(slots)  # type: ignore[arg-type]
+
+    async def work(uow: UnitOfWork) -> list[UsageResult | AllotError]:
+        return await _record(ctx, uow, slots, valid, now)
+
+    return await ctx.db.transaction(work)
+
+
+async def _record(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    slots: list[_Valid | AllotError],
+    valid: list[_Valid],
+    now: datetime,
+) -> list[UsageResult | AllotError]:
+    scopes = {(v.event.account_id, v.event.region, v.event.api) for v in valid}
+    since = min([now, *(v.event.occur_time for v in valid)])
+    # Lock first, then look for recorded ids: a concurrent twin of an event has then either
+    # committed (we see it as recorded) or waits behind us.
+    packages = await repo.lock_packages(uow, scopes, since)
+    recorded = await repo.find_usage(uow, (v.event.event_id for v in valid))
+
+    fresh: list[_Valid] = []
+    first_in_batch: dict[str, _Valid] = {}
+    for v in valid:
+        if v.event.event_id in recorded or v.event.event_id in first_in_batch:
+            continue
+        first_in_batch[v.event.event_id] = v
+        fresh.append(v)
+    outcomes, changed = apply_usage([v.event for v in fresh], packages, ctx.policy)
+
+    # Remaining in force now, per scope, walked forward event by event.
+    by_id = {p.package_id: p for p in packages}
+    in_force = {pid for pid, p in by_id.items() if p.in_force_at(now)}
+    remaining: dict[repo.Scope, int] = defaultdict(int)
+    for p in packages:
+        if p.package_id in in_force:
+            remaining[(p.account_id, p.region, p.api)] += p.remaining_quantity
+
+    results: dict[str, UsageResult] = {}
+    rows = []
+    record_us = to_micros(now)
+    for v, outcome in zip(fresh, outcomes, strict=True):
+        e = v.event
+        scope = (e.account_id, e.region, e.api)
+        remaining[scope] -= sum(d.quantity for d in outcome.deductions if d.package_id in in_force)
+        deductions = tuple((d.package_id, d.quantity) for d in outcome.deductions)
+        results[e.event_id] = UsageResult(
+            event_id=e.event_id,
+            duplicate=False,
+            billable=outcome.billable,
+            deductions=deductions,
+            pay_per_use_quantity=outcome.pay_per_use_quantity,
+            remaining_quantity=remaining[scope],
+        )
+        rows.append(
+            {
+                "event_id": e.event_id,
+                "fingerprint": v.fingerprint,
+                "account_id": e.account_id,
+                "user_id": e.user_id,
+                "region": e.region,
+                "api": e.api,
+                "enterprise_project_id": e.enterprise_project_id,
+                "quantity": e.quantity,
+                "http_status": e.http_status,
+                "billable": outcome.billable,
+                "occur_time_us": to_micros(e.occur_time),
+                "record_time_us": record_us,
+                "package_quantity": outcome.package_quantity,
+                "pay_per_use_quantity": outcome.pay_per_use_quantity,
+                "remaining_quantity": remaining[scope],
+                "deductions": json.dumps(deductions),
+                "explanation": json.dumps(repo.explanation_json(outcome)),
+            }
+        )
+    await repo.update_used(uow, changed.values())
+    await repo.insert_usage(uow, rows)
+
+    answers: list[UsageResult | AllotError] = []
+    for slot in slots:
+        if isinstance(slot, AllotError):
+            answers.append(slot)
+            continue
+        event_id = slot.event.event_id
+        try:
+            if event_id in recorded:
+                answers.append(_replay(recorded[event_id], slot.fingerprint))
+            elif first_in_batch[event_id] is not slot:
+                # The same id twice in one batch: the second is a repeat of the first.
+                first = first_in_batch[event_id]
+                if first.fingerprint != slot.fingerprint:
+                    raise InvalidArgument(
+                        "event_id",
+                        f"event_id {event_id!r} appears twice in the batch with other content",
+                        reason="EVENT_ID_REUSED",
+                        event_id=event_id,
+                    )
+                answers.append(dataclasses.replace(results[event_id], duplicate=True))
+            else:
+                answers.append(results[event_id])
+        except AllotError as error:
+            answers.append(error)
+    return answers
+
+
+async def explain_usage(ctx: QuotaContext, event_id: str) -> repo.StoredUsage:
+    if not event_id:
+        raise InvalidArgument("event_id", "event_id is required")
+
+    async def work(uow: UnitOfWork) -> repo.StoredUsage:
+        found = (await repo.find_usage(uow, [event_id])).get(event_id)
+        if found is None:
+            raise NotFound("USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id)
+        return found
+
+    return await ctx.db.read(work)

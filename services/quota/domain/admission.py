@@ -1,0 +1,54 @@
+"""Admission: may a call proceed now? A decision returned as data, never an error."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Standing(enum.IntEnum):
+    """Quota's projection of billing's account standing (absent = GOOD)."""
+
+    GOOD = 1
+    GRACE = 2
+    FROZEN = 3
+    RELEASED = 4
+
+
+class DenyReason(enum.IntEnum):
+    NONE = 0
+    API_NOT_SUBSCRIBED = 1
+    ACCOUNT_FROZEN = 2
+    ACCOUNT_RELEASED = 3
+    PAY_PER_USE_BLOCKED = 4
+
+
+@dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    deny_reason: DenyReason
+    remaining_quantity: int
+    pay_per_use: bool
+
+
+def admit(
+    *,
+    subscribed: bool,
+    standing: Standing,
+    remaining_quantity: int,
+    quantity: int,
+    block_pay_per_use_in_grace: bool = False,
+) -> Admission:
+    """The API must be subscribed and the account neither frozen nor released; in grace, calls
+    that packages do not cover are refused only when the deployment blocks pay-per-use there."""
+    pay_per_use = remaining_quantity < quantity
+    reason = DenyReason.NONE
+    if not subscribed:
+        reason = DenyReason.API_NOT_SUBSCRIBED
+    elif standing == Standing.FROZEN:
+        reason = DenyReason.ACCOUNT_FROZEN
+    elif standing == Standing.RELEASED:
+        reason = DenyReason.ACCOUNT_RELEASED
+    elif standing == Standing.GRACE and pay_per_use and block_pay_per_use_in_grace:
+        reason = DenyReason.PAY_PER_USE_BLOCKED
+    return Admission(reason == DenyReason.NONE, reason, remaining_quantity, pay_per_use)

@@ -1,0 +1,160 @@
+"""One engine factory for both dialects, the unit of work, and retry of lost races.
+
+SQLite (the embedded default): WAL, foreign keys, a busy timeout, and `BEGIN IMMEDIATE` for
+writes so concurrent writers queue on the database lock instead of failing at commit.
+PostgreSQL: asyncpg, `pool_pre_ping`, READ COMMITTED; rows that are decremented are locked with
+`SELECT ... FOR UPDATE` by the repositories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from shared.errors import Aborted
+
+log = logging.getLogger("allot.db")
+T = TypeVar("T")
+
+READ_ONLY = "allot_read_only"
+# Attempts for a transaction that lost a race (unique key taken by a concurrent writer,
+# deadlock, serialization failure, SQLite busy). Each attempt starts from scratch.
+MAX_ATTEMPTS = 6
+
+
+def create_engine(url: str) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+        pool_size=10,
+        max_overflow=20,
+    )
+
+
+def _sqlite_engine(url: str) -> AsyncEngine:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        pathlib.Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": 60})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Take transaction control from the driver so we can say BEGIN IMMEDIATE ourselves.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA foreign_keys=ON",
+            "PRAGMA busy_timeout=60000",
+            "PRAGMA synchronous=NORMAL",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn):
+        # Writers take the write lock up front (no upgrade deadlocks); readers use a deferred
+        # transaction and read a WAL snapshot alongside writers.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+class UnitOfWork:
+    """One session, one transaction: commit explicitly, roll back by default."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], read_only: bool = False):
+        self._sessions = sessions
+        self.read_only = read_only
+        self.session: AsyncSession
+
+    async def __aenter__(self) -> UnitOfWork:
+        self.session = self._sessions()
+        if self.read_only:
+            await self.session.connection(execution_options={READ_ONLY: True})
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        try:
+            await self.session.rollback()
+        finally:
+            await self.session.close()
+
+    async def commit(self) -> None:
+        await self.session.commit()
+
+
+class Database:
+    """The service's engine, its sessions and the transaction runner."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def unit_of_work(self, read_only: bool = False) -> UnitOfWork:
+        return UnitOfWork(self.sessions, read_only=read_only)
+
+    async def transaction(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Run `work` in a write transaction and commit; retry it when it lost a race."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                async with self.unit_of_work() as uow:
+                    result = await work(uow)
+                    await uow.commit()
+                    return result
+            except (IntegrityError, OperationalError, DBAPIError) as exc:
+                if not _retryable(exc) or attempt == MAX_ATTEMPTS:
+                    if _retryable(exc):
+                        raise Aborted("CONCURRENT_UPDATE", "a concurrent update won; retry") from exc
+                    raise
+                log.debug("transaction lost a race (attempt %d): %s", attempt, exc.orig)
+                await asyncio.sleep(0.005 * attempt)
+        raise AssertionError("unreachable")
+
+    async def read(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Run `work` in a read-only transaction."""
+        async with self.unit_of_work(read_only=True) as uow:
+            return await work(uow)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    if isinstance(exc, IntegrityError):
+        # A unique key taken by a concurrent transaction: the retry sees the winner's row.
+        return "unique" in str(exc.orig).lower() or "duplicate" in str(exc.orig).lower()
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+        getattr(exc.orig, "__cause__", None), "sqlstate", None
+    )
+    if sqlstate in ("40001", "40P01"):  # serialization failure, deadlock detected
+        return True
+    return "database is locked" in str(exc.orig).lower()

@@ -1,0 +1,205 @@
+"""The bootstrap every service shares.
+
+settings -> clock -> database -> service -> grpc.aio server with the call interceptor ->
+health (NOT_SERVING until the database answers and migrations ran) -> reflection -> start.
+On SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)`, stop due work, dispose the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
+from shared import logs, migrations
+from shared.auth import ADMIN, Policy, TokenVerifier, policy
+from shared.catalog import Catalog, load_catalog
+from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
+from shared.db import Database
+from shared.errors import FailedPrecondition
+from shared.interceptors import CallInterceptor
+from shared.settings import Settings
+from shared.timeutil import from_duration, from_timestamp, to_timestamp
+
+log = logging.getLogger("allot.server")
+
+
+@dataclass
+class Runtime:
+    """What a service is built from: settings, the clock, due work, its database, the catalog."""
+
+    settings: Settings
+    clock: Clock
+    scheduler: Scheduler
+    db: Database
+    catalog: Catalog
+
+
+class Service(Protocol):
+    """A service of the suite, as the bootstrap sees it."""
+
+    name: str  # "quota"
+    migrations_dir: pathlib.Path
+    service_names: tuple[str, ...]  # full proto names, for health and reflection
+
+    def policies(self) -> dict[str, Policy]: ...
+    def register(self, server: grpc.aio.Server) -> None: ...
+    async def start(self) -> None: ...  # after migrations: register due work, start consumers
+    async def stop(self) -> None: ...
+
+
+def build_runtime(settings: Settings, service_name: str) -> Runtime:
+    start = settings.manual_clock_start
+    clock: Clock = ManualClock(start) if settings.clock == "manual" else SystemClock()
+    return Runtime(
+        settings=settings,
+        clock=clock,
+        scheduler=Scheduler(clock, interval=float(settings.due_work_interval)),
+        db=Database(settings.database_url(service_name)),
+        catalog=load_catalog(settings.catalog),
+    )
+
+
+class ClockServicer(clock_service_pb2_grpc.ClockServiceServicer):
+    """allot.testing.v1.ClockService over the scheduler's manual clock."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    async def GetTime(self, request, context):
+        return clock_service_pb2.GetTimeResponse(time=to_timestamp(self.scheduler.clock.now()))
+
+    async def SetTime(self, request, context):
+        try:
+            now = await self.scheduler.set_time(from_timestamp(request.time, "time"))
+        except ClockBackwards as exc:
+            raise FailedPrecondition("CLOCK_BACKWARDS", str(exc)) from exc
+        return clock_service_pb2.SetTimeResponse(time=to_timestamp(now))
+
+    async def AdvanceTime(self, request, context):
+        try:
+            now = await self.scheduler.advance(from_duration(request.duration, "duration"))
+        except ClockBackwards as exc:
+            raise FailedPrecondition("CLOCK_BACKWARDS", str(exc)) from exc
+        return clock_service_pb2.AdvanceTimeResponse(time=to_timestamp(now))
+
+
+CLOCK_SERVICE = clock_service_pb2.DESCRIPTOR.services_by_name["ClockService"].full_name
+CLOCK_POLICIES = {f"/{CLOCK_SERVICE}/{m}": policy(ADMIN) for m in ("GetTime", "SetTime", "AdvanceTime")}
+
+
+class Server:
+    """A running service: `await start()`, then `await wait()` until a signal, or `await stop()`."""
+
+    def __init__(self, runtime: Runtime, service: Service, addr: str) -> None:
+        self.runtime = runtime
+        self.service = service
+        self.addr = addr
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self._stopping = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        settings = self.runtime.settings
+        policies = dict(self.service.policies())
+        names = list(self.service.service_names)
+        manual = isinstance(self.runtime.clock, ManualClock)
+        if manual:
+            policies.update(CLOCK_POLICIES)
+            names.append(CLOCK_SERVICE)
+        verifier = TokenVerifier(settings.signing_secret())
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor(policies, verifier)],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        self.service.register(server)
+        if manual:
+            clock_service_pb2_grpc.add_ClockServiceServicer_to_server(
+                ClockServicer(self.runtime.scheduler), server
+            )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in ("", *names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(self.addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.addr}")
+        await server.start()
+        self._server = server
+        await self._wait_for_database()
+        await migrations.upgrade(self.runtime.db.engine, self.service.name, self.service.migrations_dir)
+        await self.service.start()
+        self.runtime.scheduler.start()
+        for name in ("", *names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s", self.service.name, self.bound_addr)
+        return self.port
+
+    @property
+    def bound_addr(self) -> str:
+        host = self.addr.rsplit(":", 1)[0] or "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def _wait_for_database(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.runtime.db.ping()
+                return
+            except Exception as exc:  # not reachable yet: stay NOT_SERVING and retry
+                log.warning("database not answering (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self.health.enter_graceful_shutdown()
+        await server.stop(float(self.runtime.settings.shutdown_grace))
+        await self.runtime.scheduler.stop()
+        await self.service.stop()
+        await self.runtime.db.dispose()
+        log.info("%s stopped", self.service.name)
+
+
+def run_service(
+    service_name: str, make_service: Callable[[Runtime], Service], on_ready=None
+) -> None:
+    """The `main` of a service process."""
+    settings = Settings.from_env()
+    logs.configure(service_name, settings.log_level)
+
+    async def main() -> None:
+        runtime = build_runtime(settings, service_name)
+        server = Server(runtime, make_service(runtime), getattr(settings, f"{service_name}_addr"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.start()
+        # One line the supervisor (and tests) wait for before sending traffic.
+        print(f"READY {service_name} {server.bound_addr}", flush=True)
+        if on_ready:
+            on_ready(server)
+        await server.wait()
+
+    asyncio.run(main())
