@@ -40,7 +40,7 @@ class Principal:
             raise PermissionDenied("the token may not act for this account")
 
     def scoped_account(self, account_id: str) -> str:
-        """The account a listing is about: account principals default to (and only get) their own."""
+        """The account a listing is about: account principals default to their own."""
         if not account_id and not self.is_operator:
             return self.account or ""
         self.check_account(account_id)
@@ -100,14 +100,17 @@ class TokenVerifier:
 
     def verify(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise Unauthenticated("missing bearer token in `authorization` metadata",
-                                  reason="MISSING_TOKEN")
+            raise Unauthenticated(
+                "missing bearer token in `authorization` metadata", reason="MISSING_TOKEN"
+            )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("`authorization` must be `Bearer <token>`")
         try:
             claims = jwt.decode(
-                token.strip(), self._secret, algorithms=[ALGORITHM],
+                token.strip(),
+                self._secret,
+                algorithms=[ALGORITHM],
                 options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -118,8 +121,10 @@ class TokenVerifier:
         if not isinstance(roles, list) or not roles or not set(roles) <= ROLES:
             raise Unauthenticated("the token's `roles` claim is missing or unknown")
         account = claims.get("account")
-        if (ACCOUNT_FULL in roles or ACCOUNT_READ in roles) and not account and not (
-            set(roles) & {ADMIN, SERVICE}
+        if (
+            (ACCOUNT_FULL in roles or ACCOUNT_READ in roles)
+            and not account
+            and not (set(roles) & {ADMIN, SERVICE})
         ):
             raise Unauthenticated("an account role needs the `account` claim")
         regions = claims.get("regions")

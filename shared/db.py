@@ -17,7 +17,12 @@ from typing import TypeVar
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from shared.errors import Aborted
 
@@ -129,7 +134,9 @@ class Database:
             except (IntegrityError, OperationalError, DBAPIError) as exc:
                 if not _retryable(exc) or attempt == MAX_ATTEMPTS:
                     if _retryable(exc):
-                        raise Aborted("CONCURRENT_UPDATE", "a concurrent update won; retry") from exc
+                        raise Aborted(
+                            "CONCURRENT_UPDATE", "a concurrent update won; retry"
+                        ) from exc
                     raise
                 log.debug("transaction lost a race (attempt %d): %s", attempt, exc.orig)
                 await asyncio.sleep(0.005 * attempt)

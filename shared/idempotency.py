@@ -68,7 +68,12 @@ class IdempotencyStore:
         return row.response
 
     async def save(
-        self, uow: UnitOfWork, scope: str, request_id: str, digest: str, response: bytes,
+        self,
+        uow: UnitOfWork,
+        scope: str,
+        request_id: str,
+        digest: str,
+        response: bytes,
         now: datetime,
     ) -> None:
         # A concurrent twin inserting the same key fails on the primary key; Database.transaction
@@ -108,9 +113,7 @@ class IdempotencyStore:
                     return response_type.FromString(stored)
             response = await work(uow)
             if request_id:
-                await self.save(
-                    uow, scope, request_id, digest, response.SerializeToString(), now()
-                )
+                await self.save(uow, scope, request_id, digest, response.SerializeToString(), now())
             return response
 
         return await db.transaction(attempt)

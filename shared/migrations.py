@@ -74,7 +74,9 @@ def run_env(target_metadata: MetaData) -> None:
         return
 
     async def _online() -> None:
-        engine = create_async_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+        engine = create_async_engine(
+            config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool
+        )
         async with engine.connect() as conn:
             await conn.run_sync(_configure_and_run)
             await conn.commit()

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from shared import logs, migrations
 from shared.auth import ADMIN, Policy, TokenVerifier, policy
 from shared.catalog import Catalog, load_catalog
@@ -94,7 +94,9 @@ class ClockServicer(clock_service_pb2_grpc.ClockServiceServicer):
 
 
 CLOCK_SERVICE = clock_service_pb2.DESCRIPTOR.services_by_name["ClockService"].full_name
-CLOCK_POLICIES = {f"/{CLOCK_SERVICE}/{m}": policy(ADMIN) for m in ("GetTime", "SetTime", "AdvanceTime")}
+CLOCK_POLICIES = {
+    f"/{CLOCK_SERVICE}/{m}": policy(ADMIN) for m in ("GetTime", "SetTime", "AdvanceTime")
+}
 
 
 class Server:
@@ -139,7 +141,9 @@ class Server:
         await server.start()
         self._server = server
         await self._wait_for_database()
-        await migrations.upgrade(self.runtime.db.engine, self.service.name, self.service.migrations_dir)
+        await migrations.upgrade(
+            self.runtime.db.engine, self.service.name, self.service.migrations_dir
+        )
         await self.service.start()
         self.runtime.scheduler.start()
         for name in ("", *names):

@@ -88,7 +88,10 @@ class Settings:
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for every setting, for docs and `allot settings`."""
-        return [(f.metadata["env"], f.default, f.metadata["description"]) for f in dataclasses.fields(cls)]
+        return [
+            (f.metadata["env"], f.default, f.metadata["description"])
+            for f in dataclasses.fields(cls)
+        ]
 
     def validate(self) -> None:
         self.tz  # noqa: B018 - parse now so a bad value stops the service at start
@@ -136,7 +139,9 @@ class Settings:
         for item in filter(None, (p.strip() for p in self.quota_endpoints.split(","))):
             region, sep, addr = item.partition("=")
             if not sep or not region or not addr:
-                raise SettingsError(f"ALLOT_QUOTA_ENDPOINTS: expected region=host:port, got {item!r}")
+                raise SettingsError(
+                    f"ALLOT_QUOTA_ENDPOINTS: expected region=host:port, got {item!r}"
+                )
             endpoints[region.strip()] = addr.strip()
         return endpoints
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pathlib
 
 import grpc
-
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
+
 from services.quota.adapters import tables
 from services.quota.api.servicer import QuotaServicer
 from services.quota.app.context import QuotaContext

@@ -21,11 +21,11 @@ from hypothesis.stateful import (
 )
 
 from services.quota.domain.deduction import (
+    DecisiveRule,
     DeductionPolicy,
     UsageEvent,
     UsageOutcome,
     apply_usage,
-    deduction_key,
     ineligible_reason,
 )
 from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource
@@ -77,6 +77,39 @@ package_specs = st.fixed_dictionaries(
         "revoked": st.integers(0, 9).map(lambda n: n == 9),
     }
 )
+
+
+# Oracles: DESIGN.md §2 restated independently of the engine, so a bug there is not
+# reproduced here.
+
+
+def is_billable(http_status: int) -> bool:
+    return 200 <= http_status <= 299
+
+
+def can_pay(package: Package, event: UsageEvent) -> bool:
+    t = event.occur_time
+    return (
+        package.revoke_time is None
+        and package.effective_time <= t < package.expire_time + timedelta(seconds=1)
+        and package.enterprise_project_id in ("", event.enterprise_project_id)
+        and package.total_quantity > package.used_quantity
+    )
+
+
+def spec_order(package: Package, event: UsageEvent, policy: DeductionPolicy) -> list:
+    """(step name, value) pairs in the order the steps apply; smaller values go first."""
+    steps = [
+        ("project_scope", 0 if package.enterprise_project_id else 1),
+        ("source", ["FREE", "PROMOTION", "SUBSCRIPTION"].index(package.source.name)),
+        ("effective_time", package.effective_time),
+        ("expire_time", package.expire_time),
+        ("create_time", package.create_time),
+        ("package_id", package.package_id),
+    ]
+    if policy == "expiring_first":
+        steps[2], steps[3] = steps[3], steps[2]
+    return steps
 
 
 class DeductionMachine(RuleBasedStateMachine):
@@ -223,23 +256,32 @@ class DeductionMachine(RuleBasedStateMachine):
         assert [c.rank for c in eligible] == list(range(1, len(eligible) + 1))
         assert [c.package_id for c in ineligible] == sorted(c.package_id for c in ineligible)
         for c in outcome.candidates:
-            reason = ineligible_reason(
-                in_scope[c.package_id], event.enterprise_project_id, (event.occur_time)
-            )
+            package = in_scope[c.package_id]
+            reason = ineligible_reason(package, event.enterprise_project_id, event.occur_time)
             assert c.ineligible_reason == reason
-            assert c.eligible == (reason is None)
+            assert c.eligible == (reason is None) == can_pay(package, event)
             assert (c.rank == 0) == (not c.eligible)
-        keys = [
-            deduction_key(in_scope[c.package_id], event.enterprise_project_id, self.policy)
-            for c in eligible
-        ]
-        assert keys == sorted(keys)
+        steps = [spec_order(in_scope[c.package_id], event, self.policy) for c in eligible]
+        assert [[value for _, value in step] for step in steps] == sorted(
+            [value for _, value in step] for step in steps
+        )
 
-        if not event.billable:
+        if not is_billable(event.http_status):
+            assert outcome.decisive_rule is DecisiveRule.NOT_BILLABLE
             assert outcome.deductions == ()
             assert outcome.pay_per_use_quantity == 0
             assert all(c.deducted_quantity == 0 for c in outcome.candidates)
             return
+
+        if len(steps) == 0:
+            assert outcome.decisive_rule is DecisiveRule.NO_CANDIDATE
+        elif len(steps) == 1:
+            assert outcome.decisive_rule is DecisiveRule.ONLY_CANDIDATE
+        else:
+            first_difference = next(
+                name for (name, a), (_, b) in zip(steps[0], steps[1], strict=True) if a != b
+            )
+            assert outcome.decisive_rule.value == first_difference
 
         # Units go to the eligible packages in rank order, each emptied before the next.
         deducted = [d.package_id for d in outcome.deductions]
@@ -265,8 +307,8 @@ class DeductionMachine(RuleBasedStateMachine):
     @invariant()
     def billable_calls_are_paid_exactly_once_and_failed_calls_cost_nothing(self) -> None:
         for event, outcome in self.recorded.values():
-            assert outcome.billable == event.billable
-            if event.billable:
+            assert outcome.billable == is_billable(event.http_status)
+            if outcome.billable:
                 assert outcome.package_quantity + outcome.pay_per_use_quantity == event.quantity
                 assert outcome.pay_per_use_quantity >= 0
             else:

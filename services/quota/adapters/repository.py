@@ -273,8 +273,12 @@ async def put_subscription(
     if existing is None:
         await uow.session.execute(
             insert(t.api_subscriptions).values(
-                account_id=account_id, region=region, api=api, state=state,
-                create_time_us=now_us, update_time_us=now_us,
+                account_id=account_id,
+                region=region,
+                api=api,
+                state=state,
+                create_time_us=now_us,
+                update_time_us=now_us,
             )
         )
     elif existing.state != state:
@@ -329,7 +333,11 @@ async def summarize(
             func.sum(p.used_quantity).label("used"),
             func.sum(case((p.used_quantity < p.total_quantity, 1), else_=0)).label("active"),
         )
-        .where(p.account_id == account_id, p.region.in_(sorted(set(regions))), in_force_condition(now_us))
+        .where(
+            p.account_id == account_id,
+            p.region.in_(sorted(set(regions))),
+            in_force_condition(now_us),
+        )
         .group_by(p.region, p.api)
         .order_by(p.region, p.api)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2
+
 from services.quota.adapters.repository import PackageRecord, StoredUsage
 from services.quota.app.packages import GrantInput
 from services.quota.app.usage import UsageInput, UsageResult

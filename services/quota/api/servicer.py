@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+
 from services.quota.api import convert
 from services.quota.app import packages, subscriptions, usage
 from services.quota.app.context import QuotaContext
@@ -65,15 +66,21 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         responses = []
         for result in results:
             if isinstance(result, AllotError):
-                responses.append(quota_service_pb2.ReportUsageResponse(error=status.to_status(result)))
+                responses.append(
+                    quota_service_pb2.ReportUsageResponse(error=status.to_status(result))
+                )
             else:
                 responses.append(convert.to_proto_usage(result))
         return quota_service_pb2.BatchReportUsageResponse(responses=responses)
 
     async def CheckQuota(self, request, context):
         admission = await subscriptions.check_quota(
-            self.ctx, request.account_id, request.region, request.api,
-            request.enterprise_project_id, request.quantity,
+            self.ctx,
+            request.account_id,
+            request.region,
+            request.api,
+            request.enterprise_project_id,
+            request.quantity,
         )
         return convert.to_proto_admission(admission)
 
@@ -105,14 +112,21 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         after = decode_page_token(request)
         limit = page_size(request.page_size)
         records = await packages.list_packages(
-            self.ctx, account_id=account_id, region=request.region, api=request.api,
-            states=list(request.states), after_id=after[0] if after else None, limit=limit + 1,
+            self.ctx,
+            account_id=account_id,
+            region=request.region,
+            api=request.api,
+            states=list(request.states),
+            after_id=after[0] if after else None,
+            limit=limit + 1,
         )
         response = quota_service_pb2.ListPackagesResponse(
             packages=[self._package(r) for r in records[:limit]]
         )
         if len(records) > limit:
-            response.next_page_token = encode_page_token([records[limit - 1].package.package_id], request)
+            response.next_page_token = encode_page_token(
+                [records[limit - 1].package.package_id], request
+            )
         return response
 
     async def _change_package(self, scope, request, change):
@@ -127,10 +141,12 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def RenewPackage(self, request, context):
         expire = (
             from_timestamp(request.expire_time, "expire_time")
-            if request.HasField("expire_time") else None
+            if request.HasField("expire_time")
+            else None
         )
         return await self._change_package(
-            "RenewPackage", request,
+            "RenewPackage",
+            request,
             lambda uow: packages.renew_package(
                 self.ctx, uow, request.package_id, expire, request.add_quantity
             ),
@@ -138,7 +154,8 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def RevokePackage(self, request, context):
         return await self._change_package(
-            "RevokePackage", request,
+            "RevokePackage",
+            request,
             lambda uow: packages.revoke_package(self.ctx, uow, request.package_id, request.reason),
         )
 
@@ -149,7 +166,8 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             account_id=account_id,
             items=[
                 quota_pb2.QuotaSummaryItem(
-                    region=i.region, api=i.api,
+                    region=i.region,
+                    api=i.api,
                     total_quantity=i.totals.total_quantity,
                     used_quantity=i.totals.used_quantity,
                     remaining_quantity=i.totals.remaining_quantity,

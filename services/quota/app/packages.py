@@ -116,8 +116,14 @@ async def list_packages(
 
     async def work(uow: UnitOfWork) -> list[repo.PackageRecord]:
         return await repo.list_packages(
-            uow, account_id=account_id, region=region, api=api, states=wanted,
-            now=ctx.now(), after_id=after_id, limit=limit,
+            uow,
+            account_id=account_id,
+            region=region,
+            api=api,
+            states=wanted,
+            now=ctx.now(),
+            after_id=after_id,
+            limit=limit,
         )
 
     return await ctx.db.read(work)
@@ -133,7 +139,10 @@ async def _load_for_change(uow: UnitOfWork, package_id: str) -> repo.PackageReco
 
 
 async def renew_package(
-    ctx: QuotaContext, uow: UnitOfWork, package_id: str, expire_time: datetime | None,
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    package_id: str,
+    expire_time: datetime | None,
     add_quantity: int,
 ) -> repo.PackageRecord:
     """Extend to `expire_time` and add quantity. Renewing an expired package (billing allows a
@@ -144,8 +153,10 @@ async def renew_package(
     state = package.state_at(now)
     if state == PackageState.REVOKED:
         raise FailedPrecondition(
-            "INVALID_STATE_TRANSITION", "a revoked package cannot be renewed",
-            package_id=package_id, state=state.name,
+            "INVALID_STATE_TRANSITION",
+            "a revoked package cannot be renewed",
+            package_id=package_id,
+            state=state.name,
         )
     if add_quantity < 0 or add_quantity > MAX_QUANTITY:
         raise InvalidArgument("add_quantity", "add_quantity must not be negative")
@@ -174,7 +185,9 @@ async def revoke_package(
     record = await _load_for_change(uow, package_id)
     if record.package.revoke_time is not None:
         raise FailedPrecondition(
-            "INVALID_STATE_TRANSITION", "the package is already revoked", package_id=package_id,
+            "INVALID_STATE_TRANSITION",
+            "the package is already revoked",
+            package_id=package_id,
             state="REVOKED",
         )
     revoked = dataclasses.replace(record.package, revoke_time=now)
@@ -189,7 +202,9 @@ class SummaryItem:
     totals: QuotaTotals
 
 
-async def quota_summary(ctx: QuotaContext, account_id: str, region: str, api: str) -> list[SummaryItem]:
+async def quota_summary(
+    ctx: QuotaContext, account_id: str, region: str, api: str
+) -> list[SummaryItem]:
     check_account_id(account_id)
     regions = ctx.regions_or_all(region)
     if api:

@@ -29,7 +29,9 @@ async def disable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, regio
         raise NotFound(
             "API_SUBSCRIPTION_NOT_FOUND",
             f"{account_id!r} never enabled {api!r} in {region!r}",
-            account_id=account_id, region=region, api=api,
+            account_id=account_id,
+            region=region,
+            api=api,
         )
     return await repo.put_subscription(uow, account_id, region, api, CANCELLED, ctx.now())
 

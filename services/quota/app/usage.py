@@ -47,8 +47,14 @@ class UsageInput:
         same report is recognised however late it arrives."""
         occur = "" if self.occur_time is None else str(to_micros(self.occur_time))
         parts = (
-            self.account_id, self.user_id, self.region, self.api, self.enterprise_project_id,
-            str(self.quantity or 1), str(self.http_status), occur,
+            self.account_id,
+            self.user_id,
+            self.region,
+            self.api,
+            self.enterprise_project_id,
+            str(self.quantity or 1),
+            str(self.http_status),
+            occur,
         )
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
@@ -254,7 +260,9 @@ async def explain_usage(ctx: QuotaContext, event_id: str) -> repo.StoredUsage:
     async def work(uow: UnitOfWork) -> repo.StoredUsage:
         found = (await repo.find_usage(uow, [event_id])).get(event_id)
         if found is None:
-            raise NotFound("USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id)
+            raise NotFound(
+                "USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id
+            )
         return found
 
     return await ctx.db.read(work)

@@ -1,0 +1,169 @@
+"""`allot`: the suite's command line — mint tokens, run migrations, run the whole suite.
+
+allot token --role ROLE [--account ID] [--user ID] [--regions R1,R2] [--ttl 24h]
+allot migrate SERVICE
+allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
+allot settings     # every ALLOT_* setting with its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from importlib import import_module
+
+from shared.auth import ACCOUNT_FULL, ADMIN, ROLES, SERVICE, TokenVerifier
+from shared.settings import Settings, SettingsError
+
+# The services of the suite: name -> module run with `python -m`.
+SERVICES = {"quota": "services.quota"}
+DEMO_ACCOUNT = "demo-account"
+READY_TIMEOUT = 60.0
+
+
+def parse_ttl(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("ttl is a number and a unit: 90s, 30m, 24h, 7d")
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def cmd_token(args, settings: Settings) -> int:
+    regions = [r for r in (args.regions or "").split(",") if r]
+    verifier = TokenVerifier(settings.signing_secret())
+    print(verifier.mint(args.role, args.account, args.user, regions or None, args.ttl))
+    return 0
+
+
+def cmd_migrate(args, settings: Settings) -> int:
+    from shared.db import Database
+    from shared.migrations import upgrade
+
+    service_module = import_module(f"{SERVICES[args.service]}.service")
+    service_class = next(
+        v
+        for v in vars(service_module).values()
+        if isinstance(v, type) and getattr(v, "name", None) == args.service
+    )
+
+    async def main() -> None:
+        db = Database(settings.database_url(args.service))
+        try:
+            await upgrade(db.engine, args.service, service_class.migrations_dir)
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
+    print(f"{args.service}: migrated {settings.database_url(args.service)}")
+    return 0
+
+
+def ensure_dev_secret(settings: Settings) -> None:
+    """Local runs get a generated secret in the data dir unless one is configured."""
+    if settings.auth_secret or settings.auth_secret_file:
+        return
+    path = settings.data_path / "auth-secret"
+    if not path.exists():
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48) + "\n")
+        path.chmod(0o600)
+
+
+def cmd_run(args, settings: Settings) -> int:
+    ensure_dev_secret(settings)
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ALLOT_DATA_DIR=str(settings.data_path.resolve()))
+    children: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    addresses = {}
+    for name, module in SERVICES.items():
+        child = subprocess.Popen(
+            [sys.executable, "-m", module], env=env, stdout=subprocess.PIPE, text=True
+        )
+        children[name] = child
+        for line in child.stdout:  # the child prints one READY line, then nothing
+            if line.startswith(f"READY {name} "):
+                addresses[name] = line.split()[2]
+                break
+        else:
+            stop()
+            print(f"{name} did not start; see the log above", file=sys.stderr)
+            return 1
+    verifier = TokenVerifier(settings.signing_secret())
+    tokens = {
+        "ADMIN_TOKEN": verifier.mint(ADMIN, user="operator", ttl_seconds=30 * 86400),
+        "SERVICE_TOKEN": verifier.mint(SERVICE, user="gateway", ttl_seconds=30 * 86400),
+        "ACCOUNT_TOKEN": verifier.mint(
+            ACCOUNT_FULL, account=DEMO_ACCOUNT, user="demo-user", ttl_seconds=30 * 86400
+        ),
+    }
+    env_file = settings.data_path / "tokens.env"
+    env_file.write_text(
+        "".join(f"export {k}={v}\n" for k, v in tokens.items())
+        + "".join(f"export ALLOT_{n.upper()}_ADDR={a}\n" for n, a in addresses.items())
+    )
+    print("\nAllot is running.")
+    for name, addr in addresses.items():
+        print(f"  {name:<13} {addr}")
+    print(f"\nReady tokens (valid 30 days; account token is for {DEMO_ACCOUNT!r}):")
+    for key, value in tokens.items():
+        print(f"  {key}={value}")
+    print(f"\nThe same, for your shell:  source {env_file}")
+    print("Stop with Ctrl-C.\n", flush=True)
+    for child in children.values():
+        child.wait()
+    return 0 if stopping else 1
+
+
+def cmd_settings(args, settings: Settings) -> int:
+    for env, default, description in Settings.describe():
+        print(f"{env:<34} {default or '(empty)':<28} {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="allot", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    token = sub.add_parser("token", help="print a signed token")
+    token.add_argument("--role", required=True, choices=sorted(ROLES))
+    token.add_argument("--account")
+    token.add_argument("--user")
+    token.add_argument("--regions", help="comma list of regions the token is valid in")
+    token.add_argument("--ttl", type=parse_ttl, default=parse_ttl("24h"))
+    migrate = sub.add_parser("migrate", help="apply a service's database migrations")
+    migrate.add_argument("service", choices=sorted(SERVICES))
+    sub.add_parser("run", help="run the whole suite in the foreground")
+    sub.add_parser("settings", help="list the settings")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        handler = {
+            "token": cmd_token,
+            "migrate": cmd_migrate,
+            "run": cmd_run,
+            "settings": cmd_settings,
+        }[args.command]
+        return handler(args, settings)
+    except (SettingsError, ValueError) as exc:
+        print(f"allot: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

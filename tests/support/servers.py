@@ -1,0 +1,137 @@
+"""Real quota servers for tests: in-process on port 0 (service tests) or as processes (e2e)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from allot.quota.v1 import quota_service_pb2_grpc
+from allot.testing.v1 import clock_service_pb2_grpc
+
+from services.quota.service import QuotaService
+from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, SERVICE, TokenVerifier
+from shared.server import Server, build_runtime
+from shared.settings import REPO_ROOT, Settings
+
+TEST_SECRET = "test-secret-" + "x" * 40
+
+
+class Tokens:
+    """Signed tokens for every kind of caller, and call metadata built from them."""
+
+    def __init__(self, secret: str = TEST_SECRET) -> None:
+        self.verifier = TokenVerifier(secret)
+
+    def admin(self) -> str:
+        return self.verifier.mint(ADMIN, user="op")
+
+    def service(self, regions: list[str] | None = None) -> str:
+        return self.verifier.mint(SERVICE, user="gateway", regions=regions)
+
+    def account(self, account_id: str, read_only: bool = False) -> str:
+        return self.verifier.mint(ACCOUNT_READ if read_only else ACCOUNT_FULL, account=account_id)
+
+    @staticmethod
+    def md(token: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token}"),)
+
+
+def test_settings(database_url: str, data_dir: pathlib.Path, **overrides: str) -> Settings:
+    values = {
+        "data_dir": str(data_dir),
+        "quota_database_url": database_url,
+        "quota_addr": "127.0.0.1:0",
+        "auth_secret": TEST_SECRET,
+        "shutdown_grace": "2",
+    }
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+@dataclass
+class QuotaHandle:
+    server: Server
+    channel: grpc.aio.Channel
+    stub: quota_service_pb2_grpc.QuotaServiceStub
+    clock: clock_service_pb2_grpc.ClockServiceStub
+    tokens: Tokens = field(default_factory=Tokens)
+
+    @property
+    def addr(self) -> str:
+        return self.server.bound_addr
+
+
+@contextlib.asynccontextmanager
+async def running_quota(settings: Settings):
+    """An in-process quota server on a free loopback port, with a channel to it."""
+    runtime = build_runtime(settings, "quota")
+    server = Server(runtime, QuotaService(runtime), settings.quota_addr)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.bound_addr)
+    try:
+        yield QuotaHandle(
+            server=server,
+            channel=channel,
+            stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
+            clock=clock_service_pb2_grpc.ClockServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """A service started as its own process (`python -m services.<name>`), like production."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: pathlib.Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.addr = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        env = dict(os.environ, **self.env)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if line.startswith(f"READY {self.name} "):
+                self.addr = line.split()[2]
+                return self.addr
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"{self.name} did not become ready; log: {self.log_path.read_text()}")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
