@@ -1,0 +1,84 @@
+"""The README's "Try it" block, run verbatim with bash against `allot run` (the suite as
+`make run` starts it), on its own data dir and port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from shared.settings import REPO_ROOT
+from tests.support.servers import free_port
+
+
+def try_it_block() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Try it", 1)[1]
+    return re.search(r"```sh\n(.*?)```", section, re.S)[1]
+
+
+def json_documents(text: str) -> list[dict]:
+    decoder, docs, i = json.JSONDecoder(), [], 0
+    while (start := text.find("{", i)) != -1:
+        doc, i = decoder.raw_decode(text, start)
+        docs.append(doc)
+    return docs
+
+
+def test_try_it_runs_verbatim(tmp_path):
+    env = dict(
+        os.environ,
+        ALLOT_DATA_DIR=str(tmp_path / "var"),
+        ALLOT_QUOTA_ADDR=f"127.0.0.1:{free_port()}",
+    )
+    for key in ("ALLOT_AUTH_SECRET", "ALLOT_AUTH_SECRET_FILE"):
+        env.pop(key, None)
+    suite = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "run"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        banner = []
+        while time.monotonic() < deadline:
+            line = suite.stdout.readline()
+            banner.append(line)
+            if "Stop with Ctrl-C" in line or (not line and suite.poll() is not None):
+                break
+        assert "Stop with Ctrl-C" in "".join(banner), "".join(banner)
+        assert "ADMIN_TOKEN=" in "".join(banner)
+        assert (tmp_path / "var" / "auth-secret").exists()
+
+        outputs = []
+        for _ in range(2):  # the second run shows the commands are idempotent
+            run = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", try_it_block()],
+                cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+            )
+            assert run.returncode == 0, run.stderr
+            outputs.append(run.stdout)
+        assert "allot.quota.v1.QuotaService" in outputs[0]
+        first, second = json_documents(outputs[0]), json_documents(outputs[1])
+        enable, grant, report, summary, explain, check = first
+        assert enable["state"] == "API_SUBSCRIPTION_STATE_ACTIVE"
+        assert grant["state"] == "PACKAGE_STATE_ACTIVE"
+        assert report["remaining_quantity"] == "99997"
+        assert report["deductions"] == [{"package_id": grant["package_id"], "quantity": "3"}]
+        assert summary["items"][0]["remaining_quantity"] == "99997"
+        assert explain["decisive_rule"] == "DECISIVE_RULE_ONLY_CANDIDATE"
+        assert check["allowed"] is True
+        assert second[1]["package_id"] == grant["package_id"]
+        assert second[2]["duplicate"] is True
+        assert second[3]["items"][0]["remaining_quantity"] == "99997"
+    finally:
+        suite.send_signal(signal.SIGINT)
+        try:
+            suite.wait(30)
+        finally:
+            if suite.poll() is None:
+                suite.kill()
+    assert suite.returncode == 0
