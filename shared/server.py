@@ -141,6 +141,8 @@ class Server:
         await server.start()
         self._server = server
         await self._wait_for_database()
+        if self._stopping.is_set():
+            return self.port
         await migrations.upgrade(
             self.runtime.db.engine, self.service.name, self.service.migrations_dir
         )
@@ -158,7 +160,7 @@ class Server:
 
     async def _wait_for_database(self) -> None:
         delay = 0.2
-        while True:
+        while not self._stopping.is_set():  # a SIGTERM while the database is down ends the wait
             try:
                 await self.runtime.db.ping()
                 return
@@ -166,6 +168,10 @@ class Server:
                 log.warning("database not answering (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stopping.is_set()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -200,6 +206,9 @@ def run_service(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
         await server.start()
+        if server.stop_requested:  # stopped before the database ever answered
+            await server.stop()
+            return
         # One line the supervisor (and tests) wait for before sending traffic.
         print(f"READY {service_name} {server.bound_addr}", flush=True)
         if on_ready:
