@@ -9,6 +9,7 @@ PostgreSQL: asyncpg, `pool_pre_ping`, READ COMMITTED; rows that are decremented 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 from collections.abc import Awaitable, Callable
@@ -115,6 +116,9 @@ class Database:
         self.url = url
         self.engine = create_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
+        # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
+        self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
 
     @property
     def dialect(self) -> str:
@@ -127,7 +131,7 @@ class Database:
         """Run `work` in a write transaction and commit; retry it when it lost a race."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                async with self.unit_of_work() as uow:
+                async with self._writer_turn(), self.unit_of_work() as uow:
                     result = await work(uow)
                     await uow.commit()
                     return result
@@ -141,6 +145,9 @@ class Database:
                 log.debug("transaction lost a race (attempt %d): %s", attempt, exc.orig)
                 await asyncio.sleep(0.005 * attempt)
         raise AssertionError("unreachable")
+
+    def _writer_turn(self):
+        return self._write_turn if self._write_turn is not None else contextlib.nullcontext()
 
     async def read(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
         """Run `work` in a read-only transaction."""

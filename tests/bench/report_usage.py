@@ -1,0 +1,456 @@
+"""`python -m tests.bench.report_usage` (`make bench`): usage-reporting throughput and latency.
+
+Prints figures; asserts nothing (not a test, so no `test_` prefix and pytest never collects it).
+
+What runs:
+- a bare grpc.aio echo server (`tests.bench.echo_server`, its own process) measured at
+  concurrency 1, 16 and 64 with a payload the size of a typical ReportUsageRequest: the
+  reference for what gRPC + asyncio in Python cost on this machine;
+- the quota service as its own process (`python -m services.quota`, via `ServiceProcess`),
+  once on SQLite (a file in a temp dir) and once on PostgreSQL (a fresh database at
+  127.0.0.1:5432, dropped afterwards; skipped with a note when unreachable);
+- per database: ReportUsage (one event per call) and BatchReportUsage (100 events per call),
+  each at concurrency 1, 16 and 64, each against its own account holding one package of 10^9
+  calls (so every event deducts from it), with distinct event ids.
+
+Each scenario runs a fixed time: a 1 s warm-up, then BENCH_SECONDS (default 5) measured. A call
+counts when it finishes inside the measured window; calls still in flight at the end are
+awaited (so the next scenario starts on an idle server) but not counted. Throughput is events/s
+(echo: requests/s); latency is per call (a batch call carries 100 events). "vs echo" is the
+scenario's events/s over the echo's requests/s at the same concurrency.
+
+The load generator runs in this process on one event loop with one channel per server.
+NOTE: client and servers share this machine's cores (2 on the reference box), so the client's
+own CPU use is part of every figure, the echo's included; the ratios are the meaningful part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import pathlib
+import platform
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from shared.settings import DEFAULT_CATALOG, REPO_ROOT
+from tests.bench.echo_server import METHOD as ECHO_METHOD
+from tests.support.databases import (
+    POSTGRES_ADMIN_URL,
+    create_postgres_database,
+    drop_postgres_database,
+)
+from tests.support.servers import TEST_SECRET, ServiceProcess, Tokens, free_port
+
+BENCH_SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+WARMUP_SECONDS = 1.0
+CONCURRENCIES = (1, 16, 64)
+BATCH_SIZE = 100
+REGION = "ap-southeast-1"
+API = "passport"
+PACKAGE_QUANTITY = 10**9
+RUN_TAG = uuid.uuid4().hex[:8]  # event ids stay distinct across runs against the same database
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    name: str
+    concurrency: int
+    events_per_call: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # seconds, calls that succeeded
+    errors: int = 0
+    first_error: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) * self.events_per_call / self.seconds
+
+    def percentile_ms(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))  # rank
+        return ordered[index] * 1000
+
+
+async def drive(
+    name: str,
+    call: Callable[[], Awaitable[None]],
+    concurrency: int,
+    events_per_call: int = 1,
+) -> Measurement:
+    """`concurrency` workers call back to back: warm-up, then the measured window, then drain."""
+    result = Measurement(name, concurrency, events_per_call, BENCH_SECONDS)
+    start = time.perf_counter()
+    measure_from = start + WARMUP_SECONDS
+    end = measure_from + BENCH_SECONDS
+
+    async def worker() -> None:
+        while (began := time.perf_counter()) < end:
+            error = ""
+            try:
+                await call()
+            except (grpc.aio.AioRpcError, CallFailed) as exc:
+                error = _describe(exc)
+            finished = time.perf_counter()
+            if not measure_from <= finished <= end:
+                continue
+            if error:
+                result.errors += 1
+                result.first_error = result.first_error or error
+            else:
+                result.latencies.append(finished - began)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return result
+
+
+class CallFailed(Exception):
+    """A call answered, but not as a healthy deduction (an error slot, no deduction)."""
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
+# --- the echo reference ----------------------------------------------------------------------
+
+
+class EchoProcess:
+    """`python -m tests.bench.echo_server` as its own process, like ServiceProcess does quota."""
+
+    def __init__(self, log_path: pathlib.Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.addr = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.bench.echo_server", f"127.0.0.1:{free_port()}"],
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if line.startswith("READY echo "):
+                self.addr = line.split()[2]
+                return self.addr
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"echo server did not become ready; log: {self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+async def measure_echo(addr: str, payload: bytes, metadata) -> dict[int, Measurement]:
+    channel = grpc.aio.insecure_channel(addr)
+    # Identity (de)serializers: the bytes go out and come back as they are.
+    echo = channel.unary_unary(ECHO_METHOD)
+    try:
+        await channel.channel_ready()
+
+        async def call() -> None:
+            # The same authorization metadata as the quota calls, so the bytes on the wire match.
+            await echo(payload, metadata=metadata)
+
+        return {c: await drive("echo", call, c) for c in CONCURRENCIES}
+    finally:
+        await channel.close()
+
+
+# --- quota -----------------------------------------------------------------------------------
+
+
+def usage_request(event_id: str, account_id: str) -> quota_service_pb2.ReportUsageRequest:
+    """What a gateway reports for one call: ids, where, what, how it answered, when."""
+    occur = timestamp_pb2.Timestamp()
+    occur.GetCurrentTime()
+    return quota_service_pb2.ReportUsageRequest(
+        event_id=event_id,
+        account_id=account_id,
+        user_id="bench-user-0001",
+        region=REGION,
+        api=API,
+        enterprise_project_id="0",
+        quantity=1,
+        http_status=200,
+        occur_time=occur,
+    )
+
+
+def _check(response: quota_service_pb2.ReportUsageResponse) -> None:
+    if response.HasField("error"):
+        raise CallFailed(f"error slot: {response.error.message}")
+    if not response.deductions or response.pay_per_use_quantity:
+        raise CallFailed(f"event {response.event_id} was not deducted from the package")
+
+
+@dataclass
+class QuotaBench:
+    stub: quota_service_pb2_grpc.QuotaServiceStub
+    tokens: Tokens
+    label: str  # "sqlite" / "postgresql", part of account ids
+    ids: itertools.count = field(default_factory=itertools.count)
+    acknowledged: dict[str, int] = field(default_factory=dict)  # account -> events answered
+
+    def event_id(self) -> str:
+        return f"ev-{RUN_TAG}-{self.label}-{next(self.ids)}"
+
+    async def new_account(self, scenario: str, concurrency: int) -> str:
+        account_id = f"bench-{RUN_TAG}-{self.label}-{scenario}-c{concurrency}"
+        expire = timestamp_pb2.Timestamp(seconds=int(time.time()) + 366 * 86400)
+        await self.stub.GrantPackage(
+            quota_service_pb2.GrantPackageRequest(
+                request_id=f"grant-{account_id}",
+                package=quota_pb2.Package(
+                    account_id=account_id,
+                    region=REGION,
+                    api=API,
+                    source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
+                    total_quantity=PACKAGE_QUANTITY,
+                    expire_time=expire,
+                ),
+            ),
+            metadata=Tokens.md(self.tokens.admin()),
+        )
+        self.acknowledged[account_id] = 0
+        return account_id
+
+    async def run(self) -> list[Measurement]:
+        metadata = Tokens.md(self.tokens.service())
+        results = []
+        for concurrency in CONCURRENCIES:
+            account_id = await self.new_account("unary", concurrency)
+
+            async def unary(account_id: str = account_id) -> None:
+                response = await self.stub.ReportUsage(
+                    usage_request(self.event_id(), account_id), metadata=metadata
+                )
+                _check(response)
+                self.acknowledged[account_id] += 1
+
+            results.append(await drive("ReportUsage", unary, concurrency))
+        for concurrency in CONCURRENCIES:
+            account_id = await self.new_account("batch", concurrency)
+
+            async def batch(account_id: str = account_id) -> None:
+                request = quota_service_pb2.BatchReportUsageRequest(
+                    requests=[usage_request(self.event_id(), account_id) for _ in range(BATCH_SIZE)]
+                )
+                response = await self.stub.BatchReportUsage(request, metadata=metadata)
+                for item in response.responses:
+                    _check(item)
+                self.acknowledged[account_id] += len(response.responses)
+
+            name = f"BatchReportUsage x{BATCH_SIZE}"
+            results.append(await drive(name, batch, concurrency, BATCH_SIZE))
+        return results
+
+    async def consistency(self) -> str:
+        """Whether each package's used quantity equals the events the bench saw acknowledged."""
+        admin = Tokens.md(self.tokens.admin())
+        wrong = []
+        for account_id, acked in self.acknowledged.items():
+            listing = await self.stub.ListPackages(
+                quota_service_pb2.ListPackagesRequest(account_id=account_id), metadata=admin
+            )
+            used = sum(p.used_quantity for p in listing.packages)
+            if used != acked:
+                wrong.append(f"{account_id}: used {used}, acknowledged {acked}")
+        total = sum(self.acknowledged.values())
+        if wrong:
+            return "MISMATCH — " + "; ".join(wrong)
+        return f"ok (used_quantity = acknowledged events on every account; {total:,} events)"
+
+
+async def measure_quota(label: str, database_url: str, workdir: pathlib.Path):
+    """Start quota on `database_url`, run every scenario, stop it."""
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    env = {
+        "ALLOT_DATA_DIR": str(workdir),
+        "ALLOT_QUOTA_DATABASE_URL": database_url,
+        "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",
+        "ALLOT_AUTH_SECRET": TEST_SECRET,
+        "ALLOT_CATALOG": str(DEFAULT_CATALOG),
+        "ALLOT_QUOTA_REGIONS": "",
+        "ALLOT_CLOCK": "system",
+        "ALLOT_DEDUCTION_POLICY": "standard",
+    }
+    process = ServiceProcess("quota", env, workdir / "quota.log")
+    try:
+        addr = await asyncio.to_thread(process.start)
+        channel = grpc.aio.insecure_channel(addr)
+        try:
+            bench = QuotaBench(quota_service_pb2_grpc.QuotaServiceStub(channel), Tokens(), label)
+            results = await bench.run()
+            check = await bench.consistency()
+        finally:
+            await channel.close()
+        await asyncio.to_thread(process.terminate)
+    finally:
+        process.kill()
+    return results, check, await asyncio.to_thread(_log_summary, workdir / "quota.log")
+
+
+def _log_summary(path: pathlib.Path) -> str:
+    """How many WARNING/ERROR lines the server logged, and the first of them."""
+    lines = [
+        line
+        for line in path.read_text(errors="replace").splitlines()
+        if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
+    ]
+    if not lines:
+        return "no warnings or errors"
+    return f"{len(lines)} warning/error lines; first: {lines[0][:160]}"
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def print_table(title: str, rows: list[Measurement], echo: dict[int, Measurement] | None) -> None:
+    print(f"\n{title}")
+    unit = "events/s" if echo is not None else "req/s"
+    header = f"  {'scenario':<24}{'conc':>5}{unit:>12}{'p50 ms':>10}{'p99 ms':>10}"
+    if echo is not None:
+        header += f"{'vs echo':>9}"
+    print(header + f"{'errors':>8}")
+    print("  " + "-" * (len(header) + 6))
+    notes = []
+    for m in rows:
+        line = (
+            f"  {m.name:<24}{m.concurrency:>5}{m.throughput:>12,.0f}"
+            f"{m.percentile_ms(50):>10.2f}{m.percentile_ms(99):>10.2f}"
+        )
+        if echo is not None:
+            reference = echo[m.concurrency].throughput
+            line += f"{m.throughput / reference:>8.2f}x" if reference else f"{'-':>9}"
+        print(line + f"{m.errors:>8}")
+        if m.first_error:
+            notes.append(f"  ! {m.name} c={m.concurrency}: first error: {m.first_error}")
+    for note in notes:
+        print(note)
+
+
+async def postgres_version() -> str:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"unreachable ({exc})"
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+async def main() -> None:
+    started = time.perf_counter()
+    sample = usage_request(f"ev-{RUN_TAG}-sqlite-0", f"bench-{RUN_TAG}-sqlite-unary-c1")
+    payload = sample.SerializeToString()
+    batch_bytes = quota_service_pb2.BatchReportUsageRequest(
+        requests=[sample] * BATCH_SIZE
+    ).ByteSize()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    print("Allot benchmark: ReportUsage / BatchReportUsage beside a bare grpc.aio echo server")
+    print(
+        f"  machine     {os.cpu_count()} cores ({affinity} usable), {platform.machine()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+    print(
+        f"  python      {platform.python_implementation()} {platform.python_version()}, "
+        f"grpcio {grpc.__version__}, SQLite {sqlite3.sqlite_version}, "
+        f"PostgreSQL {await postgres_version()}"
+    )
+    print(
+        f"  timing      {WARMUP_SECONDS:g} s warm-up + {BENCH_SECONDS:g} s measured per "
+        f"scenario (BENCH_SECONDS)"
+    )
+    print(
+        f"  payload     ReportUsageRequest {len(payload)} B (echo sends the same size), "
+        f"BatchReportUsageRequest x{BATCH_SIZE} {batch_bytes} B"
+    )
+    print(
+        "  load        this process, one asyncio loop, one channel per server; client and "
+        "servers share the cores"
+    )
+    print(
+        "  latency     per call (a batch call carries 100 events); vs echo = events/s over "
+        "echo req/s at the same concurrency"
+    )
+
+    tokens = Tokens()
+    with tempfile.TemporaryDirectory(prefix="allot-bench-") as tmp:
+        root = pathlib.Path(tmp)
+        echo_process = EchoProcess(root / "echo.log")
+        try:
+            addr = await asyncio.to_thread(echo_process.start)
+            echo = await measure_echo(addr, payload, Tokens.md(tokens.service()))
+        finally:
+            echo_process.stop()
+        print_table(
+            "echo (bare grpc.aio, generic handler returning the request bytes)",
+            list(echo.values()),
+            None,
+        )
+
+        sqlite_url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
+        results, check, log = await measure_quota("sqlite", sqlite_url, root / "sqlite")
+        print_table("quota on SQLite (file in a temp dir, WAL)", results, echo)
+        print(f"  consistency: {check}")
+        print(f"  server log:  {log}")
+
+        try:
+            postgres_url = await create_postgres_database()
+        except (pytest.skip.Exception, pytest.fail.Exception, OSError) as exc:
+            print(f"\nquota on PostgreSQL: skipped — {exc}")
+        else:
+            try:
+                results, check, log = await measure_quota(
+                    "postgresql", postgres_url, root / "postgresql"
+                )
+            finally:
+                await drop_postgres_database(postgres_url)
+            name = postgres_url.rsplit("/", 1)[1]
+            print_table(f"quota on PostgreSQL (fresh database {name}, dropped)", results, echo)
+            print(f"  consistency: {check}")
+            print(f"  server log:  {log}")
+
+    print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
