@@ -46,6 +46,12 @@ class Principal:
         self.check_account(account_id)
         return account_id
 
+    def visible_regions(self, regions: tuple[str, ...]) -> tuple[str, ...]:
+        """The regions of `regions` this token is valid in."""
+        if self.regions is None:
+            return regions
+        return tuple(r for r in regions if r in self.regions)
+
     def check_region(self, region: str) -> None:
         if self.regions is not None and region and region not in self.regions:
             raise Unauthenticated(

@@ -44,6 +44,13 @@ class AllotError(Exception):
         if field:
             self.metadata.setdefault("field", field)
 
+    def within(self, prefix: str) -> AllotError:
+        """Name the field as part of an enclosing message (`requests[3].` + `quantity`)."""
+        if self.field:
+            self.field = prefix + self.field
+            self.metadata["field"] = self.field
+        return self
+
 
 class InvalidArgument(AllotError):
     kind = Kind.INVALID_ARGUMENT

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.sql import ColumnElement
@@ -22,6 +22,8 @@ from shared.db import UnitOfWork
 from shared.timeutil import from_micros, to_micros
 
 ONE_SECOND_US = 1_000_000
+# How long an expired package is still listed among an event's candidates.
+CANDIDATE_HISTORY = timedelta(days=31)
 Scope = tuple[str, str, str]  # account, region, api
 
 
@@ -123,7 +125,7 @@ async def list_packages(
     uow: UnitOfWork,
     *,
     account_id: str,
-    region: str,
+    regions: Iterable[str],
     api: str,
     states: Iterable[PackageState],
     now: datetime,
@@ -135,8 +137,7 @@ async def list_packages(
     query = select(t.packages).order_by(p.package_id).limit(limit)
     if account_id:
         query = query.where(p.account_id == account_id)
-    if region:
-        query = query.where(p.region == region)
+    query = query.where(p.region.in_(sorted(set(regions))))
     if api:
         query = query.where(p.api == api)
     states = list(states)
@@ -148,9 +149,13 @@ async def list_packages(
     return [PackageRecord(to_package(r), r.revoke_reason) for r in rows]
 
 
-async def lock_packages(uow: UnitOfWork, scopes: Iterable[Scope], since: datetime) -> list[Package]:
-    """Every unrevoked package of the scopes that covers an instant at or after `since`, locked
-    (FOR UPDATE on PostgreSQL) in package-id order."""
+async def lock_candidates(
+    uow: UnitOfWork, scopes: Iterable[Scope], since: datetime
+) -> list[Package]:
+    """The candidate packages of the scopes, locked (FOR UPDATE on PostgreSQL) in package-id
+    order: every package that had not expired by `since` - CANDIDATE_HISTORY, revoked ones too,
+    so ExplainUsage can say why a recently expired or revoked package did not pay. Older
+    packages cannot pay and are left out to keep the hot path's read small."""
     p = t.packages.c
     scopes = sorted(set(scopes))
     if not scopes:
@@ -159,8 +164,7 @@ async def lock_packages(uow: UnitOfWork, scopes: Iterable[Scope], since: datetim
         select(t.packages)
         .where(
             or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
-            p.revoke_time_us.is_(None),
-            p.expire_time_us + ONE_SECOND_US > to_micros(since),
+            p.expire_time_us + ONE_SECOND_US > to_micros(since - CANDIDATE_HISTORY),
         )
         .order_by(p.package_id)
         .with_for_update()

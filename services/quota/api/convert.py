@@ -55,7 +55,7 @@ def from_proto_grant(package: quota_pb2.Package) -> GrantInput:
     )
 
 
-def from_proto_usage(request: quota_service_pb2.ReportUsageRequest, prefix: str = "") -> UsageInput:
+def from_proto_usage(request: quota_service_pb2.ReportUsageRequest) -> UsageInput:
     return UsageInput(
         event_id=request.event_id,
         account_id=request.account_id,
@@ -65,7 +65,7 @@ def from_proto_usage(request: quota_service_pb2.ReportUsageRequest, prefix: str 
         enterprise_project_id=request.enterprise_project_id,
         quantity=request.quantity,
         http_status=request.http_status,
-        occur_time=_optional_time(request, "occur_time", f"{prefix}occur_time"),
+        occur_time=_optional_time(request, "occur_time", "occur_time"),
     )
 
 

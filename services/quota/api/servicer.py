@@ -10,6 +10,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from services.quota.api import convert
 from services.quota.app import packages, subscriptions, usage
 from services.quota.app.context import QuotaContext
+from services.quota.domain.packages import Package
 from shared import status
 from shared.auth import current_principal
 from shared.errors import AllotError, NotFound, PermissionDenied, Unimplemented
@@ -20,17 +21,31 @@ from shared.timeutil import from_timestamp
 T = TypeVar("T")
 
 
-async def _owned(load: Callable[[], Awaitable[T]], account_of: Callable[[T], str]) -> T:
-    """Load a resource by id for the caller. Account principals get PERMISSION_DENIED both for
-    other accounts' resources and for ids that do not exist, so existence never leaks."""
+def _check_package(package: Package) -> None:
+    """The caller may touch this package: its account, and its region for regional tokens."""
+    principal = current_principal()
+    if not principal.may_act_for(package.account_id):
+        raise PermissionDenied(NOT_YOURS)
+    principal.check_region(package.region)
+
+
+NOT_YOURS = "the token may not read this resource"
+
+
+async def _owned(load: Callable[[], Awaitable[T]], scope_of: Callable[[T], tuple[str, str]]) -> T:
+    """Load a resource by id for the caller. Account principals get the same PERMISSION_DENIED
+    for other accounts' resources and for ids that do not exist, so existence never leaks."""
     principal = current_principal()
     try:
         resource = await load()
     except NotFound:
         if principal.is_operator:
             raise
-        raise PermissionDenied("the token may not read this resource") from None
-    principal.check_account(account_of(resource))
+        raise PermissionDenied(NOT_YOURS) from None
+    account_id, region = scope_of(resource)
+    if not principal.may_act_for(account_id):
+        raise PermissionDenied(NOT_YOURS)
+    principal.check_region(region)
     return resource
 
 
@@ -57,17 +72,18 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def BatchReportUsage(self, request, context):
         inputs: list = []
-        for i, item in enumerate(request.requests):
+        for item in request.requests:
             try:
-                inputs.append(convert.from_proto_usage(item, prefix=f"requests[{i}]."))
+                inputs.append(convert.from_proto_usage(item))
             except AllotError as error:
                 inputs.append(error)
         results = await usage.record_usage(self.ctx, inputs)
         responses = []
-        for result in results:
+        for i, result in enumerate(results):
             if isinstance(result, AllotError):
+                error = result.within(f"requests[{i}].")
                 responses.append(
-                    quota_service_pb2.ReportUsageResponse(error=status.to_status(result))
+                    quota_service_pb2.ReportUsageResponse(error=status.to_status(error))
                 )
             else:
                 responses.append(convert.to_proto_usage(result))
@@ -86,7 +102,8 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def ExplainUsage(self, request, context):
         found = await _owned(
-            lambda: usage.explain_usage(self.ctx, request.event_id), lambda u: u.account_id
+            lambda: usage.explain_usage(self.ctx, request.event_id),
+            lambda u: (u.account_id, u.region),
         )
         return convert.to_proto_explanation(found)
 
@@ -103,18 +120,20 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def GetPackage(self, request, context):
         record = await _owned(
             lambda: packages.get_package(self.ctx, request.package_id),
-            lambda r: r.package.account_id,
+            lambda r: (r.package.account_id, r.package.region),
         )
         return self._package(record)
 
     async def ListPackages(self, request, context):
-        account_id = current_principal().scoped_account(request.account_id)
+        principal = current_principal()
+        account_id = principal.scoped_account(request.account_id)
         after = decode_page_token(request)
         limit = page_size(request.page_size)
         records = await packages.list_packages(
             self.ctx,
             account_id=account_id,
             region=request.region,
+            visible_regions=principal.regions,
             api=request.api,
             states=list(request.states),
             after_id=after[0] if after else None,
@@ -148,7 +167,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             "RenewPackage",
             request,
             lambda uow: packages.renew_package(
-                self.ctx, uow, request.package_id, expire, request.add_quantity
+                self.ctx, uow, request.package_id, expire, request.add_quantity, _check_package
             ),
         )
 
@@ -156,12 +175,17 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         return await self._change_package(
             "RevokePackage",
             request,
-            lambda uow: packages.revoke_package(self.ctx, uow, request.package_id, request.reason),
+            lambda uow: packages.revoke_package(
+                self.ctx, uow, request.package_id, request.reason, _check_package
+            ),
         )
 
     async def GetQuotaSummary(self, request, context):
-        account_id = current_principal().scoped_account(request.account_id)
-        items = await packages.quota_summary(self.ctx, account_id, request.region, request.api)
+        principal = current_principal()
+        account_id = principal.scoped_account(request.account_id)
+        items = await packages.quota_summary(
+            self.ctx, account_id, request.region, principal.regions, request.api
+        )
         return quota_pb2.QuotaSummary(
             account_id=account_id,
             items=[
@@ -198,11 +222,12 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         return await self._idempotent("DisableApi", request, quota_pb2.ApiSubscription, work)
 
     async def ListApiSubscriptions(self, request, context):
-        account_id = current_principal().scoped_account(request.account_id)
+        principal = current_principal()
+        account_id = principal.scoped_account(request.account_id)
         after = decode_page_token(request)
         limit = page_size(request.page_size)
         rows = await subscriptions.list_subscriptions(
-            self.ctx, account_id, request.region, after, limit + 1
+            self.ctx, account_id, request.region, principal.regions, after, limit + 1
         )
         response = quota_service_pb2.ListApiSubscriptionsResponse(
             api_subscriptions=[convert.to_proto_subscription(r) for r in rows[:limit]]

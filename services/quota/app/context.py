@@ -50,9 +50,15 @@ class QuotaContext:
             raise InvalidArgument(field, f"unknown api {api!r}", reason="UNKNOWN_API", api=api)
         return api
 
-    def regions_or_all(self, region: str, field: str = "region") -> tuple[str, ...]:
-        """One checked region, or every served region when empty."""
-        return (self.check_region(region, field),) if region else self.served_regions
+    def regions_or_all(
+        self, region: str, visible: tuple[str, ...] | None = None, field: str = "region"
+    ) -> tuple[str, ...]:
+        """One checked region, or every served region (of `visible`, if given) when empty."""
+        if region:
+            return (self.check_region(region, field),)
+        if visible is None:
+            return self.served_regions
+        return tuple(r for r in self.served_regions if r in visible)
 
 
 def check_account_id(account_id: str, field: str = "account_id") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -98,6 +99,7 @@ async def list_packages(
     *,
     account_id: str,
     region: str,
+    visible_regions: tuple[str, ...] | None,
     api: str,
     states: list[int],
     after_id: str | None,
@@ -105,8 +107,7 @@ async def list_packages(
 ) -> list[repo.PackageRecord]:
     if account_id:
         check_account_id(account_id)
-    if region and not ctx.catalog.has_region(region):
-        raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
+    regions = ctx.regions_or_all(region, visible_regions)
     if api:
         ctx.check_api(api)
     try:
@@ -118,7 +119,7 @@ async def list_packages(
         return await repo.list_packages(
             uow,
             account_id=account_id,
-            region=region,
+            regions=regions,
             api=api,
             states=wanted,
             now=ctx.now(),
@@ -129,12 +130,17 @@ async def list_packages(
     return await ctx.db.read(work)
 
 
-async def _load_for_change(uow: UnitOfWork, package_id: str) -> repo.PackageRecord:
+# Called with a package before it is changed: the API layer's check that the caller may.
+Guard = Callable[[Package], None]
+
+
+async def _load_for_change(uow: UnitOfWork, package_id: str, guard: Guard) -> repo.PackageRecord:
     if not package_id:
         raise InvalidArgument("package_id", "package_id is required")
     record = await repo.get_package(uow, package_id, for_update=True)
     if record is None:
         raise package_not_found(package_id)
+    guard(record.package)
     return record
 
 
@@ -144,11 +150,12 @@ async def renew_package(
     package_id: str,
     expire_time: datetime | None,
     add_quantity: int,
+    guard: Guard,
 ) -> repo.PackageRecord:
     """Extend to `expire_time` and add quantity. Renewing an expired package (billing allows a
     grace window) forfeits its old remainder first: the new period does not revive it."""
     now = ctx.now()
-    record = await _load_for_change(uow, package_id)
+    record = await _load_for_change(uow, package_id, guard)
     package = record.package
     state = package.state_at(now)
     if state == PackageState.REVOKED:
@@ -177,12 +184,12 @@ async def renew_package(
 
 
 async def revoke_package(
-    ctx: QuotaContext, uow: UnitOfWork, package_id: str, reason: str
+    ctx: QuotaContext, uow: UnitOfWork, package_id: str, reason: str, guard: Guard
 ) -> repo.PackageRecord:
     now = ctx.now()
     if len(reason) > 500:
         raise InvalidArgument("reason", "reason is longer than 500 characters")
-    record = await _load_for_change(uow, package_id)
+    record = await _load_for_change(uow, package_id, guard)
     if record.package.revoke_time is not None:
         raise FailedPrecondition(
             "INVALID_STATE_TRANSITION",
@@ -203,10 +210,14 @@ class SummaryItem:
 
 
 async def quota_summary(
-    ctx: QuotaContext, account_id: str, region: str, api: str
+    ctx: QuotaContext,
+    account_id: str,
+    region: str,
+    visible_regions: tuple[str, ...] | None,
+    api: str,
 ) -> list[SummaryItem]:
     check_account_id(account_id)
-    regions = ctx.regions_or_all(region)
+    regions = ctx.regions_or_all(region, visible_regions)
     if api:
         ctx.check_api(api)
 

@@ -37,10 +37,15 @@ async def disable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, regio
 
 
 async def list_subscriptions(
-    ctx: QuotaContext, account_id: str, region: str, after: list | None, limit: int
+    ctx: QuotaContext,
+    account_id: str,
+    region: str,
+    visible_regions: tuple[str, ...] | None,
+    after: list | None,
+    limit: int,
 ):
     check_account_id(account_id)
-    regions = ctx.regions_or_all(region)
+    regions = ctx.regions_or_all(region, visible_regions)
 
     async def work(uow: UnitOfWork):
         return await repo.list_subscriptions(uow, account_id, regions, after, limit)

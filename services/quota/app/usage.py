@@ -166,7 +166,7 @@ async def _record(
     since = min([now, *(v.event.occur_time for v in valid)])
     # Lock first, then look for recorded ids: a concurrent twin of an event has then either
     # committed (we see it as recorded) or waits behind us.
-    packages = await repo.lock_packages(uow, scopes, since)
+    packages = await repo.lock_candidates(uow, scopes, since)
     recorded = await repo.find_usage(uow, (v.event.event_id for v in valid))
 
     fresh: list[_Valid] = []

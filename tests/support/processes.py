@@ -1,0 +1,102 @@
+"""Quota as a real process for integration and end-to-end tests, with bounded start and stop.
+
+`ServiceProcess.start` reads the child's stdout line by line, so a child that hangs before
+printing anything would block the test forever. `QuotaProcess` reads stdout in a thread
+instead, so every wait has a deadline, and it does not pass the caller's own `ALLOT_*`
+variables on to the child (the test decides every setting the process runs with).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+from shared.settings import REPO_ROOT
+from tests.support.servers import TEST_SECRET, ServiceProcess, free_port
+
+# A loaded 2-core machine may take a while to import grpc and SQLAlchemy and run migrations.
+START_TIMEOUT = 60.0
+
+
+def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+    """The settings of a quota process on a fresh loopback port."""
+    env = {
+        "ALLOT_QUOTA_DATABASE_URL": database_url,
+        "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",
+        "ALLOT_AUTH_SECRET": TEST_SECRET,
+        "ALLOT_DATA_DIR": str(data_dir),
+    }
+    env.update(extra)
+    return env
+
+
+class QuotaProcess(ServiceProcess):
+    """`python -m services.quota` with a deadline on every wait."""
+
+    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
+        super().__init__("quota", env, log_path)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")}
+        self._lines = queue.Queue()
+        with open(self.log_path, "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.quota"],
+                env={**inherited, **self.env},
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        # Drains stdout until the child closes it, so the pipe never fills up.
+        threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # stdout closed: the child is gone
+                break
+            if line.startswith("READY quota "):
+                self.addr = line.split()[2]
+                return self.addr
+        self.kill()
+        raise RuntimeError(f"quota did not become ready; log:\n{self.log_text()}")
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self._lines.put(raw.decode(errors="replace"))
+        self._lines.put(None)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send_sigterm(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; raises subprocess.TimeoutExpired after `timeout` seconds."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def quota_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[QuotaProcess]:
+    """A started quota process, killed on the way out if it still runs."""
+    process = QuotaProcess(env, log_path)
+    try:
+        process.start()
+        yield process
+    finally:
+        process.kill()

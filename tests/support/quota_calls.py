@@ -1,0 +1,368 @@
+"""Short calls to a running quota server for service tests, and checks of its error details.
+
+`QuotaCalls` wraps a `QuotaHandle`: every method builds one real request, sends it through the
+real stub with a real token (admin by default, the gateway's `service` token for usage) and
+returns the real response. `expect_error` awaits a call that must fail and checks the status
+code, `ErrorInfo.reason` and, when given, the field named in `BadRequest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from allot.quota.v1 import quota_pb2, quota_service_pb2
+from allot.testing.v1 import clock_service_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from shared.status import bad_request_fields, error_info
+from tests.support import servers
+from tests.support.servers import QuotaHandle, Tokens
+
+REGION = "ap-southeast-1"
+OTHER_REGION = "ap-southeast-2"
+API = "passport"
+OTHER_API = "id-card"
+ACCOUNT = "acct-1"
+OTHER_ACCOUNT = "acct-2"
+# The `quota` fixture's manual clock starts here.
+START = datetime(2024, 1, 1, tzinfo=UTC)
+# A default expiry well after every instant the tests move the clock to.
+END_OF_YEAR = datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+FREE = quota_pb2.PACKAGE_SOURCE_FREE
+PROMOTION = quota_pb2.PACKAGE_SOURCE_PROMOTION
+SUBSCRIPTION = quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION
+
+PENDING = quota_pb2.PACKAGE_STATE_PENDING
+ACTIVE = quota_pb2.PACKAGE_STATE_ACTIVE
+EXHAUSTED = quota_pb2.PACKAGE_STATE_EXHAUSTED
+EXPIRED = quota_pb2.PACKAGE_STATE_EXPIRED
+REVOKED = quota_pb2.PACKAGE_STATE_REVOKED
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def ts(value: datetime | str) -> timestamp_pb2.Timestamp:
+    """A Timestamp of an aware datetime or an RFC 3339 string."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def deductions(response) -> list[tuple[str, int]]:
+    return [(d.package_id, d.quantity) for d in response.deductions]
+
+
+@contextlib.asynccontextmanager
+async def quota_server(database_url: str, data_dir: pathlib.Path, **overrides: str):
+    """A quota server like the `quota` fixture's (manual clock at START) with other settings."""
+    values = {"clock": "manual", "clock_start": "2024-01-01T00:00:00Z", **overrides}
+    async with servers.running_quota(
+        servers.test_settings(database_url, data_dir, **values)
+    ) as handle:
+        yield QuotaCalls(handle)
+
+
+class QuotaCalls:
+    """One method per RPC of QuotaService (and ClockService), with test defaults."""
+
+    def __init__(self, handle: QuotaHandle, tokens: Tokens | None = None) -> None:
+        self.handle = handle
+        self.stub = handle.stub
+        self.tokens = tokens or handle.tokens
+        self.admin = self.tokens.md(self.tokens.admin())
+        self.gateway = self.tokens.md(self.tokens.service())
+
+    def account(self, account_id: str = ACCOUNT, read_only: bool = False) -> Metadata:
+        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
+
+    # --- clock ---------------------------------------------------------------------------
+
+    async def set_time(self, value: datetime | str) -> None:
+        await self.handle.clock.SetTime(
+            clock_service_pb2.SetTimeRequest(time=ts(value)), metadata=self.admin
+        )
+
+    async def advance(self, delta: timedelta) -> None:
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(delta)
+        await self.handle.clock.AdvanceTime(
+            clock_service_pb2.AdvanceTimeRequest(duration=duration), metadata=self.admin
+        )
+
+    # --- packages ------------------------------------------------------------------------
+
+    @staticmethod
+    def package(
+        account_id: str = ACCOUNT,
+        quantity: int = 10,
+        *,
+        source: int = SUBSCRIPTION,
+        region: str = REGION,
+        api: str = API,
+        project: str = "",
+        effective: datetime | str | None = None,
+        expire: datetime | str | None = END_OF_YEAR,
+        order_id: str = "",
+    ) -> quota_pb2.Package:
+        package = quota_pb2.Package(
+            account_id=account_id,
+            region=region,
+            api=api,
+            enterprise_project_id=project,
+            source=source,
+            total_quantity=quantity,
+            order_id=order_id,
+        )
+        if effective is not None:
+            package.effective_time.CopyFrom(ts(effective))
+        if expire is not None:
+            package.expire_time.CopyFrom(ts(expire))
+        return package
+
+    def grant_package(
+        self,
+        package: quota_pb2.Package,
+        request_id: str = "",
+        metadata: Metadata | None = None,
+    ) -> Awaitable[quota_pb2.Package]:
+        return self.stub.GrantPackage(
+            quota_service_pb2.GrantPackageRequest(request_id=request_id, package=package),
+            metadata=metadata or self.admin,
+        )
+
+    async def grant(self, account_id: str = ACCOUNT, quantity: int = 10, **fields):
+        """Grant a package built by `package()` (keywords: its fields and request_id/metadata)."""
+        request_id = fields.pop("request_id", "")
+        metadata = fields.pop("metadata", None)
+        return await self.grant_package(
+            self.package(account_id, quantity, **fields), request_id, metadata
+        )
+
+    def get(self, package_id: str, metadata: Metadata | None = None):
+        return self.stub.GetPackage(
+            quota_service_pb2.GetPackageRequest(package_id=package_id),
+            metadata=metadata or self.admin,
+        )
+
+    def list_packages(
+        self,
+        account_id: str = ACCOUNT,
+        *,
+        states: Sequence[int] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        metadata: Metadata | None = None,
+        **filters: str,
+    ):
+        return self.stub.ListPackages(
+            quota_service_pb2.ListPackagesRequest(
+                account_id=account_id,
+                states=list(states),
+                page_size=page_size,
+                page_token=page_token,
+                **filters,
+            ),
+            metadata=metadata or self.admin,
+        )
+
+    async def package_ids(self, account_id: str = ACCOUNT, **kwargs) -> list[str]:
+        return [p.package_id for p in (await self.list_packages(account_id, **kwargs)).packages]
+
+    def renew(
+        self,
+        package_id: str,
+        *,
+        expire: datetime | str | None = None,
+        add: int = 0,
+        request_id: str = "",
+        metadata: Metadata | None = None,
+    ):
+        request = quota_service_pb2.RenewPackageRequest(
+            request_id=request_id, package_id=package_id, add_quantity=add
+        )
+        if expire is not None:
+            request.expire_time.CopyFrom(ts(expire))
+        return self.stub.RenewPackage(request, metadata=metadata or self.admin)
+
+    def revoke(
+        self,
+        package_id: str,
+        reason: str = "refund",
+        request_id: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.RevokePackage(
+            quota_service_pb2.RevokePackageRequest(
+                request_id=request_id, package_id=package_id, reason=reason
+            ),
+            metadata=metadata or self.admin,
+        )
+
+    def summary(
+        self,
+        account_id: str = ACCOUNT,
+        region: str = "",
+        api: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.GetQuotaSummary(
+            quota_service_pb2.GetQuotaSummaryRequest(account_id=account_id, region=region, api=api),
+            metadata=metadata or self.admin,
+        )
+
+    # --- usage ---------------------------------------------------------------------------
+
+    @staticmethod
+    def usage(
+        event_id: str,
+        account_id: str = ACCOUNT,
+        quantity: int = 1,
+        *,
+        http_status: int = 200,
+        region: str = REGION,
+        api: str = API,
+        project: str = "",
+        occur: datetime | str | timestamp_pb2.Timestamp | None = None,
+        user_id: str = "user-1",
+    ) -> quota_service_pb2.ReportUsageRequest:
+        request = quota_service_pb2.ReportUsageRequest(
+            event_id=event_id,
+            account_id=account_id,
+            user_id=user_id,
+            region=region,
+            api=api,
+            enterprise_project_id=project,
+            quantity=quantity,
+            http_status=http_status,
+        )
+        if isinstance(occur, timestamp_pb2.Timestamp):
+            request.occur_time.CopyFrom(occur)
+        elif occur is not None:
+            request.occur_time.CopyFrom(ts(occur))
+        return request
+
+    def report_request(
+        self, request: quota_service_pb2.ReportUsageRequest, metadata: Metadata | None = None
+    ):
+        return self.stub.ReportUsage(request, metadata=metadata or self.gateway)
+
+    async def report(self, event_id: str, account_id: str = ACCOUNT, quantity: int = 1, **fields):
+        """Report one usage event built by `usage()` (keyword `metadata` picks the caller)."""
+        metadata = fields.pop("metadata", None)
+        return await self.report_request(
+            self.usage(event_id, account_id, quantity, **fields), metadata
+        )
+
+    def batch(self, requests: Sequence, metadata: Metadata | None = None):
+        return self.stub.BatchReportUsage(
+            quota_service_pb2.BatchReportUsageRequest(requests=list(requests)),
+            metadata=metadata or self.gateway,
+        )
+
+    def explain(self, event_id: str, metadata: Metadata | None = None):
+        return self.stub.ExplainUsage(
+            quota_service_pb2.ExplainUsageRequest(event_id=event_id),
+            metadata=metadata or self.admin,
+        )
+
+    # --- subscriptions and admission -----------------------------------------------------
+
+    def enable(
+        self,
+        account_id: str = ACCOUNT,
+        api: str = API,
+        region: str = REGION,
+        request_id: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.EnableApi(
+            quota_service_pb2.EnableApiRequest(
+                request_id=request_id, account_id=account_id, region=region, api=api
+            ),
+            metadata=metadata or self.admin,
+        )
+
+    def disable(self, account_id: str = ACCOUNT, api: str = API, region: str = REGION):
+        return self.stub.DisableApi(
+            quota_service_pb2.DisableApiRequest(account_id=account_id, region=region, api=api),
+            metadata=self.admin,
+        )
+
+    def subscriptions(
+        self,
+        account_id: str = ACCOUNT,
+        region: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.ListApiSubscriptions(
+            quota_service_pb2.ListApiSubscriptionsRequest(
+                account_id=account_id, region=region, page_size=page_size, page_token=page_token
+            ),
+            metadata=metadata or self.admin,
+        )
+
+    def check(
+        self,
+        account_id: str = ACCOUNT,
+        quantity: int = 1,
+        *,
+        api: str = API,
+        region: str = REGION,
+        project: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.CheckQuota(
+            quota_service_pb2.CheckQuotaRequest(
+                account_id=account_id,
+                region=region,
+                api=api,
+                enterprise_project_id=project,
+                quantity=quantity,
+            ),
+            metadata=metadata or self.gateway,
+        )
+
+
+async def expect_error(
+    call: Awaitable,
+    code: grpc.StatusCode,
+    reason: str,
+    field: str | None = None,
+) -> grpc.aio.AioRpcError:
+    """Await a call that must fail with `code`, ErrorInfo `reason` and BadRequest `field`."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    error = caught.value
+    assert error.code() == code, f"{error.code()}: {error.details()}"
+    info = error_info(error)
+    assert info is not None, f"no ErrorInfo in {error.code()}: {error.details()}"
+    assert (info.domain, info.reason) == ("allot", reason), error.details()
+    if field is not None:
+        assert bad_request_fields(error) == [field]
+    return error
+
+
+def status_details(status: status_pb2.Status) -> tuple[str, list[str]]:
+    """(ErrorInfo.reason, BadRequest fields) of a `google.rpc.Status` carried as data."""
+    reason, fields = "", []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(v.field for v in bad.field_violations)
+    return reason, fields
