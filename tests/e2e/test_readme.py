@@ -39,7 +39,11 @@ def test_try_it_runs_verbatim(tmp_path):
         env.pop(key, None)
     suite = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "run"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -57,7 +61,11 @@ def test_try_it_runs_verbatim(tmp_path):
         for _ in range(2):  # the second run shows the commands are idempotent
             run = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", try_it_block()],
-                cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             assert run.returncode == 0, run.stderr
             outputs.append(run.stdout)
