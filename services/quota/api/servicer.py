@@ -9,6 +9,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.quota.api import convert
 from services.quota.app import packages, subscriptions, usage
+from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
 from services.quota.domain.packages import Package
 from shared import status
@@ -53,6 +54,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     def __init__(self, ctx: QuotaContext, idempotency: IdempotencyStore) -> None:
         self.ctx = ctx
         self.idempotency = idempotency
+        self.coalescer = UsageCoalescer(ctx)
 
     def _package(self, record) -> quota_pb2.Package:
         return convert.to_proto_package(record, self.ctx.now())
@@ -65,7 +67,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     # --- usage ---------------------------------------------------------------------------
 
     async def ReportUsage(self, request, context):
-        (result,) = await usage.record_usage(self.ctx, [convert.from_proto_usage(request)])
+        result = await self.coalescer.report(convert.from_proto_usage(request))
         if isinstance(result, AllotError):
             raise result
         return convert.to_proto_usage(result)

@@ -1,0 +1,55 @@
+"""Merges concurrent `ReportUsage` calls into shared batch transactions.
+
+While one batch transaction runs, calls that arrive queue up; when it commits, the queue is
+applied as the next batch. A lone call is applied at once (no timer, no added latency); under
+load, many calls share one transaction, one lock round and one commit. Each call still gets its
+own result or error: `record_usage` isolates invalid events and applies events in arrival order,
+so the rules are exactly those of a batch of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.quota.app.context import QuotaContext
+from services.quota.app.usage import UsageInput, UsageResult, record_usage
+from shared.errors import AllotError
+
+# Bounded so one transaction's locks and statements stay small.
+MAX_COALESCED = 250
+
+
+class UsageCoalescer:
+    def __init__(self, ctx: QuotaContext, max_batch: int = MAX_COALESCED) -> None:
+        self.ctx = ctx
+        self.max_batch = max_batch
+        self._queue: list[tuple[UsageInput, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def report(self, item: UsageInput) -> UsageResult | AllotError:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="usage-coalescer")
+        # shield: a cancelled caller must not cancel the batch its neighbours are waiting on.
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                try:
+                    results = await record_usage(self.ctx, [item for item, _ in batch])
+                except BaseException as exc:  # the whole transaction failed: every caller hears
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._flusher = None
