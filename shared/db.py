@@ -53,7 +53,9 @@ def _sqlite_engine(url: str) -> AsyncEngine:
     database = make_url(url).database
     if database and database != ":memory:":
         pathlib.Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": 60})
+    # Writers of this process queue on Database._write_turn; the busy timeout only covers other
+    # processes (a migration, a second replica). It stays short so shutdown is never held up.
+    engine = create_async_engine(url, connect_args={"timeout": 5})
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -63,7 +65,7 @@ def _sqlite_engine(url: str) -> AsyncEngine:
         for pragma in (
             "PRAGMA journal_mode=WAL",
             "PRAGMA foreign_keys=ON",
-            "PRAGMA busy_timeout=60000",
+            "PRAGMA busy_timeout=5000",
             "PRAGMA synchronous=NORMAL",
         ):
             cursor.execute(pragma)
@@ -92,6 +94,12 @@ class UnitOfWork:
         self._sessions = sessions
         self.read_only = read_only
         self.session: AsyncSession
+        # Work that must be the last thing in the transaction (the outbox takes its sequence
+        # numbers there, holding the sequence lock as briefly as possible), and work that may
+        # only happen once the transaction is durable (waking stream readers).
+        self._before_commit: list[Callable[[UnitOfWork], Awaitable[None]]] = []
+        self._after_commit: list[Callable[[], None]] = []
+        self._on_close: list[Callable[[], None]] = []
 
     async def __aenter__(self) -> UnitOfWork:
         self.session = self._sessions()
@@ -104,9 +112,27 @@ class UnitOfWork:
             await self.session.rollback()
         finally:
             await self.session.close()
+            for hook in self._on_close:
+                hook()
+
+    def before_commit(self, hook: Callable[[UnitOfWork], Awaitable[None]]) -> None:
+        if hook not in self._before_commit:
+            self._before_commit.append(hook)
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        if hook not in self._after_commit:
+            self._after_commit.append(hook)
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run when the unit of work ends, committed or not (drop per-transaction state)."""
+        self._on_close.append(hook)
 
     async def commit(self) -> None:
+        for hook in self._before_commit:
+            await hook(self)
         await self.session.commit()
+        for hook in self._after_commit:
+            hook()
 
 
 class Database:

@@ -76,12 +76,11 @@ class QuotaService:
         return POLICIES
 
     def register(self, server: grpc.aio.Server) -> None:
-        quota_service_pb2_grpc.add_QuotaServiceServicer_to_server(
-            QuotaServicer(self.context, IdempotencyStore(tables.idempotency_keys)), server
-        )
+        self.servicer = QuotaServicer(self.context, IdempotencyStore(tables.idempotency_keys))
+        quota_service_pb2_grpc.add_QuotaServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
         """Package states are computed on read; clock-driven events arrive with the events issue."""
 
     async def stop(self) -> None:
-        pass
+        await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))

@@ -81,9 +81,9 @@ class QuotaProcess(ServiceProcess):
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def send_sigterm(self) -> None:
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
         """The exit code; raises subprocess.TimeoutExpired after `timeout` seconds."""

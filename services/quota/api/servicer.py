@@ -56,6 +56,9 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         self.idempotency = idempotency
         self.coalescer = UsageCoalescer(ctx)
 
+    async def close(self, grace: float) -> None:
+        await self.coalescer.close(grace)
+
     def _package(self, record) -> quota_pb2.Package:
         return convert.to_proto_package(record, self.ctx.now())
 

@@ -31,8 +31,23 @@ class UsageCoalescer:
         self._queue.append((item, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="usage-coalescer")
-        # shield: a cancelled caller must not cancel the batch its neighbours are waiting on.
-        return await asyncio.shield(future)
+        try:
+            # shield: a cancelled caller must not cancel the batch its neighbours wait on.
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_nobody_listens)
+            raise
+
+    async def close(self, grace: float) -> None:
+        """Let the running batch finish (bounded), so the engine is not disposed under it."""
+        flusher = self._flusher
+        if flusher is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(flusher), grace)
+        except TimeoutError:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
 
     async def _flush(self) -> None:
         try:
@@ -53,3 +68,9 @@ class UsageCoalescer:
                         future.set_result(result)
         finally:
             self._flusher = None
+
+
+def _nobody_listens(future: asyncio.Future) -> None:
+    # The caller went away: read the outcome so asyncio does not report it as never retrieved.
+    if not future.cancelled():
+        future.exception()
