@@ -147,6 +147,7 @@ class Server:
             self.runtime.db.engine, self.service.name, self.service.migrations_dir
         )
         await self.service.start()
+        await self.runtime.scheduler.run_due()  # whatever came due while we were down
         self.runtime.scheduler.start()
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -65,6 +65,9 @@ class Settings:
     delivery_max_attempts: str = _setting(
         "ALLOT_DELIVERY_MAX_ATTEMPTS", "8", "delivery attempts before FAILED"
     )
+    expiring_notice_days: str = _setting(
+        "ALLOT_EXPIRING_NOTICE_DAYS", "7", "days before expiry that package_expiring is sent"
+    )
     log_level: str = _setting("ALLOT_LOG_LEVEL", "INFO", "logging level")
     shutdown_grace: str = _setting(
         "ALLOT_SHUTDOWN_GRACE_SECONDS", "10", "seconds in-flight calls get on SIGTERM"
@@ -100,7 +103,12 @@ class Settings:
         if self.clock not in ("system", "manual"):
             raise SettingsError("ALLOT_CLOCK must be `system` or `manual`")
         self.manual_clock_start  # noqa: B018
-        for name in ("delivery_max_attempts", "shutdown_grace", "due_work_interval"):
+        for name in (
+            "delivery_max_attempts",
+            "shutdown_grace",
+            "due_work_interval",
+            "expiring_notice_days",
+        ):
             value = getattr(self, name)
             if not value.isdigit():
                 env = self.__dataclass_fields__[name].metadata["env"]

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pathlib
+from datetime import timedelta
 
 import grpc
-from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.quota.adapters import tables
+from services.quota.adapters.events import QuotaEvents
 from services.quota.api.servicer import QuotaServicer
+from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
 from shared.auth import OPERATORS, OWNERS, READERS, Policy, policy
 from shared.idempotency import IdempotencyStore
+from shared.outbox import Outbox
 from shared.server import Runtime
 from shared.settings import SettingsError
 
@@ -64,23 +68,33 @@ class QuotaService:
         if unknown:
             raise SettingsError(f"ALLOT_QUOTA_REGIONS names regions not in the catalog: {unknown}")
         self.runtime = runtime
+        self.outbox = Outbox(
+            runtime.db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent
+        )
         self.context = QuotaContext(
             db=runtime.db,
             clock=runtime.clock,
             catalog=catalog,
             served_regions=tuple(served),
             policy=DeductionPolicy(runtime.settings.deduction_policy),
+            events=QuotaEvents(self.outbox),
+            expiring_notice=timedelta(days=int(runtime.settings.expiring_notice_days)),
         )
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
 
     def register(self, server: grpc.aio.Server) -> None:
-        self.servicer = QuotaServicer(self.context, IdempotencyStore(tables.idempotency_keys))
+        self.servicer = QuotaServicer(
+            self.context, IdempotencyStore(tables.idempotency_keys), self.outbox
+        )
         quota_service_pb2_grpc.add_QuotaServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        """Package states are computed on read; clock-driven events arrive with the events issue."""
+        """Announce package activation, expiry and expiring warnings as the clock moves."""
+        self.runtime.scheduler.register(
+            "quota.packages", lambda now: announce_packages(self.context, now)
+        )
 
     async def stop(self) -> None:
         await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))

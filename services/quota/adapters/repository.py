@@ -51,6 +51,18 @@ class PackageRecord:
 
     package: Package
     revoke_reason: str = ""
+    # The state the outbox last announced, and whether package_expiring was sent.
+    announced_state: PackageState = PackageState.PENDING
+    expiring_announced: bool = False
+
+
+def to_record(row) -> PackageRecord:
+    return PackageRecord(
+        to_package(row),
+        row.revoke_reason,
+        PackageState(row.announced_state),
+        row.expiring_announced,
+    )
 
 
 def _package_values(package: Package) -> dict:
@@ -71,16 +83,25 @@ def _package_values(package: Package) -> dict:
     }
 
 
-async def insert_package(uow: UnitOfWork, package: Package) -> None:
-    await uow.session.execute(insert(t.packages).values(**_package_values(package)))
+def _record_values(record: PackageRecord) -> dict:
+    values = _package_values(record.package)
+    values["revoke_reason"] = record.revoke_reason
+    values["announced_state"] = int(record.announced_state)
+    values["expiring_announced"] = record.expiring_announced
+    return values
 
 
-async def save_package(uow: UnitOfWork, package: Package, revoke_reason: str = "") -> None:
-    values = _package_values(package)
+async def insert_package(uow: UnitOfWork, record: PackageRecord) -> None:
+    await uow.session.execute(insert(t.packages).values(**_record_values(record)))
+
+
+async def save_package(uow: UnitOfWork, record: PackageRecord) -> None:
+    values = _record_values(record)
     values.pop("package_id")
-    values["revoke_reason"] = revoke_reason
     await uow.session.execute(
-        update(t.packages).where(t.packages.c.package_id == package.package_id).values(**values)
+        update(t.packages)
+        .where(t.packages.c.package_id == record.package.package_id)
+        .values(**values)
     )
 
 
@@ -91,7 +112,7 @@ async def get_package(
     if for_update:
         query = query.with_for_update()
     row = (await uow.session.execute(query)).first()
-    return PackageRecord(to_package(row), row.revoke_reason) if row else None
+    return to_record(row) if row else None
 
 
 def state_condition(state: PackageState, now_us: int) -> ColumnElement[bool]:
@@ -146,12 +167,12 @@ async def list_packages(
     if after_id:
         query = query.where(p.package_id > after_id)
     rows = (await uow.session.execute(query)).all()
-    return [PackageRecord(to_package(r), r.revoke_reason) for r in rows]
+    return [to_record(r) for r in rows]
 
 
 async def lock_candidates(
     uow: UnitOfWork, scopes: Iterable[Scope], since: datetime
-) -> list[Package]:
+) -> list[PackageRecord]:
     """The candidate packages of the scopes, locked (FOR UPDATE on PostgreSQL) in package-id
     order: every package that had not expired by `since` - CANDIDATE_HISTORY, revoked ones too,
     so ExplainUsage can say why a recently expired or revoked package did not pay. Older
@@ -169,18 +190,26 @@ async def lock_candidates(
         .order_by(p.package_id)
         .with_for_update()
     )
-    return [to_package(r) for r in (await uow.session.execute(query)).all()]
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]
 
 
-async def update_used(uow: UnitOfWork, changed: Iterable[Package]) -> None:
-    params = [{"b_id": p.package_id, "b_used": p.used_quantity} for p in changed]
+async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None:
+    """One executemany for the batch: new used quantities and announced states."""
+    params = [
+        {
+            "b_id": r.package.package_id,
+            "b_used": r.package.used_quantity,
+            "b_announced": int(r.announced_state),
+        }
+        for r in changed
+    ]
     if not params:
         return
     p = t.packages.c
     statement = (
         update(t.packages)
         .where(p.package_id == bindparam("b_id"))
-        .values(used_quantity=bindparam("b_used"))
+        .values(used_quantity=bindparam("b_used"), announced_state=bindparam("b_announced"))
     )
     connection = await uow.session.connection()
     await connection.execute(statement, params)
@@ -363,3 +392,75 @@ async def remaining_for_project(
         in_force_condition(to_micros(now)),
     )
     return int((await uow.session.execute(query)).scalar_one())
+
+
+async def totals_by_api(
+    uow: UnitOfWork, account_id: str, region: str, apis: Iterable[str] | None, now: datetime
+) -> dict[str, tuple[int, int]]:
+    """api -> (total, remaining) of the packages in force now, for one account and region."""
+    p = t.packages.c
+    query = (
+        select(p.api, func.sum(p.total_quantity), func.sum(p.used_quantity))
+        .where(p.account_id == account_id, p.region == region, in_force_condition(to_micros(now)))
+        .group_by(p.api)
+    )
+    if apis is not None:
+        query = query.where(p.api.in_(sorted(set(apis))))
+    rows = (await uow.session.execute(query)).all()
+    return {api: (int(total), int(total) - int(used)) for api, total, used in rows}
+
+
+async def due_announcements(uow: UnitOfWork, now: datetime, limit: int) -> list[PackageRecord]:
+    """Packages whose state moved on with the clock since it was announced (activation,
+    expiry), locked, oldest due first."""
+    p = t.packages.c
+    now_us = to_micros(now)
+    query = (
+        select(t.packages)
+        .where(
+            p.revoke_time_us.is_(None),
+            or_(
+                and_(
+                    p.announced_state == int(PackageState.PENDING),
+                    p.effective_time_us <= now_us,
+                ),
+                and_(
+                    p.announced_state.in_(
+                        [
+                            int(PackageState.PENDING),
+                            int(PackageState.ACTIVE),
+                            int(PackageState.EXHAUSTED),
+                        ]
+                    ),
+                    p.expire_time_us + ONE_SECOND_US <= now_us,
+                ),
+            ),
+        )
+        .order_by(p.package_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def due_expiring(
+    uow: UnitOfWork, now: datetime, notice: timedelta, limit: int
+) -> list[PackageRecord]:
+    """Packages in force with quantity left that expire within `notice` and were not warned."""
+    p = t.packages.c
+    now_us = to_micros(now)
+    query = (
+        select(t.packages)
+        .where(
+            p.expiring_announced.is_(False),
+            p.revoke_time_us.is_(None),
+            p.used_quantity < p.total_quantity,
+            p.effective_time_us <= now_us,
+            p.expire_time_us + ONE_SECOND_US > now_us,
+            p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
+        )
+        .order_by(p.package_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]

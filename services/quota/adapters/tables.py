@@ -14,8 +14,10 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy import false as sa_false
 
 from shared.idempotency import idempotency_table
+from shared.outbox import outbox_tables
 
 metadata = MetaData()
 
@@ -37,8 +39,15 @@ packages = Table(
     Column("revoke_time_us", BigInteger, nullable=True),
     Column("revoke_reason", String(500), nullable=False, server_default=""),
     Column("order_id", String(64), nullable=False, server_default=""),
+    # The state the outbox last announced (package_state_changed); the clock-driven work looks
+    # for packages whose real state has moved on from it (activation, expiry).
+    Column("announced_state", SmallInteger, nullable=False, server_default="1"),
+    # package_expiring was sent for the current expire_time (a renewal clears it).
+    Column("expiring_announced", Boolean, nullable=False, server_default=sa_false()),
     CheckConstraint("used_quantity >= 0 AND used_quantity <= total_quantity", name="ck_used"),
     Index("ix_packages_scope", "account_id", "region", "api"),
+    Index("ix_packages_announced_effective", "announced_state", "effective_time_us"),
+    Index("ix_packages_announced_expire", "announced_state", "expire_time_us"),
 )
 
 api_subscriptions = Table(
@@ -87,4 +96,32 @@ account_standings = Table(
     Column("update_time_us", BigInteger, nullable=False),
 )
 
+usage_alerts = Table(
+    "usage_alerts",
+    metadata,
+    Column("alert_id", String(40), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    # '' = every API of the region, each evaluated on its own.
+    Column("api", String(64), nullable=False),
+    Column("threshold_quantity", BigInteger, nullable=True),
+    # A decimal string (exact), e.g. "20" or "12.5"; set when threshold_quantity is not.
+    Column("threshold_percent", String(32), nullable=True),
+    Column("enabled", Boolean, nullable=False),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+    Index("ix_usage_alerts_scope", "account_id", "region"),
+)
+
+# One row per rule and API it has been evaluated for (ARMED or FIRED).
+usage_alert_states = Table(
+    "usage_alert_states",
+    metadata,
+    Column("alert_id", String(40), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("state", SmallInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+)
+
 idempotency_keys = idempotency_table(metadata)
+outbox_events, outbox_counter = outbox_tables(metadata)

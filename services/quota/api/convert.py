@@ -6,7 +6,9 @@ from datetime import datetime
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2
 
+from services.quota.adapters.events import package_message
 from services.quota.adapters.repository import PackageRecord, StoredUsage
+from services.quota.app.alerts import AlertInput, AlertView
 from services.quota.app.packages import GrantInput
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
@@ -18,27 +20,7 @@ def _optional_time(message, name: str, field: str) -> datetime | None:
 
 
 def to_proto_package(record: PackageRecord, now: datetime) -> quota_pb2.Package:
-    p = record.package
-    message = quota_pb2.Package(
-        package_id=p.package_id,
-        account_id=p.account_id,
-        region=p.region,
-        api=p.api,
-        enterprise_project_id=p.enterprise_project_id,
-        source=int(p.source),
-        total_quantity=p.total_quantity,
-        used_quantity=p.used_quantity,
-        remaining_quantity=p.remaining_quantity,
-        effective_time=to_timestamp(p.effective_time),
-        expire_time=to_timestamp(p.expire_time),
-        create_time=to_timestamp(p.create_time),
-        state=int(p.state_at(now)),
-        order_id=p.order_id,
-        revoke_reason=record.revoke_reason,
-    )
-    if p.revoke_time is not None:
-        message.revoke_time.CopyFrom(to_timestamp(p.revoke_time))
-    return message
+    return package_message(record, now)
 
 
 def from_proto_grant(package: quota_pb2.Package) -> GrantInput:
@@ -100,6 +82,37 @@ def to_proto_admission(admission: Admission) -> quota_service_pb2.CheckQuotaResp
         remaining_quantity=admission.remaining_quantity,
         pay_per_use=admission.pay_per_use,
     )
+
+
+def from_proto_alert(alert: quota_pb2.UsageAlert) -> AlertInput:
+    which = alert.WhichOneof("threshold")
+    return AlertInput(
+        account_id=alert.account_id,
+        region=alert.region,
+        api=alert.api,
+        threshold_quantity=alert.remaining_quantity if which == "remaining_quantity" else None,
+        threshold_percent=alert.remaining_percent if which == "remaining_percent" else None,
+        enabled=alert.enabled,
+    )
+
+
+def to_proto_alert(view: AlertView) -> quota_pb2.UsageAlert:
+    rule = view.rule
+    message = quota_pb2.UsageAlert(
+        alert_id=rule.alert_id,
+        account_id=rule.account_id,
+        region=rule.region,
+        api=rule.api,
+        enabled=rule.enabled,
+        state=int(view.state),
+        create_time=to_timestamp(rule.create_time),
+        update_time=to_timestamp(rule.update_time),
+    )
+    if rule.threshold.quantity is not None:
+        message.remaining_quantity = rule.threshold.quantity
+    else:
+        message.remaining_percent = float(rule.threshold.percent)
+    return message
 
 
 _RULES = {r.lower(): v for r, v in quota_pb2.DecisiveRule.items()}

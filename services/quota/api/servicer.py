@@ -6,54 +6,62 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from google.protobuf import empty_pb2
 
 from services.quota.api import convert
-from services.quota.app import packages, subscriptions, usage
+from services.quota.app import alerts, packages, subscriptions, usage
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
+from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
 from shared import status
 from shared.auth import current_principal
 from shared.errors import AllotError, NotFound, PermissionDenied, Unimplemented
 from shared.idempotency import IdempotencyStore
+from shared.outbox import Outbox
 from shared.pagination import decode_page_token, encode_page_token, page_size
 from shared.timeutil import from_timestamp
 
 T = TypeVar("T")
 
 
-def _check_package(package: Package) -> None:
-    """The caller may touch this package: its account, and its region for regional tokens."""
-    principal = current_principal()
-    if not principal.may_act_for(package.account_id):
-        raise PermissionDenied(NOT_YOURS)
-    principal.check_region(package.region)
-
-
 NOT_YOURS = "the token may not read this resource"
+
+
+def _check_scope(account_id: str, region: str) -> None:
+    """The caller may touch a resource of this account and region (regional tokens)."""
+    principal = current_principal()
+    if not principal.may_act_for(account_id):
+        raise PermissionDenied(NOT_YOURS)
+    principal.check_region(region)
+
+
+def _check_package(package: Package) -> None:
+    _check_scope(package.account_id, package.region)
+
+
+def _check_rule(rule: AlertRule) -> None:
+    _check_scope(rule.account_id, rule.region)
 
 
 async def _owned(load: Callable[[], Awaitable[T]], scope_of: Callable[[T], tuple[str, str]]) -> T:
     """Load a resource by id for the caller. Account principals get the same PERMISSION_DENIED
     for other accounts' resources and for ids that do not exist, so existence never leaks."""
-    principal = current_principal()
     try:
         resource = await load()
     except NotFound:
-        if principal.is_operator:
+        if current_principal().is_operator:
             raise
         raise PermissionDenied(NOT_YOURS) from None
-    account_id, region = scope_of(resource)
-    if not principal.may_act_for(account_id):
-        raise PermissionDenied(NOT_YOURS)
-    principal.check_region(region)
+    _check_scope(*scope_of(resource))
     return resource
 
 
 class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
-    def __init__(self, ctx: QuotaContext, idempotency: IdempotencyStore) -> None:
+    def __init__(self, ctx: QuotaContext, idempotency: IdempotencyStore, outbox: Outbox) -> None:
         self.ctx = ctx
         self.idempotency = idempotency
+        self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
 
     async def close(self, grace: float) -> None:
@@ -248,20 +256,63 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         raise Unimplemented("GetUsageStats")
 
     async def CreateUsageAlert(self, request, context):
-        raise Unimplemented("CreateUsageAlert")
+        spec = convert.from_proto_alert(request.usage_alert)
+
+        async def work(uow):
+            return convert.to_proto_alert(await alerts.create_alert(self.ctx, uow, spec))
+
+        return await self._idempotent("CreateUsageAlert", request, quota_pb2.UsageAlert, work)
 
     async def GetUsageAlert(self, request, context):
-        raise Unimplemented("GetUsageAlert")
+        view = await _owned(
+            lambda: alerts.get_alert(self.ctx, request.alert_id),
+            lambda v: (v.rule.account_id, v.rule.region),
+        )
+        return convert.to_proto_alert(view)
 
     async def ListUsageAlerts(self, request, context):
-        raise Unimplemented("ListUsageAlerts")
+        principal = current_principal()
+        account_id = principal.scoped_account(request.account_id)
+        after = decode_page_token(request)
+        limit = page_size(request.page_size)
+        views = await alerts.list_alerts(
+            self.ctx,
+            account_id,
+            request.region,
+            principal.regions,
+            after[0] if after else None,
+            limit + 1,
+        )
+        response = quota_service_pb2.ListUsageAlertsResponse(
+            usage_alerts=[convert.to_proto_alert(v) for v in views[:limit]]
+        )
+        if len(views) > limit:
+            response.next_page_token = encode_page_token([views[limit - 1].rule.alert_id], request)
+        return response
 
     async def UpdateUsageAlert(self, request, context):
-        raise Unimplemented("UpdateUsageAlert")
+        spec = convert.from_proto_alert(request.usage_alert)
+        paths = list(request.update_mask.paths)
+
+        async def work(uow):
+            view = await alerts.update_alert(
+                self.ctx, uow, request.usage_alert.alert_id, spec, paths, _check_rule
+            )
+            return convert.to_proto_alert(view)
+
+        return await self._idempotent("UpdateUsageAlert", request, quota_pb2.UsageAlert, work)
 
     async def DeleteUsageAlert(self, request, context):
-        raise Unimplemented("DeleteUsageAlert")
+        async def work(uow):
+            await alerts.delete_alert(self.ctx, uow, request.alert_id, _check_rule)
+            return empty_pb2.Empty()
+
+        return await self.ctx.db.transaction(work)
+
+    # --- events --------------------------------------------------------------------------
 
     async def WatchEvents(self, request, context):
-        raise Unimplemented("WatchEvents")
-        yield  # pragma: no cover - makes this an async generator like the real stream
+        async for event in self.outbox.watch(
+            request.after_sequence, request.event_types, stopped=context.done
+        ):
+            yield event

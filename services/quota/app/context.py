@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from services.quota.adapters.events import QuotaEvents
 from services.quota.domain.deduction import DeductionPolicy
 from shared.catalog import Catalog
 from shared.clock import Clock
@@ -22,6 +23,9 @@ class QuotaContext:
     catalog: Catalog
     served_regions: tuple[str, ...]
     policy: DeductionPolicy
+    events: QuotaEvents
+    # package_expiring goes out this long before a package expires with quantity left.
+    expiring_notice: timedelta = timedelta(days=7)
 
     def now(self) -> datetime:
         return self.clock.now()

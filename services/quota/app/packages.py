@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.quota.adapters import repository as repo
+from services.quota.app import alerts
 from services.quota.app.context import QuotaContext, check_account_id
 from services.quota.domain.packages import (
     ALL_PROJECTS,
@@ -77,8 +78,13 @@ async def grant_package(ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput) ->
         create_time=now,
         order_id=spec.order_id,
     )
-    await repo.insert_package(uow, package)
-    return repo.PackageRecord(package)
+    # What the outbox will consider announced: a package granted in force needs no activation
+    # event; one that starts later is announced when the clock reaches it.
+    record = repo.PackageRecord(package, announced_state=package.state_at(now))
+    await repo.insert_package(uow, record)
+    if package.in_force_at(now):
+        await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
+    return record
 
 
 async def get_package(ctx: QuotaContext, package_id: str) -> repo.PackageRecord:
@@ -179,8 +185,11 @@ async def renew_package(
         used_quantity=used,
         expire_time=new_expire,
     )
-    await repo.save_package(uow, renewed, record.revoke_reason)
-    return repo.PackageRecord(renewed, record.revoke_reason)
+    # A new expiry gets its own expiring warning.
+    record = dataclasses.replace(
+        record, expiring_announced=record.expiring_announced and new_expire == package.expire_time
+    )
+    return await _save_change(ctx, uow, record, renewed, now)
 
 
 async def revoke_package(
@@ -198,8 +207,29 @@ async def revoke_package(
             state="REVOKED",
         )
     revoked = dataclasses.replace(record.package, revoke_time=now)
-    await repo.save_package(uow, revoked, reason)
-    return repo.PackageRecord(revoked, reason)
+    return await _save_change(
+        ctx, uow, dataclasses.replace(record, revoke_reason=reason), revoked, now
+    )
+
+
+async def _save_change(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    record: repo.PackageRecord,
+    package: Package,
+    now: datetime,
+) -> repo.PackageRecord:
+    """Save a renewed or revoked package: announce its new state if it moved, and re-arm the
+    scope's alerts when the aggregate in force changed."""
+    was_in_force = record.package.in_force_at(now)
+    state = package.state_at(now)
+    changed = dataclasses.replace(record, package=package, announced_state=state)
+    if state != record.announced_state:
+        ctx.events.package_state_changed(uow, changed, record.announced_state, now)
+    await repo.save_package(uow, changed)
+    if was_in_force or package.in_force_at(now):
+        await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
+    return changed
 
 
 @dataclass(frozen=True)

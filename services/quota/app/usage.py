@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from services.quota.adapters import repository as repo
+from services.quota.app import alerts
 from services.quota.app.context import QuotaContext, check_account_id
 from services.quota.domain.deduction import UsageEvent, apply_usage
-from services.quota.domain.packages import normalize_project_id
+from services.quota.domain.packages import Package, PackageState, normalize_project_id
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
 from shared.timeutil import to_micros
@@ -166,7 +167,8 @@ async def _record(
     since = min([now, *(v.event.occur_time for v in valid)])
     # Lock first, then look for recorded ids: a concurrent twin of an event has then either
     # committed (we see it as recorded) or waits behind us.
-    packages = await repo.lock_candidates(uow, scopes, since)
+    records = await repo.lock_candidates(uow, scopes, since)
+    packages = [r.package for r in records]
     recorded = await repo.find_usage(uow, (v.event.event_id for v in valid))
 
     fresh: list[_Valid] = []
@@ -178,13 +180,16 @@ async def _record(
         fresh.append(v)
     outcomes, changed = apply_usage([v.event for v in fresh], packages, ctx.policy)
 
-    # Remaining in force now, per scope, walked forward event by event.
-    by_id = {p.package_id: p for p in packages}
-    in_force = {pid for pid, p in by_id.items() if p.in_force_at(now)}
+    # Aggregates of the packages in force now, per scope; remaining is walked forward event by
+    # event (deductions never change the total).
+    in_force = {p.package_id for p in packages if p.in_force_at(now)}
+    totals: dict[repo.Scope, int] = defaultdict(int)
     remaining: dict[repo.Scope, int] = defaultdict(int)
     for p in packages:
         if p.package_id in in_force:
+            totals[(p.account_id, p.region, p.api)] += p.total_quantity
             remaining[(p.account_id, p.region, p.api)] += p.remaining_quantity
+    walk: list[tuple[repo.Scope, int]] = []
 
     results: dict[str, UsageResult] = {}
     rows = []
@@ -192,7 +197,12 @@ async def _record(
     for v, outcome in zip(fresh, outcomes, strict=True):
         e = v.event
         scope = (e.account_id, e.region, e.api)
-        remaining[scope] -= sum(d.quantity for d in outcome.deductions if d.package_id in in_force)
+        spent = sum(d.quantity for d in outcome.deductions if d.package_id in in_force)
+        if spent:
+            remaining[scope] -= spent
+            walk.append((scope, remaining[scope]))
+        if outcome.pay_per_use_quantity:
+            ctx.events.pay_per_use_recorded(uow, e, outcome.pay_per_use_quantity, now)
         deductions = tuple((d.package_id, d.quantity) for d in outcome.deductions)
         results[e.event_id] = UsageResult(
             event_id=e.event_id,
@@ -223,8 +233,9 @@ async def _record(
                 "explanation": json.dumps(repo.explanation_json(outcome)),
             }
         )
-    await repo.update_used(uow, changed.values())
+    await repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
     await repo.insert_usage(uow, rows)
+    await alerts.after_usage(ctx, uow, walk, totals, now)
 
     answers: list[UsageResult | AllotError] = []
     for slot in slots:
@@ -251,6 +262,28 @@ async def _record(
         except AllotError as error:
             answers.append(error)
     return answers
+
+
+def _announce_exhausted(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    records: list[repo.PackageRecord],
+    changed: dict[str, Package],
+    now: datetime,
+) -> list[repo.PackageRecord]:
+    """The changed packages as records; those the batch emptied announce EXHAUSTED."""
+    by_id = {r.package.package_id: r for r in records}
+    out = []
+    for package_id, package in changed.items():
+        record = dataclasses.replace(by_id[package_id], package=package)
+        if (
+            record.announced_state == PackageState.ACTIVE
+            and package.state_at(now) == PackageState.EXHAUSTED
+        ):
+            record = dataclasses.replace(record, announced_state=PackageState.EXHAUSTED)
+            ctx.events.package_state_changed(uow, record, PackageState.ACTIVE, now)
+        out.append(record)
+    return out
 
 
 async def explain_usage(ctx: QuotaContext, event_id: str) -> repo.StoredUsage:

@@ -1,0 +1,152 @@
+"""Usage alert rules and their per-API states: rows <-> domain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+
+from services.quota.adapters import tables as t
+from services.quota.domain.alerts import AlertRule, AlertState, Threshold
+from shared.db import UnitOfWork
+from shared.timeutil import from_micros, to_micros
+
+
+def to_rule(row) -> AlertRule:
+    percent = Decimal(row.threshold_percent) if row.threshold_percent is not None else None
+    return AlertRule(
+        alert_id=row.alert_id,
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        threshold=Threshold(quantity=row.threshold_quantity, percent=percent),
+        enabled=row.enabled,
+        create_time=from_micros(row.create_time_us),
+        update_time=from_micros(row.update_time_us),
+    )
+
+
+def _values(rule: AlertRule) -> dict:
+    percent = rule.threshold.percent
+    return {
+        "alert_id": rule.alert_id,
+        "account_id": rule.account_id,
+        "region": rule.region,
+        "api": rule.api,
+        "threshold_quantity": rule.threshold.quantity,
+        "threshold_percent": str(percent) if percent is not None else None,
+        "enabled": rule.enabled,
+        "create_time_us": to_micros(rule.create_time),
+        "update_time_us": to_micros(rule.update_time),
+    }
+
+
+async def insert_rule(uow: UnitOfWork, rule: AlertRule) -> None:
+    await uow.session.execute(insert(t.usage_alerts).values(**_values(rule)))
+
+
+async def save_rule(uow: UnitOfWork, rule: AlertRule) -> None:
+    values = _values(rule)
+    values.pop("alert_id")
+    await uow.session.execute(
+        update(t.usage_alerts).where(t.usage_alerts.c.alert_id == rule.alert_id).values(**values)
+    )
+
+
+async def get_rule(uow: UnitOfWork, alert_id: str, for_update: bool = False) -> AlertRule | None:
+    query = select(t.usage_alerts).where(t.usage_alerts.c.alert_id == alert_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await uow.session.execute(query)).first()
+    return to_rule(row) if row else None
+
+
+async def delete_rule(uow: UnitOfWork, alert_id: str) -> None:
+    await delete_states(uow, alert_id)
+    await uow.session.execute(delete(t.usage_alerts).where(t.usage_alerts.c.alert_id == alert_id))
+
+
+async def list_rules(
+    uow: UnitOfWork, account_id: str, regions: Iterable[str], after_id: str | None, limit: int
+) -> list[AlertRule]:
+    a = t.usage_alerts.c
+    query = (
+        select(t.usage_alerts)
+        .where(a.account_id == account_id, a.region.in_(sorted(set(regions))))
+        .order_by(a.alert_id)
+        .limit(limit)
+    )
+    if after_id:
+        query = query.where(a.alert_id > after_id)
+    return [to_rule(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def lock_rules(uow: UnitOfWork, scopes: Iterable[tuple[str, str, str]]) -> list[AlertRule]:
+    """Enabled rules watching any of the (account, region, api) scopes, locked in id order, so
+    concurrent evaluations of one scope take turns and a crossing fires once."""
+    a = t.usage_alerts.c
+    scopes = sorted(set(scopes))
+    if not scopes:
+        return []
+    query = (
+        select(t.usage_alerts)
+        .where(
+            a.enabled.is_(True),
+            or_(
+                *(
+                    and_(a.account_id == acct, a.region == region, a.api.in_(["", api]))
+                    for acct, region, api in scopes
+                )
+            ),
+        )
+        .order_by(a.alert_id)
+        .with_for_update()
+    )
+    return [to_rule(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def states_of(uow: UnitOfWork, alert_ids: Iterable[str]) -> dict[tuple[str, str], AlertState]:
+    ids = sorted(set(alert_ids))
+    if not ids:
+        return {}
+    s = t.usage_alert_states.c
+    rows = (
+        await uow.session.execute(select(s.alert_id, s.api, s.state).where(s.alert_id.in_(ids)))
+    ).all()
+    return {(r.alert_id, r.api): AlertState(r.state) for r in rows}
+
+
+async def save_states(
+    uow: UnitOfWork,
+    before: dict[tuple[str, str], AlertState],
+    after: dict[tuple[str, str], AlertState],
+    now: datetime,
+) -> None:
+    """Write the states that changed: UPDATE the known ones, INSERT the new ones."""
+    s = t.usage_alert_states.c
+    now_us = to_micros(now)
+    for (alert_id, api), state in after.items():
+        if before.get((alert_id, api)) == state:
+            continue
+        if (alert_id, api) in before:
+            await uow.session.execute(
+                update(t.usage_alert_states)
+                .where(s.alert_id == alert_id, s.api == api)
+                .values(state=int(state), update_time_us=now_us)
+            )
+        else:
+            # A concurrent first evaluation inserting the same row loses on the primary key and
+            # its transaction is retried (Database.transaction).
+            await uow.session.execute(
+                insert(t.usage_alert_states).values(
+                    alert_id=alert_id, api=api, state=int(state), update_time_us=now_us
+                )
+            )
+
+
+async def delete_states(uow: UnitOfWork, alert_id: str) -> None:
+    await uow.session.execute(
+        delete(t.usage_alert_states).where(t.usage_alert_states.c.alert_id == alert_id)
+    )

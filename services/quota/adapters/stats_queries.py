@@ -1,0 +1,116 @@
+"""Usage statistics read model: usage events summed per time bucket, by the database.
+
+Buckets arrive as runs of equal width (computed from the calendar by the use case), so one
+GROUP BY serves UTC minutes and hours and billing-time-zone days alike, DST days included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+from sqlalchemy import BigInteger, case, func, literal, select
+from sqlalchemy.sql import ColumnElement
+
+from services.quota.adapters import tables as t
+from shared.db import UnitOfWork
+
+# (bucket start in microseconds, successful calls, failed calls, package, pay-per-use)
+BucketTotals = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class BucketRun:
+    """Consecutive buckets of one width: the k-th starts at `start_us + k * width_us`. A run
+    lasts until the next run starts; the last one, until the end of the range."""
+
+    start_us: int
+    width_us: int
+
+
+def _bigint(value: int) -> ColumnElement[int]:
+    # Typed binds: asyncpg must not guess INTEGER for microsecond values.
+    return literal(value, BigInteger)
+
+
+def _start_in_run(occur: ColumnElement[int], run: BucketRun) -> ColumnElement[int]:
+    start, width = _bigint(run.start_us), _bigint(run.width_us)
+    # `//` renders as `/`, integer division on both dialects. Both truncate toward zero, and
+    # floor only differs for negative operands; occur >= run.start_us wherever this is
+    # evaluated (the range starts inside the first run, later runs are chosen by CASE), so
+    # the dividend is never negative, even for instants before 1970.
+    return start + (occur - start) // width * width
+
+
+def bucket_start(occur: ColumnElement[int], runs: Sequence[BucketRun]) -> ColumnElement[int]:
+    """The start (microseconds) of the bucket holding `occur`, as an SQL expression."""
+    if not runs:
+        raise ValueError("no bucket runs")
+    if len(runs) == 1:
+        return _start_in_run(occur, runs[0])
+    return case(
+        *(
+            (occur < _bigint(nxt.start_us), _start_in_run(occur, run))
+            for run, nxt in pairwise(runs)
+        ),
+        else_=_start_in_run(occur, runs[-1]),
+    )
+
+
+async def usage_per_bucket(
+    uow: UnitOfWork,
+    *,
+    account_id: str,
+    region: str,
+    api: str,
+    start_us: int,
+    end_us: int,
+    runs: Sequence[BucketRun],
+) -> list[BucketTotals]:
+    """Usage of [start_us, end_us) per bucket that has any, in time order; `api` '' = all.
+
+    Reads the range of the (account_id, region, api, occur_time_us) index and sums in the
+    database: one row comes back per bucket with usage, however many events there are.
+    """
+    u = t.usage_events.c
+    zero = _bigint(0)
+    conditions = [
+        u.account_id == account_id,
+        u.region == region,
+        u.occur_time_us >= _bigint(start_us),
+        u.occur_time_us < _bigint(end_us),
+    ]
+    if api:
+        conditions.append(u.api == api)
+    # The bucket is computed in a subquery and grouped by name in the outer one: PostgreSQL
+    # only matches a GROUP BY expression to the select list when their binds are the same.
+    events = (
+        select(
+            bucket_start(u.occur_time_us, runs).label("bucket_us"),
+            case((u.billable, u.quantity), else_=zero).label("successful"),
+            case((u.billable, zero), else_=u.quantity).label("failed"),
+            u.package_quantity,
+            u.pay_per_use_quantity,
+        )
+        .where(*conditions)
+        .subquery("events")
+    )
+    e = events.c
+    query = (
+        select(
+            e.bucket_us,
+            func.sum(e.successful),
+            func.sum(e.failed),
+            func.sum(e.package_quantity),
+            func.sum(e.pay_per_use_quantity),
+        )
+        .group_by(e.bucket_us)
+        .order_by(e.bucket_us)
+    )
+    rows = (await uow.session.execute(query)).all()
+    # SUM(bigint) is NUMERIC on PostgreSQL (Decimal in Python): back to exact ints.
+    return [
+        (int(b), int(ok), int(failed), int(package), int(ppu))
+        for b, ok, failed, package, ppu in rows
+    ]

@@ -1,0 +1,253 @@
+"""Use cases of usage alerts: rule CRUD, and evaluation in the transaction of every change.
+
+Evaluation runs where the aggregate changes, in that change's transaction: after the
+deductions of a usage batch (no re-arming; the crossing event carries the remaining quantity
+the crossing call left), and after anything that changes the aggregate total of a scope —
+grant, renewal, revocation, activation, expiry — or the rule itself (re-armed, then evaluated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+from services.quota.adapters import alerts_repository as alerts_repo
+from services.quota.adapters import repository as repo
+from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.domain.alerts import AlertRule, AlertState, Threshold, evaluate
+from shared.db import UnitOfWork
+from shared.errors import InvalidArgument, NotFound
+from shared.ids import new_id
+
+MAX_THRESHOLD = 10**15
+
+
+@dataclass(frozen=True)
+class AlertInput:
+    account_id: str
+    region: str
+    api: str
+    threshold_quantity: int | None
+    threshold_percent: float | None
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class AlertView:
+    """A rule and its state: FIRED when it fired for any of its APIs since last armed."""
+
+    rule: AlertRule
+    state: AlertState
+
+
+def alert_not_found(alert_id: str) -> NotFound:
+    return NotFound("USAGE_ALERT_NOT_FOUND", f"no usage alert {alert_id!r}", alert_id=alert_id)
+
+
+def _threshold(spec: AlertInput) -> Threshold:
+    if spec.threshold_quantity is not None:
+        if not 0 <= spec.threshold_quantity <= MAX_THRESHOLD:
+            raise InvalidArgument(
+                "usage_alert.remaining_quantity", "remaining_quantity must be >= 0"
+            )
+        return Threshold(quantity=spec.threshold_quantity)
+    if spec.threshold_percent is not None:
+        try:
+            # The shortest decimal that round-trips the double: 20.0 -> 20, 12.5 -> 12.5.
+            percent = Decimal(repr(spec.threshold_percent))
+        except InvalidOperation as exc:
+            raise InvalidArgument(
+                "usage_alert.remaining_percent", "remaining_percent is not a number"
+            ) from exc
+        if not (percent.is_finite() and Decimal(0) < percent <= Decimal(100)):
+            raise InvalidArgument(
+                "usage_alert.remaining_percent", "remaining_percent must be in (0, 100]"
+            )
+        return Threshold(percent=percent.normalize())
+    raise InvalidArgument("usage_alert.threshold", "set remaining_quantity or remaining_percent")
+
+
+def _check_scope(ctx: QuotaContext, spec: AlertInput) -> None:
+    check_account_id(spec.account_id, "usage_alert.account_id")
+    ctx.check_region(spec.region, "usage_alert.region")
+    if spec.api:
+        ctx.check_api(spec.api, "usage_alert.api")
+
+
+async def _view(uow: UnitOfWork, rule: AlertRule) -> AlertView:
+    states = await alerts_repo.states_of(uow, [rule.alert_id])
+    fired = any(s == AlertState.FIRED for s in states.values())
+    return AlertView(rule, AlertState.FIRED if fired else AlertState.ARMED)
+
+
+async def create_alert(ctx: QuotaContext, uow: UnitOfWork, spec: AlertInput) -> AlertView:
+    _check_scope(ctx, spec)
+    now = ctx.now()
+    rule = AlertRule(
+        alert_id=new_id("alr"),
+        account_id=spec.account_id,
+        region=spec.region,
+        api=spec.api,
+        threshold=_threshold(spec),
+        enabled=spec.enabled,
+        create_time=now,
+        update_time=now,
+    )
+    await alerts_repo.insert_rule(uow, rule)
+    await reevaluate(ctx, uow, rule.account_id, rule.region, apis=None, now=now)
+    return await _view(uow, rule)
+
+
+async def get_alert(ctx: QuotaContext, alert_id: str) -> AlertView:
+    if not alert_id:
+        raise InvalidArgument("alert_id", "alert_id is required")
+
+    async def work(uow: UnitOfWork) -> AlertView:
+        rule = await alerts_repo.get_rule(uow, alert_id)
+        if rule is None:
+            raise alert_not_found(alert_id)
+        return await _view(uow, rule)
+
+    return await ctx.db.read(work)
+
+
+async def list_alerts(
+    ctx: QuotaContext,
+    account_id: str,
+    region: str,
+    visible_regions: tuple[str, ...] | None,
+    after_id: str | None,
+    limit: int,
+) -> list[AlertView]:
+    check_account_id(account_id)
+    regions = ctx.regions_or_all(region, visible_regions)
+
+    async def work(uow: UnitOfWork) -> list[AlertView]:
+        rules = await alerts_repo.list_rules(uow, account_id, regions, after_id, limit)
+        return [await _view(uow, rule) for rule in rules]
+
+    return await ctx.db.read(work)
+
+
+UPDATABLE = {"remaining_quantity", "remaining_percent", "enabled", "api"}
+
+
+async def update_alert(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    alert_id: str,
+    spec: AlertInput,
+    paths: list[str],
+    guard,
+) -> AlertView:
+    """Change the fields named in `paths` (all updatable ones when empty); the account and
+    region of a rule never change. The rule is re-armed and evaluated at once."""
+    if not alert_id:
+        raise InvalidArgument("usage_alert.alert_id", "alert_id is required")
+    unknown = sorted(set(paths) - UPDATABLE)
+    if unknown:
+        raise InvalidArgument(
+            "update_mask", f"cannot update {unknown}; updatable: {sorted(UPDATABLE)}"
+        )
+    rule = await alerts_repo.get_rule(uow, alert_id, for_update=True)
+    if rule is None:
+        raise alert_not_found(alert_id)
+    guard(rule)
+    paths = list(paths) or sorted(UPDATABLE)
+    changes: dict = {"update_time": ctx.now()}
+    if "api" in paths:
+        if spec.api:
+            ctx.check_api(spec.api, "usage_alert.api")
+        changes["api"] = spec.api
+    if "remaining_quantity" in paths or "remaining_percent" in paths:
+        changes["threshold"] = _threshold(spec)
+    if "enabled" in paths:
+        changes["enabled"] = spec.enabled
+    updated = dataclasses.replace(rule, **changes)
+    await alerts_repo.save_rule(uow, updated)
+    # Editing re-arms every API state of the rule: drop the old states, evaluate afresh.
+    await alerts_repo.delete_states(uow, alert_id)
+    await reevaluate(ctx, uow, updated.account_id, updated.region, apis=None, now=ctx.now())
+    return await _view(uow, updated)
+
+
+async def delete_alert(ctx: QuotaContext, uow: UnitOfWork, alert_id: str, guard) -> None:
+    if not alert_id:
+        raise InvalidArgument("alert_id", "alert_id is required")
+    rule = await alerts_repo.get_rule(uow, alert_id, for_update=True)
+    if rule is None:
+        raise alert_not_found(alert_id)
+    guard(rule)
+    await alerts_repo.delete_rule(uow, alert_id)
+
+
+async def reevaluate(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    account_id: str,
+    region: str,
+    apis: Iterable[str] | None,
+    now: datetime,
+) -> int:
+    """Re-arm and evaluate the account's rules in `region` for `apis` (None: every API) after
+    the aggregate total changed there. Returns how many rules fired."""
+    apis = None if apis is None else sorted(set(apis))
+    totals = await repo.totals_by_api(uow, account_id, region, apis, now)
+    scope_apis = apis if apis is not None else sorted(ctx.catalog.apis)
+    rules = await alerts_repo.lock_rules(uow, [(account_id, region, api) for api in scope_apis])
+    if not rules:
+        return 0
+    before = await alerts_repo.states_of(uow, (r.alert_id for r in rules))
+    after = dict(before)
+    fired = 0
+    for rule in rules:
+        for api in [rule.api] if rule.api else scope_apis:
+            if apis is not None and api not in apis:
+                continue
+            total, remaining = totals.get(api, (0, 0))
+            state = before.get((rule.alert_id, api), AlertState.ARMED)
+            result = evaluate(state, rule.threshold, remaining, total, rearm=True)
+            if (rule.alert_id, api) in before or result.fired:
+                after[(rule.alert_id, api)] = result.state
+            if result.fired:
+                ctx.events.threshold_crossed(uow, rule, api, remaining, total, now)
+                fired += 1
+    await alerts_repo.save_states(uow, before, after, now)
+    return fired
+
+
+async def after_usage(
+    ctx: QuotaContext,
+    uow: UnitOfWork,
+    walk: list[tuple[tuple[str, str, str], int]],
+    totals: dict[tuple[str, str, str], int],
+    now: datetime,
+) -> int:
+    """Evaluate rules along a batch's deductions: `walk` is (scope, remaining after the event)
+    per billable event in order; `totals` the aggregate total per scope (deductions do not
+    change it). A rule fires on the event that brings remaining to its threshold."""
+    if not walk:
+        return 0
+    rules = await alerts_repo.lock_rules(uow, {scope for scope, _ in walk})
+    if not rules:
+        return 0
+    before = await alerts_repo.states_of(uow, (r.alert_id for r in rules))
+    after = dict(before)
+    fired = 0
+    for scope, remaining in walk:
+        account_id, region, api = scope
+        for rule in rules:
+            if not rule.watches(account_id, region, api):
+                continue
+            key = (rule.alert_id, api)
+            state = after.get(key, AlertState.ARMED)
+            result = evaluate(state, rule.threshold, remaining, totals.get(scope, 0), rearm=False)
+            if result.fired:
+                after[key] = result.state
+                ctx.events.threshold_crossed(uow, rule, api, remaining, totals[scope], now)
+                fired += 1
+    await alerts_repo.save_states(uow, before, after, now)
+    return fired

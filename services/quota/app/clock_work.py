@@ -1,0 +1,60 @@
+"""Clock-driven work: announce what the clock did to packages.
+
+Package states are computed from the clock on every read; this work makes the outbox follow:
+activation and expiry become `package_state_changed` events (and re-arm the scope's alerts,
+since the aggregate total changed), and a package with quantity left gets one
+`package_expiring` warning `expiring_notice` before it expires. On the manual clock it runs
+before `AdvanceTime` returns; on the system clock every few seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime, timedelta
+
+from services.quota.adapters import repository as repo
+from services.quota.app import alerts
+from services.quota.app.context import QuotaContext
+from shared.db import UnitOfWork
+
+# Packages handled per transaction; a pass repeats until less than this is due.
+CHUNK = 100
+ONE_DAY = timedelta(days=1)
+
+
+async def announce_packages(ctx: QuotaContext, now: datetime) -> int:
+    """Everything due at `now`, in transactions of at most CHUNK packages."""
+    done = 0
+    for work in (_announce_states, _announce_expiring):
+        while True:
+            count = await ctx.db.transaction(lambda uow, work=work: work(ctx, uow, now))
+            done += count
+            if count < CHUNK:
+                break
+    return done
+
+
+async def _announce_states(ctx: QuotaContext, uow: UnitOfWork, now: datetime) -> int:
+    records = await repo.due_announcements(uow, now, CHUNK)
+    scopes = set()
+    for record in records:
+        state = record.package.state_at(now)
+        announced = dataclasses.replace(record, announced_state=state)
+        ctx.events.package_state_changed(uow, announced, record.announced_state, now)
+        await repo.save_package(uow, announced)
+        scopes.add((record.package.account_id, record.package.region, record.package.api))
+    for account_id, region, api in sorted(scopes):
+        await alerts.reevaluate(ctx, uow, account_id, region, [api], now)
+    return len(records)
+
+
+async def _announce_expiring(ctx: QuotaContext, uow: UnitOfWork, now: datetime) -> int:
+    records = await repo.due_expiring(uow, now, ctx.expiring_notice, CHUNK)
+    for record in records:
+        left = record.package.expire_time + timedelta(seconds=1) - now
+        days_left = math.ceil(left / ONE_DAY)
+        warned = dataclasses.replace(record, expiring_announced=True)
+        ctx.events.package_expiring(uow, warned, days_left, now)
+        await repo.save_package(uow, warned)
+    return len(records)
