@@ -9,9 +9,10 @@ What runs:
 - the quota service as its own process (`python -m services.quota`, via `ServiceProcess`),
   once on SQLite (a file in a temp dir) and once on PostgreSQL (a fresh database at
   127.0.0.1:5432, dropped afterwards; skipped with a note when unreachable);
-- per database: ReportUsage (one event per call) and BatchReportUsage (100 events per call),
-  each at concurrency 1, 16 and 64, each against its own account holding one package of 10^9
-  calls (so every event deducts from it), with distinct event ids.
+- per database: ReportUsage (one event per call) without alert rules and with five rules on
+  the account (evaluated on every event, never reached), and BatchReportUsage (100 events per
+  call), each at concurrency 1, 16 and 64, each against its own account holding one package of
+  10^9 calls (so every event deducts from it), with distinct event ids.
 
 Each scenario runs a fixed time: a 1 s warm-up, then BENCH_SECONDS (default 5) measured. A call
 counts when it finishes inside the measured window; calls still in flight at the end are
@@ -61,6 +62,7 @@ BENCH_SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 WARMUP_SECONDS = 1.0
 CONCURRENCIES = (1, 16, 64)
 BATCH_SIZE = 100
+ALERT_RULES = 5  # the issue asks for ReportUsage with five alert rules beside none
 REGION = "ap-southeast-1"
 API = "passport"
 PACKAGE_QUANTITY = 10**9
@@ -228,7 +230,7 @@ class QuotaBench:
     def event_id(self) -> str:
         return f"ev-{RUN_TAG}-{self.label}-{next(self.ids)}"
 
-    async def new_account(self, scenario: str, concurrency: int) -> str:
+    async def new_account(self, scenario: str, concurrency: int, alert_rules: int = 0) -> str:
         account_id = f"bench-{RUN_TAG}-{self.label}-{scenario}-c{concurrency}"
         expire = timestamp_pb2.Timestamp(seconds=int(time.time()) + 366 * 86400)
         await self.stub.GrantPackage(
@@ -245,23 +247,42 @@ class QuotaBench:
             ),
             metadata=Tokens.md(self.tokens.admin()),
         )
+        for i in range(alert_rules):
+            # Thresholds the bench never reaches (the package is huge): every event still pays
+            # for evaluating the rules, which is what this measures.
+            alert = quota_pb2.UsageAlert(account_id=account_id, region=REGION, enabled=True)
+            if i % 2:
+                alert.remaining_percent = float(i)
+                alert.api = API
+            else:
+                alert.remaining_quantity = 10**i
+            await self.stub.CreateUsageAlert(
+                quota_service_pb2.CreateUsageAlertRequest(
+                    request_id=f"alert-{account_id}-{i}", usage_alert=alert
+                ),
+                metadata=Tokens.md(self.tokens.admin()),
+            )
         self.acknowledged[account_id] = 0
         return account_id
 
     async def run(self) -> list[Measurement]:
         metadata = Tokens.md(self.tokens.service())
         results = []
-        for concurrency in CONCURRENCIES:
-            account_id = await self.new_account("unary", concurrency)
+        for rules, name in (
+            (0, "ReportUsage"),
+            (ALERT_RULES, f"ReportUsage +{ALERT_RULES} alerts"),
+        ):
+            for concurrency in CONCURRENCIES:
+                account_id = await self.new_account(f"unary{rules}", concurrency, rules)
 
-            async def unary(account_id: str = account_id) -> None:
-                response = await self.stub.ReportUsage(
-                    usage_request(self.event_id(), account_id), metadata=metadata
-                )
-                _check(response)
-                self.acknowledged[account_id] += 1
+                async def unary(account_id: str = account_id) -> None:
+                    response = await self.stub.ReportUsage(
+                        usage_request(self.event_id(), account_id), metadata=metadata
+                    )
+                    _check(response)
+                    self.acknowledged[account_id] += 1
 
-            results.append(await drive("ReportUsage", unary, concurrency))
+                results.append(await drive(name, unary, concurrency))
         for concurrency in CONCURRENCIES:
             account_id = await self.new_account("batch", concurrency)
 
