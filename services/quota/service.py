@@ -79,6 +79,7 @@ class QuotaService:
             policy=DeductionPolicy(runtime.settings.deduction_policy),
             events=QuotaEvents(self.outbox),
             expiring_notice=timedelta(days=int(runtime.settings.expiring_notice_days)),
+            tz=runtime.settings.tz,
         )
 
     def policies(self) -> dict[str, Policy]:

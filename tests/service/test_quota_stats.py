@@ -21,6 +21,7 @@ from services.quota.service import QuotaService
 from shared.errors import AllotError, InvalidArgument
 from shared.migrations import upgrade
 from shared.server import build_runtime
+from tests.support import servers
 from tests.support.quota_calls import (
     ACCOUNT,
     API,
@@ -36,7 +37,6 @@ from tests.support.quota_calls import (
     quota_server,
     ts,
 )
-from tests.support.servers import test_settings
 
 MINUTE = quota_pb2.STATS_GRANULARITY_MINUTE
 HOUR = quota_pb2.STATS_GRANULARITY_HOUR
@@ -224,7 +224,7 @@ def open_source(request, database_url, tmp_path):
 
     @contextlib.asynccontextmanager
     async def use_case(timezone: str):
-        settings = test_settings(
+        settings = servers.test_settings(
             database_url,
             tmp_path,
             clock="manual",

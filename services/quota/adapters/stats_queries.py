@@ -7,26 +7,17 @@ GROUP BY serves UTC minutes and hours and billing-time-zone days alike, DST days
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import pairwise
 
 from sqlalchemy import BigInteger, case, func, literal, select
 from sqlalchemy.sql import ColumnElement
 
 from services.quota.adapters import tables as t
+from services.quota.domain.stats import BucketRun
 from shared.db import UnitOfWork
 
 # (bucket start in microseconds, successful calls, failed calls, package, pay-per-use)
 BucketTotals = tuple[int, int, int, int, int]
-
-
-@dataclass(frozen=True)
-class BucketRun:
-    """Consecutive buckets of one width: the k-th starts at `start_us + k * width_us`. A run
-    lasts until the next run starts; the last one, until the end of the range."""
-
-    start_us: int
-    width_us: int
 
 
 def _bigint(value: int) -> ColumnElement[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2
@@ -10,6 +11,7 @@ from services.quota.adapters.events import package_message
 from services.quota.adapters.repository import PackageRecord, StoredUsage
 from services.quota.app.alerts import AlertInput, AlertView
 from services.quota.app.packages import GrantInput
+from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
 from shared.timeutil import from_micros, from_timestamp, to_timestamp
@@ -142,4 +144,19 @@ def to_proto_explanation(usage: StoredUsage) -> quota_pb2.UsageExplanation:
         api=usage.api,
         enterprise_project_id=usage.enterprise_project_id,
         occur_time=to_timestamp(usage.occur_time),
+    )
+
+
+def to_proto_usage_stats(buckets: Sequence[StatsBucket]) -> quota_service_pb2.GetUsageStatsResponse:
+    return quota_service_pb2.GetUsageStatsResponse(
+        buckets=[
+            quota_pb2.UsageStatsBucket(
+                start_time=to_timestamp(b.start_time),
+                successful_calls=b.successful_calls,
+                failed_calls=b.failed_calls,
+                package_quantity=b.package_quantity,
+                pay_per_use_quantity=b.pay_per_use_quantity,
+            )
+            for b in buckets
+        ]
     )

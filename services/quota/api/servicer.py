@@ -9,14 +9,14 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.quota.api import convert
-from services.quota.app import alerts, packages, subscriptions, usage
+from services.quota.app import alerts, packages, stats, subscriptions, usage
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
 from shared import status
 from shared.auth import current_principal
-from shared.errors import AllotError, NotFound, PermissionDenied, Unimplemented
+from shared.errors import AllotError, NotFound, PermissionDenied
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.pagination import decode_page_token, encode_page_token, page_size
@@ -34,6 +34,10 @@ def _check_scope(account_id: str, region: str) -> None:
     if not principal.may_act_for(account_id):
         raise PermissionDenied(NOT_YOURS)
     principal.check_region(region)
+
+
+def _optional_time(request, name: str):
+    return from_timestamp(getattr(request, name), name) if request.HasField(name) else None
 
 
 def _check_package(package: Package) -> None:
@@ -171,11 +175,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         return await self._idempotent(scope, request, quota_pb2.Package, work)
 
     async def RenewPackage(self, request, context):
-        expire = (
-            from_timestamp(request.expire_time, "expire_time")
-            if request.HasField("expire_time")
-            else None
-        )
+        expire = _optional_time(request, "expire_time")
         return await self._change_package(
             "RenewPackage",
             request,
@@ -253,7 +253,17 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     # --- built by the usage alerts and events issue --------------------------------------
 
     async def GetUsageStats(self, request, context):
-        raise Unimplemented("GetUsageStats")
+        buckets = await stats.usage_stats(
+            self.ctx,
+            self.ctx.tz,
+            account_id=current_principal().scoped_account(request.account_id),
+            region=request.region,
+            api=request.api,
+            start_time=_optional_time(request, "start_time"),
+            end_time=_optional_time(request, "end_time"),
+            granularity=request.granularity,
+        )
+        return convert.to_proto_usage_stats(buckets)
 
     async def CreateUsageAlert(self, request, context):
         spec = convert.from_proto_alert(request.usage_alert)

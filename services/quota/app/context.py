@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from services.quota.adapters.events import QuotaEvents
 from services.quota.domain.deduction import DeductionPolicy
@@ -24,6 +25,8 @@ class QuotaContext:
     served_regions: tuple[str, ...]
     policy: DeductionPolicy
     events: QuotaEvents
+    # The billing time zone: day buckets of usage statistics start at its midnight.
+    tz: ZoneInfo = ZoneInfo("Asia/Shanghai")
     # package_expiring goes out this long before a package expires with quantity left.
     expiring_notice: timedelta = timedelta(days=7)
 
