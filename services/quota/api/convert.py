@@ -94,7 +94,8 @@ def from_proto_alert(alert: quota_pb2.UsageAlert) -> AlertInput:
         api=alert.api,
         threshold_quantity=alert.remaining_quantity if which == "remaining_quantity" else None,
         threshold_percent=alert.remaining_percent if which == "remaining_percent" else None,
-        enabled=alert.enabled,
+        # Unset on create means enabled: a rule nobody asked to switch off should work.
+        enabled=alert.enabled if alert.HasField("enabled") else True,
     )
 
 

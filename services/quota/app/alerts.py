@@ -97,7 +97,7 @@ async def create_alert(ctx: QuotaContext, uow: UnitOfWork, spec: AlertInput) -> 
         update_time=now,
     )
     await alerts_repo.insert_rule(uow, rule)
-    await reevaluate(ctx, uow, rule.account_id, rule.region, apis=None, now=now)
+    await reevaluate(ctx, uow, rule.account_id, rule.region, None, now, only=rule.alert_id)
     return await _view(uow, rule)
 
 
@@ -170,7 +170,7 @@ async def update_alert(
     await alerts_repo.save_rule(uow, updated)
     # Editing re-arms every API state of the rule: drop the old states, evaluate afresh.
     await alerts_repo.delete_states(uow, alert_id)
-    await reevaluate(ctx, uow, updated.account_id, updated.region, apis=None, now=ctx.now())
+    await reevaluate(ctx, uow, updated.account_id, updated.region, None, ctx.now(), only=alert_id)
     return await _view(uow, updated)
 
 
@@ -191,9 +191,11 @@ async def reevaluate(
     region: str,
     apis: Iterable[str] | None,
     now: datetime,
+    only: str | None = None,
 ) -> int:
     """Re-arm and evaluate the account's rules in `region` for `apis` (None: every API) after
-    the aggregate total changed there. Returns how many rules fired."""
+    the aggregate total changed there, or just rule `only` after it was created or edited.
+    Returns how many rules fired."""
     apis = None if apis is None else sorted(set(apis))
     totals = await repo.totals_by_api(uow, account_id, region, apis, now)
     scope_apis = apis if apis is not None else sorted(ctx.catalog.apis)
@@ -204,6 +206,8 @@ async def reevaluate(
     after = dict(before)
     fired = 0
     for rule in rules:
+        if only is not None and rule.alert_id != only:
+            continue
         for api in [rule.api] if rule.api else scope_apis:
             if apis is not None and api not in apis:
                 continue

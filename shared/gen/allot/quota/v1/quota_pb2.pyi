@@ -617,7 +617,7 @@ class UsageAlert(_message.Message):
     remaining_percent: _builtins.float
     """Fire when remaining quantity is at or below this percentage (0, 100] of the total."""
     enabled: _builtins.bool
-    """Whether the rule is evaluated."""
+    """Whether the rule is evaluated. Unset on create means true."""
     state: Global___UsageAlertState.ValueType
     """Output only. Whether the rule has fired since it was last armed."""
     @_builtins.property
@@ -637,17 +637,22 @@ class UsageAlert(_message.Message):
         api: _builtins.str = ...,
         remaining_quantity: _builtins.int = ...,
         remaining_percent: _builtins.float = ...,
-        enabled: _builtins.bool = ...,
+        enabled: _builtins.bool | None = ...,
         state: Global___UsageAlertState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "create_time", b"create_time", "enabled", b"enabled", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "enabled", b"enabled", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "enabled", b"enabled", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
     _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["remaining_quantity", "remaining_percent"]  # noqa: Y015
     _WhichOneofArgType_threshold: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_threshold) -> _WhichOneofReturnType_threshold | None: ...
 
 Global___UsageAlert: _TypeAlias = UsageAlert  # noqa: Y015
