@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 
 from shared.db import Database, UnitOfWork
-from shared.errors import InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument
 from shared.ids import new_id
 from shared.timeutil import to_micros, to_timestamp
 
@@ -84,6 +84,7 @@ class Outbox(Generic[E]):
         )
         self._staged: dict[int, list[dict]] = {}
         self._committed = asyncio.Event()
+        self._closed = False
 
     def add(self, uow: UnitOfWork, payload_field: str, payload: Message, now: datetime) -> str:
         """Stage one event in `uow`'s transaction; returns its event id."""
@@ -124,6 +125,18 @@ class Outbox(Generic[E]):
             row["sequence"] = first + offset
         connection = await uow.session.connection()
         await connection.execute(insert(self.events), staged)
+
+    def close(self) -> None:
+        """End every live stream (shutdown): consumers reconnect to another replica."""
+        self._closed = True
+        self._wake()
+
+    async def last_sequence(self) -> int:
+        async def work(uow: UnitOfWork) -> int:
+            query = select(self.counter.c.last_sequence).where(self.counter.c.id == COUNTER_ID)
+            return int((await uow.session.execute(query)).scalar_one())
+
+        return await self.db.read(work)
 
     def _wake(self) -> None:
         # Wake every waiting stream; each re-reads from its own cursor.
@@ -172,8 +185,18 @@ class Outbox(Generic[E]):
         if after_sequence < 0:
             raise InvalidArgument("after_sequence", "after_sequence must not be negative")
         types = self.check_types(event_types)
+        last = await self.last_sequence()
+        if after_sequence > last:
+            # A consumer ahead of the stream (its producer's database was restored or replaced)
+            # would silently skip the first new events: make it look.
+            raise FailedPrecondition(
+                "CURSOR_AHEAD_OF_STREAM",
+                f"after_sequence {after_sequence} is beyond the last event ({last})",
+                after_sequence=after_sequence,
+                last_sequence=last,
+            )
         cursor = after_sequence
-        while not stopped():
+        while not stopped() and not self._closed:
             woken = self._committed
             batch = await self.read(cursor, types)
             for event in batch:

@@ -54,7 +54,8 @@ class Service(Protocol):
     def policies(self) -> dict[str, Policy]: ...
     def register(self, server: grpc.aio.Server) -> None: ...
     async def start(self) -> None: ...  # after migrations: register due work, start consumers
-    async def stop(self) -> None: ...
+    def quiesce(self) -> None: ...  # shutdown begins: end long-lived streams
+    async def stop(self) -> None: ...  # after the server stopped: finish background work
 
 
 def build_runtime(settings: Settings, service_name: str) -> Runtime:
@@ -122,7 +123,13 @@ class Server:
         verifier = TokenVerifier(settings.signing_secret())
         server = grpc.aio.server(
             interceptors=[CallInterceptor(policies, verifier)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # Let stream consumers ping idle connections every few seconds, so a dead peer
+                # is noticed quickly rather than after the 5-minute default.
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
         )
         self.service.register(server)
         if manual:
@@ -186,6 +193,7 @@ class Server:
             return
         server, self._server = self._server, None
         await self.health.enter_graceful_shutdown()
+        self.service.quiesce()
         await server.stop(float(self.runtime.settings.shutdown_grace))
         await self.runtime.scheduler.stop()
         await self.service.stop()

@@ -97,5 +97,8 @@ class QuotaService:
             "quota.packages", lambda now: announce_packages(self.context, now)
         )
 
+    def quiesce(self) -> None:
+        self.outbox.close()
+
     async def stop(self) -> None:
         await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))

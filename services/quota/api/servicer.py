@@ -48,15 +48,20 @@ def _check_rule(rule: AlertRule) -> None:
     _check_scope(rule.account_id, rule.region)
 
 
-async def _owned(load: Callable[[], Awaitable[T]], scope_of: Callable[[T], tuple[str, str]]) -> T:
-    """Load a resource by id for the caller. Account principals get the same PERMISSION_DENIED
-    for other accounts' resources and for ids that do not exist, so existence never leaks."""
+async def _hiding_absence(call: Awaitable[T]) -> T:
+    """Account principals get the same PERMISSION_DENIED for ids that do not exist as for other
+    accounts' resources, so existence never leaks; operators get NOT_FOUND."""
     try:
-        resource = await load()
+        return await call
     except NotFound:
         if current_principal().is_operator:
             raise
         raise PermissionDenied(NOT_YOURS) from None
+
+
+async def _owned(load: Callable[[], Awaitable[T]], scope_of: Callable[[T], tuple[str, str]]) -> T:
+    """Load a resource by id for the caller (its account and region)."""
+    resource = await _hiding_absence(load())
     _check_scope(*scope_of(resource))
     return resource
 
@@ -310,14 +315,16 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             )
             return convert.to_proto_alert(view)
 
-        return await self._idempotent("UpdateUsageAlert", request, quota_pb2.UsageAlert, work)
+        return await _hiding_absence(
+            self._idempotent("UpdateUsageAlert", request, quota_pb2.UsageAlert, work)
+        )
 
     async def DeleteUsageAlert(self, request, context):
         async def work(uow):
             await alerts.delete_alert(self.ctx, uow, request.alert_id, _check_rule)
             return empty_pb2.Empty()
 
-        return await self.ctx.db.transaction(work)
+        return await _hiding_absence(self.ctx.db.transaction(work))
 
     # --- events --------------------------------------------------------------------------
 

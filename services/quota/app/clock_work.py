@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from services.quota.adapters import repository as repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
+from services.quota.domain.packages import IN_FORCE
 from shared.db import UnitOfWork
 
 # Packages handled per transaction; a pass repeats until less than this is due.
@@ -43,7 +44,10 @@ async def _announce_states(ctx: QuotaContext, uow: UnitOfWork, now: datetime) ->
         announced = dataclasses.replace(record, announced_state=state)
         ctx.events.package_state_changed(uow, announced, record.announced_state, now)
         await repo.save_package(uow, announced)
-        scopes.add((record.package.account_id, record.package.region, record.package.api))
+        # Only a package that entered or left the aggregate in force re-arms alerts (one that
+        # started and ended between two clock moves never counted).
+        if (state in IN_FORCE) != (record.announced_state in IN_FORCE):
+            scopes.add((record.package.account_id, record.package.region, record.package.api))
     for account_id, region, api in sorted(scopes):
         await alerts.reevaluate(ctx, uow, account_id, region, [api], now)
     return len(records)

@@ -221,15 +221,20 @@ async def _save_change(
 ) -> repo.PackageRecord:
     """Save a renewed or revoked package: announce its new state if it moved, and re-arm the
     scope's alerts when the aggregate in force changed."""
-    was_in_force = record.package.in_force_at(now)
+    share_before = _share_in_force(record.package, now)
     state = package.state_at(now)
     changed = dataclasses.replace(record, package=package, announced_state=state)
     if state != record.announced_state:
         ctx.events.package_state_changed(uow, changed, record.announced_state, now)
     await repo.save_package(uow, changed)
-    if was_in_force or package.in_force_at(now):
+    if _share_in_force(package, now) != share_before:
         await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
     return changed
+
+
+def _share_in_force(package: Package, now: datetime) -> int:
+    """What the package adds to its scope's aggregate total now; alerts re-arm when it moves."""
+    return package.total_quantity if package.in_force_at(now) else 0
 
 
 @dataclass(frozen=True)

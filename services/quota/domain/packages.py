@@ -127,7 +127,11 @@ class Package:
 
     def in_force_at(self, now: datetime) -> bool:
         """Whether the package counts towards quota totals and alerts at ``now``."""
-        return self.state_at(now) in (PackageState.ACTIVE, PackageState.EXHAUSTED)
+        return self.state_at(now) in IN_FORCE
+
+
+# The states that count towards aggregates and alerts.
+IN_FORCE = frozenset({PackageState.ACTIVE, PackageState.EXHAUSTED})
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def totals_in_force(packages: Iterable[Package], now: datetime) -> QuotaTotals:
     total = used = active = 0
     for package in packages:
         state = package.state_at(now)
-        if state not in (PackageState.ACTIVE, PackageState.EXHAUSTED):
+        if state not in IN_FORCE:
             continue
         total += package.total_quantity
         used += package.used_quantity

@@ -1,0 +1,432 @@
+"""The outbox and the stream consumer on real databases (SQLite and PostgreSQL).
+
+Producer side (DESIGN §1): events are numbered 1..N without gaps however many transactions
+write at once, a rolled-back transaction's events never appear (also after it took sequence
+numbers), and a reader paging with `sequence > cursor` never sees a later sequence before an
+earlier one, even while a transaction that staged an event commits late.
+
+Consumer side: `shared.consumer.StreamConsumer` against an `Outbox.watch` stream applies every
+event exactly once across stream failures, replays, failing effects, a lost lease and a second
+replica. The database is migrated with quota's own migrations, so the tables are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from allot.quota.v1 import quota_pb2
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert, select, update
+
+from services.quota.adapters import tables
+from services.quota.service import QuotaService
+from shared import migrations
+from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
+from shared.db import Database, UnitOfWork
+from shared.outbox import Outbox
+
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
+WAIT = 30.0  # bound on every wait for a consumer; a loaded 2-core machine is slow
+
+
+class RolledBack(Exception):
+    pass
+
+
+@pytest.fixture
+async def db(database_url):
+    database = Database(database_url)
+    await migrations.upgrade(database.engine, "quota", QuotaService.migrations_dir)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture
+def outbox(db) -> Outbox[quota_pb2.QuotaEvent]:
+    return Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
+
+
+def stage(outbox: Outbox, uow: UnitOfWork, tag: str) -> str:
+    payload = quota_pb2.PayPerUseRecorded(usage_event_id=tag, account_id="acct", quantity=1)
+    return outbox.add(uow, "pay_per_use_recorded", payload, NOW)
+
+
+def tag_of(event: quota_pb2.QuotaEvent) -> str:
+    return event.pay_per_use_recorded.usage_event_id
+
+
+async def read_all(outbox: Outbox) -> list[quota_pb2.QuotaEvent]:
+    events: list[quota_pb2.QuotaEvent] = []
+    while batch := await outbox.read(events[-1].sequence if events else 0):
+        events.extend(batch)
+    return events
+
+
+async def write(
+    db: Database,
+    outbox: Outbox,
+    tags: list[str],
+    *,
+    fail: str = "",
+    hold: asyncio.Event | None = None,
+    held: asyncio.Event | None = None,
+    hold_after_numbering: bool = False,
+) -> None:
+    """One transaction staging `tags`. fail="work" raises before commit (no numbers taken);
+    fail="commit" raises after the outbox took its numbers. `hold` keeps the transaction open
+    (before or after numbering) until set; `held` is set once it is being held."""
+
+    async def wait_for_release(_uow: UnitOfWork | None = None) -> None:
+        if held is not None:
+            held.set()
+        assert hold is not None
+        await hold.wait()
+
+    async def explode(_uow: UnitOfWork) -> None:
+        raise RolledBack("rolled back after taking sequence numbers")
+
+    async def work(uow: UnitOfWork) -> None:
+        for tag in tags:
+            stage(outbox, uow, tag)
+            await asyncio.sleep(random.uniform(0, 0.003))  # interleave with other writers
+        if hold is not None and hold_after_numbering:
+            uow.before_commit(wait_for_release)  # runs after the outbox's numbering hook
+        elif hold is not None:
+            await wait_for_release()
+        if fail == "work":
+            raise RolledBack("rolled back before commit")
+        if fail == "commit":
+            uow.before_commit(explode)
+
+    await db.transaction(work)
+
+
+# --- producer ----------------------------------------------------------------------------------
+
+
+async def test_concurrent_writers_number_events_without_gaps(db, outbox):
+    rng = random.Random(7)
+    plans = []
+    for i in range(60):
+        tags = [f"w{i}-{k}" for k in range(rng.randint(1, 4))]
+        fail = rng.choice(["", "", "", "work", "commit"])
+        plans.append((tags, fail))
+
+    async def writer(tags: list[str], fail: str) -> None:
+        try:
+            await write(db, outbox, tags, fail=fail)
+        except RolledBack:
+            assert fail
+
+    # A live watcher must see the same gap-free sequence as the final read.
+    watched: list[quota_pb2.QuotaEvent] = []
+    committed = [t for tags, fail in plans if not fail for t in tags]
+
+    async def watch() -> None:
+        async for event in outbox.watch(0):
+            watched.append(event)
+            if len(watched) == len(committed):
+                return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(writer(tags, fail) for tags, fail in plans))
+    await asyncio.wait_for(watcher, WAIT)
+
+    events = await read_all(outbox)
+    assert [e.sequence for e in events] == list(range(1, len(committed) + 1))
+    assert sorted(tag_of(e) for e in events) == sorted(committed)
+    rolled_back = {t for tags, fail in plans if fail for t in tags}
+    assert not rolled_back & {tag_of(e) for e in events}
+    assert [e.sequence for e in watched] == [e.sequence for e in events]
+    # The events of one transaction are numbered together, in the order they were staged.
+    by_tag = {tag_of(e): e.sequence for e in events}
+    for tags, fail in plans:
+        if not fail:
+            first = by_tag[tags[0]]
+            assert [by_tag[t] for t in tags] == list(range(first, first + len(tags)))
+
+
+@pytest.mark.parametrize("hold_after_numbering", [False, True], ids=["open", "numbered"])
+async def test_a_late_commit_is_never_overtaken_by_a_reader(db, outbox, hold_after_numbering):
+    """A transaction stages an event and stays open while others write; a reader polling
+    `read(cursor)` the whole time must only ever see cursor+1, cursor+2, ... ."""
+    release, held = asyncio.Event(), asyncio.Event()
+    await write(db, outbox, ["before"])
+    late = asyncio.create_task(
+        write(
+            db,
+            outbox,
+            ["late"],
+            hold=release,
+            held=held,
+            hold_after_numbering=hold_after_numbering,
+        )
+    )
+    await asyncio.wait_for(held.wait(), WAIT)
+    others = [asyncio.create_task(write(db, outbox, [f"other-{i}"])) for i in range(12)]
+    total = 1 + 1 + len(others)
+
+    reads = 0
+    seen: list[quota_pb2.QuotaEvent] = []
+
+    async def reader() -> None:
+        nonlocal reads
+        cursor = 0
+        while cursor < total:
+            batch = await outbox.read(cursor)
+            reads += 1
+            assert [e.sequence for e in batch] == list(range(cursor + 1, cursor + 1 + len(batch)))
+            seen.extend(batch)
+            if batch:
+                cursor = batch[-1].sequence
+            await asyncio.sleep(0.002)
+
+    polling = asyncio.create_task(reader())
+    await asyncio.sleep(1.0)  # others commit (or queue) while the late one is held
+    if hold_after_numbering:
+        # The late transaction holds the sequence lock: nobody after it may be visible.
+        assert [tag_of(e) for e in seen] == ["before"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(late, *others), WAIT)
+    await asyncio.wait_for(polling, WAIT)
+    assert reads > 10
+    assert [e.sequence for e in seen] == list(range(1, total + 1))
+    assert sorted(tag_of(e) for e in seen) == sorted(
+        ["before", "late", *(f"other-{i}" for i in range(12))]
+    )
+    late_sequence = next(e.sequence for e in seen if tag_of(e) == "late")
+    if hold_after_numbering or db.dialect == "sqlite":
+        # Numbered first (or SQLite's single writer): everyone else queued behind it.
+        assert late_sequence == 2
+    else:
+        # Still open, without a number: the others committed first and it comes last.
+        assert late_sequence == total
+
+
+async def test_watch_streams_history_then_live_events(db, outbox):
+    for i in range(3):
+        await write(db, outbox, [f"old-{i}"])
+    got: list[str] = []
+
+    async def watch() -> None:
+        async for event in outbox.watch(1):
+            got.append(tag_of(event))
+            if len(got) == 4:
+                return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    await write(db, outbox, ["live-0", "live-1"])
+    await asyncio.wait_for(watcher, WAIT)
+    assert got == ["old-1", "old-2", "live-0", "live-1"]
+
+
+# --- consumer ----------------------------------------------------------------------------------
+
+consumer_metadata = MetaData()
+cursors, leases = consumer_tables(consumer_metadata)
+applied = Table(
+    "applied",
+    consumer_metadata,
+    Column("seq", BigInteger, nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("tag", String(64), nullable=False),
+    Column("holder", String(64), nullable=False),
+)
+STREAM = "quota:test"
+
+
+@pytest.fixture
+async def consumer_db(db):
+    """The consumer's tables, beside quota's in the same test database (no names collide)."""
+    async with db.engine.begin() as conn:
+        await conn.run_sync(consumer_metadata.create_all)
+    return db
+
+
+def make_consumer(
+    consumer_db: Database,
+    open_stream,
+    holder: str = "a",
+    *,
+    apply=None,
+    lease_ttl: float = 3.0,
+    max_batch: int = 20,
+) -> StreamConsumer:
+    async def record(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
+        await uow.session.execute(
+            insert(applied).values(
+                seq=event.sequence, event_id=event.event_id, tag=tag_of(event), holder=holder
+            )
+        )
+
+    return StreamConsumer(
+        STREAM,
+        consumer_db,
+        cursors,
+        leases,
+        open_stream,
+        apply or record,
+        holder=holder,
+        lease_ttl=lease_ttl,
+        backoff_initial=0.02,
+        backoff_max=0.2,
+        max_batch=max_batch,
+    )
+
+
+async def applied_rows(db: Database) -> list[tuple[int, str]]:
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(applied.c.seq, applied.c.holder))).all()
+    return sorted((r.seq, r.holder) for r in rows)
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: StreamConsumer):
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield task
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, WAIT)
+
+
+async def produce(db: Database, outbox: Outbox, count: int, prefix: str = "e") -> None:
+    for start in range(0, count, 50):
+        await write(db, outbox, [f"{prefix}-{i}" for i in range(start, min(count, start + 50))])
+
+
+async def test_consumer_survives_flaky_streams_and_replays(consumer_db, outbox):
+    await produce(consumer_db, outbox, 300)
+    failures = {"left": 5}
+
+    async def flaky(after: int) -> AsyncIterator[quota_pb2.QuotaEvent]:
+        # Replays a little before the cursor (a producer may resend) and breaks off at random.
+        breaking = failures["left"] > 0
+        budget = random.randint(5, 40)
+        async for event in outbox.watch(max(0, after - 10)):
+            if breaking and budget == 0:
+                failures["left"] -= 1
+                raise ConnectionError("stream broke")
+            budget -= 1
+            yield event
+
+    consumer = make_consumer(consumer_db, flaky)
+    async with running(consumer):
+        assert await consumer.wait_for(300, WAIT)
+        await produce(consumer_db, outbox, 20, prefix="live")
+        assert await consumer.wait_for(320, WAIT)
+    rows = await applied_rows(consumer_db)
+    assert [seq for seq, _ in rows] == list(range(1, 321))
+    assert consumer.errors == 5 and consumer.connects == 6
+    assert consumer.skipped > 0
+    assert consumer.applied == 320
+    assert not consumer.connected and not consumer.holding
+
+
+async def test_a_failing_effect_is_retried_and_never_skipped(consumer_db, outbox):
+    await produce(consumer_db, outbox, 60)
+    attempts: dict[int, int] = {}
+
+    async def fails_twice_on_33(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
+        await uow.session.execute(
+            insert(applied).values(
+                seq=event.sequence, event_id=event.event_id, tag=tag_of(event), holder="a"
+            )
+        )
+        attempts[event.sequence] = attempts.get(event.sequence, 0) + 1
+        if event.sequence == 33 and attempts[33] <= 2:
+            raise RuntimeError("effect failed")
+
+    consumer = make_consumer(consumer_db, outbox.watch, apply=fails_twice_on_33, max_batch=50)
+    async with running(consumer):
+        assert await consumer.wait_for(60, WAIT)
+    assert [seq for seq, _ in await applied_rows(consumer_db)] == list(range(1, 61))
+    assert attempts[33] == 3
+    assert consumer.errors >= 1
+
+
+async def test_only_the_lease_holder_applies_and_a_replica_takes_over(consumer_db, outbox):
+    await produce(consumer_db, outbox, 100)
+    a = make_consumer(consumer_db, outbox.watch, "a", lease_ttl=1.5)
+    b = make_consumer(consumer_db, outbox.watch, "b", lease_ttl=1.5)
+    task_a = asyncio.create_task(a.run())
+    assert await a.wait_for(100, WAIT)
+    async with running(b):
+        await asyncio.sleep(1.0)  # b polls for the lease and must keep waiting
+        assert not b.holding and b.applied == 0
+        await produce(consumer_db, outbox, 50, prefix="more")
+        assert await a.wait_for(150, WAIT)
+        a.stop()  # releases the lease: b takes over without waiting for the ttl
+        await asyncio.wait_for(task_a, WAIT)
+        await produce(consumer_db, outbox, 50, prefix="after")
+        assert await b.wait_for(200, WAIT)
+    rows = await applied_rows(consumer_db)
+    assert [seq for seq, _ in rows] == list(range(1, 201))
+    assert {holder for seq, holder in rows if seq <= 150} == {"a"}
+    assert {holder for seq, holder in rows if seq > 150} == {"b"}
+
+
+async def test_a_holder_that_lost_its_lease_applies_nothing(consumer_db, outbox):
+    """A replica paused past its ttl while another took over must not apply on waking."""
+    await produce(consumer_db, outbox, 10)
+    consumer = make_consumer(consumer_db, outbox.watch, "a", lease_ttl=60)
+    async with running(consumer):
+        assert await consumer.wait_for(10, WAIT)
+        async with consumer_db.engine.begin() as conn:
+            await conn.execute(
+                update(leases).where(leases.c.stream == STREAM).values(holder="intruder")
+            )
+        await produce(consumer_db, outbox, 5, prefix="late")
+        # The next applying transaction finds the lease gone and rolls back; a lease of 60 s
+        # then keeps this replica waiting.
+        for _ in range(200):
+            if not consumer.holding:
+                break
+            await asyncio.sleep(0.05)
+        assert not consumer.holding
+        await asyncio.sleep(0.3)
+    assert [seq for seq, _ in await applied_rows(consumer_db)] == list(range(1, 11))
+    assert consumer.last_sequence == 10
+    with pytest.raises(LeaseLost):
+        await consumer_db.transaction(consumer._extend)
+
+
+async def test_an_unreachable_producer_is_retried_with_growing_pauses(consumer_db):
+    opened: list[float] = []
+
+    async def unreachable(after: int) -> AsyncIterator[quota_pb2.QuotaEvent]:
+        opened.append(asyncio.get_running_loop().time())
+        raise ConnectionError("connection refused")
+        yield  # an async generator that fails on its first read
+
+    consumer = make_consumer(consumer_db, unreachable)
+    async with running(consumer):
+        await asyncio.sleep(1.5)
+    # Pauses of 0.01-0.02, 0.02-0.04, ... then 0.1-0.2 s: about a dozen tries, never a spin.
+    assert 4 <= len(opened) <= 25, len(opened)
+    gaps = [b - a for a, b in zip(opened, opened[1:], strict=False)]
+    assert min(gaps) >= 0.009
+    assert max(gaps[-3:]) >= 0.09
+    assert len(opened) - 1 <= consumer.errors <= len(opened)
+    assert consumer.applied == 0
+
+
+async def test_stop_releases_the_lease(consumer_db, outbox):
+    consumer = make_consumer(consumer_db, outbox.watch, "a", lease_ttl=60)
+    async with running(consumer):
+        for _ in range(100):
+            if consumer.connected:
+                break
+            await asyncio.sleep(0.05)
+        assert consumer.holding and consumer.connected
+    async with consumer_db.engine.connect() as conn:
+        lease = (await conn.execute(select(leases))).one()
+        count = (await conn.execute(select(func.count()).select_from(applied))).scalar_one()
+    assert (lease.holder, lease.expire_us, count) == ("a", 0, 0)
