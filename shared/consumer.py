@@ -38,8 +38,8 @@ DEFAULT_MAX_BATCH = 100
 # Options for the channel a consumer watches through. gRPC's own reconnect backoff grows to
 # two minutes by default, which would hold a consumer off a producer that is back long after
 # its own backoff (at most 5 s) says to try again. Keepalive pings find a connection that died
-# silently under an idle stream; servers refuse pings more often than every 5 minutes unless
-# they allow it (`grpc.http2.min_ping_interval_without_data_ms`).
+# silently under an idle stream; Allot's servers accept them every 5 s
+# (`grpc.http2.min_ping_interval_without_data_ms` in shared/server.py).
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
