@@ -65,6 +65,15 @@ class Settings:
     delivery_max_attempts: str = _setting(
         "ALLOT_DELIVERY_MAX_ATTEMPTS", "8", "delivery attempts before FAILED"
     )
+    delivery_backoff: str = _setting(
+        "ALLOT_DELIVERY_BACKOFF_SECONDS", "60", "delay before the first delivery retry"
+    )
+    delivery_backoff_factor: str = _setting(
+        "ALLOT_DELIVERY_BACKOFF_FACTOR", "4", "each retry waits this many times longer"
+    )
+    consumer_lease_seconds: str = _setting(
+        "ALLOT_CONSUMER_LEASE_SECONDS", "15", "how long a stream consumer's lease lasts"
+    )
     expiring_notice_days: str = _setting(
         "ALLOT_EXPIRING_NOTICE_DAYS", "7", "days before expiry that package_expiring is sent"
     )
@@ -108,6 +117,9 @@ class Settings:
             "shutdown_grace",
             "due_work_interval",
             "expiring_notice_days",
+            "delivery_backoff",
+            "delivery_backoff_factor",
+            "consumer_lease_seconds",
         ):
             value = getattr(self, name)
             if not value.isdigit():

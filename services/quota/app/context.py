@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -13,8 +12,7 @@ from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument
-
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
+from shared.validation import check_account_id  # noqa: F401 - the use cases import it from here
 
 
 @dataclass(frozen=True)
@@ -66,13 +64,3 @@ class QuotaContext:
         if visible is None:
             return self.served_regions
         return tuple(r for r in self.served_regions if r in visible)
-
-
-def check_account_id(account_id: str, field: str = "account_id") -> str:
-    if not account_id:
-        raise InvalidArgument(field, f"{field} is required")
-    if not ACCOUNT_ID.match(account_id):
-        raise InvalidArgument(
-            field, f"{field} must be 1-64 letters, digits or _.:@- starting with a letter or digit"
-        )
-    return account_id

@@ -279,3 +279,67 @@ class Notification(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Notification: _TypeAlias = Notification  # noqa: Y015
+
+@_typing.final
+class NotificationCreated(_message.Message):
+    """A notification was created (the stream behind WatchNotifications)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def notification(self) -> Global___Notification:
+        """The notification as created, with its deliveries."""
+
+    def __init__(
+        self,
+        *,
+        notification: Global___Notification | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotificationCreated: _TypeAlias = NotificationCreated  # noqa: Y015
+
+@_typing.final
+class NotificationEvent(_message.Message):
+    """One event of notification's outbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_CREATED_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position in notification's event sequence, gap-free and increasing."""
+    event_id: _builtins.str
+    """A unique id of the event."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the event was written."""
+
+    @_builtins.property
+    def notification_created(self) -> Global___NotificationCreated:
+        """A notification was created."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        notification_created: Global___NotificationCreated | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "notification_created", b"notification_created", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_id", b"event_id", "notification_created", b"notification_created", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["notification_created"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___NotificationEvent: _TypeAlias = NotificationEvent  # noqa: Y015

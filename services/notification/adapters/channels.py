@@ -1,0 +1,561 @@
+"""Senders that put one notification on the wire: SMTP, an HTTP SMS gateway, signed webhooks,
+and a local outbox folder for `make run` when no SMTP server or gateway is configured.
+
+Every sender has the same shape: `await sender.send(message)` returns when the other side
+accepted the message and raises `DeliveryError` otherwise, saying whether trying again later
+can help (`retryable`). The delivery loop owns retries and backoff; a sender makes exactly
+one attempt and never waits longer than its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.message
+import email.utils
+import json
+import logging
+import os
+import pathlib
+import re
+import socket
+import ssl
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+import aiosmtplib
+import httpx
+
+from services.notification.domain.addresses import (
+    is_loopback_host,
+    sign_webhook,
+    validate_address,
+)
+from services.notification.domain.messages import Channel
+from shared.errors import InvalidArgument
+from shared.settings import Settings, SettingsError
+
+log = logging.getLogger("allot.notification.channels")
+
+USER_AGENT = "allot-notification"
+SMTP_TIMEOUT_SECONDS = 15.0
+HTTP_TIMEOUT_SECONDS = 10.0
+FQDN_TIMEOUT_SECONDS = 2.0
+# At most four concatenated SMS segments (153 GSM-7 characters each): subject and numbers.
+SMS_MAX_CHARS = 480
+# `last_error` is stored (and shown to the account) — keep it a readable line, not a page.
+MAX_ERROR_CHARS = 500
+RESPONSE_EXCERPT_BYTES = 200
+
+
+class DeliveryError(Exception):
+    """One attempt failed. `retryable`: a later attempt may succeed (the receiver was down,
+    busy or slow); otherwise it will fail the same way until someone changes something.
+    `retry_after` is the receiver's Retry-After in seconds, when it sent one."""
+
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One notification addressed to one contact."""
+
+    notification_id: str
+    account_id: str
+    channel: int
+    address: str
+    subject: str
+    body: str
+    message_type: str
+    payload: dict[str, Any]  # the structured fields (JSON-able); webhooks send them as `data`
+    create_time: datetime
+    secret: str = field(default="", repr=False)  # the webhook contact's signing secret
+
+
+class Sender(Protocol):
+    async def send(self, message: OutgoingMessage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --- email -------------------------------------------------------------------------------
+
+
+def _utc(value: datetime) -> datetime:
+    # Instants in this code base are aware UTC; a naive one is taken to be UTC, not local time.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _one_line(text: str) -> str:
+    # A newline in a header would end it (and could start a forged one).
+    return " ".join(text.split())
+
+
+def _safe_id(notification_id: str) -> str:
+    # Ids are ours (ULID-like), but they end up in file names and Message-IDs: keep them inert.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", notification_id) or "_"
+
+
+def message_id(notification_id: str, sender_address: str) -> str:
+    """The same Message-ID for every attempt at a notification, so a mail client that got it
+    twice (a retry after a lost reply) shows it once and a reader can match it to its id."""
+    domain = email.utils.parseaddr(sender_address)[1].rpartition("@")[2] or "localhost"
+    return f"<{_safe_id(notification_id)}@{domain}>"
+
+
+def build_email(message: OutgoingMessage, sender_address: str) -> email.message.EmailMessage:
+    """The email of a notification, as sent over SMTP and written to the outbox folder."""
+    mail = email.message.EmailMessage()
+    mail["From"] = sender_address
+    mail["To"] = message.address
+    mail["Subject"] = _one_line(message.subject)
+    # The notification's own time: every attempt produces the same message.
+    mail["Date"] = email.utils.format_datetime(_utc(message.create_time))
+    mail["Message-ID"] = message_id(message.notification_id, sender_address)
+    # RFC 3834: tells auto-responders (vacation replies) not to answer.
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Allot-Notification-Id"] = message.notification_id
+    mail["X-Allot-Message-Type"] = _one_line(message.message_type)
+    mail.set_content(message.body)
+    return mail
+
+
+@dataclass(frozen=True)
+class SmtpTransport:
+    """ALLOT_SMTP_URL parsed: `smtp://host:25` (plain), `smtps://user:pass@host:465`
+    (TLS from the first byte), `smtp+starttls://user:pass@host:587` (upgraded before login)."""
+
+    host: str
+    port: int
+    use_tls: bool
+    start_tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> SmtpTransport:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SettingsError(f"ALLOT_SMTP_URL is not a valid URL: {exc}") from None
+        defaults = {"smtp": (25, False, False), "smtps": (465, True, False)}
+        defaults["smtp+starttls"] = (587, False, True)
+        if parts.scheme not in defaults:
+            raise SettingsError(
+                "ALLOT_SMTP_URL must start with smtp://, smtps:// or smtp+starttls://, "
+                f"got {parts.scheme or 'no'} scheme"
+            )
+        if not parts.hostname:
+            raise SettingsError("ALLOT_SMTP_URL has no host")
+        default_port, use_tls, start_tls = defaults[parts.scheme]
+        username = urllib.parse.unquote(parts.username) if parts.username else None
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        if username and not (use_tls or start_tls) and not is_loopback_host(parts.hostname):
+            # aiosmtplib would send the password in the clear; refuse rather than leak it.
+            raise SettingsError(
+                "ALLOT_SMTP_URL: credentials need smtps:// or smtp+starttls:// "
+                "(plain smtp:// with a password is allowed only on loopback)"
+            )
+        return cls(parts.hostname, port or default_port, use_tls, start_tls, username, password)
+
+
+class SmtpSender:
+    """Email through an SMTP server, one connection per message (notifications are few; a
+    pooled connection would add reconnect logic for no measurable gain)."""
+
+    def __init__(
+        self,
+        url: str,
+        sender_address: str,
+        *,
+        timeout: float = SMTP_TIMEOUT_SECONDS,
+        tls_context: ssl.SSLContext | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.transport = SmtpTransport.parse(url)
+        envelope_from = email.utils.parseaddr(sender_address)[1]
+        if "@" not in envelope_from:
+            raise SettingsError(f"ALLOT_SMTP_FROM is not an email address: {sender_address!r}")
+        self.sender_address = sender_address
+        self._envelope_from = envelope_from
+        self._timeout = timeout
+        # None: the system's trusted CAs. Tests pass a context trusting their own certificate.
+        self._tls_context = tls_context
+        self._local_hostname = local_hostname
+
+    async def send(self, message: OutgoingMessage) -> None:
+        try:
+            mail = build_email(message, self.sender_address)
+        except (ValueError, TypeError) as exc:
+            raise DeliveryError(f"cannot build the email: {exc}", retryable=False) from exc
+        t = self.transport
+        where = f"SMTP {t.host}:{t.port}"
+        if self._local_hostname is None:
+            self._local_hostname = await _ehlo_name()
+        try:
+            # aiosmtplib's timeout bounds each step; this bounds the whole conversation.
+            async with asyncio.timeout(self._timeout):
+                await aiosmtplib.send(
+                    mail,
+                    sender=self._envelope_from,
+                    recipients=[message.address],
+                    hostname=t.host,
+                    port=t.port,
+                    username=t.username,
+                    password=t.password,
+                    use_tls=t.use_tls,
+                    # False, not None: plain smtp:// must not upgrade opportunistically.
+                    start_tls=t.start_tls,
+                    tls_context=self._tls_context,
+                    local_hostname=self._local_hostname,
+                    timeout=self._timeout,
+                )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+            raise DeliveryError(
+                f"{where} refused the recipient: {detail}",
+                retryable=any(code < 500 for code in codes),
+            ) from exc
+        except (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError) as exc:
+            # The recipient or this message: a 5xx is final, a 4xx (mailbox busy, greylisting)
+            # asks us to come back later.
+            what = "the recipient" if isinstance(exc, aiosmtplib.SMTPRecipientRefused) else "it"
+            raise DeliveryError(
+                f"{where} refused {what}: {exc.code} {exc.message}", retryable=exc.code < 500
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            # Greeting, HELO, AUTH or MAIL FROM refused: our configuration or the server's
+            # state, not the recipient's; once fixed, pending deliveries should go out.
+            raise DeliveryError(f"{where}: {exc.code} {exc.message}", retryable=True) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # Unreachable, TLS failure, dropped connection, timeout.
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError) and not str(exc):
+                reason = f"no answer within {self._timeout:g} s"
+            raise DeliveryError(f"{where}: {reason}", retryable=True) from exc
+
+    async def close(self) -> None:
+        pass
+
+
+# --- outbox folder -----------------------------------------------------------------------
+
+
+async def _ehlo_name() -> str:
+    """This host's name for EHLO: its FQDN as aiosmtplib would look it up (per connection,
+    and without a bound), looked up once and given up on if DNS is slow."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(socket.getfqdn), FQDN_TIMEOUT_SECONDS)
+    except (TimeoutError, OSError):
+        return socket.gethostname() or "localhost"
+
+
+def sms_text(subject: str, body: str, limit: int = SMS_MAX_CHARS) -> str:
+    """The text of an SMS: subject and body on their own lines, cut to `limit` characters."""
+    text = f"{subject.strip()}\n{body.strip()}" if subject.strip() else body.strip()
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text
+
+
+class FolderSender:
+    """Writes each email (`.eml`) or SMS (`.txt`) to a folder so a developer running the suite
+    without SMTP or an SMS gateway can read what would have been sent.
+
+    File names are `<create time>-<notification id>` (sorting by name is sorting by time); a
+    retry rewrites the same file, and a reader never sees a half-written one."""
+
+    def __init__(self, directory: str | os.PathLike[str], sender_address: str = "allot@localhost"):
+        self.directory = pathlib.Path(directory)
+        self.sender_address = sender_address
+
+    def path_for(self, message: OutgoingMessage) -> pathlib.Path:
+        extension = {Channel.EMAIL: ".eml", Channel.SMS: ".txt"}.get(message.channel)
+        if extension is None:
+            raise DeliveryError(
+                f"the outbox folder takes email and SMS, not channel {message.channel}",
+                retryable=False,
+            )
+        stamp = _utc(message.create_time).strftime("%Y%m%dT%H%M%SZ")
+        return self.directory / f"{stamp}-{_safe_id(message.notification_id)}{extension}"
+
+    def render(self, message: OutgoingMessage) -> bytes:
+        if message.channel == Channel.EMAIL:
+            return build_email(message, self.sender_address).as_bytes()
+        lines = [
+            f"To: {message.address}",
+            f"Reference: {message.notification_id}",
+            f"Date: {_rfc3339(message.create_time)}",
+            "",
+            sms_text(message.subject, message.body),
+            "",
+        ]
+        return "\n".join(lines).encode()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        path = self.path_for(message)
+        try:
+            content = self.render(message)
+        except (ValueError, TypeError) as exc:
+            raise DeliveryError(f"cannot build the message: {exc}", retryable=False) from exc
+        try:
+            await asyncio.to_thread(_write_atomically, path, content)
+        except OSError as exc:
+            # A full disk or a permission fixed later: worth another attempt.
+            raise DeliveryError(f"cannot write {path}: {exc}", retryable=True) from exc
+
+    async def close(self) -> None:
+        pass
+
+
+def _write_atomically(path: pathlib.Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; the outbox is for people to read.
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+# --- HTTP: webhooks and the SMS gateway --------------------------------------------------
+
+
+def _rfc3339(value: datetime) -> str:
+    return _utc(value).isoformat().replace("+00:00", "Z")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return _rfc3339(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _json_bytes(document: Mapping[str, object]) -> bytes:
+    return json.dumps(
+        document, ensure_ascii=False, separators=(",", ":"), default=_json_default
+    ).encode()
+
+
+def webhook_body(message: OutgoingMessage) -> bytes:
+    """The exact bytes a webhook receives (and the signature covers)."""
+    return _json_bytes(
+        {
+            "notification_id": message.notification_id,
+            "account_id": message.account_id,
+            "message_type": message.message_type,
+            "subject": message.subject,
+            "body": message.body,
+            "create_time": _rfc3339(message.create_time),
+            "data": message.payload,
+        }
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
+async def _excerpt(response: httpx.Response) -> str:
+    # Read at most a little of the reply: enough to explain a failure, never a whole page.
+    data = b""
+    with contextlib.suppress(httpx.HTTPError):  # the status says enough if the body breaks
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) >= RESPONSE_EXCERPT_BYTES:
+                break
+    text = " ".join(data[:RESPONSE_EXCERPT_BYTES].decode(errors="replace").split())
+    return f": {text}" if text else ""
+
+
+async def _post(
+    client: httpx.AsyncClient,
+    what: str,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    seconds: float,
+    auth: httpx.BasicAuth | None = None,
+) -> None:
+    """POST once; success is any 2xx. 408, 425, 429, 5xx, timeouts and connection failures are
+    worth retrying; any other answer (a 4xx, or a redirect, which is not followed) is final."""
+    try:
+        # httpx's timeout bounds each phase; this bounds the whole exchange.
+        async with asyncio.timeout(seconds):
+            request = client.build_request("POST", url, content=body, headers=headers)
+            response = await client.send(request, auth=auth, stream=True)
+            try:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return
+                detail = await _excerpt(response)
+            finally:
+                await response.aclose()
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        raise DeliveryError(f"{what}: no answer within {seconds:g} s", retryable=True) from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise DeliveryError(f"{what}: {exc}", retryable=False) from exc
+    except httpx.TransportError as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DeliveryError(f"{what}: {reason}", retryable=True) from exc
+    if 300 <= status < 400:
+        location = response.headers.get("location", "")
+        raise DeliveryError(
+            f"{what}: HTTP {status} redirect to {location!r} (redirects are not followed; "
+            "update the URL)",
+            retryable=False,
+        )
+    retryable = status in (408, 425, 429) or status >= 500
+    raise DeliveryError(
+        f"{what}: HTTP {status}{detail}", retryable=retryable, retry_after=_retry_after(response)
+    )
+
+
+def _client(timeout: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+class WebhookSender:
+    """HTTPS POST of the notification as JSON, signed for the contact (`Allot-Signature`)."""
+
+    def __init__(
+        self, timeout: float = HTTP_TIMEOUT_SECONDS, *, now: Callable[[], float] = time.time
+    ) -> None:
+        self._timeout = timeout
+        # Wall time, not the service clock: the receiver checks the signature's age against
+        # its own real clock, also while the suite runs on a manual clock in tests.
+        self._now = now
+        self._client = _client(timeout)
+
+    async def send(self, message: OutgoingMessage) -> None:
+        try:
+            # Checked at creation too; again here so a URL stored under older rules (or
+            # written to the database by hand) is never called over plain http.
+            url = validate_address(Channel.WEBHOOK, message.address)
+        except InvalidArgument as exc:
+            raise DeliveryError(exc.message, retryable=False) from exc
+        if not message.secret:
+            raise DeliveryError("the webhook contact has no signing secret", retryable=False)
+        try:
+            body = webhook_body(message)
+        except (TypeError, ValueError) as exc:
+            raise DeliveryError(f"cannot encode the notification: {exc}", retryable=False) from exc
+        headers = {
+            "Content-Type": "application/json",
+            "Allot-Signature": sign_webhook(message.secret, int(self._now()), body),
+            "Allot-Notification-Id": message.notification_id,
+        }
+        host = urllib.parse.urlsplit(url).netloc
+        await _post(self._client, f"webhook {host}", url, body, headers, self._timeout)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SmsGatewaySender:
+    """SMS through an HTTP gateway: POST `{"to", "text", "reference"}` as JSON. Credentials in
+    the URL's userinfo (`https://user:key@sms.example/send`) go as HTTP basic auth, never in
+    the request line. A provider with another request shape gets its own adapter class."""
+
+    def __init__(self, url: str, timeout: float = HTTP_TIMEOUT_SECONDS) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SettingsError(f"ALLOT_SMS_GATEWAY_URL is not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError("ALLOT_SMS_GATEWAY_URL must be an absolute http(s) URL")
+        self._auth = None
+        if parts.username is not None:
+            self._auth = httpx.BasicAuth(
+                urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+            )
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        netloc = f"{host}:{port}" if port is not None else host
+        self.url = urllib.parse.urlunsplit(
+            (parts.scheme, netloc, parts.path, parts.query, parts.fragment)
+        )
+        self._where = f"SMS gateway {netloc}"
+        self._timeout = timeout
+        self._client = _client(timeout)
+
+    async def send(self, message: OutgoingMessage) -> None:
+        body = _json_bytes(
+            {
+                "to": message.address,
+                "text": sms_text(message.subject, message.body),
+                "reference": message.notification_id,
+            }
+        )
+        headers = {"Content-Type": "application/json"}
+        await _post(
+            self._client, self._where, self.url, body, headers, self._timeout, auth=self._auth
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+# --- wiring ------------------------------------------------------------------------------
+
+
+def build_senders(settings: Settings) -> dict[int, Sender]:
+    """One sender per channel, from ALLOT_SMTP_URL / ALLOT_SMTP_FROM / ALLOT_SMS_GATEWAY_URL;
+    without SMTP or a gateway, email and SMS go to `<data dir>/outbox/{email,sms}/`."""
+    outbox = settings.data_path / "outbox"
+    email_sender: Sender
+    if settings.smtp_url:
+        email_sender = SmtpSender(settings.smtp_url, settings.smtp_from)
+    else:
+        email_sender = FolderSender(outbox / "email", settings.smtp_from)
+    sms_sender: Sender
+    if settings.sms_gateway_url:
+        sms_sender = SmsGatewaySender(settings.sms_gateway_url)
+    else:
+        sms_sender = FolderSender(outbox / "sms", settings.smtp_from)
+    return {
+        Channel.EMAIL: email_sender,
+        Channel.SMS: sms_sender,
+        Channel.WEBHOOK: WebhookSender(),
+    }
+
+
+async def close_senders(senders: Mapping[int, Sender]) -> None:
+    """Close every sender once; one failing to close does not keep the others open."""
+    seen: set[int] = set()
+    for sender in senders.values():
+        if id(sender) in seen:
+            continue
+        seen.add(id(sender))
+        try:
+            await sender.close()
+        except Exception:
+            log.exception("closing %s failed", type(sender).__name__)

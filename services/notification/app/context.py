@@ -1,0 +1,22 @@
+"""What notification's use cases run against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.notification.domain.delivery import RetryPolicy
+from shared.clock import Clock
+from shared.db import Database
+from shared.outbox import Outbox
+
+
+@dataclass
+class NotificationContext:
+    db: Database
+    clock: Clock
+    outbox: Outbox
+    retry: RetryPolicy
+    senders: dict = field(default_factory=dict)  # Channel -> sender (adapters/channels.py)
+
+    def now(self):
+        return self.clock.now()

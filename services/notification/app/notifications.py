@@ -1,0 +1,347 @@
+"""Use cases of notifications: intake (one per source event), delivery with retries, reads.
+
+Intake runs in the stream consumer's transaction: a replayed source event finds its
+notification and adds nothing (the source event id is unique), so every crossing yields
+exactly one notification and one delivery per matching contact. Delivery happens outside any
+transaction: a claimed delivery is pushed `CLAIM` ahead while it is sent, then recorded as SENT
+or rescheduled with backoff (FAILED after the last attempt). A process that dies mid-send
+leaves the delivery due again after the claim; receivers de-duplicate on
+`Allot-Notification-Id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from allot.notification.v1 import notification_pb2
+from sqlalchemy import insert, select, update
+
+from services.notification.adapters import tables as t
+from services.notification.adapters.channels import DeliveryError, OutgoingMessage
+from services.notification.adapters.events import to_proto_notification
+from services.notification.app.contacts import Contact, load_contact, to_contact
+from services.notification.app.context import NotificationContext
+from services.notification.domain.delivery import FAILED, PENDING, SENT
+from services.notification.domain.messages import Message, MessageType, sample_message
+from shared.db import UnitOfWork
+from shared.errors import InvalidArgument, NotFound
+from shared.ids import new_id
+from shared.timeutil import from_micros, to_micros
+
+log = logging.getLogger("allot.notification")
+
+# How long a delivery being sent stays claimed; a replica that dies mid-send frees it then.
+CLAIM = timedelta(minutes=2)
+# Deliveries claimed per round.
+ROUND = 20
+
+
+@dataclass(frozen=True)
+class DeliveryView:
+    contact_id: str
+    channel: int
+    state: int
+    attempts: int
+    last_error: str
+    due_time: datetime
+    deliver_time: datetime | None
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    notification_id: str
+    account_id: str
+    message_type: MessageType
+    source_event_id: str
+    subject: str
+    body: str
+    data: dict
+    create_time: datetime
+    deliveries: tuple[DeliveryView, ...]
+
+
+# --- intake ------------------------------------------------------------------------------
+
+
+async def take(
+    ctx: NotificationContext,
+    uow: UnitOfWork,
+    message: Message,
+    source_event_id: str | None,
+    contacts: list[Contact] | None = None,
+) -> str | None:
+    """Create the notification of `message` and one delivery per matching contact, once per
+    source event. Returns the notification id, or None when the event was taken before."""
+    n = t.notifications.c
+    if source_event_id is not None:
+        seen = (
+            await uow.session.execute(
+                select(n.notification_id).where(n.source_event_id == source_event_id)
+            )
+        ).first()
+        if seen is not None:
+            return None
+    now = ctx.now()
+    notification_id = new_id("ntf")
+    await uow.session.execute(
+        insert(t.notifications).values(
+            notification_id=notification_id,
+            account_id=message.account_id,
+            message_type=int(message.message_type),
+            source_event_id=source_event_id,
+            subject=message.subject,
+            body=message.body,
+            data=json.dumps(message.data, sort_keys=True),
+            create_time_us=to_micros(now),
+        )
+    )
+    if contacts is None:
+        rows = (
+            await uow.session.execute(
+                select(t.contacts).where(t.contacts.c.account_id == message.account_id)
+            )
+        ).all()
+        contacts = [c for c in map(to_contact, rows) if message.message_type in c.message_types]
+    if contacts:
+        await uow.session.execute(
+            insert(t.deliveries),
+            [
+                {
+                    "notification_id": notification_id,
+                    "contact_id": c.contact_id,
+                    "channel": int(c.channel),
+                    "state": PENDING,
+                    "attempts": 0,
+                    "last_error": "",
+                    "due_time_us": to_micros(now),
+                    "deliver_time_us": None,
+                }
+                for c in contacts
+            ],
+        )
+    view = await load_view(uow, notification_id)
+    ctx.outbox.add(
+        uow,
+        "notification_created",
+        notification_pb2.NotificationCreated(notification=to_proto_notification(view)),
+        now,
+    )
+    return notification_id
+
+
+async def send_test(ctx: NotificationContext, uow: UnitOfWork, contact: Contact) -> str:
+    message = sample_message(contact.account_id, contact.contact_id)
+    notification_id = await take(ctx, uow, message, None, contacts=[contact])
+    assert notification_id is not None
+    return notification_id
+
+
+# --- delivery -----------------------------------------------------------------------------
+
+
+async def deliver_due(ctx: NotificationContext, now: datetime) -> int:
+    """Attempt every delivery due at `now`, a round at a time; returns how many were tried."""
+    tried = 0
+    for _ in range(1000):  # bounded: each round claims what is due, and claims push it ahead
+        claimed = await ctx.db.transaction(lambda uow: _claim(uow, now))
+        if not claimed:
+            break
+        await asyncio.gather(*(_attempt(ctx, key, now) for key in claimed))
+        tried += len(claimed)
+    return tried
+
+
+async def _claim(uow: UnitOfWork, now: datetime) -> list[tuple[str, str]]:
+    d = t.deliveries.c
+    rows = (
+        await uow.session.execute(
+            select(d.notification_id, d.contact_id)
+            .where(d.state == PENDING, d.due_time_us <= to_micros(now))
+            .order_by(d.due_time_us)
+            .limit(ROUND)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    keys = [(r.notification_id, r.contact_id) for r in rows]
+    for notification_id, contact_id in keys:
+        await uow.session.execute(
+            update(t.deliveries)
+            .where(d.notification_id == notification_id, d.contact_id == contact_id)
+            .values(due_time_us=to_micros(now + CLAIM))
+        )
+    return keys
+
+
+async def _attempt(ctx: NotificationContext, key: tuple[str, str], now: datetime) -> None:
+    notification_id, contact_id = key
+
+    async def load(uow: UnitOfWork):
+        view = await load_view(uow, notification_id)
+        try:
+            contact = await load_contact(uow, contact_id)
+        except NotFound:
+            contact = None
+        return view, contact
+
+    view, contact = await ctx.db.read(load)
+    error: DeliveryError | None = None
+    if contact is None:
+        error = DeliveryError("the contact was deleted", retryable=False)
+    else:
+        outgoing = OutgoingMessage(
+            notification_id=view.notification_id,
+            account_id=view.account_id,
+            channel=int(contact.channel),
+            address=contact.address,
+            subject=view.subject,
+            body=view.body,
+            message_type=view.message_type.name,
+            payload=view.data,
+            create_time=view.create_time,
+            secret=contact.webhook_secret,
+        )
+        try:
+            await ctx.senders[int(contact.channel)].send(outgoing)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:  # a sender bug must not stop the other deliveries
+            log.exception("delivery %s to %s failed unexpectedly", notification_id, contact_id)
+            error = DeliveryError(f"unexpected error: {type(exc).__name__}", retryable=True)
+    await ctx.db.transaction(lambda uow: _record(ctx, uow, key, error))
+
+
+async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str], error) -> None:
+    d = t.deliveries.c
+    where = (d.notification_id == key[0], d.contact_id == key[1], d.state == PENDING)
+    row = (await uow.session.execute(select(d.attempts).where(*where))).first()
+    if row is None:  # dropped meanwhile (contact deleted)
+        return
+    now = ctx.now()
+    attempts = row.attempts + 1
+    if error is None:
+        values = {
+            "state": SENT,
+            "attempts": attempts,
+            "last_error": "",
+            "deliver_time_us": to_micros(now),
+        }
+    else:
+        retry_at = ctx.retry.next_attempt(attempts, now) if error.retryable else None
+        values = {"attempts": attempts, "last_error": str(error)[:1000]}
+        if retry_at is None:
+            values["state"] = FAILED
+        else:
+            values["due_time_us"] = to_micros(retry_at)
+        log.info("delivery %s to %s failed (attempt %d): %s", key[0], key[1], attempts, error)
+    await uow.session.execute(update(t.deliveries).where(*where).values(**values))
+
+
+async def retry_delivery(
+    ctx: NotificationContext, uow: UnitOfWork, notification_id: str, contact_id: str
+) -> None:
+    """Send a delivery again now, with a fresh set of attempts (typically a FAILED one)."""
+    if not notification_id:
+        raise InvalidArgument("notification_id", "notification_id is required")
+    if not contact_id:
+        raise InvalidArgument("contact_id", "contact_id is required")
+    d = t.deliveries.c
+    result = await uow.session.execute(
+        update(t.deliveries)
+        .where(d.notification_id == notification_id, d.contact_id == contact_id)
+        .values(state=PENDING, attempts=0, due_time_us=to_micros(ctx.now()))
+    )
+    if result.rowcount == 0:
+        raise NotFound(
+            "DELIVERY_NOT_FOUND",
+            f"notification {notification_id!r} has no delivery to contact {contact_id!r}",
+            notification_id=notification_id,
+            contact_id=contact_id,
+        )
+
+
+# --- reads --------------------------------------------------------------------------------
+
+
+async def load_view(uow: UnitOfWork, notification_id: str) -> NotificationView:
+    views = await load_views(uow, [notification_id])
+    if not views:
+        raise NotFound(
+            "NOTIFICATION_NOT_FOUND",
+            f"no notification {notification_id!r}",
+            notification_id=notification_id,
+        )
+    return views[0]
+
+
+async def load_views(uow: UnitOfWork, ids: list[str]) -> list[NotificationView]:
+    if not ids:
+        return []
+    n, d = t.notifications.c, t.deliveries.c
+    rows = (
+        await uow.session.execute(select(t.notifications).where(n.notification_id.in_(ids)))
+    ).all()
+    found = (
+        await uow.session.execute(
+            select(t.deliveries).where(d.notification_id.in_(ids)).order_by(d.contact_id)
+        )
+    ).all()
+    by_notification: dict[str, list[DeliveryView]] = {}
+    for r in found:
+        by_notification.setdefault(r.notification_id, []).append(
+            DeliveryView(
+                contact_id=r.contact_id,
+                channel=r.channel,
+                state=r.state,
+                attempts=r.attempts,
+                last_error=r.last_error,
+                due_time=from_micros(r.due_time_us),
+                deliver_time=from_micros(r.deliver_time_us) if r.deliver_time_us else None,
+            )
+        )
+    order = {nid: i for i, nid in enumerate(ids)}
+    views = [
+        NotificationView(
+            notification_id=r.notification_id,
+            account_id=r.account_id,
+            message_type=MessageType(r.message_type),
+            source_event_id=r.source_event_id or "",
+            subject=r.subject,
+            body=r.body,
+            data=json.loads(r.data),
+            create_time=from_micros(r.create_time_us),
+            deliveries=tuple(by_notification.get(r.notification_id, ())),
+        )
+        for r in rows
+    ]
+    return sorted(views, key=lambda v: order[v.notification_id])
+
+
+async def list_notifications(
+    ctx: NotificationContext,
+    account_id: str,
+    message_types: list[int],
+    before_id: str | None,
+    limit: int,
+) -> list[NotificationView]:
+    """Newest first (ids sort by creation)."""
+    n = t.notifications.c
+    query = (
+        select(n.notification_id)
+        .where(n.account_id == account_id)
+        .order_by(n.notification_id.desc())
+        .limit(limit)
+    )
+    if message_types:
+        query = query.where(n.message_type.in_(sorted(set(message_types))))
+    if before_id:
+        query = query.where(n.notification_id < before_id)
+
+    async def work(uow: UnitOfWork) -> list[NotificationView]:
+        ids = [r.notification_id for r in (await uow.session.execute(query)).all()]
+        return await load_views(uow, ids)
+
+    return await ctx.db.read(work)

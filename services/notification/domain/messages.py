@@ -1,0 +1,150 @@
+"""What a notification says: one message per relevant source event, in plain words.
+
+Each kind of source event (a usage alert fired, a package expiring or used up; billing's
+standing, balance, order and auto-renewal events later) becomes one message type, a one-line
+subject and a body that names the account, region, API and the numbers a reader needs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class MessageType(enum.IntEnum):
+    """allot.notification.v1.MessageType."""
+
+    USAGE_ALERT = 1
+    PACKAGE_EXPIRING = 2
+    PACKAGE_EXHAUSTED = 3
+    ARREARS = 4
+    BALANCE_ALERT = 5
+    ORDER = 6
+    AUTO_RENEW_FAILED = 7
+    TEST = 8
+
+
+class Channel(enum.IntEnum):
+    """allot.notification.v1.Channel."""
+
+    EMAIL = 1
+    SMS = 2
+    WEBHOOK = 3
+
+
+@dataclass(frozen=True)
+class UsageAlertFired:
+    alert_id: str
+    account_id: str
+    region: str
+    api: str
+    remaining_quantity: int
+    total_quantity: int
+    threshold: str  # "5000 calls" or "20%"
+
+
+@dataclass(frozen=True)
+class PackageExpiring:
+    package_id: str
+    account_id: str
+    region: str
+    api: str
+    remaining_quantity: int
+    total_quantity: int
+    expire_time: datetime
+    days_left: int
+
+
+@dataclass(frozen=True)
+class PackageExhausted:
+    package_id: str
+    account_id: str
+    region: str
+    api: str
+    total_quantity: int
+    expire_time: datetime
+
+
+SourceEvent = UsageAlertFired | PackageExpiring | PackageExhausted
+
+
+@dataclass(frozen=True)
+class Message:
+    message_type: MessageType
+    account_id: str
+    subject: str
+    body: str
+    data: dict = field(default_factory=dict)  # structured fields for webhooks
+
+
+def _calls(n: int) -> str:
+    return f"{n:,} call" + ("" if n == 1 else "s")
+
+
+def compose(event: SourceEvent) -> Message:
+    if isinstance(event, UsageAlertFired):
+        return Message(
+            MessageType.USAGE_ALERT,
+            event.account_id,
+            f"Usage alert: {_calls(event.remaining_quantity)} of {event.api} left "
+            f"in {event.region}",
+            f"Account {event.account_id}: the packages of {event.api} in {event.region} have "
+            f"{_calls(event.remaining_quantity)} left of {event.total_quantity:,}, which reached "
+            f"your alert threshold of {event.threshold} (alert {event.alert_id}).\n"
+            "Calls beyond your packages are charged pay-per-use.",
+            {
+                "alert_id": event.alert_id,
+                "region": event.region,
+                "api": event.api,
+                "remaining_quantity": event.remaining_quantity,
+                "total_quantity": event.total_quantity,
+                "threshold": event.threshold,
+            },
+        )
+    if isinstance(event, PackageExpiring):
+        return Message(
+            MessageType.PACKAGE_EXPIRING,
+            event.account_id,
+            f"Package expires in {event.days_left} day{'s' if event.days_left != 1 else ''}: "
+            f"{event.api} in {event.region}",
+            f"Account {event.account_id}: package {event.package_id} ({event.api}, "
+            f"{event.region}) expires at {event.expire_time.isoformat()} with "
+            f"{_calls(event.remaining_quantity)} of {event.total_quantity:,} left. "
+            "What is left then is forfeited; renew it to keep it.",
+            {
+                "package_id": event.package_id,
+                "region": event.region,
+                "api": event.api,
+                "remaining_quantity": event.remaining_quantity,
+                "total_quantity": event.total_quantity,
+                "expire_time": event.expire_time.isoformat(),
+                "days_left": event.days_left,
+            },
+        )
+    return Message(
+        MessageType.PACKAGE_EXHAUSTED,
+        event.account_id,
+        f"Package used up: {event.api} in {event.region}",
+        f"Account {event.account_id}: package {event.package_id} ({event.api}, {event.region}) "
+        f"has used all {_calls(event.total_quantity)}. Further calls use your other packages "
+        "or are charged pay-per-use.",
+        {
+            "package_id": event.package_id,
+            "region": event.region,
+            "api": event.api,
+            "total_quantity": event.total_quantity,
+            "expire_time": event.expire_time.isoformat(),
+        },
+    )
+
+
+def sample_message(account_id: str, contact_id: str) -> Message:
+    return Message(
+        MessageType.TEST,
+        account_id,
+        "Allot test notification",
+        f"This is a test notification for account {account_id} sent to contact {contact_id}. "
+        "If you received it, the contact works.",
+        {"contact_id": contact_id},
+    )

@@ -1,0 +1,175 @@
+"""The notification service as the shared bootstrap runs it: policies, servicer, consumers of
+quota's streams, and the delivery worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+from datetime import timedelta
+
+import grpc
+from allot.notification.v1 import notification_pb2, notification_service_pb2
+from allot.notification.v1 import notification_service_pb2_grpc as notification_grpc
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+
+from services.notification.adapters import tables
+from services.notification.adapters.channels import build_senders, close_senders
+from services.notification.adapters.sources import QUOTA_EVENT_TYPES, from_quota_event
+from services.notification.api.servicer import NotificationServicer
+from services.notification.app import notifications
+from services.notification.app.context import NotificationContext
+from services.notification.domain.delivery import RetryPolicy
+from services.notification.domain.messages import compose
+from shared.auth import OWNERS, READERS, SERVICE, Policy, TokenVerifier, policy
+from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, grpc_stream
+from shared.db import UnitOfWork
+from shared.idempotency import IdempotencyStore
+from shared.outbox import Outbox
+from shared.server import Runtime
+
+log = logging.getLogger("allot.notification")
+
+SERVICE_NAME = notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+
+
+def _rpc(method: str) -> str:
+    return f"/{SERVICE_NAME}/{method}"
+
+
+# Account principals manage their own contacts and read their own notifications; operators
+# (admin, service) everything.
+POLICIES: dict[str, Policy] = {
+    _rpc("CreateContact"): policy(*OWNERS, account="contact.account_id"),
+    _rpc("GetContact"): policy(*READERS),
+    _rpc("ListContacts"): policy(*READERS, account="account_id"),
+    _rpc("UpdateContact"): policy(*OWNERS, account="contact.account_id"),
+    _rpc("DeleteContact"): policy(*OWNERS),
+    _rpc("ListNotifications"): policy(*READERS, account="account_id"),
+    _rpc("WatchNotifications"): policy(*READERS, account="account_id"),
+    _rpc("RetryDelivery"): policy(*OWNERS),
+    _rpc("SendTestNotification"): policy(*OWNERS),
+}
+
+
+class NotificationService:
+    name = "notification"
+    migrations_dir = pathlib.Path(__file__).resolve().parent / "migrations"
+    service_names = (SERVICE_NAME,)
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.outbox = Outbox(
+            runtime.db,
+            tables.outbox_events,
+            tables.outbox_counter,
+            notification_pb2.NotificationEvent,
+        )
+        self.context = NotificationContext(
+            db=runtime.db,
+            clock=runtime.clock,
+            outbox=self.outbox,
+            retry=RetryPolicy(
+                max_attempts=int(settings.delivery_max_attempts),
+                first_delay=timedelta(seconds=int(settings.delivery_backoff)),
+                factor=int(settings.delivery_backoff_factor),
+            ),
+        )
+        self._verifier = TokenVerifier(settings.signing_secret())
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._consumers: list[StreamConsumer] = []
+        self._channels: list[grpc.aio.Channel] = []
+        self._delivering = asyncio.Lock()
+
+    def policies(self) -> dict[str, Policy]:
+        return POLICIES
+
+    def register(self, server: grpc.aio.Server) -> None:
+        notification_grpc.add_NotificationServiceServicer_to_server(
+            NotificationServicer(
+                self.context, IdempotencyStore(tables.idempotency_keys), self.kick
+            ),
+            server,
+        )
+
+    def kick(self) -> None:
+        """Deliver now: something became due (a new notification, a retry asked for)."""
+        self._wake.set()
+
+    async def deliver(self, now) -> int:
+        async with self._delivering:  # one delivery round at a time in this process
+            return await notifications.deliver_due(self.context, now)
+
+    async def start(self) -> None:
+        self.context.senders = build_senders(self.runtime.settings)
+        # Retries come due with the clock (AdvanceTime on the manual one).
+        self.runtime.scheduler.register("notification.deliveries", self.deliver)
+        self._tasks.append(asyncio.create_task(self._deliver_on_kick(), name="deliveries"))
+        for addr in self._quota_addresses():
+            self._consumers.append(self._quota_consumer(addr))
+        for consumer in self._consumers:
+            self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
+
+    def _quota_addresses(self) -> list[str]:
+        """One stream per quota deployment: regions served by one endpoint share its stream."""
+        settings = self.runtime.settings
+        endpoints = settings.quota_endpoint_map(list(self.runtime.catalog.regions))
+        return sorted(set(endpoints.values()))
+
+    def _quota_consumer(self, addr: str) -> StreamConsumer:
+        channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
+
+        def metadata():
+            token = self._verifier.mint(SERVICE, user="notification", ttl_seconds=3600)
+            return (("authorization", f"Bearer {token}"),)
+
+        async def apply(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
+            source = from_quota_event(event)
+            if source is None:
+                return
+            await notifications.take(self.context, uow, compose(source), event.event_id)
+            uow.after_commit(self.kick)
+
+        return StreamConsumer(
+            f"quota@{addr}",
+            self.runtime.db,
+            tables.consumer_cursors,
+            tables.consumer_leases,
+            grpc_stream(
+                stub.WatchEvents,
+                lambda after: quota_service_pb2.WatchEventsRequest(
+                    after_sequence=after, event_types=QUOTA_EVENT_TYPES
+                ),
+                metadata,
+            ),
+            apply,
+            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
+        )
+
+    async def _deliver_on_kick(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.deliver(self.runtime.clock.now())
+            except Exception:  # keep the worker alive; the scheduler retries too
+                log.exception("delivery round failed")
+
+    def quiesce(self) -> None:
+        self.outbox.close()
+        for consumer in self._consumers:
+            consumer.stop()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._channels:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        await close_senders(self.context.senders)
