@@ -72,7 +72,7 @@ def test_try_it_runs_verbatim(tmp_path):
             outputs.append(run.stdout)
         assert "allot.quota.v1.QuotaService" in outputs[0]
         first, second = json_documents(outputs[0]), json_documents(outputs[1])
-        enable, grant, report, summary, explain, check = first
+        enable, grant, contact, alert, report, summary, explain, check, listing = first
         assert enable["state"] == "API_SUBSCRIPTION_STATE_ACTIVE"
         assert grant["state"] == "PACKAGE_STATE_ACTIVE"
         assert report["remaining_quantity"] == "99997"
@@ -80,9 +80,18 @@ def test_try_it_runs_verbatim(tmp_path):
         assert summary["items"][0]["remaining_quantity"] == "99997"
         assert explain["decisive_rule"] == "DECISIVE_RULE_ONLY_CANDIDATE"
         assert check["allowed"] is True
+        assert contact["channel"] == "CHANNEL_EMAIL"
+        assert alert["state"] == "USAGE_ALERT_STATE_ARMED"
+        (notification,) = listing["notifications"]
+        assert notification["message_type"] == "MESSAGE_TYPE_USAGE_ALERT"
+        assert notification["deliveries"][0]["state"] == "DELIVERY_STATE_SENT"
+        assert f"{notification['notification_id']}.eml" in outputs[0]
         assert second[1]["package_id"] == grant["package_id"]
-        assert second[2]["duplicate"] is True
-        assert second[3]["items"][0]["remaining_quantity"] == "99997"
+        assert second[2]["contact_id"] == contact["contact_id"]
+        assert second[3]["alert_id"] == alert["alert_id"]
+        assert second[4]["duplicate"] is True
+        assert second[5]["items"][0]["remaining_quantity"] == "99997"
+        assert len(second[8]["notifications"]) == 1
     finally:
         suite.send_signal(signal.SIGINT)
         try:
