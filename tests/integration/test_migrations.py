@@ -1,5 +1,5 @@
-"""`allot migrate quota` on both dialects: it creates the schema, a second run changes nothing,
-and the Alembic head is exactly what the SQLAlchemy metadata describes (no drift)."""
+"""`allot migrate SERVICE` on both dialects, for every service: it creates the schema, a second
+run changes nothing, and the Alembic head is exactly what the SQLAlchemy metadata describes."""
 
 from __future__ import annotations
 
@@ -8,19 +8,42 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import BigInteger, Column, MetaData, inspect, text
 
-from services.quota.adapters.tables import metadata
+from services.notification.adapters import tables as notification_tables
+from services.notification.service import NotificationService
+from services.quota.adapters import tables as quota_tables
 from services.quota.service import QuotaService
 from shared.db import create_engine
 from shared.migrations import alembic_config
 from shared.settings import REPO_ROOT
 
-VERSION_TABLE = "alembic_version_quota"
-QUOTA_TABLES = {"packages", "api_subscriptions", "usage_events", "account_standings"}
+# service -> (its metadata, its service class, tables it must have)
+SERVICES = {
+    "quota": (
+        quota_tables.metadata,
+        QuotaService,
+        {"packages", "api_subscriptions", "usage_events", "account_standings", "usage_alerts"},
+    ),
+    "notification": (
+        notification_tables.metadata,
+        NotificationService,
+        {"contacts", "notifications", "deliveries", "consumer_cursors", "consumer_leases"},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(SERVICES))
+def service(request) -> str:
+    return request.param
+
+
+def version_table(service: str) -> str:
+    return f"alembic_version_{service}"
 
 
 def allot_command() -> list[str]:
@@ -29,11 +52,12 @@ def allot_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
 
 
-def migrate(database_url: str, data_dir) -> subprocess.CompletedProcess:
+def migrate(service: str, database_url: str, data_dir) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")}
-    env.update(ALLOT_QUOTA_DATABASE_URL=database_url, ALLOT_DATA_DIR=str(data_dir))
+    env[f"ALLOT_{service.upper()}_DATABASE_URL"] = database_url
+    env["ALLOT_DATA_DIR"] = str(data_dir)
     result = subprocess.run(
-        [*allot_command(), "migrate", "quota"],
+        [*allot_command(), "migrate", service],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -44,18 +68,21 @@ def migrate(database_url: str, data_dir) -> subprocess.CompletedProcess:
     return result
 
 
-def head_revision() -> str:
-    script = ScriptDirectory.from_config(alembic_config("quota", QuotaService.migrations_dir))
+def head_revision(service: str) -> str:
+    migrations_dir = SERVICES[service][1].migrations_dir
+    script = ScriptDirectory.from_config(alembic_config(service, migrations_dir))
     return script.get_current_head()
 
 
-async def schema_snapshot(database_url: str) -> dict:
+async def schema_snapshot(service: str, database_url: str) -> dict:
     """Tables, columns, indexes and the recorded revision, as the database reports them."""
 
     def read(connection) -> dict:
         inspector = inspect(connection)
         tables = sorted(inspector.get_table_names())
-        revisions = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
+        revisions = connection.execute(
+            text(f"SELECT version_num FROM {version_table(service)}")
+        ).all()
         return {
             "tables": tables,
             "columns": {
@@ -77,13 +104,15 @@ async def schema_snapshot(database_url: str) -> dict:
         await engine.dispose()
 
 
-async def schema_drift(database_url: str, target: MetaData = metadata) -> list:
+async def schema_drift(service: str, database_url: str, target: MetaData | None = None) -> list:
+    target = target if target is not None else SERVICES[service][0]
+
     def compare(connection) -> list:
         # The options of the service's env.py. Server defaults are not compared: Alembic
         # reports SQLite's reflected DEFAULT '' as differing from server_default="" although
         # the DDL is the same (a known false positive of its SQLite default comparison).
         context = MigrationContext.configure(
-            connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
+            connection, opts={"compare_type": True, "version_table": version_table(service)}
         )
         return compare_metadata(context, target)
 
@@ -95,34 +124,35 @@ async def schema_drift(database_url: str, target: MetaData = metadata) -> list:
         await engine.dispose()
 
 
-async def test_migrate_creates_the_schema(database_url, tmp_path):
-    result = migrate(database_url, tmp_path)
-    assert "quota: migrated" in result.stdout
-    snapshot = await schema_snapshot(database_url)
-    assert QUOTA_TABLES | {"idempotency_keys", VERSION_TABLE} <= set(snapshot["tables"])
-    assert snapshot["revisions"] == [head_revision()]
+async def test_migrate_creates_the_schema(service, database_url, tmp_path):
+    result = migrate(service, database_url, tmp_path)
+    assert f"{service}: migrated" in result.stdout
+    snapshot = await schema_snapshot(service, database_url)
+    expected = SERVICES[service][2] | {"idempotency_keys", "outbox_events", version_table(service)}
+    assert expected <= set(snapshot["tables"])
+    assert snapshot["revisions"] == [head_revision(service)]
 
 
-async def test_migrating_twice_changes_nothing(database_url, tmp_path):
-    migrate(database_url, tmp_path)
-    before = await schema_snapshot(database_url)
-    migrate(database_url, tmp_path)
-    assert await schema_snapshot(database_url) == before
+async def test_migrating_twice_changes_nothing(service, database_url, tmp_path):
+    migrate(service, database_url, tmp_path)
+    before = await schema_snapshot(service, database_url)
+    migrate(service, database_url, tmp_path)
+    assert await schema_snapshot(service, database_url) == before
 
 
-async def test_head_matches_the_metadata(database_url, tmp_path):
-    migrate(database_url, tmp_path)
-    assert await schema_drift(database_url) == []
+async def test_head_matches_the_metadata(service, database_url, tmp_path):
+    migrate(service, database_url, tmp_path)
+    assert await schema_drift(service, database_url) == []
 
 
 async def test_drift_would_be_noticed(database_url, tmp_path):
     """The comparison above is not vacuous: a column the migrations lack shows up."""
-    migrate(database_url, tmp_path)
+    migrate("quota", database_url, tmp_path)
     drifted = MetaData()
-    for table in metadata.tables.values():
+    for table in quota_tables.metadata.tables.values():
         table.to_metadata(drifted)
     drifted.tables["packages"].append_column(Column("extra_quantity", BigInteger))
-    diffs = await schema_drift(database_url, drifted)
+    diffs = await schema_drift("quota", database_url, drifted)
     assert [(d[0], d[2], d[3].name) for d in diffs] == [
         ("add_column", "packages", "extra_quantity")
     ]
