@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import jwt
 
-from shared.errors import PermissionDenied, Unauthenticated
+from shared.errors import NotFound, PermissionDenied, Unauthenticated
+
+T = TypeVar("T")
 
 ADMIN, SERVICE, ACCOUNT_FULL, ACCOUNT_READ = "admin", "service", "account_full", "account_read"
 ROLES = frozenset({ADMIN, SERVICE, ACCOUNT_FULL, ACCOUNT_READ})
@@ -169,6 +173,29 @@ class TokenVerifier:
         if regions:
             claims["regions"] = regions
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+
+NOT_YOURS = "the token may not read this resource"
+
+
+async def hiding_absence(call: Awaitable[T]) -> T:
+    """Await a call that loads a resource by id. Account principals get the same
+    PERMISSION_DENIED for ids that do not exist as for other accounts' resources, so existence
+    never leaks (DESIGN §7); operators get NOT_FOUND."""
+    try:
+        return await call
+    except NotFound:
+        if current_principal().is_operator:
+            raise
+        raise PermissionDenied(NOT_YOURS) from None
+
+
+def check_scope(account_id: str, region: str = "") -> None:
+    """The caller may touch a resource of this account (and region, for regional tokens)."""
+    principal = current_principal()
+    if not principal.may_act_for(account_id):
+        raise PermissionDenied(NOT_YOURS)
+    principal.check_region(region)
 
 
 def authorize(principal: Principal, rule: Policy, request) -> None:

@@ -37,6 +37,13 @@ def encode_page_token(last_key: list, request: Message) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
+def page_of(items: list, limit: int, key_of, request: Message) -> tuple[list, str]:
+    """Split a read of `limit + 1` items into the page and the token of the next page."""
+    if len(items) <= limit:
+        return items, ""
+    return items[:limit], encode_page_token(key_of(items[limit - 1]), request)
+
+
 def decode_page_token(request: Message) -> list | None:
     """The last key of the previous page, or None for the first page."""
     token = request.page_token

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
-
 from allot.notification.v1 import (
     notification_pb2,
     notification_service_pb2,
@@ -15,34 +12,14 @@ from google.protobuf import empty_pb2
 from services.notification.api import convert
 from services.notification.app import contacts, notifications
 from services.notification.app.context import NotificationContext
-from shared.auth import current_principal
-from shared.errors import NotFound, PermissionDenied
+from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
-from shared.pagination import decode_page_token, encode_page_token, page_size
+from shared.pagination import decode_page_token, page_of, page_size
 from shared.validation import check_account_id
-
-T = TypeVar("T")
-NOT_YOURS = "the token may not read this resource"
-
-
-def _check_account(account_id: str) -> None:
-    if not current_principal().may_act_for(account_id):
-        raise PermissionDenied(NOT_YOURS)
 
 
 def _check_contact(contact: contacts.Contact) -> None:
-    _check_account(contact.account_id)
-
-
-async def _hiding_absence(call: Awaitable[T]) -> T:
-    """Account principals get the same PERMISSION_DENIED for ids that do not exist as for other
-    accounts' resources; operators get NOT_FOUND."""
-    try:
-        return await call
-    except NotFound:
-        if current_principal().is_operator:
-            raise
-        raise PermissionDenied(NOT_YOURS) from None
+    check_scope(contact.account_id)
 
 
 class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServicer):
@@ -68,7 +45,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         return await self._idempotent("CreateContact", request, notification_pb2.Contact, work)
 
     async def GetContact(self, request, context):
-        contact = await _hiding_absence(contacts.get_contact(self.ctx, request.contact_id))
+        contact = await hiding_absence(contacts.get_contact(self.ctx, request.contact_id))
         _check_contact(contact)
         return convert.to_proto_contact(contact)
 
@@ -79,12 +56,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         found = await contacts.list_contacts(
             self.ctx, account_id, after[0] if after else None, limit + 1
         )
-        response = notification_service_pb2.ListContactsResponse(
-            contacts=[convert.to_proto_contact(c) for c in found[:limit]]
+        page, token = page_of(found, limit, lambda c: [c.contact_id], request)
+        return notification_service_pb2.ListContactsResponse(
+            contacts=[convert.to_proto_contact(c) for c in page], next_page_token=token
         )
-        if len(found) > limit:
-            response.next_page_token = encode_page_token([found[limit - 1].contact_id], request)
-        return response
 
     async def UpdateContact(self, request, context):
         spec = convert.from_proto_contact(request.contact)
@@ -96,7 +71,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             )
             return convert.to_proto_contact(contact)
 
-        return await _hiding_absence(
+        return await hiding_absence(
             self._idempotent("UpdateContact", request, notification_pb2.Contact, work)
         )
 
@@ -105,7 +80,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             await contacts.delete_contact(self.ctx, uow, request.contact_id, _check_contact)
             return empty_pb2.Empty()
 
-        return await _hiding_absence(self.ctx.db.transaction(work))
+        return await hiding_absence(self.ctx.db.transaction(work))
 
     # --- notifications --------------------------------------------------------------------
 
@@ -120,14 +95,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             before[0] if before else None,
             limit + 1,
         )
-        response = notification_service_pb2.ListNotificationsResponse(
-            notifications=[convert.to_proto_notification(v) for v in views[:limit]]
+        page, token = page_of(views, limit, lambda v: [v.notification_id], request)
+        return notification_service_pb2.ListNotificationsResponse(
+            notifications=[convert.to_proto_notification(v) for v in page], next_page_token=token
         )
-        if len(views) > limit:
-            response.next_page_token = encode_page_token(
-                [views[limit - 1].notification_id], request
-            )
-        return response
 
     async def WatchNotifications(self, request, context):
         account_id = check_account_id(current_principal().scoped_account(request.account_id))
@@ -142,7 +113,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     async def RetryDelivery(self, request, context):
         async def work(uow):
             view = await notifications.load_view(uow, request.notification_id)
-            _check_account(view.account_id)
+            check_scope(view.account_id)
             await notifications.retry_delivery(
                 self.ctx, uow, request.notification_id, request.contact_id
             )
@@ -150,7 +121,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 await notifications.load_view(uow, request.notification_id)
             )
 
-        response = await _hiding_absence(self.ctx.db.transaction(work))
+        response = await hiding_absence(self.ctx.db.transaction(work))
         self.kick()
         return response
 
@@ -163,6 +134,6 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 await notifications.load_view(uow, notification_id)
             )
 
-        response = await _hiding_absence(self.ctx.db.transaction(work))
+        response = await hiding_absence(self.ctx.db.transaction(work))
         self.kick()
         return response

@@ -15,25 +15,14 @@ from services.quota.app.context import QuotaContext
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
 from shared import status
-from shared.auth import current_principal
-from shared.errors import AllotError, NotFound, PermissionDenied
+from shared.auth import check_scope, current_principal, hiding_absence
+from shared.errors import AllotError
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
-from shared.pagination import decode_page_token, encode_page_token, page_size
+from shared.pagination import decode_page_token, page_of, page_size
 from shared.timeutil import from_timestamp
 
 T = TypeVar("T")
-
-
-NOT_YOURS = "the token may not read this resource"
-
-
-def _check_scope(account_id: str, region: str) -> None:
-    """The caller may touch a resource of this account and region (regional tokens)."""
-    principal = current_principal()
-    if not principal.may_act_for(account_id):
-        raise PermissionDenied(NOT_YOURS)
-    principal.check_region(region)
 
 
 def _optional_time(request, name: str):
@@ -41,28 +30,17 @@ def _optional_time(request, name: str):
 
 
 def _check_package(package: Package) -> None:
-    _check_scope(package.account_id, package.region)
+    check_scope(package.account_id, package.region)
 
 
 def _check_rule(rule: AlertRule) -> None:
-    _check_scope(rule.account_id, rule.region)
+    check_scope(rule.account_id, rule.region)
 
 
-async def _hiding_absence(call: Awaitable[T]) -> T:
-    """Account principals get the same PERMISSION_DENIED for ids that do not exist as for other
-    accounts' resources, so existence never leaks; operators get NOT_FOUND."""
-    try:
-        return await call
-    except NotFound:
-        if current_principal().is_operator:
-            raise
-        raise PermissionDenied(NOT_YOURS) from None
-
-
-async def _owned(load: Callable[[], Awaitable[T]], scope_of: Callable[[T], tuple[str, str]]) -> T:
+async def _owned(load: Awaitable[T], scope_of: Callable[[T], tuple[str, str]]) -> T:
     """Load a resource by id for the caller (its account and region)."""
-    resource = await _hiding_absence(load())
-    _check_scope(*scope_of(resource))
+    resource = await hiding_absence(load)
+    check_scope(*scope_of(resource))
     return resource
 
 
@@ -124,7 +102,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def ExplainUsage(self, request, context):
         found = await _owned(
-            lambda: usage.explain_usage(self.ctx, request.event_id),
+            usage.explain_usage(self.ctx, request.event_id),
             lambda u: (u.account_id, u.region),
         )
         return convert.to_proto_explanation(found)
@@ -141,7 +119,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def GetPackage(self, request, context):
         record = await _owned(
-            lambda: packages.get_package(self.ctx, request.package_id),
+            packages.get_package(self.ctx, request.package_id),
             lambda r: (r.package.account_id, r.package.region),
         )
         return self._package(record)
@@ -161,14 +139,10 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             after_id=after[0] if after else None,
             limit=limit + 1,
         )
-        response = quota_service_pb2.ListPackagesResponse(
-            packages=[self._package(r) for r in records[:limit]]
+        page, token = page_of(records, limit, lambda r: [r.package.package_id], request)
+        return quota_service_pb2.ListPackagesResponse(
+            packages=[self._package(r) for r in page], next_page_token=token
         )
-        if len(records) > limit:
-            response.next_page_token = encode_page_token(
-                [records[limit - 1].package.package_id], request
-            )
-        return response
 
     async def _change_package(self, scope, request, change):
         """Renew and revoke: a locked read-modify-write under the request's idempotency key."""
@@ -247,13 +221,11 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         rows = await subscriptions.list_subscriptions(
             self.ctx, account_id, request.region, principal.regions, after, limit + 1
         )
-        response = quota_service_pb2.ListApiSubscriptionsResponse(
-            api_subscriptions=[convert.to_proto_subscription(r) for r in rows[:limit]]
+        page, token = page_of(rows, limit, lambda r: [r.region, r.api], request)
+        return quota_service_pb2.ListApiSubscriptionsResponse(
+            api_subscriptions=[convert.to_proto_subscription(r) for r in page],
+            next_page_token=token,
         )
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            response.next_page_token = encode_page_token([last.region, last.api], request)
-        return response
 
     # --- built by the usage alerts and events issue --------------------------------------
 
@@ -280,7 +252,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     async def GetUsageAlert(self, request, context):
         view = await _owned(
-            lambda: alerts.get_alert(self.ctx, request.alert_id),
+            alerts.get_alert(self.ctx, request.alert_id),
             lambda v: (v.rule.account_id, v.rule.region),
         )
         return convert.to_proto_alert(view)
@@ -298,12 +270,10 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             after[0] if after else None,
             limit + 1,
         )
-        response = quota_service_pb2.ListUsageAlertsResponse(
-            usage_alerts=[convert.to_proto_alert(v) for v in views[:limit]]
+        page, token = page_of(views, limit, lambda v: [v.rule.alert_id], request)
+        return quota_service_pb2.ListUsageAlertsResponse(
+            usage_alerts=[convert.to_proto_alert(v) for v in page], next_page_token=token
         )
-        if len(views) > limit:
-            response.next_page_token = encode_page_token([views[limit - 1].rule.alert_id], request)
-        return response
 
     async def UpdateUsageAlert(self, request, context):
         spec = convert.from_proto_alert(request.usage_alert)
@@ -315,7 +285,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             )
             return convert.to_proto_alert(view)
 
-        return await _hiding_absence(
+        return await hiding_absence(
             self._idempotent("UpdateUsageAlert", request, quota_pb2.UsageAlert, work)
         )
 
@@ -324,7 +294,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             await alerts.delete_alert(self.ctx, uow, request.alert_id, _check_rule)
             return empty_pb2.Empty()
 
-        return await _hiding_absence(self.ctx.db.transaction(work))
+        return await hiding_absence(self.ctx.db.transaction(work))
 
     # --- events --------------------------------------------------------------------------
 
