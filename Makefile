@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed  ## Create the virtual environment with every dependency
 
 proto: venv  ## Regenerate Python stubs (and .pyi) from protos/ into shared/gen
-	rm -rf $(GEN)/allot && mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc
+	rm -rf $(GEN)/allot && mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc $(PROTO_DEPS)/google/type
 	cp $(SITE)/google/rpc/*.proto $(PROTO_DEPS)/google/rpc/
+	cp $(SITE)/google/type/*.proto $(PROTO_DEPS)/google/type/
 	$(PY) -m grpc_tools.protoc -I protos -I $(SITE) --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) \
 	  $$(find protos -name '*.proto' | sort)
