@@ -22,7 +22,11 @@ from shared.auth import ACCOUNT_FULL, ADMIN, ROLES, SERVICE, TokenVerifier
 from shared.settings import Settings, SettingsError
 
 # The services of the suite: name -> module run with `python -m`.
-SERVICES = {"quota": "services.quota", "notification": "services.notification"}
+SERVICES = {
+    "quota": "services.quota",
+    "billing": "services.billing",
+    "notification": "services.notification",
+}
 DEMO_ACCOUNT = "demo-account"
 READY_TIMEOUT = 60.0
 

@@ -63,6 +63,10 @@ class NotFound(AllotError):
     kind = Kind.NOT_FOUND
 
 
+class AlreadyExists(AllotError):
+    kind = Kind.ALREADY_EXISTS
+
+
 class FailedPrecondition(AllotError):
     kind = Kind.FAILED_PRECONDITION
 

@@ -35,6 +35,7 @@ def test_try_it_runs_verbatim(tmp_path):
         ALLOT_DATA_DIR=str(tmp_path / "var"),
         ALLOT_QUOTA_ADDR=f"127.0.0.1:{free_port()}",
         ALLOT_NOTIFICATION_ADDR=f"127.0.0.1:{free_port()}",
+        ALLOT_BILLING_ADDR=f"127.0.0.1:{free_port()}",
     )
     for key in ("ALLOT_AUTH_SECRET", "ALLOT_AUTH_SECRET_FILE"):
         env.pop(key, None)

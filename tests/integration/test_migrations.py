@@ -14,6 +14,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import BigInteger, Column, MetaData, inspect, text
 
+from services.billing.adapters import tables as billing_tables
+from services.billing.service import BillingService
 from services.notification.adapters import tables as notification_tables
 from services.notification.service import NotificationService
 from services.quota.adapters import tables as quota_tables
@@ -28,6 +30,11 @@ SERVICES = {
         quota_tables.metadata,
         QuotaService,
         {"packages", "api_subscriptions", "usage_events", "account_standings", "usage_alerts"},
+    ),
+    "billing": (
+        billing_tables.metadata,
+        BillingService,
+        {"accounts", "ledger", "consumer_cursors", "consumer_leases"},
     ),
     "notification": (
         notification_tables.metadata,

@@ -1,0 +1,75 @@
+"""Billing's tables (SQLAlchemy Core). Money is integer micro-units of the account's currency;
+instants are integer microseconds (UTC)."""
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    false,
+)
+
+from shared.consumer import consumer_tables
+from shared.idempotency import idempotency_table
+from shared.outbox import outbox_tables
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("display_name", String(200), nullable=False),
+    Column("kind", SmallInteger, nullable=False),
+    Column("master_account_id", String(64), nullable=False, server_default=""),
+    Column("currency_code", String(3), nullable=False),
+    # A member's own balance stays 0: its charges are taken from its master's.
+    Column("balance_micros", BigInteger, nullable=False),
+    Column("standing", SmallInteger, nullable=False),
+    Column("standing_change_time_us", BigInteger, nullable=True),
+    Column("grace_end_time_us", BigInteger, nullable=True),
+    Column("retention_end_time_us", BigInteger, nullable=True),
+    Column("grace_period_s", BigInteger, nullable=False),
+    Column("retention_period_s", BigInteger, nullable=False),
+    Column("balance_alert_micros", BigInteger, nullable=True),
+    # The balance alert fired and waits for the balance to rise above the threshold again.
+    Column("balance_alert_fired", Boolean, nullable=False, server_default=false()),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+    Index("ix_accounts_master", "master_account_id"),
+)
+
+# Every change of a balance, signed by its effect (top-ups +, charges -): bills are read from
+# here, so the sum of a month's lines is the change of the balance.
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("entry_id", String(40), primary_key=True),
+    # Whose bill the line is on, and whose balance paid (a member's master).
+    Column("account_id", String(64), nullable=False),
+    Column("paying_account_id", String(64), nullable=False),
+    Column("kind", SmallInteger, nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("region", String(64), nullable=False, server_default=""),
+    Column("api", String(64), nullable=False, server_default=""),
+    Column("enterprise_project_id", String(64), nullable=False, server_default=""),
+    Column("cycle_start_us", BigInteger, nullable=True),
+    Column("cycle_end_us", BigInteger, nullable=True),
+    Column("quantity", BigInteger, nullable=False, server_default="0"),
+    # JSON: the tier breakdown of a pay-per-use line.
+    Column("tiers", Text, nullable=False, server_default="[]"),
+    Column("order_id", String(40), nullable=False, server_default=""),
+    Column("description", String(500), nullable=False, server_default=""),
+    Column("occur_time_us", BigInteger, nullable=False),
+    Index("ix_ledger_account_time", "account_id", "occur_time_us"),
+    Index("ix_ledger_payer_time", "paying_account_id", "occur_time_us"),
+)
+
+idempotency_keys = idempotency_table(metadata)
+outbox_events, outbox_counter = outbox_tables(metadata)
+consumer_cursors, consumer_leases = consumer_tables(metadata)

@@ -1,0 +1,105 @@
+"""Protobuf <-> billing use-case types. Money crosses as google.type.Money and lives inside as
+integer micro-units."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+from allot.billing.v1 import billing_pb2
+from google.type import money_pb2
+
+from services.billing.app.accounts import Account, AccountInput
+from shared.catalog import Offer, PriceTier
+from shared.errors import InvalidArgument
+from shared.timeutil import from_duration, to_timestamp
+
+NANOS_PER_MICRO = 1000
+
+
+def money_to_micros(money: money_pb2.Money, field: str) -> int:
+    """Exact micro-units; finer than a micro-unit, or mixed signs, is INVALID_ARGUMENT."""
+    if money.nanos % NANOS_PER_MICRO:
+        raise InvalidArgument(field, f"{field} has more than 6 decimals")
+    if not -999_999_999 <= money.nanos <= 999_999_999 or (
+        money.units and money.nanos and (money.units > 0) != (money.nanos > 0)
+    ):
+        raise InvalidArgument(field, f"{field} is not a valid google.type.Money")
+    return money.units * 1_000_000 + money.nanos // NANOS_PER_MICRO
+
+
+def micros_to_money(micros: int, currency: str) -> money_pb2.Money:
+    units = int(micros / 1_000_000)  # truncates toward zero: units and nanos share the sign
+    return money_pb2.Money(
+        currency_code=currency, units=units, nanos=(micros - units * 1_000_000) * NANOS_PER_MICRO
+    )
+
+
+def decimal_to_money(amount: Decimal, currency: str) -> money_pb2.Money:
+    return micros_to_money(int(amount * 1_000_000), currency)
+
+
+def from_proto_account(account: billing_pb2.Account) -> AccountInput:
+    return AccountInput(
+        account_id=account.account_id,
+        display_name=account.display_name,
+        kind=account.kind,
+        master_account_id=account.master_account_id,
+        currency_code=account.currency_code,
+        grace_period=from_duration(account.grace_period, "account.grace_period")
+        if account.HasField("grace_period")
+        else None,
+        retention_period=from_duration(account.retention_period, "account.retention_period")
+        if account.HasField("retention_period")
+        else None,
+    )
+
+
+def _duration(value: timedelta):
+    from google.protobuf import duration_pb2
+
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value)
+    return d
+
+
+def to_proto_account(account: Account) -> billing_pb2.Account:
+    message = billing_pb2.Account(
+        account_id=account.account_id,
+        display_name=account.display_name,
+        kind=int(account.kind),
+        master_account_id=account.master_account_id,
+        currency_code=account.currency_code,
+        standing=int(account.standing),
+        balance=micros_to_money(account.balance_micros, account.currency_code),
+        grace_period=_duration(account.grace_period),
+        retention_period=_duration(account.retention_period),
+        create_time=to_timestamp(account.create_time),
+        update_time=to_timestamp(account.update_time),
+    )
+    if account.balance_alert_micros is not None:
+        message.balance_alert_threshold.CopyFrom(
+            micros_to_money(account.balance_alert_micros, account.currency_code)
+        )
+    for name in ("standing_change_time", "grace_end_time", "retention_end_time"):
+        value = getattr(account, name)
+        if value is not None:
+            getattr(message, name).CopyFrom(to_timestamp(value))
+    return message
+
+
+def to_proto_offer(offer: Offer, currency: str) -> billing_pb2.Offer:
+    return billing_pb2.Offer(
+        offer_id=offer.id,
+        api=offer.api,
+        regions=list(offer.regions),
+        quantity=offer.quantity,
+        validity_months=offer.validity_months,
+        price=decimal_to_money(offer.price, currency),
+    )
+
+
+def to_proto_tier(tier: PriceTier, currency: str) -> billing_pb2.PriceTier:
+    return billing_pb2.PriceTier(
+        up_to_quantity=tier.up_to or 0, unit_price=decimal_to_money(tier.unit_price, currency)
+    )

@@ -1,0 +1,162 @@
+"""allot.billing.v1.BillingService: requests in, use cases called, responses out.
+
+Accounts, top-ups, balance alerts and the catalog are served; orders, API subscriptions,
+pay-per-use settlement, arrears by the clock and bills answer UNIMPLEMENTED until they are
+built (see the billing issue).
+"""
+
+from __future__ import annotations
+
+from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
+
+from services.billing.api import convert
+from services.billing.app import accounts
+from services.billing.app.context import BillingContext
+from shared.auth import check_scope, current_principal, hiding_absence
+from shared.errors import InvalidArgument, Unimplemented
+from shared.idempotency import IdempotencyStore
+from shared.pagination import decode_page_token, page_of, page_size
+
+
+class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
+    def __init__(self, ctx: BillingContext, idempotency: IdempotencyStore) -> None:
+        self.ctx = ctx
+        self.idempotency = idempotency
+
+    async def _idempotent(self, scope, request, response_type, work):
+        return await self.idempotency.run(
+            self.ctx.db, scope, request, response_type, work, self.ctx.now
+        )
+
+    # --- accounts -------------------------------------------------------------------------
+
+    async def CreateAccount(self, request, context):
+        spec = convert.from_proto_account(request.account)
+
+        async def work(uow):
+            return convert.to_proto_account(await accounts.create_account(self.ctx, uow, spec))
+
+        return await self._idempotent("CreateAccount", request, billing_pb2.Account, work)
+
+    async def GetAccount(self, request, context):
+        account = await hiding_absence(accounts.get_account(self.ctx, request.account_id))
+        check_scope(account.account_id)
+        return convert.to_proto_account(account)
+
+    async def ListAccounts(self, request, context):
+        principal = current_principal()
+        only = None if principal.is_operator else principal.account
+        after = decode_page_token(request)
+        limit = page_size(request.page_size)
+        found = await accounts.list_accounts(
+            self.ctx, only, request.master_account_id, after[0] if after else None, limit + 1
+        )
+        page, token = page_of(found, limit, lambda a: [a.account_id], request)
+        return billing_service_pb2.ListAccountsResponse(
+            accounts=[convert.to_proto_account(a) for a in page], next_page_token=token
+        )
+
+    async def TopUp(self, request, context):
+        amount = convert.money_to_micros(request.amount, "amount")
+
+        async def work(uow):
+            account = await accounts.top_up(
+                self.ctx, uow, request.account_id, amount, request.amount.currency_code
+            )
+            return convert.to_proto_account(account)
+
+        return await hiding_absence(self._idempotent("TopUp", request, billing_pb2.Account, work))
+
+    async def SetBalanceAlert(self, request, context):
+        threshold = (
+            convert.money_to_micros(request.threshold, "threshold")
+            if request.HasField("threshold")
+            else None
+        )
+
+        async def work(uow):
+            account = await accounts.set_balance_alert(
+                self.ctx, uow, request.account_id, threshold, request.threshold.currency_code
+            )
+            return convert.to_proto_account(account)
+
+        return await hiding_absence(
+            self._idempotent("SetBalanceAlert", request, billing_pb2.Account, work)
+        )
+
+    # --- catalog --------------------------------------------------------------------------
+
+    async def ListOffers(self, request, context):
+        catalog = self.ctx.catalog
+        if request.api and not catalog.has_api(request.api):
+            raise InvalidArgument("api", f"unknown api {request.api!r}", reason="UNKNOWN_API")
+        if request.region and not catalog.has_region(request.region):
+            raise InvalidArgument(
+                "region", f"unknown region {request.region!r}", reason="UNKNOWN_REGION"
+            )
+        offers = sorted(catalog.offers_for(request.api, request.region), key=lambda o: o.id)
+        after = decode_page_token(request)
+        if after:
+            offers = [o for o in offers if o.id > after[0]]
+        limit = page_size(request.page_size)
+        page, token = page_of(offers[: limit + 1], limit, lambda o: [o.id], request)
+        return billing_service_pb2.ListOffersResponse(
+            offers=[convert.to_proto_offer(o, catalog.currency) for o in page],
+            next_page_token=token,
+        )
+
+    async def ListPriceTiers(self, request, context):
+        catalog = self.ctx.catalog
+        if not request.api:
+            raise InvalidArgument("api", "api is required")
+        if not catalog.has_api(request.api):
+            raise InvalidArgument("api", f"unknown api {request.api!r}", reason="UNKNOWN_API")
+        if request.region and not catalog.has_region(request.region):
+            raise InvalidArgument(
+                "region", f"unknown region {request.region!r}", reason="UNKNOWN_REGION"
+            )
+        api = catalog.apis[request.api]
+        return billing_service_pb2.ListPriceTiersResponse(
+            tiers=[
+                convert.to_proto_tier(t, catalog.currency) for t in api.tiers_for(request.region)
+            ],
+            free_monthly_quantity=api.free_monthly_quantity,
+        )
+
+    # --- built next (the billing issue) ---------------------------------------------------
+
+    async def PurchasePackage(self, request, context):
+        raise Unimplemented("PurchasePackage")
+
+    async def RenewPackage(self, request, context):
+        raise Unimplemented("RenewPackage")
+
+    async def SetAutoRenew(self, request, context):
+        raise Unimplemented("SetAutoRenew")
+
+    async def CancelOrder(self, request, context):
+        raise Unimplemented("CancelOrder")
+
+    async def GetOrder(self, request, context):
+        raise Unimplemented("GetOrder")
+
+    async def ListOrders(self, request, context):
+        raise Unimplemented("ListOrders")
+
+    async def SubscribeApi(self, request, context):
+        raise Unimplemented("SubscribeApi")
+
+    async def UnsubscribeApi(self, request, context):
+        raise Unimplemented("UnsubscribeApi")
+
+    async def GetBill(self, request, context):
+        raise Unimplemented("GetBill")
+
+    async def ExportBill(self, request, context):
+        raise Unimplemented("ExportBill")
+
+    async def WatchEvents(self, request, context):
+        async for event in self.ctx.outbox.watch(
+            request.after_sequence, request.event_types, stopped=context.done
+        ):
+            yield event

@@ -1,0 +1,24 @@
+"""What billing's use cases run against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from shared.catalog import Catalog
+from shared.clock import Clock
+from shared.db import Database
+from shared.outbox import Outbox
+
+
+@dataclass(frozen=True)
+class BillingContext:
+    db: Database
+    clock: Clock
+    catalog: Catalog
+    outbox: Outbox
+    tz: ZoneInfo
+
+    def now(self) -> datetime:
+        return self.clock.now()
