@@ -69,7 +69,7 @@ class Settings:
         "ALLOT_DELIVERY_BACKOFF_SECONDS", "60", "delay before the first delivery retry"
     )
     delivery_backoff_factor: str = _setting(
-        "ALLOT_DELIVERY_BACKOFF_FACTOR", "4", "each retry waits this many times longer"
+        "ALLOT_DELIVERY_BACKOFF_FACTOR", "3", "each retry waits this many times longer"
     )
     consumer_lease_seconds: str = _setting(
         "ALLOT_CONSUMER_LEASE_SECONDS", "15", "how long a stream consumer's lease lasts"

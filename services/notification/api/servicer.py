@@ -111,6 +111,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 yield notification
 
     async def RetryDelivery(self, request, context):
+        notifications.check_delivery_key(request.notification_id, request.contact_id)
+
         async def work(uow):
             view = await notifications.load_view(uow, request.notification_id)
             check_scope(view.account_id)

@@ -199,7 +199,8 @@ async def _attempt(ctx: NotificationContext, key: tuple[str, str], now: datetime
             address=contact.address,
             subject=view.subject,
             body=view.body,
-            message_type=view.message_type.name,
+            # The API's name of the type (MESSAGE_TYPE_USAGE_ALERT), as clients know it.
+            message_type=f"MESSAGE_TYPE_{view.message_type.name}",
             payload=view.data,
             create_time=view.create_time,
             secret=contact.webhook_secret,
@@ -240,14 +241,18 @@ async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str
     await uow.session.execute(update(t.deliveries).where(*where).values(**values))
 
 
-async def retry_delivery(
-    ctx: NotificationContext, uow: UnitOfWork, notification_id: str, contact_id: str
-) -> None:
-    """Send a delivery again now, with a fresh set of attempts (typically a FAILED one)."""
+def check_delivery_key(notification_id: str, contact_id: str) -> None:
     if not notification_id:
         raise InvalidArgument("notification_id", "notification_id is required")
     if not contact_id:
         raise InvalidArgument("contact_id", "contact_id is required")
+
+
+async def retry_delivery(
+    ctx: NotificationContext, uow: UnitOfWork, notification_id: str, contact_id: str
+) -> None:
+    """Send a delivery again now, with a fresh set of attempts (typically a FAILED one)."""
+    check_delivery_key(notification_id, contact_id)
     d = t.deliveries.c
     result = await uow.session.execute(
         update(t.deliveries)
