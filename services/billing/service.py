@@ -8,9 +8,10 @@ import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.adapters import tables
+from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
 from services.billing.app.context import BillingContext
-from shared.auth import OPERATORS, OWNERS, READERS, Policy, policy
+from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
@@ -62,6 +63,10 @@ class BillingService:
             catalog=runtime.catalog,
             outbox=self.outbox,
             tz=runtime.settings.tz,
+            quota=QuotaClient(
+                runtime.settings.quota_endpoint_map(list(runtime.catalog.regions)),
+                TokenVerifier(runtime.settings.signing_secret()),
+            ),
         )
 
     def policies(self) -> dict[str, Policy]:
@@ -79,4 +84,4 @@ class BillingService:
         self.outbox.close()
 
     async def stop(self) -> None:
-        pass
+        await self.context.quota.close()

@@ -70,6 +70,82 @@ ledger = Table(
     Index("ix_ledger_payer_time", "paying_account_id", "occur_time_us"),
 )
 
+orders = Table(
+    "orders",
+    metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    # Whose balance paid: the account's own, or its master's for an enterprise member.
+    Column("paying_account_id", String(64), nullable=False),
+    Column("kind", SmallInteger, nullable=False),
+    Column("state", SmallInteger, nullable=False),
+    Column("offer_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("api", String(64), nullable=False),
+    Column("enterprise_project_id", String(64), nullable=False, server_default=""),
+    Column("quantity", BigInteger, nullable=False),
+    Column("periods", SmallInteger, nullable=False, server_default="1"),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("package_id", String(40), nullable=False, server_default=""),
+    Column("effective_time_us", BigInteger, nullable=False),
+    Column("expire_time_us", BigInteger, nullable=False),
+    Column("auto_renew", Boolean, nullable=False, server_default=false()),
+    Column("failure_reason", String(500), nullable=False, server_default=""),
+    # PENDING orders: when quota is asked again (it was unreachable).
+    Column("next_attempt_us", BigInteger, nullable=True),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+    Index("ix_orders_account", "account_id", "order_id"),
+    Index("ix_orders_pending", "state", "next_attempt_us"),
+)
+
+auto_renewals = Table(
+    "auto_renewals",
+    metadata,
+    Column("package_id", String(40), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("offer_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("lead_days", SmallInteger, nullable=False),
+    # The package's expiry as billing knows it (moved by every renewal).
+    Column("expire_time_us", BigInteger, nullable=False),
+    Column("next_attempt_us", BigInteger, nullable=True),
+    Column("last_attempt_us", BigInteger, nullable=True),
+    Column("last_failure_reason", String(500), nullable=False, server_default=""),
+    Column("update_time_us", BigInteger, nullable=False),
+    Index("ix_auto_renewals_due", "enabled", "next_attempt_us"),
+)
+
+# Billing's record of the API subscriptions it asked quota for (released accounts lose them).
+api_subscriptions = Table(
+    "api_subscriptions",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("state", SmallInteger, nullable=False),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+)
+
+# Pay-per-use quantity per hourly cycle (billing time zone), filled from quota's
+# pay_per_use_recorded events and settled once the cycle has ended.
+usage_cycles = Table(
+    "usage_cycles",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("enterprise_project_id", String(64), primary_key=True),
+    Column("cycle_start_us", BigInteger, primary_key=True),
+    Column("cycle_end_us", BigInteger, nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("settled", Boolean, nullable=False, server_default=false()),
+    Column("entry_id", String(40), nullable=False, server_default=""),
+    Index("ix_usage_cycles_due", "settled", "cycle_end_us"),
+)
+
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
 consumer_cursors, consumer_leases = consumer_tables(metadata)

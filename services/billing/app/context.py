@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from services.billing.adapters.quota_client import QuotaClient
 from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
@@ -19,6 +20,7 @@ class BillingContext:
     catalog: Catalog
     outbox: Outbox
     tz: ZoneInfo
+    quota: QuotaClient
 
     def now(self) -> datetime:
         return self.clock.now()

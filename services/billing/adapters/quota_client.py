@@ -1,0 +1,169 @@
+"""Billing's calls to the quota service of each region (grant, renew, revoke, enable APIs).
+
+Every command carries a request id derived from the billing order or subscription, so a
+retried call never grants twice. Quota being unreachable is `QuotaUnavailable` (callers keep
+the order pending and retry); anything quota refuses is passed on as an AllotError with
+quota's reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import grpc
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+
+from shared.auth import SERVICE, TokenVerifier
+from shared.consumer import CHANNEL_OPTIONS
+from shared.errors import AllotError, Kind
+from shared.status import error_info
+from shared.timeutil import to_timestamp
+
+# A command to quota that takes longer than this is treated as unreachable and retried.
+CALL_TIMEOUT = 10.0
+UNREACHABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class QuotaUnavailable(AllotError):
+    kind = Kind.UNAVAILABLE
+
+    def __init__(self, region: str, detail: str) -> None:
+        super().__init__(
+            "QUOTA_UNAVAILABLE",
+            f"the quota service of {region} is unreachable: {detail}",
+            region=region,
+        )
+
+
+class QuotaRefused(AllotError):
+    """Quota answered with an error; keeps quota's code and reason."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        info = error_info(error)
+        super().__init__(info.reason if info else error.code().name, error.details() or "")
+        self.kind = (
+            Kind[error.code().name]
+            if error.code().name in Kind.__members__
+            else (Kind.FAILED_PRECONDITION)
+        )
+
+
+class QuotaClient:
+    def __init__(self, endpoints: dict[str, str], verifier: TokenVerifier) -> None:
+        self.endpoints = endpoints
+        self._verifier = verifier
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, region: str) -> quota_service_pb2_grpc.QuotaServiceStub:
+        addr = self.endpoints[region]
+        if addr not in self._channels:
+            self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        return quota_service_pb2_grpc.QuotaServiceStub(self._channels[addr])
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._verifier.mint(SERVICE, user="billing", ttl_seconds=600)
+        return (("authorization", f"Bearer {token}"),)
+
+    async def _call(self, region: str, method: str, request):
+        try:
+            return await getattr(self._stub(region), method)(
+                request, metadata=self._metadata(), timeout=CALL_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in UNREACHABLE:
+                raise QuotaUnavailable(region, error.code().name) from error
+            raise QuotaRefused(error) from error
+
+    async def grant_package(
+        self,
+        request_id: str,
+        *,
+        account_id: str,
+        region: str,
+        api: str,
+        enterprise_project_id: str,
+        quantity: int,
+        effective_time: datetime,
+        expire_time: datetime,
+        order_id: str,
+    ) -> quota_pb2.Package:
+        return await self._call(
+            region,
+            "GrantPackage",
+            quota_service_pb2.GrantPackageRequest(
+                request_id=request_id,
+                package=quota_pb2.Package(
+                    account_id=account_id,
+                    region=region,
+                    api=api,
+                    enterprise_project_id=enterprise_project_id,
+                    source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
+                    total_quantity=quantity,
+                    effective_time=to_timestamp(effective_time),
+                    expire_time=to_timestamp(expire_time),
+                    order_id=order_id,
+                ),
+            ),
+        )
+
+    async def get_package(self, region: str, package_id: str) -> quota_pb2.Package:
+        return await self._call(
+            region, "GetPackage", quota_service_pb2.GetPackageRequest(package_id=package_id)
+        )
+
+    async def renew_package(
+        self,
+        request_id: str,
+        region: str,
+        package_id: str,
+        expire_time: datetime,
+        add_quantity: int,
+    ) -> quota_pb2.Package:
+        return await self._call(
+            region,
+            "RenewPackage",
+            quota_service_pb2.RenewPackageRequest(
+                request_id=request_id,
+                package_id=package_id,
+                expire_time=to_timestamp(expire_time),
+                add_quantity=add_quantity,
+            ),
+        )
+
+    async def revoke_package(
+        self, request_id: str, region: str, package_id: str, reason: str
+    ) -> quota_pb2.Package:
+        return await self._call(
+            region,
+            "RevokePackage",
+            quota_service_pb2.RevokePackageRequest(
+                request_id=request_id, package_id=package_id, reason=reason
+            ),
+        )
+
+    async def enable_api(self, request_id: str, account_id: str, region: str, api: str):
+        return await self._call(
+            region,
+            "EnableApi",
+            quota_service_pb2.EnableApiRequest(
+                request_id=request_id, account_id=account_id, region=region, api=api
+            ),
+        )
+
+    async def disable_api(self, request_id: str, account_id: str, region: str, api: str):
+        return await self._call(
+            region,
+            "DisableApi",
+            quota_service_pb2.DisableApiRequest(
+                request_id=request_id, account_id=account_id, region=region, api=api
+            ),
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
