@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import pathlib
 
 import grpc
@@ -10,11 +12,14 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 from services.billing.adapters import tables
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
+from services.billing.app import orders
 from services.billing.app.context import BillingContext
 from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
+
+log = logging.getLogger("allot.billing")
 
 SERVICE_NAME = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 
@@ -69,6 +74,8 @@ class BillingService:
             ),
         )
 
+        self._tasks: list[asyncio.Task] = []
+
     def policies(self) -> dict[str, Policy]:
         return POLICIES
 
@@ -78,10 +85,23 @@ class BillingService:
         )
 
     async def start(self) -> None:
-        """Orders, settlement and arrears (clock-driven work) arrive with the billing issue."""
+        # Orders quota could not take yet are offered again every few (wall-clock) seconds:
+        # quota coming back must not wait for anyone to move a manual clock.
+        self._tasks.append(asyncio.create_task(self._fulfil_pending(), name="pending-orders"))
+
+    async def _fulfil_pending(self) -> None:
+        while True:
+            try:
+                await orders.fulfil_pending(self.context)
+            except Exception:  # keep retrying; the next round starts from the database
+                log.exception("fulfilling pending orders failed")
+            await asyncio.sleep(orders.RETRY_PENDING.total_seconds())
 
     def quiesce(self) -> None:
         self.outbox.close()
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.context.quota.close()

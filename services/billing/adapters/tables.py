@@ -91,12 +91,10 @@ orders = Table(
     Column("expire_time_us", BigInteger, nullable=False),
     Column("auto_renew", Boolean, nullable=False, server_default=false()),
     Column("failure_reason", String(500), nullable=False, server_default=""),
-    # PENDING orders: when quota is asked again (it was unreachable).
-    Column("next_attempt_us", BigInteger, nullable=True),
     Column("create_time_us", BigInteger, nullable=False),
     Column("update_time_us", BigInteger, nullable=False),
     Index("ix_orders_account", "account_id", "order_id"),
-    Index("ix_orders_pending", "state", "next_attempt_us"),
+    Index("ix_orders_state", "state"),
 )
 
 auto_renewals = Table(

@@ -103,3 +103,27 @@ def to_proto_tier(tier: PriceTier, currency: str) -> billing_pb2.PriceTier:
     return billing_pb2.PriceTier(
         up_to_quantity=tier.up_to or 0, unit_price=decimal_to_money(tier.unit_price, currency)
     )
+
+
+def to_proto_order(order) -> billing_pb2.Order:
+    """The wire form of an order (app.orders.Order)."""
+    return billing_pb2.Order(
+        order_id=order.order_id,
+        kind=int(order.kind),
+        state=int(order.state),
+        account_id=order.account_id,
+        package_id=order.package_id,
+        amount=micros_to_money(order.amount_micros, order.currency_code),
+        create_time=to_timestamp(order.create_time),
+        offer_id=order.offer_id,
+        region=order.region,
+        api=order.api,
+        enterprise_project_id=order.enterprise_project_id,
+        quantity=order.quantity,
+        periods=order.periods,
+        effective_time=to_timestamp(order.effective_time),
+        expire_time=to_timestamp(order.expire_time),
+        update_time=to_timestamp(order.update_time),
+        failure_reason=order.failure_reason,
+        paying_account_id=order.paying_account_id,
+    )

@@ -10,12 +10,18 @@ from __future__ import annotations
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.api import convert
-from services.billing.app import accounts
+from services.billing.app import accounts, orders
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import InvalidArgument, Unimplemented
 from shared.idempotency import IdempotencyStore
 from shared.pagination import decode_page_token, page_of, page_size
+from shared.timeutil import from_timestamp
+from shared.validation import check_account_id
+
+
+def _check_order(order) -> None:
+    check_scope(order.account_id, order.region)
 
 
 class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
@@ -126,7 +132,25 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     # --- built next (the billing issue) ---------------------------------------------------
 
     async def PurchasePackage(self, request, context):
-        raise Unimplemented("PurchasePackage")
+        spec = orders.PurchaseInput(
+            account_id=request.account_id,
+            offer_id=request.offer_id,
+            region=request.region,
+            enterprise_project_id=request.enterprise_project_id,
+            effective_time=from_timestamp(request.effective_time, "effective_time")
+            if request.HasField("effective_time")
+            else None,
+            auto_renew=request.auto_renew,
+        )
+
+        async def work(uow):
+            return convert.to_proto_order(await orders.purchase(self.ctx, uow, spec))
+
+        paid = await hiding_absence(
+            self._idempotent("PurchasePackage", request, billing_pb2.Order, work)
+        )
+        # Ask quota now; a retry of the request answers the order as it is now.
+        return convert.to_proto_order(await orders.fulfil(self.ctx, paid.order_id))
 
     async def RenewPackage(self, request, context):
         raise Unimplemented("RenewPackage")
@@ -135,13 +159,27 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         raise Unimplemented("SetAutoRenew")
 
     async def CancelOrder(self, request, context):
-        raise Unimplemented("CancelOrder")
+        order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))
+        return convert.to_proto_order(order)
 
     async def GetOrder(self, request, context):
-        raise Unimplemented("GetOrder")
+        order = await hiding_absence(
+            self.ctx.db.read(lambda uow: orders.load_order(self.ctx, uow, request.order_id))
+        )
+        _check_order(order)
+        return convert.to_proto_order(order)
 
     async def ListOrders(self, request, context):
-        raise Unimplemented("ListOrders")
+        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        after = decode_page_token(request)
+        limit = page_size(request.page_size)
+        found = await orders.list_orders(
+            self.ctx, account_id, after[0] if after else None, limit + 1
+        )
+        page, token = page_of(found, limit, lambda o: [o.order_id], request)
+        return billing_service_pb2.ListOrdersResponse(
+            orders=[convert.to_proto_order(o) for o in page], next_page_token=token
+        )
 
     async def SubscribeApi(self, request, context):
         raise Unimplemented("SubscribeApi")

@@ -63,14 +63,13 @@ def upgrade() -> None:
         sa.Column("expire_time_us", sa.BigInteger(), nullable=False),
         sa.Column("auto_renew", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("failure_reason", sa.String(length=500), server_default="", nullable=False),
-        sa.Column("next_attempt_us", sa.BigInteger(), nullable=True),
         sa.Column("create_time_us", sa.BigInteger(), nullable=False),
         sa.Column("update_time_us", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("order_id"),
     )
     with op.batch_alter_table("orders", schema=None) as batch_op:
         batch_op.create_index("ix_orders_account", ["account_id", "order_id"], unique=False)
-        batch_op.create_index("ix_orders_pending", ["state", "next_attempt_us"], unique=False)
+        batch_op.create_index("ix_orders_state", ["state"], unique=False)
 
     op.create_table(
         "usage_cycles",
@@ -100,7 +99,7 @@ def downgrade() -> None:
 
     op.drop_table("usage_cycles")
     with op.batch_alter_table("orders", schema=None) as batch_op:
-        batch_op.drop_index("ix_orders_pending")
+        batch_op.drop_index("ix_orders_state")
         batch_op.drop_index("ix_orders_account")
 
     op.drop_table("orders")

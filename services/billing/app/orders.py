@@ -1,0 +1,403 @@
+"""Use cases of orders: purchase a package, cancel it before it starts, fulfil pending ones.
+
+A purchase takes the price from the paying balance and records the order in one transaction
+(idempotent by request_id); then the region's quota service is asked to grant the package with
+the order id as its request id, so a retried grant never grants twice. While quota is
+unreachable the order stays PENDING and is retried in the background until it is FULFILLED;
+the package is effective from the payment instant even when it is granted later. A grant that
+quota refuses fails the order and refunds it. An order whose package has not started yet can
+be cancelled for a full refund.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from allot.billing.v1 import billing_pb2
+from sqlalchemy import insert, select, update
+
+from services.billing.adapters import tables as t
+from services.billing.adapters.quota_client import QuotaUnavailable
+from services.billing.app import accounts
+from services.billing.app.context import BillingContext
+from services.billing.domain.arrears import Standing, may_purchase
+from services.billing.domain.bills import BillLineKind
+from services.billing.domain.money import to_micros
+from services.quota.domain.packages import normalize_project_id
+from services.quota.domain.validity import package_expire_time
+from shared.db import UnitOfWork
+from shared.errors import AllotError, FailedPrecondition, InvalidArgument, NotFound
+from shared.ids import new_id
+from shared.timeutil import from_micros
+from shared.timeutil import to_micros as time_to_micros
+
+log = logging.getLogger("allot.billing.orders")
+
+# A pending order is offered to quota again this often while quota is unreachable.
+RETRY_PENDING = timedelta(seconds=2)
+
+
+class OrderKind(enum.IntEnum):
+    PURCHASE = 1
+    RENEWAL = 2
+    AUTO_RENEWAL = 3
+
+
+class OrderState(enum.IntEnum):
+    PENDING = 1
+    FULFILLED = 2
+    FAILED = 3
+    CANCELLED = 4
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    account_id: str
+    paying_account_id: str
+    kind: OrderKind
+    state: OrderState
+    offer_id: str
+    region: str
+    api: str
+    enterprise_project_id: str
+    quantity: int
+    periods: int
+    amount_micros: int
+    currency_code: str
+    package_id: str
+    effective_time: datetime
+    expire_time: datetime
+    auto_renew: bool
+    failure_reason: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True)
+class PurchaseInput:
+    account_id: str
+    offer_id: str
+    region: str
+    enterprise_project_id: str
+    effective_time: datetime | None
+    auto_renew: bool
+
+
+def order_not_found(order_id: str) -> NotFound:
+    return NotFound("ORDER_NOT_FOUND", f"no order {order_id!r}", order_id=order_id)
+
+
+def _to_order(row, currency: str) -> Order:
+    return Order(
+        order_id=row.order_id,
+        account_id=row.account_id,
+        paying_account_id=row.paying_account_id,
+        kind=OrderKind(row.kind),
+        state=OrderState(row.state),
+        offer_id=row.offer_id,
+        region=row.region,
+        api=row.api,
+        enterprise_project_id=row.enterprise_project_id,
+        quantity=row.quantity,
+        periods=row.periods,
+        amount_micros=row.amount_micros,
+        currency_code=currency,
+        package_id=row.package_id,
+        effective_time=from_micros(row.effective_time_us),
+        expire_time=from_micros(row.expire_time_us),
+        auto_renew=row.auto_renew,
+        failure_reason=row.failure_reason,
+        create_time=from_micros(row.create_time_us),
+        update_time=from_micros(row.update_time_us),
+    )
+
+
+async def load_order(
+    ctx: BillingContext, uow: UnitOfWork, order_id: str, for_update: bool = False
+) -> Order:
+    if not order_id:
+        raise InvalidArgument("order_id", "order_id is required")
+    query = select(t.orders).where(t.orders.c.order_id == order_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await uow.session.execute(query)).first()
+    if row is None:
+        raise order_not_found(order_id)
+    return _to_order(row, ctx.catalog.currency)
+
+
+def announce(ctx: BillingContext, uow: UnitOfWork, order: Order, previous: OrderState | None):
+    from services.billing.api.convert import to_proto_order  # the wire form of the event
+
+    payload = billing_pb2.OrderUpdated(order=to_proto_order(order))
+    if previous is not None:
+        payload.previous_state = int(previous)
+    ctx.outbox.add(uow, "order_updated", payload, ctx.now())
+
+
+async def _charge(
+    ctx: BillingContext,
+    uow: UnitOfWork,
+    payer_id: str,
+    account_id: str,
+    amount: int,
+    kind: BillLineKind,
+    order_id: str,
+    description: str,
+) -> None:
+    """Move `amount` (signed effect) on the payer's balance, with its ledger line."""
+    a = t.accounts.c
+    now_us = time_to_micros(ctx.now())
+    await uow.session.execute(
+        update(t.accounts)
+        .where(a.account_id == payer_id)
+        .values(balance_micros=a.balance_micros + amount, update_time_us=now_us)
+    )
+    await uow.session.execute(
+        insert(t.ledger).values(
+            entry_id=new_id("led"),
+            account_id=account_id,
+            paying_account_id=payer_id,
+            kind=int(kind),
+            amount_micros=amount,
+            order_id=order_id,
+            description=description,
+            occur_time_us=now_us,
+        )
+    )
+
+
+async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) -> Order:
+    """Pay for an offer and record the PENDING order (quota is asked after the commit)."""
+    now = ctx.now()
+    offer = ctx.catalog.offers.get(spec.offer_id)
+    if offer is None:
+        raise InvalidArgument(
+            "offer_id",
+            f"unknown offer {spec.offer_id!r}",
+            reason="UNKNOWN_OFFER",
+            offer_id=spec.offer_id,
+        )
+    if not spec.region:
+        raise InvalidArgument("region", "region is required")
+    if not ctx.catalog.has_region(spec.region):
+        raise InvalidArgument("region", f"unknown region {spec.region!r}", reason="UNKNOWN_REGION")
+    if spec.region not in offer.regions:
+        raise InvalidArgument(
+            "region",
+            f"offer {offer.id!r} is not sold in {spec.region!r}",
+            reason="OFFER_NOT_IN_REGION",
+        )
+    project = spec.enterprise_project_id
+    if project and normalize_project_id(project) != project:
+        raise InvalidArgument(
+            "enterprise_project_id", "enterprise_project_id must be 1-64 letters, digits, - or _"
+        )
+    effective = spec.effective_time or now
+    if effective < now:
+        raise InvalidArgument("effective_time", "effective_time must not lie in the past")
+    account = await accounts.load_account(uow, spec.account_id)
+    payer_id = account.master_account_id or account.account_id
+    payer = await accounts.load_account(uow, payer_id, for_update=True)
+    if not may_purchase(Standing(payer.standing)):
+        raise FailedPrecondition(
+            "ACCOUNT_IN_ARREARS",
+            f"account {payer_id!r} is in arrears ({payer.standing.name}): top up first",
+            account_id=payer_id,
+            standing=payer.standing.name,
+        )
+    price = to_micros(offer.price)
+    if payer.balance_micros < price:
+        raise FailedPrecondition(
+            "INSUFFICIENT_BALANCE",
+            f"the price {offer.price} {ctx.catalog.currency} exceeds the balance",
+            account_id=payer_id,
+            price=offer.price,
+        )
+    order_id = new_id("ord")
+    now_us = time_to_micros(now)
+    await uow.session.execute(
+        insert(t.orders).values(
+            order_id=order_id,
+            account_id=account.account_id,
+            paying_account_id=payer_id,
+            kind=int(OrderKind.PURCHASE),
+            state=int(OrderState.PENDING),
+            offer_id=offer.id,
+            region=spec.region,
+            api=offer.api,
+            enterprise_project_id=project,
+            quantity=offer.quantity,
+            periods=1,
+            amount_micros=price,
+            effective_time_us=time_to_micros(effective),
+            expire_time_us=time_to_micros(
+                package_expire_time(effective, offer.validity_months, ctx.tz)
+            ),
+            auto_renew=spec.auto_renew,
+            create_time_us=now_us,
+            update_time_us=now_us,
+        )
+    )
+    await _charge(
+        ctx,
+        uow,
+        payer_id,
+        account.account_id,
+        -price,
+        BillLineKind.PACKAGE_PURCHASE,
+        order_id,
+        f"{offer.id} in {spec.region}",
+    )
+    order = await load_order(ctx, uow, order_id)
+    announce(ctx, uow, order, None)
+    return order
+
+
+async def fulfil(ctx: BillingContext, order_id: str) -> Order:
+    """Ask quota for the package of a PENDING order; leaves it PENDING while quota is away."""
+    order = await ctx.db.read(lambda uow: load_order(ctx, uow, order_id))
+    if order.state != OrderState.PENDING:
+        return order
+    try:
+        package = await ctx.quota.grant_package(
+            order.order_id,
+            account_id=order.account_id,
+            region=order.region,
+            api=order.api,
+            enterprise_project_id=order.enterprise_project_id,
+            quantity=order.quantity,
+            effective_time=order.effective_time,
+            expire_time=order.expire_time,
+            order_id=order.order_id,
+        )
+    except QuotaUnavailable as exc:
+        log.info("order %s stays pending: %s", order_id, exc)
+        return order
+    except AllotError as exc:
+        reason = f"{exc.reason}: {exc.message}"
+        return await ctx.db.transaction(lambda uow: _fail(ctx, uow, order_id, reason))
+    done = await ctx.db.transaction(lambda uow: _fulfilled(ctx, uow, order_id, package))
+    if done.state == OrderState.CANCELLED:
+        await _revoke(ctx, done, package.package_id)  # cancelled while being granted
+    return done
+
+
+async def _set_state(
+    ctx: BillingContext, uow: UnitOfWork, order: Order, state: OrderState, **values
+) -> Order:
+    await uow.session.execute(
+        update(t.orders)
+        .where(t.orders.c.order_id == order.order_id)
+        .values(
+            state=int(state),
+            update_time_us=time_to_micros(ctx.now()),
+            **values,
+        )
+    )
+    changed = await load_order(ctx, uow, order.order_id)
+    announce(ctx, uow, changed, order.state)
+    return changed
+
+
+async def _fulfilled(ctx: BillingContext, uow: UnitOfWork, order_id: str, package) -> Order:
+    order = await load_order(ctx, uow, order_id, for_update=True)
+    if order.state != OrderState.PENDING:
+        return order  # cancelled meanwhile: fulfil() revokes what was granted
+    return await _set_state(ctx, uow, order, OrderState.FULFILLED, package_id=package.package_id)
+
+
+async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str) -> Order:
+    order = await load_order(ctx, uow, order_id, for_update=True)
+    if order.state != OrderState.PENDING:
+        return order
+    await _charge(
+        ctx,
+        uow,
+        order.paying_account_id,
+        order.account_id,
+        order.amount_micros,
+        BillLineKind.REFUND,
+        order.order_id,
+        f"refund: {reason}"[:500],
+    )
+    return await _set_state(ctx, uow, order, OrderState.FAILED, failure_reason=reason[:500])
+
+
+async def fulfil_pending(ctx: BillingContext) -> int:
+    """Offer PENDING orders to quota again, oldest first. It runs every RETRY_PENDING of wall
+    time (not the business clock): quota coming back must not wait for a clock to move."""
+    o = t.orders.c
+    query = (
+        select(o.order_id).where(o.state == int(OrderState.PENDING)).order_by(o.order_id).limit(100)
+    )
+    ids = [r.order_id for r in await ctx.db.read(lambda uow: _all(uow, query))]
+    done = 0
+    for order_id in ids:
+        if (await fulfil(ctx, order_id)).state != OrderState.PENDING:
+            done += 1
+    return done
+
+
+async def _all(uow: UnitOfWork, query):
+    return (await uow.session.execute(query)).all()
+
+
+async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
+    """Cancel an order whose package has not started: revoke it in quota, refund in full."""
+    order = await ctx.db.read(lambda uow: load_order(ctx, uow, order_id))
+    guard(order)
+    if order.state == OrderState.CANCELLED:
+        return order
+    if order.state not in (OrderState.PENDING, OrderState.FULFILLED) or (
+        order.effective_time <= ctx.now()
+    ):
+        raise FailedPrecondition(
+            "ORDER_NOT_CANCELLABLE",
+            "only orders whose package has not started can be cancelled",
+            order_id=order_id,
+            state=order.state.name,
+        )
+    if order.package_id:
+        # Revoke first: if quota is away nothing has changed and the caller can retry.
+        await _revoke(ctx, order, order.package_id)
+
+    async def mark(uow: UnitOfWork) -> Order:
+        current = await load_order(ctx, uow, order_id, for_update=True)
+        if current.state == OrderState.CANCELLED:
+            return current
+        await _charge(
+            ctx,
+            uow,
+            current.paying_account_id,
+            current.account_id,
+            current.amount_micros,
+            BillLineKind.REFUND,
+            current.order_id,
+            "refund: order cancelled",
+        )
+        return await _set_state(ctx, uow, current, OrderState.CANCELLED)
+
+    # A PENDING order's grant racing this cancel is revoked by fulfil() when it sees CANCELLED.
+    return await ctx.db.transaction(mark)
+
+
+async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:
+    await ctx.quota.revoke_package(
+        f"cancel-{order.order_id}", order.region, package_id, "order cancelled"
+    )
+
+
+async def list_orders(
+    ctx: BillingContext, account_id: str, after_id: str | None, limit: int
+) -> list[Order]:
+    o = t.orders.c
+    query = select(t.orders).where(o.account_id == account_id).order_by(o.order_id).limit(limit)
+    if after_id:
+        query = query.where(o.order_id > after_id)
+    rows = await ctx.db.read(lambda uow: _all(uow, query))
+    return [_to_order(r, ctx.catalog.currency) for r in rows]

@@ -1,0 +1,193 @@
+"""Purchases through real billing and quota servers (in-process, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
+from allot.quota.v1 import quota_pb2, quota_service_pb2
+from google.type import money_pb2
+
+from services.billing.service import BillingService
+from shared.server import Server, build_runtime
+from shared.settings import Settings
+from shared.status import error_info
+from tests.support import servers
+from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
+
+REQ = billing_service_pb2
+ADMIN = Tokens.md(Tokens().admin())
+START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in UTC+08:00
+
+
+@contextlib.asynccontextmanager
+async def running_billing(database_url, tmp_path, quota_addr):
+    settings = Settings.from_env(
+        environ={},
+        data_dir=str(tmp_path),
+        billing_database_url=database_url,
+        billing_addr="127.0.0.1:0",
+        quota_addr=quota_addr,
+        auth_secret=TEST_SECRET,
+        shutdown_grace="2",
+        clock="manual",
+        clock_start=START,
+    )
+    runtime = build_runtime(settings, "billing")
+    server = Server(runtime, BillingService(runtime), settings.billing_addr)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.bound_addr)
+    try:
+        yield billing_service_pb2_grpc.BillingServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def second_database(kind, tmp_path):
+    """Billing's own database, of the same dialect as quota's."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
+        return
+    url = await create_postgres_database()
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(url)
+
+
+def dialect(database_url: str) -> str:
+    return "sqlite" if database_url.startswith("sqlite") else "postgresql"
+
+
+async def funded(billing, account_id: str, units: int) -> None:
+    await billing.CreateAccount(
+        REQ.CreateAccountRequest(account=billing_pb2.Account(account_id=account_id)),
+        metadata=ADMIN,
+    )
+    await billing.TopUp(
+        REQ.TopUpRequest(
+            request_id=f"fund-{account_id}",
+            account_id=account_id,
+            amount=money_pb2.Money(currency_code="USD", units=units),
+        ),
+        metadata=ADMIN,
+    )
+
+
+def purchase(account_id: str, request_id: str = "buy-1", **fields):
+    return REQ.PurchasePackageRequest(
+        request_id=request_id,
+        account_id=account_id,
+        offer_id="passport-100k-1y",
+        region="ap-southeast-1",
+        **fields,
+    )
+
+
+async def balance(billing, account_id: str) -> tuple[int, int]:
+    account = await billing.GetAccount(REQ.GetAccountRequest(account_id=account_id), metadata=ADMIN)
+    return account.balance.units, account.balance.nanos
+
+
+async def packages(quota, account_id: str) -> list[quota_pb2.Package]:
+    listing = await quota.stub.ListPackages(
+        quota_service_pb2.ListPackagesRequest(account_id=account_id), metadata=ADMIN
+    )
+    return list(listing.packages)
+
+
+async def test_purchase_grants_a_year_to_the_last_second_and_charges_once(database_url, tmp_path):
+    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    async with (
+        running_quota(settings) as quota,
+        second_database(dialect(database_url), tmp_path) as billing_url,
+        running_billing(billing_url, tmp_path, quota.addr) as billing,
+    ):
+        await funded(billing, "acme", 200)
+        order = await billing.PurchasePackage(purchase("acme"), metadata=ADMIN)
+        assert order.state == billing_pb2.ORDER_STATE_FULFILLED
+        assert (order.amount.units, order.amount.nanos) == (180, 0)
+        again = await billing.PurchasePackage(purchase("acme"), metadata=ADMIN)
+        assert again.order_id == order.order_id
+        assert await balance(billing, "acme") == (20, 0)
+        (package,) = await packages(quota, "acme")
+        assert package.package_id == order.package_id
+        assert package.order_id == order.order_id
+        assert package.total_quantity == 100_000
+        # 2024-04-19 23:59:59 in UTC+08:00.
+        assert package.expire_time.ToJsonString() == "2024-04-19T15:59:59Z"
+        assert package.state == quota_pb2.PACKAGE_STATE_ACTIVE
+
+        with pytest.raises(grpc.aio.AioRpcError) as short:
+            await billing.PurchasePackage(purchase("acme", "buy-2"), metadata=ADMIN)
+        assert short.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(short.value).reason == "INSUFFICIENT_BALANCE"
+        assert await balance(billing, "acme") == (20, 0)
+
+
+async def test_purchase_waits_for_quota_and_is_granted_once(tmp_path):
+    port = free_port()
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
+    async with running_billing(
+        f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}", tmp_path, f"127.0.0.1:{port}"
+    ) as billing:
+        await funded(billing, "acme", 200)
+        order = await billing.PurchasePackage(purchase("acme"), metadata=ADMIN)
+        assert order.state == billing_pb2.ORDER_STATE_PENDING
+        assert await balance(billing, "acme") == (20, 0)  # paid at once
+
+        settings = servers.test_settings(
+            database_url,
+            tmp_path,
+            clock="manual",
+            clock_start=START,
+            quota_addr=f"127.0.0.1:{port}",
+        )
+        async with running_quota(settings) as quota:
+            for _ in range(100):  # bounded: ~20 s
+                order = await billing.GetOrder(
+                    REQ.GetOrderRequest(order_id=order.order_id), metadata=ADMIN
+                )
+                if order.state != billing_pb2.ORDER_STATE_PENDING:
+                    break
+                await asyncio.sleep(0.2)
+            assert order.state == billing_pb2.ORDER_STATE_FULFILLED
+            (package,) = await packages(quota, "acme")
+            assert package.package_id == order.package_id
+            # Effective from the payment instant, although granted later.
+            assert package.effective_time.ToJsonString() == "2023-04-19T06:25:10Z"
+
+
+async def test_a_future_order_can_be_cancelled_for_a_full_refund(database_url, tmp_path):
+    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    async with (
+        running_quota(settings) as quota,
+        second_database(dialect(database_url), tmp_path) as billing_url,
+        running_billing(billing_url, tmp_path, quota.addr) as billing,
+    ):
+        await funded(billing, "acme", 400)
+        later = purchase("acme", "buy-later", effective_time={"seconds": 1700000000})
+        order = await billing.PurchasePackage(later, metadata=ADMIN)
+        assert order.state == billing_pb2.ORDER_STATE_FULFILLED
+        cancelled = await billing.CancelOrder(
+            REQ.CancelOrderRequest(request_id="c1", order_id=order.order_id), metadata=ADMIN
+        )
+        assert cancelled.state == billing_pb2.ORDER_STATE_CANCELLED
+        assert await balance(billing, "acme") == (400, 0)
+        (package,) = await packages(quota, "acme")
+        assert package.state == quota_pb2.PACKAGE_STATE_REVOKED
+
+        now = await billing.PurchasePackage(purchase("acme", "buy-now"), metadata=ADMIN)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await billing.CancelOrder(
+                REQ.CancelOrderRequest(request_id="c2", order_id=now.order_id), metadata=ADMIN
+            )
+        assert error_info(refused.value).reason == "ORDER_NOT_CANCELLABLE"
+        listing = await billing.ListOrders(REQ.ListOrdersRequest(account_id="acme"), metadata=ADMIN)
+        assert {o.order_id for o in listing.orders} == {order.order_id, now.order_id}
