@@ -235,11 +235,3 @@ async def test_catalog_offers_and_tiers(billing):
         grpc.StatusCode.INVALID_ARGUMENT,
         "UNKNOWN_API",
     )
-
-
-async def test_orders_are_not_built_yet(billing):
-    await expect(
-        billing.PurchasePackage(REQ.PurchasePackageRequest(account_id="a"), metadata=ADMIN),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "NOT_IMPLEMENTED",
-    )

@@ -191,3 +191,38 @@ async def test_a_future_order_can_be_cancelled_for_a_full_refund(database_url, t
         assert error_info(refused.value).reason == "ORDER_NOT_CANCELLABLE"
         listing = await billing.ListOrders(REQ.ListOrdersRequest(account_id="acme"), metadata=ADMIN)
         assert {o.order_id for o in listing.orders} == {order.order_id, now.order_id}
+
+
+async def test_subscribing_through_billing_enables_the_api_in_quota(database_url, tmp_path):
+    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    async with (
+        running_quota(settings) as quota,
+        second_database(dialect(database_url), tmp_path) as billing_url,
+        running_billing(billing_url, tmp_path, quota.addr) as billing,
+    ):
+        await funded(billing, "acme", 1)
+        request = REQ.SubscribeApiRequest(
+            request_id="sub-1", account_id="acme", region="ap-southeast-1", api="passport"
+        )
+        subscription = await billing.SubscribeApi(request, metadata=ADMIN)
+        assert subscription.state == billing_pb2.API_SUBSCRIPTION_STATE_ACTIVE
+        check = quota_service_pb2.CheckQuotaRequest(
+            account_id="acme", region="ap-southeast-1", api="passport"
+        )
+        assert (await quota.stub.CheckQuota(check, metadata=ADMIN)).allowed
+        await billing.UnsubscribeApi(
+            REQ.UnsubscribeApiRequest(
+                request_id="unsub-1", account_id="acme", region="ap-southeast-1", api="passport"
+            ),
+            metadata=ADMIN,
+        )
+        denied = await quota.stub.CheckQuota(check, metadata=ADMIN)
+        assert denied.deny_reason == quota_service_pb2.DENY_REASON_API_NOT_SUBSCRIBED
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await billing.SubscribeApi(
+                REQ.SubscribeApiRequest(
+                    request_id="sub-2", account_id="acme", region="ap-southeast-1", api="nope"
+                ),
+                metadata=ADMIN,
+            )
+        assert error_info(unknown.value).reason == "UNKNOWN_API"

@@ -127,3 +127,15 @@ def to_proto_order(order) -> billing_pb2.Order:
         failure_reason=order.failure_reason,
         paying_account_id=order.paying_account_id,
     )
+
+
+def to_proto_subscription(subscription) -> billing_pb2.ApiSubscription:
+    """The wire form of app.subscriptions.Subscription."""
+    return billing_pb2.ApiSubscription(
+        account_id=subscription.account_id,
+        region=subscription.region,
+        api=subscription.api,
+        state=subscription.state,
+        create_time=to_timestamp(subscription.create_time),
+        update_time=to_timestamp(subscription.update_time),
+    )

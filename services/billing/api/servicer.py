@@ -10,7 +10,7 @@ from __future__ import annotations
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.api import convert
-from services.billing.app import accounts, orders
+from services.billing.app import accounts, orders, subscriptions
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import InvalidArgument, Unimplemented
@@ -182,10 +182,20 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def SubscribeApi(self, request, context):
-        raise Unimplemented("SubscribeApi")
+        subscription = await hiding_absence(
+            subscriptions.subscribe(
+                self.ctx, request.request_id, request.account_id, request.region, request.api
+            )
+        )
+        return convert.to_proto_subscription(subscription)
 
     async def UnsubscribeApi(self, request, context):
-        raise Unimplemented("UnsubscribeApi")
+        subscription = await hiding_absence(
+            subscriptions.unsubscribe(
+                self.ctx, request.request_id, request.account_id, request.region, request.api
+            )
+        )
+        return convert.to_proto_subscription(subscription)
 
     async def GetBill(self, request, context):
         raise Unimplemented("GetBill")

@@ -1,0 +1,105 @@
+"""Use cases of API subscriptions: billing checks the account's standing, quota enables the API.
+
+Quota trusts its `service` callers; billing is where the account and its standing are
+checked. Billing keeps its own record of what it asked for, so releasing an account can cancel
+its subscriptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+
+from services.billing.adapters import tables as t
+from services.billing.app import accounts
+from services.billing.app.context import BillingContext
+from services.billing.domain.arrears import Standing, may_purchase
+from shared.db import UnitOfWork
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.timeutil import from_micros, to_micros
+
+ACTIVE, CANCELLED = 1, 2
+
+
+@dataclass(frozen=True)
+class Subscription:
+    account_id: str
+    region: str
+    api: str
+    state: int
+    create_time: datetime
+    update_time: datetime
+
+
+def _check(ctx: BillingContext, region: str, api: str) -> None:
+    if not region:
+        raise InvalidArgument("region", "region is required")
+    if not ctx.catalog.has_region(region):
+        raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
+    if not api:
+        raise InvalidArgument("api", "api is required")
+    if not ctx.catalog.has_api(api):
+        raise InvalidArgument("api", f"unknown api {api!r}", reason="UNKNOWN_API")
+
+
+async def subscribe(
+    ctx: BillingContext, request_id: str, account_id: str, region: str, api: str
+) -> Subscription:
+    """Enable an API for an account in good standing (quota first, then billing's record)."""
+    _check(ctx, region, api)
+    account = await ctx.db.read(lambda uow: accounts.load_account(uow, account_id))
+    if not may_purchase(Standing(account.standing)):
+        raise FailedPrecondition(
+            "ACCOUNT_IN_ARREARS",
+            f"account {account_id!r} is in arrears ({account.standing.name})",
+            account_id=account_id,
+            standing=account.standing.name,
+        )
+    await ctx.quota.enable_api(f"subscribe-{request_id or account_id}", account_id, region, api)
+    return await ctx.db.transaction(lambda uow: record(ctx, uow, account_id, region, api, ACTIVE))
+
+
+async def unsubscribe(
+    ctx: BillingContext, request_id: str, account_id: str, region: str, api: str
+) -> Subscription:
+    _check(ctx, region, api)
+    await ctx.db.read(lambda uow: accounts.load_account(uow, account_id))
+    await ctx.quota.disable_api(f"unsubscribe-{request_id or account_id}", account_id, region, api)
+    return await ctx.db.transaction(
+        lambda uow: record(ctx, uow, account_id, region, api, CANCELLED)
+    )
+
+
+async def record(
+    ctx: BillingContext, uow: UnitOfWork, account_id: str, region: str, api: str, state: int
+) -> Subscription:
+    s = t.api_subscriptions.c
+    key = (s.account_id == account_id, s.region == region, s.api == api)
+    now_us = to_micros(ctx.now())
+    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).first()
+    if row is None:
+        await uow.session.execute(
+            insert(t.api_subscriptions).values(
+                account_id=account_id,
+                region=region,
+                api=api,
+                state=state,
+                create_time_us=now_us,
+                update_time_us=now_us,
+            )
+        )
+    elif row.state != state:
+        await uow.session.execute(
+            update(t.api_subscriptions).where(*key).values(state=state, update_time_us=now_us)
+        )
+    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).one()
+    return Subscription(
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        state=row.state,
+        create_time=from_micros(row.create_time_us),
+        update_time=from_micros(row.update_time_us),
+    )
