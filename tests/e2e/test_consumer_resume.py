@@ -39,6 +39,7 @@ REGION = "ap-southeast-1"
 API = "passport"
 STREAM = f"quota:{REGION}"
 LEASE_TTL = 1.5
+REPLICA_TTL = 6.0
 KILLS = 5
 START_TIMEOUT = 60.0
 # Generous bounds for a loaded 2-core machine; each wait stops as soon as its goal is reached.
@@ -94,6 +95,7 @@ class ConsumerProcess:
         holder: str,
         log_path: pathlib.Path,
         max_batch: int = 100,
+        lease_ttl: float = LEASE_TTL,
     ):
         self.args = [
             sys.executable,
@@ -108,7 +110,7 @@ class ConsumerProcess:
             "--stream",
             STREAM,
             "--lease-ttl",
-            str(LEASE_TTL),
+            str(lease_ttl),
             "--holder",
             holder,
             "--max-batch",
@@ -261,8 +263,19 @@ async def test_two_replicas_never_both_apply(produced, consumer_url, tmp_path):
     killed, the other takes over at its cursor. Each row names the replica that applied it."""
     quota_addr, usage_ids = produced
     db = ConsumerDatabase(consumer_url)
+    # A longer lease than elsewhere: on a loaded machine a leader's event loop can stall past
+    # a short ttl, and a correct handover would then look like "both applied".
     replicas = {
-        holder: ConsumerProcess(consumer_url, quota_addr, holder, tmp_path / f"{holder}.log")
+        holder: ConsumerProcess(
+            consumer_url,
+            quota_addr,
+            holder,
+            tmp_path / f"{holder}.log",
+            # One event per transaction: the leader is still busy when it is killed, so the
+            # survivor always has work left (a fast leader could otherwise finish first).
+            max_batch=1,
+            lease_ttl=REPLICA_TTL,
+        )
         for holder in ("a", "b")
     }
     try:
