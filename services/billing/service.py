@@ -12,7 +12,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 from services.billing.adapters import tables
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import orders
+from services.billing.app import orders, standing, usage
 from services.billing.app.context import BillingContext
 from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
 from shared.idempotency import IdempotencyStore
@@ -75,6 +75,7 @@ class BillingService:
         )
 
         self._tasks: list[asyncio.Task] = []
+        self.pay_per_use: usage.PayPerUse | None = None
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -88,6 +89,10 @@ class BillingService:
         # Orders quota could not take yet are offered again every few (wall-clock) seconds:
         # quota coming back must not wait for anyone to move a manual clock.
         self._tasks.append(asyncio.create_task(self._fulfil_pending(), name="pending-orders"))
+        # Pay-per-use: a consumer of each quota deployment's events and the hourly settlement
+        # as due work; then the arrears clock, so one pass of due work sees a grace it started.
+        self.pay_per_use = usage.wire_usage(self)
+        standing.wire_standing(self)
 
     async def _fulfil_pending(self) -> None:
         while True:
@@ -99,8 +104,12 @@ class BillingService:
 
     def quiesce(self) -> None:
         self.outbox.close()
+        if self.pay_per_use is not None:
+            self.pay_per_use.quiesce()
 
     async def stop(self) -> None:
+        if self.pay_per_use is not None:
+            await self.pay_per_use.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,24 +1,34 @@
-"""The quota service as the shared bootstrap runs it: its policy table, servicers, due work."""
+"""The quota service as the shared bootstrap runs it: its policy table, servicers, due work,
+and the consumer of billing's stream that keeps the standing projection (`app/standings.py`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import pathlib
 from datetime import timedelta
 
 import grpc
+from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.quota.adapters import tables
 from services.quota.adapters.events import QuotaEvents
 from services.quota.api.servicer import QuotaServicer
+from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
-from shared.auth import OPERATORS, OWNERS, READERS, Policy, policy
+from shared.auth import OPERATORS, OWNERS, READERS, SERVICE, Policy, TokenVerifier, policy
+from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, grpc_stream
+from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
 from shared.settings import SettingsError
+
+log = logging.getLogger("allot.quota")
 
 SERVICE_NAME = quota_service_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 
@@ -61,6 +71,14 @@ class QuotaService:
     migrations_dir = pathlib.Path(__file__).resolve().parent / "migrations"
     service_names = (SERVICE_NAME,)
 
+    # Billing is one global deployment with one event sequence: its stream has one name, so a
+    # change of ALLOT_BILLING_ADDR (a new host name for the same billing) keeps the cursor.
+    BILLING_STREAM = "billing"
+    # How long stop() waits for the consumer, asked to stop in quiesce(), to give up its lease
+    # (milliseconds on a healthy database), and for a cancelled one to end. Short: a consumer
+    # stuck on a busy database must not hold shutdown past its grace.
+    CONSUMER_STOP_SECONDS = 0.5
+
     def __init__(self, runtime: Runtime) -> None:
         catalog = runtime.catalog
         served = runtime.settings.served_regions or tuple(catalog.regions)
@@ -81,6 +99,10 @@ class QuotaService:
             expiring_notice=timedelta(days=int(runtime.settings.expiring_notice_days)),
             tz=runtime.settings.tz,
         )
+        # Follows billing's account_standing_changed events (started by start()).
+        self.standings_consumer: StreamConsumer | None = None
+        self._consumer_task: asyncio.Task | None = None
+        self._billing_channel: grpc.aio.Channel | None = None
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -92,13 +114,99 @@ class QuotaService:
         quota_service_pb2_grpc.add_QuotaServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        """Announce package activation, expiry and expiring warnings as the clock moves."""
+        """Announce package activation, expiry and expiring warnings as the clock moves, and
+        follow billing's standings (unless ALLOT_BILLING_ADDR is empty)."""
         self.runtime.scheduler.register(
             "quota.packages", lambda now: announce_packages(self.context, now)
+        )
+        addr = self.runtime.settings.billing_addr.strip()
+        if not addr:
+            log.info("ALLOT_BILLING_ADDR is empty: not following billing's account standings")
+            return
+        self.standings_consumer = self._billing_consumer(addr)
+        # Never awaited here: while billing is not running the consumer retries with backoff
+        # in the background and quota serves on (absent standings are GOOD).
+        self._consumer_task = asyncio.create_task(
+            self.standings_consumer.run(), name=f"consume {self.BILLING_STREAM}"
+        )
+
+    def _billing_consumer(self, addr: str) -> StreamConsumer:
+        settings = self.runtime.settings
+        self._billing_channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        stub = billing_service_pb2_grpc.BillingServiceStub(self._billing_channel)
+        verifier = TokenVerifier(settings.signing_secret())
+
+        def metadata():
+            # Minted per connection, so a long-lived consumer never presents an expired token.
+            token = verifier.mint(SERVICE, user="quota", ttl_seconds=3600)
+            return (("authorization", f"Bearer {token}"),)
+
+        async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
+            await standings.apply(self.context, uow, event)
+
+        return _AbandonableConsumer(
+            self.BILLING_STREAM,
+            self.runtime.db,
+            tables.consumer_cursors,
+            tables.consumer_leases,
+            grpc_stream(
+                stub.WatchEvents,
+                lambda after: billing_service_pb2.WatchEventsRequest(
+                    after_sequence=after, event_types=list(standings.EVENT_TYPES)
+                ),
+                metadata,
+            ),
+            apply,
+            lease_ttl=float(settings.consumer_lease_seconds),
         )
 
     def quiesce(self) -> None:
         self.outbox.close()
+        if self.standings_consumer is not None:
+            self.standings_consumer.stop()
 
     async def stop(self) -> None:
+        task, self._consumer_task = self._consumer_task, None
+        if task is not None:
+            await self._end_consumer(task)
         await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))
+        if task is not None:
+            await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
+        channel, self._billing_channel = self._billing_channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _end_consumer(self, task: asyncio.Task) -> None:
+        """The consumer was asked to stop in quiesce() and normally has already returned,
+        giving up its lease. If it has not, it is stuck on a database too busy to answer
+        (a write lock held elsewhere; every attempt waits out SQLite's busy timeout), and
+        giving up the lease would wait on that database again: abandon the lease (it
+        expires by itself) and cancel the consumer, so shutdown stays within its grace."""
+        done, _ = await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
+        if done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("the billing consumer ended with %r", task.exception())
+            return
+        log.warning("the billing consumer is stuck on the database; abandoning its lease")
+        if isinstance(self.standings_consumer, _AbandonableConsumer):
+            self.standings_consumer.abandon()
+        task.cancel()
+
+
+class _AbandonableConsumer(StreamConsumer):
+    """A StreamConsumer whose lease can be left to expire instead of given up on the way out.
+
+    `StreamConsumer.run()` always gives its lease up when it ends, in a transaction; at a
+    shutdown that finds the database locked by another writer, that transaction (and its
+    retries) would hold the process for many busy timeouts. `abandon()` skips it.
+    """
+
+    _abandoned = False
+
+    def abandon(self) -> None:
+        self._abandoned = True
+
+    async def _release(self) -> None:
+        if not self._abandoned:
+            await super()._release()

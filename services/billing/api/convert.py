@@ -135,7 +135,8 @@ def to_proto_subscription(subscription) -> billing_pb2.ApiSubscription:
         account_id=subscription.account_id,
         region=subscription.region,
         api=subscription.api,
-        state=subscription.state,
+        # RELEASING (quota not told yet) is already cancelled for the customer.
+        state=min(subscription.state, 2),
         create_time=to_timestamp(subscription.create_time),
         update_time=to_timestamp(subscription.update_time),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.api import convert
-from services.billing.app import accounts, orders, subscriptions
+from services.billing.app import accounts, bills, orders, subscriptions
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import InvalidArgument, Unimplemented
@@ -198,10 +198,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return convert.to_proto_subscription(subscription)
 
     async def GetBill(self, request, context):
-        raise Unimplemented("GetBill")
+        return await hiding_absence(
+            bills.get_bill_message(self.ctx, request.account_id, request.month)
+        )
 
     async def ExportBill(self, request, context):
-        raise Unimplemented("ExportBill")
+        csv = await hiding_absence(bills.export_bill(self.ctx, request.account_id, request.month))
+        return billing_service_pb2.ExportBillResponse(csv=csv)
 
     async def WatchEvents(self, request, context):
         async for event in self.ctx.outbox.watch(

@@ -273,6 +273,8 @@ async def announce_standing(
     ctx: BillingContext, uow: UnitOfWork, payer: Account, previous: Standing
 ) -> None:
     """account_standing_changed for the paying account and each of its members."""
+    from services.billing.api.convert import micros_to_money  # the wire form (no cycle)
+
     members = (
         await uow.session.execute(
             select(t.accounts.c.account_id).where(
@@ -285,7 +287,11 @@ async def announce_standing(
             account_id=account_id,
             previous_standing=int(previous),
             standing=int(payer.standing),
+            balance=micros_to_money(payer.balance_micros, payer.currency_code),
         )
+        if payer.standing_change_time:
+            # When the change came due (a clock-driven change is stamped with its due time).
+            payload.change_time.CopyFrom(to_timestamp(payer.standing_change_time))
         if payer.grace_end_time:
             payload.grace_end_time.CopyFrom(to_timestamp(payer.grace_end_time))
         if payer.retention_end_time:

@@ -16,6 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import false as sa_false
 
+from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
 
@@ -88,12 +89,22 @@ usage_events = Table(
 )
 
 # Quota's projection of each account's standing (billing's events keep it; absent = GOOD).
+# `app/standings.py` writes it from billing's account_standing_changed events, and only from
+# an event newer (by billing's sequence) than the one it holds, so a replay or an older change
+# never overwrites a newer one.
 account_standings = Table(
     "account_standings",
     metadata,
     Column("account_id", String(64), primary_key=True),
     Column("standing", SmallInteger, nullable=False),
+    # When quota wrote the row (quota's clock).
     Column("update_time_us", BigInteger, nullable=False),
+    # When billing says the standing changed (AccountStandingChanged.change_time, else the
+    # event's create_time).
+    Column("change_time_us", BigInteger, nullable=False, server_default="0"),
+    # Billing's event sequence and id of the change the row holds.
+    Column("billing_sequence", BigInteger, nullable=False, server_default="0"),
+    Column("billing_event_id", String(64), nullable=False, server_default=""),
 )
 
 usage_alerts = Table(
@@ -125,3 +136,5 @@ usage_alert_states = Table(
 
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
+# The cursor and lease of quota's consumer of billing's stream (account standings).
+consumer_cursors, consumer_leases = consumer_tables(metadata)

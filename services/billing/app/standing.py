@@ -1,0 +1,322 @@
+"""Arrears by the clock: GRACE becomes FROZEN, FROZEN becomes RELEASED, and release cancels
+the API subscriptions of the account and of its enterprise members.
+
+Only paying accounts (standalone accounts and enterprise masters) carry a standing of their
+own; a member follows its master (``accounts.load_account``) and is announced with it
+(``accounts.announce_standing``). Each change is stamped with the instant it came due, not with
+the instant the clock was seen to pass it (``domain.arrears.advance``): a clock moved a month
+ahead yields ``FROZEN`` at the end of grace and ``RELEASED`` at the end of retention, each
+announced in order.
+
+Releasing subscriptions (DESIGN.md §4)
+======================================
+
+At release, every ``ACTIVE`` row of billing's ``api_subscriptions`` of the account and its
+members is marked ``RELEASING`` in the same transaction as the change of standing. That mark is
+the durable "quota has not been told yet" marker: each run then calls the region's quota
+``DisableApi`` for the marked rows and turns a row ``CANCELLED`` once quota has answered
+(``NOT_FOUND`` counts as done: quota never had it). While a region's quota is unreachable its
+rows stay marked and are retried on the next run, after a short pause per region so a dead
+endpoint does not hold up every pass of the scheduler. A top-up after release does not undo it:
+the marked rows are still cancelled at quota, and the customer subscribes again.
+
+The request id of each ``DisableApi`` is ``release-{account}-{region}-{api}-{t}`` with ``t`` the
+instant (microseconds) the row was marked, so retries of one release are one command at quota,
+while a later release of a subscription that was taken again is a new command (an id without
+the instant would be answered from quota's idempotency store and disable nothing).
+``RELEASING`` reads as ``CANCELLED`` on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from services.billing.adapters import tables as t
+from services.billing.adapters.quota_client import QuotaRefused, QuotaUnavailable
+from services.billing.app import accounts
+from services.billing.app.context import BillingContext
+from services.billing.domain.arrears import ArrearsState, Standing, advance
+from shared.db import UnitOfWork
+from shared.errors import Kind
+from shared.timeutil import from_micros as time_from_micros
+from shared.timeutil import to_micros as time_to_micros
+
+log = logging.getLogger("allot.billing.standing")
+
+# Accounts looked at per query, and the most state changes one run makes (the scheduler runs
+# the work again while it reports progress).
+PAGE = 200
+MAX_PER_RUN = 5_000
+# After quota of a region failed to answer, its pending releases wait this long (wall clock).
+RELEASE_RETRY_SECONDS = 2.0
+# Quota's request ids are at most this long.
+MAX_REQUEST_ID = 200
+
+
+class SubscriptionState(enum.IntEnum):
+    """``api_subscriptions.state``: the first two are ``ApiSubscriptionState`` of the protos."""
+
+    ACTIVE = 1
+    CANCELLED = 2
+    # Cancelled by the release of the account; quota's DisableApi not confirmed yet. On the wire
+    # this is CANCELLED.
+    RELEASING = 3
+
+
+# --- the standing columns of a paying account ---------------------------------------------
+
+
+def _optional_time(value: int | None) -> datetime | None:
+    return time_from_micros(value) if value is not None else None
+
+
+def arrears_state(row) -> ArrearsState:
+    """The arrears state kept in an ``accounts`` row."""
+    return ArrearsState(
+        Standing(row.standing),
+        _optional_time(row.standing_change_time_us),
+        _optional_time(row.grace_end_time_us),
+        _optional_time(row.retention_end_time_us),
+    )
+
+
+def periods(row) -> tuple[timedelta, timedelta]:
+    """The account's grace and retention periods."""
+    return timedelta(seconds=row.grace_period_s), timedelta(seconds=row.retention_period_s)
+
+
+def _us(value: datetime | None) -> int | None:
+    return time_to_micros(value) if value is not None else None
+
+
+async def save_standing(
+    uow: UnitOfWork, account_id: str, state: ArrearsState, now: datetime
+) -> None:
+    """Write ``state`` into the account's standing columns."""
+    await uow.session.execute(
+        update(t.accounts)
+        .where(t.accounts.c.account_id == account_id)
+        .values(
+            standing=int(state.standing),
+            standing_change_time_us=_us(state.since),
+            grace_end_time_us=_us(state.grace_end),
+            retention_end_time_us=_us(state.retention_end),
+            update_time_us=time_to_micros(now),
+        )
+    )
+
+
+async def change_standing(
+    ctx: BillingContext,
+    uow: UnitOfWork,
+    account_id: str,
+    previous: Standing,
+    state: ArrearsState,
+) -> None:
+    """Save a new standing of a paying account and announce it (for its members too)."""
+    await save_standing(uow, account_id, state, ctx.now())
+    payer = await accounts.load_account(uow, account_id)
+    await accounts.announce_standing(ctx, uow, payer, previous)
+    if state.standing == Standing.RELEASED:
+        await _mark_subscriptions(uow, account_id, state.since or ctx.now())
+
+
+async def _mark_subscriptions(uow: UnitOfWork, payer_id: str, released: datetime) -> int:
+    """Mark the ACTIVE subscriptions of the account and its members as RELEASING."""
+    members = select(t.accounts.c.account_id).where(t.accounts.c.master_account_id == payer_id)
+    s = t.api_subscriptions.c
+    result = await uow.session.execute(
+        update(t.api_subscriptions)
+        .where(
+            or_(s.account_id == payer_id, s.account_id.in_(members)),
+            s.state == int(SubscriptionState.ACTIVE),
+        )
+        .values(state=int(SubscriptionState.RELEASING), update_time_us=time_to_micros(released))
+    )
+    return result.rowcount or 0
+
+
+# --- the clock ------------------------------------------------------------------------------
+
+
+def _due_accounts(now_us: int, after: str):
+    a = t.accounts.c
+    return (
+        select(a.account_id)
+        .where(
+            a.kind != int(accounts.AccountKind.ENTERPRISE_MEMBER),
+            or_(
+                and_(a.standing == int(Standing.GRACE), a.grace_end_time_us <= now_us),
+                and_(a.standing == int(Standing.FROZEN), a.retention_end_time_us <= now_us),
+            ),
+            a.account_id > after,
+        )
+        .order_by(a.account_id)
+        .limit(PAGE)
+    )
+
+
+async def _advance_one(ctx: BillingContext, uow: UnitOfWork, account_id: str, now: datetime) -> int:
+    row = (
+        await uow.session.execute(
+            select(t.accounts).where(t.accounts.c.account_id == account_id).with_for_update()
+        )
+    ).first()
+    if row is None or row.kind == accounts.AccountKind.ENTERPRISE_MEMBER:
+        return 0
+    changes = advance(arrears_state(row), now)
+    for change in changes:
+        await change_standing(ctx, uow, account_id, change.previous, change.state)
+    return len(changes)
+
+
+async def advance_standings(
+    ctx: BillingContext, now: datetime, releaser: SubscriptionReleaser | None = None
+) -> int:
+    """Apply every change of standing that has come due by ``now``, then tell quota about
+    released subscriptions. Returns the number of changes and confirmed cancellations."""
+    now_us = time_to_micros(now)
+    done = 0
+    after = ""
+    while done < MAX_PER_RUN:
+        due = await ctx.db.read(
+            lambda uow, after=after: _scalars(uow, _due_accounts(now_us, after))
+        )
+        for account_id in due:
+            done += await ctx.db.transaction(
+                lambda uow, account_id=account_id: _advance_one(ctx, uow, account_id, now)
+            )
+        if len(due) < PAGE:
+            break
+        after = due[-1]
+    return done + await (releaser or SubscriptionReleaser()).run(ctx, now)
+
+
+async def _scalars(uow: UnitOfWork, query) -> list:
+    return list((await uow.session.execute(query)).scalars().all())
+
+
+# --- telling quota --------------------------------------------------------------------------
+
+
+def release_request_id(account_id: str, region: str, api: str, marked_us: int) -> str:
+    """The request id of the DisableApi that releases one subscription (see the module doc)."""
+    readable = f"release-{account_id}-{region}-{api}-{marked_us}"
+    if len(readable) <= MAX_REQUEST_ID:
+        return readable
+    digest = hashlib.sha256(readable.encode()).hexdigest()
+    return f"release-{digest}"
+
+
+class SubscriptionReleaser:
+    """Calls quota's DisableApi for subscriptions marked RELEASING, pausing per region after a
+    failure. One per process (the pause is in memory; the marks are in the database)."""
+
+    def __init__(
+        self, retry_seconds: float = RELEASE_RETRY_SECONDS, wall_clock=time.monotonic
+    ) -> None:
+        self.retry_seconds = retry_seconds
+        self._wall_clock = wall_clock
+        self._paused_until: dict[str, float] = {}
+
+    def _paused(self, region: str) -> bool:
+        return self._paused_until.get(region, 0.0) > self._wall_clock()
+
+    def _pause(self, region: str) -> None:
+        self._paused_until[region] = self._wall_clock() + self.retry_seconds
+
+    async def run(self, ctx: BillingContext, now: datetime) -> int:
+        """Tell quota about pending releases; the number of rows now CANCELLED."""
+        s = t.api_subscriptions.c
+        query = (
+            select(s.account_id, s.region, s.api, s.update_time_us)
+            .where(s.state == int(SubscriptionState.RELEASING))
+            .order_by(s.update_time_us, s.account_id, s.region, s.api)
+            .limit(MAX_PER_RUN)
+        )
+        pending = await ctx.db.read(lambda uow: _rows(uow, query))
+        done = 0
+        for row in pending:
+            if self._paused(row.region):
+                continue
+            if row.region not in ctx.quota.endpoints:
+                log.error(
+                    "release of %s: no quota endpoint for region %s; %s stays pending",
+                    row.account_id,
+                    row.region,
+                    row.api,
+                )
+                self._pause(row.region)
+                continue
+            request_id = release_request_id(row.account_id, row.region, row.api, row.update_time_us)
+            try:
+                await ctx.quota.disable_api(request_id, row.account_id, row.region, row.api)
+            except QuotaUnavailable as exc:
+                log.warning("release of %s: %s; retrying later", row.account_id, exc.message)
+                self._pause(row.region)
+                continue
+            except QuotaRefused as exc:
+                if exc.kind != Kind.NOT_FOUND:
+                    log.error(
+                        "release of %s: quota refused DisableApi of %s in %s: %s %s",
+                        row.account_id,
+                        row.api,
+                        row.region,
+                        exc.reason,
+                        exc.message,
+                    )
+                    self._pause(row.region)
+                    continue
+            done += await ctx.db.transaction(lambda uow, row=row: _confirm(uow, row, now))
+        return done
+
+
+async def _rows(uow: UnitOfWork, query) -> list:
+    return list((await uow.session.execute(query)).all())
+
+
+async def _confirm(uow: UnitOfWork, row, now: datetime) -> int:
+    """RELEASING -> CANCELLED, unless the row changed meanwhile (subscribed again)."""
+    s = t.api_subscriptions.c
+    result = await uow.session.execute(
+        update(t.api_subscriptions)
+        .where(
+            s.account_id == row.account_id,
+            s.region == row.region,
+            s.api == row.api,
+            s.state == int(SubscriptionState.RELEASING),
+            s.update_time_us == row.update_time_us,
+        )
+        .values(state=int(SubscriptionState.CANCELLED), update_time_us=time_to_micros(now))
+    )
+    return result.rowcount or 0
+
+
+# --- wiring ---------------------------------------------------------------------------------
+
+_WIRED = "_allot_standing_wiring"
+
+
+def wire_standing(service) -> SubscriptionReleaser:
+    """Register the arrears clock as due work of a ``BillingService`` (once per service).
+
+    Register it after ``usage.wire_usage`` so that, on one pass of the scheduler, a settlement
+    that starts grace is seen by the clock in the same pass."""
+    existing = getattr(service, _WIRED, None)
+    if existing is not None:
+        return existing
+    releaser = SubscriptionReleaser()
+    ctx = service.context
+
+    async def work(now: datetime) -> int:
+        return await advance_standings(ctx, now, releaser)
+
+    service.runtime.scheduler.register("billing.standings", work)
+    setattr(service, _WIRED, releaser)
+    return releaser

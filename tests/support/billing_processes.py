@@ -1,0 +1,411 @@
+"""The billing service for tests: as a real process (end-to-end), in-process on port 0 (service
+tests), short calls to it, and a small catalog whose tiers a test can walk through.
+
+`BillingProcess` is `QuotaProcess` for `python -m services.billing`: every wait has a deadline
+and the child gets exactly the `ALLOT_*` settings the test chose. `WiredBillingService` is the
+billing service with pay-per-use, the arrears clock and bills wired in (`app/usage.py`,
+`app/standing.py`, `app/bills.py`); it adds only what `BillingService` does not wire itself, so
+it is the plain service once `service.py` and the servicer do. `python -m
+tests.support.billing_processes` runs it as a process; the end-to-end tests run
+`services.billing` unless `ALLOT_TEST_BILLING_MODULE` names another module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import pathlib
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
+from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.type import money_pb2
+
+from services.billing.api.servicer import BillingServicer
+from services.billing.app import bills, standing, usage
+from services.billing.service import BillingService
+from shared.auth import hiding_absence
+from shared.idempotency import IdempotencyStore
+from shared.server import Server, build_runtime, run_service
+from shared.settings import REPO_ROOT, Settings
+from tests.support.processes import START_TIMEOUT, QuotaProcess
+from tests.support.servers import TEST_SECRET, Tokens, free_port
+
+BILLING_MODULE = os.environ.get("ALLOT_TEST_BILLING_MODULE", "services.billing")
+# How long a test waits for something the services do on their own (a consumer catching up,
+# a settlement); every wait ends as soon as it is met.
+SETTLE_TIMEOUT = 30.0
+POLL = 0.05
+
+Metadata = tuple[tuple[str, str], ...]
+
+# A catalog for tier tests: tier 1 ends at 10 calls, so a test reaches tier 2 with 11 calls.
+TEST_CATALOG = """\
+currency: USD
+regions:
+  - {id: ap-southeast-1, name: CN-Hong Kong}
+  - {id: ap-southeast-2, name: AP-Bangkok}
+apis:
+  - id: passport
+    name: Passport OCR
+    price_tiers:
+      - {up_to: 10, unit_price: "0.10"}
+      - {unit_price: "0.05"}
+  - id: general-text
+    name: General Text OCR
+    free_monthly_quantity: 3
+    price_tiers:
+      - {up_to: 10, unit_price: "0.10"}
+      - {unit_price: "0.05"}
+  - id: id-card
+    name: ID Card OCR
+    price_tiers:
+      - {unit_price: "0.0025"}
+offers:
+  - id: passport-100-1y
+    api: passport
+    quantity: 100
+    validity_months: 12
+    price: "1.00"
+"""
+# Tier 1 of passport and general-text ends here.
+TIER_1_UP_TO = 10
+
+
+def ts(value: datetime | str) -> timestamp_pb2.Timestamp:
+    """A Timestamp of an aware datetime or an RFC 3339 string."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def write_catalog(directory: pathlib.Path) -> pathlib.Path:
+    path = directory / "catalog.yaml"
+    path.write_text(TEST_CATALOG)
+    return path
+
+
+# --- the service with the pay-per-use wiring ---------------------------------------------
+
+
+def _servicer_has_bills() -> bool:
+    """Whether BillingServicer serves GetBill itself (it answered UNIMPLEMENTED before)."""
+    return "Unimplemented" not in inspect.getsource(BillingServicer.GetBill)
+
+
+class _BillsServicer(BillingServicer):
+    """GetBill and ExportBill exactly as the servicer is to serve them."""
+
+    async def GetBill(self, request, context):
+        return await hiding_absence(
+            bills.get_bill_message(self.ctx, request.account_id, request.month)
+        )
+
+    async def ExportBill(self, request, context):
+        csv = await hiding_absence(bills.export_bill(self.ctx, request.account_id, request.month))
+        return billing_service_pb2.ExportBillResponse(csv=csv)
+
+
+class WiredBillingService(BillingService):
+    """BillingService plus what is not wired into it yet: the quota consumers, settlement and
+    the arrears clock as due work, GetBill/ExportBill. The wiring functions are idempotent,
+    so on a service that wires itself this adds nothing."""
+
+    def register(self, server: grpc.aio.Server) -> None:
+        if _servicer_has_bills():
+            super().register(server)
+            return
+        from services.billing.adapters import tables
+
+        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
+            _BillsServicer(self.context, IdempotencyStore(tables.idempotency_keys)), server
+        )
+
+    async def start(self) -> None:
+        await super().start()
+        self.pay_per_use = usage.wire_usage(self)
+        standing.wire_standing(self)
+
+    def quiesce(self) -> None:
+        super().quiesce()
+        self.pay_per_use.quiesce()
+
+    async def stop(self) -> None:
+        await self.pay_per_use.stop()
+        await super().stop()
+
+
+# --- as a process ------------------------------------------------------------------------
+
+
+def billing_env(
+    database_url: str, data_dir: pathlib.Path, quota_addr: str, clock_start: str, **extra: str
+) -> dict[str, str]:
+    """The settings of a billing process on a fresh loopback port, consuming the quota at
+    `quota_addr` (every region), on a manual clock at `clock_start` with a short lease."""
+    env = {
+        "ALLOT_BILLING_DATABASE_URL": database_url,
+        "ALLOT_BILLING_ADDR": f"127.0.0.1:{free_port()}",
+        "ALLOT_QUOTA_ADDR": quota_addr,
+        "ALLOT_AUTH_SECRET": TEST_SECRET,
+        "ALLOT_DATA_DIR": str(data_dir),
+        "ALLOT_CLOCK": "manual",
+        "ALLOT_CLOCK_START": clock_start,
+        "ALLOT_CONSUMER_LEASE_SECONDS": "2",
+        "ALLOT_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    env.update(extra)
+    return env
+
+
+class BillingProcess(QuotaProcess):
+    """`python -m services.billing` (or BILLING_MODULE) with a deadline on every wait."""
+
+    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
+        super().__init__(env, log_path)
+        self.name = "billing"
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")}
+        self._lines = queue.Queue()
+        with open(self.log_path, "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", BILLING_MODULE],
+                env={**inherited, **self.env},
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # stdout closed: the child is gone
+                break
+            if line.startswith("READY billing "):
+                self.addr = line.split()[2]
+                return self.addr
+        self.kill()
+        raise RuntimeError(f"billing did not become ready; log:\n{self.log_text()}")
+
+
+@contextlib.contextmanager
+def billing_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[BillingProcess]:
+    """A started billing process, killed on the way out if it still runs."""
+    process = BillingProcess(env, log_path)
+    try:
+        process.start()
+        yield process
+    finally:
+        process.kill()
+
+
+# --- in process --------------------------------------------------------------------------
+
+
+def billing_settings(
+    database_url: str,
+    data_dir: pathlib.Path,
+    quota_addr: str,
+    clock_start: str,
+    **overrides: str,
+) -> Settings:
+    values = {
+        "data_dir": str(data_dir),
+        "billing_database_url": database_url,
+        "billing_addr": "127.0.0.1:0",
+        "quota_addr": quota_addr,
+        "auth_secret": TEST_SECRET,
+        "shutdown_grace": "2",
+        "clock": "manual",
+        "clock_start": clock_start,
+        "consumer_lease_seconds": "2",
+    }
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+@dataclass
+class BillingHandle:
+    server: Server
+    service: WiredBillingService
+    channel: grpc.aio.Channel
+    calls: BillingCalls
+
+    async def caught_up(
+        self, sequence: int, quota_addr: str = "", within: float = SETTLE_TIMEOUT
+    ) -> None:
+        """Wait until billing's consumer of the quota at `quota_addr` (every quota's, when
+        empty) has applied that quota's events up to `sequence`."""
+        for consumer in self.service.pay_per_use.consumers:
+            if quota_addr and consumer.stream != f"quota@{quota_addr}":
+                continue
+            assert await consumer.wait_for(sequence, within), (
+                f"{consumer.stream} at {consumer.last_sequence}, not {sequence}"
+            )
+
+
+@contextlib.asynccontextmanager
+async def running_billing(settings: Settings):
+    """An in-process billing server (with the pay-per-use wiring) on a free loopback port."""
+    runtime = build_runtime(settings, "billing")
+    service = WiredBillingService(runtime)
+    server = Server(runtime, service, settings.billing_addr)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.bound_addr)
+    try:
+        yield BillingHandle(server, service, channel, BillingCalls(channel))
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+# --- calls -------------------------------------------------------------------------------
+
+
+def usd(amount: str) -> money_pb2.Money:
+    """`"1.25"` as google.type.Money in USD (exactly)."""
+    micros = money_micros_of(amount)
+    units = int(micros / 1_000_000)
+    return money_pb2.Money(
+        currency_code="USD", units=units, nanos=(micros - units * 1_000_000) * 1000
+    )
+
+
+def money_micros_of(amount: str) -> int:
+    from decimal import Decimal
+
+    from services.billing.domain.money import to_micros
+
+    return to_micros(Decimal(amount))
+
+
+def micros(money: money_pb2.Money) -> int:
+    """google.type.Money as integer micro-units."""
+    return money.units * 1_000_000 + money.nanos // 1000
+
+
+@dataclass
+class BillingCalls:
+    """One method per BillingService RPC the pay-per-use tests use (and ClockService)."""
+
+    channel: grpc.aio.Channel
+    tokens: Tokens = field(default_factory=Tokens)
+
+    def __post_init__(self) -> None:
+        self.stub = billing_service_pb2_grpc.BillingServiceStub(self.channel)
+        self.clock = clock_service_pb2_grpc.ClockServiceStub(self.channel)
+        self.admin = self.tokens.md(self.tokens.admin())
+
+    def account_md(self, account_id: str, read_only: bool = False) -> Metadata:
+        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
+
+    async def create_account(
+        self, account_id: str, kind: int = billing_pb2.ACCOUNT_KIND_STANDALONE, **fields
+    ) -> billing_pb2.Account:
+        return await self.stub.CreateAccount(
+            billing_service_pb2.CreateAccountRequest(
+                request_id=f"create-{account_id}",
+                account=billing_pb2.Account(account_id=account_id, kind=kind, **fields),
+            ),
+            metadata=self.admin,
+        )
+
+    async def top_up(
+        self, account_id: str, amount: str, request_id: str = ""
+    ) -> billing_pb2.Account:
+        return await self.stub.TopUp(
+            billing_service_pb2.TopUpRequest(
+                request_id=request_id or f"top-up-{account_id}-{amount}-{time.monotonic_ns()}",
+                account_id=account_id,
+                amount=usd(amount),
+            ),
+            metadata=self.admin,
+        )
+
+    async def set_balance_alert(self, account_id: str, threshold: str) -> billing_pb2.Account:
+        return await self.stub.SetBalanceAlert(
+            billing_service_pb2.SetBalanceAlertRequest(
+                account_id=account_id, threshold=usd(threshold)
+            ),
+            metadata=self.admin,
+        )
+
+    async def account(self, account_id: str) -> billing_pb2.Account:
+        return await self.stub.GetAccount(
+            billing_service_pb2.GetAccountRequest(account_id=account_id), metadata=self.admin
+        )
+
+    def get_bill(self, account_id: str, month: str, metadata: Metadata | None = None):
+        return self.stub.GetBill(
+            billing_service_pb2.GetBillRequest(account_id=account_id, month=month),
+            metadata=metadata or self.admin,
+        )
+
+    def export_bill(self, account_id: str, month: str, metadata: Metadata | None = None):
+        return self.stub.ExportBill(
+            billing_service_pb2.ExportBillRequest(account_id=account_id, month=month),
+            metadata=metadata or self.admin,
+        )
+
+    async def events(self, after: int = 0, types: tuple[str, ...] = ()) -> list:
+        """Billing's events after `after` as far as they are written now (bounded read)."""
+        import asyncio
+
+        call = self.stub.WatchEvents(
+            billing_service_pb2.WatchEventsRequest(after_sequence=after, event_types=list(types)),
+            metadata=self.admin,
+            timeout=SETTLE_TIMEOUT,
+        )
+        out = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(call.read(), 0.5)
+                except TimeoutError:
+                    break
+                if event is grpc.aio.EOF:
+                    break
+                out.append(event)
+        finally:
+            call.cancel()
+        return out
+
+    # --- clock ---------------------------------------------------------------------------
+
+    async def set_time(self, value: datetime | str) -> None:
+        """Move billing's manual clock; due work runs before this returns."""
+        await self.clock.SetTime(
+            clock_service_pb2.SetTimeRequest(time=ts(value)),
+            metadata=self.admin,
+            timeout=SETTLE_TIMEOUT,
+        )
+
+    async def advance(self, delta: timedelta = timedelta(0)) -> None:
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(delta)
+        await self.clock.AdvanceTime(
+            clock_service_pb2.AdvanceTimeRequest(duration=duration),
+            metadata=self.admin,
+            timeout=SETTLE_TIMEOUT,
+        )
+
+
+if __name__ == "__main__":
+    # The wired service as a process, for end-to-end runs before service.py wires it.
+    run_service("billing", WiredBillingService)
