@@ -215,6 +215,7 @@ class StreamConsumer(Generic[E]):
         self.last_error: BaseException | None = None
 
         self._stopping = asyncio.Event()
+        self._abandoned = False
         self._queue: asyncio.Queue[Any] | None = None
         self._progress = asyncio.Event()
 
@@ -367,7 +368,15 @@ class StreamConsumer(Generic[E]):
     async def _renew(self) -> None:
         await self.db.transaction(self._extend)
 
+    def abandon(self) -> None:
+        """Leave the lease to expire instead of giving it up when `run()` ends: at a shutdown
+        that finds the database locked by another writer, giving it up would wait out busy
+        timeouts again and again."""
+        self._abandoned = True
+
     async def _release(self) -> None:
+        if self._abandoned:
+            return
         leases = self.leases
 
         async def work(uow: UnitOfWork) -> None:

@@ -144,7 +144,7 @@ class QuotaService:
         async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
             await standings.apply(self.context, uow, event)
 
-        return _AbandonableConsumer(
+        return StreamConsumer(
             self.BILLING_STREAM,
             self.runtime.db,
             tables.consumer_cursors,
@@ -189,24 +189,6 @@ class QuotaService:
                 log.warning("the billing consumer ended with %r", task.exception())
             return
         log.warning("the billing consumer is stuck on the database; abandoning its lease")
-        if isinstance(self.standings_consumer, _AbandonableConsumer):
+        if self.standings_consumer is not None:
             self.standings_consumer.abandon()
         task.cancel()
-
-
-class _AbandonableConsumer(StreamConsumer):
-    """A StreamConsumer whose lease can be left to expire instead of given up on the way out.
-
-    `StreamConsumer.run()` always gives its lease up when it ends, in a transaction; at a
-    shutdown that finds the database locked by another writer, that transaction (and its
-    retries) would hold the process for many busy timeouts. `abandon()` skips it.
-    """
-
-    _abandoned = False
-
-    def abandon(self) -> None:
-        self._abandoned = True
-
-    async def _release(self) -> None:
-        if not self._abandoned:
-            await super()._release()
