@@ -33,6 +33,8 @@ def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[s
         "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",
         "ALLOT_AUTH_SECRET": TEST_SECRET,
         "ALLOT_DATA_DIR": str(data_dir),
+        # Not following billing unless a test says where it is: never a developer's suite.
+        "ALLOT_BILLING_ADDR": "",
     }
     env.update(extra)
     return env

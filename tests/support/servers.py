@@ -50,6 +50,8 @@ def test_settings(database_url: str, data_dir: pathlib.Path, **overrides: str) -
         "quota_addr": "127.0.0.1:0",
         "auth_secret": TEST_SECRET,
         "shutdown_grace": "2",
+        # Not following billing unless a test says where it is: never a developer's suite.
+        "billing_addr": "",
     }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)
