@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from allot.notification.v1 import notification_pb2
 
-from services.notification.adapters.events import to_proto_notification  # noqa: F401
 from services.notification.app.contacts import Contact, ContactInput
 from shared.timeutil import to_timestamp
 

@@ -9,6 +9,7 @@ from allot.notification.v1 import (
 )
 from google.protobuf import empty_pb2
 
+from services.notification.adapters.events import to_proto_notification
 from services.notification.api import convert
 from services.notification.app import contacts, notifications
 from services.notification.app.context import NotificationContext
@@ -97,7 +98,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         )
         page, token = page_of(views, limit, lambda v: [v.notification_id], request)
         return notification_service_pb2.ListNotificationsResponse(
-            notifications=[convert.to_proto_notification(v) for v in page], next_page_token=token
+            notifications=[to_proto_notification(v) for v in page], next_page_token=token
         )
 
     async def WatchNotifications(self, request, context):
@@ -119,7 +120,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             await notifications.retry_delivery(
                 self.ctx, uow, request.notification_id, request.contact_id
             )
-            return convert.to_proto_notification(
+            return to_proto_notification(
                 await notifications.load_view(uow, request.notification_id)
             )
 
@@ -132,9 +133,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             contact = await contacts.load_contact(uow, request.contact_id)
             _check_contact(contact)
             notification_id = await notifications.send_test(self.ctx, uow, contact)
-            return convert.to_proto_notification(
-                await notifications.load_view(uow, notification_id)
-            )
+            return to_proto_notification(await notifications.load_view(uow, notification_id))
 
         response = await hiding_absence(self.ctx.db.transaction(work))
         self.kick()

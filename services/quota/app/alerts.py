@@ -16,11 +16,12 @@ from decimal import Decimal, InvalidOperation
 
 from services.quota.adapters import alerts_repository as alerts_repo
 from services.quota.adapters import repository as repo
-from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.app.context import QuotaContext
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold, evaluate
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound
 from shared.ids import new_id
+from shared.validation import check_account_id
 
 MAX_THRESHOLD = 10**15
 

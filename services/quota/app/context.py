@@ -12,7 +12,6 @@ from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument
-from shared.validation import check_account_id  # noqa: F401 - the use cases import it from here
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from services.quota.adapters import repository as repo
 from services.quota.app import alerts
-from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.app.context import QuotaContext
 from services.quota.domain.packages import (
     ALL_PROJECTS,
     Package,
@@ -21,6 +21,7 @@ from services.quota.domain.packages import (
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
+from shared.validation import check_account_id
 
 MAX_QUANTITY = 10**12
 

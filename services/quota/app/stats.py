@@ -12,11 +12,12 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from services.quota.adapters.stats_queries import usage_per_bucket
-from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.app.context import QuotaContext
 from services.quota.domain.stats import Granularity, bucket_runs
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
 from shared.timeutil import from_micros, to_micros
+from shared.validation import check_account_id
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from datetime import datetime, timedelta
 
 from services.quota.adapters import repository as repo
 from services.quota.app import alerts
-from services.quota.app.context import QuotaContext, check_account_id
+from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import UsageEvent, apply_usage
 from services.quota.domain.packages import Package, PackageState, normalize_project_id
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
 from shared.timeutil import to_micros
+from shared.validation import check_account_id
 
 MAX_BATCH = 1000
 MAX_QUANTITY = 10**12
