@@ -570,3 +570,43 @@ def grpc_stream(
             call.cancel()
 
     return open_stream
+
+
+def service_token(verifier, caller: str) -> Callable[[], tuple[tuple[str, str], ...]]:
+    """Call metadata with a `service` token minted per connection (never presented expired)."""
+    from shared.auth import SERVICE
+
+    def metadata() -> tuple[tuple[str, str], ...]:
+        token = verifier.mint(SERVICE, user=caller, ttl_seconds=3600)
+        return (("authorization", f"Bearer {token}"),)
+
+    return metadata
+
+
+def watching(
+    stream: str,
+    db: Database,
+    tables: tuple[Table, Table],
+    watch: Callable[..., Any],
+    request_type: type,
+    event_types: Sequence[str],
+    metadata: Callable[[], Sequence[tuple[str, str]]],
+    apply: Apply[E],
+    lease_ttl: float,
+) -> StreamConsumer[E]:
+    """A consumer of another service's `WatchEvents` (`watch` is the stub's method) for
+    `event_types`, its cursor and lease in `tables` (from `consumer_tables`)."""
+    cursors, leases = tables
+    return StreamConsumer(
+        stream,
+        db,
+        cursors,
+        leases,
+        grpc_stream(
+            watch,
+            lambda after: request_type(after_sequence=after, event_types=list(event_types)),
+            metadata,
+        ),
+        apply,
+        lease_ttl=lease_ttl,
+    )

@@ -22,8 +22,8 @@ from services.notification.app import notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
-from shared.auth import OWNERS, READERS, SERVICE, Policy, TokenVerifier, policy
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, grpc_stream
+from shared.auth import OWNERS, READERS, Policy, TokenVerifier, policy
+from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
@@ -124,10 +124,6 @@ class NotificationService:
         self._channels.append(channel)
         stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
 
-        def metadata():
-            token = self._verifier.mint(SERVICE, user="notification", ttl_seconds=3600)
-            return (("authorization", f"Bearer {token}"),)
-
         async def apply(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
             source = from_quota_event(event)
             if source is None:
@@ -135,18 +131,14 @@ class NotificationService:
             await notifications.take(self.context, uow, compose(source), event.event_id)
             uow.after_commit(self.kick)
 
-        return StreamConsumer(
+        return watching(
             f"quota@{addr}",
             self.runtime.db,
-            tables.consumer_cursors,
-            tables.consumer_leases,
-            grpc_stream(
-                stub.WatchEvents,
-                lambda after: quota_service_pb2.WatchEventsRequest(
-                    after_sequence=after, event_types=QUOTA_EVENT_TYPES
-                ),
-                metadata,
-            ),
+            (tables.consumer_cursors, tables.consumer_leases),
+            stub.WatchEvents,
+            quota_service_pb2.WatchEventsRequest,
+            QUOTA_EVENT_TYPES,
+            service_token(self._verifier, "notification"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )

@@ -20,8 +20,8 @@ from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
-from shared.auth import OPERATORS, OWNERS, READERS, SERVICE, Policy, TokenVerifier, policy
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, grpc_stream
+from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
+from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
@@ -134,28 +134,18 @@ class QuotaService:
         settings = self.runtime.settings
         self._billing_channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
         stub = billing_service_pb2_grpc.BillingServiceStub(self._billing_channel)
-        verifier = TokenVerifier(settings.signing_secret())
-
-        def metadata():
-            # Minted per connection, so a long-lived consumer never presents an expired token.
-            token = verifier.mint(SERVICE, user="quota", ttl_seconds=3600)
-            return (("authorization", f"Bearer {token}"),)
 
         async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
             await standings.apply(self.context, uow, event)
 
-        return StreamConsumer(
+        return watching(
             self.BILLING_STREAM,
             self.runtime.db,
-            tables.consumer_cursors,
-            tables.consumer_leases,
-            grpc_stream(
-                stub.WatchEvents,
-                lambda after: billing_service_pb2.WatchEventsRequest(
-                    after_sequence=after, event_types=list(standings.EVENT_TYPES)
-                ),
-                metadata,
-            ),
+            (tables.consumer_cursors, tables.consumer_leases),
+            stub.WatchEvents,
+            billing_service_pb2.WatchEventsRequest,
+            standings.EVENT_TYPES,
+            service_token(TokenVerifier(settings.signing_secret()), "quota"),
             apply,
             lease_ttl=float(settings.consumer_lease_seconds),
         )

@@ -77,9 +77,9 @@ from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds,
 from services.billing.domain.money import MoneyError
 from services.billing.domain.pricing import price_usage
 from services.quota.domain.packages import DEFAULT_PROJECT
-from shared.auth import SERVICE, TokenVerifier
+from shared.auth import TokenVerifier
 from shared.clock import ManualClock
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, grpc_stream
+from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.timeutil import from_micros as time_from_micros
@@ -513,10 +513,6 @@ class PayPerUse:
         self._channels.append(channel)
         stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
 
-        def metadata():
-            token = self._verifier.mint(SERVICE, user="billing", ttl_seconds=3600)
-            return (("authorization", f"Bearer {token}"),)
-
         async def apply(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
             self._last_intake = time.monotonic()
             if event.HasField("create_time"):
@@ -525,18 +521,14 @@ class PayPerUse:
             if end is not None and end <= self.ctx.now():
                 uow.after_commit(self.kick)  # its cycle is over already: settle it now
 
-        return StreamConsumer(
+        return watching(
             f"quota@{addr}",
             self.runtime.db,
-            t.consumer_cursors,
-            t.consumer_leases,
-            grpc_stream(
-                stub.WatchEvents,
-                lambda after: quota_service_pb2.WatchEventsRequest(
-                    after_sequence=after, event_types=[PAY_PER_USE_RECORDED]
-                ),
-                metadata,
-            ),
+            (t.consumer_cursors, t.consumer_leases),
+            stub.WatchEvents,
+            quota_service_pb2.WatchEventsRequest,
+            [PAY_PER_USE_RECORDED],
+            service_token(self._verifier, "billing"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )
