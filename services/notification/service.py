@@ -10,13 +10,19 @@ import pathlib
 from datetime import timedelta
 
 import grpc
+from allot.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from allot.notification.v1 import notification_pb2, notification_service_pb2
 from allot.notification.v1 import notification_service_pb2_grpc as notification_grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.notification.adapters import tables
 from services.notification.adapters.channels import build_senders, close_senders
-from services.notification.adapters.sources import QUOTA_EVENT_TYPES, from_quota_event
+from services.notification.adapters.sources import (
+    BILLING_EVENT_TYPES,
+    QUOTA_EVENT_TYPES,
+    from_billing_event,
+    from_quota_event,
+)
 from services.notification.api.servicer import NotificationServicer
 from services.notification.app import notifications
 from services.notification.app.context import NotificationContext
@@ -110,6 +116,8 @@ class NotificationService:
         self._tasks.append(asyncio.create_task(self._deliver_on_kick(), name="deliveries"))
         for addr in self._quota_addresses():
             self._consumers.append(self._quota_consumer(addr))
+        if self.runtime.settings.billing_addr.strip():
+            self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
 
@@ -138,6 +146,31 @@ class NotificationService:
             stub.WatchEvents,
             quota_service_pb2.WatchEventsRequest,
             QUOTA_EVENT_TYPES,
+            service_token(self._verifier, "notification"),
+            apply,
+            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
+        )
+
+    def _billing_consumer(self, addr: str) -> StreamConsumer:
+        """Billing is one global deployment: one stream, named so a new address keeps it."""
+        channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        stub = billing_service_pb2_grpc.BillingServiceStub(channel)
+
+        async def apply(uow: UnitOfWork, event) -> None:
+            source = from_billing_event(event)
+            if source is None:
+                return
+            await notifications.take(self.context, uow, compose(source), event.event_id)
+            uow.after_commit(self.kick)
+
+        return watching(
+            "billing",
+            self.runtime.db,
+            (tables.consumer_cursors, tables.consumer_leases),
+            stub.WatchEvents,
+            billing_service_pb2.WatchEventsRequest,
+            BILLING_EVENT_TYPES,
             service_token(self._verifier, "notification"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),

@@ -80,6 +80,8 @@ def notification_env(
         "ALLOT_NOTIFICATION_DATABASE_URL": database_url,
         "ALLOT_NOTIFICATION_ADDR": f"127.0.0.1:{free_port()}",
         "ALLOT_QUOTA_ADDR": quota_addr,
+        # Not following billing unless a test says where it is: never a developer's suite.
+        "ALLOT_BILLING_ADDR": "",
         "ALLOT_AUTH_SECRET": TEST_SECRET,
         "ALLOT_DATA_DIR": str(data_dir),
         "ALLOT_CLOCK": "manual",
@@ -149,6 +151,7 @@ def notification_settings(
         "notification_database_url": database_url,
         "notification_addr": "127.0.0.1:0",
         "quota_addr": quota_addr,
+        "billing_addr": "",
         "auth_secret": TEST_SECRET,
         "shutdown_grace": "2",
         "clock": "manual",

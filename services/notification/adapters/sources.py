@@ -1,7 +1,8 @@
 """Source events of other services' streams, as notification's domain events.
 
 Only the events a person should hear about become messages: quota's `threshold_crossed`,
-`package_expiring`, and `package_state_changed` into EXHAUSTED. Everything else is None.
+`package_expiring`, and `package_state_changed` into EXHAUSTED; billing's standing changes,
+balance alerts, order changes and failed auto-renewals. Everything else is None.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 from allot.quota.v1 import quota_pb2
 
 from services.notification.domain.messages import (
+    AutoRenewalFailed,
+    BalanceBelowThreshold,
+    OrderChanged,
     PackageExhausted,
     PackageExpiring,
     SourceEvent,
+    StandingChanged,
     UsageAlertFired,
 )
 from shared.timeutil import EPOCH, from_timestamp
@@ -63,5 +68,69 @@ def from_quota_event(event: quota_pb2.QuotaEvent) -> SourceEvent | None:
             expire_time=from_timestamp(pkg.expire_time, "expire_time")
             if pkg.HasField("expire_time")
             else EPOCH,
+        )
+    return None
+
+
+BILLING_EVENT_TYPES = (
+    "account_standing_changed",
+    "balance_below_threshold",
+    "order_updated",
+    "auto_renew_failed",
+)
+
+
+def _money(money) -> str:
+    micros = money.units * 1_000_000 + money.nanos // 1000
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}".rstrip("0").rstrip(".") + f" {money.currency_code}".rstrip()
+
+
+def _optional_time(message, name: str):
+    return from_timestamp(getattr(message, name), name) if message.HasField(name) else None
+
+
+def from_billing_event(event) -> SourceEvent | None:
+    """Billing's events as domain events (standing, balance, orders, auto-renewal)."""
+    from allot.billing.v1 import billing_pb2
+
+    kind = event.WhichOneof("payload")
+    standing = billing_pb2.AccountStanding.Name
+    if kind == "account_standing_changed":
+        p = event.account_standing_changed
+        return StandingChanged(
+            account_id=p.account_id,
+            previous=standing(p.previous_standing).removeprefix("ACCOUNT_STANDING_"),
+            standing=standing(p.standing).removeprefix("ACCOUNT_STANDING_"),
+            balance=_money(p.balance),
+            grace_end_time=_optional_time(p, "grace_end_time"),
+            retention_end_time=_optional_time(p, "retention_end_time"),
+        )
+    if kind == "balance_below_threshold":
+        p = event.balance_below_threshold
+        return BalanceBelowThreshold(
+            account_id=p.account_id, balance=_money(p.balance), threshold=_money(p.threshold)
+        )
+    if kind == "order_updated":
+        o = event.order_updated.order
+        return OrderChanged(
+            order_id=o.order_id,
+            account_id=o.account_id,
+            state=billing_pb2.OrderState.Name(o.state).removeprefix("ORDER_STATE_"),
+            offer_id=o.offer_id,
+            region=o.region,
+            api=o.api,
+            amount=_money(o.amount),
+            failure_reason=o.failure_reason,
+        )
+    if kind == "auto_renew_failed":
+        p = event.auto_renew_failed
+        return AutoRenewalFailed(
+            account_id=p.account_id,
+            package_id=p.package_id,
+            reason=p.reason,
+            next_attempt_time=_optional_time(p, "next_attempt_time"),
+            expire_time=_optional_time(p, "expire_time"),
         )
     return None

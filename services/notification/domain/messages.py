@@ -66,7 +66,65 @@ class PackageExhausted:
     expire_time: datetime
 
 
-SourceEvent = UsageAlertFired | PackageExpiring | PackageExhausted
+@dataclass(frozen=True)
+class StandingChanged:
+    account_id: str
+    previous: str  # "GOOD", "GRACE", "FROZEN", "RELEASED"
+    standing: str
+    balance: str  # "-12.50 USD"
+    grace_end_time: datetime | None
+    retention_end_time: datetime | None
+
+
+@dataclass(frozen=True)
+class BalanceBelowThreshold:
+    account_id: str
+    balance: str
+    threshold: str
+
+
+@dataclass(frozen=True)
+class OrderChanged:
+    order_id: str
+    account_id: str
+    state: str  # "PENDING", "FULFILLED", "FAILED", "CANCELLED"
+    offer_id: str
+    region: str
+    api: str
+    amount: str
+    failure_reason: str
+
+
+@dataclass(frozen=True)
+class AutoRenewalFailed:
+    account_id: str
+    package_id: str
+    reason: str
+    next_attempt_time: datetime | None
+    expire_time: datetime | None
+
+
+SourceEvent = (
+    UsageAlertFired
+    | PackageExpiring
+    | PackageExhausted
+    | StandingChanged
+    | BalanceBelowThreshold
+    | OrderChanged
+    | AutoRenewalFailed
+)
+
+_STANDING_MEANS = {
+    "GOOD": "Calls, purchases and subscriptions work normally.",
+    "GRACE": "Calls still work, pay-per-use included; purchases are refused until the debt is "
+    "paid.",
+    "FROZEN": "Calls are refused, package-paid and pay-per-use alike, until the debt is paid.",
+    "RELEASED": "The account's API subscriptions were cancelled.",
+}
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "-"
 
 
 @dataclass(frozen=True)
@@ -78,11 +136,82 @@ class Message:
     data: dict = field(default_factory=dict)  # structured fields for webhooks
 
 
+def _billing_message(event: SourceEvent) -> Message | None:
+    if isinstance(event, StandingChanged):
+        deadlines = ""
+        if event.standing == "GRACE":
+            deadlines = (
+                f" Top up by {_when(event.grace_end_time)} to avoid a freeze; the account is "
+                f"released at {_when(event.retention_end_time)}."
+            )
+        elif event.standing == "FROZEN":
+            deadlines = f" It is released at {_when(event.retention_end_time)}."
+        return Message(
+            MessageType.ARREARS,
+            event.account_id,
+            f"Account {event.account_id} is now {event.standing.lower()}",
+            f"Account {event.account_id} changed from {event.previous} to {event.standing} "
+            f"(balance {event.balance}). {_STANDING_MEANS.get(event.standing, '')}{deadlines}",
+            {
+                "previous_standing": event.previous,
+                "standing": event.standing,
+                "balance": event.balance,
+                "grace_end_time": _when(event.grace_end_time),
+                "retention_end_time": _when(event.retention_end_time),
+            },
+        )
+    if isinstance(event, BalanceBelowThreshold):
+        return Message(
+            MessageType.BALANCE_ALERT,
+            event.account_id,
+            f"Balance below {event.threshold}",
+            f"Account {event.account_id}: the balance is {event.balance}, below your alert "
+            f"threshold of {event.threshold}.",
+            {"balance": event.balance, "threshold": event.threshold},
+        )
+    if isinstance(event, OrderChanged):
+        reason = f" Reason: {event.failure_reason}." if event.failure_reason else ""
+        return Message(
+            MessageType.ORDER,
+            event.account_id,
+            f"Order {event.order_id} {event.state.lower()}",
+            f"Account {event.account_id}: order {event.order_id} ({event.offer_id}, {event.api} "
+            f"in {event.region}, {event.amount}) is {event.state}.{reason}",
+            {
+                "order_id": event.order_id,
+                "state": event.state,
+                "offer_id": event.offer_id,
+                "region": event.region,
+                "api": event.api,
+                "amount": event.amount,
+            },
+        )
+    if isinstance(event, AutoRenewalFailed):
+        return Message(
+            MessageType.AUTO_RENEW_FAILED,
+            event.account_id,
+            f"Auto-renewal of package {event.package_id} failed",
+            f"Account {event.account_id}: renewing package {event.package_id} failed "
+            f"({event.reason}). Next attempt {_when(event.next_attempt_time)}; the package "
+            f"expires at {_when(event.expire_time)}.",
+            {
+                "package_id": event.package_id,
+                "reason": event.reason,
+                "next_attempt_time": _when(event.next_attempt_time),
+                "expire_time": _when(event.expire_time),
+            },
+        )
+    return None
+
+
 def _calls(n: int) -> str:
     return f"{n:,} call" + ("" if n == 1 else "s")
 
 
 def compose(event: SourceEvent) -> Message:
+    billing = _billing_message(event)
+    if billing is not None:
+        return billing
     if isinstance(event, UsageAlertFired):
         return Message(
             MessageType.USAGE_ALERT,
