@@ -165,6 +165,10 @@ class Settings:
             endpoints[region.strip()] = addr.strip()
         return endpoints
 
+    def quota_addresses(self, regions: list[str]) -> list[str]:
+        """The distinct quota deployments: regions served by one endpoint share its stream."""
+        return sorted(set(self.quota_endpoint_map(regions).values()))
+
     def database_url(self, service: str) -> str:
         url = getattr(self, f"{service}_database_url")
         if url:

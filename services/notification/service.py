@@ -114,18 +114,12 @@ class NotificationService:
         # Retries come due with the clock (AdvanceTime on the manual one).
         self.runtime.scheduler.register("notification.deliveries", self.deliver)
         self._tasks.append(asyncio.create_task(self._deliver_on_kick(), name="deliveries"))
-        for addr in self._quota_addresses():
+        for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self._consumers.append(self._quota_consumer(addr))
         if self.runtime.settings.billing_addr.strip():
             self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
-
-    def _quota_addresses(self) -> list[str]:
-        """One stream per quota deployment: regions served by one endpoint share its stream."""
-        settings = self.runtime.settings
-        endpoints = settings.quota_endpoint_map(list(self.runtime.catalog.regions))
-        return sorted(set(endpoints.values()))
 
     def _quota_consumer(self, addr: str) -> StreamConsumer:
         channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)

@@ -13,7 +13,7 @@ from services.billing.api import convert
 from services.billing.app import accounts, bills, orders, subscriptions
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
-from shared.errors import InvalidArgument, Unimplemented
+from shared.errors import Unimplemented
 from shared.idempotency import IdempotencyStore
 from shared.pagination import decode_page_token, page_of, page_size
 from shared.timeutil import from_timestamp
@@ -94,12 +94,8 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def ListOffers(self, request, context):
         catalog = self.ctx.catalog
-        if request.api and not catalog.has_api(request.api):
-            raise InvalidArgument("api", f"unknown api {request.api!r}", reason="UNKNOWN_API")
-        if request.region and not catalog.has_region(request.region):
-            raise InvalidArgument(
-                "region", f"unknown region {request.region!r}", reason="UNKNOWN_REGION"
-            )
+        self.ctx.check_api(request.api, required=False)
+        self.ctx.check_region(request.region, required=False)
         offers = sorted(catalog.offers_for(request.api, request.region), key=lambda o: o.id)
         after = decode_page_token(request)
         if after:
@@ -113,15 +109,8 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def ListPriceTiers(self, request, context):
         catalog = self.ctx.catalog
-        if not request.api:
-            raise InvalidArgument("api", "api is required")
-        if not catalog.has_api(request.api):
-            raise InvalidArgument("api", f"unknown api {request.api!r}", reason="UNKNOWN_API")
-        if request.region and not catalog.has_region(request.region):
-            raise InvalidArgument(
-                "region", f"unknown region {request.region!r}", reason="UNKNOWN_REGION"
-            )
-        api = catalog.apis[request.api]
+        api = catalog.apis[self.ctx.check_api(request.api)]
+        self.ctx.check_region(request.region, required=False)
         return billing_service_pb2.ListPriceTiersResponse(
             tiers=[
                 convert.to_proto_tier(t, catalog.currency) for t in api.tiers_for(request.region)

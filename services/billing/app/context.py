@@ -10,6 +10,7 @@ from services.billing.adapters.quota_client import QuotaClient
 from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
+from shared.errors import InvalidArgument
 from shared.outbox import Outbox
 
 
@@ -24,3 +25,22 @@ class BillingContext:
 
     def now(self) -> datetime:
         return self.clock.now()
+
+    def check_region(self, region: str, required: bool = True) -> str:
+        """A catalog region (billing is global: every catalog region is billed here)."""
+        if not region:
+            if required:
+                raise InvalidArgument("region", "region is required")
+            return region
+        if not self.catalog.has_region(region):
+            raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
+        return region
+
+    def check_api(self, api: str, required: bool = True) -> str:
+        if not api:
+            if required:
+                raise InvalidArgument("api", "api is required")
+            return api
+        if not self.catalog.has_api(api):
+            raise InvalidArgument("api", f"unknown api {api!r}", reason="UNKNOWN_API")
+        return api

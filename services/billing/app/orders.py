@@ -182,10 +182,7 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
             reason="UNKNOWN_OFFER",
             offer_id=spec.offer_id,
         )
-    if not spec.region:
-        raise InvalidArgument("region", "region is required")
-    if not ctx.catalog.has_region(spec.region):
-        raise InvalidArgument("region", f"unknown region {spec.region!r}", reason="UNKNOWN_REGION")
+    ctx.check_region(spec.region)
     if spec.region not in offer.regions:
         raise InvalidArgument(
             "region",

@@ -17,7 +17,7 @@ from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
 from shared.db import UnitOfWork
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition
 from shared.timeutil import from_micros, to_micros
 
 ACTIVE, CANCELLED = 1, 2
@@ -34,14 +34,8 @@ class Subscription:
 
 
 def _check(ctx: BillingContext, region: str, api: str) -> None:
-    if not region:
-        raise InvalidArgument("region", "region is required")
-    if not ctx.catalog.has_region(region):
-        raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
-    if not api:
-        raise InvalidArgument("api", "api is required")
-    if not ctx.catalog.has_api(api):
-        raise InvalidArgument("api", f"unknown api {api!r}", reason="UNKNOWN_API")
+    ctx.check_region(region)
+    ctx.check_api(api)
 
 
 async def subscribe(

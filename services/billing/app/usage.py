@@ -501,8 +501,7 @@ class PayPerUse:
 
     def start(self) -> None:
         self.runtime.scheduler.register("billing.pay_per_use", self.settle)
-        endpoints = self.runtime.settings.quota_endpoint_map(list(self.runtime.catalog.regions))
-        for addr in sorted(set(endpoints.values())):
+        for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self.consumers.append(self._consumer(addr))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
