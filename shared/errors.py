@@ -91,14 +91,14 @@ class Aborted(AllotError):
     kind = Kind.ABORTED
 
 
+class Unavailable(AllotError):
+    """The service cannot answer now (still starting, or a service it needs is away); the
+    caller may retry the same call."""
+
+    kind = Kind.UNAVAILABLE
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise INVALID_ARGUMENT naming `field` unless `condition` holds."""
     if not condition:
         raise InvalidArgument(field, message)
-
-
-class Unimplemented(AllotError):
-    kind = Kind.UNIMPLEMENTED
-
-    def __init__(self, method: str):
-        super().__init__("NOT_IMPLEMENTED", f"{method} is not implemented yet", method=method)

@@ -6,6 +6,7 @@ Business logic never lives here. Every method needs an entry in the service's po
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ import grpc
 
 from shared import logs, status
 from shared.auth import Policy, TokenVerifier, authorize, set_principal
-from shared.errors import PermissionDenied
+from shared.errors import PermissionDenied, Unavailable
 
 log = logging.getLogger("allot.rpc")
 
@@ -26,9 +27,16 @@ PUBLIC_PREFIXES = (
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, policies: dict[str, Policy], verifier: TokenVerifier) -> None:
+    """``ready`` is set once the service can answer (database reachable, migrations applied,
+    background work started); until then every non-public call is UNAVAILABLE, which clients
+    retry, while health says NOT_SERVING."""
+
+    def __init__(
+        self, policies: dict[str, Policy], verifier: TokenVerifier, ready: asyncio.Event
+    ) -> None:
         self.policies = policies
         self.verifier = verifier
+        self.ready = ready
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -53,6 +61,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _enter(self, method: str, rule: Policy | None, request, context) -> None:
         metadata = dict(context.invocation_metadata() or ())
         logs.request_id.set(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        if not self.ready.is_set():
+            raise Unavailable("SERVICE_STARTING", "the service is starting: retry shortly")
         principal = self.verifier.verify(metadata.get("authorization"))
         if rule is None:
             raise PermissionDenied(f"no policy allows {method}")

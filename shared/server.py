@@ -110,6 +110,7 @@ class Server:
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -122,7 +123,7 @@ class Server:
             names.append(CLOCK_SERVICE)
         verifier = TokenVerifier(settings.signing_secret())
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(policies, verifier)],
+            interceptors=[CallInterceptor(policies, verifier, self._ready)],
             options=[
                 ("grpc.so_reuseport", 0),
                 # Let stream consumers ping idle connections every few seconds, so a dead peer
@@ -156,6 +157,7 @@ class Server:
         await self.service.start()
         await self.runtime.scheduler.run_due()  # whatever came due while we were down
         self.runtime.scheduler.start()
+        self._ready.set()
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s", self.service.name, self.bound_addr)

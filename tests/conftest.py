@@ -21,6 +21,24 @@ async def database_url(request, tmp_path):
         await drop_postgres_database(url)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def quota_and_billing_urls(request, tmp_path):
+    """(quota, billing): a fresh quota database and a fresh billing database of each dialect."""
+    if request.param == "sqlite":
+        yield (
+            f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
+            f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
+        )
+        return
+    quota_url = await create_postgres_database()
+    billing_url = await create_postgres_database()
+    try:
+        yield quota_url, billing_url
+    finally:
+        await drop_postgres_database(quota_url)
+        await drop_postgres_database(billing_url)
+
+
 @pytest.fixture
 def tokens() -> Tokens:
     return Tokens()

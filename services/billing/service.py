@@ -12,7 +12,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 from services.billing.adapters import tables
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import orders, standing, usage
+from services.billing.app import orders, renewals, standing, usage
 from services.billing.app.context import BillingContext
 from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
 from shared.idempotency import IdempotencyStore
@@ -93,6 +93,10 @@ class BillingService:
         # as due work; then the arrears clock, so one pass of due work sees a grace it started.
         self.pay_per_use = usage.wire_usage(self)
         standing.wire_standing(self)
+        # Auto-renewal after the arrears clock: an attempt sees the standing of its instant.
+        self.runtime.scheduler.register(
+            "billing.renewals", lambda now: renewals.renew_due(self.context, now)
+        )
 
     async def _fulfil_pending(self) -> None:
         while True:

@@ -13,7 +13,7 @@ from google.type import money_pb2
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from shared.status import bad_request_fields, error_info
+from tests.support.billing_processes import expect
 from tests.support.servers import TEST_SECRET, Tokens
 
 REQ = billing_service_pb2
@@ -64,16 +64,6 @@ async def create(stub, account_id: str, **fields) -> billing_pb2.Account:
         ),
         metadata=ADMIN,
     )
-
-
-async def expect(call, code, reason=None, field=None):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-    if reason:
-        assert error_info(caught.value).reason == reason
-    if field:
-        assert field in bad_request_fields(caught.value)
 
 
 async def test_create_and_read_an_account(billing):

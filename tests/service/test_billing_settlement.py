@@ -31,17 +31,16 @@ from services.billing.app import standing, usage
 from services.billing.app.usage import BACKLOG_LAG, MAX_WAIT, settlement_waits
 from services.billing.domain.bills import CSV_COLUMNS
 from services.quota.adapters import tables as quota_tables
-from shared.status import bad_request_fields, error_info
 from shared.timeutil import to_micros
 from tests.support.billing_processes import (
     TIER_1_UP_TO,
     BillingHandle,
     billing_settings,
+    expect,
     micros,
     running_billing,
     write_catalog,
 )
-from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import QuotaHandle, free_port, running_quota
 from tests.support.servers import test_settings as quota_settings_for
@@ -71,24 +70,6 @@ def cents(amount: str) -> int:
     whole, _, fraction = amount.lstrip("-").partition(".")
     value = int(whole) * 1_000_000 + int((fraction + "000000")[:6])
     return -value if amount.startswith("-") else value
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def urls(request, tmp_path):
-    """A fresh quota database and a fresh billing database of each dialect."""
-    if request.param == "sqlite":
-        yield (
-            f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
-            f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
-        )
-        return
-    quota_url = await create_postgres_database()
-    billing_url = await create_postgres_database()
-    try:
-        yield quota_url, billing_url
-    finally:
-        await drop_postgres_database(quota_url)
-        await drop_postgres_database(billing_url)
 
 
 @dataclass
@@ -210,8 +191,8 @@ async def running_suite(urls, tmp_path, **billing_overrides: str):
 
 
 @pytest.fixture
-async def suite(urls, tmp_path):
-    async with running_suite(urls, tmp_path) as s:
+async def suite(quota_and_billing_urls, tmp_path):
+    async with running_suite(quota_and_billing_urls, tmp_path) as s:
         yield s
 
 
@@ -229,16 +210,6 @@ def cycles(lines) -> list[tuple[datetime, datetime, int]]:
 def tiers(line) -> list[tuple[int, int, int]]:
     """(tier, quantity, unit price in micros) of a line."""
     return [(t.tier, t.quantity, micros(t.unit_price)) for t in line.tiers]
-
-
-async def expect(call, code, reason=None, field=None):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-    if reason:
-        assert error_info(caught.value).reason == reason
-    if field:
-        assert field in bad_request_fields(caught.value)
 
 
 # --- hourly cycles --------------------------------------------------------------------------
@@ -511,9 +482,13 @@ async def test_a_clock_moved_past_both_ends_stamps_each_change_when_it_came_due(
     assert (await suite.billing.top_up("late", "1")).standing == GOOD
 
 
-async def test_release_is_retried_while_a_regions_quota_is_unreachable(urls, tmp_path):
+async def test_release_is_retried_while_a_regions_quota_is_unreachable(
+    quota_and_billing_urls, tmp_path
+):
     port = free_port()  # nothing listens here yet: BKK's quota is down
-    async with running_suite(urls, tmp_path, quota_endpoints=f"{BKK}=127.0.0.1:{port}") as suite:
+    async with running_suite(
+        quota_and_billing_urls, tmp_path, quota_endpoints=f"{BKK}=127.0.0.1:{port}"
+    ) as suite:
         releaser = standing.wire_standing(suite.billing_handle.service)
         releaser.retry_seconds = 0  # retry on every run of the due work
         await suite.billing.create_account("late")

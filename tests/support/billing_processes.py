@@ -2,18 +2,13 @@
 tests), short calls to it, and a small catalog whose tiers a test can walk through.
 
 `BillingProcess` is `QuotaProcess` for `python -m services.billing`: every wait has a deadline
-and the child gets exactly the `ALLOT_*` settings the test chose. `WiredBillingService` is the
-billing service with pay-per-use, the arrears clock and bills wired in (`app/usage.py`,
-`app/standing.py`, `app/bills.py`); it adds only what `BillingService` does not wire itself, so
-it is the plain service once `service.py` and the servicer do. `python -m
-tests.support.billing_processes` runs it as a process; the end-to-end tests run
-`services.billing` unless `ALLOT_TEST_BILLING_MODULE` names another module.
+and the child gets exactly the `ALLOT_*` settings the test chose. `running_billing` is the same
+`BillingService` in the test's own event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import pathlib
 import queue
@@ -31,17 +26,12 @@ from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.type import money_pb2
 
-from services.billing.api.servicer import BillingServicer
-from services.billing.app import bills, standing, usage
 from services.billing.service import BillingService
-from shared.auth import hiding_absence
-from shared.idempotency import IdempotencyStore
-from shared.server import Server, build_runtime, run_service
+from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT, Settings
 from tests.support.processes import START_TIMEOUT, QuotaProcess
 from tests.support.servers import TEST_SECRET, Tokens, free_port
 
-BILLING_MODULE = os.environ.get("ALLOT_TEST_BILLING_MODULE", "services.billing")
 # How long a test waits for something the services do on their own (a consumer catching up,
 # a settlement); every wait ends as soon as it is met.
 SETTLE_TIMEOUT = 30.0
@@ -97,56 +87,6 @@ def write_catalog(directory: pathlib.Path) -> pathlib.Path:
     return path
 
 
-# --- the service with the pay-per-use wiring ---------------------------------------------
-
-
-def _servicer_has_bills() -> bool:
-    """Whether BillingServicer serves GetBill itself (it answered UNIMPLEMENTED before)."""
-    return "Unimplemented" not in inspect.getsource(BillingServicer.GetBill)
-
-
-class _BillsServicer(BillingServicer):
-    """GetBill and ExportBill exactly as the servicer is to serve them."""
-
-    async def GetBill(self, request, context):
-        return await hiding_absence(
-            bills.get_bill_message(self.ctx, request.account_id, request.month)
-        )
-
-    async def ExportBill(self, request, context):
-        csv = await hiding_absence(bills.export_bill(self.ctx, request.account_id, request.month))
-        return billing_service_pb2.ExportBillResponse(csv=csv)
-
-
-class WiredBillingService(BillingService):
-    """BillingService plus what is not wired into it yet: the quota consumers, settlement and
-    the arrears clock as due work, GetBill/ExportBill. The wiring functions are idempotent,
-    so on a service that wires itself this adds nothing."""
-
-    def register(self, server: grpc.aio.Server) -> None:
-        if _servicer_has_bills():
-            super().register(server)
-            return
-        from services.billing.adapters import tables
-
-        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            _BillsServicer(self.context, IdempotencyStore(tables.idempotency_keys)), server
-        )
-
-    async def start(self) -> None:
-        await super().start()
-        self.pay_per_use = usage.wire_usage(self)
-        standing.wire_standing(self)
-
-    def quiesce(self) -> None:
-        super().quiesce()
-        self.pay_per_use.quiesce()
-
-    async def stop(self) -> None:
-        await self.pay_per_use.stop()
-        await super().stop()
-
-
 # --- as a process ------------------------------------------------------------------------
 
 
@@ -171,7 +111,7 @@ def billing_env(
 
 
 class BillingProcess(QuotaProcess):
-    """`python -m services.billing` (or BILLING_MODULE) with a deadline on every wait."""
+    """`python -m services.billing` with a deadline on every wait."""
 
     def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
         super().__init__(env, log_path)
@@ -182,7 +122,7 @@ class BillingProcess(QuotaProcess):
         self._lines = queue.Queue()
         with open(self.log_path, "ab") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", BILLING_MODULE],
+                [sys.executable, "-m", "services.billing"],
                 env={**inherited, **self.env},
                 cwd=REPO_ROOT,
                 stdout=subprocess.PIPE,
@@ -243,7 +183,7 @@ def billing_settings(
 @dataclass
 class BillingHandle:
     server: Server
-    service: WiredBillingService
+    service: BillingService
     channel: grpc.aio.Channel
     calls: BillingCalls
 
@@ -262,9 +202,9 @@ class BillingHandle:
 
 @contextlib.asynccontextmanager
 async def running_billing(settings: Settings):
-    """An in-process billing server (with the pay-per-use wiring) on a free loopback port."""
+    """An in-process billing server on a free loopback port."""
     runtime = build_runtime(settings, "billing")
-    service = WiredBillingService(runtime)
+    service = BillingService(runtime)
     server = Server(runtime, service, settings.billing_addr)
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
@@ -276,6 +216,21 @@ async def running_billing(settings: Settings):
 
 
 # --- calls -------------------------------------------------------------------------------
+
+
+async def expect(call, code, reason=None, field=None):
+    """Await a call that must fail with `code` (and ErrorInfo `reason`, BadRequest `field`)."""
+    import pytest
+
+    from shared.status import bad_request_fields, error_info
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    if reason:
+        assert error_info(caught.value).reason == reason, caught.value.details()
+    if field:
+        assert field in bad_request_fields(caught.value)
 
 
 def usd(amount: str) -> money_pb2.Money:
@@ -404,8 +359,3 @@ class BillingCalls:
             metadata=self.admin,
             timeout=SETTLE_TIMEOUT,
         )
-
-
-if __name__ == "__main__":
-    # The wired service as a process, for end-to-end runs before service.py wires it.
-    run_service("billing", WiredBillingService)

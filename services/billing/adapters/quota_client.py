@@ -15,7 +15,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from shared.auth import SERVICE, TokenVerifier
 from shared.consumer import CHANNEL_OPTIONS
-from shared.errors import AllotError, Kind
+from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
 from shared.timeutil import to_timestamp
 
@@ -28,9 +28,7 @@ UNREACHABLE = {
 }
 
 
-class QuotaUnavailable(AllotError):
-    kind = Kind.UNAVAILABLE
-
+class QuotaUnavailable(Unavailable):
     def __init__(self, region: str, detail: str) -> None:
         super().__init__(
             "QUOTA_UNAVAILABLE",

@@ -95,8 +95,11 @@ orders = Table(
     Column("update_time_us", BigInteger, nullable=False),
     Index("ix_orders_account", "account_id", "order_id"),
     Index("ix_orders_state", "state"),
+    Index("ix_orders_package", "package_id", "expire_time_us"),
 )
 
+# Billing's record of each package it sold (app/packages.py): written when the purchase is
+# fulfilled, moved by every renewal, holding the auto-renewal setting and schedule.
 auto_renewals = Table(
     "auto_renewals",
     metadata,
@@ -104,6 +107,8 @@ auto_renewals = Table(
     Column("account_id", String(64), nullable=False),
     Column("offer_id", String(64), nullable=False),
     Column("region", String(64), nullable=False),
+    # The purchase order that granted the package.
+    Column("order_id", String(40), nullable=False, server_default=""),
     Column("enabled", Boolean, nullable=False),
     Column("lead_days", SmallInteger, nullable=False),
     # The package's expiry as billing knows it (moved by every renewal).

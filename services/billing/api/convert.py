@@ -129,6 +129,20 @@ def to_proto_order(order) -> billing_pb2.Order:
     )
 
 
+def to_proto_auto_renewal(sold) -> billing_pb2.AutoRenewal:
+    """The wire form of app.packages.SoldPackage's auto-renewal setting and schedule."""
+    message = billing_pb2.AutoRenewal(
+        package_id=sold.package_id,
+        account_id=sold.account_id,
+        enabled=sold.auto_renew,
+        lead_days=sold.lead_days,
+        last_failure_reason=sold.last_failure_reason,
+    )
+    if sold.next_attempt_time is not None:
+        message.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))
+    return message
+
+
 def to_proto_subscription(subscription) -> billing_pb2.ApiSubscription:
     """The wire form of app.subscriptions.Subscription."""
     return billing_pb2.ApiSubscription(

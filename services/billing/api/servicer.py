@@ -1,8 +1,6 @@
 """allot.billing.v1.BillingService: requests in, use cases called, responses out.
 
-Accounts, top-ups, balance alerts and the catalog are served; orders, API subscriptions,
-pay-per-use settlement, arrears by the clock and bills answer UNIMPLEMENTED until they are
-built (see the billing issue).
+Every RPC of API.md's BillingService is served here; the work is in ``app/``.
 """
 
 from __future__ import annotations
@@ -10,10 +8,9 @@ from __future__ import annotations
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.api import convert
-from services.billing.app import accounts, bills, orders, subscriptions
+from services.billing.app import accounts, bills, orders, renewals, subscriptions
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
-from shared.errors import Unimplemented
 from shared.idempotency import IdempotencyStore
 from shared.pagination import decode_page_token, page_of, page_size
 from shared.timeutil import from_timestamp
@@ -118,7 +115,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             free_monthly_quantity=api.free_monthly_quantity,
         )
 
-    # --- built next (the billing issue) ---------------------------------------------------
+    # --- orders --------------------------------------------------------------------------
 
     async def PurchasePackage(self, request, context):
         spec = orders.PurchaseInput(
@@ -142,10 +139,40 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return convert.to_proto_order(await orders.fulfil(self.ctx, paid.order_id))
 
     async def RenewPackage(self, request, context):
-        raise Unimplemented("RenewPackage")
+        periods = renewals.check_periods(request.periods)
+
+        async def work(uow):
+            order = await renewals.renew(
+                self.ctx, uow, request.account_id, request.package_id, periods
+            )
+            return convert.to_proto_order(order)
+
+        placed = await hiding_absence(
+            renewals.explained(
+                self.ctx,
+                request.account_id,
+                self._idempotent("RenewPackage", request, billing_pb2.Order, work),
+            )
+        )
+        # Ask quota now; a retry of the request answers the order as it is now.
+        return convert.to_proto_order(await orders.fulfil(self.ctx, placed.order_id))
 
     async def SetAutoRenew(self, request, context):
-        raise Unimplemented("SetAutoRenew")
+        lead_days = renewals.check_lead_days(request.lead_days)
+
+        async def work(uow):
+            sold = await renewals.set_auto_renew(
+                self.ctx, uow, request.package_id, request.enabled, lead_days
+            )
+            return convert.to_proto_auto_renewal(sold)
+
+        return await hiding_absence(
+            renewals.explained(
+                self.ctx,
+                None,
+                self._idempotent("SetAutoRenew", request, billing_pb2.AutoRenewal, work),
+            )
+        )
 
     async def CancelOrder(self, request, context):
         order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))

@@ -1,12 +1,13 @@
-"""Use cases of orders: purchase a package, cancel it before it starts, fulfil pending ones.
+"""Use cases of orders: purchase a package, cancel it before it starts, fulfil pending ones
+(purchases and renewals; renewals are placed by ``app/renewals.py``).
 
 A purchase takes the price from the paying balance and records the order in one transaction
 (idempotent by request_id); then the region's quota service is asked to grant the package with
 the order id as its request id, so a retried grant never grants twice. While quota is
 unreachable the order stays PENDING and is retried in the background until it is FULFILLED;
 the package is effective from the payment instant even when it is granted later. A grant that
-quota refuses fails the order and refunds it. An order whose package has not started yet can
-be cancelled for a full refund.
+quota refuses fails the order and refunds it. A purchase whose package has not started yet
+(and was not renewed) can be cancelled for a full refund; renewals cannot be cancelled.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from sqlalchemy import insert, select, update
 
 from services.billing.adapters import tables as t
 from services.billing.adapters.quota_client import QuotaUnavailable
-from services.billing.app import accounts
+from services.billing.app import accounts, packages
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
 from services.billing.domain.bills import BillLineKind
-from services.billing.domain.money import to_micros
-from services.quota.domain.packages import normalize_project_id
+from services.billing.domain.money import format_amount, to_micros
+from services.quota.domain.packages import ONE_SECOND, normalize_project_id
 from services.quota.domain.validity import package_expire_time
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument, NotFound
@@ -53,13 +54,13 @@ class OrderState(enum.IntEnum):
     CANCELLED = 4
 
 
-@dataclass(frozen=True)
-class Order:
-    order_id: str
+@dataclass(frozen=True, kw_only=True)
+class NewOrder:
+    """An order to place: paid at once, PENDING until quota has granted or renewed."""
+
+    kind: OrderKind
     account_id: str
     paying_account_id: str
-    kind: OrderKind
-    state: OrderState
     offer_id: str
     region: str
     api: str
@@ -67,11 +68,19 @@ class Order:
     quantity: int
     periods: int
     amount_micros: int
-    currency_code: str
-    package_id: str
     effective_time: datetime
     expire_time: datetime
-    auto_renew: bool
+    package_id: str = ""
+    auto_renew: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Order(NewOrder):
+    """A placed order: what was bought (``NewOrder``) and where it stands."""
+
+    order_id: str
+    state: OrderState
+    currency_code: str
     failure_reason: str
     create_time: datetime
     update_time: datetime
@@ -171,6 +180,80 @@ async def _charge(
     )
 
 
+async def paying_accounts(
+    ctx: BillingContext, uow: UnitOfWork, account_id: str, price: int
+) -> tuple[accounts.Account, accounts.Account]:
+    """The account and the account that pays for it (locked), when it may pay ``price`` now:
+    ``ACCOUNT_IN_ARREARS`` or ``INSUFFICIENT_BALANCE`` otherwise."""
+    account = await accounts.load_account(uow, account_id)
+    payer_id = account.master_account_id or account.account_id
+    payer = await accounts.load_account(uow, payer_id, for_update=True)
+    if not may_purchase(Standing(payer.standing)):
+        raise FailedPrecondition(
+            "ACCOUNT_IN_ARREARS",
+            f"account {payer_id!r} is in arrears ({payer.standing.name}): top up first",
+            account_id=payer_id,
+            standing=payer.standing.name,
+        )
+    if payer.balance_micros < price:
+        raise FailedPrecondition(
+            "INSUFFICIENT_BALANCE",
+            f"the price {format_amount(price, payer.currency_code)} {payer.currency_code}"
+            " exceeds the balance",
+            account_id=payer_id,
+            price=format_amount(price, payer.currency_code),
+        )
+    return account, payer
+
+
+_LINE_KINDS = {
+    OrderKind.PURCHASE: BillLineKind.PACKAGE_PURCHASE,
+    OrderKind.RENEWAL: BillLineKind.PACKAGE_RENEWAL,
+    OrderKind.AUTO_RENEWAL: BillLineKind.PACKAGE_RENEWAL,
+}
+
+
+async def place(ctx: BillingContext, uow: UnitOfWork, new: NewOrder, description: str) -> Order:
+    """Record a PENDING order and take its amount from the paying balance (one transaction)."""
+    order_id = new_id("ord")
+    now_us = time_to_micros(ctx.now())
+    await uow.session.execute(
+        insert(t.orders).values(
+            order_id=order_id,
+            account_id=new.account_id,
+            paying_account_id=new.paying_account_id,
+            kind=int(new.kind),
+            state=int(OrderState.PENDING),
+            offer_id=new.offer_id,
+            region=new.region,
+            api=new.api,
+            enterprise_project_id=new.enterprise_project_id,
+            quantity=new.quantity,
+            periods=new.periods,
+            amount_micros=new.amount_micros,
+            package_id=new.package_id,
+            effective_time_us=time_to_micros(new.effective_time),
+            expire_time_us=time_to_micros(new.expire_time),
+            auto_renew=new.auto_renew,
+            create_time_us=now_us,
+            update_time_us=now_us,
+        )
+    )
+    await _charge(
+        ctx,
+        uow,
+        new.paying_account_id,
+        new.account_id,
+        -new.amount_micros,
+        _LINE_KINDS[new.kind],
+        order_id,
+        description,
+    )
+    order = await load_order(ctx, uow, order_id)
+    announce(ctx, uow, order, None)
+    return order
+
+
 async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) -> Order:
     """Pay for an offer and record the PENDING order (quota is asked after the commit)."""
     now = ctx.now()
@@ -197,81 +280,47 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
     effective = spec.effective_time or now
     if effective < now:
         raise InvalidArgument("effective_time", "effective_time must not lie in the past")
-    account = await accounts.load_account(uow, spec.account_id)
-    payer_id = account.master_account_id or account.account_id
-    payer = await accounts.load_account(uow, payer_id, for_update=True)
-    if not may_purchase(Standing(payer.standing)):
-        raise FailedPrecondition(
-            "ACCOUNT_IN_ARREARS",
-            f"account {payer_id!r} is in arrears ({payer.standing.name}): top up first",
-            account_id=payer_id,
-            standing=payer.standing.name,
-        )
     price = to_micros(offer.price)
-    if payer.balance_micros < price:
-        raise FailedPrecondition(
-            "INSUFFICIENT_BALANCE",
-            f"the price {offer.price} {ctx.catalog.currency} exceeds the balance",
-            account_id=payer_id,
-            price=offer.price,
-        )
-    order_id = new_id("ord")
-    now_us = time_to_micros(now)
-    await uow.session.execute(
-        insert(t.orders).values(
-            order_id=order_id,
-            account_id=account.account_id,
-            paying_account_id=payer_id,
-            kind=int(OrderKind.PURCHASE),
-            state=int(OrderState.PENDING),
-            offer_id=offer.id,
-            region=spec.region,
-            api=offer.api,
-            enterprise_project_id=project,
-            quantity=offer.quantity,
-            periods=1,
-            amount_micros=price,
-            effective_time_us=time_to_micros(effective),
-            expire_time_us=time_to_micros(
-                package_expire_time(effective, offer.validity_months, ctx.tz)
-            ),
-            auto_renew=spec.auto_renew,
-            create_time_us=now_us,
-            update_time_us=now_us,
-        )
+    account, payer = await paying_accounts(ctx, uow, spec.account_id, price)
+    new = NewOrder(
+        kind=OrderKind.PURCHASE,
+        account_id=account.account_id,
+        paying_account_id=payer.account_id,
+        offer_id=offer.id,
+        region=spec.region,
+        api=offer.api,
+        enterprise_project_id=project,
+        quantity=offer.quantity,
+        periods=1,
+        amount_micros=price,
+        effective_time=effective,
+        expire_time=package_expire_time(effective, offer.validity_months, ctx.tz),
+        auto_renew=spec.auto_renew,
     )
-    await _charge(
-        ctx,
-        uow,
-        payer_id,
-        account.account_id,
-        -price,
-        BillLineKind.PACKAGE_PURCHASE,
-        order_id,
-        f"{offer.id} in {spec.region}",
-    )
-    order = await load_order(ctx, uow, order_id)
-    announce(ctx, uow, order, None)
-    return order
+    return await place(ctx, uow, new, f"{offer.id} in {spec.region}")
 
 
 async def fulfil(ctx: BillingContext, order_id: str) -> Order:
-    """Ask quota for the package of a PENDING order; leaves it PENDING while quota is away."""
+    """Ask quota to grant or renew the package of a PENDING order; it stays PENDING while quota
+    is away. A renewal waits for the earlier renewals of its package: quota never moves an
+    expiry back, so they are applied in the order they were sold."""
     order = await ctx.db.read(lambda uow: load_order(ctx, uow, order_id))
     if order.state != OrderState.PENDING:
         return order
     try:
-        package = await ctx.quota.grant_package(
-            order.order_id,
-            account_id=order.account_id,
-            region=order.region,
-            api=order.api,
-            enterprise_project_id=order.enterprise_project_id,
-            quantity=order.quantity,
-            effective_time=order.effective_time,
-            expire_time=order.expire_time,
-            order_id=order.order_id,
-        )
+        if order.kind == OrderKind.PURCHASE:
+            package = await _grant(ctx, order)
+        else:
+            for earlier in await _earlier_renewals(ctx, order):
+                if (await fulfil(ctx, earlier)).state == OrderState.PENDING:
+                    return order
+            package = await ctx.quota.renew_package(
+                order.order_id,
+                order.region,
+                order.package_id,
+                expire_time=order.expire_time,
+                add_quantity=order.quantity,
+            )
     except QuotaUnavailable as exc:
         log.info("order %s stays pending: %s", order_id, exc)
         return order
@@ -282,6 +331,35 @@ async def fulfil(ctx: BillingContext, order_id: str) -> Order:
     if done.state == OrderState.CANCELLED:
         await _revoke(ctx, done, package.package_id)  # cancelled while being granted
     return done
+
+
+def _grant(ctx: BillingContext, order: Order):
+    return ctx.quota.grant_package(
+        order.order_id,
+        account_id=order.account_id,
+        region=order.region,
+        api=order.api,
+        enterprise_project_id=order.enterprise_project_id,
+        quantity=order.quantity,
+        effective_time=order.effective_time,
+        expire_time=order.expire_time,
+        order_id=order.order_id,
+    )
+
+
+async def _earlier_renewals(ctx: BillingContext, order: Order) -> list[str]:
+    """PENDING renewals of the same package sold before this one (they end earlier)."""
+    o = t.orders.c
+    query = (
+        select(o.order_id)
+        .where(
+            o.package_id == order.package_id,
+            o.state == int(OrderState.PENDING),
+            o.expire_time_us < time_to_micros(order.expire_time),
+        )
+        .order_by(o.expire_time_us)
+    )
+    return [r.order_id for r in await ctx.db.read(lambda uow: _all(uow, query))]
 
 
 async def _set_state(
@@ -305,7 +383,11 @@ async def _fulfilled(ctx: BillingContext, uow: UnitOfWork, order_id: str, packag
     order = await load_order(ctx, uow, order_id, for_update=True)
     if order.state != OrderState.PENDING:
         return order  # cancelled meanwhile: fulfil() revokes what was granted
-    return await _set_state(ctx, uow, order, OrderState.FULFILLED, package_id=package.package_id)
+    if order.kind != OrderKind.PURCHASE:
+        return await _set_state(ctx, uow, order, OrderState.FULFILLED)
+    done = await _set_state(ctx, uow, order, OrderState.FULFILLED, package_id=package.package_id)
+    await packages.record_purchase(ctx, uow, done)
+    return done
 
 
 async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str) -> Order:
@@ -322,7 +404,24 @@ async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str
         order.order_id,
         f"refund: {reason}"[:500],
     )
+    if order.kind != OrderKind.PURCHASE:
+        await _renewal_failed(ctx, uow, order, reason)
     return await _set_state(ctx, uow, order, OrderState.FAILED, failure_reason=reason[:500])
+
+
+async def _renewal_failed(ctx: BillingContext, uow: UnitOfWork, order: Order, reason: str):
+    """Quota refused a renewal for good (the package was revoked there, say): the package is
+    sold to where it was before, and auto-renewal stops."""
+    try:
+        sold = await packages.load(uow, order.package_id, for_update=True)
+    except packages.UnknownPackage:
+        return
+    values = {"auto_renew": False, "next_attempt_time": None, "last_failure_reason": reason}
+    if sold.expire_time == order.expire_time:
+        values["expire_time"] = order.effective_time - ONE_SECOND
+    sold = await packages.save(ctx, uow, sold.package_id, **values)
+    if order.kind == OrderKind.AUTO_RENEWAL:
+        packages.announce_auto_renew_failed(ctx, uow, sold, reason.partition(":")[0])
 
 
 async def fulfil_pending(ctx: BillingContext) -> int:
@@ -350,12 +449,26 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
     guard(order)
     if order.state == OrderState.CANCELLED:
         return order
+    if order.kind != OrderKind.PURCHASE:
+        raise FailedPrecondition(
+            "ORDER_NOT_CANCELLABLE",
+            "a renewal cannot be cancelled",
+            order_id=order_id,
+            kind=order.kind.name,
+        )
     if order.state not in (OrderState.PENDING, OrderState.FULFILLED) or (
         order.effective_time <= ctx.now()
     ):
         raise FailedPrecondition(
             "ORDER_NOT_CANCELLABLE",
             "only orders whose package has not started can be cancelled",
+            order_id=order_id,
+            state=order.state.name,
+        )
+    if await _renewed(ctx, order):
+        raise FailedPrecondition(
+            "ORDER_NOT_CANCELLABLE",
+            "the package was renewed already",
             order_id=order_id,
             state=order.state.name,
         )
@@ -377,10 +490,24 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
             current.order_id,
             "refund: order cancelled",
         )
+        if current.package_id:
+            await packages.forget(uow, current.package_id)
         return await _set_state(ctx, uow, current, OrderState.CANCELLED)
 
     # A PENDING order's grant racing this cancel is revoked by fulfil() when it sees CANCELLED.
     return await ctx.db.transaction(mark)
+
+
+async def _renewed(ctx: BillingContext, order: Order) -> bool:
+    if not order.package_id:
+        return False
+    o = t.orders.c
+    query = select(o.order_id).where(
+        o.package_id == order.package_id,
+        o.kind != int(OrderKind.PURCHASE),
+        o.state.in_([int(OrderState.PENDING), int(OrderState.FULFILLED)]),
+    )
+    return bool(await ctx.db.read(lambda uow: _all(uow, query)))
 
 
 async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:

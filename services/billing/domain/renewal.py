@@ -39,6 +39,7 @@ from services.quota.domain.validity import as_utc, renewal_expire_time
 __all__ = [
     "ATTEMPT_TIME",
     "DEFAULT_LEAD_DAYS",
+    "MAX_LEAD_DAYS",
     "RENEWAL_WINDOW_AFTER_EXPIRY",
     "first_attempt",
     "forfeits_remainder",
@@ -46,10 +47,14 @@ __all__ = [
     "renewal_allowed",
     "renewal_window_end",
     "renewed_expire_time",
+    "scheduled_attempt",
 ]
 
 RENEWAL_WINDOW_AFTER_EXPIRY = timedelta(days=15)
 DEFAULT_LEAD_DAYS = 7
+# The longest lead: shorter than the shortest validity (one month, 28 days at least), so a
+# package just renewed is never due for renewal again at once.
+MAX_LEAD_DAYS = 27
 # Auto-renewal runs at this local time, when few customers are watching their quota.
 ATTEMPT_TIME = time(3, 0)
 _ONE_DAY = timedelta(days=1)
@@ -119,3 +124,18 @@ def next_attempt(last_attempt: datetime, expire_time: datetime, tz: tzinfo) -> d
     """
     day_after = as_utc(last_attempt, "last_attempt").astimezone(tz).date() + _ONE_DAY
     return _before_expiry(_at_attempt_time(day_after, tz), expire_time)
+
+
+def scheduled_attempt(
+    expire_time: datetime, lead_days: int, now: datetime, tz: tzinfo
+) -> datetime | None:
+    """The attempt an enabled schedule waits for, at ``now``, for a package valid to
+    ``expire_time``: the first attempt of that expiry, which may have passed already (it is then
+    due at once). After an attempt has been made for this expiry, it is not used again: a
+    success moves the expiry (by at least a month, more than ``MAX_LEAD_DAYS``, so the new
+    first attempt lies ahead) and a failure takes ``next_attempt``. ``None`` once the package
+    has expired."""
+    now = as_utc(now, "now")
+    if now >= as_utc(expire_time, "expire_time") + ONE_SECOND:
+        return None
+    return first_attempt(expire_time, lead_days, tz)
