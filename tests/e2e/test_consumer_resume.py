@@ -33,6 +33,7 @@ from tests.support.processes import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
 EVENTS = 10_000
+REPLICA_EVENTS = 2_500
 BATCH = 500
 ACCOUNT = "acct-consumer"
 REGION = "ap-southeast-1"
@@ -74,15 +75,26 @@ def produce(quota_addr: str, usage_ids: list[str]) -> None:
             assert [r.pay_per_use_quantity for r in response.responses] == [1] * len(chunk)
 
 
-@pytest.fixture(scope="module")
-def produced(tmp_path_factory):
-    """A quota process holding EVENTS pay-per-use events; yields (address, usage event ids)."""
+def _producing(tmp_path_factory, count: int):
     data = tmp_path_factory.mktemp("quota")
     env = quota_env(f"sqlite+aiosqlite:///{data / 'quota.db'}", data)
     with quota_process(env, data / "quota.log") as quota:
-        usage_ids = [f"use-{i:05d}" for i in range(EVENTS)]
+        usage_ids = [f"use-{i:05d}" for i in range(count)]
         produce(quota.addr, usage_ids)
         yield quota.addr, usage_ids
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory):
+    """A quota process holding EVENTS pay-per-use events; yields (address, usage event ids)."""
+    yield from _producing(tmp_path_factory, EVENTS)
+
+
+@pytest.fixture(scope="module")
+def produced_for_replicas(tmp_path_factory):
+    """REPLICA_EVENTS events: the replicas apply one event per transaction, so fewer will do
+    to see one replica apply, be killed mid-stream, and the other take over."""
+    yield from _producing(tmp_path_factory, REPLICA_EVENTS)
 
 
 class ConsumerProcess:
@@ -258,10 +270,10 @@ async def consumer_url(request, tmp_path):
         await drop_postgres_database(url)
 
 
-async def test_two_replicas_never_both_apply(produced, consumer_url, tmp_path):
+async def test_two_replicas_never_both_apply(produced_for_replicas, consumer_url, tmp_path):
     """Two consumers on one database: one applies, the other waits; when the one applying is
     killed, the other takes over at its cursor. Each row names the replica that applied it."""
-    quota_addr, usage_ids = produced
+    quota_addr, usage_ids = produced_for_replicas
     db = ConsumerDatabase(consumer_url)
     # A longer lease than elsewhere: on a loaded machine a leader's event loop can stall past
     # a short ttl, and a correct handover would then look like "both applied".
@@ -281,12 +293,12 @@ async def test_two_replicas_never_both_apply(produced, consumer_url, tmp_path):
     try:
         for replica in replicas.values():
             replica.start()
-        await db.wait_count(EVENTS // 3, PROGRESS_TIMEOUT)
+        await db.wait_count(REPLICA_EVENTS // 3, PROGRESS_TIMEOUT)
         holders = {holder for _, _, holder in await db.rows()}
         assert len(holders) == 1, f"both replicas applied: {holders}"
         leader = holders.pop()
         replicas[leader].kill()
-        await db.wait_count(EVENTS, FINISH_TIMEOUT)
+        await db.wait_count(REPLICA_EVENTS, FINISH_TIMEOUT)
         await asyncio.sleep(0.5)
         for replica in replicas.values():
             if replica.holder != leader:
