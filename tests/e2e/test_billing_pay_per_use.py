@@ -41,6 +41,7 @@ from tests.support.billing_processes import (
     billing_env,
     billing_process,
     micros,
+    paired_env,
     ts,
 )
 from tests.support.databases import create_postgres_database, drop_postgres_database
@@ -285,31 +286,8 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(billi
 # --- the arrears timeline ---------------------------------------------------------------------
 
 
-def _paired_env(tmp_path, clock_start: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The settings of a quota and a billing process that follow each other."""
-    billing_addr = f"127.0.0.1:{free_port()}"
-    quota_data = tmp_path / "quota"
-    quota_data.mkdir()
-    q_env = quota_env(
-        f"sqlite+aiosqlite:///{quota_data / 'quota.db'}",
-        quota_data,
-        ALLOT_CLOCK="manual",
-        ALLOT_CLOCK_START=clock_start,
-        ALLOT_BILLING_ADDR=billing_addr,
-        ALLOT_CONSUMER_LEASE_SECONDS="2",
-    )
-    b_env = billing_env(
-        f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
-        tmp_path,
-        "",  # filled in once quota has its address
-        clock_start,
-        ALLOT_BILLING_ADDR=billing_addr,
-    )
-    return q_env, b_env
-
-
 async def test_arrears_timeline_across_quota_and_billing(tmp_path):
-    q_env, b_env = _paired_env(tmp_path, "2024-05-01T00:00:00Z")
+    q_env, b_env = paired_env(tmp_path, "2024-05-01T00:00:00Z")
     with quota_process(q_env, tmp_path / "quota.log") as quota_proc:
         b_env["ALLOT_QUOTA_ADDR"] = quota_proc.addr
         with billing_process(b_env, tmp_path / "billing.log") as billing_proc:
@@ -403,7 +381,7 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
 
 
 async def test_pay_per_use_then_a_package_bought_at_16_30_30(tmp_path):
-    q_env, b_env = _paired_env(tmp_path, utc_text(local("2024-05-01 15:00")))
+    q_env, b_env = paired_env(tmp_path, utc_text(local("2024-05-01 15:00")))
     with quota_process(q_env, tmp_path / "quota.log") as quota_proc:
         b_env["ALLOT_QUOTA_ADDR"] = quota_proc.addr
         with billing_process(b_env, tmp_path / "billing.log") as billing_proc:

@@ -29,7 +29,7 @@ from google.type import money_pb2
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT, Settings
-from tests.support.processes import START_TIMEOUT, QuotaProcess
+from tests.support.processes import START_TIMEOUT, QuotaProcess, quota_env
 from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 # How long a test waits for something the services do on their own (a consumer catching up,
@@ -108,6 +108,29 @@ def billing_env(
     }
     env.update(extra)
     return env
+
+
+def paired_env(tmp_path, clock_start: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The settings of a quota and a billing process that follow each other."""
+    billing_addr = f"127.0.0.1:{free_port()}"
+    quota_data = tmp_path / "quota"
+    quota_data.mkdir()
+    q_env = quota_env(
+        f"sqlite+aiosqlite:///{quota_data / 'quota.db'}",
+        quota_data,
+        ALLOT_CLOCK="manual",
+        ALLOT_CLOCK_START=clock_start,
+        ALLOT_BILLING_ADDR=billing_addr,
+        ALLOT_CONSUMER_LEASE_SECONDS="2",
+    )
+    b_env = billing_env(
+        f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
+        tmp_path,
+        "",  # filled in once quota has its address
+        clock_start,
+        ALLOT_BILLING_ADDR=billing_addr,
+    )
+    return q_env, b_env
 
 
 class BillingProcess(QuotaProcess):
