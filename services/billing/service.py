@@ -10,6 +10,7 @@ import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
 from services.billing.adapters import tables
+from services.billing.adapters.events import BillingEvents
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
 from services.billing.app import orders, renewals, standing, usage
@@ -72,6 +73,7 @@ class BillingService:
                 runtime.settings.quota_endpoint_map(list(runtime.catalog.regions)),
                 TokenVerifier(runtime.settings.signing_secret()),
             ),
+            events=BillingEvents(self.outbox),
         )
 
         self._tasks: list[asyncio.Task] = []

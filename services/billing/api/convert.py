@@ -9,12 +9,11 @@ from decimal import Decimal
 from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
+from services.billing.adapters.events import NANOS_PER_MICRO, micros_to_money
 from services.billing.app.accounts import Account, AccountInput
 from shared.catalog import Offer, PriceTier
 from shared.errors import InvalidArgument
 from shared.timeutil import from_duration, to_timestamp
-
-NANOS_PER_MICRO = 1000
 
 
 def money_to_micros(money: money_pb2.Money, field: str) -> int:
@@ -26,13 +25,6 @@ def money_to_micros(money: money_pb2.Money, field: str) -> int:
     ):
         raise InvalidArgument(field, f"{field} is not a valid google.type.Money")
     return money.units * 1_000_000 + money.nanos // NANOS_PER_MICRO
-
-
-def micros_to_money(micros: int, currency: str) -> money_pb2.Money:
-    units = int(micros / 1_000_000)  # truncates toward zero: units and nanos share the sign
-    return money_pb2.Money(
-        currency_code=currency, units=units, nanos=(micros - units * 1_000_000) * NANOS_PER_MICRO
-    )
 
 
 def decimal_to_money(amount: Decimal, currency: str) -> money_pb2.Money:
@@ -102,30 +94,6 @@ def to_proto_offer(offer: Offer, currency: str) -> billing_pb2.Offer:
 def to_proto_tier(tier: PriceTier, currency: str) -> billing_pb2.PriceTier:
     return billing_pb2.PriceTier(
         up_to_quantity=tier.up_to or 0, unit_price=decimal_to_money(tier.unit_price, currency)
-    )
-
-
-def to_proto_order(order) -> billing_pb2.Order:
-    """The wire form of an order (app.orders.Order)."""
-    return billing_pb2.Order(
-        order_id=order.order_id,
-        kind=int(order.kind),
-        state=int(order.state),
-        account_id=order.account_id,
-        package_id=order.package_id,
-        amount=micros_to_money(order.amount_micros, order.currency_code),
-        create_time=to_timestamp(order.create_time),
-        offer_id=order.offer_id,
-        region=order.region,
-        api=order.api,
-        enterprise_project_id=order.enterprise_project_id,
-        quantity=order.quantity,
-        periods=order.periods,
-        effective_time=to_timestamp(order.effective_time),
-        expire_time=to_timestamp(order.expire_time),
-        update_time=to_timestamp(order.update_time),
-        failure_reason=order.failure_reason,
-        paying_account_id=order.paying_account_id,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 
+from services.billing.adapters.events import order_message
 from services.billing.api import convert
 from services.billing.app import accounts, bills, orders, renewals, subscriptions
 from services.billing.app.context import BillingContext
@@ -130,13 +131,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
         async def work(uow):
-            return convert.to_proto_order(await orders.purchase(self.ctx, uow, spec))
+            return order_message(await orders.purchase(self.ctx, uow, spec))
 
         paid = await hiding_absence(
             self._idempotent("PurchasePackage", request, billing_pb2.Order, work)
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return convert.to_proto_order(await orders.fulfil(self.ctx, paid.order_id))
+        return order_message(await orders.fulfil(self.ctx, paid.order_id))
 
     async def RenewPackage(self, request, context):
         periods = renewals.check_periods(request.periods)
@@ -145,7 +146,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             order = await renewals.renew(
                 self.ctx, uow, request.account_id, request.package_id, periods
             )
-            return convert.to_proto_order(order)
+            return order_message(order)
 
         placed = await hiding_absence(
             renewals.explained(
@@ -155,7 +156,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             )
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return convert.to_proto_order(await orders.fulfil(self.ctx, placed.order_id))
+        return order_message(await orders.fulfil(self.ctx, placed.order_id))
 
     async def SetAutoRenew(self, request, context):
         lead_days = renewals.check_lead_days(request.lead_days)
@@ -176,14 +177,14 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def CancelOrder(self, request, context):
         order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))
-        return convert.to_proto_order(order)
+        return order_message(order)
 
     async def GetOrder(self, request, context):
         order = await hiding_absence(
             self.ctx.db.read(lambda uow: orders.load_order(self.ctx, uow, request.order_id))
         )
         _check_order(order)
-        return convert.to_proto_order(order)
+        return order_message(order)
 
     async def ListOrders(self, request, context):
         account_id = check_account_id(current_principal().scoped_account(request.account_id))
@@ -194,7 +195,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
         page, token = page_of(found, limit, lambda o: [o.order_id], request)
         return billing_service_pb2.ListOrdersResponse(
-            orders=[convert.to_proto_order(o) for o in page], next_page_token=token
+            orders=[order_message(o) for o in page], next_page_token=token
         )
 
     async def SubscribeApi(self, request, context):

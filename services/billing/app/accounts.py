@@ -12,7 +12,6 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from allot.billing.v1 import billing_pb2
 from sqlalchemy import insert, select, update
 
 from services.billing.adapters import tables as t
@@ -24,7 +23,6 @@ from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from shared.ids import new_id
 from shared.timeutil import from_micros as time_from_micros
 from shared.timeutil import to_micros as time_to_micros
-from shared.timeutil import to_timestamp
 from shared.validation import check_account_id
 
 DEFAULT_PERIOD = timedelta(days=15)
@@ -273,8 +271,6 @@ async def announce_standing(
     ctx: BillingContext, uow: UnitOfWork, payer: Account, previous: Standing
 ) -> None:
     """account_standing_changed for the paying account and each of its members."""
-    from services.billing.api.convert import micros_to_money  # the wire form (no cycle)
-
     members = (
         await uow.session.execute(
             select(t.accounts.c.account_id).where(
@@ -283,20 +279,7 @@ async def announce_standing(
         )
     ).all()
     for account_id in [payer.account_id, *(m.account_id for m in members)]:
-        payload = billing_pb2.AccountStandingChanged(
-            account_id=account_id,
-            previous_standing=int(previous),
-            standing=int(payer.standing),
-            balance=micros_to_money(payer.balance_micros, payer.currency_code),
-        )
-        if payer.standing_change_time:
-            # When the change came due (a clock-driven change is stamped with its due time).
-            payload.change_time.CopyFrom(to_timestamp(payer.standing_change_time))
-        if payer.grace_end_time:
-            payload.grace_end_time.CopyFrom(to_timestamp(payer.grace_end_time))
-        if payer.retention_end_time:
-            payload.retention_end_time.CopyFrom(to_timestamp(payer.retention_end_time))
-        ctx.outbox.add(uow, "account_standing_changed", payload, ctx.now())
+        ctx.events.standing_changed(uow, account_id, payer, previous, ctx.now())
 
 
 async def set_balance_alert(

@@ -23,7 +23,7 @@ from allot.billing.v1 import billing_pb2
 from sqlalchemy import and_, func, or_, select
 
 from services.billing.adapters import tables as t
-from services.billing.api.convert import micros_to_money
+from services.billing.adapters.events import micros_to_money
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.bills import (

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from services.billing.adapters.events import BillingEvents
 from services.billing.adapters.quota_client import QuotaClient
 from shared.catalog import Catalog
 from shared.clock import Clock
@@ -22,6 +23,7 @@ class BillingContext:
     outbox: Outbox
     tz: ZoneInfo
     quota: QuotaClient
+    events: BillingEvents
 
     def now(self) -> datetime:
         return self.clock.now()

@@ -17,7 +17,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from allot.billing.v1 import billing_pb2
 from sqlalchemy import insert, select, update
 
 from services.billing.adapters import tables as t
@@ -140,12 +139,7 @@ async def load_order(
 
 
 def announce(ctx: BillingContext, uow: UnitOfWork, order: Order, previous: OrderState | None):
-    from services.billing.api.convert import to_proto_order  # the wire form of the event
-
-    payload = billing_pb2.OrderUpdated(order=to_proto_order(order))
-    if previous is not None:
-        payload.previous_state = int(previous)
-    ctx.outbox.add(uow, "order_updated", payload, ctx.now())
+    ctx.events.order_updated(uow, order, previous, ctx.now())
 
 
 async def _charge(
@@ -421,7 +415,7 @@ async def _renewal_failed(ctx: BillingContext, uow: UnitOfWork, order: Order, re
         values["expire_time"] = order.effective_time - ONE_SECOND
     sold = await packages.save(ctx, uow, sold.package_id, **values)
     if order.kind == OrderKind.AUTO_RENEWAL:
-        packages.announce_auto_renew_failed(ctx, uow, sold, reason.partition(":")[0])
+        ctx.events.auto_renew_failed(uow, sold, reason.partition(":")[0], ctx.now())
 
 
 async def fulfil_pending(ctx: BillingContext) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from allot.billing.v1 import billing_pb2
 from sqlalchemy import delete, insert, select, update
 
 from services.billing.adapters import tables as t
@@ -24,7 +23,7 @@ from services.billing.app.context import BillingContext
 from services.billing.domain.renewal import DEFAULT_LEAD_DAYS, scheduled_attempt
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, NotFound
-from shared.timeutil import from_micros, to_micros, to_timestamp
+from shared.timeutil import from_micros, to_micros
 
 
 @dataclass(frozen=True)
@@ -162,17 +161,3 @@ async def forget(uow: UnitOfWork, package_id: str) -> None:
     await uow.session.execute(
         delete(t.auto_renewals).where(t.auto_renewals.c.package_id == package_id)
     )
-
-
-def announce_auto_renew_failed(
-    ctx: BillingContext, uow: UnitOfWork, sold: SoldPackage, reason: str
-) -> None:
-    payload = billing_pb2.AutoRenewFailed(
-        account_id=sold.account_id,
-        package_id=sold.package_id,
-        reason=reason,
-        expire_time=to_timestamp(sold.expire_time),
-    )
-    if sold.next_attempt_time is not None:
-        payload.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))
-    ctx.outbox.add(uow, "auto_renew_failed", payload, ctx.now())

@@ -271,5 +271,5 @@ async def _failed(
         last_failure_reason=reason,
         next_attempt_time=next_attempt(now, sold.expire_time, ctx.tz),
     )
-    packages.announce_auto_renew_failed(ctx, uow, sold, reason)
+    ctx.events.auto_renew_failed(uow, sold, reason, ctx.now())
     log.info("auto-renewal of %s failed (%s)", sold.package_id, reason)

@@ -62,12 +62,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import grpc
-from allot.billing.v1 import billing_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import false, func, insert, select, tuple_, update
 
 from services.billing.adapters import tables as t
-from services.billing.api.convert import micros_to_money
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.app.standing import arrears_state, change_standing, periods
@@ -415,16 +413,8 @@ async def _after_charge(ctx: BillingContext, uow: UnitOfWork, payer, amount: int
         and balance < threshold
         and not payer.balance_alert_fired
     ):
-        currency = payer.currency_code
-        ctx.outbox.add(
-            uow,
-            "balance_below_threshold",
-            billing_pb2.BalanceBelowThreshold(
-                account_id=payer.account_id,
-                balance=micros_to_money(balance, currency),
-                threshold=micros_to_money(threshold, currency),
-            ),
-            now,
+        ctx.events.balance_below_threshold(
+            uow, payer.account_id, balance, threshold, payer.currency_code, now
         )
         await uow.session.execute(
             update(t.accounts)

@@ -1,0 +1,105 @@
+"""Billing's events, staged in the outbox in the transaction that causes them, and the wire
+forms they share with the API (money, orders)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from allot.billing.v1 import billing_pb2
+from google.type import money_pb2
+
+from shared.db import UnitOfWork
+from shared.outbox import Outbox
+from shared.timeutil import to_timestamp
+
+NANOS_PER_MICRO = 1000
+
+
+def micros_to_money(micros: int, currency: str) -> money_pb2.Money:
+    units = int(micros / 1_000_000)  # truncates toward zero: units and nanos share the sign
+    return money_pb2.Money(
+        currency_code=currency, units=units, nanos=(micros - units * 1_000_000) * NANOS_PER_MICRO
+    )
+
+
+def order_message(order) -> billing_pb2.Order:
+    """The wire form of an order (app.orders.Order)."""
+    return billing_pb2.Order(
+        order_id=order.order_id,
+        kind=int(order.kind),
+        state=int(order.state),
+        account_id=order.account_id,
+        package_id=order.package_id,
+        amount=micros_to_money(order.amount_micros, order.currency_code),
+        create_time=to_timestamp(order.create_time),
+        offer_id=order.offer_id,
+        region=order.region,
+        api=order.api,
+        enterprise_project_id=order.enterprise_project_id,
+        quantity=order.quantity,
+        periods=order.periods,
+        effective_time=to_timestamp(order.effective_time),
+        expire_time=to_timestamp(order.expire_time),
+        update_time=to_timestamp(order.update_time),
+        failure_reason=order.failure_reason,
+        paying_account_id=order.paying_account_id,
+    )
+
+
+class BillingEvents:
+    def __init__(self, outbox: Outbox[billing_pb2.BillingEvent]) -> None:
+        self.outbox = outbox
+
+    def standing_changed(
+        self, uow: UnitOfWork, account_id: str, payer, previous: int, now: datetime
+    ) -> None:
+        """``account_id`` (the payer or one of its members) follows the payer's standing
+        (``payer``: app.accounts.Account after the change)."""
+        payload = billing_pb2.AccountStandingChanged(
+            account_id=account_id,
+            previous_standing=int(previous),
+            standing=int(payer.standing),
+            balance=micros_to_money(payer.balance_micros, payer.currency_code),
+        )
+        if payer.standing_change_time:
+            # When the change came due (a clock-driven change is stamped with its due time).
+            payload.change_time.CopyFrom(to_timestamp(payer.standing_change_time))
+        if payer.grace_end_time:
+            payload.grace_end_time.CopyFrom(to_timestamp(payer.grace_end_time))
+        if payer.retention_end_time:
+            payload.retention_end_time.CopyFrom(to_timestamp(payer.retention_end_time))
+        self.outbox.add(uow, "account_standing_changed", payload, now)
+
+    def balance_below_threshold(
+        self,
+        uow: UnitOfWork,
+        account_id: str,
+        balance: int,
+        threshold: int,
+        currency: str,
+        now: datetime,
+    ) -> None:
+        payload = billing_pb2.BalanceBelowThreshold(
+            account_id=account_id,
+            balance=micros_to_money(balance, currency),
+            threshold=micros_to_money(threshold, currency),
+        )
+        self.outbox.add(uow, "balance_below_threshold", payload, now)
+
+    def order_updated(self, uow: UnitOfWork, order, previous: int | None, now: datetime) -> None:
+        payload = billing_pb2.OrderUpdated(order=order_message(order))
+        if previous is not None:
+            payload.previous_state = int(previous)
+        self.outbox.add(uow, "order_updated", payload, now)
+
+    def auto_renew_failed(self, uow: UnitOfWork, sold, reason: str, now: datetime) -> None:
+        """``sold``: app.packages.SoldPackage after the failed attempt (its next attempt)."""
+        payload = billing_pb2.AutoRenewFailed(
+            account_id=sold.account_id,
+            package_id=sold.package_id,
+            reason=reason,
+            expire_time=to_timestamp(sold.expire_time),
+        )
+        if sold.next_attempt_time is not None:
+            payload.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))
+        self.outbox.add(uow, "auto_renew_failed", payload, now)
