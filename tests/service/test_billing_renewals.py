@@ -161,8 +161,14 @@ async def test_renewal_extends_from_the_expiry_and_adds_the_quantity_once(suite)
     assert utc(package.expire_time) == "2026-04-19T15:59:59Z"
     assert package.total_quantity == 300
     bill = await suite.billing.get_bill("acme", "2023-04")
-    kinds = [line.kind for line in bill.lines]
-    assert kinds.count(billing_pb2.BILL_LINE_KIND_PACKAGE_RENEWAL) == 1
+    (line,) = [x for x in bill.lines if x.kind == billing_pb2.BILL_LINE_KIND_PACKAGE_RENEWAL]
+    assert (line.order_id, line.region, line.api, line.quantity) == (
+        order.order_id,
+        HK,
+        "passport",
+        200,
+    )
+    assert micros(line.amount) == -2_000_000
     assert sum(micros(line.amount) for line in bill.lines) == micros(bill.closing_balance) - micros(
         bill.opening_balance
     )
@@ -295,7 +301,8 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     await suite.billing.top_up("acme", "1.00")
     await suite.move(local("2024-04-14 03:00"))
     assert len(await suite.failures()) == 2
-    renewal = (await suite.orders("acme"))[-1]
+    renewal, purchase = await suite.orders("acme")  # newest first
+    assert purchase.order_id == bought.order_id
     assert (renewal.kind, renewal.state) == (AUTO_RENEWAL, FULFILLED)
     assert (renewal.package_id, renewal.quantity, renewal.periods) == (package_id, 100, 1)
     assert utc(renewal.expire_time) == "2025-04-19T15:59:59Z"

@@ -723,3 +723,23 @@ async def test_a_backlog_is_settled_in_bounded_steps(suite, monkeypatch):
     await suite.billing.set_time(local("2024-06-01 00:00"))  # grace and retention ended
     for account in accounts:
         assert (await suite.billing.account(account)).standing == RELEASED
+
+
+async def test_a_top_up_after_grace_ended_tells_the_freeze_first(suite):
+    """Between the end of grace and the clock's next pass (the system clock looks every few
+    seconds), a top-up first applies the freeze that came due, then returns to GOOD."""
+    await suite.billing.create_account("late")
+    await suite.report("late", local("2024-05-01 10:30"))
+    await suite.settle_at(local("2024-05-01 11:00"))
+    before = len(await suite.billing.events())
+    # The clock moves without a pass of the due work.
+    suite.billing_handle.server.runtime.clock.set(local("2024-05-16 12:00"))
+    assert (await suite.billing.top_up("late", "1")).standing == GOOD
+    changes = [
+        e.account_standing_changed
+        for e in await suite.billing.events(before)
+        if e.WhichOneof("payload") == "account_standing_changed"
+    ]
+    assert [(c.previous_standing, c.standing) for c in changes] == [(GRACE, FROZEN), (FROZEN, GOOD)]
+    assert changes[0].change_time.ToDatetime(tzinfo=TZ) == local("2024-05-16 11:00")
+    assert changes[1].change_time.ToDatetime(tzinfo=TZ) == local("2024-05-16 12:00")

@@ -9,7 +9,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 
 from services.billing.adapters.events import order_message
 from services.billing.api import convert
-from services.billing.app import accounts, bills, orders, renewals, subscriptions
+from services.billing.app import accounts, bills, orders, renewals, standing, subscriptions
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
@@ -64,6 +64,8 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         amount = convert.money_to_micros(request.amount, "amount")
 
         async def work(uow):
+            # The standing as of now first, so its history is told in order.
+            await standing.catch_up(self.ctx, uow, request.account_id, self.ctx.now())
             account = await accounts.top_up(
                 self.ctx, uow, request.account_id, amount, request.amount.currency_code
             )

@@ -145,30 +145,33 @@ def announce(ctx: BillingContext, uow: UnitOfWork, order: Order, previous: Order
 async def _charge(
     ctx: BillingContext,
     uow: UnitOfWork,
-    payer_id: str,
-    account_id: str,
+    order: Order,
     amount: int,
     kind: BillLineKind,
-    order_id: str,
     description: str,
 ) -> None:
-    """Move `amount` (signed effect) on the payer's balance, with its ledger line."""
+    """Move `amount` (signed effect) on the order's paying balance, with its ledger line (the
+    order's region, API, project and calls)."""
     a = t.accounts.c
     now_us = time_to_micros(ctx.now())
     await uow.session.execute(
         update(t.accounts)
-        .where(a.account_id == payer_id)
+        .where(a.account_id == order.paying_account_id)
         .values(balance_micros=a.balance_micros + amount, update_time_us=now_us)
     )
     await uow.session.execute(
         insert(t.ledger).values(
             entry_id=new_id("led"),
-            account_id=account_id,
-            paying_account_id=payer_id,
+            account_id=order.account_id,
+            paying_account_id=order.paying_account_id,
             kind=int(kind),
             amount_micros=amount,
-            order_id=order_id,
-            description=description,
+            region=order.region,
+            api=order.api,
+            enterprise_project_id=order.enterprise_project_id,
+            quantity=order.quantity,
+            order_id=order.order_id,
+            description=description[:500],
             occur_time_us=now_us,
         )
     )
@@ -233,17 +236,8 @@ async def place(ctx: BillingContext, uow: UnitOfWork, new: NewOrder, description
             update_time_us=now_us,
         )
     )
-    await _charge(
-        ctx,
-        uow,
-        new.paying_account_id,
-        new.account_id,
-        -new.amount_micros,
-        _LINE_KINDS[new.kind],
-        order_id,
-        description,
-    )
     order = await load_order(ctx, uow, order_id)
+    await _charge(ctx, uow, order, -order.amount_micros, _LINE_KINDS[order.kind], description)
     announce(ctx, uow, order, None)
     return order
 
@@ -388,16 +382,7 @@ async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str
     order = await load_order(ctx, uow, order_id, for_update=True)
     if order.state != OrderState.PENDING:
         return order
-    await _charge(
-        ctx,
-        uow,
-        order.paying_account_id,
-        order.account_id,
-        order.amount_micros,
-        BillLineKind.REFUND,
-        order.order_id,
-        f"refund: {reason}"[:500],
-    )
+    await _charge(ctx, uow, order, order.amount_micros, BillLineKind.REFUND, f"refund: {reason}")
     if order.kind != OrderKind.PURCHASE:
         await _renewal_failed(ctx, uow, order, reason)
     return await _set_state(ctx, uow, order, OrderState.FAILED, failure_reason=reason[:500])
@@ -475,14 +460,7 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
         if current.state == OrderState.CANCELLED:
             return current
         await _charge(
-            ctx,
-            uow,
-            current.paying_account_id,
-            current.account_id,
-            current.amount_micros,
-            BillLineKind.REFUND,
-            current.order_id,
-            "refund: order cancelled",
+            ctx, uow, current, current.amount_micros, BillLineKind.REFUND, "refund: order cancelled"
         )
         if current.package_id:
             await packages.forget(uow, current.package_id)
@@ -513,9 +491,12 @@ async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:
 async def list_orders(
     ctx: BillingContext, account_id: str, after_id: str | None, limit: int
 ) -> list[Order]:
+    """Newest first (ids grow with time)."""
     o = t.orders.c
-    query = select(t.orders).where(o.account_id == account_id).order_by(o.order_id).limit(limit)
+    query = (
+        select(t.orders).where(o.account_id == account_id).order_by(o.order_id.desc()).limit(limit)
+    )
     if after_id:
-        query = query.where(o.order_id > after_id)
+        query = query.where(o.order_id < after_id)
     rows = await ctx.db.read(lambda uow: _all(uow, query))
     return [_to_order(r, ctx.catalog.currency) for r in rows]

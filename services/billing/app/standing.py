@@ -162,7 +162,10 @@ def _due_accounts(now_us: int, after: str):
     )
 
 
-async def _advance_one(ctx: BillingContext, uow: UnitOfWork, account_id: str, now: datetime) -> int:
+async def catch_up(ctx: BillingContext, uow: UnitOfWork, account_id: str, now: datetime) -> int:
+    """Apply (and announce) the changes of a paying account's standing that have come due by
+    ``now`` and the clock has not applied yet: a top-up after grace ended first freezes the
+    account, at its due time, then returns it to GOOD. Returns the number of changes."""
     row = (
         await uow.session.execute(
             select(t.accounts).where(t.accounts.c.account_id == account_id).with_for_update()
@@ -190,7 +193,7 @@ async def advance_standings(
         )
         for account_id in due:
             done += await ctx.db.transaction(
-                lambda uow, account_id=account_id: _advance_one(ctx, uow, account_id, now)
+                lambda uow, account_id=account_id: catch_up(ctx, uow, account_id, now)
             )
         if len(due) < PAGE:
             break
