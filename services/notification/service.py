@@ -130,7 +130,9 @@ class NotificationService:
             source = from_quota_event(event)
             if source is None:
                 return
-            await notifications.take(self.context, uow, compose(source), event.event_id)
+            await notifications.take(
+                self.context, uow, compose(source, self.runtime.settings.tz), event.event_id
+            )
             uow.after_commit(self.kick)
 
         return watching(
@@ -155,7 +157,9 @@ class NotificationService:
             source = from_billing_event(event)
             if source is None:
                 return
-            await notifications.take(self.context, uow, compose(source), event.event_id)
+            await notifications.take(
+                self.context, uow, compose(source, self.runtime.settings.tz), event.event_id
+            )
             uow.after_commit(self.kick)
 
         return watching(

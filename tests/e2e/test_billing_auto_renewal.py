@@ -151,8 +151,11 @@ def check_failure(event, package_id: str, next_attempt: str) -> None:
     assert failure.expire_time.ToJsonString() == "2024-04-19T15:59:59Z"
 
 
-def check_email(mail, notification: notification_pb2.Notification, package_id: str) -> None:
-    """The email is the notification's, sent to the contact, and names package and reason."""
+def check_email(
+    mail, notification: notification_pb2.Notification, package_id: str, next_attempt: str
+) -> None:
+    """The email is the notification's, sent to the contact, and names package, reason and
+    the next attempt on the billing time zone's clock."""
     assert notification.message_type == AUTO_RENEW_FAILED
     assert len(notification.deliveries) == 1
     assert (notification.deliveries[0].channel, notification.deliveries[0].state) == (EMAIL, SENT)
@@ -164,6 +167,7 @@ def check_email(mail, notification: notification_pb2.Notification, package_id: s
     assert package_id in subject
     assert package_id in body and "INSUFFICIENT_BALANCE" in body
     assert ACCOUNT in body
+    assert f"Next attempt {next_attempt}:00+08:00" in body
 
 
 async def test_auto_renewal_fails_twice_by_email_then_renews_after_a_top_up(tmp_path):
@@ -244,7 +248,7 @@ async def walk_through_the_renewal(suite: Suite) -> None:
     [first_notice] = await notification.settled(ACCOUNT, 1, [AUTO_RENEW_FAILED])
     assert [n.source_event_id for n in notified] == [first.event_id]
     assert deliveries(first_notice) == {contact.contact_id: (EMAIL, SENT, 1)}
-    check_email(first_mail, first_notice, package_id)
+    check_email(first_mail, first_notice, package_id, "2024-04-13 03:00")
 
     # The next day at 03:00: still short, a second failure and a second email.
     await suite.move(local("2024-04-13 03:00"))
@@ -255,7 +259,7 @@ async def walk_through_the_renewal(suite: Suite) -> None:
     check_failure(second, package_id, "2024-04-14 03:00")
     notified = await notification.settled(ACCOUNT, 2, [AUTO_RENEW_FAILED])
     assert [n.source_event_id for n in notified] == [second.event_id, first.event_id]
-    check_email(second_mail, notified[0], package_id)
+    check_email(second_mail, notified[0], package_id, "2024-04-14 03:00")
 
     # Topped up, the third attempt renews by one period from the original expiry.
     await billing.top_up(ACCOUNT, "2.40", request_id="fund-2")

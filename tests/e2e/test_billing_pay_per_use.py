@@ -34,7 +34,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.billing.domain.money import round_half_up_to_minor
+from shared.money import round_half_up_to_minor
 from tests.support.billing_processes import (
     BillingCalls,
     BillingProcess,

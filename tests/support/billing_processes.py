@@ -268,7 +268,7 @@ def usd(amount: str) -> money_pb2.Money:
 def money_micros_of(amount: str) -> int:
     from decimal import Decimal
 
-    from services.billing.domain.money import to_micros
+    from shared.money import to_micros
 
     return to_micros(Decimal(amount))
 

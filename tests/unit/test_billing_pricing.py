@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.billing.domain.cycles import month_key
-from services.billing.domain.money import MoneyError, to_micros
 from services.billing.domain.pricing import (
     Priced,
     TierCharge,
@@ -19,6 +18,7 @@ from services.billing.domain.pricing import (
     validate_tiers,
 )
 from shared.catalog import PriceTier
+from shared.money import MoneyError, to_micros
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PLUS_8 = timezone(timedelta(hours=8))

@@ -1,5 +1,7 @@
 """Billing's events become notifications that say what happened and what it means."""
 
+from zoneinfo import ZoneInfo
+
 from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
@@ -23,13 +25,13 @@ def test_grace_names_the_standing_and_its_deadlines():
             retention_end_time={"seconds": 1717124400},  # 2024-05-31T03:00:00Z
         ),
     )
-    message = compose(from_billing_event(event))
+    message = compose(from_billing_event(event), ZoneInfo("Asia/Shanghai"))
     assert message.message_type == MessageType.ARREARS
     assert message.account_id == "acme"
     assert "grace" in message.subject
-    assert "-12.5 USD" in message.body
-    assert "2024-05-16T03:00:00+00:00" in message.body
-    assert "2024-05-31T03:00:00+00:00" in message.body
+    assert "-12.50 USD" in message.body
+    assert "Top up by 2024-05-16 11:00:00+08:00" in message.body
+    assert "released at 2024-05-31 11:00:00+08:00" in message.body
     assert message.data["standing"] == "GRACE"
 
 
@@ -41,7 +43,7 @@ def test_balance_order_and_auto_renewal_messages():
     )
     message = compose(from_billing_event(balance))
     assert message.message_type == MessageType.BALANCE_ALERT
-    assert "4.99 USD" in message.body and "5 USD" in message.body
+    assert "4.99 USD" in message.body and "5.00 USD" in message.body
 
     order = billing_pb2.BillingEvent(
         order_updated=billing_pb2.OrderUpdated(
@@ -58,7 +60,7 @@ def test_balance_order_and_auto_renewal_messages():
     )
     message = compose(from_billing_event(order))
     assert message.message_type == MessageType.ORDER
-    assert "FULFILLED" in message.body and "180 USD" in message.body
+    assert "FULFILLED" in message.body and "180.00 USD" in message.body
 
     failed = billing_pb2.BillingEvent(
         auto_renew_failed=billing_pb2.AutoRenewFailed(
@@ -72,3 +74,19 @@ def test_balance_order_and_auto_renewal_messages():
 
 def test_other_billing_events_are_not_messages():
     assert from_billing_event(billing_pb2.BillingEvent()) is None
+
+
+def test_times_read_on_the_billing_time_zone_clock_and_stay_exact_in_the_data():
+    failed = billing_pb2.BillingEvent(
+        auto_renew_failed=billing_pb2.AutoRenewFailed(
+            account_id="acme",
+            package_id="pkg-1",
+            reason="INSUFFICIENT_BALANCE",
+            next_attempt_time={"seconds": 1712948400},  # 2024-04-12T19:00:00Z
+            expire_time={"seconds": 1713542399},  # 2024-04-19T15:59:59Z
+        )
+    )
+    message = compose(from_billing_event(failed), ZoneInfo("Asia/Shanghai"))
+    assert "Next attempt 2024-04-13 03:00:00+08:00" in message.body
+    assert "expires at 2024-04-19 23:59:59+08:00" in message.body
+    assert message.data["next_attempt_time"] == "2024-04-12T19:00:00+00:00"

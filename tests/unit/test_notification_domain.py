@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from allot.notification.v1 import notification_pb2
@@ -233,12 +234,15 @@ def test_one_call_is_singular():
 
 def test_expiring_and_exhausted_packages_say_what_and_when():
     expiring = compose(
-        PackageExpiring("pkg-1", "acct-1", "ap-southeast-1", "passport", 1_500, 10_000, EXPIRE, 1)
+        PackageExpiring("pkg-1", "acct-1", "ap-southeast-1", "passport", 1_500, 10_000, EXPIRE, 1),
+        ZoneInfo("Asia/Shanghai"),
     )
     assert expiring.message_type == MessageType.PACKAGE_EXPIRING
     assert expiring.subject == "Package expires in 1 day: passport in ap-southeast-1"
-    for text in ("acct-1", "pkg-1", "1,500 calls of 10,000", EXPIRE.isoformat()):
+    local_expiry = EXPIRE.astimezone(ZoneInfo("Asia/Shanghai")).isoformat(sep=" ")
+    for text in ("acct-1", "pkg-1", "1,500 calls of 10,000", local_expiry):
         assert text in expiring.body
+    assert expiring.data["expire_time"] == EXPIRE.isoformat()
     assert expiring.data["days_left"] == 1
     assert (
         "in 7 days"

@@ -35,10 +35,10 @@ from services.billing.domain.bills import (
     build_bill,
 )
 from services.billing.domain.cycles import month_bounds, parse_month
-from services.billing.domain.money import to_micros
 from services.billing.domain.pricing import TierCharge
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
+from shared.money import to_micros
 from shared.timeutil import from_micros as time_from_micros
 from shared.timeutil import to_micros as time_to_micros
 from shared.timeutil import to_timestamp

@@ -31,7 +31,6 @@ from services.billing.adapters.quota_client import QuotaRefused
 from services.billing.app import orders, packages
 from services.billing.app.context import BillingContext
 from services.billing.app.packages import SoldPackage, UnknownPackage, not_renewable
-from services.billing.domain.money import to_micros
 from services.billing.domain.renewal import (
     DEFAULT_LEAD_DAYS,
     MAX_LEAD_DAYS,
@@ -45,6 +44,7 @@ from services.quota.domain.packages import ONE_SECOND
 from shared.auth import check_scope, current_principal
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument
+from shared.money import to_micros
 from shared.timeutil import to_micros as time_to_micros
 
 log = logging.getLogger("allot.billing.renewals")

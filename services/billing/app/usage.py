@@ -72,7 +72,6 @@ from services.billing.app.standing import arrears_state, change_standing, period
 from services.billing.domain.arrears import Standing, after_charge
 from services.billing.domain.bills import BillLine, BillLineKind, pay_per_use_line
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds, month_key
-from services.billing.domain.money import MoneyError
 from services.billing.domain.pricing import price_usage
 from services.quota.domain.packages import DEFAULT_PROJECT
 from shared.auth import TokenVerifier
@@ -80,6 +79,7 @@ from shared.clock import ManualClock
 from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.ids import new_id
+from shared.money import MoneyError
 from shared.timeutil import from_micros as time_from_micros
 from shared.timeutil import from_timestamp
 from shared.timeutil import to_micros as time_to_micros

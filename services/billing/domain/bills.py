@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds
-from services.billing.domain.money import format_amount, round_half_up_to_minor
 from services.billing.domain.pricing import Priced, TierCharge
 from services.quota.domain.validity import as_utc
+from shared.money import format_amount, round_half_up_to_minor
 
 __all__ = [
     "CSV_COLUMNS",

@@ -33,8 +33,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from services.billing.domain.money import MoneyError, to_micros
 from shared.catalog import PriceTier
+from shared.money import MoneyError, to_micros
 
 __all__ = ["Priced", "TierCharge", "merge_priced", "price_usage", "validate_tiers"]
 

@@ -19,6 +19,7 @@ from services.notification.domain.messages import (
     StandingChanged,
     UsageAlertFired,
 )
+from shared.money import format_amount
 from shared.timeutil import EPOCH, from_timestamp
 
 QUOTA_EVENT_TYPES = ("threshold_crossed", "package_expiring", "package_state_changed")
@@ -81,10 +82,9 @@ BILLING_EVENT_TYPES = (
 
 
 def _money(money) -> str:
+    """google.type.Money as text with the currency's minor digits: "-12.50 USD"."""
     micros = money.units * 1_000_000 + money.nanos // 1000
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), 1_000_000)
-    return f"{sign}{whole}.{frac:06d}".rstrip("0").rstrip(".") + f" {money.currency_code}".rstrip()
+    return f"{format_amount(micros, money.currency_code)} {money.currency_code}".rstrip()
 
 
 def _optional_time(message, name: str):

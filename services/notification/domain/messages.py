@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 
 
 class MessageType(enum.IntEnum):
@@ -124,7 +124,13 @@ _STANDING_MEANS = {
 
 
 def _when(value: datetime | None) -> str:
+    """An instant for a webhook's data: ISO 8601 as the event carried it (UTC)."""
     return value.isoformat() if value is not None else "-"
+
+
+def _local(value: datetime | None, tz: tzinfo) -> str:
+    """An instant for a person: on the billing time zone's clock, with its offset."""
+    return value.astimezone(tz).isoformat(sep=" ") if value is not None else "-"
 
 
 @dataclass(frozen=True)
@@ -136,16 +142,16 @@ class Message:
     data: dict = field(default_factory=dict)  # structured fields for webhooks
 
 
-def _billing_message(event: SourceEvent) -> Message | None:
+def _billing_message(event: SourceEvent, tz: tzinfo) -> Message | None:
     if isinstance(event, StandingChanged):
         deadlines = ""
         if event.standing == "GRACE":
             deadlines = (
-                f" Top up by {_when(event.grace_end_time)} to avoid a freeze; the account is "
-                f"released at {_when(event.retention_end_time)}."
+                f" Top up by {_local(event.grace_end_time, tz)} to avoid a freeze; the account "
+                f"is released at {_local(event.retention_end_time, tz)}."
             )
         elif event.standing == "FROZEN":
-            deadlines = f" It is released at {_when(event.retention_end_time)}."
+            deadlines = f" It is released at {_local(event.retention_end_time, tz)}."
         return Message(
             MessageType.ARREARS,
             event.account_id,
@@ -192,8 +198,8 @@ def _billing_message(event: SourceEvent) -> Message | None:
             event.account_id,
             f"Auto-renewal of package {event.package_id} failed",
             f"Account {event.account_id}: renewing package {event.package_id} failed "
-            f"({event.reason}). Next attempt {_when(event.next_attempt_time)}; the package "
-            f"expires at {_when(event.expire_time)}.",
+            f"({event.reason}). Next attempt {_local(event.next_attempt_time, tz)}; the package "
+            f"expires at {_local(event.expire_time, tz)}.",
             {
                 "package_id": event.package_id,
                 "reason": event.reason,
@@ -208,8 +214,10 @@ def _calls(n: int) -> str:
     return f"{n:,} call" + ("" if n == 1 else "s")
 
 
-def compose(event: SourceEvent) -> Message:
-    billing = _billing_message(event)
+def compose(event: SourceEvent, tz: tzinfo = UTC) -> Message:
+    """The message of a source event; times in the text are on ``tz``'s clock (the billing
+    time zone), times in the data stay as the event carried them."""
+    billing = _billing_message(event, tz)
     if billing is not None:
         return billing
     if isinstance(event, UsageAlertFired):
@@ -238,7 +246,7 @@ def compose(event: SourceEvent) -> Message:
             f"Package expires in {event.days_left} day{'s' if event.days_left != 1 else ''}: "
             f"{event.api} in {event.region}",
             f"Account {event.account_id}: package {event.package_id} ({event.api}, "
-            f"{event.region}) expires at {event.expire_time.isoformat()} with "
+            f"{event.region}) expires at {_local(event.expire_time, tz)} with "
             f"{_calls(event.remaining_quantity)} of {event.total_quantity:,} left. "
             "What is left then is forfeited; renew it to keep it.",
             {

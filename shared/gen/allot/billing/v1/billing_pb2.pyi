@@ -781,8 +781,10 @@ class Bill(_message.Message):
     """The currency of every amount."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillLine]:
-        """The lines booked in the month, in occur_time order. An enterprise master's bill also
-        lists the lines of its members that were charged to its balance.
+        """The lines of the month, in time order: a pay-per-use line at its cycle's start (the
+        cycle is what it charges for, and it places the line in its month even when it is
+        settled in the next), every other line at its occur_time. An enterprise master's bill
+        also lists the lines of its members that were charged to its balance.
         """
 
     @_builtins.property

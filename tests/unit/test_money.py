@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.billing.domain.money import (
+from shared.money import (
     MAX_ABS_MICROS,
     MICROS_PER_UNIT,
     MoneyError,
