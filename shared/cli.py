@@ -83,6 +83,10 @@ def cmd_run(args, settings: Settings) -> int:
     ensure_dev_secret(settings)
     settings.data_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ALLOT_DATA_DIR=str(settings.data_path.resolve()))
+    # `allot run` is the developer's whole suite on one machine: webhooks to a local receiver
+    # are what a developer points contacts at. A deployment runs each service on its own and
+    # keeps the default (refused). Set it to false here to try the guard.
+    env.setdefault("ALLOT_WEBHOOK_ALLOW_PRIVATE", "true")
     children: dict[str, subprocess.Popen] = {}
     stopping = False
 

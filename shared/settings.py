@@ -62,6 +62,11 @@ class Settings:
     smtp_url: str = _setting("ALLOT_SMTP_URL", "", "email transport (unset: outbox folder)")
     smtp_from: str = _setting("ALLOT_SMTP_FROM", "allot@localhost", "sender address")
     sms_gateway_url: str = _setting("ALLOT_SMS_GATEWAY_URL", "", "HTTP SMS gateway endpoint")
+    webhook_allow_private: str = _setting(
+        "ALLOT_WEBHOOK_ALLOW_PRIVATE",
+        "false",
+        "`true`: webhooks may go to loopback/private/link-local addresses (development, tests)",
+    )
     delivery_max_attempts: str = _setting(
         "ALLOT_DELIVERY_MAX_ATTEMPTS", "8", "delivery attempts before FAILED"
     )
@@ -112,6 +117,7 @@ class Settings:
         if self.clock not in ("system", "manual"):
             raise SettingsError("ALLOT_CLOCK must be `system` or `manual`")
         self.manual_clock_start  # noqa: B018
+        self.private_webhooks_allowed  # noqa: B018
         for name in (
             "delivery_max_attempts",
             "shutdown_grace",
@@ -148,6 +154,18 @@ class Settings:
         if value.tzinfo is None:
             raise SettingsError("ALLOT_CLOCK_START needs a UTC offset")
         return value
+
+    @property
+    def private_webhooks_allowed(self) -> bool:
+        value = self.webhook_allow_private.strip().lower()
+        if value in ("true", "1", "yes", "on"):
+            return True
+        if value in ("false", "0", "no", "off", ""):
+            return False
+        raise SettingsError(
+            "ALLOT_WEBHOOK_ALLOW_PRIVATE must be `true` or `false`, "
+            f"got {self.webhook_allow_private!r}"
+        )
 
     @property
     def served_regions(self) -> tuple[str, ...]:

@@ -39,6 +39,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.billing.adapters import tables as billing_tables
+from services.billing.adapters.events import BillingEvents
 from services.billing.app import accounts as billing_accounts
 from services.billing.app import standing as billing_standing
 from services.billing.domain.arrears import ArrearsState
@@ -173,7 +174,9 @@ async def publish_standing(
     """Move a billing account into `standing` at `when` with billing's own `change_standing`
     (what its arrears work calls), in one transaction on billing's database, the balance set to
     `balance_micros`. `ctx` needs billing's `db` and `outbox`; its clock reads `when`."""
-    stand_in = SimpleNamespace(db=ctx.db, outbox=ctx.outbox, now=lambda: when)
+    stand_in = SimpleNamespace(
+        db=ctx.db, outbox=ctx.outbox, events=BillingEvents(ctx.outbox), now=lambda: when
+    )
     arrears = ArrearsState(BillingStanding(standing), when, FROZEN_AT, RELEASED_AT)
 
     async def work(uow) -> None:

@@ -1,6 +1,10 @@
 """The channel senders against real receivers on loopback: an aiosmtpd SMTP server (plain,
-AUTH, STARTTLS and implicit TLS), an HTTP server for webhooks and the SMS gateway, and the
-outbox folder. Each failure is checked for what the delivery loop needs: is it retryable?"""
+AUTH, STARTTLS and implicit TLS), an HTTP(S) server for webhooks and the SMS gateway, and the
+outbox folder. Each failure is checked for what the delivery loop needs: is it retryable?
+
+Webhook host names are resolved by a resolver the test passes in (a name such as
+`hooks.allot.test` answered with 127.0.0.1): that is the only stand-in; every connection goes
+to a real server."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import email
 import email.policy
 import json
 import os
+import socket
 import time
 from datetime import UTC, datetime
 
@@ -19,6 +24,7 @@ from services.notification.adapters.channels import (
     DeliveryError,
     FolderSender,
     OutgoingMessage,
+    Resolver,
     SmsGatewaySender,
     SmtpSender,
     SmtpTransport,
@@ -343,9 +349,16 @@ async def test_folder_write_failure_is_retryable(tmp_path):
 # --- webhooks ----------------------------------------------------------------------------
 
 
+def webhook_sender(**kwargs) -> WebhookSender:
+    """A webhook sender allowing loopback receivers (as ALLOT_WEBHOOK_ALLOW_PRIVATE=true):
+    these tests are about the exchange; the address guard has its own tests below."""
+    kwargs.setdefault("allow_private", True)
+    return WebhookSender(**kwargs)
+
+
 async def test_webhook_request_is_signed_json():
     secret = new_webhook_secret()
-    sender = WebhookSender(timeout=5, now=lambda: 1_700_000_000.7)
+    sender = webhook_sender(timeout=5, now=lambda: 1_700_000_000.7)
     try:
         with http_receiver([200]) as receiver:
             message = outgoing(Channel.WEBHOOK, receiver.url("/allot?x=1"), secret=secret)
@@ -376,7 +389,7 @@ async def test_webhook_request_is_signed_json():
 
 async def test_webhook_receiver_that_verifies_accepts_it():
     secret = new_webhook_secret()
-    sender = WebhookSender(timeout=5)
+    sender = webhook_sender(timeout=5)
     try:
         with http_receiver([200], secret=secret) as receiver:
             await sender.send(
@@ -391,7 +404,7 @@ async def test_webhook_receiver_that_verifies_accepts_it():
 
 
 async def test_webhook_with_the_wrong_secret_is_rejected_by_the_receiver():
-    sender = WebhookSender(timeout=5)
+    sender = webhook_sender(timeout=5)
     try:
         with http_receiver([200], secret=new_webhook_secret()) as receiver:
             with pytest.raises(DeliveryError) as caught:
@@ -408,7 +421,7 @@ async def test_webhook_with_the_wrong_secret_is_rejected_by_the_receiver():
 
 async def test_webhook_500_500_200():
     secret = new_webhook_secret()
-    sender = WebhookSender(timeout=5)
+    sender = webhook_sender(timeout=5)
     try:
         with http_receiver([500, 500, 200], secret=secret) as receiver:
             message = outgoing(Channel.WEBHOOK, receiver.url(), secret=secret)
@@ -432,7 +445,7 @@ async def test_webhook_500_500_200():
      (502, True), (503, True)],
 )  # fmt: skip
 async def test_webhook_status_classification(status, retryable):
-    sender = WebhookSender(timeout=5)
+    sender = webhook_sender(timeout=5)
     try:
         with http_receiver([status]) as receiver:
             with pytest.raises(DeliveryError) as caught:
@@ -444,7 +457,7 @@ async def test_webhook_status_classification(status, retryable):
 
 
 async def test_webhook_redirect_is_not_followed():
-    sender = WebhookSender(timeout=5)
+    sender = webhook_sender(timeout=5)
     try:
         with http_receiver([302]) as receiver:
             with pytest.raises(DeliveryError) as caught:
@@ -457,7 +470,7 @@ async def test_webhook_redirect_is_not_followed():
 
 
 async def test_webhook_timeout_is_retryable():
-    sender = WebhookSender(timeout=0.3)
+    sender = webhook_sender(timeout=0.3)
     try:
         with http_receiver([200], delay=3) as receiver:
             started = time.monotonic()
@@ -472,7 +485,7 @@ async def test_webhook_timeout_is_retryable():
 
 
 async def test_webhook_unreachable_is_retryable():
-    sender = WebhookSender(timeout=2)
+    sender = webhook_sender(timeout=2)
     try:
         url = f"http://127.0.0.1:{closed_port()}/hook"
         with pytest.raises(DeliveryError) as caught:
@@ -491,7 +504,7 @@ async def test_webhook_unreachable_is_retryable():
     ],
 )
 async def test_webhook_refuses_before_connecting(address, secret, problem):
-    sender = WebhookSender(timeout=2)
+    sender = webhook_sender(timeout=2)
     try:
         with pytest.raises(DeliveryError) as caught:
             await sender.send(outgoing(Channel.WEBHOOK, address, secret=secret))
@@ -502,7 +515,7 @@ async def test_webhook_refuses_before_connecting(address, secret, problem):
 
 
 async def test_webhook_payload_that_is_not_json_is_final():
-    sender = WebhookSender(timeout=2)
+    sender = webhook_sender(timeout=2)
     try:
         with http_receiver([200]) as receiver:
             message = outgoing(Channel.WEBHOOK, receiver.url(), secret="s", payload={"x": {1, 2}})
@@ -512,6 +525,188 @@ async def test_webhook_payload_that_is_not_json_is_final():
     finally:
         await sender.close()
     assert not caught.value.retryable
+
+
+# --- webhook addresses -------------------------------------------------------------------
+
+HOOK_HOST = "hooks.allot.test"  # .test is never in DNS: only the tests' resolver knows it
+
+
+def resolving_to(*addresses: str, calls: list[tuple[str, int]] | None = None) -> Resolver:
+    """A resolver answering every name with `addresses`, recording what it was asked."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if calls is not None:
+            calls.append((host, port))
+        return list(addresses)
+
+    return resolve
+
+
+@pytest.fixture(scope="module")
+def hook_certificate(tmp_path_factory):
+    cert = self_signed_certificate(tmp_path_factory.mktemp("hook-tls"), names=(HOOK_HOST,))
+    if cert is None:
+        pytest.skip("openssl is not installed")
+    return cert
+
+
+async def test_webhook_name_resolving_to_loopback_is_refused_before_connecting(
+    hook_certificate,
+):
+    calls: list[tuple[str, int]] = []
+    sender = WebhookSender(
+        timeout=5,
+        resolver=resolving_to("127.0.0.1", calls=calls),
+        tls_context=hook_certificate.client_context(),
+    )
+    try:
+        with (
+            http_receiver() as plain,
+            http_receiver(tls=hook_certificate.server_context()) as tls,
+        ):
+            # http:// is valid only for localhost; https:// for any name.
+            for receiver, host in ((plain, "localhost"), (tls, HOOK_HOST)):
+                message = outgoing(Channel.WEBHOOK, receiver.url(host=host), secret="whsec_x")
+                with pytest.raises(DeliveryError) as caught:
+                    await sender.send(message)
+                assert not caught.value.retryable
+                assert caught.value.message == (
+                    f"webhook host {host} resolves to 127.0.0.1 (loopback): not allowed"
+                )
+            assert calls == [("localhost", plain.port), (HOOK_HOST, tls.port)]
+            assert plain.requests == [] and tls.requests == []
+    finally:
+        await sender.close()
+
+
+async def test_webhook_to_a_loopback_address_is_refused_without_resolving():
+    calls: list[tuple[str, int]] = []
+    sender = WebhookSender(timeout=5, resolver=resolving_to("127.0.0.1", calls=calls))
+    try:
+        with http_receiver() as receiver:
+            for url in (receiver.url(), f"http://[::1]:{receiver.port}/hook"):
+                with pytest.raises(DeliveryError) as caught:
+                    await sender.send(outgoing(Channel.WEBHOOK, url, secret="whsec_x"))
+                assert not caught.value.retryable
+                assert caught.value.message.endswith(" is loopback: not allowed")
+            assert receiver.requests == []
+    finally:
+        await sender.close()
+    assert calls == []
+    assert caught.value.message == "webhook address ::1 is loopback: not allowed"
+
+
+@pytest.mark.parametrize(
+    ("addresses", "refused", "why"),
+    [
+        (["169.254.169.254"], "169.254.169.254", "link-local"),
+        (["93.184.216.34", "10.1.2.3"], "10.1.2.3", "private"),
+        (["2606:4700::1111", "fd00:ec2::254"], "fd00:ec2::254", "private"),
+        (["100.64.0.1"], "100.64.0.1", "CGNAT"),
+        (["::ffff:127.0.0.1"], "::ffff:127.0.0.1", "loopback"),
+        (["64:ff9b::a9fe:a9fe"], "64:ff9b::a9fe:a9fe", "link-local"),
+        (["0.0.0.0"], "0.0.0.0", "unspecified"),
+        (["224.0.0.1"], "224.0.0.1", "multicast"),
+        (["240.0.0.1"], "240.0.0.1", "reserved"),
+    ],
+)
+async def test_webhook_host_with_any_internal_address_is_refused(addresses, refused, why):
+    # Refused before any connection: nothing here may reach the network.
+    sender = WebhookSender(timeout=2, resolver=resolving_to(*addresses))
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            message = outgoing(Channel.WEBHOOK, "https://metadata.internal/x", secret="whsec_x")
+            await sender.send(message)
+    finally:
+        await sender.close()
+    assert not caught.value.retryable
+    assert caught.value.message == (
+        f"webhook host metadata.internal resolves to {refused} ({why}): not allowed"
+    )
+
+
+async def test_webhook_goes_to_the_checked_address_with_the_hosts_name(hook_certificate):
+    calls: list[tuple[str, int]] = []
+    sender = WebhookSender(
+        timeout=5,
+        allow_private=True,
+        resolver=resolving_to("127.0.0.1", calls=calls),
+        tls_context=hook_certificate.client_context(),
+    )
+    secret = new_webhook_secret()
+    try:
+        with http_receiver(tls=hook_certificate.server_context(), secret=secret) as receiver:
+            url = receiver.url("/allot?x=1", host=HOOK_HOST)
+            await sender.send(outgoing(Channel.WEBHOOK, url, secret=secret))
+            [request] = await receiver.wait_for(1)
+    finally:
+        await sender.close()
+    # The name was looked up once, by the check; the system resolver has never heard of it, so
+    # the connection can only have gone to the address the check returned.
+    assert calls == [(HOOK_HOST, receiver.port)]
+    assert request.headers["host"] == f"{HOOK_HOST}:{receiver.port}"
+    assert request.server_name == HOOK_HOST  # SNI
+    assert request.path == "/allot?x=1"
+    assert request.signature_valid is True
+
+
+async def test_webhook_certificate_is_checked_against_the_host_not_the_address(tmp_path):
+    # Valid for 127.0.0.1 (the address connected to) but not for the URL's host.
+    other = self_signed_certificate(tmp_path, names=("other.allot.test",))
+    if other is None:
+        pytest.skip("openssl is not installed")
+    sender = WebhookSender(
+        timeout=5,
+        allow_private=True,
+        resolver=resolving_to("127.0.0.1"),
+        tls_context=other.client_context(),
+    )
+    try:
+        with http_receiver(tls=other.server_context()) as receiver:
+            url = receiver.url(host=HOOK_HOST)
+            with pytest.raises(DeliveryError) as caught:
+                await sender.send(outgoing(Channel.WEBHOOK, url, secret="whsec_x"))
+            assert receiver.requests == []
+    finally:
+        await sender.close()
+    assert "certificate" in caught.value.message.lower()
+
+
+async def test_webhook_tries_the_next_checked_address_when_one_refuses(hook_certificate):
+    # Nothing listens on 127.0.0.2 at the receiver's port (it is bound to 127.0.0.1 only).
+    calls: list[tuple[str, int]] = []
+    sender = WebhookSender(
+        timeout=5,
+        allow_private=True,
+        resolver=resolving_to("127.0.0.2", "127.0.0.1", calls=calls),
+        tls_context=hook_certificate.client_context(),
+    )
+    try:
+        with http_receiver(tls=hook_certificate.server_context()) as receiver:
+            url = receiver.url(host=HOOK_HOST)
+            await sender.send(outgoing(Channel.WEBHOOK, url, secret="whsec_x"))
+            [request] = await receiver.wait_for(1)
+    finally:
+        await sender.close()
+    assert calls == [(HOOK_HOST, receiver.port)]
+    assert request.headers["host"] == f"{HOOK_HOST}:{receiver.port}"
+
+
+async def test_webhook_host_that_does_not_resolve_is_retryable():
+    async def no_such_name(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    sender = WebhookSender(timeout=2, resolver=no_such_name)
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            await sender.send(outgoing(Channel.WEBHOOK, f"https://{HOOK_HOST}/x", secret="s"))
+    finally:
+        await sender.close()
+    assert caught.value.retryable
+    assert caught.value.message == (
+        f"webhook host {HOOK_HOST} does not resolve: Name or service not known"
+    )
 
 
 # --- SMS gateway -------------------------------------------------------------------------
@@ -599,6 +794,32 @@ async def test_build_senders_defaults_to_the_outbox(tmp_path):
         assert "From: allot@localhost" in path.read_text()
     finally:
         await close_senders(senders)
+
+
+@pytest.mark.parametrize(("value", "delivered"), [(None, False), ("false", False), ("true", True)])
+async def test_build_senders_guards_webhooks_unless_private_ones_are_allowed(
+    tmp_path, value, delivered
+):
+    environ = {} if value is None else {"ALLOT_WEBHOOK_ALLOW_PRIVATE": value}
+    senders = build_senders(Settings.from_env(environ=environ, data_dir=str(tmp_path)))
+    try:
+        with http_receiver() as receiver:
+            message = outgoing(Channel.WEBHOOK, receiver.url(), secret="whsec_x")
+            if delivered:
+                await senders[Channel.WEBHOOK].send(message)
+                await receiver.wait_for(1)
+            else:
+                with pytest.raises(DeliveryError, match="127.0.0.1 is loopback: not allowed"):
+                    await senders[Channel.WEBHOOK].send(message)
+                assert receiver.requests == []
+    finally:
+        await close_senders(senders)
+
+
+@pytest.mark.parametrize("value", ["maybe", "2"])
+def test_webhook_allow_private_must_be_true_or_false(value):
+    with pytest.raises(SettingsError, match="ALLOT_WEBHOOK_ALLOW_PRIVATE"):
+        Settings.from_env(environ={"ALLOT_WEBHOOK_ALLOW_PRIVATE": value})
 
 
 async def test_build_senders_with_smtp_and_gateway(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from tests.support.notification_processes import (
     ARREARS,
     EMAIL,
+    FAILED,
     PACKAGE_EXPIRING,
     PENDING,
     SENT,
@@ -392,6 +393,38 @@ async def test_webhooks_name_the_message_type_as_the_api_does(n):
         await n.send_test(created.contact_id)
         [request] = await hook.wait_for(1)
     assert json.loads(request.body)["message_type"] == "MESSAGE_TYPE_TEST"
+
+
+async def test_webhooks_to_internal_addresses_fail_at_once_by_default(database_url, tmp_path):
+    # As in production: ALLOT_WEBHOOK_ALLOW_PRIVATE unset (these tests' `n` allows loopback).
+    settings = notification_settings(
+        database_url,
+        tmp_path,
+        f"127.0.0.1:{closed_port()}",
+        webhook_allow_private="false",
+        delivery_max_attempts="3",
+    )
+    with http_receiver() as hook:
+        async with running_notification(settings) as handle:
+            n = handle.calls
+            by_address = await n.create(ACCOUNT, WEBHOOK, hook.url())
+            # Resolved by the system: localhost is loopback wherever the suite runs.
+            by_name = await n.create(ACCOUNT, WEBHOOK, hook.url(host="localhost"))
+            await n.send_test(by_address.contact_id)
+            await n.send_test(by_name.contact_id)
+            found = await n.settled(ACCOUNT, 2)
+        await asyncio.sleep(QUIET)
+        assert hook.requests == []
+    states = {d.contact_id: (d.channel, d.state, d.attempts) for x in found for d in x.deliveries}
+    # FAILED on the first of three attempts: a refused address is not retried.
+    assert states == {
+        by_address.contact_id: (WEBHOOK, FAILED, 1),
+        by_name.contact_id: (WEBHOOK, FAILED, 1),
+    }
+    errors = {d.contact_id: d.last_error for x in found for d in x.deliveries}
+    assert errors[by_address.contact_id] == "webhook address 127.0.0.1 is loopback: not allowed"
+    assert errors[by_name.contact_id].startswith("webhook host localhost resolves to ")
+    assert errors[by_name.contact_id].endswith(" (loopback): not allowed")
 
 
 async def test_notifications_are_listed_newest_first_in_pages_and_by_type(n):

@@ -88,6 +88,8 @@ def notification_env(
         "ALLOT_CLOCK_START": CLOCK_START,
         "ALLOT_CONSUMER_LEASE_SECONDS": "2",
         "ALLOT_SHUTDOWN_GRACE_SECONDS": "2",
+        # The tests' webhook receivers listen on 127.0.0.1, which production refuses.
+        "ALLOT_WEBHOOK_ALLOW_PRIVATE": "true",
     }
     env.update(extra)
     return env
@@ -157,6 +159,8 @@ def notification_settings(
         "clock": "manual",
         "clock_start": CLOCK_START,
         "consumer_lease_seconds": "2",
+        # The tests' webhook receivers listen on 127.0.0.1, which production refuses.
+        "webhook_allow_private": "true",
     }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)

@@ -202,7 +202,8 @@ def smtp_receiver(
 
 @dataclass(frozen=True)
 class Certificate:
-    """A self-signed certificate for 127.0.0.1 and localhost, and contexts that use it."""
+    """A self-signed certificate for 127.0.0.1 and its host names (localhost unless the test
+    chose others), and contexts that use it."""
 
     cert: pathlib.Path
     key: pathlib.Path
@@ -217,12 +218,16 @@ class Certificate:
         return ssl.create_default_context(cafile=str(self.cert))
 
 
-def self_signed_certificate(directory: pathlib.Path) -> Certificate | None:
-    """A fresh certificate made with the openssl command; None where openssl is missing."""
+def self_signed_certificate(
+    directory: pathlib.Path, names: Sequence[str] = ("localhost",)
+) -> Certificate | None:
+    """A fresh certificate for `names` and 127.0.0.1, made with the openssl command; None where
+    openssl is missing."""
     openssl = shutil.which("openssl")
     if openssl is None:
         return None
     cert, key = directory / "cert.pem", directory / "key.pem"
+    alt_names = ",".join([*(f"DNS:{name}" for name in names), "IP:127.0.0.1"])
     subprocess.run(
         [
             openssl,
@@ -234,9 +239,9 @@ def self_signed_certificate(directory: pathlib.Path) -> Certificate | None:
             "-days",
             "2",
             "-subj",
-            "/CN=localhost",
+            f"/CN={names[0]}",
             "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            f"subjectAltName={alt_names}",
             "-keyout",
             str(key),
             "-out",
@@ -260,6 +265,7 @@ class ReceivedRequest:
     body: bytes
     status: int  # what the receiver answered
     signature_valid: bool | None  # None while the receiver has no secret to check with
+    server_name: str | None = None  # over TLS: the name the client sent (SNI)
 
     def json(self) -> object:
         return json.loads(self.body)
@@ -269,9 +275,16 @@ class HttpReceiver:
     """Answers POSTs with a scripted sequence of status codes (the last one repeats), after
     an optional delay. With `secret` set (it may be set after start, once a contact created
     with `url()` has its secret), a request whose `Allot-Signature` does not verify is
-    answered 401 and does not use up the script — what a careful receiver does."""
+    answered 401 and does not use up the script — what a careful receiver does. With `tls`
+    (a server context), it speaks HTTPS and records the server name each client sent."""
 
-    def __init__(self, statuses: Sequence[int], delay: float, secret: str | None) -> None:
+    def __init__(
+        self,
+        statuses: Sequence[int],
+        delay: float,
+        secret: str | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.statuses = list(statuses) or [200]
         self.delay = delay
         self.secret = secret
@@ -284,12 +297,21 @@ class HttpReceiver:
         # A handler still sleeping out its delay at shutdown must not hold the test up.
         self._server.block_on_close = False
         self.port = self._server.server_address[1]
+        self.scheme = "http"
+        if tls is not None:
+            self.scheme = "https"
+            tls.sni_callback = _remember_server_name
+            # The handshake happens on the handler thread's first read, not in accept().
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
 
-    def url(self, path: str = "/hook") -> str:
-        return f"http://{HOST}:{self.port}{path}"
+    def url(self, path: str = "/hook", host: str = HOST) -> str:
+        """This receiver's URL; another `host` is a name the test resolves to 127.0.0.1."""
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     @property
     def requests(self) -> list[ReceivedRequest]:
@@ -328,8 +350,9 @@ class HttpReceiver:
                 status, valid = receiver._status_for(headers, body)
                 if receiver.delay and receiver._stopping.wait(receiver.delay):
                     return  # shutting down; the client gave up long ago
+                server_name = getattr(self.connection, "allot_server_name", None)
                 receiver._requests.append(
-                    ReceivedRequest("POST", self.path, headers, body, status, valid)
+                    ReceivedRequest("POST", self.path, headers, body, status, valid, server_name)
                 )
                 reply = f"status {status}\n".encode()
                 # One request per connection: no idle keep-alive thread outlives a test.
@@ -357,12 +380,23 @@ class HttpReceiver:
         self._thread.join(timeout=WAIT_TIMEOUT)
 
 
+def _remember_server_name(
+    connection: ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext
+) -> None:
+    connection.allot_server_name = server_name  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def http_receiver(
-    statuses: Sequence[int] = (200,), *, delay: float = 0.0, secret: str | None = None
+    statuses: Sequence[int] = (200,),
+    *,
+    delay: float = 0.0,
+    secret: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[HttpReceiver]:
-    """An HTTP server on 127.0.0.1 answering POSTs with `statuses` in turn (see HttpReceiver)."""
-    receiver = HttpReceiver(statuses, delay, secret)
+    """An HTTP server on 127.0.0.1 answering POSTs with `statuses` in turn (see HttpReceiver);
+    HTTPS with `tls`."""
+    receiver = HttpReceiver(statuses, delay, secret, tls)
     receiver.start()
     try:
         yield receiver

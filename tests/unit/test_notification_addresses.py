@@ -1,14 +1,17 @@
-"""Contact addresses per channel (valid ones normalized, invalid ones naming the field) and the
-webhook signature: a known answer, round trips, and what a receiver must reject."""
+"""Contact addresses per channel (valid ones normalized, invalid ones naming the field), which
+IP addresses a webhook may not go to, and the webhook signature: a known answer, round trips,
+and what a receiver must reject."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 import pytest
 
 from services.notification.domain.addresses import (
+    address_class,
     is_loopback_host,
     new_webhook_secret,
     sign_webhook,
@@ -151,6 +154,70 @@ def test_a_long_address_is_shortened_in_the_message():
 )
 def test_loopback_hosts(host, loopback):
     assert is_loopback_host(host) is loopback
+
+
+# --- where a webhook may go --------------------------------------------------------------
+
+ADDRESS_CLASSES = [
+    # IPv4
+    ("8.8.8.8", None),
+    ("93.184.216.34", None),
+    ("1.1.1.1", None),
+    ("0.0.0.0", "unspecified"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("10.0.0.1", "private"),
+    ("172.16.0.1", "private"),
+    ("172.31.255.255", "private"),
+    ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"),
+    ("100.64.0.1", "CGNAT"),
+    ("100.100.100.200", "CGNAT"),
+    ("100.127.255.255", "CGNAT"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
+    ("192.0.2.1", "private"),  # documentation (TEST-NET-1)
+    ("198.18.0.1", "private"),  # benchmarking
+    ("172.32.0.1", None),  # just past 172.16.0.0/12
+    ("100.128.0.1", None),  # just past 100.64.0.0/10
+    # IPv6
+    ("2606:4700:4700::1111", None),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("fe80::1", "link-local"),
+    ("fe80::1%eth0", "link-local"),
+    ("fc00::1", "private"),
+    ("fd00:ec2::254", "private"),  # unique-local: one cloud's IPv6 metadata endpoint
+    ("fec0::1", "site-local"),
+    ("ff02::1", "multicast"),
+    ("2001:db8::1", "private"),  # documentation
+    ("::127.0.0.1", "reserved"),  # IPv4-compatible (deprecated)
+    # IPv6 carrying IPv4: judged by the IPv4 address
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:10.1.2.3", "private"),
+    ("::ffff:169.254.169.254", "link-local"),
+    ("::ffff:100.64.0.1", "CGNAT"),
+    ("::ffff:0.0.0.0", "unspecified"),
+    ("::ffff:8.8.8.8", None),
+    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+    ("64:ff9b::808:808", None),  # NAT64 of 8.8.8.8
+    ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+    ("2002:808:808::1", None),  # 6to4 of 8.8.8.8
+]
+
+
+@pytest.mark.parametrize(("address", "why"), ADDRESS_CLASSES)
+def test_address_class(address, why):
+    assert address_class(address) == why
+    assert address_class(ipaddress.ip_address(address)) == why
+
+
+@pytest.mark.parametrize("address", ["localhost", "example.com", "", "1.2.3", "[::1]"])
+def test_address_class_takes_ip_addresses_only(address):
+    with pytest.raises(ValueError):
+        address_class(address)
 
 
 # --- signatures --------------------------------------------------------------------------

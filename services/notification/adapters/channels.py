@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import email.message
 import email.utils
+import functools
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import ssl
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,6 +35,7 @@ import aiosmtplib
 import httpx
 
 from services.notification.domain.addresses import (
+    address_class,
     is_loopback_host,
     sign_webhook,
     validate_address,
@@ -400,14 +403,21 @@ async def _post(
     headers: dict[str, str],
     seconds: float,
     auth: httpx.BasicAuth | None = None,
+    addresses: Callable[[], Awaitable[Sequence[str]]] | None = None,
 ) -> None:
     """POST once; success is any 2xx. 408, 425, 429, 5xx, timeouts and connection failures are
-    worth retrying; any other answer (a 4xx, or a redirect, which is not followed) is final."""
+    worth retrying; any other answer (a 4xx, or a redirect, which is not followed) is final.
+    With `addresses`, the connection goes to one of the addresses it returns (looked up within
+    the same `seconds`), never to a second lookup of the URL's host."""
     try:
         # httpx's timeout bounds each phase; this bounds the whole exchange.
         async with asyncio.timeout(seconds):
-            request = client.build_request("POST", url, content=body, headers=headers)
-            response = await client.send(request, auth=auth, stream=True)
+            if addresses is None:
+                request = client.build_request("POST", url, content=body, headers=headers)
+                response = await client.send(request, auth=auth, stream=True)
+            else:
+                targets = await addresses()
+                response = await _send_to_one_of(client, url, targets, body, headers, auth)
             try:
                 status = response.status_code
                 if 200 <= status < 300:
@@ -435,25 +445,91 @@ async def _post(
     )
 
 
-def _client(timeout: float) -> httpx.AsyncClient:
+async def _send_to_one_of(
+    client: httpx.AsyncClient,
+    url: str,
+    addresses: Sequence[str],
+    body: bytes,
+    headers: dict[str, str],
+    auth: httpx.BasicAuth | None,
+) -> httpx.Response:
+    """POST `url` over a connection to the first of `addresses` that accepts one. The request
+    still names the URL's host (Host header), and TLS still sends it as the server name (SNI)
+    and verifies the certificate against it: only the TCP connection skips the DNS lookup."""
+    target = httpx.URL(url)
+    headers = {**headers, "Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.raw_host.decode("ascii")}
+
+    def request_to(address: str) -> httpx.Request:
+        pinned = target.copy_with(host=address)
+        return client.build_request(
+            "POST", pinned, content=body, headers=headers, extensions=extensions
+        )
+
+    *others, last = addresses
+    for address in others:
+        try:
+            return await client.send(request_to(address), auth=auth, stream=True)
+        except httpx.ConnectError:
+            continue  # refused or unreachable, nothing sent: the next address may answer
+    return await client.send(request_to(last), auth=auth, stream=True)
+
+
+def _client(timeout: float, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
+        transport=transport,
     )
 
 
+# Every address a host resolves to for a TCP connection to a port.
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The system resolver, as a connection would use it (getaddrinfo): every address of
+    `host`, in the order the system prefers, without repeats."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 class WebhookSender:
-    """HTTPS POST of the notification as JSON, signed for the contact (`Allot-Signature`)."""
+    """HTTPS POST of the notification as JSON, signed for the contact (`Allot-Signature`).
+
+    The URL is a customer's, so where it leads is checked at every send: its host is resolved
+    once, refused for good if any of its addresses is loopback, private, link-local or
+    otherwise not a public one (`address_class`) unless `allow_private`
+    (ALLOT_WEBHOOK_ALLOW_PRIVATE), and the connection goes to an address that was checked, so
+    a DNS answer that changes between the check and the connection (rebinding) cannot move
+    the request into the operator's network."""
 
     def __init__(
-        self, timeout: float = HTTP_TIMEOUT_SECONDS, *, now: Callable[[], float] = time.time
+        self,
+        timeout: float = HTTP_TIMEOUT_SECONDS,
+        *,
+        now: Callable[[], float] = time.time,
+        allow_private: bool = False,
+        resolver: Resolver = resolve_host,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = timeout
         # Wall time, not the service clock: the receiver checks the signature's age against
         # its own real clock, also while the suite runs on a manual clock in tests.
         self._now = now
-        self._client = _client(timeout)
+        self._allow_private = allow_private
+        self._resolve = resolver
+        # Connections are pooled by the address they go to; without idle ones kept, one made
+        # for (and verified as) one customer's host never carries a request for another host
+        # on the same address. An explicit transport also ignores HTTP(S)_PROXY: a proxy would
+        # tunnel to the checked address and verify TLS against it instead of the host.
+        # `tls_context`: None is the system's trusted CAs; tests trust their own certificate.
+        transport = httpx.AsyncHTTPTransport(
+            verify=tls_context if tls_context is not None else True,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=0),
+        )
+        self._client = _client(timeout, transport)
 
     async def send(self, message: OutgoingMessage) -> None:
         try:
@@ -473,8 +549,55 @@ class WebhookSender:
             "Allot-Signature": sign_webhook(message.secret, int(self._now()), body),
             "Allot-Notification-Id": message.notification_id,
         }
-        host = urllib.parse.urlsplit(url).netloc
-        await _post(self._client, f"webhook {host}", url, body, headers, self._timeout)
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""  # validate_address made sure there is one
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        await _post(
+            self._client,
+            f"webhook {parts.netloc}",
+            url,
+            body,
+            headers,
+            self._timeout,
+            addresses=functools.partial(self._addresses, host, port),
+        )
+
+    async def _addresses(self, host: str, port: int) -> Sequence[str]:
+        """Where the webhook may connect: the host itself when it is an IP address, else every
+        address it resolves to, each one checked (which of them a connection would get is not
+        ours to choose)."""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            return self._checked(host, [str(literal)], named=False)
+        try:
+            addresses = await self._resolve(host, port)
+        except OSError as exc:
+            # Not (yet, or any more) in DNS: the customer may fix it; the next attempt will see.
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            message = f"webhook host {host} does not resolve: {reason}"
+            raise DeliveryError(message, retryable=True) from exc
+        if not addresses:
+            raise DeliveryError(f"webhook host {host} has no address", retryable=True)
+        return self._checked(host, addresses, named=True)
+
+    def _checked(self, host: str, addresses: Sequence[str], named: bool) -> Sequence[str]:
+        if self._allow_private:
+            return addresses
+        for address in addresses:
+            why = address_class(address)
+            if why is None:
+                continue
+            # Final: the same name or address gets the same answer until someone changes it.
+            what = (
+                f"host {host} resolves to {address} ({why})"
+                if named
+                else f"address {host} is {why}"
+            )
+            raise DeliveryError(f"webhook {what}: not allowed", retryable=False)
+        return addresses
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -483,7 +606,11 @@ class WebhookSender:
 class SmsGatewaySender:
     """SMS through an HTTP gateway: POST `{"to", "text", "reference"}` as JSON. Credentials in
     the URL's userinfo (`https://user:key@sms.example/send`) go as HTTP basic auth, never in
-    the request line. A provider with another request shape gets its own adapter class."""
+    the request line. A provider with another request shape gets its own adapter class.
+
+    The gateway URL is the operator's setting, not a customer's input, so unlike webhooks it
+    is not checked against internal addresses: a gateway inside the operator's network is
+    fine. Only the phone number (validated E.164) and the text come from customers."""
 
     def __init__(self, url: str, timeout: float = HTTP_TIMEOUT_SECONDS) -> None:
         try:
@@ -528,8 +655,9 @@ class SmsGatewaySender:
 
 
 def build_senders(settings: Settings) -> dict[int, Sender]:
-    """One sender per channel, from ALLOT_SMTP_URL / ALLOT_SMTP_FROM / ALLOT_SMS_GATEWAY_URL;
-    without SMTP or a gateway, email and SMS go to `<data dir>/outbox/{email,sms}/`."""
+    """One sender per channel, from ALLOT_SMTP_URL / ALLOT_SMTP_FROM / ALLOT_SMS_GATEWAY_URL
+    and ALLOT_WEBHOOK_ALLOW_PRIVATE; without SMTP or a gateway, email and SMS go to
+    `<data dir>/outbox/{email,sms}/`."""
     outbox = settings.data_path / "outbox"
     email_sender: Sender
     if settings.smtp_url:
@@ -544,7 +672,7 @@ def build_senders(settings: Settings) -> dict[int, Sender]:
     return {
         Channel.EMAIL: email_sender,
         Channel.SMS: sms_sender,
-        Channel.WEBHOOK: WebhookSender(),
+        Channel.WEBHOOK: WebhookSender(allow_private=settings.private_webhooks_allowed),
     }
 
 

@@ -6,6 +6,11 @@ webhook URL with scheme and host lower-cased. Webhooks must use https; plain htt
 only for loopback hosts, so a developer can point a contact at a local receiver while
 notifications never leave the machine unencrypted.
 
+Where a webhook may be sent is decided again at send time, on the addresses its host resolves
+to: `address_class` names why an address is not a public receiver's (loopback, private,
+link-local, ...), and the sender refuses a host with any such address unless the operator
+allows internal receivers (see the service README, "Webhook addresses").
+
 A webhook request carries `Allot-Signature: t=<unix seconds>,v1=<hex>`, where the hex is the
 HMAC-SHA256, keyed with the UTF-8 bytes of the contact's whole secret (`whsec_…`), of
 `<t>.` followed by the exact request body. A receiver recomputes it, compares in constant
@@ -169,6 +174,49 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Shared address space (RFC 6598): carrier-grade NAT and some clouds' internal services (one
+# cloud's metadata endpoint is 100.100.100.200). `ipaddress` calls it neither private nor global.
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+# The well-known NAT64 prefix (RFC 6052): on an IPv6-only network with DNS64, 64:ff9b::a9fe:a9fe
+# is translated to 169.254.169.254, so such an address is what its last 32 bits are.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_class(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a webhook must not be sent to `address` — "loopback", "private", "link-local",
+    "CGNAT", "unspecified", "multicast", "site-local", "reserved" or "non-global" — or None for
+    a globally routable unicast address. An IPv6 address that carries an IPv4 one (IPv4-mapped
+    `::ffff:a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) is judged by that IPv4 address:
+    it is where the packets end up. ValueError if `address` is not an IP address."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return address_class(embedded)
+    # Most specific first: 127.0.0.1 is also "private" to `ipaddress`, 169.254/16 too.
+    if ip.is_unspecified:
+        return "unspecified"  # connecting to 0.0.0.0 or :: reaches this host
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"  # 169.254.169.254: the cloud metadata endpoint
+    if ip.is_multicast:
+        return "multicast"
+    if ip in _SHARED_ADDRESS_SPACE:
+        return "CGNAT"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"  # fec0::/10: deprecated, still routed internally on some networks
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"  # RFC 1918, unique-local fc00::/7, documentation and benchmark ranges
+    if not ip.is_global:
+        return "non-global"
+    return None
 
 
 def new_webhook_secret() -> str:
