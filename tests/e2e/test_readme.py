@@ -1,5 +1,5 @@
-"""The README's "Try it" block, run verbatim with bash against `allot run` (the suite as
-`make run` starts it), on its own data dir and port."""
+"""The README's "Try it" and "Try billing" blocks, run verbatim with bash against `allot run`
+(the suite as `make run` starts it), on its own data dir and port."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from shared.settings import REPO_ROOT
 from tests.support.servers import free_port
 
 
-def try_it_block() -> str:
+def readme_block(heading: str) -> str:
+    """The first ```sh block after `heading` in the README."""
     readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("## Try it", 1)[1]
+    section = readme.split(f"{heading}\n", 1)[1]
     return re.search(r"```sh\n(.*?)```", section, re.S)[1]
 
 
@@ -27,6 +28,45 @@ def json_documents(text: str) -> list[dict]:
         doc, i = decoder.raw_decode(text, start)
         docs.append(doc)
     return docs
+
+
+def run_block(block: str, env: dict[str, str]) -> str:
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def check_try_billing(outputs: list[str]) -> None:
+    first, second = json_documents(outputs[0]), json_documents(outputs[1])
+    account, topped, order, renewal, schedule, package, bill = first
+    assert account["account_id"] == "demo-account"
+    assert topped["balance"] == {"currency_code": "USD", "units": "10"}
+    assert (order["state"], order["kind"]) == ("ORDER_STATE_FULFILLED", "ORDER_KIND_PURCHASE")
+    assert (renewal["kind"], renewal["periods"]) == ("ORDER_KIND_RENEWAL", 2)
+    assert renewal["state"] == "ORDER_STATE_FULFILLED"
+    assert renewal["package_id"] == order["package_id"] == package["package_id"]
+    assert package["total_quantity"] == "3000"
+    assert package["expire_time"] == renewal["expire_time"]
+    assert (schedule["enabled"], schedule["lead_days"]) == (True, 10)
+    assert "next_attempt_time" in schedule
+    kinds = [line["kind"] for line in bill["lines"]]
+    assert kinds == [
+        "BILL_LINE_KIND_TOP_UP",
+        "BILL_LINE_KIND_PACKAGE_PURCHASE",
+        "BILL_LINE_KIND_PACKAGE_RENEWAL",
+    ]
+    assert bill["closing_balance"] == {"currency_code": "USD", "units": "2", "nanos": 800000000}
+    # Again: the same account, order, renewal and bill.
+    assert second[2]["order_id"] == order["order_id"]
+    assert second[3]["order_id"] == renewal["order_id"]
+    assert second[6]["lines"] == bill["lines"]
 
 
 def test_try_it_runs_verbatim(tmp_path):
@@ -59,18 +99,8 @@ def test_try_it_runs_verbatim(tmp_path):
         assert "ADMIN_TOKEN=" in "".join(banner)
         assert (tmp_path / "var" / "auth-secret").exists()
 
-        outputs = []
-        for _ in range(2):  # the second run shows the commands are idempotent
-            run = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", try_it_block()],
-                cwd=REPO_ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert run.returncode == 0, run.stderr
-            outputs.append(run.stdout)
+        # The second run shows the commands are idempotent.
+        outputs = [run_block(readme_block("## Try it"), env) for _ in range(2)]
         assert "allot.quota.v1.QuotaService" in outputs[0]
         first, second = json_documents(outputs[0]), json_documents(outputs[1])
         enable, grant, contact, alert, report, summary, explain, check, listing = first
@@ -93,6 +123,7 @@ def test_try_it_runs_verbatim(tmp_path):
         assert second[4]["duplicate"] is True
         assert second[5]["items"][0]["remaining_quantity"] == "99997"
         assert len(second[8]["notifications"]) == 1
+        check_try_billing([run_block(readme_block("### Try billing"), env) for _ in range(2)])
     finally:
         suite.send_signal(signal.SIGINT)
         try:
