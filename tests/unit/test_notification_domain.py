@@ -109,6 +109,17 @@ def test_jitter_spreads_receivers_apart():
     assert len(waits) > 40
 
 
+def test_a_receivers_retry_after_is_respected_up_to_the_cap():
+    policy = RetryPolicy()  # the first retry would come after about 60 s
+    rng = random.Random(7)
+    assert policy.next_attempt(1, NOW, rng, retry_after=3600) - NOW == timedelta(hours=1)
+    # A shorter Retry-After does not make the backoff shorter.
+    assert policy.next_attempt(1, NOW, rng, retry_after=5) - NOW >= timedelta(seconds=48)
+    assert policy.next_attempt(1, NOW, rng, retry_after=10**9) - NOW == MAX_DELAY
+    # It does not buy attempts beyond the last.
+    assert policy.next_attempt(policy.max_attempts, NOW, rng, retry_after=60) is None
+
+
 def test_the_default_schedule_gives_up_within_about_a_day():
     policy = RetryPolicy()
     total = sum((nominal(policy, a) for a in range(1, policy.max_attempts)), timedelta())

@@ -231,7 +231,11 @@ async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str
             "deliver_time_us": to_micros(now),
         }
     else:
-        retry_at = ctx.retry.next_attempt(attempts, now) if error.retryable else None
+        retry_at = (
+            ctx.retry.next_attempt(attempts, now, retry_after=error.retry_after)
+            if error.retryable
+            else None
+        )
         values = {"attempts": attempts, "last_error": str(error)[:1000]}
         if retry_at is None:
             values["state"] = FAILED

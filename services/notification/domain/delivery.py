@@ -4,6 +4,9 @@ With the defaults (first retry after 60 s, factor 3, 8 attempts) retries come af
 1 m, 3 m, 9 m, 27 m, 1.4 h, 4 h and 12 h: the last attempt is about 18 hours after the first
 (at most about 22 with jitter), so a receiver that is down for most of a day still gets the
 message; after that the delivery is FAILED and an operator can retry it.
+
+A receiver that answers with Retry-After (a 429 or 503, say) is not tried again before it
+asked to be (up to MAX_DELAY); the count of attempts stays the same.
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ class RetryPolicy:
     factor: int = 3
 
     def next_attempt(
-        self, attempts: int, now: datetime, rng: random.Random | None = None
+        self,
+        attempts: int,
+        now: datetime,
+        rng: random.Random | None = None,
+        retry_after: float | None = None,
     ) -> datetime | None:
-        """After `attempts` failed attempts, when to try again; None when it is time to give up."""
+        """After `attempts` failed attempts, when to try again; None when it is time to give up.
+        `retry_after`: the seconds the receiver asked to be left alone, if it said."""
         if attempts >= self.max_attempts:
             return None
         delay = self.first_delay
         for _ in range(attempts - 1):  # grown step by step: never past the cap, never overflows
             delay = min(delay * self.factor, MAX_DELAY)
-        spread = (rng or random).uniform(1 - JITTER, 1 + JITTER)
-        return now + delay * spread
+        wait = delay * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+        if retry_after is not None and retry_after > 0:
+            wait = max(wait, min(timedelta(seconds=retry_after), MAX_DELAY))
+        return now + wait
