@@ -392,3 +392,20 @@ async def test_renewals_paid_while_quota_is_away_are_applied_in_order(tmp_path):
             package = await suite.package(package_id)
             assert utc(package.expire_time) == "2027-04-19T15:59:59Z"
             assert package.total_quantity == 400
+
+
+async def test_purchases_and_renewals_cross_the_balance_alert_like_pay_per_use(suite):
+    await suite.account("acme", "3.00")
+    await suite.billing.set_balance_alert("acme", "2.50")
+    package_id = (await suite.buy("acme")).package_id  # 3.00 -> 2.00: crosses
+    await suite.renew("acme", package_id, "renew-1")  # 2.00 -> 1.00: already below
+    await suite.billing.top_up("acme", "5.00")  # 6.00: re-armed
+    await suite.renew("acme", package_id, "renew-2", periods=4)  # 6.00 -> 2.00: crosses again
+    alerts = [
+        e.balance_below_threshold
+        for e in await suite.billing.events(types=("balance_below_threshold",))
+    ]
+    assert [(micros(a.balance), micros(a.threshold)) for a in alerts] == [
+        (2_000_000, 2_500_000),
+        (2_000_000, 2_500_000),
+    ]

@@ -245,8 +245,6 @@ async def top_up(
             grace_end_time_us=None,
             retention_end_time_us=None,
         )
-    if row.balance_alert_fired and row.balance_alert_micros is not None:
-        values["balance_alert_fired"] = balance < row.balance_alert_micros
     await uow.session.execute(
         update(t.accounts).where(t.accounts.c.account_id == account_id).values(**values)
     )
@@ -261,10 +259,41 @@ async def top_up(
             occur_time_us=time_to_micros(now),
         )
     )
+    await balance_moved(ctx, uow, account_id, row.balance_micros, balance, now)
     account = await load_account(uow, account_id)
     if "standing" in values:
         await announce_standing(ctx, uow, account, Standing(row.standing))
     return account
+
+
+async def balance_moved(
+    ctx: BillingContext, uow: UnitOfWork, payer_id: str, before: int, after: int, now: datetime
+) -> None:
+    """The balance alert after the paying balance moved from ``before`` to ``after`` (the
+    account locked): any charge (pay-per-use, purchase, renewal) that takes it below the
+    threshold emits ``balance_below_threshold`` once; the alert re-arms when the balance is at
+    or above the threshold again (a top-up, a refund)."""
+    a = t.accounts.c
+    row = (
+        await uow.session.execute(
+            select(a.balance_alert_micros, a.balance_alert_fired, a.currency_code).where(
+                a.account_id == payer_id
+            )
+        )
+    ).one()
+    threshold = row.balance_alert_micros
+    if threshold is None:
+        return
+    if after < threshold and after < before and not row.balance_alert_fired:
+        ctx.events.balance_below_threshold(uow, payer_id, after, threshold, row.currency_code, now)
+        fired = True
+    elif after >= threshold and row.balance_alert_fired:
+        fired = False
+    else:
+        return
+    await uow.session.execute(
+        update(t.accounts).where(a.account_id == payer_id).values(balance_alert_fired=fired)
+    )
 
 
 async def announce_standing(

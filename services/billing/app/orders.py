@@ -151,14 +151,22 @@ async def _charge(
     description: str,
 ) -> None:
     """Move `amount` (signed effect) on the order's paying balance, with its ledger line (the
-    order's region, API, project and calls)."""
+    order's region, API, project and calls), and follow the balance alert."""
     a = t.accounts.c
-    now_us = time_to_micros(ctx.now())
+    now = ctx.now()
+    now_us = time_to_micros(now)
+    payer_id = order.paying_account_id
+    before = (
+        await uow.session.execute(
+            select(a.balance_micros).where(a.account_id == payer_id).with_for_update()
+        )
+    ).scalar_one()
     await uow.session.execute(
         update(t.accounts)
-        .where(a.account_id == order.paying_account_id)
-        .values(balance_micros=a.balance_micros + amount, update_time_us=now_us)
+        .where(a.account_id == payer_id)
+        .values(balance_micros=before + amount, update_time_us=now_us)
     )
+    await accounts.balance_moved(ctx, uow, payer_id, before, before + amount, now)
     await uow.session.execute(
         insert(t.ledger).values(
             entry_id=new_id("led"),

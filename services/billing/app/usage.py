@@ -406,21 +406,7 @@ async def _after_charge(ctx: BillingContext, uow: UnitOfWork, payer, amount: int
     state = after_charge(before, balance, now, grace, retention)
     if state != before:
         await change_standing(ctx, uow, payer.account_id, Standing(before.standing), state)
-    threshold = payer.balance_alert_micros
-    if (
-        amount > 0
-        and threshold is not None
-        and balance < threshold
-        and not payer.balance_alert_fired
-    ):
-        ctx.events.balance_below_threshold(
-            uow, payer.account_id, balance, threshold, payer.currency_code, now
-        )
-        await uow.session.execute(
-            update(t.accounts)
-            .where(t.accounts.c.account_id == payer.account_id)
-            .values(balance_alert_fired=True)
-        )
+    await accounts.balance_moved(ctx, uow, payer.account_id, payer.balance_micros, balance, now)
 
 
 # --- wiring ---------------------------------------------------------------------------------
