@@ -42,6 +42,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("PurchasePackage"): policy(*OWNERS, account="account_id", regions=("region",)),
     _rpc("RenewPackage"): policy(*OWNERS, account="account_id"),
     _rpc("SetAutoRenew"): policy(*OWNERS),
+    _rpc("GetAutoRenew"): policy(*READERS),
     _rpc("CancelOrder"): policy(*OWNERS),
     _rpc("GetOrder"): policy(*READERS),
     _rpc("ListOrders"): policy(*READERS, account="account_id"),

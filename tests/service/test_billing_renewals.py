@@ -97,6 +97,12 @@ class Suite:
             metadata=metadata or self.billing.admin,
         )
 
+    def get_auto_renew(self, package_id: str, metadata=None):
+        return self.billing.stub.GetAutoRenew(
+            REQ.GetAutoRenewRequest(package_id=package_id),
+            metadata=metadata or self.billing.admin,
+        )
+
     async def package(self, package_id: str) -> quota_pb2.Package:
         return await self.quota.get(package_id)
 
@@ -293,6 +299,9 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     assert first.next_attempt_time.ToDatetime(tzinfo=TZ) == local("2024-04-13 03:00")
     assert utc(first.expire_time) == "2024-04-19T15:59:59Z"
 
+    after_failure = await suite.get_auto_renew(package_id)
+    assert after_failure.last_failure_reason == "INSUFFICIENT_BALANCE"
+    assert after_failure.next_attempt_time == first.next_attempt_time
     await suite.move(local("2024-04-13 02:00"))
     assert len(await suite.failures()) == 1
     await suite.move(local("2024-04-13 03:00"))
@@ -315,9 +324,20 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     await suite.move(local("2024-04-20 03:00"))
     assert len(await suite.orders("acme")) == 2
     assert len(await suite.failures()) == 2
-    schedule = await suite.set_auto_renew(package_id, True)
+    schedule = await suite.get_auto_renew(package_id)
     assert schedule.enabled and schedule.lead_days == 7
     assert schedule.next_attempt_time.ToDatetime(tzinfo=TZ) == local("2025-04-12 03:00")
+    assert schedule.last_failure_reason == ""
+    # The owner reads it too; another account does not learn the package exists.
+    mine = await suite.get_auto_renew(package_id, suite.billing.account_md("acme", read_only=True))
+    assert mine == schedule
+    await expect(
+        suite.get_auto_renew(package_id, suite.billing.account_md("other", read_only=True)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await expect(
+        suite.get_auto_renew("pkg_missing"), grpc.StatusCode.NOT_FOUND, "PACKAGE_NOT_FOUND"
+    )
 
 
 async def test_auto_renewal_gives_up_when_the_package_expires(suite):

@@ -177,6 +177,10 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             )
         )
 
+    async def GetAutoRenew(self, request, context):
+        sold = await hiding_absence(renewals.get_auto_renew(self.ctx, request.package_id))
+        return convert.to_proto_auto_renewal(sold)
+
     async def CancelOrder(self, request, context):
         order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))
         return order_message(order)

@@ -211,6 +211,18 @@ async def set_auto_renew(
     )
 
 
+async def get_auto_renew(ctx: BillingContext, package_id: str) -> SoldPackage:
+    """GetAutoRenew: the setting and schedule of a package billing sold."""
+    if not package_id:
+        raise InvalidArgument("package_id", "package_id is required")
+    try:
+        sold = await ctx.db.read(lambda uow: packages.load(uow, package_id))
+    except UnknownPackage:
+        raise packages.package_not_found(package_id) from None
+    check_scope(sold.account_id, sold.region)
+    return sold
+
+
 async def renew_due(ctx: BillingContext, now: datetime) -> int:
     """Make every auto-renewal attempt due at ``now``; returns how many were made."""
     r = t.auto_renewals.c

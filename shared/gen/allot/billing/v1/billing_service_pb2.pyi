@@ -396,6 +396,28 @@ class RenewPackageRequest(_message.Message):
 Global___RenewPackageRequest: _TypeAlias = RenewPackageRequest  # noqa: Y015
 
 @_typing.final
+class GetAutoRenewRequest(_message.Message):
+    """Request of GetAutoRenew."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    package_id: _builtins.str
+    """The package."""
+    def __init__(
+        self,
+        *,
+        package_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["package_id", b"package_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAutoRenewRequest: _TypeAlias = GetAutoRenewRequest  # noqa: Y015
+
+@_typing.final
 class SetAutoRenewRequest(_message.Message):
     """Request of SetAutoRenew."""
 

@@ -94,6 +94,11 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoRenewRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.FromString,
                 _registered_method=True)
+        self.GetAutoRenew = channel.unary_unary(
+                '/allot.billing.v1.BillingService/GetAutoRenew',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoRenewRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.FromString,
+                _registered_method=True)
         self.CancelOrder = channel.unary_unary(
                 '/allot.billing.v1.BillingService/CancelOrder',
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.CancelOrderRequest.SerializeToString,
@@ -247,6 +252,15 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAutoRenew(self, request, context):
+        """Reads a purchased package's auto-renewal setting and schedule: whether it is on, the
+        lead, the next attempt and why the last one failed. Errors: NOT_FOUND
+        (PACKAGE_NOT_FOUND: no such package, or not bought through billing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelOrder(self, request, context):
         """Cancels a purchase whose package is not yet effective: the amount is refunded in full
         and the package revoked. Idempotent by request_id. Errors: NOT_FOUND (ORDER_NOT_FOUND),
@@ -365,6 +379,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
             'SetAutoRenew': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAutoRenew,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoRenewRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.SerializeToString,
+            ),
+            'GetAutoRenew': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAutoRenew,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoRenewRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.SerializeToString,
             ),
             'CancelOrder': grpc.unary_unary_rpc_method_handler(
@@ -686,6 +705,33 @@ class BillingService:
             target,
             '/allot.billing.v1.BillingService/SetAutoRenew',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoRenewRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAutoRenew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/GetAutoRenew',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoRenewRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__pb2.AutoRenewal.FromString,
             options,
             channel_credentials,
