@@ -47,7 +47,7 @@ from tests.support.billing_processes import (
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import PAY_PER_USE_RECORDED, events
 from tests.support.notification_processes import quota_calls, until
-from tests.support.processes import quota_env, quota_process
+from tests.support.processes import grown_to, quota_env, quota_process
 from tests.support.servers import Tokens, free_port
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -152,18 +152,7 @@ class BillingDatabase:
     ) -> int:
         """Until the cursor reaches `at_least`, or, once `finished()`, it has not moved for
         STILL seconds."""
-        deadline = time.monotonic() + within
-        last, since = -1, time.monotonic()
-        while (cursor := await self.cursor()) < at_least:
-            now = time.monotonic()
-            if cursor != last:
-                last, since = cursor, now
-            elif finished() and now - since > STILL:
-                return cursor
-            if now > deadline:
-                raise AssertionError(f"cursor {cursor}, not {at_least}, within {within} s")
-            await asyncio.sleep(0.01)
-        return cursor
+        return await grown_to(self.cursor, at_least, within, finished, STILL, "cursor")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

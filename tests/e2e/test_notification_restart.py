@@ -46,7 +46,7 @@ from tests.support.notification_processes import (
     notification_env,
     until,
 )
-from tests.support.processes import quota_env, quota_process
+from tests.support.processes import grown_to, quota_env, quota_process
 from tests.support.quota_calls import API, END_OF_YEAR, REGION, QuotaCalls
 from tests.support.receivers import http_receiver, smtp_receiver
 from tests.support.servers import Tokens
@@ -147,18 +147,7 @@ class NotificationCount:
     ) -> int:
         """Until `at_least` notifications exist, or, once `finished()` (nothing more will
         come), the count has not moved for STILL seconds."""
-        deadline = time.monotonic() + within
-        last, since = -1, time.monotonic()
-        while (count := await self.count()) < at_least:
-            now = time.monotonic()
-            if count != last:
-                last, since = count, now
-            elif finished() and now - since > STILL:
-                return count
-            if now > deadline:
-                raise AssertionError(f"{count} of {at_least} notifications within {within} s")
-            await asyncio.sleep(0.01)
-        return count
+        return await grown_to(self.count, at_least, within, finished, STILL, "notifications")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,7 +1,7 @@
 """The billing service for tests: as a real process (end-to-end), in-process on port 0 (service
 tests), short calls to it, and a small catalog whose tiers a test can walk through.
 
-`BillingProcess` is `QuotaProcess` for `python -m services.billing`: every wait has a deadline
+`BillingProcess` is `WatchedProcess` for `python -m services.billing`: every wait has a deadline
 and the child gets exactly the `ALLOT_*` settings the test chose. `running_billing` is the same
 `BillingService` in the test's own event loop.
 """
@@ -9,12 +9,7 @@ and the child gets exactly the `ALLOT_*` settings the test chose. `running_billi
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import queue
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,8 +23,8 @@ from google.type import money_pb2
 
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
-from shared.settings import REPO_ROOT, Settings
-from tests.support.processes import START_TIMEOUT, QuotaProcess, quota_env
+from shared.settings import Settings
+from tests.support.processes import WatchedProcess, quota_env
 from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 # How long a test waits for something the services do on their own (a consumer catching up,
@@ -133,38 +128,11 @@ def paired_env(tmp_path, clock_start: str) -> tuple[dict[str, str], dict[str, st
     return q_env, b_env
 
 
-class BillingProcess(QuotaProcess):
+class BillingProcess(WatchedProcess):
     """`python -m services.billing` with a deadline on every wait."""
 
     def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
-        super().__init__(env, log_path)
-        self.name = "billing"
-
-    def start(self, timeout: float = START_TIMEOUT) -> str:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")}
-        self._lines = queue.Queue()
-        with open(self.log_path, "ab") as log:  # the child keeps its own handle
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.billing"],
-                env={**inherited, **self.env},
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:  # stdout closed: the child is gone
-                break
-            if line.startswith("READY billing "):
-                self.addr = line.split()[2]
-                return self.addr
-        self.kill()
-        raise RuntimeError(f"billing did not become ready; log:\n{self.log_text()}")
+        super().__init__("billing", env, log_path)
 
 
 @contextlib.contextmanager

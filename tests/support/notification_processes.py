@@ -1,7 +1,7 @@
 """The notification service for tests: as a real process (end-to-end), in-process on port 0
 (service tests), and short calls to it.
 
-`NotificationProcess` is `QuotaProcess` for `python -m services.notification`: every wait has a
+`NotificationProcess` is `WatchedProcess` for `python -m services.notification`: every wait has a
 deadline and the child gets exactly the `ALLOT_*` settings the test chose. `NotificationCalls`
 wraps the real stub (and the manual clock's ClockService) with real tokens; `settled` polls
 `ListNotifications` until the deliveries a test waits for are no longer pending, so a test never
@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
-import queue
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +32,8 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from services.notification.service import NotificationService
 from shared.server import Server, build_runtime
-from shared.settings import REPO_ROOT, Settings
-from tests.support.processes import START_TIMEOUT, QuotaProcess
+from shared.settings import Settings
+from tests.support.processes import WatchedProcess
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import TEST_SECRET, QuotaHandle, Tokens, free_port
 
@@ -95,38 +90,11 @@ def notification_env(
     return env
 
 
-class NotificationProcess(QuotaProcess):
+class NotificationProcess(WatchedProcess):
     """`python -m services.notification` with a deadline on every wait."""
 
     def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
-        super().__init__(env, log_path)
-        self.name = "notification"
-
-    def start(self, timeout: float = START_TIMEOUT) -> str:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")}
-        self._lines = queue.Queue()
-        with open(self.log_path, "ab") as log:  # the child keeps its own handle
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}"],
-                env={**inherited, **self.env},
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:  # stdout closed: the child is gone
-                break
-            if line.startswith(f"READY {self.name} "):
-                self.addr = line.split()[2]
-                return self.addr
-        self.kill()
-        raise RuntimeError(f"{self.name} did not become ready; log:\n{self.log_text()}")
+        super().__init__("notification", env, log_path)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ variables on to the child (the test decides every setting the process runs with)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from shared.settings import REPO_ROOT
 from tests.support.servers import TEST_SECRET, ServiceProcess, free_port
@@ -40,11 +41,12 @@ def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[s
     return env
 
 
-class QuotaProcess(ServiceProcess):
-    """`python -m services.quota` with a deadline on every wait."""
+class WatchedProcess(ServiceProcess):
+    """`python -m services.<name>` with a deadline on every wait: ready once it prints
+    `READY <name> <address>`."""
 
-    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
-        super().__init__("quota", env, log_path)
+    def __init__(self, name: str, env: dict[str, str], log_path: pathlib.Path) -> None:
+        super().__init__(name, env, log_path)
         self._lines: queue.Queue[str | None] = queue.Queue()
 
     def start(self, timeout: float = START_TIMEOUT) -> str:
@@ -52,7 +54,7 @@ class QuotaProcess(ServiceProcess):
         self._lines = queue.Queue()
         with open(self.log_path, "ab") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.quota"],
+                [sys.executable, "-m", f"services.{self.name}"],
                 env={**inherited, **self.env},
                 cwd=REPO_ROOT,
                 stdout=subprocess.PIPE,
@@ -68,11 +70,11 @@ class QuotaProcess(ServiceProcess):
                 break
             if line is None:  # stdout closed: the child is gone
                 break
-            if line.startswith("READY quota "):
+            if line.startswith(f"READY {self.name} "):
                 self.addr = line.split()[2]
                 return self.addr
         self.kill()
-        raise RuntimeError(f"quota did not become ready; log:\n{self.log_text()}")
+        raise RuntimeError(f"{self.name} did not become ready; log:\n{self.log_text()}")
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -91,6 +93,37 @@ class QuotaProcess(ServiceProcess):
         """The exit code; raises subprocess.TimeoutExpired after `timeout` seconds."""
         assert self.proc is not None
         return self.proc.wait(timeout)
+
+
+class QuotaProcess(WatchedProcess):
+    """`python -m services.quota` with a deadline on every wait."""
+
+    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
+        super().__init__("quota", env, log_path)
+
+
+async def grown_to(
+    read: Callable[[], Awaitable[int]],
+    at_least: int,
+    within: float,
+    finished: Callable[[], bool] = lambda: False,
+    still: float = 4.0,
+    what: str = "value",
+) -> int:
+    """Until `read()` reaches `at_least`, or, once `finished()` (nothing more will come), it
+    has not moved for `still` seconds; an AssertionError after `within` seconds."""
+    deadline = time.monotonic() + within
+    last, since = -1, time.monotonic()
+    while (value := await read()) < at_least:
+        now = time.monotonic()
+        if value != last:
+            last, since = value, now
+        elif finished() and now - since > still:
+            return value
+        if now > deadline:
+            raise AssertionError(f"{what} {value}, not {at_least}, within {within} s")
+        await asyncio.sleep(0.01)
+    return value
 
 
 @contextlib.contextmanager
