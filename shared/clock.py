@@ -120,3 +120,32 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+
+class KickedWork:
+    """Due work that can also be asked to run at once (``kick``): a new notification to
+    deliver, a cycle that is over already. Register ``run`` with the scheduler and start
+    ``loop`` as a task; rounds never overlap in this process."""
+
+    def __init__(self, clock: Clock, work: DueWork, what: str) -> None:
+        self.clock = clock
+        self._work = work
+        self._what = what
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    async def run(self, now: datetime) -> int:
+        async with self._lock:  # one round at a time in this process
+            return await self._work(now)
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.run(self.clock.now())
+            except Exception:  # keep the worker alive; the scheduler runs the work too
+                log.exception("%s failed", self._what)

@@ -101,6 +101,10 @@ class UnitOfWork:
         self._after_commit: list[Callable[[], None]] = []
         self._on_close: list[Callable[[], None]] = []
 
+    async def rows(self, query) -> list:
+        """Every row a query returns."""
+        return list((await self.session.execute(query)).all())
+
     async def __aenter__(self) -> UnitOfWork:
         self.session = self._sessions()
         if self.read_only:

@@ -13,7 +13,7 @@ import grpc
 from allot.billing.v1 import billing_service_pb2, billing_service_pb2_grpc
 from allot.notification.v1 import notification_pb2, notification_service_pb2
 from allot.notification.v1 import notification_service_pb2_grpc as notification_grpc
-from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
 from services.notification.adapters import tables
 from services.notification.adapters.channels import build_senders, close_senders
@@ -29,6 +29,7 @@ from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
 from shared.auth import OWNERS, READERS, Policy, TokenVerifier, policy
+from shared.clock import KickedWork
 from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
@@ -84,11 +85,15 @@ class NotificationService:
             ),
         )
         self._verifier = TokenVerifier(settings.signing_secret())
-        self._wake = asyncio.Event()
+        # Deliveries: retries come due with the clock, new notifications are kicked.
+        self._deliveries = KickedWork(
+            runtime.clock,
+            lambda now: notifications.deliver_due(self.context, now),
+            "delivery round",
+        )
         self._tasks: list[asyncio.Task] = []
         self._consumers: list[StreamConsumer] = []
         self._channels: list[grpc.aio.Channel] = []
-        self._delivering = asyncio.Lock()
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -103,17 +108,13 @@ class NotificationService:
 
     def kick(self) -> None:
         """Deliver now: something became due (a new notification, a retry asked for)."""
-        self._wake.set()
-
-    async def deliver(self, now) -> int:
-        async with self._delivering:  # one delivery round at a time in this process
-            return await notifications.deliver_due(self.context, now)
+        self._deliveries.kick()
 
     async def start(self) -> None:
         self.context.senders = build_senders(self.runtime.settings)
         # Retries come due with the clock (AdvanceTime on the manual one).
-        self.runtime.scheduler.register("notification.deliveries", self.deliver)
-        self._tasks.append(asyncio.create_task(self._deliver_on_kick(), name="deliveries"))
+        self.runtime.scheduler.register("notification.deliveries", self._deliveries.run)
+        self._tasks.append(asyncio.create_task(self._deliveries.loop(), name="deliveries"))
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self._consumers.append(self._quota_consumer(addr))
         if self.runtime.settings.billing_addr.strip():
@@ -122,39 +123,34 @@ class NotificationService:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
 
     def _quota_consumer(self, addr: str) -> StreamConsumer:
-        channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self._channels.append(channel)
-        stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
-
-        async def apply(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
-            source = from_quota_event(event)
-            if source is None:
-                return
-            await notifications.take(
-                self.context, uow, compose(source, self.runtime.settings.tz), event.event_id
-            )
-            uow.after_commit(self.kick)
-
-        return watching(
+        return self._consumer(
             f"quota@{addr}",
-            self.runtime.db,
-            (tables.consumer_cursors, tables.consumer_leases),
-            stub.WatchEvents,
+            quota_service_pb2_grpc.QuotaServiceStub(self._channel(addr)),
             quota_service_pb2.WatchEventsRequest,
             QUOTA_EVENT_TYPES,
-            service_token(self._verifier, "notification"),
-            apply,
-            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
+            from_quota_event,
         )
 
     def _billing_consumer(self, addr: str) -> StreamConsumer:
         """Billing is one global deployment: one stream, named so a new address keeps it."""
+        return self._consumer(
+            "billing",
+            billing_service_pb2_grpc.BillingServiceStub(self._channel(addr)),
+            billing_service_pb2.WatchEventsRequest,
+            BILLING_EVENT_TYPES,
+            from_billing_event,
+        )
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
         channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self._channels.append(channel)
-        stub = billing_service_pb2_grpc.BillingServiceStub(channel)
+        return channel
+
+    def _consumer(self, stream, stub, request_type, event_types, to_source) -> StreamConsumer:
+        """One notification per relevant event of a stream, taken in the cursor's transaction."""
 
         async def apply(uow: UnitOfWork, event) -> None:
-            source = from_billing_event(event)
+            source = to_source(event)
             if source is None:
                 return
             await notifications.take(
@@ -163,25 +159,16 @@ class NotificationService:
             uow.after_commit(self.kick)
 
         return watching(
-            "billing",
+            stream,
             self.runtime.db,
             (tables.consumer_cursors, tables.consumer_leases),
             stub.WatchEvents,
-            billing_service_pb2.WatchEventsRequest,
-            BILLING_EVENT_TYPES,
+            request_type,
+            event_types,
             service_token(self._verifier, "notification"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )
-
-    async def _deliver_on_kick(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.deliver(self.runtime.clock.now())
-            except Exception:  # keep the worker alive; the scheduler retries too
-                log.exception("delivery round failed")
 
     def quiesce(self) -> None:
         self.outbox.close()

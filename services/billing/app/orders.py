@@ -355,7 +355,7 @@ async def _earlier_renewals(ctx: BillingContext, order: Order) -> list[str]:
         )
         .order_by(o.expire_time_us)
     )
-    return [r.order_id for r in await ctx.db.read(lambda uow: _all(uow, query))]
+    return [r.order_id for r in await ctx.db.read(lambda uow: uow.rows(query))]
 
 
 async def _set_state(
@@ -418,16 +418,12 @@ async def fulfil_pending(ctx: BillingContext) -> int:
     query = (
         select(o.order_id).where(o.state == int(OrderState.PENDING)).order_by(o.order_id).limit(100)
     )
-    ids = [r.order_id for r in await ctx.db.read(lambda uow: _all(uow, query))]
+    ids = [r.order_id for r in await ctx.db.read(lambda uow: uow.rows(query))]
     done = 0
     for order_id in ids:
         if (await fulfil(ctx, order_id)).state != OrderState.PENDING:
             done += 1
     return done
-
-
-async def _all(uow: UnitOfWork, query):
-    return (await uow.session.execute(query)).all()
 
 
 async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
@@ -487,7 +483,7 @@ async def _renewed(ctx: BillingContext, order: Order) -> bool:
         o.kind != int(OrderKind.PURCHASE),
         o.state.in_([int(OrderState.PENDING), int(OrderState.FULFILLED)]),
     )
-    return bool(await ctx.db.read(lambda uow: _all(uow, query)))
+    return bool(await ctx.db.read(lambda uow: uow.rows(query)))
 
 
 async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:
@@ -506,5 +502,5 @@ async def list_orders(
     )
     if after_id:
         query = query.where(o.order_id < after_id)
-    rows = await ctx.db.read(lambda uow: _all(uow, query))
+    rows = await ctx.db.read(lambda uow: uow.rows(query))
     return [_to_order(r, ctx.catalog.currency) for r in rows]

@@ -232,7 +232,7 @@ async def renew_due(ctx: BillingContext, now: datetime) -> int:
         .order_by(r.next_attempt_us, r.package_id)
         .limit(DUE_BATCH)
     )
-    due = await ctx.db.read(lambda uow: _all(uow, query))
+    due = await ctx.db.read(lambda uow: uow.rows(query))
     made = 0
     for (package_id,) in due:
         attempted, order = await ctx.db.transaction(
@@ -242,10 +242,6 @@ async def renew_due(ctx: BillingContext, now: datetime) -> int:
         if order is not None:
             await orders.fulfil(ctx, order.order_id)
     return made
-
-
-async def _all(uow: UnitOfWork, query) -> list:
-    return list((await uow.session.execute(query)).all())
 
 
 async def _attempt(

@@ -243,7 +243,7 @@ class SubscriptionReleaser:
             .order_by(s.update_time_us, s.account_id, s.region, s.api)
             .limit(MAX_PER_RUN)
         )
-        pending = await ctx.db.read(lambda uow: _rows(uow, query))
+        pending = await ctx.db.read(lambda uow: uow.rows(query))
         done = 0
         for row in pending:
             if self._paused(row.region):
@@ -278,10 +278,6 @@ class SubscriptionReleaser:
                     continue
             done += await ctx.db.transaction(lambda uow, row=row: _confirm(uow, row, now))
         return done
-
-
-async def _rows(uow: UnitOfWork, query) -> list:
-    return list((await uow.session.execute(query)).all())
 
 
 async def _confirm(uow: UnitOfWork, row, now: datetime) -> int:

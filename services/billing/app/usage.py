@@ -75,7 +75,7 @@ from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds,
 from services.billing.domain.pricing import price_usage
 from services.quota.domain.packages import DEFAULT_PROJECT
 from shared.auth import TokenVerifier
-from shared.clock import ManualClock
+from shared.clock import KickedWork, ManualClock
 from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
 from shared.db import UnitOfWork
 from shared.ids import new_id
@@ -222,7 +222,7 @@ async def settle_due(ctx: BillingContext, now: datetime) -> int:
     done = 0
     after: tuple | None = None
     while done < MAX_PER_RUN:
-        due = await ctx.db.read(lambda uow, after=after: _rows(uow, _due_cycles(now_us, after)))
+        due = await ctx.db.read(lambda uow, after=after: uow.rows(_due_cycles(now_us, after)))
         for row in due:
             key = CycleKey(
                 row.account_id, row.region, row.api, row.enterprise_project_id, row.cycle_start_us
@@ -237,10 +237,6 @@ async def settle_due(ctx: BillingContext, now: datetime) -> int:
             break
         after = tuple(due[-1])
     return done
-
-
-async def _rows(uow: UnitOfWork, query) -> list:
-    return list((await uow.session.execute(query)).all())
 
 
 async def settle_cycle(ctx: BillingContext, uow: UnitOfWork, key: CycleKey, now: datetime) -> int:
@@ -442,8 +438,7 @@ class PayPerUse:
         self._verifier = TokenVerifier(self.runtime.settings.signing_secret())
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task] = []
-        self._settling = asyncio.Lock()
-        self._wake = asyncio.Event()
+        self._settlement = KickedWork(self.runtime.clock, self._settle_round, "settling usage")
         self._stopped = False
         # The intake as the settlement sees it: when an event was last applied (monotonic
         # seconds), how far behind the clock that event was, and since when settlement waits.
@@ -451,11 +446,10 @@ class PayPerUse:
         self._intake_lag = timedelta(0)
         self._waiting_since: float | None = None
 
-    async def settle(self, now: datetime) -> int:
+    async def _settle_round(self, now: datetime) -> int:
         if self._catching_up(now):
             return 0
-        async with self._settling:  # one settlement round at a time in this process
-            return await settle_due(self.ctx, now)
+        return await settle_due(self.ctx, now)
 
     def _catching_up(self, now: datetime) -> bool:
         """On the system clock, settlement waits while the intake reads a backlog (see
@@ -473,15 +467,15 @@ class PayPerUse:
         return waits
 
     def kick(self) -> None:
-        self._wake.set()
+        self._settlement.kick()
 
     def start(self) -> None:
-        self.runtime.scheduler.register("billing.pay_per_use", self.settle)
+        self.runtime.scheduler.register("billing.pay_per_use", self._settlement.run)
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self.consumers.append(self._consumer(addr))
         for consumer in self.consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
-        self._tasks.append(asyncio.create_task(self._settle_on_kick(), name="settle-late"))
+        self._tasks.append(asyncio.create_task(self._settlement.loop(), name="settle-late"))
 
     def _consumer(self, addr: str) -> StreamConsumer:
         channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
@@ -507,15 +501,6 @@ class PayPerUse:
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )
-
-    async def _settle_on_kick(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.settle(self.runtime.clock.now())
-            except Exception:  # keep the worker alive; the scheduler settles too
-                log.exception("settling late usage failed")
 
     def quiesce(self) -> None:
         for consumer in self.consumers:
