@@ -1,6 +1,7 @@
 """`allot`: the suite's command line — mint tokens, run migrations, run the whole suite.
 
-allot token --role ROLE [--account ID] [--user ID] [--regions R1,R2] [--ttl 24h]
+allot token --role ROLE [--account ID] [--user ID] [--regions R1,R2] [--ttl 24h] [--key FILE]
+allot keys new DIR [--alg EdDSA|ES256] [--kid ID]   # a key pair and its JWKS
 allot migrate SERVICE
 allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
 allot settings     # every ALLOT_* setting with its default and meaning
@@ -11,15 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import signal
 import subprocess
 import sys
 from importlib import import_module
 
-from shared.auth import ACCOUNT_FULL, ADMIN, ROLES, SERVICE, TokenVerifier
-from shared.settings import Settings, SettingsError
+from shared import keys
+from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES, TokenSigner
+from shared.settings import Settings, SettingsError, parse_duration
 
 # The services of the suite: name -> module run with `python -m`.
 SERVICES = {
@@ -32,16 +33,26 @@ READY_TIMEOUT = 60.0
 
 
 def parse_ttl(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError("ttl is a number and a unit: 90s, 30m, 24h, 7d")
-    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    try:
+        return parse_duration(text, "ttl")
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError("ttl is a number and a unit: 90s, 30m, 24h, 7d") from exc
 
 
 def cmd_token(args, settings: Settings) -> int:
     regions = [r for r in (args.regions or "").split(",") if r]
-    verifier = TokenVerifier(settings.signing_secret())
-    print(verifier.mint(args.role, args.account, args.user, regions or None, args.ttl))
+    if args.key:
+        signer = TokenSigner.from_key_file(args.key, audience=settings.auth_audience)
+    else:
+        signer = TokenSigner(settings.signing_secret(), audience=settings.auth_audience)
+    print(signer.mint(args.role, args.account, args.user, regions or None, args.ttl))
+    return 0
+
+
+def cmd_keys(args, settings: Settings) -> int:
+    private, jwks = keys.new_key_pair(args.dir, args.alg, args.kid)
+    print(f"private key (keep it with whoever mints tokens): {private}")
+    print(f"JWKS (give it to every service as ALLOT_AUTH_JWKS_FILE): {jwks}")
     return 0
 
 
@@ -74,14 +85,15 @@ def ensure_dev_secret(settings: Settings) -> None:
         return
     path = settings.data_path / "auth-secret"
     if not path.exists():
-        settings.data_path.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48) + "\n")
-        path.chmod(0o600)
+        keys.write_private(path, (secrets.token_urlsafe(48) + "\n").encode())
 
 
 def cmd_run(args, settings: Settings) -> int:
+    # Everything the suite writes into the data dir (secret, tokens, databases, outbox) is
+    # for this user only (docs/security.md); the children inherit the mask.
+    os.umask(0o077)
+    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     ensure_dev_secret(settings)
-    settings.data_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ALLOT_DATA_DIR=str(settings.data_path.resolve()))
     # `allot run` is the developer's whole suite on one machine: webhooks to a local receiver
     # are what a developer points contacts at. A deployment runs each service on its own and
@@ -113,18 +125,22 @@ def cmd_run(args, settings: Settings) -> int:
             stop()
             print(f"{name} did not start; see the log above", file=sys.stderr)
             return 1
-    verifier = TokenVerifier(settings.signing_secret())
+    signer = TokenSigner(settings.signing_secret(), audience=settings.auth_audience)
+    ttl = min(30 * 86400, settings.auth_max_ttl_seconds)
     tokens = {
-        "ADMIN_TOKEN": verifier.mint(ADMIN, user="operator", ttl_seconds=30 * 86400),
-        "SERVICE_TOKEN": verifier.mint(SERVICE, user="gateway", ttl_seconds=30 * 86400),
-        "ACCOUNT_TOKEN": verifier.mint(
-            ACCOUNT_FULL, account=DEMO_ACCOUNT, user="demo-user", ttl_seconds=30 * 86400
+        "ADMIN_TOKEN": signer.mint(ADMIN, user="operator", ttl_seconds=ttl),
+        "GATEWAY_TOKEN": signer.mint(GATEWAY, user="gateway", ttl_seconds=ttl),
+        "ACCOUNT_TOKEN": signer.mint(
+            ACCOUNT_FULL, account=DEMO_ACCOUNT, user="demo-user", ttl_seconds=ttl
         ),
     }
     env_file = settings.data_path / "tokens.env"
-    env_file.write_text(
-        "".join(f"export {k}={v}\n" for k, v in tokens.items())
-        + "".join(f"export ALLOT_{n.upper()}_ADDR={a}\n" for n, a in addresses.items())
+    keys.write_private(
+        env_file,
+        (
+            "".join(f"export {k}={v}\n" for k, v in tokens.items())
+            + "".join(f"export ALLOT_{n.upper()}_ADDR={a}\n" for n, a in addresses.items())
+        ).encode(),
     )
     print("\nAllot is running.")
     for name, addr in addresses.items():
@@ -154,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--user")
     token.add_argument("--regions", help="comma list of regions the token is valid in")
     token.add_argument("--ttl", type=parse_ttl, default=parse_ttl("24h"))
+    token.add_argument("--key", help="sign with this private key (PEM) instead of the secret")
+    keys_cmd = sub.add_parser("keys", help="make token signing keys")
+    keys_sub = keys_cmd.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="write a key pair and its JWKS into DIR")
+    new.add_argument("dir")
+    new.add_argument("--alg", choices=["EdDSA", "ES256"], default="EdDSA")
+    new.add_argument("--kid", help="key id (default: allot-<date>-<random>)")
     migrate = sub.add_parser("migrate", help="apply a service's database migrations")
     migrate.add_argument("service", choices=sorted(SERVICES))
     sub.add_parser("run", help="run the whole suite in the foreground")
@@ -163,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         handler = {
             "token": cmd_token,
+            "keys": cmd_keys,
             "migrate": cmd_migrate,
             "run": cmd_run,
             "settings": cmd_settings,

@@ -572,17 +572,6 @@ def grpc_stream(
     return open_stream
 
 
-def service_token(verifier, caller: str) -> Callable[[], tuple[tuple[str, str], ...]]:
-    """Call metadata with a `service` token minted per connection (never presented expired)."""
-    from shared.auth import SERVICE
-
-    def metadata() -> tuple[tuple[str, str], ...]:
-        token = verifier.mint(SERVICE, user=caller, ttl_seconds=3600)
-        return (("authorization", f"Bearer {token}"),)
-
-    return metadata
-
-
 def watching(
     stream: str,
     db: Database,

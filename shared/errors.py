@@ -20,6 +20,7 @@ class Kind(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     UNAVAILABLE = "UNAVAILABLE"
     ABORTED = "ABORTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
 
 
@@ -89,6 +90,13 @@ class Aborted(AllotError):
     """A transaction lost a race it could not retry; the caller may retry the call."""
 
     kind = Kind.ABORTED
+
+
+class ResourceExhausted(AllotError):
+    """The caller holds too much of a bounded resource (streams, sends per hour); it may
+    retry once it has released some or the window has passed."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
 
 
 class Unavailable(AllotError):

@@ -1,7 +1,10 @@
-"""The one server interceptor: request id, authentication and policy, error mapping, logging.
+"""The one server interceptor: request id, authentication and policy, stream caps, error
+mapping, logging.
 
 Business logic never lives here. Every method needs an entry in the service's policy table
-(deny by default); health and reflection are public.
+(deny by default); health and reflection are public. Who is calling (docs/security.md): a peer
+whose verified mTLS client certificate names a suite service is that service (`internal`);
+everyone else presents a bearer token.
 """
 
 from __future__ import annotations
@@ -10,12 +13,21 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 
 import grpc
 
 from shared import logs, status
-from shared.auth import Policy, TokenVerifier, authorize, set_principal
-from shared.errors import PermissionDenied, Unavailable
+from shared.auth import (
+    Policy,
+    Principal,
+    TokenVerifier,
+    authorize,
+    internal_principal,
+    set_principal,
+)
+from shared.errors import PermissionDenied, ResourceExhausted, Unavailable
+from shared.tls import peer_service
 
 log = logging.getLogger("allot.rpc")
 
@@ -24,6 +36,12 @@ PUBLIC_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+# A request id from the caller is logged as given, if it looks like one.
+MAX_REQUEST_ID_CHARS = 64
+
+
+def _stream_key(principal: Principal) -> tuple:
+    return (principal.subject, principal.account, tuple(sorted(principal.roles)))
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -32,11 +50,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     retry, while health says NOT_SERVING."""
 
     def __init__(
-        self, policies: dict[str, Policy], verifier: TokenVerifier, ready: asyncio.Event
+        self,
+        policies: dict[str, Policy],
+        verifier: TokenVerifier,
+        ready: asyncio.Event,
+        max_streams_per_caller: int = 16,
     ) -> None:
         self.policies = policies
         self.verifier = verifier
         self.ready = ready
+        self.max_streams_per_caller = max_streams_per_caller
+        self._streams: Counter[tuple] = Counter()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -58,16 +82,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # no client-streaming RPCs in the contract
 
-    def _enter(self, method: str, rule: Policy | None, request, context) -> None:
+    def _enter(self, method: str, rule: Policy | None, request, context) -> Principal:
         metadata = dict(context.invocation_metadata() or ())
-        logs.request_id.set(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        given = metadata.get("x-request-id") or ""
+        logs.request_id.set(
+            given
+            if given.isascii() and given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS
+            else uuid.uuid4().hex[:16]
+        )
         if not self.ready.is_set():
             raise Unavailable("SERVICE_STARTING", "the service is starting: retry shortly")
-        principal = self.verifier.verify(metadata.get("authorization"))
+        service = peer_service(context)
+        if service is not None:
+            principal = internal_principal(service)
+        else:
+            principal = self.verifier.verify(metadata.get("authorization"))
         if rule is None:
             raise PermissionDenied(f"no policy allows {method}")
         authorize(principal, rule, request)
         set_principal(principal)
+        return principal
 
     def _unary(self, method, rule, behavior):
         async def wrapper(request, context):
@@ -86,13 +120,29 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, method, rule, behavior):
         async def wrapper(request, context):
+            key = None
             try:
-                self._enter(method, rule, request, context)
+                principal = self._enter(method, rule, request, context)
+                key = _stream_key(principal)
+                if self._streams[key] >= self.max_streams_per_caller:
+                    key = None
+                    raise ResourceExhausted(
+                        "TOO_MANY_STREAMS",
+                        f"this caller already holds {self.max_streams_per_caller} streams "
+                        "(ALLOT_MAX_STREAMS_PER_CALLER): close one first",
+                        limit=self.max_streams_per_caller,
+                    )
+                self._streams[key] += 1
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
                 await status.abort(context, status.status_of(exc))
+            finally:
+                if key is not None:
+                    self._streams[key] -= 1
+                    if self._streams[key] <= 0:
+                        del self._streams[key]
 
         return wrapper

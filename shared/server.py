@@ -21,16 +21,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs, migrations
-from shared.auth import ADMIN, Policy, TokenVerifier, policy
+from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
 from shared.catalog import Catalog, load_catalog
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
+from shared.consumer import CHANNEL_OPTIONS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from shared.timeutil import from_duration, from_timestamp, to_timestamp
+from shared.tls import Channels, TlsFiles, server_credentials
 
 log = logging.getLogger("allot.server")
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
 
 
 @dataclass
@@ -42,6 +47,10 @@ class Runtime:
     scheduler: Scheduler
     db: Database
     catalog: Catalog
+    # Outbound channels to the other services (TLS when configured) and the signer of
+    # `internal` tokens (local runs only; None in production, where mTLS identifies callers).
+    channels: Channels
+    signer: TokenSigner | None
 
 
 class Service(Protocol):
@@ -67,6 +76,8 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
         scheduler=Scheduler(clock, interval=float(settings.due_work_interval)),
         db=Database(settings.database_url(service_name)),
         catalog=load_catalog(settings.catalog),
+        channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
+        signer=signer_for(settings),
     )
 
 
@@ -121,11 +132,23 @@ class Server:
         if manual:
             policies.update(CLOCK_POLICIES)
             names.append(CLOCK_SERVICE)
-        verifier = TokenVerifier(settings.signing_secret())
+        try:
+            verifier = verifier_for(settings)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+        interceptor = CallInterceptor(
+            policies, verifier, self._ready, int(settings.max_streams_per_caller)
+        )
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(policies, verifier, self._ready)],
+            interceptors=[interceptor],
+            # Calls past this many at once are refused with RESOURCE_EXHAUSTED by gRPC itself.
+            maximum_concurrent_rpcs=int(settings.max_concurrent_rpcs),
             options=[
                 ("grpc.so_reuseport", 0),
+                # Bounded requests (docs/security.md): the largest legitimate one is a batch of
+                # 1,000 usage reports (~300 KB); metadata holds a token and a request id.
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 # Let stream consumers ping idle connections every few seconds, so a dead peer
                 # is noticed quickly rather than after the 5-minute default.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -143,7 +166,11 @@ class Server:
         reflection.enable_server_reflection(
             (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.addr)
+        files = TlsFiles.from_settings(settings)
+        if files.serves_tls:
+            self.port = server.add_secure_port(self.addr, server_credentials(files))
+        else:
+            self.port = server.add_insecure_port(self.addr)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.addr}")
         await server.start()
@@ -199,6 +226,7 @@ class Server:
         await server.stop(float(self.runtime.settings.shutdown_grace))
         await self.runtime.scheduler.stop()
         await self.service.stop()
+        await self.runtime.channels.close()
         await self.runtime.db.dispose()
         log.info("%s stopped", self.service.name)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,6 +16,14 @@ DEFAULT_CATALOG = REPO_ROOT / "deploy" / "catalog.yaml"
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with; the message names the variable."""
+
+
+def parse_duration(text: str, name: str) -> int:
+    """`90s`, `30m`, `24h`, `30d` as seconds."""
+    match = re.fullmatch(r"([0-9]{1,9})([smhd])", text.strip())
+    if not match or int(match[1]) == 0:
+        raise SettingsError(f"{name} is a number and a unit (90s, 30m, 24h, 30d), got {text!r}")
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
 def _setting(env: str, default: str, description: str):
@@ -55,9 +64,36 @@ class Settings:
     clock_start: str = _setting(
         "ALLOT_CLOCK_START", "", "start instant of the manual clock (RFC 3339; empty = now)"
     )
-    auth_secret: str = _setting("ALLOT_AUTH_SECRET", "", "HS256 token signing secret")
+    auth_secret: str = _setting(
+        "ALLOT_AUTH_SECRET", "", "HS256 token secret, >= 32 bytes (local runs and tests)"
+    )
     auth_secret_file: str = _setting(
-        "ALLOT_AUTH_SECRET_FILE", "", "file holding the token signing secret"
+        "ALLOT_AUTH_SECRET_FILE", "", "file holding the HS256 token secret"
+    )
+    auth_jwks_file: str = _setting(
+        "ALLOT_AUTH_JWKS_FILE", "", "JWKS of public keys that verify EdDSA / ES256 tokens"
+    )
+    auth_audience: str = _setting(
+        "ALLOT_AUTH_AUDIENCE", "", "required `aud` of tokens (empty: not checked)"
+    )
+    auth_max_ttl: str = _setting(
+        "ALLOT_AUTH_MAX_TTL", "30d", "tokens whose `exp` lies further out are refused"
+    )
+    tls_cert_file: str = _setting(
+        "ALLOT_TLS_CERT_FILE", "", "server certificate (PEM); set = serve TLS and present it"
+    )
+    tls_key_file: str = _setting("ALLOT_TLS_KEY_FILE", "", "the certificate's private key (PEM)")
+    tls_ca_file: str = _setting(
+        "ALLOT_TLS_CA_FILE", "", "CA that verifies the other services (and clients, with mTLS)"
+    )
+    tls_client_auth: str = _setting(
+        "ALLOT_TLS_CLIENT_AUTH", "none", "`none` or `require` (clients need a CA certificate)"
+    )
+    max_streams_per_caller: str = _setting(
+        "ALLOT_MAX_STREAMS_PER_CALLER", "16", "concurrent streaming calls per principal"
+    )
+    max_concurrent_rpcs: str = _setting(
+        "ALLOT_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more are refused"
     )
     smtp_url: str = _setting("ALLOT_SMTP_URL", "", "email transport (unset: outbox folder)")
     smtp_from: str = _setting("ALLOT_SMTP_FROM", "allot@localhost", "sender address")
@@ -118,6 +154,15 @@ class Settings:
             raise SettingsError("ALLOT_CLOCK must be `system` or `manual`")
         self.manual_clock_start  # noqa: B018
         self.private_webhooks_allowed  # noqa: B018
+        self.auth_max_ttl_seconds  # noqa: B018
+        if self.tls_client_auth not in ("none", "require"):
+            raise SettingsError("ALLOT_TLS_CLIENT_AUTH must be `none` or `require`")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError("ALLOT_TLS_CERT_FILE and ALLOT_TLS_KEY_FILE go together")
+        if self.tls_client_auth == "require" and not (self.tls_cert_file and self.tls_ca_file):
+            raise SettingsError(
+                "ALLOT_TLS_CLIENT_AUTH=require needs ALLOT_TLS_CERT_FILE, _KEY_FILE and _CA_FILE"
+            )
         for name in (
             "delivery_max_attempts",
             "shutdown_grace",
@@ -126,9 +171,11 @@ class Settings:
             "delivery_backoff",
             "delivery_backoff_factor",
             "consumer_lease_seconds",
+            "max_streams_per_caller",
+            "max_concurrent_rpcs",
         ):
             value = getattr(self, name)
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 env = self.__dataclass_fields__[name].metadata["env"]
                 raise SettingsError(f"{env} must be a whole number, got {value!r}")
 
@@ -192,6 +239,21 @@ class Settings:
         if url:
             return url
         return f"sqlite+aiosqlite:///{(self.data_path / f'{service}.db').resolve()}"
+
+    @property
+    def auth_max_ttl_seconds(self) -> int:
+        return parse_duration(self.auth_max_ttl, "ALLOT_AUTH_MAX_TTL")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    def optional_signing_secret(self) -> str | None:
+        """The HS256 secret if one is configured; with a JWKS and no explicit secret, none
+        (production: services verify tokens but cannot mint them; docs/security.md)."""
+        if self.auth_secret or self.auth_secret_file or not self.auth_jwks_file:
+            return self.signing_secret()
+        return None
 
     def signing_secret(self) -> str:
         """The token secret: ALLOT_AUTH_SECRET, else the file of ALLOT_AUTH_SECRET_FILE, else the

@@ -15,7 +15,7 @@ from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
 from services.billing.app import orders, renewals, standing, usage
 from services.billing.app.context import BillingContext
-from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
+from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
@@ -29,13 +29,15 @@ def _rpc(method: str) -> str:
     return f"/{SERVICE_NAME}/{method}"
 
 
-# Operators create accounts and top them up (payments arrive through a backend); account
-# principals read their own account and, with account_full, buy and manage packages.
+# Who may call what (docs/security.md; the table is complete: a method missing here is refused).
+# Admins create accounts and top them up (payments arrive through an operator's backend);
+# account principals read their own account and, with account_full, buy and manage packages;
+# quota and notification (`internal`) read the event stream. Gateways call nothing here.
 POLICIES: dict[str, Policy] = {
-    _rpc("CreateAccount"): policy(*OPERATORS),
+    _rpc("CreateAccount"): policy(ADMIN),
     _rpc("GetAccount"): policy(*READERS),
     _rpc("ListAccounts"): policy(*READERS),
-    _rpc("TopUp"): policy(*OPERATORS),
+    _rpc("TopUp"): policy(ADMIN),
     _rpc("SetBalanceAlert"): policy(*OWNERS, account="account_id"),
     _rpc("ListOffers"): policy(*READERS),
     _rpc("ListPriceTiers"): policy(*READERS),
@@ -50,7 +52,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("UnsubscribeApi"): policy(*OWNERS, account="account_id", regions=("region",)),
     _rpc("GetBill"): policy(*READERS, account="account_id"),
     _rpc("ExportBill"): policy(*READERS, account="account_id"),
-    _rpc("WatchEvents"): policy(*OPERATORS),
+    _rpc("WatchEvents"): policy(ADMIN, internal=("quota", "notification")),
 }
 
 
@@ -72,7 +74,8 @@ class BillingService:
             tz=runtime.settings.tz,
             quota=QuotaClient(
                 runtime.settings.quota_endpoint_map(list(runtime.catalog.regions)),
-                TokenVerifier(runtime.settings.signing_secret()),
+                runtime.channels,
+                runtime.signer,
             ),
             events=BillingEvents(self.outbox),
         )
@@ -120,4 +123,3 @@ class BillingService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.context.quota.close()

@@ -4,7 +4,6 @@ quota's streams, and the delivery worker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pathlib
 from datetime import timedelta
@@ -28,9 +27,9 @@ from services.notification.app import notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
-from shared.auth import OWNERS, READERS, Policy, TokenVerifier, policy
+from shared.auth import OWNERS, READERS, Policy, internal_metadata, policy
 from shared.clock import KickedWork
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
+from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
@@ -45,8 +44,9 @@ def _rpc(method: str) -> str:
     return f"/{SERVICE_NAME}/{method}"
 
 
-# Account principals manage their own contacts and read their own notifications; operators
-# (admin, service) everything.
+# Who may call what (docs/security.md; the table is complete: a method missing here is refused).
+# Account principals manage their own contacts and read their own notifications; admins
+# everything. No other service calls notification.
 POLICIES: dict[str, Policy] = {
     _rpc("CreateContact"): policy(*OWNERS, account="contact.account_id"),
     _rpc("GetContact"): policy(*READERS),
@@ -84,7 +84,6 @@ class NotificationService:
                 factor=int(settings.delivery_backoff_factor),
             ),
         )
-        self._verifier = TokenVerifier(settings.signing_secret())
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(
             runtime.clock,
@@ -93,7 +92,6 @@ class NotificationService:
         )
         self._tasks: list[asyncio.Task] = []
         self._consumers: list[StreamConsumer] = []
-        self._channels: list[grpc.aio.Channel] = []
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -125,7 +123,7 @@ class NotificationService:
     def _quota_consumer(self, addr: str) -> StreamConsumer:
         return self._consumer(
             f"quota@{addr}",
-            quota_service_pb2_grpc.QuotaServiceStub(self._channel(addr)),
+            self._watch(addr, quota_service_pb2_grpc.QuotaServiceStub),
             quota_service_pb2.WatchEventsRequest,
             QUOTA_EVENT_TYPES,
             from_quota_event,
@@ -135,18 +133,21 @@ class NotificationService:
         """Billing is one global deployment: one stream, named so a new address keeps it."""
         return self._consumer(
             "billing",
-            billing_service_pb2_grpc.BillingServiceStub(self._channel(addr)),
+            self._watch(addr, billing_service_pb2_grpc.BillingServiceStub),
             billing_service_pb2.WatchEventsRequest,
             BILLING_EVENT_TYPES,
             from_billing_event,
         )
 
-    def _channel(self, addr: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self._channels.append(channel)
-        return channel
+    def _watch(self, addr: str, stub_type):
+        channels = self.runtime.channels
 
-    def _consumer(self, stream, stub, request_type, event_types, to_source) -> StreamConsumer:
+        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
+            return stub_type(channels.get(addr)).WatchEvents(request, metadata=metadata)
+
+        return watch
+
+    def _consumer(self, stream, watch, request_type, event_types, to_source) -> StreamConsumer:
         """One notification per relevant event of a stream, taken in the cursor's transaction."""
 
         async def apply(uow: UnitOfWork, event) -> None:
@@ -162,10 +163,10 @@ class NotificationService:
             stream,
             self.runtime.db,
             (tables.consumer_cursors, tables.consumer_leases),
-            stub.WatchEvents,
+            watch,
             request_type,
             event_types,
-            service_token(self._verifier, "notification"),
+            internal_metadata(self.runtime.signer, "notification"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )
@@ -179,7 +180,4 @@ class NotificationService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._channels:
-            with contextlib.suppress(Exception):
-                await channel.close()
         await close_senders(self.context.senders)

@@ -4,7 +4,6 @@ and the consumer of billing's stream that keeps the standing projection (`app/st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pathlib
 from datetime import timedelta
@@ -20,8 +19,8 @@ from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
-from shared.auth import OPERATORS, OWNERS, READERS, Policy, TokenVerifier, policy
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
+from shared.auth import ADMIN, GATEWAY, OWNERS, READERS, Policy, internal_metadata, policy
+from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
@@ -37,20 +36,23 @@ def _rpc(method: str) -> str:
     return f"/{SERVICE_NAME}/{method}"
 
 
-# Who may call what (DESIGN §7). Gateways (`service`) report usage and check quota for any
-# account; billing (`service`) grants, renews, revokes and enables APIs; account principals
-# read their own account, and `account_full` manages its own usage alerts.
+# Who may call what (docs/security.md; the table is complete: a method missing here is refused).
+# Gateways report usage and ask for admission, in the regions of their token; billing
+# (`internal`) grants, renews, revokes, reads packages and enables APIs; billing and
+# notification read the event stream; account principals read their own account, and
+# `account_full` manages its own usage alerts. Admins may do everything.
+BILLING, NOTIFICATION = ("billing",), ("billing", "notification")
 POLICIES: dict[str, Policy] = {
-    _rpc("ReportUsage"): policy(*OPERATORS, regions=("region",)),
-    _rpc("BatchReportUsage"): policy(*OPERATORS, regions=("requests[].region",)),
-    _rpc("CheckQuota"): policy(*READERS, account="account_id", regions=("region",)),
-    _rpc("GrantPackage"): policy(*OPERATORS, regions=("package.region",)),
-    _rpc("GetPackage"): policy(*READERS),
+    _rpc("ReportUsage"): policy(ADMIN, GATEWAY, regions=("region",)),
+    _rpc("BatchReportUsage"): policy(ADMIN, GATEWAY, regions=("requests[].region",)),
+    _rpc("CheckQuota"): policy(GATEWAY, *READERS, account="account_id", regions=("region",)),
+    _rpc("GrantPackage"): policy(ADMIN, internal=BILLING, regions=("package.region",)),
+    _rpc("GetPackage"): policy(*READERS, internal=BILLING),
     _rpc("ListPackages"): policy(*READERS, account="account_id", regions=("region",)),
-    _rpc("RenewPackage"): policy(*OPERATORS),
-    _rpc("RevokePackage"): policy(*OPERATORS),
-    _rpc("EnableApi"): policy(*OPERATORS, regions=("region",)),
-    _rpc("DisableApi"): policy(*OPERATORS, regions=("region",)),
+    _rpc("RenewPackage"): policy(ADMIN, internal=BILLING),
+    _rpc("RevokePackage"): policy(ADMIN, internal=BILLING),
+    _rpc("EnableApi"): policy(ADMIN, internal=BILLING, regions=("region",)),
+    _rpc("DisableApi"): policy(ADMIN, internal=BILLING, regions=("region",)),
     _rpc("ListApiSubscriptions"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("GetQuotaSummary"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("ExplainUsage"): policy(*READERS),
@@ -62,7 +64,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("ListUsageAlerts"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("UpdateUsageAlert"): policy(*OWNERS, account="usage_alert.account_id"),
     _rpc("DeleteUsageAlert"): policy(*OWNERS),
-    _rpc("WatchEvents"): policy(*OPERATORS),
+    _rpc("WatchEvents"): policy(ADMIN, internal=NOTIFICATION),
 }
 
 
@@ -102,7 +104,6 @@ class QuotaService:
         # Follows billing's account_standing_changed events (started by start()).
         self.standings_consumer: StreamConsumer | None = None
         self._consumer_task: asyncio.Task | None = None
-        self._billing_channel: grpc.aio.Channel | None = None
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -132,8 +133,11 @@ class QuotaService:
 
     def _billing_consumer(self, addr: str) -> StreamConsumer:
         settings = self.runtime.settings
-        self._billing_channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        stub = billing_service_pb2_grpc.BillingServiceStub(self._billing_channel)
+        channels = self.runtime.channels
+
+        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
+            stub = billing_service_pb2_grpc.BillingServiceStub(channels.get(addr))
+            return stub.WatchEvents(request, metadata=metadata)
 
         async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
             await standings.apply(self.context, uow, event)
@@ -142,10 +146,10 @@ class QuotaService:
             self.BILLING_STREAM,
             self.runtime.db,
             (tables.consumer_cursors, tables.consumer_leases),
-            stub.WatchEvents,
+            watch,
             billing_service_pb2.WatchEventsRequest,
             standings.EVENT_TYPES,
-            service_token(TokenVerifier(settings.signing_secret()), "quota"),
+            internal_metadata(self.runtime.signer, "quota"),
             apply,
             lease_ttl=float(settings.consumer_lease_seconds),
         )
@@ -162,10 +166,6 @@ class QuotaService:
         await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))
         if task is not None:
             await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
-        channel, self._billing_channel = self._billing_channel, None
-        if channel is not None:
-            with contextlib.suppress(Exception):
-                await channel.close()
 
     async def _end_consumer(self, task: asyncio.Task) -> None:
         """The consumer was asked to stop in quiesce() and normally has already returned,

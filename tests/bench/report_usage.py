@@ -266,7 +266,7 @@ class QuotaBench:
         return account_id
 
     async def run(self) -> list[Measurement]:
-        metadata = Tokens.md(self.tokens.service())
+        metadata = Tokens.md(self.tokens.gateway())
         results = []
         for rules, name in (
             (0, "ReportUsage"),
@@ -438,7 +438,7 @@ async def main() -> None:
         echo_process = EchoProcess(root / "echo.log")
         try:
             addr = await asyncio.to_thread(echo_process.start)
-            echo = await measure_echo(addr, payload, Tokens.md(tokens.service()))
+            echo = await measure_echo(addr, payload, Tokens.md(tokens.gateway()))
         finally:
             echo_process.stop()
         print_table(

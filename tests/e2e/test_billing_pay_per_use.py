@@ -53,7 +53,7 @@ from tests.support.servers import Tokens, free_port
 TZ = ZoneInfo("Asia/Shanghai")
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 
 HK = "ap-southeast-1"
 PASSPORT = "passport"

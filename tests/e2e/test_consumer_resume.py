@@ -52,7 +52,7 @@ TOKENS = Tokens()
 
 def produce(quota_addr: str, usage_ids: list[str]) -> None:
     """Report each id as one pay-per-use call (the account has no packages)."""
-    gateway = TOKENS.md(TOKENS.service())
+    gateway = TOKENS.md(TOKENS.gateway())
     with grpc.insecure_channel(quota_addr) as channel:
         stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
         for start in range(0, len(usage_ids), BATCH):
@@ -118,7 +118,7 @@ class ConsumerProcess:
             "--quota",
             quota_addr,
             "--token",
-            TOKENS.service(),
+            TOKENS.internal("billing"),
             "--stream",
             STREAM,
             "--lease-ttl",

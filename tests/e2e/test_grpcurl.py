@@ -114,7 +114,7 @@ def test_describe_quota_service(grpcurl):
 
 def test_operator_session(grpcurl):
     admin = grpcurl.tokens.admin()
-    gateway = grpcurl.tokens.service()
+    gateway = grpcurl.tokens.gateway()
 
     subscription = grpcurl.call(
         "EnableApi",

@@ -69,7 +69,7 @@ FINISH_TIMEOUT = 60.0
 
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 
 
 def account_ids() -> list[str]:

@@ -45,7 +45,7 @@ SHUTDOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

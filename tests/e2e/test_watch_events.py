@@ -31,7 +31,7 @@ READ_TIMEOUT = 30.0
 
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 
 Event = quota_pb2.QuotaEvent
 
@@ -248,16 +248,20 @@ async def test_unknown_event_type_is_invalid_argument(stub):
     assert bad_request_fields(error) == ["after_sequence"]
 
 
-async def test_only_operators_and_services_may_watch(stub):
-    for token in (TOKENS.account("acct-hist"), TOKENS.account("acct-hist", read_only=True)):
+async def test_only_admins_and_the_consuming_services_may_watch(stub):
+    for token in (
+        TOKENS.account("acct-hist"),
+        TOKENS.account("acct-hist", read_only=True),
+        TOKENS.gateway(),
+    ):
         error = await first_error(watch(stub, metadata=TOKENS.md(token)))
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error_info(error) is not None
     error = await first_error(watch(stub, metadata=()))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    # A service token (billing, notification) may.
+    # The services that consume it (billing, notification) may.
     await report(stub, "acct-auth", ["auth-0"])
-    call = watch(stub, metadata=GATEWAY)
+    call = watch(stub, metadata=TOKENS.md(TOKENS.internal("notification")))
     try:
         await take_until(call, is_usage("auth-0"))
     finally:

@@ -32,7 +32,7 @@ CALL_TIMEOUT = 60.0
 
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 
 
 @pytest.fixture

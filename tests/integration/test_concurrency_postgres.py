@@ -66,7 +66,7 @@ async def replicas(postgres_url, tmp_path):
 
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
-GATEWAY = TOKENS.md(TOKENS.service())
+GATEWAY = TOKENS.md(TOKENS.gateway())
 
 
 def grant_request(request_id: str, quantity: int = PACKAGE_SIZE):

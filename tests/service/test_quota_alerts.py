@@ -557,9 +557,12 @@ async def test_account_token_cannot_learn_whether_an_alert_id_exists_on_update_o
     )
 
 
-async def test_gateway_and_admin_may_manage_any_accounts_alerts(q, a):
-    rule = await a.create(api=API, quantity=5, metadata=q.gateway)
-    assert (await a.get_alert(rule.alert_id, metadata=q.gateway)).account_id == ACCOUNT
+async def test_admin_may_manage_any_accounts_alerts_and_a_gateway_none(q, a):
+    rule = await a.create(api=API, quantity=5, metadata=q.admin)
+    assert (await a.get_alert(rule.alert_id, metadata=q.admin)).account_id == ACCOUNT
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await a.get_alert(rule.alert_id, metadata=q.gateway)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await a.delete_alert(rule.alert_id, metadata=q.admin)
     assert list((await a.list_alerts()).usage_alerts) == []
 

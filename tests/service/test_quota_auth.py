@@ -13,7 +13,7 @@ from allot.testing.v1 import clock_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared.auth import ACCOUNT_FULL, ADMIN, SERVICE
+from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY
 from shared.status import error_info
 from tests.support.quota_calls import (
     ACCOUNT,
@@ -67,8 +67,10 @@ async def test_invalid_tokens_are_unauthenticated(q, subtests):
             await expect_error(q.summary(metadata=metadata), UNAUTHENTICATED, reason)
 
     # The same construction with a valid claim set is accepted.
-    summary = await q.summary(metadata=bearer(signed({"roles": [SERVICE], "sub": "gw-7"})))
+    summary = await q.summary(metadata=bearer(signed({"roles": [ADMIN], "sub": "op-7"})))
     assert summary.account_id == ACCOUNT
+    check = await q.check(metadata=bearer(signed({"roles": [GATEWAY], "sub": "gw-7"})))
+    assert check.allowed is not None
 
 
 async def test_account_cannot_read_another_accounts_package_nor_probe_ids(q):
@@ -155,8 +157,8 @@ async def test_account_principal_may_read_its_own_account(q):
     assert (await q.check(ACCOUNT, metadata=reader)).allowed
 
 
-async def test_region_scoped_service_token_is_refused_in_other_regions(q):
-    bangkok_gateway = q.tokens.md(q.tokens.service(regions=[OTHER_REGION]))
+async def test_region_scoped_gateway_token_is_refused_in_other_regions(q):
+    bangkok_gateway = q.tokens.md(q.tokens.gateway(regions=[OTHER_REGION]))
 
     await expect_error(
         q.report("e1", region=REGION, metadata=bangkok_gateway),
@@ -179,10 +181,10 @@ async def test_region_scoped_service_token_is_refused_in_other_regions(q):
 
 async def test_region_scoped_token_cannot_revoke_a_package_of_another_region(q):
     package = await q.grant(region=REGION)
-    bangkok_billing = q.tokens.md(q.tokens.service(regions=[OTHER_REGION]))
+    bangkok_operator = q.tokens.md(q.tokens.admin(regions=[OTHER_REGION]))
 
     await expect_error(
-        q.revoke(package.package_id, metadata=bangkok_billing),
+        q.revoke(package.package_id, metadata=bangkok_operator),
         UNAUTHENTICATED,
         "TOKEN_REGION_MISMATCH",
     )

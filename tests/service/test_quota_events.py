@@ -381,7 +381,12 @@ async def test_watch_events_rejects_bad_requests_and_account_tokens(q, a):
     await expect_error(a.events(types=["no_such_event"]), INVALID, "INVALID_FIELD", "event_types")
     await expect_error(a.events(after=-1), INVALID, "INVALID_FIELD", "after_sequence")
     await expect_error(events(q.stub, q.account(ACCOUNT), 0), DENIED, "PERMISSION_DENIED")
-    assert await events(q.stub, q.gateway, 0) == []  # billing and notification read it
+    await expect_error(events(q.stub, q.gateway, 0), DENIED, "PERMISSION_DENIED")
+    await expect_error(
+        events(q.stub, q.tokens.md(q.tokens.internal("quota")), 0), DENIED, "PERMISSION_DENIED"
+    )
+    for reader in ("billing", "notification"):  # the services that consume it
+        assert await events(q.stub, q.tokens.md(q.tokens.internal(reader)), 0) == []
 
 
 async def test_a_package_that_starts_and_ends_between_two_clock_moves_does_not_rearm(q, a):

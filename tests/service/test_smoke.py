@@ -29,7 +29,7 @@ async def test_grant_and_report(quota, tokens):
             quantity=12,
             http_status=200,
         ),
-        metadata=tokens.md(tokens.service()),
+        metadata=tokens.md(tokens.gateway()),
     )
     assert result.pay_per_use_quantity == 2
     assert [(d.package_id, d.quantity) for d in result.deductions] == [(package.package_id, 10)]

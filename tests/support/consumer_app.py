@@ -105,7 +105,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.support.consumer_app")
     parser.add_argument("--db", required=True, help="the consumer's own SQLAlchemy URL")
     parser.add_argument("--quota", required=True, help="quota's address, host:port")
-    parser.add_argument("--token", required=True, help="a service or admin bearer token")
+    parser.add_argument("--token", required=True, help="an internal or admin bearer token")
     parser.add_argument("--stream", required=True, help="cursor and lease name")
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="lease ttl in seconds")
     parser.add_argument("--holder", default="", help="lease holder id (default host-pid-rand)")

@@ -79,7 +79,7 @@ class QuotaCalls:
         self.stub = handle.stub
         self.tokens = tokens or handle.tokens
         self.admin = self.tokens.md(self.tokens.admin())
-        self.gateway = self.tokens.md(self.tokens.service())
+        self.gateway = self.tokens.md(self.tokens.gateway())
 
     def account(self, account_id: str = ACCOUNT, read_only: bool = False) -> Metadata:
         return self.tokens.md(self.tokens.account(account_id, read_only=read_only))

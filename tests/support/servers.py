@@ -16,7 +16,7 @@ from allot.quota.v1 import quota_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2_grpc
 
 from services.quota.service import QuotaService
-from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, SERVICE, TokenVerifier
+from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY, INTERNAL, TokenSigner
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT, Settings
 
@@ -27,16 +27,24 @@ class Tokens:
     """Signed tokens for every kind of caller, and call metadata built from them."""
 
     def __init__(self, secret: str = TEST_SECRET) -> None:
-        self.verifier = TokenVerifier(secret)
+        self.signer = TokenSigner(secret)
 
-    def admin(self) -> str:
-        return self.verifier.mint(ADMIN, user="op")
+    def admin(self, regions: list[str] | None = None) -> str:
+        return self.signer.mint(ADMIN, user="op", regions=regions)
 
-    def service(self, regions: list[str] | None = None) -> str:
-        return self.verifier.mint(SERVICE, user="gateway", regions=regions)
+    def gateway(self, regions: list[str] | None = None) -> str:
+        return self.signer.mint(GATEWAY, user="gateway", regions=regions)
 
-    def account(self, account_id: str, read_only: bool = False) -> str:
-        return self.verifier.mint(ACCOUNT_READ if read_only else ACCOUNT_FULL, account=account_id)
+    def internal(self, service: str) -> str:
+        """The token a suite service presents on a plaintext (local) run."""
+        return self.signer.mint(INTERNAL, user=service)
+
+    def account(
+        self, account_id: str, read_only: bool = False, regions: list[str] | None = None
+    ) -> str:
+        return self.signer.mint(
+            ACCOUNT_READ if read_only else ACCOUNT_FULL, account=account_id, regions=regions
+        )
 
     @staticmethod
     def md(token: str) -> tuple[tuple[str, str], ...]:

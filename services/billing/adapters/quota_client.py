@@ -13,11 +13,11 @@ from datetime import datetime
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
-from shared.auth import SERVICE, TokenVerifier
-from shared.consumer import CHANNEL_OPTIONS
+from shared.auth import TokenSigner, internal_metadata
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
 from shared.timeutil import to_timestamp
+from shared.tls import Channels
 
 # A command to quota that takes longer than this is treated as unreachable and retried.
 CALL_TIMEOUT = 10.0
@@ -51,20 +51,15 @@ class QuotaRefused(AllotError):
 
 
 class QuotaClient:
-    def __init__(self, endpoints: dict[str, str], verifier: TokenVerifier) -> None:
+    def __init__(
+        self, endpoints: dict[str, str], channels: Channels, signer: TokenSigner | None
+    ) -> None:
         self.endpoints = endpoints
-        self._verifier = verifier
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
+        self._metadata = internal_metadata(signer, "billing")
 
     def _stub(self, region: str) -> quota_service_pb2_grpc.QuotaServiceStub:
-        addr = self.endpoints[region]
-        if addr not in self._channels:
-            self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        return quota_service_pb2_grpc.QuotaServiceStub(self._channels[addr])
-
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self._verifier.mint(SERVICE, user="billing", ttl_seconds=600)
-        return (("authorization", f"Bearer {token}"),)
+        return quota_service_pb2_grpc.QuotaServiceStub(self._channels.get(self.endpoints[region]))
 
     async def _call(self, region: str, method: str, request):
         try:
@@ -160,8 +155,3 @@ class QuotaClient:
                 request_id=request_id, account_id=account_id, region=region, api=api
             ),
         )
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()

@@ -54,14 +54,12 @@ unsettled (it is settled once the catalog has the API again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import false, func, insert, select, tuple_, update
 
@@ -74,9 +72,9 @@ from services.billing.domain.bills import BillLine, BillLineKind, pay_per_use_li
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds, month_key
 from services.billing.domain.pricing import price_usage
 from services.quota.domain.packages import DEFAULT_PROJECT
-from shared.auth import TokenVerifier
+from shared.auth import internal_metadata
 from shared.clock import KickedWork, ManualClock
-from shared.consumer import CHANNEL_OPTIONS, StreamConsumer, service_token, watching
+from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.money import MoneyError
@@ -435,8 +433,6 @@ class PayPerUse:
         self.runtime = service.runtime
         self.ctx: BillingContext = service.context
         self.consumers: list[StreamConsumer] = []
-        self._verifier = TokenVerifier(self.runtime.settings.signing_secret())
-        self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task] = []
         self._settlement = KickedWork(self.runtime.clock, self._settle_round, "settling usage")
         self._stopped = False
@@ -478,9 +474,11 @@ class PayPerUse:
         self._tasks.append(asyncio.create_task(self._settlement.loop(), name="settle-late"))
 
     def _consumer(self, addr: str) -> StreamConsumer:
-        channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self._channels.append(channel)
-        stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
+        channels = self.runtime.channels
+
+        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
+            stub = quota_service_pb2_grpc.QuotaServiceStub(channels.get(addr))
+            return stub.WatchEvents(request, metadata=metadata)
 
         async def apply(uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
             self._last_intake = time.monotonic()
@@ -494,10 +492,10 @@ class PayPerUse:
             f"quota@{addr}",
             self.runtime.db,
             (t.consumer_cursors, t.consumer_leases),
-            stub.WatchEvents,
+            watch,
             quota_service_pb2.WatchEventsRequest,
             [PAY_PER_USE_RECORDED],
-            service_token(self._verifier, "billing"),
+            internal_metadata(self.runtime.signer, "billing"),
             apply,
             lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
         )
@@ -514,9 +512,6 @@ class PayPerUse:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._channels:
-            with contextlib.suppress(Exception):
-                await channel.close()
 
 
 def wire_usage(service) -> PayPerUse:
