@@ -205,20 +205,31 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def SubscribeApi(self, request, context):
-        subscription = await hiding_absence(
-            subscriptions.subscribe(
-                self.ctx, request.request_id, request.account_id, request.region, request.api
-            )
-        )
-        return convert.to_proto_subscription(subscription)
+        return await self._subscription("SubscribeApi", request, subscriptions.subscribe)
 
     async def UnsubscribeApi(self, request, context):
-        subscription = await hiding_absence(
-            subscriptions.unsubscribe(
-                self.ctx, request.request_id, request.account_id, request.region, request.api
+        return await self._subscription("UnsubscribeApi", request, subscriptions.unsubscribe)
+
+    async def _subscription(self, scope, request, change):
+        """Quota is told first, then billing's record is written under the request's key; a
+        replay is answered from the stored reply and tells quota nothing."""
+        replay = await self.idempotency.replay(
+            self.ctx.db, scope, request, billing_pb2.ApiSubscription
+        )
+        if replay is not None:
+            return replay
+
+        def keep(record):
+            async def work(uow):
+                return convert.to_proto_subscription(await record(uow))
+
+            return self._idempotent(scope, request, billing_pb2.ApiSubscription, work)
+
+        return await hiding_absence(
+            change(
+                self.ctx, request.request_id, request.account_id, request.region, request.api, keep
             )
         )
-        return convert.to_proto_subscription(subscription)
 
     async def GetBill(self, request, context):
         return await hiding_absence(
