@@ -136,13 +136,16 @@ class IdempotencyStore:
         now: Callable[[], datetime],
         *,
         stored: Callable[[M], M] | None = None,
+        authorize: Callable[[UnitOfWork, M], Awaitable[None]] | None = None,
     ) -> M:
         """Run `work` once per request_id (of the calling principal) in one transaction with
         the stored response.
 
         Requests without a request_id are simply run (they are not idempotent). `stored`
         turns the response into what is kept for replays (a copy without secrets): the first
-        call answers the full response, a replay the stored one.
+        call answers the full response, a replay the stored one. `authorize` checks a replay
+        beyond the reply's own `account_id` and `region` (for a reply that does not name the
+        region of what it is about).
         """
         request_id, digest, key_scope = _key(scope, request)
 
@@ -150,6 +153,8 @@ class IdempotencyStore:
             if request_id:
                 replay = await self._replay(uow, key_scope, request_id, digest, response_type)
                 if replay is not None:
+                    if authorize is not None:
+                        await authorize(uow, replay)
                     return replay
             response = await work(uow)
             if request_id:

@@ -340,6 +340,37 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     )
 
 
+async def test_auto_renew_replies_go_only_to_callers_that_may_see_the_package(suite):
+    """Regression: another account sending the owner's exact SetAutoRenew (same request_id)
+    got the owner's setting back; a token of the owner limited to another region must not
+    read it by a replay either."""
+    await suite.account("acme", "1.00")
+    await suite.account("other", "0")
+    package_id = (await suite.buy("acme")).package_id
+    tokens = suite.billing.tokens
+    own = suite.billing.account_md("acme")
+    elsewhere = tokens.md(tokens.account("acme", regions=["ap-southeast-2"]))
+
+    set_once = await suite.set_auto_renew(package_id, True, metadata=own)
+    assert set_once.enabled and set_once.account_id == "acme"
+    assert await suite.set_auto_renew(package_id, True, metadata=own) == set_once
+    await expect(
+        suite.set_auto_renew(package_id, True, metadata=suite.billing.account_md("other")),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await expect(
+        suite.set_auto_renew(package_id, True, metadata=elsewhere),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REGION_MISMATCH",
+    )
+    await expect(
+        suite.get_auto_renew(package_id, elsewhere),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REGION_MISMATCH",
+    )
+    assert await suite.get_auto_renew(package_id) == set_once
+
+
 async def test_auto_renewal_gives_up_when_the_package_expires(suite):
     await suite.account("acme", "1.00")
     package_id = (await suite.buy("acme")).package_id

@@ -208,6 +208,51 @@ async def test_create_contact_is_idempotent_by_request_id(n):
     )
 
 
+async def test_a_replayed_create_contact_answers_without_the_webhook_secret(n):
+    """Regression: the stored reply held the secret, so "shown once" did not hold."""
+    own = n.account(ACCOUNT)
+    with http_receiver() as hook:
+        spec = contact(ACCOUNT, WEBHOOK, hook.url(), [USAGE_ALERT])
+        first = await n.create_contact(spec, request_id="hook-1", metadata=own)
+        assert first.webhook_secret.startswith("whsec_")
+        replay = await n.create_contact(spec, request_id="hook-1", metadata=own)
+        assert replay.webhook_secret == ""
+        assert replay.contact_id == first.contact_id
+        expected = type(first)()
+        expected.CopyFrom(first)
+        expected.webhook_secret = ""
+        assert replay == expected
+        assert len((await n.list_contacts(ACCOUNT)).contacts) == 1
+
+
+async def test_request_ids_of_contacts_belong_to_the_calling_account(n):
+    """Regression: another account sending the owner's exact UpdateContact (same request_id)
+    got the contact back, and could reserve the owner's request ids."""
+    own, stranger = n.account(ACCOUNT), n.account(OTHER)
+    mine = await n.create(ACCOUNT, EMAIL, "ops@example.com", metadata=own)
+    # The stranger reserves "c-1" with a contact of its own...
+    await n.create_contact(
+        contact(OTHER, EMAIL, "them@example.com"), request_id="c-1", metadata=stranger
+    )
+    # ...which the owner's request with that id never meets.
+    created = await n.create_contact(
+        contact(ACCOUNT, EMAIL, "second@example.com"), request_id="c-1", metadata=own
+    )
+    assert created.account_id == ACCOUNT
+
+    # The contact is named by id only: nothing in the request for the policy to check.
+    change = contact("", EMAIL, "moved@example.com", [], mine.contact_id)
+    moved = await n.update_contact(change, ["address"], request_id="u-1", metadata=own)
+    assert moved.address == "moved@example.com"
+    await expect_error(
+        n.update_contact(change, ["address"], request_id="u-1", metadata=stranger),
+        DENIED,
+        "PERMISSION_DENIED",
+    )
+    assert await n.get_contact(mine.contact_id) == moved
+    assert await n.update_contact(change, ["address"], request_id="u-1", metadata=own) == moved
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 BAD_CONTACTS = [

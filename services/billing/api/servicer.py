@@ -27,9 +27,9 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         self.ctx = ctx
         self.idempotency = idempotency
 
-    async def _idempotent(self, scope, request, response_type, work):
+    async def _idempotent(self, scope, request, response_type, work, authorize=None):
         return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now
+            self.ctx.db, scope, request, response_type, work, self.ctx.now, authorize=authorize
         )
 
     # --- accounts -------------------------------------------------------------------------
@@ -173,7 +173,16 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             renewals.explained(
                 self.ctx,
                 None,
-                self._idempotent("SetAutoRenew", request, billing_pb2.AutoRenewal, work),
+                self._idempotent(
+                    "SetAutoRenew",
+                    request,
+                    billing_pb2.AutoRenewal,
+                    work,
+                    # The reply names no region: a replay is checked against the package's.
+                    authorize=lambda uow, reply: renewals.check_package_scope(
+                        uow, reply.package_id
+                    ),
+                ),
             )
         )
 
