@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
+from services.notification.app.notifications import take
+from services.notification.domain.messages import (
+    PackageExhausted,
+    PackageExpiring,
+    StandingChanged,
+    UsageAlertFired,
+    compose,
+)
 from tests.support.notification_processes import (
     ARREARS,
     EMAIL,
@@ -42,6 +51,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 QUIET = 0.3
+EXPIRY = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -495,6 +505,52 @@ async def test_notifications_are_listed_newest_first_in_pages_and_by_type(n):
     assert [x.notification_id for x in await n.notifications(ACCOUNT, [TEST])] == seen
     assert await n.notifications(ACCOUNT, [USAGE_ALERT, ARREARS]) == []
     assert len(await n.notifications(OTHER)) == 1
+
+
+async def test_region_limited_tokens_list_only_their_regions_notifications(
+    database_url, tmp_path, smtp
+):
+    """Regression: a token limited to ap-southeast-1 listed notifications about other regions.
+    Account-wide ones (arrears) have no region and stay visible; pages stay full."""
+    settings = notification_settings(
+        database_url, tmp_path, f"127.0.0.1:{closed_port()}", smtp_url=smtp.url()
+    )
+    async with running_notification(settings) as handle:
+        n, ctx = handle.calls, handle.server.service.context
+        sources = [
+            UsageAlertFired("al-1", ACCOUNT, "ap-southeast-1", "passport", 5, 100, "5 calls"),
+            PackageExpiring("pkg-2", ACCOUNT, "ap-southeast-2", "passport", 5, 100, EXPIRY, 3),
+            StandingChanged(ACCOUNT, "GOOD", "GRACE", "-1.00 USD", EXPIRY, EXPIRY),
+            PackageExhausted("pkg-1", ACCOUNT, "ap-southeast-1", "passport", 100, EXPIRY),
+            UsageAlertFired("al-2", ACCOUNT, "ap-southeast-2", "id-card", 5, 100, "5 calls"),
+        ]
+        made = []
+        for i, source in enumerate(sources):  # the intake the stream consumers call
+            made.append(
+                await ctx.db.transaction(
+                    lambda uow, source=source, i=i: take(ctx, uow, compose(source), f"src-{i}")
+                )
+            )
+            await asyncio.sleep(0.005)  # ids order by the millisecond
+        everything = [x.notification_id for x in await n.notifications(ACCOUNT)]
+        assert everything == list(reversed(made))
+
+        hk = n.tokens.md(n.tokens.account(ACCOUNT, read_only=True, regions=["ap-southeast-1"]))
+        seen, sizes, token = [], [], ""
+        for _ in range(10):
+            page = await n.list_notifications(metadata=hk, page_size=1, page_token=token)
+            sizes.append(len(page.notifications))
+            seen.extend(x.notification_id for x in page.notifications)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [made[3], made[2], made[0]]
+        assert sizes == [1, 1, 1]
+        whole = await n.list_notifications(metadata=hk)
+        assert [x.notification_id for x in whole.notifications] == seen
+        regional_admin = n.tokens.md(n.tokens.admin(regions=["ap-southeast-2"]))
+        listed = await n.list_notifications(ACCOUNT, metadata=regional_admin)
+        assert [x.notification_id for x in listed.notifications] == [made[4], made[2], made[1]]
 
 
 async def test_deleting_a_contact_drops_its_pending_deliveries_and_keeps_history(n):

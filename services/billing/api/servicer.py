@@ -202,11 +202,12 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return order_message(order)
 
     async def ListOrders(self, request, context):
-        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        principal = current_principal()
+        account_id = check_account_id(principal.scoped_account(request.account_id))
         after = decode_page_token(request)
         limit = page_size(request.page_size)
         found = await orders.list_orders(
-            self.ctx, account_id, after[0] if after else None, limit + 1
+            self.ctx, account_id, after[0] if after else None, limit + 1, principal.regions
         )
         page, token = page_of(found, limit, lambda o: [o.order_id], request)
         return billing_service_pb2.ListOrdersResponse(
@@ -241,12 +242,16 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def GetBill(self, request, context):
+        regions = current_principal().regions
         return await hiding_absence(
-            bills.get_bill_message(self.ctx, request.account_id, request.month)
+            bills.get_bill_message(self.ctx, request.account_id, request.month, regions)
         )
 
     async def ExportBill(self, request, context):
-        csv = await hiding_absence(bills.export_bill(self.ctx, request.account_id, request.month))
+        regions = current_principal().regions
+        csv = await hiding_absence(
+            bills.export_bill(self.ctx, request.account_id, request.month, regions)
+        )
         return billing_service_pb2.ExportBillResponse(csv=csv)
 
     async def WatchEvents(self, request, context):

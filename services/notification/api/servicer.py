@@ -98,7 +98,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     # --- notifications --------------------------------------------------------------------
 
     async def ListNotifications(self, request, context):
-        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        principal = current_principal()
+        account_id = check_account_id(principal.scoped_account(request.account_id))
         before = decode_page_token(request)
         limit = page_size(request.page_size)
         views = await notifications.list_notifications(
@@ -107,6 +108,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             list(request.message_types),
             before[0] if before else None,
             limit + 1,
+            principal.regions,
         )
         page, token = page_of(views, limit, lambda v: [v.notification_id], request)
         return notification_service_pb2.ListNotificationsResponse(
