@@ -3,6 +3,14 @@
 The key is written in the same transaction as the mutation it guards, never before it, so a
 failed write leaves no claimed key behind and a retried request either finds the stored
 response or performs the mutation once. The same id with other content is REQUEST_ID_REUSED.
+
+Request ids belong to their caller (docs/security.md, "Idempotency belongs to its caller"):
+the stored scope is the method plus the calling principal's `idempotency_owner`
+(`account:<id>` for an account's tokens; nothing for operators, whose keys keep the bare
+method scope that billing's commands to quota have always used). So nobody can replay another
+account's reply or reserve its ids. A stored reply is returned only to a caller that may see
+it (its `account_id` and `region`, `check_scope`), and a reply can be stored redacted
+(`stored=`): secrets are shown by the first answer only.
 """
 
 from __future__ import annotations
@@ -15,18 +23,23 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, String, Table, insert, select
 
+from shared.auth import check_scope, current_principal
 from shared.db import Database, UnitOfWork
 from shared.errors import InvalidArgument
 from shared.timeutil import to_micros
 
 M = TypeVar("M", bound=Message)
 
+# The width of the `scope` column: a method name and an owner (`account:` + an account id of
+# at most 64 characters, as tokens carry them) fit.
+SCOPE_CHARS = 100
+
 
 def idempotency_table(metadata: MetaData) -> Table:
     return Table(
         "idempotency_keys",
         metadata,
-        Column("scope", String(100), primary_key=True),
+        Column("scope", String(SCOPE_CHARS), primary_key=True),
         Column("request_id", String(200), primary_key=True),
         Column("fingerprint", String(64), nullable=False),
         Column("response", LargeBinary, nullable=False),
@@ -40,6 +53,30 @@ def fingerprint(request: Message) -> str:
     copy.CopyFrom(request)
     copy.ClearField("request_id")
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def owned_scope(scope: str) -> str:
+    """The stored scope of `scope` (a method name) for the calling principal."""
+    owner = current_principal().idempotency_owner
+    if not owner:
+        return scope
+    owned = f"{scope} {owner}"
+    if len(owned) > SCOPE_CHARS:  # not with tokens' account ids (<= 64); never truncated
+        owned = f"{scope} sha256:{hashlib.sha256(owner.encode()).hexdigest()}"
+    return owned
+
+
+def check_replay(response: Message) -> None:
+    """A stored reply goes only to a caller that may see it: the account and region it is
+    about, when the message names them (a region-limited token of the same account does not
+    read a reply about another region)."""
+    fields = response.DESCRIPTOR.fields_by_name
+    account_id = response.account_id if "account_id" in fields else ""
+    region = response.region if "region" in fields else ""
+    if account_id:
+        check_scope(account_id, region)
+    elif region:
+        current_principal().check_region(region)
 
 
 class IdempotencyStore:
@@ -59,9 +96,10 @@ class IdempotencyStore:
         if row is None:
             return None
         if row.fingerprint != digest:
+            method = scope.partition(" ")[0]
             raise InvalidArgument(
                 "request_id",
-                f"request_id {request_id!r} was used for a different {scope} request",
+                f"request_id {request_id!r} was used for a different {method} request",
                 reason="REQUEST_ID_REUSED",
                 request_id=request_id,
             )
@@ -96,24 +134,67 @@ class IdempotencyStore:
         response_type: type[M],
         work: Callable[[UnitOfWork], Awaitable[M]],
         now: Callable[[], datetime],
+        *,
+        stored: Callable[[M], M] | None = None,
+        authorize: Callable[[UnitOfWork, M], Awaitable[None]] | None = None,
     ) -> M:
-        """Run `work` once per request_id in one transaction with the stored response.
+        """Run `work` once per request_id (of the calling principal) in one transaction with
+        the stored response.
 
-        Requests without a request_id are simply run (they are not idempotent).
+        Requests without a request_id are simply run (they are not idempotent). `stored`
+        turns the response into what is kept for replays (a copy without secrets): the first
+        call answers the full response, a replay the stored one. `authorize` checks a replay
+        beyond the reply's own `account_id` and `region` (for a reply that does not name the
+        region of what it is about).
         """
-        request_id = getattr(request, "request_id", "")
-        if len(request_id) > 200:
-            raise InvalidArgument("request_id", "request_id is longer than 200 characters")
-        digest = fingerprint(request) if request_id else ""
+        request_id, digest, key_scope = _key(scope, request)
 
         async def attempt(uow: UnitOfWork) -> M:
             if request_id:
-                stored = await self.lookup(uow, scope, request_id, digest)
-                if stored is not None:
-                    return response_type.FromString(stored)
+                replay = await self._replay(uow, key_scope, request_id, digest, response_type)
+                if replay is not None:
+                    if authorize is not None:
+                        await authorize(uow, replay)
+                    return replay
             response = await work(uow)
             if request_id:
-                await self.save(uow, scope, request_id, digest, response.SerializeToString(), now())
+                kept = stored(response) if stored is not None else response
+                await self.save(uow, key_scope, request_id, digest, kept.SerializeToString(), now())
             return response
 
         return await db.transaction(attempt)
+
+    async def replay(
+        self, db: Database, scope: str, request: Message, response_type: type[M]
+    ) -> M | None:
+        """The stored reply of a request done before, or None (also without a request_id).
+
+        For a use case that calls another service before its own transaction: a replay is
+        answered here without calling it again; the write then goes through `run`, which still
+        settles a race with a concurrent twin."""
+        request_id, digest, key_scope = _key(scope, request)
+        if not request_id:
+            return None
+        return await db.read(
+            lambda uow: self._replay(uow, key_scope, request_id, digest, response_type)
+        )
+
+    async def _replay(
+        self, uow: UnitOfWork, scope: str, request_id: str, digest: str, response_type: type[M]
+    ) -> M | None:
+        found = await self.lookup(uow, scope, request_id, digest)
+        if found is None:
+            return None
+        reply = response_type.FromString(found)
+        check_replay(reply)
+        return reply
+
+
+def _key(scope: str, request: Message) -> tuple[str, str, str]:
+    """(request_id, fingerprint, stored scope) of a request; ("", "", scope) without an id."""
+    request_id = getattr(request, "request_id", "")
+    if len(request_id) > 200:
+        raise InvalidArgument("request_id", "request_id is longer than 200 characters")
+    if not request_id:
+        return "", "", scope
+    return request_id, fingerprint(request), owned_scope(scope)

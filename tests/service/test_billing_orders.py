@@ -226,3 +226,70 @@ async def test_subscribing_through_billing_enables_the_api_in_quota(database_url
                 metadata=ADMIN,
             )
         assert error_info(unknown.value).reason == "UNKNOWN_API"
+
+
+async def test_subscriptions_without_request_id_each_reach_quota(database_url, tmp_path):
+    """Regression: quota's key was derived from the account alone, so the second subscribe of
+    another API was answered from the first one's stored reply: billing said ACTIVE while quota
+    denied."""
+    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    async with (
+        running_quota(settings) as quota,
+        second_database(dialect(database_url), tmp_path) as billing_url,
+        running_billing(billing_url, tmp_path, quota.addr) as billing,
+    ):
+        await funded(billing, "acme", 1)
+        own = Tokens.md(Tokens().account("acme"))
+
+        def check(api):
+            return quota.stub.CheckQuota(
+                quota_service_pb2.CheckQuotaRequest(
+                    account_id="acme", region="ap-southeast-1", api=api
+                ),
+                metadata=ADMIN,
+            )
+
+        def change(rpc, api, request_id=""):
+            request = getattr(REQ, f"{rpc}Request")(
+                request_id=request_id, account_id="acme", region="ap-southeast-1", api=api
+            )
+            return getattr(billing, rpc)(request, metadata=own)
+
+        for api in ("passport", "id-card"):
+            subscribed = await change("SubscribeApi", api)
+            assert (subscribed.api, subscribed.state) == (
+                api,
+                billing_pb2.API_SUBSCRIPTION_STATE_ACTIVE,
+            )
+        assert (await check("passport")).allowed and (await check("id-card")).allowed
+
+        cancelled = await change("UnsubscribeApi", "passport")
+        assert cancelled.state == billing_pb2.API_SUBSCRIPTION_STATE_CANCELLED
+        denied = await check("passport")
+        assert denied.deny_reason == quota_service_pb2.DENY_REASON_API_NOT_SUBSCRIBED
+        assert (await check("id-card")).allowed
+        # Without a request_id every call is a command of its own: subscribing again works.
+        assert (await change("SubscribeApi", "passport")).state == (
+            billing_pb2.API_SUBSCRIPTION_STATE_ACTIVE
+        )
+        assert (await check("passport")).allowed
+
+        # With a request_id: two subscriptions never share quota's key, and a replay answers
+        # the first reply without telling quota anything (billing and quota stay agreed).
+        first = await change("SubscribeApi", "general-text", "sub-1")
+        assert first.state == billing_pb2.API_SUBSCRIPTION_STATE_ACTIVE
+        await change("UnsubscribeApi", "general-text")
+        assert await change("SubscribeApi", "general-text", "sub-1") == first
+        denied = await check("general-text")
+        assert denied.deny_reason == quota_service_pb2.DENY_REASON_API_NOT_SUBSCRIBED
+        with pytest.raises(grpc.aio.AioRpcError) as reused:
+            await change("SubscribeApi", "passport", "sub-1")
+        assert error_info(reused.value).reason == "REQUEST_ID_REUSED"
+        listing = await quota.stub.ListApiSubscriptions(
+            quota_service_pb2.ListApiSubscriptionsRequest(account_id="acme"), metadata=ADMIN
+        )
+        assert {(s.api, s.state) for s in listing.api_subscriptions} == {
+            ("passport", quota_pb2.API_SUBSCRIPTION_STATE_ACTIVE),
+            ("id-card", quota_pb2.API_SUBSCRIPTION_STATE_ACTIVE),
+            ("general-text", quota_pb2.API_SUBSCRIPTION_STATE_CANCELLED),
+        }

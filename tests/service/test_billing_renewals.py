@@ -36,6 +36,7 @@ REQ = billing_service_pb2
 TZ = ZoneInfo("Asia/Shanghai")
 START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in the billing time zone
 HK = "ap-southeast-1"
+BKK = "ap-southeast-2"
 OFFER = "passport-100-1y"
 RENEWAL = billing_pb2.ORDER_KIND_RENEWAL
 AUTO_RENEWAL = billing_pb2.ORDER_KIND_AUTO_RENEWAL
@@ -338,6 +339,88 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     await expect(
         suite.get_auto_renew("pkg_missing"), grpc.StatusCode.NOT_FOUND, "PACKAGE_NOT_FOUND"
     )
+
+
+async def test_auto_renew_replies_go_only_to_callers_that_may_see_the_package(suite):
+    """Regression: another account sending the owner's exact SetAutoRenew (same request_id)
+    got the owner's setting back; a token of the owner limited to another region must not
+    read it by a replay either."""
+    await suite.account("acme", "1.00")
+    await suite.account("other", "0")
+    package_id = (await suite.buy("acme")).package_id
+    tokens = suite.billing.tokens
+    own = suite.billing.account_md("acme")
+    elsewhere = tokens.md(tokens.account("acme", regions=["ap-southeast-2"]))
+
+    set_once = await suite.set_auto_renew(package_id, True, metadata=own)
+    assert set_once.enabled and set_once.account_id == "acme"
+    assert await suite.set_auto_renew(package_id, True, metadata=own) == set_once
+    await expect(
+        suite.set_auto_renew(package_id, True, metadata=suite.billing.account_md("other")),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await expect(
+        suite.set_auto_renew(package_id, True, metadata=elsewhere),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REGION_MISMATCH",
+    )
+    await expect(
+        suite.get_auto_renew(package_id, elsewhere),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REGION_MISMATCH",
+    )
+    assert await suite.get_auto_renew(package_id) == set_once
+
+
+async def test_region_limited_tokens_see_only_their_regions_orders_and_bill_lines(suite):
+    """Regression: a token limited to ap-southeast-1 listed orders and bill lines of other
+    regions (while GetOrder on the same order was refused). Orders are filtered in the query,
+    so pages stay full; the bill shows the token's regions' lines and those of no region
+    (top-ups), its total is theirs, and the account-wide balances are left unset."""
+    await suite.account("acme", "4.00")
+
+    async def buy(region: str, request_id: str) -> billing_pb2.Order:
+        order = await suite.billing.stub.PurchasePackage(
+            REQ.PurchasePackageRequest(
+                request_id=request_id, account_id="acme", offer_id=OFFER, region=region
+            ),
+            metadata=suite.billing.admin,
+        )
+        assert order.state == FULFILLED
+        return order
+
+    h1 = await buy(HK, "h1")
+    await buy(BKK, "b1")
+    h2 = await buy(HK, "h2")
+    await buy(BKK, "b2")
+    tokens = suite.billing.tokens
+    hk = tokens.md(tokens.account("acme", read_only=True, regions=[HK]))
+
+    seen, sizes, token = [], [], ""
+    for _ in range(10):
+        page = await suite.billing.stub.ListOrders(
+            REQ.ListOrdersRequest(page_size=1, page_token=token), metadata=hk
+        )
+        sizes.append(len(page.orders))
+        seen.extend(o.order_id for o in page.orders)
+        token = page.next_page_token
+        if not token:
+            break
+    assert (seen, sizes) == ([h2.order_id, h1.order_id], [1, 1])
+    assert len(await suite.orders("acme")) == 4
+
+    full = await suite.billing.get_bill("acme", "2023-04")
+    assert {line.region for line in full.lines} == {"", HK, BKK}
+    assert full.HasField("closing_balance")
+    bill = await suite.billing.get_bill("acme", "2023-04", hk)
+    assert sorted((line.region, line.order_id) for line in bill.lines) == sorted(
+        [("", ""), (HK, h1.order_id), (HK, h2.order_id)]
+    )
+    assert micros(bill.total) == 4_000_000 - 2_000_000
+    assert not bill.HasField("opening_balance") and not bill.HasField("closing_balance")
+    csv = (await suite.billing.export_bill("acme", "2023-04", hk)).csv
+    assert HK in csv and BKK not in csv
+    assert len(csv.strip().splitlines()) == 1 + 3
 
 
 async def test_auto_renewal_gives_up_when_the_package_expires(suite):

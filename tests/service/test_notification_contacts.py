@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
+from services.notification.app.notifications import take
+from services.notification.domain.messages import (
+    PackageExhausted,
+    PackageExpiring,
+    StandingChanged,
+    UsageAlertFired,
+    compose,
+)
 from tests.support.notification_processes import (
     ARREARS,
     EMAIL,
@@ -42,6 +51,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 QUIET = 0.3
+EXPIRY = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -206,6 +216,51 @@ async def test_create_contact_is_idempotent_by_request_id(n):
         INVALID,
         "REQUEST_ID_REUSED",
     )
+
+
+async def test_a_replayed_create_contact_answers_without_the_webhook_secret(n):
+    """Regression: the stored reply held the secret, so "shown once" did not hold."""
+    own = n.account(ACCOUNT)
+    with http_receiver() as hook:
+        spec = contact(ACCOUNT, WEBHOOK, hook.url(), [USAGE_ALERT])
+        first = await n.create_contact(spec, request_id="hook-1", metadata=own)
+        assert first.webhook_secret.startswith("whsec_")
+        replay = await n.create_contact(spec, request_id="hook-1", metadata=own)
+        assert replay.webhook_secret == ""
+        assert replay.contact_id == first.contact_id
+        expected = type(first)()
+        expected.CopyFrom(first)
+        expected.webhook_secret = ""
+        assert replay == expected
+        assert len((await n.list_contacts(ACCOUNT)).contacts) == 1
+
+
+async def test_request_ids_of_contacts_belong_to_the_calling_account(n):
+    """Regression: another account sending the owner's exact UpdateContact (same request_id)
+    got the contact back, and could reserve the owner's request ids."""
+    own, stranger = n.account(ACCOUNT), n.account(OTHER)
+    mine = await n.create(ACCOUNT, EMAIL, "ops@example.com", metadata=own)
+    # The stranger reserves "c-1" with a contact of its own...
+    await n.create_contact(
+        contact(OTHER, EMAIL, "them@example.com"), request_id="c-1", metadata=stranger
+    )
+    # ...which the owner's request with that id never meets.
+    created = await n.create_contact(
+        contact(ACCOUNT, EMAIL, "second@example.com"), request_id="c-1", metadata=own
+    )
+    assert created.account_id == ACCOUNT
+
+    # The contact is named by id only: nothing in the request for the policy to check.
+    change = contact("", EMAIL, "moved@example.com", [], mine.contact_id)
+    moved = await n.update_contact(change, ["address"], request_id="u-1", metadata=own)
+    assert moved.address == "moved@example.com"
+    await expect_error(
+        n.update_contact(change, ["address"], request_id="u-1", metadata=stranger),
+        DENIED,
+        "PERMISSION_DENIED",
+    )
+    assert await n.get_contact(mine.contact_id) == moved
+    assert await n.update_contact(change, ["address"], request_id="u-1", metadata=own) == moved
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -450,6 +505,52 @@ async def test_notifications_are_listed_newest_first_in_pages_and_by_type(n):
     assert [x.notification_id for x in await n.notifications(ACCOUNT, [TEST])] == seen
     assert await n.notifications(ACCOUNT, [USAGE_ALERT, ARREARS]) == []
     assert len(await n.notifications(OTHER)) == 1
+
+
+async def test_region_limited_tokens_list_only_their_regions_notifications(
+    database_url, tmp_path, smtp
+):
+    """Regression: a token limited to ap-southeast-1 listed notifications about other regions.
+    Account-wide ones (arrears) have no region and stay visible; pages stay full."""
+    settings = notification_settings(
+        database_url, tmp_path, f"127.0.0.1:{closed_port()}", smtp_url=smtp.url()
+    )
+    async with running_notification(settings) as handle:
+        n, ctx = handle.calls, handle.server.service.context
+        sources = [
+            UsageAlertFired("al-1", ACCOUNT, "ap-southeast-1", "passport", 5, 100, "5 calls"),
+            PackageExpiring("pkg-2", ACCOUNT, "ap-southeast-2", "passport", 5, 100, EXPIRY, 3),
+            StandingChanged(ACCOUNT, "GOOD", "GRACE", "-1.00 USD", EXPIRY, EXPIRY),
+            PackageExhausted("pkg-1", ACCOUNT, "ap-southeast-1", "passport", 100, EXPIRY),
+            UsageAlertFired("al-2", ACCOUNT, "ap-southeast-2", "id-card", 5, 100, "5 calls"),
+        ]
+        made = []
+        for i, source in enumerate(sources):  # the intake the stream consumers call
+            made.append(
+                await ctx.db.transaction(
+                    lambda uow, source=source, i=i: take(ctx, uow, compose(source), f"src-{i}")
+                )
+            )
+            await asyncio.sleep(0.005)  # ids order by the millisecond
+        everything = [x.notification_id for x in await n.notifications(ACCOUNT)]
+        assert everything == list(reversed(made))
+
+        hk = n.tokens.md(n.tokens.account(ACCOUNT, read_only=True, regions=["ap-southeast-1"]))
+        seen, sizes, token = [], [], ""
+        for _ in range(10):
+            page = await n.list_notifications(metadata=hk, page_size=1, page_token=token)
+            sizes.append(len(page.notifications))
+            seen.extend(x.notification_id for x in page.notifications)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [made[3], made[2], made[0]]
+        assert sizes == [1, 1, 1]
+        whole = await n.list_notifications(metadata=hk)
+        assert [x.notification_id for x in whole.notifications] == seen
+        regional_admin = n.tokens.md(n.tokens.admin(regions=["ap-southeast-2"]))
+        listed = await n.list_notifications(ACCOUNT, metadata=regional_admin)
+        assert [x.notification_id for x in listed.notifications] == [made[4], made[2], made[1]]
 
 
 async def test_deleting_a_contact_drops_its_pending_deliveries_and_keeps_history(n):

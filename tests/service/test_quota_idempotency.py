@@ -10,9 +10,14 @@ import grpc
 import pytest
 from google.rpc import code_pb2
 
+from tests.support.events import AlertCalls, alert
 from tests.support.quota_calls import (
+    ACCOUNT,
+    API,
     EXHAUSTED,
     OTHER_ACCOUNT,
+    OTHER_REGION,
+    REGION,
     REVOKED,
     QuotaCalls,
     deductions,
@@ -21,6 +26,12 @@ from tests.support.quota_calls import (
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def _alert_id(message, alert_id: str):
+    message.alert_id = alert_id
+    return message
 
 
 @pytest.fixture
@@ -209,3 +220,72 @@ async def test_batch_over_a_thousand_events_is_rejected_whole(q):
 
     assert (await q.get(package.package_id)).used_quantity == 0
     assert len((await q.batch(requests[:1000])).responses) == 1000
+
+
+# --- request ids belong to their caller (docs/security.md) ----------------------------------
+
+
+async def test_request_ids_belong_to_the_calling_account(q):
+    """Regression: a replay skipped the owner check, so another account sending the exact
+    request (same request_id) got the rule back, and could reserve ids so that the owner's
+    requests failed with REQUEST_ID_REUSED."""
+    a = AlertCalls(q)
+    own, stranger = q.account(ACCOUNT), q.account(OTHER_ACCOUNT)
+    mine = await a.create(api=API, quantity=5, metadata=own)
+    theirs = await a.create(OTHER_ACCOUNT, api=API, quantity=5)
+    # The request names the rule by id only (no account): nothing for the policy to check.
+    change = _alert_id(alert("", region="", quantity=9), mine.alert_id)
+
+    # The stranger reserves the id first, with its own request.
+    reserved = await a.update_alert(
+        _alert_id(alert("", region="", quantity=7), theirs.alert_id),
+        ["remaining_quantity"],
+        "upd-1",
+        stranger,
+    )
+    assert reserved.remaining_quantity == 7
+    # The owner's request with that id is its own, not REQUEST_ID_REUSED.
+    updated = await a.update_alert(change, ["remaining_quantity"], "upd-1", own)
+    assert updated.remaining_quantity == 9
+    assert await a.update_alert(change, ["remaining_quantity"], "upd-1", own) == updated
+
+    # The stranger replaying the owner's exact request is refused (its own id upd-1 is taken
+    # by its own other request), and changes nothing.
+    await expect_error(
+        a.update_alert(change, ["remaining_quantity"], "upd-1", stranger),
+        INVALID,
+        "REQUEST_ID_REUSED",
+        "request_id",
+    )
+    again = await a.update_alert(change, ["remaining_quantity"], "upd-2", own)
+    await expect_error(
+        a.update_alert(change, ["remaining_quantity"], "upd-2", stranger),
+        DENIED,
+        "PERMISSION_DENIED",
+    )
+    assert again.remaining_quantity == 9
+    assert await a.get_alert(mine.alert_id) == again
+    assert (await a.get_alert(theirs.alert_id)).remaining_quantity == 7
+
+    # Operators keep one scope of their own (billing's retried commands find their keys).
+    by_admin = await a.update_alert(change, ["remaining_quantity"], "upd-1")
+    assert await a.update_alert(change, ["remaining_quantity"], "upd-1") == by_admin
+
+
+async def test_a_stored_reply_is_returned_only_to_a_caller_that_may_see_it(q):
+    """A region-limited token of the same account does not read a reply about another
+    region by replaying the request."""
+    a = AlertCalls(q)
+    own = q.account(ACCOUNT)
+    elsewhere = q.tokens.md(q.tokens.account(ACCOUNT, regions=[OTHER_REGION]))
+    here = q.tokens.md(q.tokens.account(ACCOUNT, regions=[REGION]))
+    rule = await a.create(api=API, quantity=5, metadata=own)
+    change = _alert_id(alert("", region="", quantity=3), rule.alert_id)
+    updated = await a.update_alert(change, ["remaining_quantity"], "upd-r", own)
+
+    await expect_error(
+        a.update_alert(change, ["remaining_quantity"], "upd-r", elsewhere),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TOKEN_REGION_MISMATCH",
+    )
+    assert await a.update_alert(change, ["remaining_quantity"], "upd-r", here) == updated

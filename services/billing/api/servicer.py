@@ -27,9 +27,9 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         self.ctx = ctx
         self.idempotency = idempotency
 
-    async def _idempotent(self, scope, request, response_type, work):
+    async def _idempotent(self, scope, request, response_type, work, authorize=None):
         return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now
+            self.ctx.db, scope, request, response_type, work, self.ctx.now, authorize=authorize
         )
 
     # --- accounts -------------------------------------------------------------------------
@@ -173,7 +173,16 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             renewals.explained(
                 self.ctx,
                 None,
-                self._idempotent("SetAutoRenew", request, billing_pb2.AutoRenewal, work),
+                self._idempotent(
+                    "SetAutoRenew",
+                    request,
+                    billing_pb2.AutoRenewal,
+                    work,
+                    # The reply names no region: a replay is checked against the package's.
+                    authorize=lambda uow, reply: renewals.check_package_scope(
+                        uow, reply.package_id
+                    ),
+                ),
             )
         )
 
@@ -193,11 +202,12 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return order_message(order)
 
     async def ListOrders(self, request, context):
-        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        principal = current_principal()
+        account_id = check_account_id(principal.scoped_account(request.account_id))
         after = decode_page_token(request)
         limit = page_size(request.page_size)
         found = await orders.list_orders(
-            self.ctx, account_id, after[0] if after else None, limit + 1
+            self.ctx, account_id, after[0] if after else None, limit + 1, principal.regions
         )
         page, token = page_of(found, limit, lambda o: [o.order_id], request)
         return billing_service_pb2.ListOrdersResponse(
@@ -205,28 +215,43 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
 
     async def SubscribeApi(self, request, context):
-        subscription = await hiding_absence(
-            subscriptions.subscribe(
-                self.ctx, request.request_id, request.account_id, request.region, request.api
-            )
-        )
-        return convert.to_proto_subscription(subscription)
+        return await self._subscription("SubscribeApi", request, subscriptions.subscribe)
 
     async def UnsubscribeApi(self, request, context):
-        subscription = await hiding_absence(
-            subscriptions.unsubscribe(
-                self.ctx, request.request_id, request.account_id, request.region, request.api
+        return await self._subscription("UnsubscribeApi", request, subscriptions.unsubscribe)
+
+    async def _subscription(self, scope, request, change):
+        """Quota is told first, then billing's record is written under the request's key; a
+        replay is answered from the stored reply and tells quota nothing."""
+        replay = await self.idempotency.replay(
+            self.ctx.db, scope, request, billing_pb2.ApiSubscription
+        )
+        if replay is not None:
+            return replay
+
+        def keep(record):
+            async def work(uow):
+                return convert.to_proto_subscription(await record(uow))
+
+            return self._idempotent(scope, request, billing_pb2.ApiSubscription, work)
+
+        return await hiding_absence(
+            change(
+                self.ctx, request.request_id, request.account_id, request.region, request.api, keep
             )
         )
-        return convert.to_proto_subscription(subscription)
 
     async def GetBill(self, request, context):
+        regions = current_principal().regions
         return await hiding_absence(
-            bills.get_bill_message(self.ctx, request.account_id, request.month)
+            bills.get_bill_message(self.ctx, request.account_id, request.month, regions)
         )
 
     async def ExportBill(self, request, context):
-        csv = await hiding_absence(bills.export_bill(self.ctx, request.account_id, request.month))
+        regions = current_principal().regions
+        csv = await hiding_absence(
+            bills.export_bill(self.ctx, request.account_id, request.month, regions)
+        )
         return billing_service_pb2.ExportBillResponse(csv=csv)
 
     async def WatchEvents(self, request, context):

@@ -11,6 +11,12 @@ construction and is checked (``domain.bills.check_bill``) against the ledger's o
 An enterprise member has no balance: its bill lists its own lines (their amounts are the effect
 on its master's balance) and leaves the balances unset. Cycles not settled yet are not on the
 bill: a bill shows what the balance paid.
+
+A region-limited token (docs/security.md, "Region scope on every read") sees the lines of its
+regions and the lines that belong to no region (top-ups); lines of other regions are left out.
+Its bill's `total` is the sum of the lines it shows, and the opening and closing balances are
+left unset (as for a member): they are account-wide and the lines shown would not explain them.
+The whole bill is read and checked first, so the ledger check still covers every line.
 """
 
 from __future__ import annotations
@@ -159,10 +165,22 @@ async def get_bill(ctx: BillingContext, account_id: str, month: str) -> Bill:
     return bill
 
 
-async def export_bill(ctx: BillingContext, account_id: str, month: str) -> str:
+def visible_lines(
+    lines: tuple[BillLine, ...], regions: frozenset[str] | None
+) -> tuple[BillLine, ...]:
+    """The lines a token valid in `regions` sees (every line when None): those of its
+    regions and those of no region."""
+    if regions is None:
+        return lines
+    return tuple(line for line in lines if not line.region or line.region in regions)
+
+
+async def export_bill(
+    ctx: BillingContext, account_id: str, month: str, regions: frozenset[str] | None = None
+) -> str:
     """The bill as CSV: a header row, then one row per line (times in the billing time zone)."""
     bill = await get_bill(ctx, account_id, month)
-    return bill_csv(bill.lines, bill.currency, ctx.tz)
+    return bill_csv(visible_lines(bill.lines, regions), bill.currency, ctx.tz)
 
 
 # --- the wire form (belongs in api/convert.py; kept here until the servicer is wired) ------
@@ -198,16 +216,23 @@ def to_proto_line(line: BillLine, currency: str) -> billing_pb2.BillLine:
     return message
 
 
-def to_proto_bill(bill: Bill, has_balance: bool, ctx: BillingContext) -> billing_pb2.Bill:
+def to_proto_bill(
+    bill: Bill,
+    has_balance: bool,
+    ctx: BillingContext,
+    lines: tuple[BillLine, ...] | None = None,
+) -> billing_pb2.Bill:
+    """The wire form of `bill`, showing `lines` (all of its lines when None)."""
     start, end = month_bounds(bill.month, ctx.tz)
     currency = bill.currency
+    lines = bill.lines if lines is None else lines
     message = billing_pb2.Bill(
         account_id=bill.account_id,
         month=bill.month,
         currency_code=currency,
-        lines=[to_proto_line(line, currency) for line in bill.lines],
+        lines=[to_proto_line(line, currency) for line in lines],
         # The lines' amounts are their effects on the paying balance: their sum.
-        total=micros_to_money(sum(line.balance_effect for line in bill.lines), currency),
+        total=micros_to_money(sum(line.balance_effect for line in lines), currency),
         start_time=to_timestamp(start),
         end_time=to_timestamp(end),
     )
@@ -217,8 +242,12 @@ def to_proto_bill(bill: Bill, has_balance: bool, ctx: BillingContext) -> billing
     return message
 
 
-async def get_bill_message(ctx: BillingContext, account_id: str, month: str) -> billing_pb2.Bill:
-    """GetBill: the bill in its wire form."""
+async def get_bill_message(
+    ctx: BillingContext, account_id: str, month: str, regions: frozenset[str] | None = None
+) -> billing_pb2.Bill:
+    """GetBill: the bill in its wire form, as a token valid in `regions` may see it."""
     check_month(month, ctx.tz)
     bill, account = await ctx.db.read(lambda uow: _read(ctx, uow, account_id, month))
+    if regions is not None:
+        return to_proto_bill(bill, False, ctx, visible_lines(bill.lines, regions))
     return to_proto_bill(bill, account.kind != accounts.AccountKind.ENTERPRISE_MEMBER, ctx)

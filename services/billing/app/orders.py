@@ -493,13 +493,20 @@ async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:
 
 
 async def list_orders(
-    ctx: BillingContext, account_id: str, after_id: str | None, limit: int
+    ctx: BillingContext,
+    account_id: str,
+    after_id: str | None,
+    limit: int,
+    regions: frozenset[str] | None = None,
 ) -> list[Order]:
-    """Newest first (ids grow with time)."""
+    """Newest first (ids grow with time); only orders of `regions` when given (a
+    region-limited token's, filtered in the query so pages stay full; docs/security.md)."""
     o = t.orders.c
     query = (
         select(t.orders).where(o.account_id == account_id).order_by(o.order_id.desc()).limit(limit)
     )
+    if regions is not None:
+        query = query.where(o.region.in_(sorted(regions)))
     if after_id:
         query = query.where(o.order_id < after_id)
     rows = await ctx.db.read(lambda uow: uow.rows(query))

@@ -211,6 +211,12 @@ async def set_auto_renew(
     )
 
 
+async def check_package_scope(uow: UnitOfWork, package_id: str) -> None:
+    """The caller may see this sold package (its account and region)."""
+    sold = await packages.load(uow, package_id)
+    check_scope(sold.account_id, sold.region)
+
+
 async def get_auto_renew(ctx: BillingContext, package_id: str) -> SoldPackage:
     """GetAutoRenew: the setting and schedule of a package billing sold."""
     if not package_id:

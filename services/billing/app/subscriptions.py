@@ -1,14 +1,24 @@
 """Use cases of API subscriptions: billing checks the account's standing, quota enables the API.
 
-Quota trusts its `service` callers; billing is where the account and its standing are
+Quota trusts billing (its `internal` caller); billing is where the account and its standing are
 checked. Billing keeps its own record of what it asked for, so releasing an account can cancel
 its subscriptions.
+
+The request id billing sends to quota (docs/security.md, "Subscriptions without a request_id")
+is made per subscription: without a request_id every call is a fresh command (not idempotent,
+like any call without one), with one it is derived from the caller's idempotency owner, the
+account, region, API and the request_id, so two different subscriptions never share quota's
+key. Billing's record is written under the request's own idempotency key (the caller passes
+`keep`), so a replayed request changes neither quota nor billing's record and the two agree.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import insert, select, update
 
@@ -16,11 +26,17 @@ from services.billing.adapters import tables as t
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
+from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
+from shared.ids import new_id
 from shared.timeutil import from_micros, to_micros
 
 ACTIVE, CANCELLED = 1, 2
+
+T = TypeVar("T")
+# Runs billing's record in a transaction (with the request's idempotency key, when it has one).
+Keep = Callable[[Callable[[UnitOfWork], Awaitable["Subscription"]]], Awaitable[T]]
 
 
 @dataclass(frozen=True)
@@ -38,9 +54,23 @@ def _check(ctx: BillingContext, region: str, api: str) -> None:
     ctx.check_api(api)
 
 
+def quota_request_id(verb: str, request_id: str, account_id: str, region: str, api: str) -> str:
+    """The request id of the EnableApi/DisableApi billing sends for one (un)subscribe call."""
+    if not request_id:
+        return new_id(verb)
+    owner = current_principal().idempotency_owner
+    key = "\n".join((verb, owner, account_id, region, api, request_id))
+    return f"{verb}-{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 async def subscribe(
-    ctx: BillingContext, request_id: str, account_id: str, region: str, api: str
-) -> Subscription:
+    ctx: BillingContext,
+    request_id: str,
+    account_id: str,
+    region: str,
+    api: str,
+    keep: Keep[T],
+) -> T:
     """Enable an API for an account in good standing (quota first, then billing's record)."""
     _check(ctx, region, api)
     account = await ctx.db.read(lambda uow: accounts.load_account(uow, account_id))
@@ -51,19 +81,32 @@ async def subscribe(
             account_id=account_id,
             standing=account.standing.name,
         )
-    await ctx.quota.enable_api(f"subscribe-{request_id or account_id}", account_id, region, api)
-    return await ctx.db.transaction(lambda uow: record(ctx, uow, account_id, region, api, ACTIVE))
+    await ctx.quota.enable_api(
+        quota_request_id("subscribe", request_id, account_id, region, api),
+        account_id,
+        region,
+        api,
+    )
+    return await keep(lambda uow: record(ctx, uow, account_id, region, api, ACTIVE))
 
 
 async def unsubscribe(
-    ctx: BillingContext, request_id: str, account_id: str, region: str, api: str
-) -> Subscription:
+    ctx: BillingContext,
+    request_id: str,
+    account_id: str,
+    region: str,
+    api: str,
+    keep: Keep[T],
+) -> T:
     _check(ctx, region, api)
     await ctx.db.read(lambda uow: accounts.load_account(uow, account_id))
-    await ctx.quota.disable_api(f"unsubscribe-{request_id or account_id}", account_id, region, api)
-    return await ctx.db.transaction(
-        lambda uow: record(ctx, uow, account_id, region, api, CANCELLED)
+    await ctx.quota.disable_api(
+        quota_request_id("unsubscribe", request_id, account_id, region, api),
+        account_id,
+        region,
+        api,
     )
+    return await keep(lambda uow: record(ctx, uow, account_id, region, api, CANCELLED))
 
 
 async def record(

@@ -46,6 +46,9 @@ notifications = Table(
     # JSON: the structured fields webhooks carry.
     Column("data", Text, nullable=False),
     Column("create_time_us", BigInteger, nullable=False),
+    # The region it is about; "" for account-wide ones (arrears, balance). A region-limited
+    # token lists only its regions' and the account-wide ones (docs/security.md).
+    Column("region", String(64), nullable=False, server_default=""),
     Index("ix_notifications_account", "account_id", "notification_id"),
 )
 

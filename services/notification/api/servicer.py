@@ -23,15 +23,23 @@ def _check_contact(contact: contacts.Contact) -> None:
     check_scope(contact.account_id)
 
 
+def _without_secret(contact: notification_pb2.Contact) -> notification_pb2.Contact:
+    """What a CreateContact replay answers: the contact, never its webhook secret."""
+    kept = notification_pb2.Contact()
+    kept.CopyFrom(contact)
+    kept.ClearField("webhook_secret")
+    return kept
+
+
 class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServicer):
     def __init__(self, ctx: NotificationContext, idempotency: IdempotencyStore, kick) -> None:
         self.ctx = ctx
         self.idempotency = idempotency
         self.kick = kick  # wakes the delivery worker
 
-    async def _idempotent(self, scope, request, response_type, work):
+    async def _idempotent(self, scope, request, response_type, work, stored=None):
         return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now
+            self.ctx.db, scope, request, response_type, work, self.ctx.now, stored=stored
         )
 
     # --- contacts -------------------------------------------------------------------------
@@ -43,7 +51,11 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             contact = await contacts.create_contact(self.ctx, uow, spec)
             return convert.to_proto_contact(contact, with_secret=True)
 
-        return await self._idempotent("CreateContact", request, notification_pb2.Contact, work)
+        # The webhook secret is shown once: a replay answers the contact without it
+        # (docs/security.md).
+        return await self._idempotent(
+            "CreateContact", request, notification_pb2.Contact, work, stored=_without_secret
+        )
 
     async def GetContact(self, request, context):
         contact = await hiding_absence(contacts.get_contact(self.ctx, request.contact_id))
@@ -86,7 +98,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     # --- notifications --------------------------------------------------------------------
 
     async def ListNotifications(self, request, context):
-        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        principal = current_principal()
+        account_id = check_account_id(principal.scoped_account(request.account_id))
         before = decode_page_token(request)
         limit = page_size(request.page_size)
         views = await notifications.list_notifications(
@@ -95,6 +108,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             list(request.message_types),
             before[0] if before else None,
             limit + 1,
+            principal.regions,
         )
         page, token = page_of(views, limit, lambda v: [v.notification_id], request)
         return notification_service_pb2.ListNotificationsResponse(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from allot.notification.v1 import notification_pb2
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 
 from services.notification.adapters import tables as t
 from services.notification.adapters.channels import DeliveryError, OutgoingMessage
@@ -97,6 +97,7 @@ async def take(
             body=message.body,
             data=json.dumps(message.data, sort_keys=True),
             create_time_us=to_micros(now),
+            region=message.region,
         )
     )
     if contacts is None:
@@ -335,8 +336,11 @@ async def list_notifications(
     message_types: list[int],
     before_id: str | None,
     limit: int,
+    regions: frozenset[str] | None = None,
 ) -> list[NotificationView]:
-    """Newest first (ids sort by creation)."""
+    """Newest first (ids sort by creation). With `regions` (a region-limited token), only
+    notifications about those regions and account-wide ones, filtered in the query so pages
+    stay full (docs/security.md)."""
     n = t.notifications.c
     query = (
         select(n.notification_id)
@@ -344,6 +348,8 @@ async def list_notifications(
         .order_by(n.notification_id.desc())
         .limit(limit)
     )
+    if regions is not None:
+        query = query.where(or_(n.region == "", n.region.in_(sorted(regions))))
     if message_types:
         query = query.where(n.message_type.in_(sorted(set(message_types))))
     if before_id:

@@ -141,6 +141,12 @@ class Message:
     body: str
     data: dict = field(default_factory=dict)  # structured fields for webhooks
 
+    @property
+    def region(self) -> str:
+        """The region the message is about; "" for account-wide ones."""
+        region = self.data.get("region", "")
+        return region if isinstance(region, str) else ""
+
 
 def _billing_message(event: SourceEvent, tz: tzinfo) -> Message | None:
     if isinstance(event, StandingChanged):
