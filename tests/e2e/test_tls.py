@@ -12,6 +12,8 @@ certificates.
   a plaintext client too. The operator's certificate (naming no service) needs a token. A
   `billing` certificate may grant packages without a token but not report usage; a
   `notification` certificate may not grant.
+- Quota's plaintext health-only port (ALLOT_HEALTH_ADDR, for kubelet probes) answers health
+  and nothing else.
 - The real `grpcurl` with `-cacert/-cert/-key` lists services and calls an RPC.
 - A server's certificate files replaced while it runs: the next connection gets the new one.
 
@@ -55,7 +57,7 @@ from tests.support.notification_processes import (
 )
 from tests.support.processes import mtls_env, quota_process
 from tests.support.quota_calls import API, REGION, QuotaCalls
-from tests.support.servers import Tokens
+from tests.support.servers import Tokens, free_port
 
 QUOTA_SERVICE = "allot.quota.v1.QuotaService"
 CALL_TIMEOUT = 15.0
@@ -106,6 +108,7 @@ class Suite:
     quota: str
     billing: str
     notification: str
+    quota_health: str  # quota's plaintext health-only port (ALLOT_HEALTH_ADDR)
 
     def channel(self, addr: str, name: str | None = "client") -> grpc.aio.Channel:
         return grpc.aio.secure_channel(addr, self.pki.credentials(name))
@@ -119,6 +122,7 @@ def suite(tmp_path_factory):
     tokens = Tokens(signer=TokenSigner.from_key_file(private_key))
     q_env, b_env = paired_env(root, CLOCK_START)
     q_env.update(mtls_env(pki.dir, "quota", jwks))
+    quota_health = q_env["ALLOT_HEALTH_ADDR"] = f"127.0.0.1:{free_port()}"
     b_env.update(mtls_env(pki.dir, "billing", jwks))
     with quota_process(q_env, root / "quota.log") as quota:
         b_env["ALLOT_QUOTA_ADDR"] = quota.addr
@@ -133,7 +137,7 @@ def suite(tmp_path_factory):
                 **mtls_env(pki.dir, "notification", jwks),
             )
             with notification_process(n_env, root / "notification.log") as notification:
-                yield Suite(pki, tokens, quota.addr, billing.addr, notification.addr)
+                yield Suite(pki, tokens, quota.addr, billing.addr, notification.addr, quota_health)
                 for process in (notification, billing, quota):
                     assert process.terminate(timeout=30) == 0, process.log_text()[-2000:]
 
@@ -294,6 +298,23 @@ async def test_a_service_certificate_is_that_service_with_its_rights_only(suite)
     async with suite.channel(suite.quota) as channel:
         packages = await quota_calls(channel, suite.tokens).package_ids(account)
     assert packages == [granted.package_id]
+
+
+async def test_the_health_port_answers_plaintext_health_and_nothing_else(suite, q):
+    """What kubelet's gRPC probe sees (it cannot speak TLS): health on ALLOT_HEALTH_ADDR."""
+    async with grpc.aio.insecure_channel(suite.quota_health) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", QUOTA_SERVICE):
+            answer = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        plaintext = quota_calls(channel, suite.tokens)
+        summary = quota_service_pb2.GetQuotaSummaryRequest(account_id="acct-tls-hp", region=REGION)
+        await expect_code(
+            plaintext.stub.GetQuotaSummary(summary, metadata=q.admin, timeout=CALL_TIMEOUT),
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
 
 
 # --- grpcurl ------------------------------------------------------------------------------------
