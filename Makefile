@@ -9,7 +9,7 @@ GEN := shared/gen
 PROTO_DEPS := build/proto-deps
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check lint test run bench clean
+.PHONY: help venv proto proto-check lint test run run-mtls bench clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,18 @@ test: venv  ## Run the whole test suite (PostgreSQL tests need 127.0.0.1:5432; C
 
 run: venv  ## Start the whole suite on SQLite under ALLOT_DATA_DIR (default ./var)
 	$(BIN)/allot run
+
+# `make run-mtls`: development certificates (made once) under the data dir, one per service.
+TLS_DIR = $(or $(ALLOT_DATA_DIR),var)/tls
+
+run-mtls: venv  ## Like run, with mTLS: certificates per service in ALLOT_DATA_DIR/tls (made once)
+	test -f $(TLS_DIR)/ca.pem || $(BIN)/allot certs new $(TLS_DIR)
+	ALLOT_QUOTA_TLS_CERT_FILE=$(TLS_DIR)/quota.pem ALLOT_QUOTA_TLS_KEY_FILE=$(TLS_DIR)/quota-key.pem \
+	ALLOT_BILLING_TLS_CERT_FILE=$(TLS_DIR)/billing.pem \
+	ALLOT_BILLING_TLS_KEY_FILE=$(TLS_DIR)/billing-key.pem \
+	ALLOT_NOTIFICATION_TLS_CERT_FILE=$(TLS_DIR)/notification.pem \
+	ALLOT_NOTIFICATION_TLS_KEY_FILE=$(TLS_DIR)/notification-key.pem \
+	ALLOT_TLS_CA_FILE=$(TLS_DIR)/ca.pem ALLOT_TLS_CLIENT_AUTH=require $(BIN)/allot run
 
 bench: venv  ## Print ReportUsage throughput and latency beside a bare grpc.aio echo server
 	$(PY) -m tests.bench.report_usage

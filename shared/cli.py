@@ -2,8 +2,11 @@
 
 allot token --role ROLE [--account ID] [--user ID] [--regions R1,R2] [--ttl 24h] [--key FILE]
 allot keys new DIR [--alg EdDSA|ES256] [--kid ID]   # a key pair and its JWKS
+allot certs new DIR [--days 90]   # a development CA, a certificate per service, a client's
 allot migrate SERVICE
 allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
+                   # (TLS: ALLOT_<SERVICE>_TLS_CERT_FILE/_KEY_FILE per service, or the shared
+                   # ALLOT_TLS_CERT_FILE/_KEY_FILE, with ALLOT_TLS_CA_FILE; `make run-mtls`)
 allot settings     # every ALLOT_* setting with its default and meaning
 """
 
@@ -12,13 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pathlib
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
 from importlib import import_module
 
-from shared import keys
+from shared import certs, keys
 from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES, TokenSigner
 from shared.settings import Settings, SettingsError, parse_duration
 
@@ -56,6 +61,24 @@ def cmd_keys(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_certs(args, settings: Settings | None) -> int:
+    directory = pathlib.Path(args.dir)
+    kept = certs.load_ca(directory) is not None
+    written = certs.write_dev_certificates(directory, args.days)
+    print(
+        f"CA ({'kept' if kept else 'new'}; every service trusts it as ALLOT_TLS_CA_FILE): "
+        f"{written['ca']}"
+    )
+    for service in SERVICES:
+        print(f"  {service:<13} {written[service]} (key {directory / f'{service}-key.pem'})")
+    print(
+        f"  {'client':<13} {written['client']} (key {directory / 'client-key.pem'}; "
+        "for grpcurl, names no service: a token is still needed)"
+    )
+    print(f"Valid {args.days} days. Run `allot certs new {directory}` again to issue new ones.")
+    return 0
+
+
 def cmd_migrate(args, settings: Settings) -> int:
     from shared.db import Database
     from shared.migrations import upgrade
@@ -80,25 +103,70 @@ def cmd_migrate(args, settings: Settings) -> int:
 
 
 def ensure_dev_secret(settings: Settings) -> None:
-    """Local runs get a generated secret in the data dir unless one is configured."""
-    if settings.auth_secret or settings.auth_secret_file:
+    """Local runs get a generated secret in the data dir unless one (or a JWKS) is configured."""
+    if settings.auth_secret or settings.auth_secret_file or settings.auth_jwks_file:
         return
     path = settings.data_path / "auth-secret"
     if not path.exists():
         keys.write_private(path, (secrets.token_urlsafe(48) + "\n").encode())
 
 
-def cmd_run(args, settings: Settings) -> int:
+def service_env(base: dict[str, str], name: str) -> dict[str, str]:
+    """A child's environment: its own certificate (ALLOT_<SERVICE>_TLS_CERT_FILE / _KEY_FILE)
+    as ALLOT_TLS_CERT_FILE / _KEY_FILE, else the shared ones (docs/security.md)."""
+    env = dict(base)
+    prefix = f"ALLOT_{name.upper()}_TLS_"
+    own = {part: base.get(prefix + part, "") for part in ("CERT_FILE", "KEY_FILE")}
+    if any(own.values()):
+        if not all(own.values()):
+            raise SettingsError(f"{prefix}CERT_FILE and {prefix}KEY_FILE go together")
+        for part, path in own.items():
+            env[f"ALLOT_TLS_{part}"] = path
+    return env
+
+
+def grpcurl_flags(settings: Settings) -> str:
+    """How grpcurl reaches the suite: plaintext, or TLS verified against the CA (with the
+    client certificate of `allot certs new` beside it when clients must present one)."""
+    if not settings.tls_enabled:
+        return "-plaintext"
+    flags = []
+    if settings.tls_ca_file:
+        ca = pathlib.Path(settings.tls_ca_file).resolve()
+        flags += ["-cacert", str(ca)]
+        if settings.tls_client_auth == "require":
+            flags += ["-cert", str(ca.parent / "client.pem")]
+            flags += ["-key", str(ca.parent / "client-key.pem")]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+def cmd_run(args, _settings: Settings | None = None) -> int:
     # Everything the suite writes into the data dir (secret, tokens, databases, outbox) is
     # for this user only (docs/security.md); the children inherit the mask.
     os.umask(0o077)
-    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ensure_dev_secret(settings)
-    env = dict(os.environ, ALLOT_DATA_DIR=str(settings.data_path.resolve()))
+    base = dict(os.environ)
     # `allot run` is the developer's whole suite on one machine: webhooks to a local receiver
     # are what a developer points contacts at. A deployment runs each service on its own and
     # keeps the default (refused). Set it to false here to try the guard.
-    env.setdefault("ALLOT_WEBHOOK_ALLOW_PRIVATE", "true")
+    base.setdefault("ALLOT_WEBHOOK_ALLOW_PRIVATE", "true")
+    envs: dict[str, dict[str, str]] = {}
+    for name in SERVICES:  # every child's settings checked before anything starts
+        env = service_env(base, name)
+        try:
+            child_settings = Settings.from_env(env)
+        except SettingsError as exc:
+            raise SettingsError(f"{name}: {exc}") from exc
+        if child_settings.tls_enabled and not child_settings.tls_ca_file:
+            raise SettingsError(
+                f"{name} serves TLS: set ALLOT_TLS_CA_FILE too, so the services can verify "
+                "each other when they call"
+            )
+        envs[name] = env
+    settings = Settings.from_env(envs["quota"])
+    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_dev_secret(settings)
+    for env in envs.values():
+        env["ALLOT_DATA_DIR"] = str(settings.data_path.resolve())
     children: dict[str, subprocess.Popen] = {}
     stopping = False
 
@@ -114,7 +182,7 @@ def cmd_run(args, settings: Settings) -> int:
     addresses = {}
     for name, module in SERVICES.items():
         child = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", module], env=envs[name], stdout=subprocess.PIPE, text=True
         )
         children[name] = child
         for line in child.stdout:  # the child prints one READY line, then nothing
@@ -125,30 +193,45 @@ def cmd_run(args, settings: Settings) -> int:
             stop()
             print(f"{name} did not start; see the log above", file=sys.stderr)
             return 1
-    signer = TokenSigner(settings.signing_secret(), audience=settings.auth_audience)
-    ttl = min(30 * 86400, settings.auth_max_ttl_seconds)
-    tokens = {
-        "ADMIN_TOKEN": signer.mint(ADMIN, user="operator", ttl_seconds=ttl),
-        "GATEWAY_TOKEN": signer.mint(GATEWAY, user="gateway", ttl_seconds=ttl),
-        "ACCOUNT_TOKEN": signer.mint(
-            ACCOUNT_FULL, account=DEMO_ACCOUNT, user="demo-user", ttl_seconds=ttl
-        ),
-    }
+    secret = settings.optional_signing_secret()
+    tokens = {}
+    if secret is not None:
+        signer = TokenSigner(secret, audience=settings.auth_audience)
+        ttl = min(30 * 86400, settings.auth_max_ttl_seconds)
+        tokens = {
+            "ADMIN_TOKEN": signer.mint(ADMIN, user="operator", ttl_seconds=ttl),
+            "GATEWAY_TOKEN": signer.mint(GATEWAY, user="gateway", ttl_seconds=ttl),
+            "ACCOUNT_TOKEN": signer.mint(
+                ACCOUNT_FULL, account=DEMO_ACCOUNT, user="demo-user", ttl_seconds=ttl
+            ),
+        }
+    flags = grpcurl_flags(settings)
     env_file = settings.data_path / "tokens.env"
     keys.write_private(
         env_file,
         (
             "".join(f"export {k}={v}\n" for k, v in tokens.items())
             + "".join(f"export ALLOT_{n.upper()}_ADDR={a}\n" for n, a in addresses.items())
+            + f"export GRPCURL_FLAGS={shlex.quote(flags)}\n"
         ).encode(),
     )
-    print("\nAllot is running.")
+    print("\nAllot is running" + (" with TLS." if settings.tls_enabled else "."))
     for name, addr in addresses.items():
         print(f"  {name:<13} {addr}")
-    print(f"\nReady tokens (valid 30 days; account token is for {DEMO_ACCOUNT!r}):")
-    for key, value in tokens.items():
-        print(f"  {key}={value}")
+    if tokens:
+        print(f"\nReady tokens (valid 30 days; account token is for {DEMO_ACCOUNT!r}):")
+        for key, value in tokens.items():
+            print(f"  {key}={value}")
+    else:
+        print("\nTokens are verified with ALLOT_AUTH_JWKS_FILE: mint them with `allot token --key`")
     print(f"\nThe same, for your shell:  source {env_file}")
+    if settings.tls_enabled:
+        print("\nCall it with grpcurl over TLS (no -plaintext; `$GRPCURL_FLAGS` in tokens.env):")
+        print(f"  grpcurl {flags} {addresses['billing']} list")
+        print(
+            f"  grpcurl {flags} -H \"authorization: Bearer $ADMIN_TOKEN\" -d '{{}}' "
+            f"{addresses['billing']} allot.billing.v1.BillingService/ListAccounts"
+        )
     print("Stop with Ctrl-C.\n", flush=True)
     for child in children.values():
         child.wait()
@@ -177,16 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("dir")
     new.add_argument("--alg", choices=["EdDSA", "ES256"], default="EdDSA")
     new.add_argument("--kid", help="key id (default: allot-<date>-<random>)")
+    certs_cmd = sub.add_parser("certs", help="make development TLS certificates")
+    certs_sub = certs_cmd.add_subparsers(dest="certs_command", required=True)
+    new_certs = certs_sub.add_parser(
+        "new", help="write a CA, a certificate per service and a client certificate into DIR"
+    )
+    new_certs.add_argument("dir")
+    new_certs.add_argument("--days", type=int, default=certs.DEFAULT_DAYS, help="validity")
     migrate = sub.add_parser("migrate", help="apply a service's database migrations")
     migrate.add_argument("service", choices=sorted(SERVICES))
     sub.add_parser("run", help="run the whole suite in the foreground")
     sub.add_parser("settings", help="list the settings")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        # `run` checks each child's settings itself; `certs` needs none.
+        settings = None if args.command in ("run", "certs") else Settings.from_env()
         handler = {
             "token": cmd_token,
             "keys": cmd_keys,
+            "certs": cmd_certs,
             "migrate": cmd_migrate,
             "run": cmd_run,
             "settings": cmd_settings,

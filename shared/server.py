@@ -123,6 +123,7 @@ class Server:
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         settings = self.runtime.settings
@@ -175,6 +176,7 @@ class Server:
             raise OSError(f"cannot listen on {self.addr}")
         await server.start()
         self._server = server
+        await self._start_health_port()
         await self._wait_for_database()
         if self._stopping.is_set():
             return self.port
@@ -189,6 +191,20 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s", self.service.name, self.bound_addr)
         return self.port
+
+    async def _start_health_port(self) -> None:
+        """With ALLOT_HEALTH_ADDR, a second, plaintext server with health only (the same
+        statuses): kubelet's gRPC probes cannot speak TLS, and health tells nothing secret
+        (docs/security.md)."""
+        addr = self.runtime.settings.health_addr
+        if not addr:
+            return
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if server.add_insecure_port(addr) == 0:
+            raise OSError(f"cannot listen on {addr} (ALLOT_HEALTH_ADDR)")
+        await server.start()
+        self._health_server = server
 
     @property
     def bound_addr(self) -> str:
@@ -224,6 +240,9 @@ class Server:
         await self.health.enter_graceful_shutdown()
         self.service.quiesce()
         await server.stop(float(self.runtime.settings.shutdown_grace))
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
         await self.runtime.scheduler.stop()
         await self.service.stop()
         await self.runtime.channels.close()

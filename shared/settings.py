@@ -89,6 +89,11 @@ class Settings:
     tls_client_auth: str = _setting(
         "ALLOT_TLS_CLIENT_AUTH", "none", "`none` or `require` (clients need a CA certificate)"
     )
+    health_addr: str = _setting(
+        "ALLOT_HEALTH_ADDR",
+        "",
+        "extra plaintext port serving only gRPC health, for kubelet probes under TLS (empty: none)",
+    )
     max_streams_per_caller: str = _setting(
         "ALLOT_MAX_STREAMS_PER_CALLER", "16", "concurrent streaming calls per principal"
     )

@@ -365,12 +365,13 @@ async def until(
         await asyncio.sleep(POLL)
 
 
-def quota_calls(channel: grpc.aio.Channel) -> QuotaCalls:
-    """The quota helpers of `tests.support.quota_calls` over a channel to a quota process."""
+def quota_calls(channel: grpc.aio.Channel, tokens: Tokens | None = None) -> QuotaCalls:
+    """The quota helpers of `tests.support.quota_calls` over a channel to a quota process
+    (with the tokens of `tokens`, the test secret's by default)."""
     handle = QuotaHandle(
         server=None,  # type: ignore[arg-type] - only the stubs are used
         channel=channel,
         stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
         clock=clock_service_pb2_grpc.ClockServiceStub(channel),
     )
-    return QuotaCalls(handle)
+    return QuotaCalls(handle, tokens)

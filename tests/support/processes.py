@@ -41,6 +41,21 @@ def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[s
     return env
 
 
+def mtls_env(tls_dir: pathlib.Path, service: str, jwks_file: pathlib.Path) -> dict[str, str]:
+    """Settings that make a process serve and dial mTLS with its own certificate from
+    `tls_dir` (the layout of `allot certs new`: ca.pem, <service>.pem, <service>-key.pem) and
+    verify tokens against a JWKS only. No HS256 secret: the services cannot mint tokens, so
+    their certificates are the only way they can call each other."""
+    return {
+        "ALLOT_TLS_CERT_FILE": str(tls_dir / f"{service}.pem"),
+        "ALLOT_TLS_KEY_FILE": str(tls_dir / f"{service}-key.pem"),
+        "ALLOT_TLS_CA_FILE": str(tls_dir / "ca.pem"),
+        "ALLOT_TLS_CLIENT_AUTH": "require",
+        "ALLOT_AUTH_JWKS_FILE": str(jwks_file),
+        "ALLOT_AUTH_SECRET": "",
+    }
+
+
 class WatchedProcess(ServiceProcess):
     """`python -m services.<name>` with a deadline on every wait: ready once it prints
     `READY <name> <address>`."""

@@ -26,8 +26,10 @@ TEST_SECRET = "test-secret-" + "x" * 40
 class Tokens:
     """Signed tokens for every kind of caller, and call metadata built from them."""
 
-    def __init__(self, secret: str = TEST_SECRET) -> None:
-        self.signer = TokenSigner(secret)
+    def __init__(self, secret: str = TEST_SECRET, signer: TokenSigner | None = None) -> None:
+        # `signer`: tokens signed with a private key (EdDSA / ES256), for services that verify
+        # them against a JWKS rather than the test secret.
+        self.signer = signer or TokenSigner(secret)
 
     def admin(self, regions: list[str] | None = None) -> str:
         return self.signer.mint(ADMIN, user="op", regions=regions)

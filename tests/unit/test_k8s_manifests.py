@@ -1,6 +1,8 @@
 """The Kubernetes manifests under deploy/k8s: one Deployment, Service and migration Job per
-service, configured only through settings that exist, probed over gRPC health, wired to each
-other's Services, and all listed in the kustomizations."""
+service, configured only through settings that exist, probed over gRPC health (on the
+plaintext health-only port: the service port requires mTLS), wired to each other's Services,
+serving mTLS with the service's own certificate mounted from a cert-manager Secret, verifying
+tokens with a mounted JWKS and holding no token secret, and all listed in the kustomizations."""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def _of_kind(kind: str) -> dict[str, dict]:
 DEPLOYMENTS = _of_kind("Deployment")
 SERVICES_K8S = _of_kind("Service")
 JOBS = _of_kind("Job")
+CERTIFICATES = _of_kind("Certificate")
 
 
 def _containers(workload: dict) -> list[dict]:
@@ -90,9 +93,10 @@ def test_the_settings_variables_were_found():
     assert all(name.startswith("ALLOT_") for name in SETTINGS_ENV)
 
 
-def test_every_service_has_a_deployment_a_service_and_a_migration_job():
+def test_every_service_has_a_deployment_a_service_a_certificate_and_a_migration_job():
     assert set(DEPLOYMENTS) == set(SERVICES)
     assert set(SERVICES_K8S) == set(SERVICES)
+    assert set(CERTIFICATES) == set(SERVICES)
     assert set(JOBS) == {f"{name}-migrate" for name in SERVICES}
 
 
@@ -130,14 +134,66 @@ def test_the_service_listens_on_all_interfaces_at_its_container_port(name):
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
-def test_readiness_and_liveness_are_grpc_health_checks_on_the_container_port(name):
+def test_readiness_and_liveness_are_grpc_health_checks_on_the_health_port(name):
     container = _container(name)
-    ports = {p["containerPort"] for p in container["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    health = _env(container).get("ALLOT_HEALTH_ADDR")
+    assert health is not None, f"{name}: kubelet cannot probe the mTLS port without it"
+    assert health.rsplit(":", 1)[0] == "0.0.0.0"
+    assert ports.get("health") == _port(health)
     for probe in ("readinessProbe", "livenessProbe"):
         assert probe in container, f"{name} has no {probe}"
         assert "grpc" in container[probe], f"{name}'s {probe} is not a gRPC health check"
-        assert container[probe]["grpc"]["port"] in ports
+        assert container[probe]["grpc"]["port"] == _port(health)
     assert container["readinessProbe"]["grpc"]["service"] == _grpc_service_name(name)
+
+
+def _mounted(workload: dict, container: dict, path: str) -> tuple[dict, str]:
+    """The pod volume mounted whole (no subPath) over the folder of `path`, and the file name."""
+    folder, _, filename = path.rpartition("/")
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
+    assert len(mounts) == 1, f"nothing (or several) mounted at {folder}"
+    assert "subPath" not in mounts[0], "subPath mounts never see a rotated file"
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    return volumes[mounts[0]["name"]], filename
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_the_service_serves_mtls_with_its_own_certificate_from_a_secret(name):
+    container, env = _container(name), _env(_container(name))
+    assert env.get("ALLOT_TLS_CLIENT_AUTH") == "require"
+    files = {}
+    for variable, key in (
+        ("ALLOT_TLS_CERT_FILE", "tls.crt"),
+        ("ALLOT_TLS_KEY_FILE", "tls.key"),
+        ("ALLOT_TLS_CA_FILE", "ca.crt"),
+    ):
+        assert env.get(variable), f"{name} does not set {variable}"
+        volume, filename = _mounted(DEPLOYMENTS[name], container, env[variable])
+        assert filename == key, f"{variable} is not the Secret's {key}"
+        files[variable] = volume
+    secret_names = {v["secret"]["secretName"] for v in files.values()}
+    assert len(secret_names) == 1, f"{name}'s certificate, key and CA come from one Secret"
+    (secret_name,) = secret_names
+    certificate = CERTIFICATES[name]["spec"]
+    assert certificate["secretName"] == secret_name
+    assert certificate["uris"] == [f"spiffe://allot/{name}"]
+    assert name in certificate["dnsNames"]
+    assert {"server auth", "client auth"} <= set(certificate["usages"])
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_tokens_are_verified_with_a_mounted_jwks_and_no_secret(name):
+    container, env = _container(name), _env(_container(name))
+    assert env.get("ALLOT_AUTH_JWKS_FILE"), f"{name} has no JWKS"
+    volume, _ = _mounted(DEPLOYMENTS[name], container, env["ALLOT_AUTH_JWKS_FILE"])
+    assert "configMap" in volume or "secret" in volume
+    assert not {"ALLOT_AUTH_SECRET", "ALLOT_AUTH_SECRET_FILE"} & set(env)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES_K8S))
+def test_services_do_not_expose_the_health_port(name):
+    assert [p["targetPort"] for p in SERVICES_K8S[name]["spec"]["ports"]] == ["grpc"]
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES_K8S))
