@@ -269,7 +269,8 @@ class TokenVerifier:
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from exc
         except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as exc:
-            if "aud" in str(exc):
+            # PyJWT says "Audience doesn't match" or names the missing claim.
+            if isinstance(exc, jwt.InvalidAudienceError) or exc.claim == "aud":
                 raise Unauthenticated(
                     "the token is not meant for this service (`aud`)", reason="WRONG_AUDIENCE"
                 ) from exc

@@ -69,6 +69,10 @@ class Service(Protocol):
 
 def build_runtime(settings: Settings, service_name: str) -> Runtime:
     start = settings.manual_clock_start
+    try:
+        signer = signer_for(settings)
+    except ValueError as exc:  # a secret too short to sign with: the service does not start
+        raise SettingsError(f"ALLOT_AUTH_SECRET: {exc}") from exc
     clock: Clock = ManualClock(start) if settings.clock == "manual" else SystemClock()
     return Runtime(
         settings=settings,
@@ -77,7 +81,7 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
         db=Database(settings.database_url(service_name)),
         catalog=load_catalog(settings.catalog),
         channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
-        signer=signer_for(settings),
+        signer=signer,
     )
 
 
