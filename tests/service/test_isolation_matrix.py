@@ -868,11 +868,6 @@ REPLAYED = [
     N("CreateContact"),
     N("UpdateContact"),
 ]
-NEEDS_IDEM = pytest.mark.xfail(
-    strict=True, reason="needs branch idem: request_ids scoped by the caller's account"
-)
-# Today a byte-identical replay of these is answered from B's stored reply (no owner check).
-LEAKING_REPLAYS = {BL("SetAutoRenew")}
 
 
 def _stub_method(s: Suite, rpc: str):
@@ -891,10 +886,7 @@ async def _with_request_id(s: Suite, rpc: str, target: str, request_id: str) -> 
     return request
 
 
-@pytest.mark.parametrize(
-    "rpc",
-    [pytest.param(r, marks=NEEDS_IDEM) if r in LEAKING_REPLAYS else r for r in REPLAYED],
-)
+@pytest.mark.parametrize("rpc", REPLAYED)
 async def test_a_replay_of_another_accounts_request_is_refused(suite: Suite, rpc):
     call = _stub_method(suite, rpc)
     theirs = await _with_request_id(suite, rpc, FOREIGN, suite.unique("theirs"))
@@ -908,7 +900,7 @@ async def test_a_replay_of_another_accounts_request_is_refused(suite: Suite, rpc
     assert await suite.digest() == before
 
 
-@pytest.mark.parametrize("rpc", [pytest.param(r, marks=NEEDS_IDEM) for r in REPLAYED])
+@pytest.mark.parametrize("rpc", REPLAYED)
 async def test_an_account_cannot_reserve_another_accounts_request_id(suite: Suite, rpc):
     call = _stub_method(suite, rpc)
     request_id = suite.unique("reserved")
@@ -979,15 +971,12 @@ async def _billing_events(s: Suite, md) -> list[Message]:
 NEEDS_STREAMS = pytest.mark.xfail(
     strict=True, reason="needs branch streams: streams scoped by the token's regions"
 )
-NEEDS_REGION_READS = pytest.mark.xfail(
-    strict=True, reason="needs branch idem: lists and bills scoped by the token's regions"
-)
 
 
 @pytest.mark.parametrize(
     ("read", "caller"),
     [
-        pytest.param(_list_orders, "account_read@R", marks=NEEDS_REGION_READS, id="ListOrders"),
+        pytest.param(_list_orders, "account_read@R", id="ListOrders"),
         pytest.param(_quota_events, "admin@R", marks=NEEDS_STREAMS, id="quota-WatchEvents"),
         pytest.param(_billing_events, "admin@R", marks=NEEDS_STREAMS, id="billing-WatchEvents"),
     ],
