@@ -358,7 +358,8 @@ async def test_malformed_requests_name_the_field(source, subtests):
         ("granularity", "INVALID_FIELD", {"granularity": 4}),
         # 10,001 minutes: more buckets than one request may span.
         ("end_time", "INVALID_FIELD", {"granularity": MINUTE, **week_of_minutes}),
-        ("end_time", "INVALID_FIELD", {"start": "1990-01-01T00:00:00Z"}),
+        ("end_time", "INVALID_FIELD", {"start": "2000-01-01T00:00:00Z"}),
+        ("start_time", "INVALID_FIELD", {"start": "1990-01-01T00:00:00Z"}),
     ]
     for field, reason, request in cases:
         with subtests.test(field=field, request=request):

@@ -22,12 +22,14 @@ from services.quota.domain.packages import Package, PackageState, normalize_proj
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
 from shared.timeutil import to_micros
-from shared.validation import check_account_id
+from shared.validation import check_account_id, check_length, check_quantity
 
 MAX_BATCH = 1000
-MAX_QUANTITY = 10**12
 # A gateway's clock may run a little ahead of ours; further in the future is a bad timestamp.
 FUTURE_TOLERANCE = timedelta(minutes=5)
+# Usage may arrive late (a gateway's backlog, billing re-opens settled cycles), but not later
+# than a month and a few days: a month's bill is not re-opened forever (docs/security.md).
+MAX_USAGE_AGE = timedelta(days=35)
 
 
 @dataclass(frozen=True)
@@ -80,22 +82,22 @@ class _Valid:
 def validate_usage(ctx: QuotaContext, raw: UsageInput, now: datetime) -> _Valid:
     if not raw.event_id:
         raise InvalidArgument("event_id", "event_id is required")
-    if len(raw.event_id) > 128:
-        raise InvalidArgument("event_id", "event_id is longer than 128 characters")
+    check_length(raw.event_id, "event_id")
     check_account_id(raw.account_id)
-    if len(raw.user_id) > 128:
-        raise InvalidArgument("user_id", "user_id is longer than 128 characters")
+    check_length(raw.user_id, "user_id")
     ctx.check_region(raw.region)
     ctx.check_api(raw.api)
-    if raw.quantity < 0:
-        raise InvalidArgument("quantity", "quantity must not be negative")
-    if raw.quantity > MAX_QUANTITY:
-        raise InvalidArgument("quantity", f"quantity must be at most {MAX_QUANTITY}")
+    check_length(raw.enterprise_project_id, "enterprise_project_id")
+    check_quantity(raw.quantity, "quantity")
     if not 100 <= raw.http_status <= 599:
         raise InvalidArgument("http_status", "http_status must be an HTTP status code (100-599)")
     occur_time = raw.occur_time or now
     if occur_time > now + FUTURE_TOLERANCE:
         raise InvalidArgument("occur_time", "occur_time lies in the future")
+    if occur_time < now - MAX_USAGE_AGE:
+        raise InvalidArgument(
+            "occur_time", f"occur_time is older than {MAX_USAGE_AGE.days} days; too late to record"
+        )
     event = UsageEvent(
         event_id=raw.event_id,
         account_id=raw.account_id,
