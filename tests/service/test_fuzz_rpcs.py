@@ -64,6 +64,15 @@ SERVICES = {
 }
 
 FD = pb_descriptor.FieldDescriptor
+# Numbers that get a request past its first checks, by field name.
+INT_HINTS = {
+    "http_status": [200, 503],
+    "quantity": [1, 5],
+    "total_quantity": [10],
+    "periods": [1, 2],
+    "lead_days": [7],
+    "page_size": [10],
+}
 # Written by the services' own background work (a consumer's lease heartbeat), not by calls.
 BACKGROUND_TABLES = {"consumer_leases"}
 
@@ -121,7 +130,11 @@ def _well_known(name: str) -> st.SearchStrategy[dict] | None:
         return st.fixed_dictionaries(
             {
                 "seconds": st.one_of(
-                    st.sampled_from([*TS_SECONDS, 946684800, 32503680000, 1704067200]),
+                    # The ends of Timestamp, of the accepted range (2000, 9000), and now.
+                    st.sampled_from(
+                        [*TS_SECONDS, 946684799, 946684800, 221845392000, 221845391999]
+                        + [1704067200, 253402214400, 221813856000]
+                    ),
                     st.integers(*TS_SECONDS),
                     st.integers(1704067200 - 86400 * 60, 1704067200 + 86400 * 60),
                 ),
@@ -178,8 +191,8 @@ def _field(f: pb_descriptor.FieldDescriptor, known, depth) -> st.SearchStrategy 
             return None
         single = message_dicts(f.message_type, known, depth + 1)
     elif f.type == FD.TYPE_ENUM:
-        numbers = [v.number for v in f.enum_type.values]
-        single = st.one_of(st.sampled_from(numbers), _ints(*INT32))
+        numbers = st.sampled_from([v.number for v in f.enum_type.values])
+        single = st.one_of(numbers, numbers, _ints(*INT32))
     elif f.type == FD.TYPE_STRING:
         if f.name == "paths":  # FieldMask: real field names too
             single = st.one_of(
@@ -187,10 +200,15 @@ def _field(f: pb_descriptor.FieldDescriptor, known, depth) -> st.SearchStrategy 
                 _strings(known),
             )
         elif f.name in known:
-            # A real value half the time, so that requests get past the first checks.
-            single = st.one_of(st.sampled_from(known[f.name]), _strings(known))
+            # Mostly a real value, so that requests get past the first checks and reach the
+            # extreme numbers and times next to it.
+            hint = st.sampled_from(known[f.name])
+            single = st.one_of(hint, hint, hint, _strings(known))
         else:
             single = _strings(known)
+    elif f.name in INT_HINTS and f.type in _SCALARS:
+        hint = st.sampled_from(INT_HINTS[f.name])
+        single = st.one_of(hint, hint, _SCALARS[f.type])
     else:
         single = _SCALARS[f.type]
     if f.is_repeated:

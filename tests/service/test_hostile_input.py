@@ -2,7 +2,7 @@
 writes nothing (docs/security.md, "Hostile input"): the cases issue 9 found, one table per
 service, through real quota, billing and notification servers.
 
-Ranges: timestamps 2000-01-01T00:00:00Z .. 9000-01-01T00:00:00Z; usage at most 35 days old and
+Ranges: timestamps 2000-01-01T00:00:00Z .. 9000-01-01T00:00:00Z; usage at most 45 days old and
 at most 5 minutes ahead; money and quantities below 2^63 micro-units / int64; months YYYY-MM in
 ASCII digits.
 """
@@ -14,10 +14,10 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from allot.billing.v1 import billing_service_pb2
+from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.notification.v1 import notification_pb2, notification_service_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.type import money_pb2
 
 from tests.support.billing_processes import (
@@ -86,8 +86,8 @@ QUOTA_CASES = {
         lambda q: q.report_request(q.usage("e-year-1", occur=YEAR_1)),
         "occur_time",
     ),
-    "usage older than 35 days": (
-        lambda q: q.report_request(q.usage("e-old", occur=START - timedelta(days=36))),
+    "usage older than 45 days": (
+        lambda q: q.report_request(q.usage("e-old", occur=START - timedelta(days=46))),
         "occur_time",
     ),
     "usage more than 5 minutes ahead": (
@@ -114,6 +114,10 @@ QUOTA_CASES = {
     "account id with a trailing newline": (
         lambda q: q.report_request(q.usage("e-newline", account_id=ACCOUNT + "\n")),
         "account_id",
+    ),
+    "revocation reason of 10,000 characters": (
+        lambda q: q.revoke("pkg-none", reason="r" * 10_000),
+        "reason",
     ),
     "unknown package source": (
         lambda q: q.grant_package(_package(source=99)),
@@ -178,7 +182,7 @@ async def test_a_bad_item_of_a_batch_fails_only_its_slot(quota):
             calls.usage("good-1"),
             calls.usage("year-1", occur=YEAR_1),
             calls.usage("unknown-api", api="no-such-api"),
-            calls.usage("too-old", occur=START - timedelta(days=40)),
+            calls.usage("too-old", occur=START - timedelta(days=50)),
             calls.usage("good-2"),
         ]
     )
@@ -248,7 +252,25 @@ def _bill(b: BillingCalls, month: str):
     return b.get_bill("a", month)
 
 
+def _create(b: BillingCalls, **fields):
+    return b.stub.CreateAccount(
+        billing_service_pb2.CreateAccountRequest(
+            account=billing_pb2.Account(account_id="b", **fields)
+        ),
+        metadata=b.admin,
+    )
+
+
 BILLING_CASES = {
+    "account of an unknown kind": (lambda b: _create(b, kind=99), "account.kind"),
+    "grace period of 10,000 years": (
+        lambda b: _create(b, grace_period=duration_pb2.Duration(seconds=315576000000)),
+        "account.grace_period",
+    ),
+    "display name of 10,000 characters": (
+        lambda b: _create(b, display_name="x" * 10_000),
+        "account.display_name",
+    ),
     "top-up of 2^63-1 units": (lambda b: _top_up(b, usd(NEAR_INT64)), "amount"),
     "top-up of 2^63 micro-units": (
         lambda b: _top_up(b, usd(9_223_372_036_854, 775_808_000)),
@@ -282,6 +304,12 @@ async def test_billing_refuses_extreme_input(quota_and_billing_urls, tmp_path, c
         assert (account.balance.units, account.balance.nanos) == (10, 0)
         assert not account.HasField("balance_alert_threshold")
         assert await quota.package_ids("a") == []
+        await expect(
+            billing.stub.GetAccount(
+                billing_service_pb2.GetAccountRequest(account_id="b"), metadata=billing.admin
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
 
 
 async def test_a_balance_topped_up_to_the_limit_refuses_more(quota_and_billing_urls, tmp_path):
@@ -348,3 +376,17 @@ async def test_a_renewal_past_the_range_is_refused_before_it_is_paid(
         )
         await expect(renewal, grpc.StatusCode.FAILED_PRECONDITION, reason="VALIDITY_OUT_OF_RANGE")
         assert (await billing.account("a")).balance.units == 9
+
+
+async def test_notifications_of_an_unknown_type_are_refused(database_url, tmp_path):
+    settings = notification_settings(database_url, tmp_path, f"127.0.0.1:{closed_port()}")
+    async with running_notification(settings) as notification:
+        calls = notification.calls
+        request = notification_service_pb2.ListNotificationsRequest(
+            account_id="a", message_types=[99]
+        )
+        await expect(
+            calls.stub.ListNotifications(request, metadata=calls.admin),
+            INVALID,
+            field="message_types",
+        )

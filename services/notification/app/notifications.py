@@ -31,6 +31,7 @@ from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.timeutil import from_micros, to_micros
+from shared.validation import check_enum
 
 log = logging.getLogger("allot.notification")
 
@@ -336,7 +337,9 @@ async def list_notifications(
     before_id: str | None,
     limit: int,
 ) -> list[NotificationView]:
-    """Newest first (ids sort by creation)."""
+    """Newest first (ids sort by creation); an unknown message type is INVALID_ARGUMENT."""
+    for value in message_types:
+        check_enum(value, MessageType, "message_types")
     n = t.notifications.c
     query = (
         select(n.notification_id)

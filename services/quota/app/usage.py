@@ -27,9 +27,10 @@ from shared.validation import check_account_id, check_length, check_quantity
 MAX_BATCH = 1000
 # A gateway's clock may run a little ahead of ours; further in the future is a bad timestamp.
 FUTURE_TOLERANCE = timedelta(minutes=5)
-# Usage may arrive late (a gateway's backlog, billing re-opens settled cycles), but not later
-# than a month and a few days: a month's bill is not re-opened forever (docs/security.md).
-MAX_USAGE_AGE = timedelta(days=35)
+# Usage may arrive late (a gateway's backlog; billing re-opens settled cycles and charges the
+# rest as a further line), but at most 45 days late: usage of any day of a month may still
+# arrive two weeks into the next, and a bill is not re-opened forever (docs/security.md).
+MAX_USAGE_AGE = timedelta(days=45)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,29 @@ async def record_usage(
     if not valid:
         return list(slots)  # type: ignore[arg-type]
 
+    try:
+        return await _record_together(ctx, slots, valid, now)
+    except AllotError as error:
+        if len(valid) == 1:
+            return [error if s is valid[0] else s for s in slots]  # type: ignore[misc]
+    # One event failed after validation (the batch's transaction rolled back, nothing was
+    # written): record each valid event on its own, so the error lands in its slot only
+    # (docs/security.md, "Hostile input").
+    answers: list[UsageResult | AllotError] = []
+    for slot in slots:
+        if isinstance(slot, AllotError):
+            answers.append(slot)
+            continue
+        try:
+            answers.extend(await _record_together(ctx, [slot], [slot], now))
+        except AllotError as error:
+            answers.append(error)
+    return answers
+
+
+async def _record_together(
+    ctx: QuotaContext, slots: list[_Valid | AllotError], valid: list[_Valid], now: datetime
+) -> list[UsageResult | AllotError]:
     async def work(uow: UnitOfWork) -> list[UsageResult | AllotError]:
         return await _record(ctx, uow, slots, valid, now)
 
