@@ -4,7 +4,6 @@ The bounds are documented in docs/security.md ("Hostile input"); a value outside
 ``INVALID_ARGUMENT`` naming the field, before anything is read or written.
 """
 
-import math
 import re
 from collections.abc import Iterable
 
@@ -44,13 +43,6 @@ def check_quantity(value: int, field: str, minimum: int = 0) -> int:
     """A count of calls in [minimum, MAX_QUANTITY]."""
     if not minimum <= value <= MAX_QUANTITY:
         raise InvalidArgument(field, f"{field} must be between {minimum} and {MAX_QUANTITY}")
-    return value
-
-
-def check_percent(value: float, field: str) -> float:
-    """A finite percentage in [0, 100] (NaN and infinities refused)."""
-    if not math.isfinite(value) or not 0 <= value <= 100:
-        raise InvalidArgument(field, f"{field} must be a number between 0 and 100")
     return value
 
 
