@@ -119,6 +119,11 @@ QUOTA_CASES = {
         lambda q: q.revoke("pkg-none", reason="r" * 10_000),
         "reason",
     ),
+    "package id with a NUL character": (lambda q: q.get("pkg-\x00"), "package_id"),
+    "event id with a NUL character": (
+        lambda q: q.explain("e-\x00"),
+        "event_id",
+    ),
     "unknown package source": (
         lambda q: q.grant_package(_package(source=99)),
         "package.source",
@@ -184,6 +189,7 @@ async def test_a_bad_item_of_a_batch_fails_only_its_slot(quota):
             calls.usage("unknown-api", api="no-such-api"),
             calls.usage("too-old", occur=START - timedelta(days=50)),
             calls.usage("good-2"),
+            calls.usage("nul-\x00"),
         ]
     )
     slots = [status_details(r.error) if r.HasField("error") else None for r in batch.responses]
@@ -191,6 +197,7 @@ async def test_a_bad_item_of_a_batch_fails_only_its_slot(quota):
     assert slots[1] == ("INVALID_FIELD", ["requests[1].occur_time"])
     assert slots[2][1] == ["requests[2].api"]
     assert slots[3] == ("INVALID_FIELD", ["requests[3].occur_time"])
+    assert slots[5] == ("INVALID_FIELD", ["requests[5].event_id"])
     assert batch.responses[4].remaining_quantity == 8
     await expect_error(calls.explain("year-1"), grpc.StatusCode.NOT_FOUND, "USAGE_EVENT_NOT_FOUND")
 
