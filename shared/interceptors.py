@@ -28,6 +28,7 @@ from shared.auth import (
 )
 from shared.errors import PermissionDenied, ResourceExhausted, Unavailable
 from shared.tls import peer_service
+from shared.validation import check_strings
 
 log = logging.getLogger("allot.rpc")
 
@@ -100,6 +101,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if rule is None:
             raise PermissionDenied(f"no policy allows {method}")
         authorize(principal, rule, request)
+        # Hostile but well-formed input (docs/security.md): no NUL reaches a database.
+        check_strings(request)
         set_principal(principal)
         return principal
 

@@ -22,10 +22,13 @@ from types import MappingProxyType
 
 __all__ = [
     "MAX_ABS_MICROS",
+    "MAX_AMOUNT_MICROS",
     "MICROS_PER_UNIT",
     "MoneyError",
     "format_amount",
     "from_micros",
+    "from_wire",
+    "to_wire",
     "minor_unit_digits",
     "minor_unit_micros",
     "round_half_up_to_minor",
@@ -36,6 +39,11 @@ MICROS_PER_UNIT = 1_000_000
 _MICRO_DIGITS = 6
 # Amounts are stored as signed 64-bit integers (and google.type.Money's units are int64).
 MAX_ABS_MICROS = 2**63 - 1
+# The largest amount a request may carry, and the largest balance an account may hold: one
+# trillion units (10^18 micros), so that a balance plus an amount, or a sum of a month's lines,
+# stays far below 2^63 (docs/security.md, "Hostile input").
+MAX_AMOUNT_MICROS = 10**18
+NANOS_PER_MICRO = 1000
 
 # ISO 4217 currencies whose minor unit is not two decimals. Everything else has two, which is
 # the default for codes not listed (the catalog accepts any three-letter code).
@@ -119,6 +127,33 @@ def to_micros(amount: Decimal | int) -> int:
     if abs(micros) > MAX_ABS_MICROS:
         raise MoneyError(f"amount {amount} is out of range")
     return micros
+
+
+def from_wire(units: int, nanos: int, field: str) -> int:
+    """google.type.Money's ``units`` and ``nanos`` as exact micro-units, or INVALID_ARGUMENT
+    naming ``field``: nanos outside +-999,999,999, units and nanos of different signs, finer
+    than a micro-unit, or beyond +-MAX_AMOUNT_MICROS."""
+    from shared.errors import InvalidArgument
+
+    if not -999_999_999 <= nanos <= 999_999_999 or (units and nanos and (units > 0) != (nanos > 0)):
+        raise InvalidArgument(field, f"{field} is not a valid google.type.Money")
+    if nanos % NANOS_PER_MICRO:
+        raise InvalidArgument(field, f"{field} has more than 6 decimals")
+    micros = units * MICROS_PER_UNIT + nanos // NANOS_PER_MICRO  # exact: nanos % 1000 == 0
+    if abs(micros) > MAX_AMOUNT_MICROS:
+        raise InvalidArgument(
+            field,
+            f"{field} must be at most {MAX_AMOUNT_MICROS // MICROS_PER_UNIT} units either way",
+        )
+    return micros
+
+
+def to_wire(micros: int) -> tuple[int, int]:
+    """``micros`` as google.type.Money's (units, nanos), both of the sign of the amount."""
+    _require_int(micros)
+    whole, fraction = divmod(abs(micros), MICROS_PER_UNIT)
+    sign = -1 if micros < 0 else 1
+    return sign * whole, sign * fraction * NANOS_PER_MICRO
 
 
 def from_micros(micros: int) -> Decimal:

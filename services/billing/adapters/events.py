@@ -9,17 +9,16 @@ from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
 from shared.db import UnitOfWork
+from shared.money import to_wire
 from shared.outbox import Outbox
 from shared.timeutil import to_timestamp
 
-NANOS_PER_MICRO = 1000
-
 
 def micros_to_money(micros: int, currency: str) -> money_pb2.Money:
-    units = int(micros / 1_000_000)  # truncates toward zero: units and nanos share the sign
-    return money_pb2.Money(
-        currency_code=currency, units=units, nanos=(micros - units * 1_000_000) * NANOS_PER_MICRO
-    )
+    # Integers only (a float division loses digits past 2^53 micros); units and nanos share
+    # the amount's sign.
+    units, nanos = to_wire(micros)
+    return money_pb2.Money(currency_code=currency, units=units, nanos=nanos)
 
 
 def order_message(order) -> billing_pb2.Order:

@@ -9,22 +9,16 @@ from decimal import Decimal
 from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
-from services.billing.adapters.events import NANOS_PER_MICRO, micros_to_money
+from services.billing.adapters.events import micros_to_money
 from services.billing.app.accounts import Account, AccountInput
 from shared.catalog import Offer, PriceTier
-from shared.errors import InvalidArgument
+from shared.money import from_wire
 from shared.timeutil import from_duration, to_timestamp
 
 
 def money_to_micros(money: money_pb2.Money, field: str) -> int:
-    """Exact micro-units; finer than a micro-unit, or mixed signs, is INVALID_ARGUMENT."""
-    if money.nanos % NANOS_PER_MICRO:
-        raise InvalidArgument(field, f"{field} has more than 6 decimals")
-    if not -999_999_999 <= money.nanos <= 999_999_999 or (
-        money.units and money.nanos and (money.units > 0) != (money.nanos > 0)
-    ):
-        raise InvalidArgument(field, f"{field} is not a valid google.type.Money")
-    return money.units * 1_000_000 + money.nanos // NANOS_PER_MICRO
+    """Exact micro-units within shared.money's bounds, else INVALID_ARGUMENT naming ``field``."""
+    return from_wire(money.units, money.nanos, field)
 
 
 def decimal_to_money(amount: Decimal, currency: str) -> money_pb2.Money:

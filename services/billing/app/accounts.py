@@ -21,6 +21,7 @@ from services.billing.domain.bills import BillLineKind
 from shared.db import UnitOfWork
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
+from shared.money import MAX_AMOUNT_MICROS, MICROS_PER_UNIT
 from shared.timeutil import from_micros as time_from_micros
 from shared.timeutil import to_micros as time_to_micros
 from shared.validation import check_account_id
@@ -237,6 +238,12 @@ async def top_up(
         raise InvalidArgument("amount", "a top-up must be positive")
     now = ctx.now()
     balance = row.balance_micros + amount_micros
+    if balance > MAX_AMOUNT_MICROS:
+        raise FailedPrecondition(
+            "BALANCE_LIMIT",
+            f"the balance may hold at most {MAX_AMOUNT_MICROS // MICROS_PER_UNIT} units",
+            account_id=account_id,
+        )
     values = {"balance_micros": balance, "update_time_us": time_to_micros(now)}
     if balance >= 0 and row.standing != Standing.GOOD:
         values.update(

@@ -26,7 +26,7 @@ from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
 from services.billing.domain.bills import BillLineKind
 from services.quota.domain.packages import ONE_SECOND, normalize_project_id
-from services.quota.domain.validity import package_expire_time
+from services.quota.domain.validity import ValidityOutOfRange, package_expire_time
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
@@ -276,6 +276,12 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
     effective = spec.effective_time or now
     if effective < now:
         raise InvalidArgument("effective_time", "effective_time must not lie in the past")
+    try:
+        expire = package_expire_time(effective, offer.validity_months, ctx.tz)
+    except ValidityOutOfRange:
+        raise InvalidArgument(
+            "effective_time", "effective_time is too late: the package would run past 9000-01-01"
+        ) from None
     price = to_micros(offer.price)
     account, payer = await paying_accounts(ctx, uow, spec.account_id, price)
     new = NewOrder(
@@ -290,7 +296,7 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
         periods=1,
         amount_micros=price,
         effective_time=effective,
-        expire_time=package_expire_time(effective, offer.validity_months, ctx.tz),
+        expire_time=expire,
         auto_renew=spec.auto_renew,
     )
     return await place(ctx, uow, new, f"{offer.id} in {spec.region}")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from services.quota.domain.validity import as_utc
+from shared.timeutil import MAX_TIME, MIN_TIME
 
 __all__ = [
     "CYCLE_LENGTH",
@@ -40,7 +41,8 @@ __all__ = [
 
 CYCLE_LENGTH = timedelta(hours=1)
 _MICROSECOND = timedelta(microseconds=1)
-_MONTH = re.compile(r"(\d{4})-(\d{2})")
+# ASCII digits only: \d would also take Arabic-Indic or full-width digits (docs/security.md).
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 
 
 def _offset(instant: datetime, tz: tzinfo) -> timedelta | None:
@@ -110,10 +112,18 @@ def month_key(t: datetime, tz: tzinfo) -> str:
 
 
 def parse_month(month: str) -> tuple[int, int]:
-    """``"2024-05"`` → ``(2024, 5)``; anything else raises ``ValueError``."""
+    """``"2024-05"`` → ``(2024, 5)``; anything else raises ``ValueError``.
+
+    The year lies in the range of accepted instants (2000-8999, shared.timeutil), so that the
+    month and the one after it always have bounds.
+    """
     match = _MONTH.fullmatch(month) if isinstance(month, str) else None
-    if match is None or not (1 <= int(match[1]) and 1 <= int(match[2]) <= 12):
+    if match is None or not 1 <= int(match[2]) <= 12:
         raise ValueError(f"month must be YYYY-MM, like 2024-05, not {month!r}")
+    if not MIN_TIME.year <= int(match[1]) < MAX_TIME.year:
+        raise ValueError(
+            f"month must lie in the years {MIN_TIME.year}-{MAX_TIME.year - 1}, not {month!r}"
+        )
     return int(match[1]), int(match[2])
 
 

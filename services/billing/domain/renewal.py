@@ -34,7 +34,9 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from services.quota.domain.packages import ONE_SECOND
-from services.quota.domain.validity import as_utc, renewal_expire_time
+from services.quota.domain.validity import ValidityOutOfRange, as_utc, renewal_expire_time
+from shared.errors import FailedPrecondition
+from shared.timeutil import MAX_TIME
 
 __all__ = [
     "ATTEMPT_TIME",
@@ -87,7 +89,16 @@ def renewed_expire_time(
         raise TypeError(f"periods must be an int, got {type(periods).__name__}")
     if periods < 1:
         raise ValueError(f"periods must be >= 1, got {periods}")
-    return renewal_expire_time(expire_time, validity_months * periods, tz)
+    try:
+        return renewal_expire_time(expire_time, validity_months * periods, tz)
+    except ValidityOutOfRange:
+        # The request is well-formed; the package's expiry makes it impossible
+        # (docs/security.md, "Hostile input").
+        raise FailedPrecondition(
+            "VALIDITY_OUT_OF_RANGE",
+            f"renewed for {periods} period(s), the package would run past {MAX_TIME.date()}",
+            field="periods",
+        ) from None
 
 
 def _at_attempt_time(day: date, tz: tzinfo) -> datetime:

@@ -31,6 +31,7 @@ from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.timeutil import from_micros, to_micros
+from shared.validation import check_enum
 
 log = logging.getLogger("allot.notification")
 
@@ -338,9 +339,11 @@ async def list_notifications(
     limit: int,
     regions: frozenset[str] | None = None,
 ) -> list[NotificationView]:
-    """Newest first (ids sort by creation). With `regions` (a region-limited token), only
-    notifications about those regions and account-wide ones, filtered in the query so pages
-    stay full (docs/security.md)."""
+    """Newest first (ids sort by creation); an unknown message type is INVALID_ARGUMENT.
+    With `regions` (a region-limited token), only notifications about those regions and
+    account-wide ones, filtered in the query so pages stay full (docs/security.md)."""
+    for value in message_types:
+        check_enum(value, MessageType, "message_types")
     n = t.notifications.c
     query = (
         select(n.notification_id)

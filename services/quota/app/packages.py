@@ -21,9 +21,7 @@ from services.quota.domain.packages import (
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
-from shared.validation import check_account_id
-
-MAX_QUANTITY = 10**12
+from shared.validation import MAX_QUANTITY, check_account_id
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,9 @@ async def grant_package(ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput) ->
     if spec.source not in tuple(PackageSource):
         raise InvalidArgument("package.source", "source must be FREE, PROMOTION or SUBSCRIPTION")
     if not 0 < spec.total_quantity <= MAX_QUANTITY:
-        raise InvalidArgument("package.total_quantity", "total_quantity must be positive")
+        raise InvalidArgument(
+            "package.total_quantity", f"total_quantity must be between 1 and {MAX_QUANTITY}"
+        )
     if spec.expire_time is None:
         raise InvalidArgument("package.expire_time", "expire_time is required")
     effective = spec.effective_time or now
@@ -172,8 +172,11 @@ async def renew_package(
             package_id=package_id,
             state=state.name,
         )
-    if add_quantity < 0 or add_quantity > MAX_QUANTITY:
-        raise InvalidArgument("add_quantity", "add_quantity must not be negative")
+    if add_quantity < 0 or package.total_quantity + add_quantity > MAX_QUANTITY:
+        raise InvalidArgument(
+            "add_quantity",
+            f"add_quantity must not be negative nor take total_quantity past {MAX_QUANTITY}",
+        )
     new_expire = expire_time or package.expire_time
     if new_expire < package.expire_time:
         raise InvalidArgument("expire_time", "expire_time must not move the expiry earlier")

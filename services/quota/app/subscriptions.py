@@ -7,8 +7,8 @@ from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, Standing, admit
 from services.quota.domain.packages import normalize_project_id
 from shared.db import UnitOfWork
-from shared.errors import InvalidArgument, NotFound
-from shared.validation import check_account_id
+from shared.errors import NotFound
+from shared.validation import check_account_id, check_quantity
 
 ACTIVE, CANCELLED = 1, 2  # ApiSubscriptionState
 
@@ -58,8 +58,7 @@ async def check_quota(
     ctx: QuotaContext, account_id: str, region: str, api: str, project: str, quantity: int
 ) -> Admission:
     _check(ctx, account_id, region, api)
-    if quantity < 0:
-        raise InvalidArgument("quantity", "quantity must not be negative")
+    check_quantity(quantity, "quantity")
 
     async def work(uow: UnitOfWork) -> Admission:
         subscription = await repo.get_subscription(uow, account_id, region, api)

@@ -22,12 +22,15 @@ from services.quota.domain.packages import Package, PackageState, normalize_proj
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
 from shared.timeutil import to_micros
-from shared.validation import check_account_id
+from shared.validation import check_account_id, check_length, check_quantity
 
 MAX_BATCH = 1000
-MAX_QUANTITY = 10**12
 # A gateway's clock may run a little ahead of ours; further in the future is a bad timestamp.
 FUTURE_TOLERANCE = timedelta(minutes=5)
+# Usage may arrive late (a gateway's backlog; billing re-opens settled cycles and charges the
+# rest as a further line), but at most 45 days late: usage of any day of a month may still
+# arrive two weeks into the next, and a bill is not re-opened forever (docs/security.md).
+MAX_USAGE_AGE = timedelta(days=45)
 
 
 @dataclass(frozen=True)
@@ -80,22 +83,22 @@ class _Valid:
 def validate_usage(ctx: QuotaContext, raw: UsageInput, now: datetime) -> _Valid:
     if not raw.event_id:
         raise InvalidArgument("event_id", "event_id is required")
-    if len(raw.event_id) > 128:
-        raise InvalidArgument("event_id", "event_id is longer than 128 characters")
+    check_length(raw.event_id, "event_id")
     check_account_id(raw.account_id)
-    if len(raw.user_id) > 128:
-        raise InvalidArgument("user_id", "user_id is longer than 128 characters")
+    check_length(raw.user_id, "user_id")
     ctx.check_region(raw.region)
     ctx.check_api(raw.api)
-    if raw.quantity < 0:
-        raise InvalidArgument("quantity", "quantity must not be negative")
-    if raw.quantity > MAX_QUANTITY:
-        raise InvalidArgument("quantity", f"quantity must be at most {MAX_QUANTITY}")
+    check_length(raw.enterprise_project_id, "enterprise_project_id")
+    check_quantity(raw.quantity, "quantity")
     if not 100 <= raw.http_status <= 599:
         raise InvalidArgument("http_status", "http_status must be an HTTP status code (100-599)")
     occur_time = raw.occur_time or now
     if occur_time > now + FUTURE_TOLERANCE:
         raise InvalidArgument("occur_time", "occur_time lies in the future")
+    if occur_time < now - MAX_USAGE_AGE:
+        raise InvalidArgument(
+            "occur_time", f"occur_time is older than {MAX_USAGE_AGE.days} days; too late to record"
+        )
     event = UsageEvent(
         event_id=raw.event_id,
         account_id=raw.account_id,
@@ -151,6 +154,29 @@ async def record_usage(
     if not valid:
         return list(slots)  # type: ignore[arg-type]
 
+    try:
+        return await _record_together(ctx, slots, valid, now)
+    except AllotError as error:
+        if len(valid) == 1:
+            return [error if s is valid[0] else s for s in slots]  # type: ignore[misc]
+    # One event failed after validation (the batch's transaction rolled back, nothing was
+    # written): record each valid event on its own, so the error lands in its slot only
+    # (docs/security.md, "Hostile input").
+    answers: list[UsageResult | AllotError] = []
+    for slot in slots:
+        if isinstance(slot, AllotError):
+            answers.append(slot)
+            continue
+        try:
+            answers.extend(await _record_together(ctx, [slot], [slot], now))
+        except AllotError as error:
+            answers.append(error)
+    return answers
+
+
+async def _record_together(
+    ctx: QuotaContext, slots: list[_Valid | AllotError], valid: list[_Valid], now: datetime
+) -> list[UsageResult | AllotError]:
     async def work(uow: UnitOfWork) -> list[UsageResult | AllotError]:
         return await _record(ctx, uow, slots, valid, now)
 

@@ -11,8 +11,15 @@ import calendar
 from datetime import UTC, date, datetime, time
 from zoneinfo import ZoneInfo
 
+from shared.timeutil import MAX_TIME
+
 # The last covered second of a validity period; the package covers it in full.
 LAST_SECOND_OF_DAY = time(23, 59, 59)
+
+
+class ValidityOutOfRange(ValueError):
+    """A validity period that would end at or after shared.timeutil.MAX_TIME (9000-01-01):
+    the callers refuse it naming their field (docs/security.md, "Hostile input")."""
 
 
 def as_utc(value: datetime, name: str = "datetime") -> datetime:
@@ -37,7 +44,7 @@ def add_months(d: date, months: int) -> date:
     year, month0 = divmod(month_index, 12)
     month = month0 + 1
     if not 1 <= year <= 9999:
-        raise ValueError(f"{d.isoformat()} + {months} months is out of range")
+        raise ValidityOutOfRange(f"{d.isoformat()} + {months} months is out of range")
     last_day = calendar.monthrange(year, month)[1]
     return date(year, month, min(d.day, last_day))
 
@@ -45,7 +52,10 @@ def add_months(d: date, months: int) -> date:
 def _end_of_local_day(day: date, tz: ZoneInfo) -> datetime:
     # fold=0: should 23:59:59 ever be ambiguous (a DST fall-back at midnight), take the earlier
     # instant, so a package never runs longer than its local calendar says.
-    return datetime.combine(day, LAST_SECOND_OF_DAY, tzinfo=tz).astimezone(UTC)
+    end = datetime.combine(day, LAST_SECOND_OF_DAY, tzinfo=tz).astimezone(UTC)
+    if end >= MAX_TIME:
+        raise ValidityOutOfRange(f"a validity period ending {day.isoformat()} is out of range")
+    return end
 
 
 def _require_period(months: int) -> None:
@@ -58,6 +68,8 @@ def _require_period(months: int) -> None:
 def package_expire_time(start: datetime, months: int, tz: ZoneInfo) -> datetime:
     """Return the last covered second (UTC) of a package starting at ``start`` for ``months``.
 
+    Raises ValidityOutOfRange when it would end at or after 9000-01-01.
+
     The period is counted on the calendar of ``tz`` (the billing time zone): the local date of
     ``start`` plus ``months``, at 23:59:59 local time. A one-year package bought at
     2023-04-19 14:25:10+08:00 ends at 2024-04-19 23:59:59+08:00.
@@ -69,6 +81,8 @@ def package_expire_time(start: datetime, months: int, tz: ZoneInfo) -> datetime:
 
 def renewal_expire_time(current_expire: datetime, months: int, tz: ZoneInfo) -> datetime:
     """Return the new last covered second (UTC) after renewing for ``months``.
+
+    Raises ValidityOutOfRange when it would end at or after 9000-01-01.
 
     The renewal extends from the local date of the current expiry by ``months``, at 23:59:59
     local time, by the same rule as a purchase. Clamping is not undone later: a package ending
