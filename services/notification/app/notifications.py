@@ -129,6 +129,10 @@ async def take(
         "notification_created",
         notification_pb2.NotificationCreated(notification=to_proto_notification(view)),
         now,
+        account_id=message.account_id,
+        # Regional messages (usage alerts, packages, orders) carry their region; account-level
+        # ones (arrears, balance) have none and are visible to every region.
+        region=str(message.data.get("region", "")),
     )
     return notification_id
 
