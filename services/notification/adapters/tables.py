@@ -47,6 +47,8 @@ notifications = Table(
     Column("data", Text, nullable=False),
     Column("create_time_us", BigInteger, nullable=False),
     Index("ix_notifications_account", "account_id", "notification_id"),
+    # An account's notifications of a type in a window (test notifications per hour).
+    Index("ix_notifications_account_type_time", "account_id", "message_type", "create_time_us"),
 )
 
 deliveries = Table(

@@ -1,4 +1,5 @@
-"""outbox filters: the account and region each event is about, for the streams' SQL filters
+"""outbox filters: the account and region each event is about, for the streams' SQL filters;
+notifications by account, type and time (test notifications per contact and hour)
 
 Revision ID: 0002_outbox_filters
 Revises: 0001
@@ -30,9 +31,17 @@ def upgrade() -> None:
     # Their account is unknown too (''), which only WatchNotifications filters on, and it
     # streams live events only.
     op.execute(sa.text("UPDATE outbox_events SET region = '?'"))
+    with op.batch_alter_table("notifications", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_notifications_account_type_time",
+            ["account_id", "message_type", "create_time_us"],
+            unique=False,
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("notifications", schema=None) as batch_op:
+        batch_op.drop_index("ix_notifications_account_type_time")
     with op.batch_alter_table("outbox_events", schema=None) as batch_op:
         batch_op.drop_index("ix_outbox_events_account_sequence")
         batch_op.drop_column("region")
