@@ -8,6 +8,21 @@ import sys
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("allot_request_id", default="-")
 
+# Libraries that log the data they carry at DEBUG or INFO: SQL with its parameters (webhook
+# secrets), HTTP requests with their URLs, SMTP exchanges (credentials). ALLOT_LOG_LEVEL is
+# ours; theirs says warnings only, so the log never holds a secret (docs/security.md).
+QUIET_LIBRARIES = (
+    "aiosqlite",
+    "asyncpg",
+    "sqlalchemy",
+    "httpx",
+    "httpcore",
+    "hpack",
+    "aiosmtplib",
+    "grpc",
+    "asyncio",
+)
+
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -26,3 +41,5 @@ def configure(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

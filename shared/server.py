@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import signal
 from collections.abc import Callable
@@ -258,6 +259,9 @@ def run_service(
     service_name: str, make_service: Callable[[Runtime], Service], on_ready=None
 ) -> None:
     """The `main` of a service process."""
+    # Whatever the process creates is its own (docs/security.md, "Secrets at rest"): SQLite
+    # files and their journals, the outbox folders, anything a library writes.
+    os.umask(0o077)
     settings = Settings.from_env()
     logs.configure(service_name, settings.log_level)
 

@@ -83,6 +83,7 @@ class NotificationService:
                 first_delay=timedelta(seconds=int(settings.delivery_backoff)),
                 factor=int(settings.delivery_backoff_factor),
             ),
+            private_webhooks=settings.private_webhooks_allowed,
         )
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(

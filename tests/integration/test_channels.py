@@ -8,7 +8,9 @@ to a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import email
 import email.policy
 import json
@@ -282,7 +284,8 @@ async def test_folder_writes_a_readable_email(tmp_path):
     await sender.send(outgoing(Channel.EMAIL, "ops@example.com"))
     [path] = list(folder.iterdir())
     assert path.name == "20240101T083005Z-ntf_01HXYZ.eml"
-    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(path.parent.stat().st_mode & 0o777) == oct(0o700)
     message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
     assert message["From"] == SENDER
     assert message["To"] == "ops@example.com"
@@ -429,8 +432,8 @@ async def test_webhook_500_500_200():
                 with pytest.raises(DeliveryError) as caught:
                     await sender.send(message)
                 assert caught.value.retryable
-                assert "HTTP 500" in caught.value.message
-                assert "status 500" in caught.value.message  # an excerpt of the reply
+                assert caught.value.message.endswith(": HTTP 500 from the receiver")
+                assert "status 500" not in caught.value.message  # the reply is not echoed
             await sender.send(message)
             requests = await receiver.wait_for(3)
     finally:
@@ -480,7 +483,7 @@ async def test_webhook_timeout_is_retryable():
     finally:
         await sender.close()
     assert caught.value.retryable
-    assert "no answer within 0.3 s" in caught.value.message
+    assert caught.value.message.endswith(": timed out (no answer within 0.3 s)")
     assert elapsed < 2
 
 
@@ -493,6 +496,61 @@ async def test_webhook_unreachable_is_retryable():
     finally:
         await sender.close()
     assert caught.value.retryable
+    assert caught.value.message.endswith(": connection refused")
+
+
+@contextlib.asynccontextmanager
+async def raw_server(reply: bytes):
+    """A TCP server on loopback that answers every connection with `reply` and hangs up."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(reader.read(65536), 2)
+            writer.write(reply)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "reply", "reason"),
+    [
+        (
+            "http",
+            b"SECRET-BANNER redis 7.2 -ERR unknown command\r\n\r\n",
+            "the reply is not valid HTTP",
+        ),
+        ("https", b"HTTP/1.1 200 OK\r\n\r\n", "TLS handshake failed"),
+        (
+            "http",
+            b"HTTP/1.1 503 Busy\r\nContent-Length: 20\r\n\r\nSECRET-BANNER inside",
+            "HTTP 503 from the receiver",
+        ),
+    ],
+)
+async def test_webhook_failures_are_classified_never_echoed(scheme, reply, reason):
+    """`last_error` is shown to the account: a short reason, never the other side's words
+    (a customer must not read what a host answers through it)."""
+    sender = webhook_sender(timeout=3)
+    try:
+        async with raw_server(reply) as port:
+            url = (
+                f"{scheme}://127.0.0.1:{port}/hook"
+                if scheme == "http"
+                else (f"https://localhost:{port}/hook")
+            )
+            with pytest.raises(DeliveryError) as caught:
+                await sender.send(outgoing(Channel.WEBHOOK, url, secret="whsec_x"))
+    finally:
+        await sender.close()
+    assert caught.value.message.endswith(f": {reason}")
+    assert "SECRET" not in caught.value.message and "redis" not in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -565,16 +623,18 @@ async def test_webhook_name_resolving_to_loopback_is_refused_before_connecting(
             http_receiver() as plain,
             http_receiver(tls=hook_certificate.server_context()) as tls,
         ):
-            # http:// is valid only for localhost; https:// for any name.
+            # http:// is valid only for localhost; https:// for any name. On 8443 (a webhook
+            # port): the name's address is what is refused, not the port.
             for receiver, host in ((plain, "localhost"), (tls, HOOK_HOST)):
-                message = outgoing(Channel.WEBHOOK, receiver.url(host=host), secret="whsec_x")
+                url = receiver.url(host=host).replace(f":{receiver.port}/", ":8443/")
+                message = outgoing(Channel.WEBHOOK, url, secret="whsec_x")
                 with pytest.raises(DeliveryError) as caught:
                     await sender.send(message)
                 assert not caught.value.retryable
                 assert caught.value.message == (
-                    f"webhook host {host} resolves to 127.0.0.1 (loopback): not allowed"
+                    f"webhook host {host}: address not allowed (loopback)"
                 )
-            assert calls == [("localhost", plain.port), (HOOK_HOST, tls.port)]
+            assert calls == [("localhost", 8443), (HOOK_HOST, 8443)]
             assert plain.requests == [] and tls.requests == []
     finally:
         await sender.close()
@@ -585,7 +645,7 @@ async def test_webhook_to_a_loopback_address_is_refused_without_resolving():
     sender = WebhookSender(timeout=5, resolver=resolving_to("127.0.0.1", calls=calls))
     try:
         with http_receiver() as receiver:
-            for url in (receiver.url(), f"http://[::1]:{receiver.port}/hook"):
+            for url in ("http://127.0.0.1:8443/hook", "http://[::1]:8443/hook"):
                 with pytest.raises(DeliveryError) as caught:
                     await sender.send(outgoing(Channel.WEBHOOK, url, secret="whsec_x"))
                 assert not caught.value.retryable
@@ -621,9 +681,8 @@ async def test_webhook_host_with_any_internal_address_is_refused(addresses, refu
     finally:
         await sender.close()
     assert not caught.value.retryable
-    assert caught.value.message == (
-        f"webhook host metadata.internal resolves to {refused} ({why}): not allowed"
-    )
+    assert caught.value.message == f"webhook host metadata.internal: address not allowed ({why})"
+    assert refused not in caught.value.message  # the operator's DNS is not shown
 
 
 async def test_webhook_goes_to_the_checked_address_with_the_hosts_name(hook_certificate):
@@ -809,7 +868,8 @@ async def test_build_senders_guards_webhooks_unless_private_ones_are_allowed(
                 await senders[Channel.WEBHOOK].send(message)
                 await receiver.wait_for(1)
             else:
-                with pytest.raises(DeliveryError, match="127.0.0.1 is loopback: not allowed"):
+                # The receiver's random port is refused first (443 and 8443 only).
+                with pytest.raises(DeliveryError, match="port 443 or 8443 only"):
                     await senders[Channel.WEBHOOK].send(message)
                 assert receiver.requests == []
     finally:

@@ -21,13 +21,14 @@ from datetime import UTC, datetime
 import pytest
 from allot.quota.v1 import quota_pb2
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import event as sa_event
 
 from services.quota.adapters import tables
 from services.quota.service import QuotaService
 from shared import migrations
 from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
 from shared.db import Database, UnitOfWork
-from shared.outbox import Outbox
+from shared.outbox import POLL_SECONDS, Outbox
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 WAIT = 30.0  # bound on every wait for a consumer; a loaded 2-core machine is slow
@@ -225,6 +226,95 @@ async def test_watch_streams_history_then_live_events(db, outbox):
     await write(db, outbox, ["live-0", "live-1"])
     await asyncio.wait_for(watcher, WAIT)
     assert got == ["old-1", "old-2", "live-0", "live-1"]
+
+
+def stage_about(outbox: Outbox, uow: UnitOfWork, tag: str, account: str, region: str) -> str:
+    payload = quota_pb2.PayPerUseRecorded(usage_event_id=tag, account_id=account, region=region)
+    return outbox.add(uow, "pay_per_use_recorded", payload, NOW, account_id=account, region=region)
+
+
+async def write_about(db: Database, outbox: Outbox, rows: list[tuple[str, str, str]]) -> None:
+    """One transaction staging (tag, account, region) events."""
+
+    async def work(uow: UnitOfWork) -> None:
+        for row in rows:
+            stage_about(outbox, uow, *row)
+
+    await db.transaction(work)
+
+
+async def test_read_and_watch_filter_by_account_and_region_in_sql(db, outbox):
+    await write_about(
+        db,
+        outbox,
+        [("a-east", "a", "east"), ("b-east", "b", "east"), ("a-west", "a", "west")],
+    )
+    await write_about(db, outbox, [("a-none", "a", ""), ("b-west", "b", "west")])
+
+    async def tags(**filters) -> list[str]:
+        return [tag_of(e) for e in await outbox.read(0, **filters)]
+
+    assert await tags(account_id="a") == ["a-east", "a-west", "a-none"]
+    # Events about no region are visible to every region.
+    assert await tags(regions=["east"]) == ["a-east", "b-east", "a-none"]
+    assert await tags(account_id="b", regions=["west", "north"]) == ["b-west"]
+    assert await tags(regions=[]) == ["a-none"]
+    # Sequences stay those of the whole outbox: a filtered cursor is a plain cursor.
+    assert [e.sequence for e in await outbox.read(0, account_id="b")] == [2, 5]
+
+    got: list[str] = []
+
+    async def watch() -> None:
+        async for event in outbox.watch(2, account_id="a", regions=["west"]):
+            got.append(tag_of(event))
+            if tag_of(event) == "a-live":
+                return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    await write_about(db, outbox, [("b-live", "b", "west"), ("a-live-east", "a", "east")])
+    await write_about(db, outbox, [("a-live", "a", "west")])
+    await asyncio.wait_for(watcher, WAIT)
+    assert got == ["a-west", "a-none", "a-live"]
+
+
+async def test_idle_streams_share_one_tail_and_wake_for_another_replicas_commit(db, outbox):
+    """Forty idle streams cost one small query per POLL_SECONDS between them, not forty; a
+    commit by another process (here: another Outbox on the same database, whose commits this
+    one does not hear of) still reaches them within about POLL_SECONDS."""
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    replica = Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
+    received: dict[int, list[str]] = {i: [] for i in range(40)}
+
+    async def watch(i: int) -> None:
+        account = "a" if i % 2 == 0 else "b"
+        async for event in outbox.watch(0, account_id=account):
+            received[i].append(tag_of(event))
+            return
+
+    watchers = [asyncio.create_task(watch(i)) for i in range(40)]
+    try:
+        await asyncio.sleep(0.5)  # every stream read its (empty) history and waits
+        sa_event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            await asyncio.sleep(POLL_SECONDS * 4)
+        finally:
+            sa_event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+        reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(reads) <= 6, reads  # the tail's look at the counter, about 4 times
+
+        await write_about(db, replica, [("for-a", "a", "east")])
+        await asyncio.wait_for(asyncio.gather(*watchers[::2]), WAIT)
+        assert all(received[i] == ["for-a"] for i in range(0, 40, 2))
+        assert all(received[i] == [] for i in range(1, 40, 2))
+    finally:
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
 
 
 # --- consumer ----------------------------------------------------------------------------------

@@ -462,9 +462,14 @@ async def test_webhooks_to_internal_addresses_fail_at_once_by_default(database_u
     with http_receiver() as hook:
         async with running_notification(settings) as handle:
             n = handle.calls
-            by_address = await n.create(ACCOUNT, WEBHOOK, hook.url())
+            # Only ports 443 and 8443 unless private webhooks are allowed.
+            await expect_error(
+                n.create(ACCOUNT, WEBHOOK, hook.url()), INVALID, "INVALID_FIELD", "contact.address"
+            )
+            on_8443 = hook.url().replace(f":{hook.port}/", ":8443/")
+            by_address = await n.create(ACCOUNT, WEBHOOK, on_8443)
             # Resolved by the system: localhost is loopback wherever the suite runs.
-            by_name = await n.create(ACCOUNT, WEBHOOK, hook.url(host="localhost"))
+            by_name = await n.create(ACCOUNT, WEBHOOK, on_8443.replace("127.0.0.1", "localhost"))
             await n.send_test(by_address.contact_id)
             await n.send_test(by_name.contact_id)
             found = await n.settled(ACCOUNT, 2)
@@ -478,16 +483,18 @@ async def test_webhooks_to_internal_addresses_fail_at_once_by_default(database_u
     }
     errors = {d.contact_id: d.last_error for x in found for d in x.deliveries}
     assert errors[by_address.contact_id] == "webhook address 127.0.0.1 is loopback: not allowed"
-    assert errors[by_name.contact_id].startswith("webhook host localhost resolves to ")
-    assert errors[by_name.contact_id].endswith(" (loopback): not allowed")
+    # Not which address it resolved to: the operator's DNS is not shown to customers.
+    assert errors[by_name.contact_id] == "webhook host localhost: address not allowed (loopback)"
 
 
 async def test_notifications_are_listed_newest_first_in_pages_and_by_type(n):
     own = await n.create(ACCOUNT, EMAIL, "ops@example.com")
+    also_own = await n.create(ACCOUNT, EMAIL, "dev@example.com")  # 3 tests per contact an hour
     theirs = await n.create(OTHER, EMAIL, "them@example.com")
     sent = []
-    for _ in range(5):
-        sent.append((await n.send_test(own.contact_id)).notification_id)
+    for i in range(5):
+        contact_id = (own, also_own)[i % 2].contact_id
+        sent.append((await n.send_test(contact_id)).notification_id)
         await asyncio.sleep(0.005)  # ids order by the millisecond
     await n.send_test(theirs.contact_id)
 

@@ -101,9 +101,34 @@ INVALID = [
 
 @pytest.mark.parametrize(("channel", "address", "normalized"), VALID)
 def test_valid_addresses_are_normalized(channel, address, normalized):
-    assert validate_address(channel, address) == normalized
+    # Any port: the loopback receivers of a local run (private webhooks allowed).
+    assert validate_address(channel, address, any_port=True) == normalized
     # Normalizing is idempotent: a stored address validates to itself.
-    assert validate_address(channel, normalized) == normalized
+    assert validate_address(channel, normalized, any_port=True) == normalized
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("https://hooks.example.com/x", True),
+        ("https://hooks.example.com:443/x", True),
+        ("https://hooks.example.com:8443/x", True),
+        ("https://hooks.example.com:22/x", False),
+        ("https://hooks.example.com:6379/x", False),
+        ("https://hooks.example.com:80/x", False),
+        ("http://127.0.0.1:8080/hook", False),
+        ("http://localhost/hook", False),  # http's port 80
+    ],
+)
+def test_webhooks_go_to_443_or_8443_unless_any_port(address, allowed):
+    assert validate_address(WEBHOOK, address, any_port=True)
+    if allowed:
+        assert validate_address(WEBHOOK, address)
+        return
+    with pytest.raises(InvalidArgument) as caught:
+        validate_address(WEBHOOK, address)
+    assert caught.value.field == "contact.address"
+    assert "port 443 or 8443 only" in caught.value.message
 
 
 @pytest.mark.parametrize(("channel", "address", "why"), INVALID)

@@ -67,7 +67,7 @@ class BillingEvents:
             payload.grace_end_time.CopyFrom(to_timestamp(payer.grace_end_time))
         if payer.retention_end_time:
             payload.retention_end_time.CopyFrom(to_timestamp(payer.retention_end_time))
-        self.outbox.add(uow, "account_standing_changed", payload, now)
+        self.outbox.add(uow, "account_standing_changed", payload, now, account_id=account_id)
 
     def balance_below_threshold(
         self,
@@ -83,13 +83,15 @@ class BillingEvents:
             balance=micros_to_money(balance, currency),
             threshold=micros_to_money(threshold, currency),
         )
-        self.outbox.add(uow, "balance_below_threshold", payload, now)
+        self.outbox.add(uow, "balance_below_threshold", payload, now, account_id=account_id)
 
     def order_updated(self, uow: UnitOfWork, order, previous: int | None, now: datetime) -> None:
         payload = billing_pb2.OrderUpdated(order=order_message(order))
         if previous is not None:
             payload.previous_state = int(previous)
-        self.outbox.add(uow, "order_updated", payload, now)
+        self.outbox.add(
+            uow, "order_updated", payload, now, account_id=order.account_id, region=order.region
+        )
 
     def auto_renew_failed(self, uow: UnitOfWork, sold, reason: str, now: datetime) -> None:
         """``sold``: app.packages.SoldPackage after the failed attempt (its next attempt)."""
@@ -101,4 +103,6 @@ class BillingEvents:
         )
         if sold.next_attempt_time is not None:
             payload.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))
-        self.outbox.add(uow, "auto_renew_failed", payload, now)
+        self.outbox.add(
+            uow, "auto_renew_failed", payload, now, account_id=sold.account_id, region=sold.region
+        )

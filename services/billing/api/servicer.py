@@ -255,7 +255,12 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return billing_service_pb2.ExportBillResponse(csv=csv)
 
     async def WatchEvents(self, request, context):
+        # A region-limited token sees its regions' events and those about no region (an
+        # account's standing, its balance): docs/security.md.
         async for event in self.ctx.outbox.watch(
-            request.after_sequence, request.event_types, stopped=context.done
+            request.after_sequence,
+            request.event_types,
+            stopped=context.done,
+            regions=current_principal().regions,
         ):
             yield event

@@ -318,23 +318,25 @@ class FolderSender:
         try:
             await asyncio.to_thread(_write_atomically, path, content)
         except OSError as exc:
-            # A full disk or a permission fixed later: worth another attempt.
-            raise DeliveryError(f"cannot write {path}: {exc}", retryable=True) from exc
+            # A full disk or a permission fixed later: worth another attempt. The path and
+            # the system's words are the operator's business (log), not the account's.
+            log.warning("cannot write %s: %s", path, exc)
+            raise DeliveryError("cannot write to the outbox folder", retryable=True) from exc
 
     async def close(self) -> None:
         pass
 
 
 def _write_atomically(path: pathlib.Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Private (docs/security.md): what customers are sent is theirs, not every local user's.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; the outbox is for people to read.
-        os.chmod(temp, 0o644)
+        # mkstemp creates 0600: the owner (the developer running the suite) reads it.
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -391,8 +393,34 @@ async def _excerpt(response: httpx.Response) -> str:
             data += chunk
             if len(data) >= RESPONSE_EXCERPT_BYTES:
                 break
-    text = " ".join(data[:RESPONSE_EXCERPT_BYTES].decode(errors="replace").split())
-    return f": {text}" if text else ""
+    return " ".join(data[:RESPONSE_EXCERPT_BYTES].decode(errors="replace").split())
+
+
+def _causes(exc: BaseException):
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def transport_reason(exc: httpx.TransportError) -> str:
+    """A short classified reason for a failed connection or exchange: what `last_error` shows
+    the account. Never the receiver's own words (docs/security.md: a customer must not read
+    other hosts' replies, or scan ports, through `last_error`)."""
+    causes = list(_causes(exc))
+    if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
+        return "TLS certificate not trusted"
+    if any(isinstance(c, ssl.SSLError) for c in causes):
+        return "TLS handshake failed"
+    if isinstance(exc, httpx.ConnectError):
+        if any(isinstance(c, ConnectionRefusedError) for c in causes):
+            return "connection refused"
+        return "connection failed"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the reply is not valid HTTP"
+    return "the connection broke before an answer"
 
 
 async def _post(
@@ -408,7 +436,11 @@ async def _post(
     """POST once; success is any 2xx. 408, 425, 429, 5xx, timeouts and connection failures are
     worth retrying; any other answer (a 4xx, or a redirect, which is not followed) is final.
     With `addresses`, the connection goes to one of the addresses it returns (looked up within
-    the same `seconds`), never to a second lookup of the URL's host."""
+    the same `seconds`), never to a second lookup of the URL's host.
+
+    A failure says what happened in a few classified words (`HTTP 503 from the receiver`,
+    `connection refused`, `timed out`); the receiver's reply goes to the debug log only."""
+    detail = ""
     try:
         # httpx's timeout bounds each phase; this bounds the whole exchange.
         async with asyncio.timeout(seconds):
@@ -422,26 +454,33 @@ async def _post(
                 status = response.status_code
                 if 200 <= status < 300:
                     return
-                detail = await _excerpt(response)
+                if log.isEnabledFor(logging.DEBUG):
+                    detail = await _excerpt(response)
             finally:
                 await response.aclose()
     except (TimeoutError, httpx.TimeoutException) as exc:
-        raise DeliveryError(f"{what}: no answer within {seconds:g} s", retryable=True) from exc
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-        raise DeliveryError(f"{what}: {exc}", retryable=False) from exc
-    except httpx.TransportError as exc:
-        reason = str(exc) or type(exc).__name__
-        raise DeliveryError(f"{what}: {reason}", retryable=True) from exc
-    if 300 <= status < 400:
-        location = response.headers.get("location", "")
         raise DeliveryError(
-            f"{what}: HTTP {status} redirect to {location!r} (redirects are not followed; "
+            f"{what}: timed out (no answer within {seconds:g} s)", retryable=True
+        ) from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        log.debug("%s: %s", what, exc)
+        raise DeliveryError(f"{what}: the URL cannot be called", retryable=False) from exc
+    except httpx.TransportError as exc:
+        log.debug("%s: %s", what, exc)
+        raise DeliveryError(f"{what}: {transport_reason(exc)}", retryable=True) from exc
+    if 300 <= status < 400:
+        log.debug("%s: HTTP %d to %r", what, status, response.headers.get("location", ""))
+        raise DeliveryError(
+            f"{what}: HTTP {status} redirect from the receiver (redirects are not followed; "
             "update the URL)",
             retryable=False,
         )
+    log.debug("%s: HTTP %d: %s", what, status, detail)
     retryable = status in (408, 425, 429) or status >= 500
     raise DeliveryError(
-        f"{what}: HTTP {status}{detail}", retryable=retryable, retry_after=_retry_after(response)
+        f"{what}: HTTP {status} from the receiver",
+        retryable=retryable,
+        retry_after=_retry_after(response),
     )
 
 
@@ -535,7 +574,7 @@ class WebhookSender:
         try:
             # Checked at creation too; again here so a URL stored under older rules (or
             # written to the database by hand) is never called over plain http.
-            url = validate_address(Channel.WEBHOOK, message.address)
+            url = validate_address(Channel.WEBHOOK, message.address, any_port=self._allow_private)
         except InvalidArgument as exc:
             raise DeliveryError(exc.message, retryable=False) from exc
         if not message.secret:
@@ -591,12 +630,13 @@ class WebhookSender:
             if why is None:
                 continue
             # Final: the same name or address gets the same answer until someone changes it.
-            what = (
-                f"host {host} resolves to {address} ({why})"
-                if named
-                else f"address {host} is {why}"
-            )
-            raise DeliveryError(f"webhook {what}: not allowed", retryable=False)
+            if named:
+                # Not which address: a customer must not map the operator's DNS through it.
+                log.debug("webhook host %s resolves to %s (%s)", host, address, why)
+                raise DeliveryError(
+                    f"webhook host {host}: address not allowed ({why})", retryable=False
+                )
+            raise DeliveryError(f"webhook address {host} is {why}: not allowed", retryable=False)
         return addresses
 
     async def close(self) -> None:

@@ -50,6 +50,8 @@ notifications = Table(
     # token lists only its regions' and the account-wide ones (docs/security.md).
     Column("region", String(64), nullable=False, server_default=""),
     Index("ix_notifications_account", "account_id", "notification_id"),
+    # An account's notifications of a type in a window (test notifications per hour).
+    Index("ix_notifications_account_type_time", "account_id", "message_type", "create_time_us"),
 )
 
 deliveries = Table(

@@ -116,14 +116,19 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         )
 
     async def WatchNotifications(self, request, context):
-        account_id = check_account_id(current_principal().scoped_account(request.account_id))
+        principal = current_principal()
+        account_id = check_account_id(principal.scoped_account(request.account_id))
         after = await self.ctx.outbox.last_sequence()
+        # Filtered in SQL: the account's notifications, of the token's regions or of none
+        # (arrears, balance): docs/security.md.
         async for event in self.ctx.outbox.watch(
-            after, ["notification_created"], stopped=context.done
+            after,
+            ["notification_created"],
+            stopped=context.done,
+            account_id=account_id,
+            regions=principal.regions,
         ):
-            notification = event.notification_created.notification
-            if notification.account_id == account_id:
-                yield notification
+            yield event.notification_created.notification
 
     async def RetryDelivery(self, request, context):
         notifications.check_delivery_key(request.notification_id, request.contact_id)

@@ -105,7 +105,7 @@ async def create_contact(ctx: NotificationContext, uow: UnitOfWork, spec: Contac
         contact_id=new_id("cnt"),
         account_id=spec.account_id,
         channel=channel,
-        address=validate_address(channel, spec.address),
+        address=validate_address(channel, spec.address, any_port=ctx.private_webhooks),
         message_types=_message_types(spec.message_types),
         webhook_secret=new_webhook_secret() if channel == Channel.WEBHOOK else "",
         create_time=now,
@@ -166,7 +166,9 @@ async def update_contact(
     paths = list(paths) or sorted(UPDATABLE)
     changes: dict = {"update_time": ctx.now()}
     if "address" in paths:
-        changes["address"] = validate_address(contact.channel, spec.address)
+        changes["address"] = validate_address(
+            contact.channel, spec.address, any_port=ctx.private_webhooks
+        )
     if "message_types" in paths:
         changes["message_types"] = _message_types(spec.message_types)
     updated = dataclasses.replace(contact, **changes)

@@ -17,6 +17,8 @@ class NotificationContext:
     outbox: Outbox
     retry: RetryPolicy
     senders: dict = field(default_factory=dict)  # Channel -> sender (adapters/channels.py)
+    # ALLOT_WEBHOOK_ALLOW_PRIVATE: webhooks may also go to internal hosts and to any port.
+    private_webhooks: bool = False
 
     def now(self):
         return self.clock.now()

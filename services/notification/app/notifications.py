@@ -28,7 +28,7 @@ from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import FAILED, PENDING, SENT
 from services.notification.domain.messages import Message, MessageType, sample_message
 from shared.db import UnitOfWork
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.ids import new_id
 from shared.timeutil import from_micros, to_micros
 from shared.validation import check_enum
@@ -39,6 +39,9 @@ log = logging.getLogger("allot.notification")
 CLAIM = timedelta(minutes=2)
 # Deliveries claimed per round.
 ROUND = 20
+# Test notifications per contact and window (SendTestNotification).
+TEST_LIMIT = 3
+TEST_WINDOW = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,44 @@ async def take(
         "notification_created",
         notification_pb2.NotificationCreated(notification=to_proto_notification(view)),
         now,
+        account_id=message.account_id,
+        # Regional messages (usage alerts, packages, orders) carry their region; account-level
+        # ones (arrears, balance) have none and are visible to every region.
+        region=str(message.data.get("region", "")),
     )
     return notification_id
 
 
 async def send_test(ctx: NotificationContext, uow: UnitOfWork, contact: Contact) -> str:
+    """A test notification to `contact` alone, at most TEST_LIMIT per contact per TEST_WINDOW
+    (docs/security.md: an unverified address is not a free mailer). Counted in the database,
+    under the contact's row lock, so the limit holds across replicas and restarts."""
+    await load_contact(uow, contact.contact_id, for_update=True)
+    now = ctx.now()
+    n, d = t.notifications.c, t.deliveries.c
+    sent = (
+        await uow.session.execute(
+            select(n.create_time_us)
+            .join(t.deliveries, d.notification_id == n.notification_id)
+            .where(
+                n.account_id == contact.account_id,
+                n.message_type == int(MessageType.TEST),
+                n.create_time_us > to_micros(now - TEST_WINDOW),
+                d.contact_id == contact.contact_id,
+            )
+            .order_by(n.create_time_us)
+        )
+    ).all()
+    if len(sent) >= TEST_LIMIT:
+        retry_time = from_micros(sent[-TEST_LIMIT].create_time_us) + TEST_WINDOW
+        raise ResourceExhausted(
+            "TEST_NOTIFICATION_RATE_LIMITED",
+            f"at most {TEST_LIMIT} test notifications per contact per hour; "
+            f"retry after {retry_time.isoformat()}",
+            contact_id=contact.contact_id,
+            limit=TEST_LIMIT,
+            retry_time=retry_time.isoformat(),
+        )
     message = sample_message(contact.account_id, contact.contact_id)
     notification_id = await take(ctx, uow, message, None, contacts=[contact])
     assert notification_id is not None

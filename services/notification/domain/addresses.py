@@ -4,7 +4,9 @@ An address is checked once, when a contact is created or edited, and stored in i
 form: an email address with its domain lower-cased, an E.164 number without separators, a
 webhook URL with scheme and host lower-cased. Webhooks must use https; plain http is accepted
 only for loopback hosts, so a developer can point a contact at a local receiver while
-notifications never leave the machine unencrypted.
+notifications never leave the machine unencrypted. Webhooks go to port 443 or 8443 only
+(WEBHOOK_PORTS), so a contact cannot be aimed at other services' ports; any port is accepted
+where private webhooks are allowed (`any_port`, a local run; docs/security.md).
 
 Where a webhook may be sent is decided again at send time, on the addresses its host resolves
 to: `address_class` names why an address is not a public receiver's (loopback, private,
@@ -37,6 +39,8 @@ MAX_LOCAL_PART_LENGTH = 64
 MAX_URL_LENGTH = 2048
 SIGNATURE_TOLERANCE_SECONDS = 300
 WEBHOOK_SECRET_PREFIX = "whsec_"
+# The ports a webhook may be sent to unless private webhooks are allowed.
+WEBHOOK_PORTS = (443, 8443)
 
 # The dot-atom of RFC 5322 (no quoted local parts: no mail provider hands those out, and they
 # are a classic way to smuggle spaces and `@` past naive parsers).
@@ -50,8 +54,9 @@ _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
 
-def validate_address(channel: int, address: str) -> str:
-    """The normalized address, or InvalidArgument naming `contact.address` with the reason."""
+def validate_address(channel: int, address: str, *, any_port: bool = False) -> str:
+    """The normalized address, or InvalidArgument naming `contact.address` with the reason.
+    `any_port`: a webhook may use any port (private webhooks allowed), not only 443/8443."""
     address = address.strip()
     if not address:
         raise InvalidArgument(FIELD, "contact.address is required")
@@ -60,7 +65,7 @@ def validate_address(channel: int, address: str) -> str:
     if channel == Channel.SMS:
         return _phone(address)
     if channel == Channel.WEBHOOK:
-        return _webhook_url(address)
+        return _webhook_url(address, any_port)
     # The channel itself is validated (and named) by the caller; this guards misuse.
     raise InvalidArgument("contact.channel", f"unknown channel {channel}")
 
@@ -121,7 +126,7 @@ def _phone(address: str) -> str:
     return number
 
 
-def _webhook_url(address: str) -> str:
+def _webhook_url(address: str, any_port: bool = False) -> str:
     what = "a valid webhook URL"
     if len(address) > MAX_URL_LENGTH:
         raise _invalid(address, what, f"longer than {MAX_URL_LENGTH} characters")
@@ -145,6 +150,9 @@ def _webhook_url(address: str) -> str:
     host = _url_host(address, host)
     if scheme == "http" and not is_loopback_host(host):
         raise _invalid(address, what, "it must use https (http is allowed only for loopback)")
+    effective_port = port if port is not None else (443 if scheme == "https" else 80)
+    if not any_port and effective_port not in WEBHOOK_PORTS:
+        raise _invalid(address, what, f"webhooks go to port 443 or 8443 only, not {effective_port}")
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc = f"{netloc}:{port}"

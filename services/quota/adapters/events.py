@@ -40,7 +40,14 @@ class QuotaEvents:
             payload.threshold_quantity = rule.threshold.quantity
         else:
             payload.threshold_percent = float(rule.threshold.percent)
-        return self.outbox.add(uow, "threshold_crossed", payload, now)
+        return self.outbox.add(
+            uow,
+            "threshold_crossed",
+            payload,
+            now,
+            account_id=rule.account_id,
+            region=rule.region,
+        )
 
     def pay_per_use_recorded(
         self, uow: UnitOfWork, event: UsageEvent, quantity: int, now: datetime
@@ -55,7 +62,14 @@ class QuotaEvents:
             quantity=quantity,
             occur_time=to_timestamp(event.occur_time),
         )
-        return self.outbox.add(uow, "pay_per_use_recorded", payload, now)
+        return self.outbox.add(
+            uow,
+            "pay_per_use_recorded",
+            payload,
+            now,
+            account_id=event.account_id,
+            region=event.region,
+        )
 
     def package_state_changed(
         self, uow: UnitOfWork, record: PackageRecord, previous: PackageState, now: datetime
@@ -63,7 +77,7 @@ class QuotaEvents:
         payload = quota_pb2.PackageStateChanged(
             package=package_message(record, now), previous_state=int(previous)
         )
-        return self.outbox.add(uow, "package_state_changed", payload, now)
+        return self.outbox.add(uow, "package_state_changed", payload, now, **_about(record))
 
     def package_expiring(
         self, uow: UnitOfWork, record: PackageRecord, days_left: int, now: datetime
@@ -71,7 +85,12 @@ class QuotaEvents:
         payload = quota_pb2.PackageExpiring(
             package=package_message(record, now), days_left=days_left
         )
-        return self.outbox.add(uow, "package_expiring", payload, now)
+        return self.outbox.add(uow, "package_expiring", payload, now, **_about(record))
+
+
+def _about(record: PackageRecord) -> dict[str, str]:
+    """What a package's event is about, for the streams' filters."""
+    return {"account_id": record.package.account_id, "region": record.package.region}
 
 
 def package_message(record: PackageRecord, now: datetime) -> quota_pb2.Package:

@@ -299,7 +299,12 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     # --- events --------------------------------------------------------------------------
 
     async def WatchEvents(self, request, context):
+        # A region-limited token sees its regions' events and those about no region (an
+        # account's standing, its balance): docs/security.md.
         async for event in self.outbox.watch(
-            request.after_sequence, request.event_types, stopped=context.done
+            request.after_sequence,
+            request.event_types,
+            stopped=context.done,
+            regions=current_principal().regions,
         ):
             yield event
