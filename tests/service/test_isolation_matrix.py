@@ -968,17 +968,12 @@ async def _billing_events(s: Suite, md) -> list[Message]:
     )
 
 
-NEEDS_STREAMS = pytest.mark.xfail(
-    strict=True, reason="needs branch streams: streams scoped by the token's regions"
-)
-
-
 @pytest.mark.parametrize(
     ("read", "caller"),
     [
         pytest.param(_list_orders, "account_read@R", id="ListOrders"),
-        pytest.param(_quota_events, "admin@R", marks=NEEDS_STREAMS, id="quota-WatchEvents"),
-        pytest.param(_billing_events, "admin@R", marks=NEEDS_STREAMS, id="billing-WatchEvents"),
+        pytest.param(_quota_events, "admin@R", id="quota-WatchEvents"),
+        pytest.param(_billing_events, "admin@R", id="billing-WatchEvents"),
     ],
 )
 async def test_region_limited_reads_hide_other_regions(suite: Suite, read, caller):

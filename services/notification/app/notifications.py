@@ -137,7 +137,7 @@ async def take(
         account_id=message.account_id,
         # Regional messages (usage alerts, packages, orders) carry their region; account-level
         # ones (arrears, balance) have none and are visible to every region.
-        region=str(message.data.get("region", "")),
+        region=message.region,
     )
     return notification_id
 

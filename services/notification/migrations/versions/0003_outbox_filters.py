@@ -1,16 +1,16 @@
 """outbox filters: the account and region each event is about, for the streams' SQL filters;
 notifications by account, type and time (test notifications per contact and hour)
 
-Revision ID: 0002_outbox_filters
-Revises: 0001
+Revision ID: 0003_outbox_filters
+Revises: 0002
 Create Date: 2026-11-27 09:00:00.000000
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_outbox_filters"
-down_revision = "0001"
+revision = "0003_outbox_filters"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
