@@ -12,6 +12,7 @@ import sys
 import time
 
 from shared.settings import REPO_ROOT
+from tests.support.processes import file_modes
 from tests.support.servers import free_port
 
 
@@ -123,6 +124,15 @@ def test_try_it_runs_verbatim(tmp_path):
         assert second[4]["duplicate"] is True
         assert second[5]["items"][0]["remaining_quantity"] == "99997"
         assert len(second[8]["notifications"]) == 1
+
+        # What `make run` wrote (the secret, tokens.env with a 30-day admin token, the
+        # databases, the outbox) is private to its user (docs/security.md).
+        found = file_modes(tmp_path / "var")
+        assert {"var/auth-secret", "var/tokens.env", "var/quota.db", "var/outbox/email"} <= set(
+            found
+        )
+        loose = {path: oct(mode) for path, mode in found.items() if mode & 0o077}
+        assert loose == {}, loose
         check_try_billing([run_block(readme_block("### Try billing"), env) for _ in range(2)])
     finally:
         suite.send_signal(signal.SIGINT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import stat
 import time
 
 import grpc
@@ -26,6 +25,7 @@ from tests.support.notification_processes import (
     notification_env,
     notification_process,
 )
+from tests.support.processes import file_modes
 from tests.support.receivers import closed_port
 from tests.support.servers import TEST_SECRET, Tokens
 
@@ -63,13 +63,6 @@ def secret_parts(token: str) -> list[str]:
     pieces = token.split(".")
     parts += [p for p in pieces[1:] if len(p) >= 16]
     return parts
-
-
-def modes(root) -> dict[str, int]:
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        out[str(path.relative_to(root.parent))] = stat.S_IMODE(path.stat().st_mode)
-    return out
 
 
 async def test_data_dir_is_private_and_the_log_holds_no_secret(tmp_path):
@@ -123,7 +116,7 @@ async def test_data_dir_is_private_and_the_log_holds_no_secret(tmp_path):
         log = process.log_text()
 
     # Nothing the process created is readable by anyone else.
-    found = modes(data_dir)
+    found = file_modes(data_dir)
     assert {"data/db/notification.db", "data/outbox/email"} <= set(found)
     loose = {path: oct(mode) for path, mode in found.items() if mode & 0o077}
     assert loose == {}, loose

@@ -14,6 +14,7 @@ import os
 import pathlib
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -150,3 +151,11 @@ def quota_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[Quota
         yield process
     finally:
         process.kill()
+
+
+def file_modes(root: pathlib.Path) -> dict[str, int]:
+    """Permission bits of `root` and everything below it, by path from `root`'s parent."""
+    out = {}
+    for path in [root, *root.rglob("*")]:
+        out[str(path.relative_to(root.parent))] = stat.S_IMODE(path.stat().st_mode)
+    return out
