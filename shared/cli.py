@@ -64,7 +64,12 @@ def cmd_keys(args, settings: Settings) -> int:
 def cmd_certs(args, settings: Settings | None) -> int:
     directory = pathlib.Path(args.dir)
     kept = certs.load_ca(directory) is not None
-    written = certs.write_dev_certificates(directory, args.days)
+    # The folders it makes (the data dir of `make run-mtls`) are private, like `allot run`'s.
+    previous = os.umask(0o077)
+    try:
+        written = certs.write_dev_certificates(directory, args.days)
+    finally:
+        os.umask(previous)
     print(
         f"CA ({'kept' if kept else 'new'}; every service trusts it as ALLOT_TLS_CA_FILE): "
         f"{written['ca']}"
