@@ -51,6 +51,10 @@ COUNTER_ID = 1
 PAGE = 500
 # How often the shared tail looks for events committed by other processes.
 POLL_SECONDS = 0.5
+# How often a waiting stream looks at `stopped` on its own. A cancelled call cancels its
+# handler and `close()` wakes every stream, so this is only a safety net; it is long because
+# each look is a timer per stream (200 idle streams at 0.5 s cost ~15 % of a core).
+STOPPED_CHECK_SECONDS = 5.0
 
 
 def outbox_tables(metadata: MetaData) -> tuple[Table, Table]:
@@ -296,15 +300,15 @@ class Outbox(Generic[E]):
             await self._wait(woken, head, stopped)
 
     async def _wait(self, woken: asyncio.Event, known: int, stopped: Callable[[], bool]) -> None:
-        """Until a commit here, or the tail saw one past `known`. Waking up to look at
-        `stopped` costs no query."""
+        """Until a commit here, or the tail saw one past `known` (the tail sets `woken` then).
+        Waking up to look at `stopped` costs no query."""
         self._waiting += 1
         if self._tail is None:
             self._tail = asyncio.get_running_loop().create_task(self._follow())
         try:
             while not (woken.is_set() or self._head > known or stopped() or self._closed):
                 try:
-                    await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+                    await asyncio.wait_for(woken.wait(), STOPPED_CHECK_SECONDS)
                 except TimeoutError:
                     pass
         finally:

@@ -12,7 +12,11 @@ What runs:
 - per database: ReportUsage (one event per call) without alert rules and with five rules on
   the account (evaluated on every event, never reached), and BatchReportUsage (100 events per
   call), each at concurrency 1, 16 and 64, each against its own account holding one package of
-  10^9 calls (so every event deducts from it), with distinct event ids.
+  10^9 calls (so every event deducts from it), with distinct event ids;
+- per database, idle streams: quota's CPU while idle and ReportUsage at concurrency 16, each
+  without and then with 200 open `WatchEvents` streams of 200 callers (streams that never
+  receive anything: they ask for an event type the bench never causes), so what a stream costs
+  while it waits is a figure.
 
 Each scenario runs a fixed time: a 1 s warm-up, then BENCH_SECONDS (default 5) measured. A call
 counts when it finishes inside the measured window; calls still in flight at the end are
@@ -49,6 +53,7 @@ import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from shared.auth import ADMIN
 from shared.settings import DEFAULT_CATALOG, REPO_ROOT
 from tests.bench.echo_server import METHOD as ECHO_METHOD
 from tests.support.databases import (
@@ -62,6 +67,8 @@ BENCH_SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 WARMUP_SECONDS = 1.0
 CONCURRENCIES = (1, 16, 64)
 BATCH_SIZE = 100
+IDLE_STREAMS = 200
+IDLE_SECONDS = 3.0
 ALERT_RULES = 5  # the issue asks for ReportUsage with five alert rules beside none
 REGION = "ap-southeast-1"
 API = "passport"
@@ -299,6 +306,52 @@ class QuotaBench:
             results.append(await drive(name, batch, concurrency, BATCH_SIZE))
         return results
 
+    async def unary_scenario(self, name: str, scenario: str, concurrency: int) -> Measurement:
+        account_id = await self.new_account(scenario, concurrency)
+        metadata = Tokens.md(self.tokens.gateway())
+
+        async def unary() -> None:
+            response = await self.stub.ReportUsage(
+                usage_request(self.event_id(), account_id), metadata=metadata
+            )
+            _check(response)
+            self.acknowledged[account_id] += 1
+
+        return await drive(name, unary, concurrency)
+
+    async def idle_streams(self, pid: int) -> str:
+        """Quota's CPU while idle and ReportUsage at concurrency 16, without and with
+        IDLE_STREAMS open WatchEvents streams (distinct callers: one caller may hold 16)."""
+        idle_before = await cpu_share(pid, IDLE_SECONDS)
+        without = await self.unary_scenario("ReportUsage", "streams0", 16)
+        calls = [
+            self.stub.WatchEvents(
+                # An event type the bench never causes: the streams wait, they never receive.
+                quota_service_pb2.WatchEventsRequest(event_types=["package_expiring"]),
+                metadata=Tokens.md(self.tokens.signer.mint(ADMIN, user=f"watcher-{i}")),
+            )
+            for i in range(IDLE_STREAMS)
+        ]
+        readers = [asyncio.ensure_future(call.read()) for call in calls]
+        try:
+            await asyncio.sleep(1.0)  # every stream has read its (empty) history and waits
+            failed = [r for r in readers if r.done() and r.exception() is not None]
+            if failed:
+                return f"streams refused: {_describe(failed[0].exception())}"
+            idle_with = await cpu_share(pid, IDLE_SECONDS)
+            loaded = await self.unary_scenario("ReportUsage", "streams200", 16)
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        p50 = without.percentile_ms(50), loaded.percentile_ms(50)
+        return (
+            f"quota CPU while idle {idle_before:.1%} of a core, {idle_with:.1%} with "
+            f"{IDLE_STREAMS} idle WatchEvents streams; ReportUsage c=16 "
+            f"{without.throughput:,.0f} -> {loaded.throughput:,.0f} events/s, p50 "
+            f"{p50[0]:.2f} -> {p50[1]:.2f} ms ({p50[1] / p50[0]:.2f}x)"
+        )
+
     async def consistency(self) -> str:
         """Whether each package's used quantity equals the events the bench saw acknowledged."""
         admin = Tokens.md(self.tokens.admin())
@@ -314,6 +367,19 @@ class QuotaBench:
         if wrong:
             return "MISMATCH — " + "; ".join(wrong)
         return f"ok (used_quantity = acknowledged events on every account; {total:,} events)"
+
+
+async def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core process `pid` used over the next `seconds` (from /proc)."""
+
+    def ticks() -> int:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before, started = ticks(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+    return used / (time.perf_counter() - started)
 
 
 async def measure_quota(label: str, database_url: str, workdir: pathlib.Path):
@@ -336,13 +402,16 @@ async def measure_quota(label: str, database_url: str, workdir: pathlib.Path):
         try:
             bench = QuotaBench(quota_service_pb2_grpc.QuotaServiceStub(channel), Tokens(), label)
             results = await bench.run()
+            assert process.proc is not None
+            streams = await bench.idle_streams(process.proc.pid)
             check = await bench.consistency()
         finally:
             await channel.close()
         await asyncio.to_thread(process.terminate)
     finally:
         process.kill()
-    return results, check, await asyncio.to_thread(_log_summary, workdir / "quota.log")
+    log = await asyncio.to_thread(_log_summary, workdir / "quota.log")
+    return results, check, log, streams
 
 
 def _log_summary(path: pathlib.Path) -> str:
@@ -448,8 +517,9 @@ async def main() -> None:
         )
 
         sqlite_url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
-        results, check, log = await measure_quota("sqlite", sqlite_url, root / "sqlite")
+        results, check, log, streams = await measure_quota("sqlite", sqlite_url, root / "sqlite")
         print_table("quota on SQLite (file in a temp dir, WAL)", results, echo)
+        print(f"  idle streams: {streams}")
         print(f"  consistency: {check}")
         print(f"  server log:  {log}")
 
@@ -459,13 +529,14 @@ async def main() -> None:
             print(f"\nquota on PostgreSQL: skipped — {exc}")
         else:
             try:
-                results, check, log = await measure_quota(
+                results, check, log, streams = await measure_quota(
                     "postgresql", postgres_url, root / "postgresql"
                 )
             finally:
                 await drop_postgres_database(postgres_url)
             name = postgres_url.rsplit("/", 1)[1]
             print_table(f"quota on PostgreSQL (fresh database {name}, dropped)", results, echo)
+            print(f"  idle streams: {streams}")
             print(f"  consistency: {check}")
             print(f"  server log:  {log}")
 
