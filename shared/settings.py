@@ -111,6 +111,11 @@ class Settings:
     delivery_max_attempts: str = _setting(
         "ALLOT_DELIVERY_MAX_ATTEMPTS", "8", "delivery attempts before FAILED"
     )
+    delivery_claim: str = _setting(
+        "ALLOT_DELIVERY_CLAIM_SECONDS",
+        "120",
+        "wall-clock seconds a delivery being sent stays claimed (a crashed send is retried then)",
+    )
     delivery_backoff: str = _setting(
         "ALLOT_DELIVERY_BACKOFF_SECONDS", "60", "delay before the first delivery retry"
     )
@@ -174,6 +179,7 @@ class Settings:
             "due_work_interval",
             "expiring_notice_days",
             "delivery_backoff",
+            "delivery_claim",
             "delivery_backoff_factor",
             "consumer_lease_seconds",
             "max_streams_per_caller",

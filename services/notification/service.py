@@ -84,6 +84,7 @@ class NotificationService:
                 factor=int(settings.delivery_backoff_factor),
             ),
             private_webhooks=settings.private_webhooks_allowed,
+            claim=timedelta(seconds=int(settings.delivery_claim)),
         )
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(

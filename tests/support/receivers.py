@@ -153,8 +153,9 @@ def smtp_receiver(
     credentials: tuple[str, str] | None = None,
     implicit_tls: ssl.SSLContext | None = None,
     starttls: ssl.SSLContext | None = None,
+    port: int = 0,
 ) -> Iterator[SmtpInbox]:
-    """An SMTP server on 127.0.0.1. `credentials`: AUTH required with that user and password
+    """An SMTP server on 127.0.0.1 (on `port`, or a free one). `credentials`: AUTH required with that user and password
     (allowed without TLS, as on loopback). `implicit_tls`: TLS from the first byte (smtps);
     `starttls`: STARTTLS offered and required before MAIL."""
     inbox = SmtpInbox(HOST)
@@ -181,7 +182,7 @@ def smtp_receiver(
     controller = _PortZeroController(
         _InboxHandler(inbox),
         hostname=HOST,
-        port=0,
+        port=port,
         ssl_context=implicit_tls,
         # Without it aiosmtpd looks up this host's FQDN, which can hang on a box without DNS.
         server_hostname="localhost",

@@ -63,10 +63,12 @@ deliveries = Table(
     Column("state", SmallInteger, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("last_error", String(1000), nullable=False, server_default=""),
-    # PENDING: when the next attempt is due (a claimed delivery is pushed ahead while it is
-    # being sent, so a replica that dies mid-send leaves it due again later). SENT: when sent.
+    # PENDING: when the next attempt is due (service clock). SENT: when sent.
     Column("due_time_us", BigInteger, nullable=False),
     Column("deliver_time_us", BigInteger, nullable=True),
+    # While a replica sends it: claimed until this wall-clock instant (crash recovery is about
+    # real time, whatever the service clock does); NULL when nobody sends it.
+    Column("claim_until_us", BigInteger, nullable=True),
     Index("ix_deliveries_due", "state", "due_time_us"),
 )
 

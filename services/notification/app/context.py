@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from services.notification.domain.delivery import RetryPolicy
 from shared.clock import Clock
@@ -19,6 +20,9 @@ class NotificationContext:
     senders: dict = field(default_factory=dict)  # Channel -> sender (adapters/channels.py)
     # ALLOT_WEBHOOK_ALLOW_PRIVATE: webhooks may also go to internal hosts and to any port.
     private_webhooks: bool = False
+    # ALLOT_DELIVERY_CLAIM_SECONDS: how long (wall clock) a delivery being sent stays claimed;
+    # longer than any send may take (each sender bounds its exchange).
+    claim: timedelta = timedelta(minutes=2)
 
     def now(self):
         return self.clock.now()

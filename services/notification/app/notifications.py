@@ -3,10 +3,15 @@
 Intake runs in the stream consumer's transaction: a replayed source event finds its
 notification and adds nothing (the source event id is unique), so every crossing yields
 exactly one notification and one delivery per matching contact. Delivery happens outside any
-transaction: a claimed delivery is pushed `CLAIM` ahead while it is sent, then recorded as SENT
-or rescheduled with backoff (FAILED after the last attempt). A process that dies mid-send
-leaves the delivery due again after the claim; receivers de-duplicate on
-`Allot-Notification-Id`.
+transaction: a delivery is claimed for `ctx.claim` of wall-clock time while it is sent, then
+recorded as SENT or rescheduled with backoff (FAILED after the last attempt). A process that
+dies mid-send leaves the delivery to be sent again once the claim ends (at least once: receivers
+de-duplicate on `Allot-Notification-Id`, mail readers on its stable Message-ID).
+
+A successful send wakes the deliveries waiting for a retry behind the same outage: every
+pending email or SMS (one relay or gateway carries them all) and every pending delivery to the
+same webhook contact is due at once, so a channel that comes back drains its queue in the
+same round instead of at each delivery's next backoff step (docs/faults.md, "Deliveries").
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,7 +32,7 @@ from services.notification.adapters.events import to_proto_notification
 from services.notification.app.contacts import Contact, load_contact, to_contact
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import FAILED, PENDING, SENT
-from services.notification.domain.messages import Message, MessageType, sample_message
+from services.notification.domain.messages import Channel, Message, MessageType, sample_message
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.ids import new_id
@@ -35,8 +41,6 @@ from shared.validation import check_enum
 
 log = logging.getLogger("allot.notification")
 
-# How long a delivery being sent stays claimed; a replica that dies mid-send frees it then.
-CLAIM = timedelta(minutes=2)
 # Deliveries claimed per round.
 ROUND = 20
 # Test notifications per contact and window (SendTestNotification).
@@ -185,31 +189,45 @@ async def deliver_due(ctx: NotificationContext, now: datetime) -> int:
     """Attempt every delivery due at `now`, a round at a time; returns how many were tried."""
     tried = 0
     for _ in range(1000):  # bounded: each round claims what is due, and claims push it ahead
-        claimed = await ctx.db.transaction(lambda uow: _claim(uow, now))
+        # A success in the last round made the deliveries behind it due "now": include them.
+        due = max(now, ctx.now())
+        claimed = await ctx.db.transaction(lambda uow, due=due: _claim(uow, due, ctx.claim))
         if not claimed:
             break
-        await asyncio.gather(*(_attempt(ctx, key, now) for key in claimed))
+        await asyncio.gather(*(_attempt(ctx, key, due) for key in claimed))
         tried += len(claimed)
     return tried
 
 
-async def _claim(uow: UnitOfWork, now: datetime) -> list[tuple[str, str]]:
+def _wall_us() -> int:
+    """Now on the wall clock, for claims: crash recovery is about real time."""
+    return time.time_ns() // 1000
+
+
+def _unclaimed(wall_us: int):
     d = t.deliveries.c
+    return or_(d.claim_until_us.is_(None), d.claim_until_us <= wall_us)
+
+
+async def _claim(uow: UnitOfWork, now: datetime, claim: timedelta) -> list[tuple[str, str]]:
+    d = t.deliveries.c
+    wall = _wall_us()
     rows = (
         await uow.session.execute(
             select(d.notification_id, d.contact_id)
-            .where(d.state == PENDING, d.due_time_us <= to_micros(now))
+            .where(d.state == PENDING, d.due_time_us <= to_micros(now), _unclaimed(wall))
             .order_by(d.due_time_us)
             .limit(ROUND)
             .with_for_update(skip_locked=True)
         )
     ).all()
     keys = [(r.notification_id, r.contact_id) for r in rows]
+    claim_until = wall + int(claim.total_seconds() * 1_000_000)
     for notification_id, contact_id in keys:
         await uow.session.execute(
             update(t.deliveries)
             .where(d.notification_id == notification_id, d.contact_id == contact_id)
-            .values(due_time_us=to_micros(now + CLAIM))
+            .values(claim_until_us=claim_until)
         )
     return keys
 
@@ -267,20 +285,46 @@ async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str
             "attempts": attempts,
             "last_error": "",
             "deliver_time_us": to_micros(now),
+            "claim_until_us": None,
         }
+        await _wake_behind(uow, key, now)
     else:
         retry_at = (
             ctx.retry.next_attempt(attempts, now, retry_after=error.retry_after)
             if error.retryable
             else None
         )
-        values = {"attempts": attempts, "last_error": str(error)[:1000]}
+        values = {"attempts": attempts, "last_error": str(error)[:1000], "claim_until_us": None}
         if retry_at is None:
             values["state"] = FAILED
         else:
             values["due_time_us"] = to_micros(retry_at)
         log.info("delivery %s to %s failed (attempt %d): %s", key[0], key[1], attempts, error)
     await uow.session.execute(update(t.deliveries).where(*where).values(**values))
+
+
+async def _wake_behind(uow: UnitOfWork, key: tuple[str, str], now: datetime) -> None:
+    """The channel of `key` works again: make the deliveries that wait for a retry behind
+    the same outage due now (emails and SMS: all of their channel, which one relay or gateway
+    carries; webhooks: those to the same contact). Claimed ones are left to their sender."""
+    d = t.deliveries.c
+    channel = (
+        await uow.session.execute(
+            select(d.channel).where(d.notification_id == key[0], d.contact_id == key[1])
+        )
+    ).scalar_one()
+    behind = [
+        d.state == PENDING,
+        d.attempts > 0,
+        d.due_time_us > to_micros(now),
+        d.channel == channel,
+        _unclaimed(_wall_us()),
+    ]
+    if channel == int(Channel.WEBHOOK):
+        behind.append(d.contact_id == key[1])
+    await uow.session.execute(
+        update(t.deliveries).where(*behind).values(due_time_us=to_micros(now))
+    )
 
 
 def check_delivery_key(notification_id: str, contact_id: str) -> None:

@@ -1,0 +1,90 @@
+"""Deliveries resume promptly when their channel comes back (docs/faults.md, "Deliveries"):
+mail that failed while the SMTP server was down is not left to each delivery's next backoff
+step; the first send that gets through wakes every email waiting behind the outage, and each
+is sent exactly once. The service clock never moves in this test, so nothing is due by its
+backoff: only the wake can send them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from allot.notification.v1 import notification_pb2
+
+from tests.support.notification_processes import (
+    EMAIL,
+    notification_settings,
+    running_notification,
+)
+from tests.support.receivers import closed_port, smtp_receiver
+
+ACCOUNT = "acct-outage"
+CONTACTS = 4
+SENDS_PER_CONTACT = 2  # within SendTestNotification's limit of 3 per contact and hour
+WAIT = 20.0
+PENDING = notification_pb2.DELIVERY_STATE_PENDING
+SENT = notification_pb2.DELIVERY_STATE_SENT
+
+
+async def _deliveries(n) -> list[notification_pb2.Delivery]:
+    return [d for x in await n.notifications(ACCOUNT) for d in x.deliveries]
+
+
+async def _until(check, what: str):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        found = await check()
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {what} within {WAIT} s")
+
+
+async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
+    database_url, tmp_path
+):
+    port = closed_port()
+    settings = notification_settings(
+        database_url,
+        tmp_path,
+        "127.0.0.1:1",  # no quota: this test makes its own notifications
+        smtp_url=f"smtp://127.0.0.1:{port}",
+        # A retry would come after an hour: far beyond this test, whose clock never moves.
+        delivery_backoff="3600",
+    )
+    async with running_notification(settings) as handle:
+        n = handle.calls
+        contacts = [
+            await n.create(ACCOUNT, EMAIL, f"ops{i}@example.com") for i in range(CONTACTS)
+        ]
+        for contact in contacts:
+            for _ in range(SENDS_PER_CONTACT):
+                await n.send_test(contact.contact_id)
+        held = CONTACTS * SENDS_PER_CONTACT
+
+        async def all_failed_once():
+            found = await _deliveries(n)
+            done = len(found) == held and all(
+                d.state == PENDING and d.attempts == 1 for d in found
+            )
+            return found if done else None
+
+        for delivery in await _until(all_failed_once, "first attempts refused"):
+            assert "Connect call failed" in delivery.last_error, delivery.last_error
+
+        with smtp_receiver(port=port) as inbox:
+            # The SMTP server is back. One new message gets through and wakes the rest.
+            fresh = await n.create(ACCOUNT, EMAIL, "new@example.com")
+            await n.send_test(fresh.contact_id)
+
+            async def all_sent():
+                found = await _deliveries(n)
+                return found if all(d.state == SENT for d in found) else None
+
+            sent = await _until(all_sent, "delivery of every held-back mail")
+            assert len(sent) == held + 1
+            assert {d.attempts for d in sent} <= {1, 2}
+            await asyncio.sleep(0.3)  # a second send of anything would land now
+            ids = Counter(m.message["Message-ID"] for m in inbox.messages)
+            assert len(ids) == held + 1 and set(ids.values()) == {1}, ids
