@@ -55,9 +55,7 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
     )
     async with running_notification(settings) as handle:
         n = handle.calls
-        contacts = [
-            await n.create(ACCOUNT, EMAIL, f"ops{i}@example.com") for i in range(CONTACTS)
-        ]
+        contacts = [await n.create(ACCOUNT, EMAIL, f"ops{i}@example.com") for i in range(CONTACTS)]
         for contact in contacts:
             for _ in range(SENDS_PER_CONTACT):
                 await n.send_test(contact.contact_id)
@@ -65,9 +63,7 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
 
         async def all_failed_once():
             found = await _deliveries(n)
-            done = len(found) == held and all(
-                d.state == PENDING and d.attempts == 1 for d in found
-            )
+            done = len(found) == held and all(d.state == PENDING and d.attempts == 1 for d in found)
             return found if done else None
 
         for delivery in await _until(all_failed_once, "first attempts refused"):

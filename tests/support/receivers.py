@@ -155,9 +155,9 @@ def smtp_receiver(
     starttls: ssl.SSLContext | None = None,
     port: int = 0,
 ) -> Iterator[SmtpInbox]:
-    """An SMTP server on 127.0.0.1 (on `port`, or a free one). `credentials`: AUTH required with that user and password
-    (allowed without TLS, as on loopback). `implicit_tls`: TLS from the first byte (smtps);
-    `starttls`: STARTTLS offered and required before MAIL."""
+    """An SMTP server on 127.0.0.1 (on `port`, or a free one). `credentials`: AUTH required
+    with that user and password (allowed without TLS, as on loopback). `implicit_tls`: TLS
+    from the first byte (smtps); `starttls`: STARTTLS offered and required before MAIL."""
     inbox = SmtpInbox(HOST)
     options: dict[str, object] = {}
     if credentials is not None:
