@@ -21,7 +21,11 @@ import asyncpg
 import grpc
 import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from sqlalchemy import text
 
+from shared.db import Database
+from shared.errors import Unavailable
+from shared.settings import DatabaseBounds
 from tests.support.databases import (
     POSTGRES_ADMIN_URL,
     create_postgres_database,
@@ -229,3 +233,39 @@ async def test_dropped_connections_answer_retryable_and_lose_or_double_nothing(
             assert sum(item.used_quantity for item in summary.items) == expected, summary
 
         assert process.terminate(timeout=20) == 0
+
+
+async def test_a_connection_that_keeps_dying_or_a_statement_that_outlasts_its_bound_is_unavailable(
+    postgres_url,
+):
+    """The bounds themselves, on the shared Database: a transaction whose connection dies on
+    every attempt is tried ALLOT_DB_RETRY_ATTEMPTS times, then UNAVAILABLE; a statement longer
+    than ALLOT_DB_COMMAND_TIMEOUT_SECONDS is cut off by then and UNAVAILABLE; the pool is left
+    with live connections only and serves the next transaction."""
+    bounds = DatabaseBounds(command_timeout=1, retry_attempts=3)
+    db = Database(postgres_url, bounds)
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    attempts = 0
+
+    async def killed_every_time(uow):
+        nonlocal attempts
+        attempts += 1
+        pid = (await uow.session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await uow.session.execute(text("SELECT 1"))
+
+    try:
+        with pytest.raises(Unavailable) as raised:
+            await db.transaction(killed_every_time)
+        assert raised.value.reason == "DATABASE_UNAVAILABLE"
+        assert attempts == bounds.retry_attempts
+
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await db.read(lambda uow: uow.session.execute(text("SELECT pg_sleep(30)")))
+        assert time.monotonic() - started < bounds.command_timeout + 2
+
+        assert await db.read(lambda uow: uow.rows(text("SELECT 1"))) == [(1,)]
+    finally:
+        await admin.close()
+        await db.dispose()
