@@ -13,6 +13,7 @@ once more, is a duplicate. The process serves throughout, without a restart.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -266,6 +267,13 @@ async def test_a_connection_that_keeps_dying_or_a_statement_that_outlasts_its_bo
         assert time.monotonic() - started < bounds.command_timeout + 2
 
         assert await db.read(lambda uow: uow.rows(text("SELECT 1"))) == [(1,)]
+
+        # Our end of the socket probes a silent peer (asyncpg has no option for it).
+        async with db.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            sock = raw.driver_connection._transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == bounds.keepalive
     finally:
         await admin.close()
         await db.dispose()
