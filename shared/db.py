@@ -3,7 +3,9 @@
 SQLite (the embedded default): WAL, foreign keys, a busy timeout, and `BEGIN IMMEDIATE` for
 writes so concurrent writers queue on the database lock instead of failing at commit.
 PostgreSQL: asyncpg, `pool_pre_ping`, READ COMMITTED; rows that are decremented are locked with
-`SELECT ... FOR UPDATE` by the repositories.
+`SELECT ... FOR UPDATE` by the repositories. Every wait on the database is bounded (connect,
+statement, pool checkout, TCP keepalive), and a transaction whose connection died is retried on
+a fresh connection, then answered UNAVAILABLE (docs/faults.md "Database faults").
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy import event, text
+from sqlalchemy import event, pool, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -25,7 +29,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.errors import Aborted
+from shared.errors import Aborted, Unavailable
+from shared.settings import DatabaseBounds, Settings
 
 log = logging.getLogger("allot.db")
 T = TypeVar("T")
@@ -36,17 +41,71 @@ READ_ONLY = "allot_read_only"
 MAX_ATTEMPTS = 6
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(
+    url: str, bounds: DatabaseBounds | None = None, migration: bool = False
+) -> AsyncEngine:
+    """The engine for `url`; `migration` raises the statement bound for long migrations."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    return create_async_engine(
-        url,
-        pool_pre_ping=True,
-        isolation_level="READ COMMITTED",
-        pool_size=10,
-        max_overflow=20,
-    )
+    bounds = bounds or Settings.database_bounds_from_env()
+    statement = bounds.migration_timeout if migration else bounds.command_timeout
+    interval = max(1, bounds.keepalive // 3)
+    connect_args = {
+        "timeout": bounds.connect_timeout,
+        # The server cancels a statement after `statement`; the driver gives up one second
+        # later, which also bounds a wait on a connection whose peer went silent.
+        "command_timeout": statement + 1,
+        "server_settings": {
+            "statement_timeout": str(int(statement * 1000)),
+            "idle_in_transaction_session_timeout": str(int(max(60, 6 * statement) * 1000)),
+            "tcp_keepalives_idle": str(bounds.keepalive),
+            "tcp_keepalives_interval": str(interval),
+            "tcp_keepalives_count": "3",
+        },
+    }
+    if migration:
+        engine = create_async_engine(
+            url,
+            isolation_level="READ COMMITTED",
+            poolclass=pool.NullPool,
+            connect_args=connect_args,
+        )
+    else:
+        engine = create_async_engine(
+            url,
+            pool_pre_ping=True,
+            isolation_level="READ COMMITTED",
+            pool_size=10,
+            max_overflow=20,
+            pool_timeout=bounds.pool_timeout,
+            connect_args=connect_args,
+        )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        _client_keepalive(dbapi_connection, bounds.keepalive, interval)
+
+    return engine
+
+
+def _client_keepalive(dbapi_connection, idle: int, interval: int) -> None:
+    """TCP keepalive and a user timeout on our end of the socket, so a peer that went silent
+    (failover without reset) is noticed within about `idle + 3 * interval` seconds even when
+    no statement is running. asyncpg has no option for it; the socket is set directly."""
+    transport = getattr(getattr(dbapi_connection, "_connection", None), "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", (idle + 3 * interval) * 1000),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _sqlite_engine(url: str) -> AsyncEngine:
@@ -113,7 +172,12 @@ class UnitOfWork:
 
     async def __aexit__(self, *exc_info) -> None:
         try:
-            await self.session.rollback()
+            if exc_info[1] is not None and connection_fault(exc_info[1]) is not None:
+                # The connection died or its state is unknown (a statement cut short): drop it
+                # from the pool without a ROLLBACK that might never be answered.
+                await self.session.invalidate()
+            else:
+                await self.session.rollback()
         finally:
             await self.session.close()
             for hook in self._on_close:
@@ -142,9 +206,10 @@ class UnitOfWork:
 class Database:
     """The service's engine, its sessions and the transaction runner."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, bounds: DatabaseBounds | None = None) -> None:
         self.url = url
-        self.engine = create_engine(url)
+        self.bounds = bounds or Settings.database_bounds_from_env()
+        self.engine = create_engine(url, self.bounds)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
         # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
@@ -158,31 +223,56 @@ class Database:
         return UnitOfWork(self.sessions, read_only=read_only)
 
     async def transaction(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """Run `work` in a write transaction and commit; retry it when it lost a race."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        """Run `work` in a write transaction and commit; retry it when it lost a race or its
+        connection died (each attempt starts from scratch; idempotency keys written in the same
+        transaction make a repeat of a commit whose answer was lost harmless)."""
+        return await self._run(work, read_only=False)
+
+    async def read(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Run `work` in a read-only transaction (retried on a fresh connection if its own
+        died)."""
+        return await self._run(work, read_only=True)
+
+    async def _run(self, work: Callable[[UnitOfWork], Awaitable[T]], read_only: bool) -> T:
+        races = faults = 0
+        while True:
             try:
+                if read_only:
+                    async with self.unit_of_work(read_only=True) as uow:
+                        return await work(uow)
                 async with self._writer_turn(), self.unit_of_work() as uow:
                     result = await work(uow)
                     await uow.commit()
                     return result
-            except (IntegrityError, OperationalError, DBAPIError) as exc:
-                if not _retryable(exc) or attempt == MAX_ATTEMPTS:
-                    if _retryable(exc):
-                        raise Aborted(
-                            "CONCURRENT_UPDATE", "a concurrent update won; retry"
-                        ) from exc
+            except Exception as exc:
+                if connection_fault(exc) is not None:
+                    faults += 1
+                    await self._after_fault(exc, faults)
+                    continue
+                if read_only or not isinstance(exc, DBAPIError) or not _retryable(exc):
                     raise
-                log.debug("transaction lost a race (attempt %d): %s", attempt, exc.orig)
-                await asyncio.sleep(0.005 * attempt)
-        raise AssertionError("unreachable")
+                races += 1
+                if races == MAX_ATTEMPTS:
+                    raise Aborted("CONCURRENT_UPDATE", "a concurrent update won; retry") from exc
+                log.debug("transaction lost a race (attempt %d): %s", races, exc.orig)
+                await asyncio.sleep(0.005 * races)
+
+    async def _after_fault(self, exc: BaseException, faults: int) -> None:
+        """Retry a dropped connection (bounded); a timeout or an exhausted pool at once becomes
+        UNAVAILABLE — waiting again would only double the caller's wait."""
+        fault = connection_fault(exc)
+        if fault != "lost" or faults >= self.bounds.retry_attempts:
+            log.warning("database unavailable (%s after %d attempts): %r", fault, faults, exc)
+            raise Unavailable(
+                "DATABASE_UNAVAILABLE",
+                "the database did not answer; retry shortly",
+                retry_after_ms=500,
+            ) from exc
+        log.info("database connection lost (attempt %d), retrying: %r", faults, exc)
+        await asyncio.sleep(0.05 * faults)
 
     def _writer_turn(self):
         return self._write_turn if self._write_turn is not None else contextlib.nullcontext()
-
-    async def read(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """Run `work` in a read-only transaction."""
-        async with self.unit_of_work(read_only=True) as uow:
-            return await work(uow)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -202,3 +292,50 @@ def _retryable(exc: DBAPIError) -> bool:
     if sqlstate in ("40001", "40P01"):  # serialization failure, deadlock detected
         return True
     return "database is locked" in str(exc.orig).lower()
+
+
+# SQLSTATEs of a connection that is gone: class 08 (connection exception), and the server
+# ending the session (57P01 admin shutdown, e.g. pg_terminate_backend; 57P02 crash; 57P03
+# cannot connect now).
+_LOST_SQLSTATES = ("57P01", "57P02", "57P03")
+_STATEMENT_TIMEOUT = "57014"  # query_canceled: statement_timeout
+
+
+def connection_fault(exc: BaseException) -> str | None:
+    """Why `exc` is the database's fault rather than ours: "lost" (the connection died or could
+    not be opened: retry on a fresh one), "timeout" (a bound ran out: a statement, the pool
+    checkout), or None (not an infrastructure fault)."""
+    if isinstance(exc, PoolTimeout):
+        return "timeout"
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return "lost"
+        return connection_fault(exc.orig) if exc.orig is not None else None
+    for cause in _chain(exc):
+        if isinstance(cause, TimeoutError):
+            return "timeout"
+        if isinstance(cause, OSError):
+            return "lost"
+        sqlstate = getattr(cause, "sqlstate", None)
+        if sqlstate == _STATEMENT_TIMEOUT:
+            return "timeout"
+        if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in _LOST_SQLSTATES):
+            return "lost"
+        name = type(cause).__name__
+        if name in ("ConnectionDoesNotExistError", "ConnectionFailureError"):
+            return "lost"
+        if name == "InterfaceError" and (
+            "connection is closed" in str(cause) or "connection was closed" in str(cause)
+        ):
+            return "lost"
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes (the driver's error behind the adapter's), at most a few deep."""
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(out) < 5:
+        out.append(current)
+        current = current.__cause__
+    return out

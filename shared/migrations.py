@@ -15,6 +15,8 @@ from alembic.config import Config
 from sqlalchemy import MetaData, pool, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from shared.db import create_engine
+
 
 def alembic_config(service: str, migrations_dir: pathlib.Path, url: str = "") -> Config:
     cfg = Config()
@@ -38,8 +40,21 @@ async def upgrade(engine: AsyncEngine, service: str, migrations_dir: pathlib.Pat
         cfg.attributes["connection"] = sync_connection
         command.upgrade(cfg, "head")
 
-    async with engine.begin() as conn:
-        await conn.run_sync(_run)
+    if engine.dialect.name != "postgresql":
+        async with engine.begin() as conn:
+            await conn.run_sync(_run)
+        return
+    # The service's engine bounds a statement by seconds; a migration (an index on a big table,
+    # the advisory lock held by another replica's migration) gets its own, longer bound
+    # (ALLOT_DB_MIGRATION_TIMEOUT_SECONDS, docs/faults.md "Database faults").
+    migration_engine = create_engine(
+        engine.url.render_as_string(hide_password=False), migration=True
+    )
+    try:
+        async with migration_engine.begin() as conn:
+            await conn.run_sync(_run)
+    finally:
+        await migration_engine.dispose()
 
 
 def run_env(target_metadata: MetaData) -> None:

@@ -31,6 +31,18 @@ def _setting(env: str, default: str, description: str):
 
 
 @dataclass(frozen=True)
+class DatabaseBounds:
+    """How long a database may keep us waiting (docs/faults.md "Database faults")."""
+
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    pool_timeout: float = 5.0
+    keepalive: int = 10
+    retry_attempts: int = 3
+    migration_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the suite. Values are the raw strings; properties parse them."""
 
@@ -136,6 +148,31 @@ class Settings:
         "ALLOT_DUE_WORK_INTERVAL_SECONDS", "5", "system clock: how often due work is looked for"
     )
 
+    db_connect_timeout: str = _setting(
+        "ALLOT_DB_CONNECT_TIMEOUT_SECONDS", "5", "PostgreSQL: bound on opening a connection"
+    )
+    db_command_timeout: str = _setting(
+        "ALLOT_DB_COMMAND_TIMEOUT_SECONDS",
+        "10",
+        "PostgreSQL: bound on one statement (server statement_timeout; the driver waits 1 s more)",
+    )
+    db_pool_timeout: str = _setting(
+        "ALLOT_DB_POOL_TIMEOUT_SECONDS", "5", "PostgreSQL: bound on waiting for a pooled connection"
+    )
+    db_keepalive: str = _setting(
+        "ALLOT_DB_KEEPALIVE_SECONDS",
+        "10",
+        "PostgreSQL: idle seconds before TCP keepalive probes (3 probes, a third of this apart)",
+    )
+    db_retry_attempts: str = _setting(
+        "ALLOT_DB_RETRY_ATTEMPTS",
+        "3",
+        "attempts of a transaction whose connection dropped, before UNAVAILABLE",
+    )
+    db_migration_timeout: str = _setting(
+        "ALLOT_DB_MIGRATION_TIMEOUT_SECONDS", "600", "PostgreSQL: bound on one migration statement"
+    )
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: str) -> Settings:
         environ = os.environ if environ is None else environ
@@ -165,6 +202,7 @@ class Settings:
         self.manual_clock_start  # noqa: B018
         self.private_webhooks_allowed  # noqa: B018
         self.auth_max_ttl_seconds  # noqa: B018
+        self.database_bounds  # noqa: B018
         if self.tls_client_auth not in ("none", "require"):
             raise SettingsError("ALLOT_TLS_CLIENT_AUTH must be `none` or `require`")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -189,6 +227,35 @@ class Settings:
             if not (value.isascii() and value.isdigit()):
                 env = self.__dataclass_fields__[name].metadata["env"]
                 raise SettingsError(f"{env} must be a whole number, got {value!r}")
+
+    @property
+    def database_bounds(self) -> DatabaseBounds:
+        values = {}
+        for name in (
+            "connect_timeout",
+            "command_timeout",
+            "pool_timeout",
+            "keepalive",
+            "retry_attempts",
+            "migration_timeout",
+        ):
+            raw = getattr(self, f"db_{name}")
+            if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+                env = self.__dataclass_fields__[f"db_{name}"].metadata["env"]
+                raise SettingsError(f"{env} must be a whole number of at least 1, got {raw!r}")
+            values[name] = int(raw)
+        return DatabaseBounds(**values)
+
+    @classmethod
+    def database_bounds_from_env(cls, environ: dict[str, str] | None = None) -> DatabaseBounds:
+        """Only the database bounds, for code that opens a database outside a service."""
+        environ = os.environ if environ is None else environ
+        values = {
+            f.name: environ[f.metadata["env"]]
+            for f in dataclasses.fields(cls)
+            if f.name.startswith("db_") and f.metadata["env"] in environ
+        }
+        return cls(**values).database_bounds
 
     @property
     def data_path(self) -> pathlib.Path:

@@ -5,6 +5,11 @@ applied as the next batch. A lone call is applied at once (no timer, no added la
 load, many calls share one transaction, one lock round and one commit. Each call still gets its
 own result or error: `record_usage` isolates invalid events and applies events in arrival order,
 so the rules are exactly those of a batch of one.
+
+Faults (docs/faults.md "Database faults"): the batch transaction retries a dropped connection
+itself and then fails with UNAVAILABLE, which every caller of the batch hears; every statement
+is bounded, so a batch never holds its queue for longer than the database bounds; a caller whose
+deadline passes is cancelled by gRPC and stops waiting (the batch goes on for its neighbours).
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import asyncio
 
 from services.quota.app.context import QuotaContext
 from services.quota.app.usage import UsageInput, UsageResult, record_usage
-from shared.errors import AllotError
+from shared.errors import AllotError, Unavailable
 
 # Bounded so one transaction's locks and statements stay small.
 MAX_COALESCED = 250
+# How long close() waits for a cancelled batch to unwind before it stops waiting. It covers
+# SQLite's busy timeout (5 s): an aiosqlite thread abandoned mid-statement keeps the process
+# alive after the loop ends, so the batch must get to close its connection. On PostgreSQL a
+# statement that never returns is bounded by ALLOT_DB_COMMAND_TIMEOUT_SECONDS as well.
+CANCEL_WAIT = 5.0
 
 
 class UsageCoalescer:
@@ -39,7 +49,9 @@ class UsageCoalescer:
             raise
 
     async def close(self, grace: float) -> None:
-        """Let the running batch finish (bounded), so the engine is not disposed under it."""
+        """Let the running batch finish (bounded), so the engine is not disposed under it; a
+        batch that does not finish is cancelled, and that wait is bounded too (a cancelled
+        statement on a silent connection may never return)."""
         flusher = self._flusher
         if flusher is None:
             return
@@ -47,7 +59,11 @@ class UsageCoalescer:
             await asyncio.wait_for(asyncio.shield(flusher), grace)
         except TimeoutError:
             flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            await asyncio.wait({flusher}, timeout=CANCEL_WAIT)
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(_shutting_down())
+        self._queue.clear()
 
     async def _flush(self) -> None:
         try:
@@ -57,9 +73,10 @@ class UsageCoalescer:
                 try:
                     results = await record_usage(self.ctx, [item for item, _ in batch])
                 except BaseException as exc:  # the whole transaction failed: every caller hears
+                    answer = exc if isinstance(exc, Exception) else _shutting_down()
                     for _, future in batch:
                         if not future.done():
-                            future.set_exception(exc)
+                            future.set_exception(answer)
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -74,3 +91,7 @@ def _nobody_listens(future: asyncio.Future) -> None:
     # The caller went away: read the outcome so asyncio does not report it as never retrieved.
     if not future.cancelled():
         future.exception()
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("SHUTTING_DOWN", "the service is stopping: retry on another replica")
