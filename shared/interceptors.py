@@ -56,10 +56,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier,
         ready: asyncio.Event,
         max_streams_per_caller: int = 16,
+        database_lost: asyncio.Event | None = None,
     ) -> None:
         self.policies = policies
         self.verifier = verifier
         self.ready = ready
+        # Set while the database has been away longer than the health grace (shared/server.py).
+        self.database_lost = database_lost
         self.max_streams_per_caller = max_streams_per_caller
         self._streams: Counter[tuple] = Counter()
 
@@ -93,6 +96,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         )
         if not self.ready.is_set():
             raise Unavailable("SERVICE_STARTING", "the service is starting: retry shortly")
+        if self.database_lost is not None and self.database_lost.is_set():
+            # Health says NOT_SERVING (docs/faults.md): fail fast with a status clients retry.
+            raise Unavailable("DATABASE_UNAVAILABLE", "the service lost its database: retry later")
         service = peer_service(context)
         if service is not None:
             principal = internal_principal(service)

@@ -2,7 +2,11 @@
 
 settings -> clock -> database -> service -> grpc.aio server with the call interceptor ->
 health (NOT_SERVING until the database answers and migrations ran) -> reflection -> start.
-On SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)`, stop due work, dispose the engine.
+After start, a periodic database check turns health NOT_SERVING after
+ALLOT_HEALTH_DATABASE_GRACE_SECONDS without the database and SERVING again when it answers.
+On SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)`, stop due work, dispose the engine;
+every step is bounded, so the process exits within the grace plus a few seconds whatever the
+database does (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ log = logging.getLogger("allot.server")
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
+# The database check behind health (docs/faults.md): how often, and how long one ping may take
+# (a hung connection must not stall the check).
+HEALTH_CHECK_INTERVAL = 2.0
+HEALTH_PING_TIMEOUT = 2.0
+# Shutdown: what the steps after `server.stop(grace)` may take together, and at least each.
+SHUTDOWN_MARGIN = 2.5
+SHUTDOWN_STEP_MIN = 0.25
 
 
 @dataclass
@@ -127,6 +138,11 @@ class Server:
         self.health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
+        # Set while the database has been away longer than the grace: health NOT_SERVING and
+        # calls refused with UNAVAILABLE at once (shared/interceptors.py).
+        self._database_lost = asyncio.Event()
+        self._names: tuple[str, ...] = ()
+        self._watcher: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
 
@@ -143,7 +159,11 @@ class Server:
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
         interceptor = CallInterceptor(
-            policies, verifier, self._ready, int(settings.max_streams_per_caller)
+            policies,
+            verifier,
+            self._ready,
+            int(settings.max_streams_per_caller),
+            database_lost=self._database_lost,
         )
         server = grpc.aio.server(
             interceptors=[interceptor],
@@ -192,8 +212,9 @@ class Server:
         await self.runtime.scheduler.run_due()  # whatever came due while we were down
         self.runtime.scheduler.start()
         self._ready.set()
-        for name in ("", *names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._names = ("", *names)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher = asyncio.create_task(self._watch_database(), name="health-database")
         log.info("%s serving on %s", self.service.name, self.bound_addr)
         return self.port
 
@@ -227,6 +248,56 @@ class Server:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _set_health(self, status) -> None:
+        for name in self._names:
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """Ping the database every HEALTH_CHECK_INTERVAL (each ping bounded): NOT_SERVING after
+        the grace without an answer, SERVING again at the first answer. The process keeps
+        running either way: a lost database is a reason to route elsewhere, not to restart."""
+        loop = asyncio.get_running_loop()
+        grace = float(self.runtime.settings.health_database_grace)
+        last_answer = loop.time()
+        ping: asyncio.Task | None = None
+        while not self._stopping.is_set():
+            # A ping is a task waited for with a timeout, not awaited under asyncio.timeout: a
+            # ping stuck on a dead connection may not end promptly even when cancelled, and the
+            # check must go on. A new ping starts only once the previous one ended.
+            if ping is None or ping.done():
+                ping = asyncio.create_task(self.runtime.db.ping(), name="health-ping")
+            done, _ = await asyncio.wait({ping}, timeout=HEALTH_PING_TIMEOUT)
+            if not done:
+                ping.cancel()
+                failure = f"no answer within {HEALTH_PING_TIMEOUT:.0f}s"
+            elif ping.cancelled():
+                failure = "ping cancelled"
+            elif ping.exception() is not None:
+                failure = str(ping.exception()) or type(ping.exception()).__name__
+            else:
+                failure = None
+            if failure is not None:
+                away = loop.time() - last_answer
+                if away >= grace and not self._database_lost.is_set():
+                    self._database_lost.set()
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                    log.error("no database for %.0fs (%s): NOT_SERVING", away, failure)
+                elif not self._database_lost.is_set():
+                    log.warning("database check failed: %s", failure)
+            else:
+                last_answer = loop.time()
+                if self._database_lost.is_set() and not self._stopping.is_set():
+                    self._database_lost.clear()
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                    log.warning("the database answers again: SERVING")
+            try:
+                async with asyncio.timeout(HEALTH_CHECK_INTERVAL):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+        if ping is not None and not ping.done():
+            ping.cancel()
+
     @property
     def stop_requested(self) -> bool:
         return self._stopping.is_set()
@@ -242,17 +313,45 @@ class Server:
         if self._server is None:
             return
         server, self._server = self._server, None
+        self._stopping.set()  # also ends the database check
         await self.health.enter_graceful_shutdown()
         self.service.quiesce()
-        await server.stop(float(self.runtime.settings.shutdown_grace))
+        grace = float(self.runtime.settings.shutdown_grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace + SHUTDOWN_MARGIN
+        await _bounded("the gRPC server", server.stop(grace), grace + SHUTDOWN_STEP_MIN)
+        steps = [
+            ("the database check", _finish(self._watcher)),
+            ("due work", self.runtime.scheduler.stop()),
+            ("the service", self.service.stop()),
+            ("outbound channels", self.runtime.channels.close()),
+            ("the database engine", self.runtime.db.dispose()),
+        ]
         if self._health_server is not None:
-            await self._health_server.stop(None)
+            steps.insert(0, ("the health port", self._health_server.stop(None)))
             self._health_server = None
-        await self.runtime.scheduler.stop()
-        await self.service.stop()
-        await self.runtime.channels.close()
-        await self.runtime.db.dispose()
+        for what, step in steps:
+            left = max(deadline - loop.time(), SHUTDOWN_STEP_MIN)
+            await _bounded(what, step, left)
         log.info("%s stopped", self.service.name)
+
+
+async def _finish(task: asyncio.Task | None) -> None:
+    if task is not None:
+        await asyncio.wait({task})
+
+
+async def _bounded(what: str, step, seconds: float) -> None:
+    """Run a shutdown step for at most `seconds`. A step still running then is cancelled and
+    left behind, not awaited: work stuck on a dead database connection may ignore cancellation
+    (a ROLLBACK that never comes), and waiting for it would hold the process forever."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not stop within %.1fs; abandoned", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("shutdown: stopping %s failed: %s", what, task.exception())
 
 
 def run_service(
@@ -281,4 +380,26 @@ def run_service(
             on_ready(server)
         await server.wait()
 
-    asyncio.run(main())
+    _run(main())
+
+
+def _run(main) -> None:
+    """`asyncio.run`, except that the final clean-up is bounded: asyncio.run waits without limit
+    for every task left over to finish its cancellation, and a task stuck on a dead database
+    connection never does (docs/faults.md, "Shutdown")."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            cleanup = [*left, loop.create_task(loop.shutdown_asyncgens())]
+            _, stuck = loop.run_until_complete(asyncio.wait(cleanup, timeout=SHUTDOWN_STEP_MIN * 4))
+            if stuck:
+                log.error("shutdown: %d task(s) ignored cancellation; exiting anyway", len(stuck))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

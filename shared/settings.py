@@ -147,6 +147,11 @@ class Settings:
     due_work_interval: str = _setting(
         "ALLOT_DUE_WORK_INTERVAL_SECONDS", "5", "system clock: how often due work is looked for"
     )
+    health_database_grace: str = _setting(
+        "ALLOT_HEALTH_DATABASE_GRACE_SECONDS",
+        "10",
+        "seconds without the database before health says NOT_SERVING (docs/faults.md)",
+    )
 
     db_connect_timeout: str = _setting(
         "ALLOT_DB_CONNECT_TIMEOUT_SECONDS", "5", "PostgreSQL: bound on opening a connection"
@@ -215,6 +220,7 @@ class Settings:
             "delivery_max_attempts",
             "shutdown_grace",
             "due_work_interval",
+            "health_database_grace",
             "expiring_notice_days",
             "delivery_backoff",
             "delivery_claim",

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from shared.cli import SERVICES
+from shared.server import SHUTDOWN_MARGIN
 from shared.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
@@ -134,7 +135,10 @@ def test_the_service_listens_on_all_interfaces_at_its_container_port(name):
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
-def test_readiness_and_liveness_are_grpc_health_checks_on_the_health_port(name):
+def test_readiness_is_grpc_health_and_liveness_a_tcp_check_of_the_health_port(name):
+    """Health turns NOT_SERVING while the database is away (docs/faults.md): that must take
+    the pod out of the Service, not get it restarted, so liveness only asks whether the
+    process still listens."""
     container = _container(name)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     health = _env(container).get("ALLOT_HEALTH_ADDR")
@@ -143,9 +147,21 @@ def test_readiness_and_liveness_are_grpc_health_checks_on_the_health_port(name):
     assert ports.get("health") == _port(health)
     for probe in ("readinessProbe", "livenessProbe"):
         assert probe in container, f"{name} has no {probe}"
-        assert "grpc" in container[probe], f"{name}'s {probe} is not a gRPC health check"
-        assert container[probe]["grpc"]["port"] == _port(health)
-    assert container["readinessProbe"]["grpc"]["service"] == _grpc_service_name(name)
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+    assert "grpc" in readiness, f"{name}'s readinessProbe is not a gRPC health check"
+    assert readiness["grpc"]["port"] == _port(health)
+    assert readiness["grpc"]["service"] == _grpc_service_name(name)
+    assert "grpc" not in liveness, f"{name}'s livenessProbe would restart it without a database"
+    assert liveness.get("tcpSocket", {}).get("port") == _port(health)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_shutdown_fits_in_the_termination_grace_period(name):
+    """SIGTERM ends the process within ALLOT_SHUTDOWN_GRACE_SECONDS plus a few seconds
+    (shared/server.py); kubelet must not SIGKILL it before."""
+    pod = DEPLOYMENTS[name]["spec"]["template"]["spec"]
+    grace = int(_env(_container(name)).get("ALLOT_SHUTDOWN_GRACE_SECONDS", "10"))
+    assert pod.get("terminationGracePeriodSeconds", 30) >= grace + SHUTDOWN_MARGIN + 2
 
 
 def _mounted(workload: dict, container: dict, path: str) -> tuple[dict, str]:
