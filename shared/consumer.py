@@ -16,6 +16,7 @@ consumer starts again from its stored cursor after an exponential, jittered, bou
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -40,12 +41,36 @@ DEFAULT_MAX_BATCH = 100
 # its own backoff (at most 5 s) says to try again. Keepalive pings find a connection that died
 # silently under an idle stream; Allot's servers accept them every 5 s
 # (`grpc.http2.min_ping_interval_without_data_ms` in shared/server.py).
+#
+# gRPC's own retry (docs/faults.md, "Callers classify codes"): a call answered UNAVAILABLE
+# (quota starting, its database away, a connection refused) is tried again twice more within
+# its deadline. Every call on these channels may be repeated: billing's commands to quota carry
+# request ids, the rest are reads and streams (a stream is only retried before its first
+# message). Other codes are left to the callers, which retry later on their own schedule.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],  # every method of every service
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", RETRY_SERVICE_CONFIG),
 )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 
+import asyncpg
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
@@ -293,3 +295,90 @@ async def test_subscriptions_without_request_id_each_reach_quota(database_url, t
             ("id-card", quota_pb2.API_SUBSCRIPTION_STATE_ACTIVE),
             ("general-text", quota_pb2.API_SUBSCRIPTION_STATE_CANCELLED),
         }
+
+
+class MovedTable:
+    """Quota's `packages` table renamed away under the running server, and back: every grant
+    then fails inside quota with an error it cannot classify, which it answers INTERNAL."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+
+    async def _execute(self, statement: str) -> None:
+        if self.url.startswith("sqlite"):
+            path = self.url.split(":///", 1)[1]
+
+            def run() -> None:
+                with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
+                    conn.execute(statement)
+                    conn.commit()
+
+            await asyncio.to_thread(run)
+            return
+        conn = await asyncpg.connect(self.url.replace("+asyncpg", ""), timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def away(self) -> None:
+        await self._execute("ALTER TABLE packages RENAME TO packages_away")
+
+    async def back(self) -> None:
+        await self._execute("ALTER TABLE packages_away RENAME TO packages")
+
+
+async def test_purchase_stays_pending_while_quota_answers_internal(database_url, tmp_path):
+    """INTERNAL from quota says nothing about the request (docs/faults.md, "Callers classify
+    codes"): the order stays PENDING, paid and not refunded, and is granted exactly once when
+    quota works again."""
+    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    table = MovedTable(database_url)
+    async with (
+        running_quota(settings) as quota,
+        second_database(dialect(database_url), tmp_path) as billing_url,
+        running_billing(billing_url, tmp_path, quota.addr) as billing,
+    ):
+        await funded(billing, "acme", 200)
+        await table.away()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as broken:  # the fault is real
+                await quota.stub.GrantPackage(
+                    quota_service_pb2.GrantPackageRequest(
+                        request_id="probe",
+                        package=quota_pb2.Package(
+                            account_id="acme",
+                            region="ap-southeast-1",
+                            api="passport",
+                            source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
+                            total_quantity=1,
+                            expire_time={"seconds": 4102444799},
+                        ),
+                    ),
+                    metadata=ADMIN,
+                )
+            assert broken.value.code() == grpc.StatusCode.INTERNAL
+
+            order = await billing.PurchasePackage(purchase("acme"), metadata=ADMIN)
+            assert order.state == billing_pb2.ORDER_STATE_PENDING
+            # Billing offers pending orders again every 2 s: still pending after a retry.
+            await asyncio.sleep(2.5)
+            order = await billing.GetOrder(
+                REQ.GetOrderRequest(order_id=order.order_id), metadata=ADMIN
+            )
+            assert order.state == billing_pb2.ORDER_STATE_PENDING
+            assert await balance(billing, "acme") == (20, 0)  # paid, not refunded
+        finally:
+            await table.back()
+
+        for _ in range(100):  # bounded: ~20 s
+            order = await billing.GetOrder(
+                REQ.GetOrderRequest(order_id=order.order_id), metadata=ADMIN
+            )
+            if order.state != billing_pb2.ORDER_STATE_PENDING:
+                break
+            await asyncio.sleep(0.2)
+        assert order.state == billing_pb2.ORDER_STATE_FULFILLED
+        (package,) = await packages(quota, "acme")
+        assert package.order_id == order.order_id
+        assert await balance(billing, "acme") == (20, 0)

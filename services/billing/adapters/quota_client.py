@@ -1,13 +1,15 @@
 """Billing's calls to the quota service of each region (grant, renew, revoke, enable APIs).
 
 Every command carries a request id derived from the billing order or subscription, so a
-retried call never grants twice. Quota being unreachable is `QuotaUnavailable` (callers keep
-the order pending and retry); anything quota refuses is passed on as an AllotError with
-quota's reason.
+retried call never grants twice. Only an explicit refusal is final (`QuotaRefused`, an
+AllotError with quota's code and reason: the order fails and is refunded); every other answer
+is `QuotaUnavailable` — the order stays pending and is offered again (docs/faults.md,
+"Callers classify codes").
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import grpc
@@ -19,13 +21,33 @@ from shared.status import error_info
 from shared.timeutil import to_timestamp
 from shared.tls import Channels
 
+log = logging.getLogger("allot.billing.quota")
+
 # A command to quota that takes longer than this is treated as unreachable and retried.
 CALL_TIMEOUT = 10.0
-UNREACHABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
+# Quota looked at the request and said no: final, the caller may refund.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+# Billing's own credentials were refused, or quota does not know the method: an operator's
+# error (a rotated secret, a certificate, a rolling upgrade), fixed without the customer. Retried
+# like an outage, and logged as an error so someone looks.
+MISCONFIGURED = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+# Everything else — UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED, CANCELLED,
+# INTERNAL, UNKNOWN, DATA_LOSS — says nothing about the request: try again later. A retry is
+# safe, every command carries its request id.
 
 
 class QuotaUnavailable(Unavailable):
@@ -67,9 +89,20 @@ class QuotaClient:
                 request, metadata=self._metadata(), timeout=CALL_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
-            if error.code() in UNREACHABLE:
-                raise QuotaUnavailable(region, error.code().name) from error
-            raise QuotaRefused(error) from error
+            code = error.code()
+            if code in REFUSALS:
+                raise QuotaRefused(error) from error
+            if code in MISCONFIGURED:
+                log.error(
+                    "quota of %s refused billing's %s (%s: %s): check billing's credentials "
+                    "and quota's version; retrying",
+                    region,
+                    method,
+                    code.name,
+                    error.details(),
+                )
+            detail = f"{code.name} {error.details() or ''}".strip()
+            raise QuotaUnavailable(region, detail) from error
 
     async def grant_package(
         self,
