@@ -273,7 +273,8 @@ class Server:
             elif ping.cancelled():
                 failure = "ping cancelled"
             elif ping.exception() is not None:
-                failure = str(ping.exception()) or type(ping.exception()).__name__
+                error = ping.exception()
+                failure = (str(error) or type(error).__name__).splitlines()[0]
             else:
                 failure = None
             if failure is not None:
