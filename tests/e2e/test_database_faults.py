@@ -33,6 +33,7 @@ from tests.support.databases import (
     drop_postgres_database,
 )
 from tests.support.processes import quota_env, quota_process
+from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import Tokens
 
 ACCOUNT = "acct-db-faults"
@@ -67,15 +68,7 @@ async def postgres_url():
 
 
 def usage(event_id: str, quantity: int) -> quota_service_pb2.ReportUsageRequest:
-    return quota_service_pb2.ReportUsageRequest(
-        event_id=event_id,
-        account_id=ACCOUNT,
-        user_id="u1",
-        region=REGION,
-        api=API,
-        quantity=quantity,
-        http_status=200,
-    )
+    return QuotaCalls.usage(event_id, ACCOUNT, quantity, region=REGION, api=API)
 
 
 def quantity_of(event_id: str) -> int:

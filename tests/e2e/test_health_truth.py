@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.databases import POSTGRES_ADMIN_URL
 from tests.support.processes import QuotaProcess, quota_env, quota_process
+from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import Tokens
 
 HEALTH_GRACE = 2  # ALLOT_HEALTH_DATABASE_GRACE_SECONDS
@@ -81,15 +82,7 @@ class DatabaseSwitch:
 
 
 def usage(event_id: str) -> quota_service_pb2.ReportUsageRequest:
-    return quota_service_pb2.ReportUsageRequest(
-        event_id=event_id,
-        account_id=ACCOUNT,
-        user_id="u1",
-        region=REGION,
-        api=API,
-        quantity=1,
-        http_status=200,
-    )
+    return QuotaCalls.usage(event_id, ACCOUNT, region=REGION, api=API)
 
 
 async def health_becomes(health, status, within: float) -> float:
