@@ -261,6 +261,8 @@ class Database:
         """Retry a dropped connection (bounded); a timeout or an exhausted pool at once becomes
         UNAVAILABLE — waiting again would only double the caller's wait."""
         fault = connection_fault(exc)
+        if fault == "timeout" and _unanswered(exc):
+            await self.forget_connections()
         if fault != "lost" or faults >= self.bounds.retry_attempts:
             log.warning("database unavailable (%s after %d attempts): %r", fault, faults, exc)
             raise Unavailable(
@@ -277,6 +279,16 @@ class Database:
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    async def forget_connections(self) -> None:
+        """Drop every pooled connection without a goodbye and start a new pool: after a
+        connection did not answer at all, or when the database is back after an outage, the
+        pooled connections may be dead for good (a failover without reset), and the pool's
+        pre-ping would wait out the command bound on each of them (docs/faults.md). Connections
+        in use are left to finish; nothing is sent on the old ones."""
+        if not is_sqlite(self.engine):
+            log.warning("forgetting pooled database connections; new ones will be opened")
+            await self.engine.dispose(close=False)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -329,6 +341,14 @@ def connection_fault(exc: BaseException) -> str | None:
         ):
             return "lost"
     return None
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """The driver's own timeout ran out (not the server's statement_timeout, not the pool's
+    checkout): the server did not even answer in time, so the way to it may be dead."""
+    return not isinstance(exc, PoolTimeout) and any(
+        isinstance(cause, TimeoutError) for cause in _chain(exc)
+    )
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -44,6 +44,9 @@ MAX_METADATA_BYTES = 16 * 1024
 # The database check behind health (docs/faults.md): how often, and how long one ping may take
 # (a hung connection must not stall the check).
 HEALTH_CHECK_INTERVAL = 2.0
+# While the database is lost every call is refused: look again often, so calls resume within
+# a second or so of its return (docs/faults.md).
+HEALTH_RECHECK_INTERVAL = 0.5
 HEALTH_PING_TIMEOUT = 2.0
 # Shutdown: what the steps after `server.stop(grace)` may take together, and at least each.
 SHUTDOWN_MARGIN = 2.5
@@ -253,8 +256,9 @@ class Server:
             await self.health.set(name, status)
 
     async def _watch_database(self) -> None:
-        """Ping the database every HEALTH_CHECK_INTERVAL (each ping bounded): NOT_SERVING after
-        the grace without an answer, SERVING again at the first answer. The process keeps
+        """Ping the database every HEALTH_CHECK_INTERVAL (each ping bounded; every
+        HEALTH_RECHECK_INTERVAL while it is lost): NOT_SERVING after the grace without an
+        answer, SERVING again at the first answer. The process keeps
         running either way: a lost database is a reason to route elsewhere, not to restart."""
         loop = asyncio.get_running_loop()
         grace = float(self.runtime.settings.health_database_grace)
@@ -288,11 +292,16 @@ class Server:
             else:
                 last_answer = loop.time()
                 if self._database_lost.is_set() and not self._stopping.is_set():
+                    # Connections pooled before the outage may be dead for good: start afresh.
+                    await self.runtime.db.forget_connections()
                     self._database_lost.clear()
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
                     log.warning("the database answers again: SERVING")
+            lost = self._database_lost.is_set()
             try:
-                async with asyncio.timeout(HEALTH_CHECK_INTERVAL):
+                async with asyncio.timeout(
+                    HEALTH_RECHECK_INTERVAL if lost else HEALTH_CHECK_INTERVAL
+                ):
                     await self._stopping.wait()
             except TimeoutError:
                 pass

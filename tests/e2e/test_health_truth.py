@@ -12,6 +12,7 @@ silent behind a proxy (no error, no answer) with calls stuck on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
@@ -23,7 +24,8 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.databases import POSTGRES_ADMIN_URL
-from tests.support.processes import QuotaProcess, quota_env, quota_process
+from tests.support.processes import quota_env, quota_process
+from tests.support.proxy import database_addr, tcp_proxy, through
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import Tokens
 
@@ -34,6 +36,10 @@ SHUTDOWN_GRACE = 2  # ALLOT_SHUTDOWN_GRACE_SECONDS
 # a loaded 2-core machine.
 TURN_WITHIN = HEALTH_GRACE + 2 + 2 + 6
 EXIT_WITHIN = SHUTDOWN_GRACE + 5
+# The half-open database: silent this long, then usage recorded again within HEAL_WITHIN.
+SILENT_SECONDS = 15
+HEAL_WITHIN = 5.0
+CUT_CALL_TIMEOUT = 3.0
 CALL_TIMEOUT = 5.0
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -163,110 +169,127 @@ async def test_health_follows_the_database_and_sigterm_stays_bounded(database_ur
         await switch.give_back()
 
 
-class SilentProxy:
-    """A loopback TCP proxy to PostgreSQL that can go silent: while cut, bytes in both
-    directions are swallowed and new connections are accepted but never answered — a database
-    behind a failover without reset, where nothing errors and nothing arrives."""
+async def grant(stub) -> None:
+    await stub.GrantPackage(
+        quota_service_pb2.GrantPackageRequest(
+            request_id="grant-1",
+            package=quota_pb2.Package(
+                account_id=ACCOUNT,
+                region=REGION,
+                api=API,
+                source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
+                total_quantity=100,
+                expire_time={"seconds": 4102444799},
+            ),
+        ),
+        metadata=ADMIN,
+        timeout=CALL_TIMEOUT,
+    )
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.cut = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader, writer) -> None:
-        self._writers.append(writer)
-        if self.cut:
-            return  # accepted, never answered
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self._writers.append(up_writer)
-        await asyncio.gather(
-            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+@contextlib.asynccontextmanager
+async def quota_behind_a_proxy(database_url, tmp_path):
+    """Quota on `database_url` reached through a `TcpProxy` the test can cut and heal."""
+    with tcp_proxy(database_addr(database_url)) as proxy:
+        env = quota_env(
+            through(database_url, proxy),
+            tmp_path,
+            ALLOT_HEALTH_DATABASE_GRACE_SECONDS=str(HEALTH_GRACE),
+            ALLOT_SHUTDOWN_GRACE_SECONDS=str(SHUTDOWN_GRACE),
         )
+        with quota_process(env, tmp_path / "quota.log") as process:
+            async with grpc.aio.insecure_channel(process.addr) as channel:
+                stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
+                await grant(stub)
+                await stub.ReportUsage(usage("before"), metadata=GATEWAY, timeout=CALL_TIMEOUT)
+                yield proxy, process, stub, health_pb2_grpc.HealthStub(channel)
 
-    async def _pump(self, reader, writer) -> None:
-        while data := await reader.read(65536):
-            if not self.cut:
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
+async def first_success(stub, event_id: str, within: float) -> float:
+    """Seconds until `ReportUsage` of `event_id` answers (each try bounded by a short
+    deadline, retried as a gateway would); AssertionError after `within`."""
+    start = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() - start < within:
+        try:
+            await stub.ReportUsage(usage(event_id), metadata=GATEWAY, timeout=1.0)
+            return time.monotonic() - start
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in RETRYABLE, error
+            last = error
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no ReportUsage answered within {within} s after healing: {last}")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_silent_database_fails_calls_within_their_deadline_and_heals(
+    database_url, tmp_path
+):
+    """A failover without reset: the database goes silent for SILENT_SECONDS (no error, no
+    answer; every connection that lived through it stays dead for good), then new
+    connections work again. During the cut calls end by their deadline with a status a
+    client retries and health turns NOT_SERVING; within HEAL_WITHIN of healing, usage is
+    recorded again and health is SERVING — no restart."""
+    async with quota_behind_a_proxy(database_url, tmp_path) as (proxy, process, stub, health):
+        proxy.cut()
+        cut_at = time.monotonic()
+        outcomes = []
+        while time.monotonic() - cut_at < SILENT_SECONDS - CUT_CALL_TIMEOUT - 1:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.ReportUsage(
+                    usage(f"cut-{len(outcomes)}"), metadata=GATEWAY, timeout=CUT_CALL_TIMEOUT
+                )
+            outcomes.append((failed.value.code(), time.monotonic() - started))
+            await asyncio.sleep(0.05)  # a gateway backs off a little
+        assert all(code in RETRYABLE for code, _ in outcomes), outcomes
+        assert all(took < CUT_CALL_TIMEOUT + 1 for _, took in outcomes), outcomes
+        await health_becomes(
+            health, NOT_SERVING, max(0.5, SILENT_SECONDS - (time.monotonic() - cut_at))
+        )
+        await asyncio.sleep(max(0.0, SILENT_SECONDS - (time.monotonic() - cut_at)))
+
+        proxy.heal()
+        took = await first_success(stub, "after", HEAL_WITHIN)
+        print(f"usage recorded {took:.2f} s after healing; {len(outcomes)} calls failed in the cut")
+        await health_becomes(health, SERVING, HEAL_WITHIN - took)
+        assert process.proc is not None and process.proc.poll() is None  # never restarted
+        # What failed during the cut was not recorded: sent again, each is new.
+        for i in range(len(outcomes)):
+            answer = await stub.ReportUsage(
+                usage(f"cut-{i}"), metadata=GATEWAY, timeout=CALL_TIMEOUT
+            )
+            assert not answer.duplicate, answer
+            assert sum(d.quantity for d in answer.deductions) + answer.pay_per_use_quantity == 1
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_sigterm_exits_within_grace_when_the_database_goes_silent(database_url, tmp_path):
     """Calls stuck on a database that no longer answers (not even with an error) must not hold
     the process past its shutdown grace: every shutdown step is bounded (shared/server.py)."""
-    admin = POSTGRES_ADMIN_URL.rsplit("@", 1)[1].split("/", 1)[0]
-    host, _, port = admin.partition(":")
-    proxy = SilentProxy((host, int(port or 5432)))
-    await proxy.start()
-    proxied = database_url.replace(admin, f"127.0.0.1:{proxy.port}")
-    env = quota_env(
-        proxied,
-        tmp_path,
-        ALLOT_HEALTH_DATABASE_GRACE_SECONDS=str(HEALTH_GRACE),
-        ALLOT_SHUTDOWN_GRACE_SECONDS=str(SHUTDOWN_GRACE),
-    )
-    # Started from a thread: the proxy runs on this test's event loop, which must keep going.
-    process = QuotaProcess(env, tmp_path / "quota.log")
-    try:
-        await asyncio.to_thread(process.start)
-        async with grpc.aio.insecure_channel(process.addr) as channel:
-            stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            await stub.GrantPackage(
-                quota_service_pb2.GrantPackageRequest(
-                    request_id="grant-1",
-                    package=quota_pb2.Package(
-                        account_id=ACCOUNT,
-                        region=REGION,
-                        api=API,
-                        source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
-                        total_quantity=100,
-                        expire_time={"seconds": 4102444799},
-                    ),
-                ),
-                metadata=ADMIN,
-                timeout=CALL_TIMEOUT,
+    async with quota_behind_a_proxy(database_url, tmp_path) as (proxy, process, stub, health):
+        proxy.cut()
+        stuck = [
+            asyncio.ensure_future(
+                stub.ReportUsage(usage(f"stuck-{i}"), metadata=GATEWAY, timeout=60)
             )
-            await stub.ReportUsage(usage("before"), metadata=GATEWAY, timeout=CALL_TIMEOUT)
+            for i in range(4)
+        ]
+        await health_becomes(health, NOT_SERVING, TURN_WITHIN)
+        assert not any(call.done() for call in stuck)  # they wait on the silent database
 
-            proxy.cut = True
-            stuck = [
-                asyncio.ensure_future(
-                    stub.ReportUsage(usage(f"stuck-{i}"), metadata=GATEWAY, timeout=60)
-                )
-                for i in range(4)
-            ]
-            await health_becomes(health, NOT_SERVING, TURN_WITHIN)
-            assert not any(call.done() for call in stuck)  # they wait on the silent database
-
-            started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            try:
-                code = await asyncio.to_thread(process.wait, EXIT_WITHIN)
-            except subprocess.TimeoutExpired as exc:
-                raise AssertionError(
-                    f"quota still ran {EXIT_WITHIN}s after SIGTERM:\n{process.log_text()}"
-                ) from exc
-            took = time.monotonic() - started
-            outcomes = await asyncio.gather(*stuck, return_exceptions=True)
-        assert code == 0, process.log_text()
-        assert took < EXIT_WITHIN
-        for outcome in outcomes:  # cut off by the shutdown, with a status a client retries
-            assert isinstance(outcome, grpc.aio.AioRpcError), outcome
-            assert outcome.code() in RETRYABLE | {grpc.StatusCode.CANCELLED}, outcome
-    finally:
-        process.kill()
-        await proxy.close()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(process.wait, EXIT_WITHIN)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(
+                f"quota still ran {EXIT_WITHIN}s after SIGTERM:\n{process.log_text()}"
+            ) from exc
+        took = time.monotonic() - started
+        outcomes = await asyncio.gather(*stuck, return_exceptions=True)
+    assert code == 0, process.log_text()
+    assert took < EXIT_WITHIN
+    for outcome in outcomes:  # cut off by the shutdown, with a status a client retries
+        assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+        assert outcome.code() in RETRYABLE | {grpc.StatusCode.CANCELLED}, outcome

@@ -9,7 +9,8 @@ so the rules are exactly those of a batch of one.
 Faults (docs/faults.md "Database faults"): the batch transaction retries a dropped connection
 itself and then fails with UNAVAILABLE, which every caller of the batch hears; every statement
 is bounded, so a batch never holds its queue for longer than the database bounds; a caller whose
-deadline passes is cancelled by gRPC and stops waiting (the batch goes on for its neighbours).
+deadline passes is cancelled by gRPC and stops waiting: still queued, it leaves the queue (not
+applied); already in a running batch, the batch goes on for its neighbours.
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ class UsageCoalescer:
 
     async def report(self, item: UsageInput) -> UsageResult | AllotError:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        entry = (item, future)
+        self._queue.append(entry)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="usage-coalescer")
         try:
             # shield: a cancelled caller must not cancel the batch its neighbours wait on.
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(_nobody_listens)
+            if entry in self._queue:
+                # Its deadline passed while it queued behind a slow batch: not applied, so a
+                # slow database is not handed work nobody waits for (the gateway retries it).
+                self._queue.remove(entry)
+                future.cancel()
+            else:
+                future.add_done_callback(_nobody_listens)
             raise
 
     async def close(self, grace: float) -> None:
