@@ -295,7 +295,7 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     # First attempt: 2024-04-12 03:00, 7 days before the expiry date; the balance is short.
     await suite.move(local("2024-04-12 03:00"))
     (first,) = await suite.failures()
-    assert (first.account_id, first.package_id) == ("acme", package_id)
+    assert (first.account_id, first.package_id, first.region) == ("acme", package_id, HK)
     assert first.reason == "INSUFFICIENT_BALANCE"
     assert first.next_attempt_time.ToDatetime(tzinfo=TZ) == local("2024-04-13 03:00")
     assert utc(first.expire_time) == "2024-04-19T15:59:59Z"

@@ -64,12 +64,18 @@ def test_balance_order_and_auto_renewal_messages():
 
     failed = billing_pb2.BillingEvent(
         auto_renew_failed=billing_pb2.AutoRenewFailed(
-            account_id="acme", package_id="pkg-1", reason="INSUFFICIENT_BALANCE"
+            account_id="acme",
+            package_id="pkg-1",
+            reason="INSUFFICIENT_BALANCE",
+            region="ap-southeast-1",
         )
     )
     message = compose(from_billing_event(failed))
     assert message.message_type == MessageType.AUTO_RENEW_FAILED
     assert "pkg-1" in message.subject and "INSUFFICIENT_BALANCE" in message.body
+    assert "pkg-1 in ap-southeast-1 failed" in message.body
+    # Its region decides who sees it (ListNotifications, WatchNotifications of a region token).
+    assert message.region == "ap-southeast-1"
 
 
 def test_other_billing_events_are_not_messages():

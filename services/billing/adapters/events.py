@@ -100,6 +100,7 @@ class BillingEvents:
             package_id=sold.package_id,
             reason=reason,
             expire_time=to_timestamp(sold.expire_time),
+            region=sold.region,
         )
         if sold.next_attempt_time is not None:
             payload.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))

@@ -129,6 +129,7 @@ def from_billing_event(event) -> SourceEvent | None:
         return AutoRenewalFailed(
             account_id=p.account_id,
             package_id=p.package_id,
+            region=p.region,
             reason=p.reason,
             next_attempt_time=_optional_time(p, "next_attempt_time"),
             expire_time=_optional_time(p, "expire_time"),

@@ -99,6 +99,7 @@ class OrderChanged:
 class AutoRenewalFailed:
     account_id: str
     package_id: str
+    region: str  # "" from a billing older than the field: then visible to every region
     reason: str
     next_attempt_time: datetime | None
     expire_time: datetime | None
@@ -203,11 +204,13 @@ def _billing_message(event: SourceEvent, tz: tzinfo) -> Message | None:
             MessageType.AUTO_RENEW_FAILED,
             event.account_id,
             f"Auto-renewal of package {event.package_id} failed",
-            f"Account {event.account_id}: renewing package {event.package_id} failed "
+            f"Account {event.account_id}: renewing package {event.package_id}"
+            f"{f' in {event.region}' if event.region else ''} failed "
             f"({event.reason}). Next attempt {_local(event.next_attempt_time, tz)}; the package "
             f"expires at {_local(event.expire_time, tz)}.",
             {
                 "package_id": event.package_id,
+                "region": event.region,
                 "reason": event.reason,
                 "next_attempt_time": _when(event.next_attempt_time),
                 "expire_time": _when(event.expire_time),

@@ -963,12 +963,15 @@ class AutoRenewFailed(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
     """The package."""
     reason: _builtins.str
     """Why (an error reason such as INSUFFICIENT_BALANCE or ACCOUNT_IN_ARREARS)."""
+    region: _builtins.str
+    """The package's region (a region-limited token sees the event only for its regions)."""
     @_builtins.property
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """When the next attempt runs; unset when the package expires before another attempt."""
@@ -985,10 +988,11 @@ class AutoRenewFailed(_message.Message):
         reason: _builtins.str = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "expire_time", b"expire_time", "next_attempt_time", b"next_attempt_time", "package_id", b"package_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "expire_time", b"expire_time", "next_attempt_time", b"next_attempt_time", "package_id", b"package_id", "reason", b"reason", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
