@@ -54,7 +54,8 @@ from shared.server import Server, build_runtime
 from shared.settings import Settings
 from shared.timeutil import to_micros, to_timestamp
 from tests.support import servers
-from tests.support.notification_processes import NotificationProcess, quota_calls, until
+from tests.support.billing_processes import billing_env, billing_process
+from tests.support.notification_processes import quota_calls, until
 from tests.support.processes import quota_env, quota_process
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
@@ -85,38 +86,6 @@ ADMIN = TOKENS.md(TOKENS.admin())
 
 
 # --- billing, as a process and in process -------------------------------------------------
-
-
-class BillingProcess(NotificationProcess):
-    """`python -m services.billing` with a deadline on every wait (the notification helper's
-    start, which runs `services.<name>` with exactly the test's ALLOT_* settings)."""
-
-    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
-        super().__init__(env, log_path)
-        self.name = "billing"
-
-
-def billing_env(database_url: str, data_dir: pathlib.Path, addr: str, quota_addr: str):
-    return {
-        "ALLOT_BILLING_DATABASE_URL": database_url,
-        "ALLOT_BILLING_ADDR": addr,
-        "ALLOT_QUOTA_ADDR": quota_addr,
-        "ALLOT_AUTH_SECRET": TEST_SECRET,
-        "ALLOT_DATA_DIR": str(data_dir),
-        "ALLOT_CLOCK": "manual",
-        "ALLOT_CLOCK_START": CLOCK_START,
-        "ALLOT_SHUTDOWN_GRACE_SECONDS": "2",
-    }
-
-
-@contextlib.contextmanager
-def billing_process(env: dict[str, str], log_path: pathlib.Path):
-    process = BillingProcess(env, log_path)
-    try:
-        process.start()
-        yield process
-    finally:
-        process.kill()
 
 
 @contextlib.asynccontextmanager
@@ -260,7 +229,13 @@ async def test_quota_follows_billing_started_later_and_restarted(tmp_path):
         ALLOT_CONSUMER_LEASE_SECONDS="2",
         ALLOT_SHUTDOWN_GRACE_SECONDS="2",
     )
-    b_env = billing_env(billing_url, tmp_path, billing_addr, q_env["ALLOT_QUOTA_ADDR"])
+    b_env = billing_env(
+        billing_url,
+        tmp_path,
+        q_env["ALLOT_QUOTA_ADDR"],
+        CLOCK_START,
+        ALLOT_BILLING_ADDR=billing_addr,
+    )
 
     with quota_process(q_env, tmp_path / "quota.log") as quota:
         async with grpc.aio.insecure_channel(quota.addr) as q_channel:
