@@ -20,7 +20,7 @@ import time
 import asyncpg
 import grpc
 import pytest
-from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.databases import POSTGRES_ADMIN_URL
@@ -91,6 +91,14 @@ def usage(event_id: str) -> quota_service_pb2.ReportUsageRequest:
     return QuotaCalls.usage(event_id, ACCOUNT, region=REGION, api=API)
 
 
+async def grant(stub) -> None:
+    package = QuotaCalls.package(
+        ACCOUNT, 100, region=REGION, api=API, expire="2099-12-31T23:59:59Z"
+    )
+    request = quota_service_pb2.GrantPackageRequest(request_id="grant-1", package=package)
+    await stub.GrantPackage(request, metadata=ADMIN, timeout=CALL_TIMEOUT)
+
+
 async def health_becomes(health, status, within: float) -> float:
     """Seconds until every checked name reports `status`; AssertionError after `within`."""
     start = time.monotonic()
@@ -121,21 +129,7 @@ async def test_health_follows_the_database_and_sigterm_stays_bounded(database_ur
             async with grpc.aio.insecure_channel(process.addr) as channel:
                 stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
                 health = health_pb2_grpc.HealthStub(channel)
-                await stub.GrantPackage(
-                    quota_service_pb2.GrantPackageRequest(
-                        request_id="grant-1",
-                        package=quota_pb2.Package(
-                            account_id=ACCOUNT,
-                            region=REGION,
-                            api=API,
-                            source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
-                            total_quantity=100,
-                            expire_time={"seconds": 4102444799},
-                        ),
-                    ),
-                    metadata=ADMIN,
-                    timeout=CALL_TIMEOUT,
-                )
+                await grant(stub)
                 await stub.ReportUsage(usage("before"), metadata=GATEWAY, timeout=CALL_TIMEOUT)
                 await health_becomes(health, SERVING, 1)
 
@@ -167,24 +161,6 @@ async def test_health_follows_the_database_and_sigterm_stays_bounded(database_ur
                 assert time.monotonic() - started < EXIT_WITHIN
     finally:
         await switch.give_back()
-
-
-async def grant(stub) -> None:
-    await stub.GrantPackage(
-        quota_service_pb2.GrantPackageRequest(
-            request_id="grant-1",
-            package=quota_pb2.Package(
-                account_id=ACCOUNT,
-                region=REGION,
-                api=API,
-                source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
-                total_quantity=100,
-                expire_time={"seconds": 4102444799},
-            ),
-        ),
-        metadata=ADMIN,
-        timeout=CALL_TIMEOUT,
-    )
 
 
 @contextlib.asynccontextmanager
