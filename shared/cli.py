@@ -96,7 +96,7 @@ def cmd_migrate(args, settings: Settings) -> int:
     )
 
     async def main() -> None:
-        db = Database(settings.database_url(args.service))
+        db = Database(settings.database_url(args.service), settings.database_bounds)
         try:
             await upgrade(db.engine, args.service, service_class.migrations_dir)
         finally:

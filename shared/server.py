@@ -93,7 +93,7 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
         settings=settings,
         clock=clock,
         scheduler=Scheduler(clock, interval=float(settings.due_work_interval)),
-        db=Database(settings.database_url(service_name)),
+        db=Database(settings.database_url(service_name), settings.database_bounds),
         catalog=load_catalog(settings.catalog),
         channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
         signer=signer,
