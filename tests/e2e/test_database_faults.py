@@ -168,18 +168,11 @@ def database_of(url: str) -> str:
 
 async def grant_usage_package(stub) -> quota_pb2.Package:
     """The package the usage load deducts from (never exhausted)."""
+    package = QuotaCalls.package(
+        ACCOUNT, PACKAGE_SIZE, region=REGION, api=API, expire="2099-12-31T23:59:59Z"
+    )
     return await stub.GrantPackage(
-        quota_service_pb2.GrantPackageRequest(
-            request_id="grant-db-faults",
-            package=quota_pb2.Package(
-                account_id=ACCOUNT,
-                region=REGION,
-                api=API,
-                source=quota_pb2.PACKAGE_SOURCE_SUBSCRIPTION,
-                total_quantity=PACKAGE_SIZE,
-                expire_time={"seconds": 4102444799},  # 2099-12-31T23:59:59Z
-            ),
-        ),
+        quota_service_pb2.GrantPackageRequest(request_id="grant-db-faults", package=package),
         metadata=ADMIN,
         timeout=CALL_TIMEOUT,
     )

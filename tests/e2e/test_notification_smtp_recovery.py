@@ -20,7 +20,6 @@ import time
 import grpc
 import pytest
 
-from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import AlertCalls
 from tests.support.notification_processes import (
     CLOCK_START,
@@ -49,17 +48,10 @@ QUIET = 1.0
 FAILED_PROBES = 2
 
 
-@pytest.fixture
-async def postgres_url():
-    url = await create_postgres_database()  # skips when PostgreSQL is unreachable (not on CI)
-    try:
-        yield url
-    finally:
-        await drop_postgres_database(url)
-
-
+# PostgreSQL only (skipped where it is unreachable, except under CI=true).
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_mail_held_back_by_a_dead_smtp_server_goes_out_once_within_the_probe_bound(
-    postgres_url, tmp_path
+    database_url, tmp_path
 ):
     port = closed_port()
     quota_dir, notification_dir = tmp_path / "quota", tmp_path / "notification"
@@ -73,7 +65,7 @@ async def test_mail_held_back_by_a_dead_smtp_server_goes_out_once_within_the_pro
     )
     with quota_process(q_env, tmp_path / "quota.log") as quota:
         n_env = notification_env(
-            postgres_url,
+            database_url,
             notification_dir,
             quota.addr,
             ALLOT_SMTP_URL=f"smtp://127.0.0.1:{port}",

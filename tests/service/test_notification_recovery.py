@@ -36,6 +36,30 @@ async def _deliveries(n) -> list[notification_pb2.Delivery]:
     return [d for x in await n.notifications(ACCOUNT) for d in x.deliveries]
 
 
+def _settings(database_url: str, tmp_path, smtp_port: int):
+    """Mail to `smtp_port`; a retry after an hour, far beyond these tests, whose clock never
+    moves; no probe of its own."""
+    return notification_settings(
+        database_url,
+        tmp_path,
+        "127.0.0.1:1",  # no quota: these tests make their own notifications
+        smtp_url=f"smtp://127.0.0.1:{smtp_port}",
+        delivery_backoff="3600",
+        delivery_probe="0",
+    )
+
+
+def _all_failed_once(n, count: int):
+    """A check for `_until`: the `count` deliveries, each pending after one failed attempt."""
+
+    async def check():
+        found = await _deliveries(n)
+        done = len(found) == count and all(d.state == PENDING and d.attempts == 1 for d in found)
+        return found if done else None
+
+    return check
+
+
 async def _due_times(ctx) -> set[tuple[str, str, int]]:
     """Each delivery's next retry, as stored (the API does not show it)."""
     d = tables.deliveries.c
@@ -57,15 +81,8 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
     database_url, tmp_path
 ):
     port = closed_port()
-    settings = notification_settings(
-        database_url,
-        tmp_path,
-        "127.0.0.1:1",  # no quota: this test makes its own notifications
-        smtp_url=f"smtp://127.0.0.1:{port}",
-        # A retry would come after an hour: far beyond this test, whose clock never moves.
-        delivery_backoff="3600",
-        delivery_probe="0",  # no probe either: only the new message can find the server back
-    )
+    # No probe either: only the new message can find the server back.
+    settings = _settings(database_url, tmp_path, port)
     async with running_notification(settings) as handle:
         n = handle.calls
         contacts = [await n.create(ACCOUNT, EMAIL, f"ops{i}@example.com") for i in range(CONTACTS)]
@@ -74,12 +91,7 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
                 await n.send_test(contact.contact_id)
         held = CONTACTS * SENDS_PER_CONTACT
 
-        async def all_failed_once():
-            found = await _deliveries(n)
-            done = len(found) == held and all(d.state == PENDING and d.attempts == 1 for d in found)
-            return found if done else None
-
-        for delivery in await _until(all_failed_once, "first attempts refused"):
+        for delivery in await _until(_all_failed_once(n, held), "first attempts refused"):
             assert "Connect call failed" in delivery.last_error, delivery.last_error
 
         with smtp_receiver(port=port) as inbox:
@@ -108,14 +120,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
     and wakes the mail behind it."""
     caplog.set_level(logging.INFO, logger="allot.notification")
     port = closed_port()
-    settings = notification_settings(
-        database_url,
-        tmp_path,
-        "127.0.0.1:1",  # no quota: this test makes its own notifications
-        smtp_url=f"smtp://127.0.0.1:{port}",
-        delivery_backoff="3600",
-        delivery_probe="0",  # the test runs the probe itself
-    )
+    settings = _settings(database_url, tmp_path, port)  # the test runs the probe itself
     async with running_notification(settings) as handle:
         n = handle.calls
         service = handle.server.service
@@ -128,12 +133,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
         for contact in (first, second, hooks[0], hooks[0], hooks[1]):
             await n.send_test(contact.contact_id)
 
-        async def all_failed_once():
-            found = await _deliveries(n)
-            done = len(found) == 5 and all(d.state == PENDING and d.attempts == 1 for d in found)
-            return found if done else None
-
-        await _until(all_failed_once, "first attempts refused")
+        await _until(_all_failed_once(n, 5), "first attempts refused")
         before = await _due_times(service.context)
         caplog.clear()
         assert await notifications.probe_held_back(service.context) == 0
