@@ -128,6 +128,12 @@ class Settings:
         "120",
         "wall-clock seconds a delivery being sent stays claimed (a crashed send is retried then)",
     )
+    delivery_probe: str = _setting(
+        "ALLOT_DELIVERY_PROBE_SECONDS",
+        "30",
+        "wall-clock seconds between probes of a channel whose deliveries are held back by "
+        "failures (0: no probe)",
+    )
     delivery_backoff: str = _setting(
         "ALLOT_DELIVERY_BACKOFF_SECONDS", "60", "delay before the first delivery retry"
     )
@@ -224,6 +230,7 @@ class Settings:
             "expiring_notice_days",
             "delivery_backoff",
             "delivery_claim",
+            "delivery_probe",
             "delivery_backoff_factor",
             "consumer_lease_seconds",
             "max_streams_per_caller",

@@ -115,12 +115,26 @@ class NotificationService:
         # Retries come due with the clock (AdvanceTime on the manual one).
         self.runtime.scheduler.register("notification.deliveries", self._deliveries.run)
         self._tasks.append(asyncio.create_task(self._deliveries.loop(), name="deliveries"))
+        probe = int(self.runtime.settings.delivery_probe)
+        if probe:
+            self._tasks.append(asyncio.create_task(self._probe(probe), name="delivery-probe"))
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self._consumers.append(self._quota_consumer(addr))
         if self.runtime.settings.billing_addr.strip():
             self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
+
+    async def _probe(self, every: int) -> None:
+        """Every `every` seconds of wall time, probe each channel whose deliveries wait for a
+        retry; a probe that gets through wakes the rest, and this round sends them."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if await notifications.probe_held_back(self.context):
+                    self.kick()
+            except Exception:  # keep probing; the next round starts from the database
+                log.exception("delivery probe failed")
 
     def _quota_consumer(self, addr: str) -> StreamConsumer:
         return self._consumer(

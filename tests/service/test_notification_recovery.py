@@ -7,13 +7,18 @@ backoff: only the wake can send them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 
 from allot.notification.v1 import notification_pb2
+from sqlalchemy import select
 
+from services.notification.adapters import tables
+from services.notification.app import notifications
 from tests.support.notification_processes import (
     EMAIL,
+    WEBHOOK,
     notification_settings,
     running_notification,
 )
@@ -31,6 +36,37 @@ async def _deliveries(n) -> list[notification_pb2.Delivery]:
     return [d for x in await n.notifications(ACCOUNT) for d in x.deliveries]
 
 
+def _settings(database_url: str, tmp_path, smtp_port: int):
+    """Mail to `smtp_port`; a retry after an hour, far beyond these tests, whose clock never
+    moves; no probe of its own."""
+    return notification_settings(
+        database_url,
+        tmp_path,
+        "127.0.0.1:1",  # no quota: these tests make their own notifications
+        smtp_url=f"smtp://127.0.0.1:{smtp_port}",
+        delivery_backoff="3600",
+        delivery_probe="0",
+    )
+
+
+def _all_failed_once(n, count: int):
+    """A check for `_until`: the `count` deliveries, each pending after one failed attempt."""
+
+    async def check():
+        found = await _deliveries(n)
+        done = len(found) == count and all(d.state == PENDING and d.attempts == 1 for d in found)
+        return found if done else None
+
+    return check
+
+
+async def _due_times(ctx) -> set[tuple[str, str, int]]:
+    """Each delivery's next retry, as stored (the API does not show it)."""
+    d = tables.deliveries.c
+    query = select(d.notification_id, d.contact_id, d.due_time_us)
+    return {tuple(r) for r in await ctx.db.read(lambda uow: uow.rows(query))}
+
+
 async def _until(check, what: str):
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -45,14 +81,8 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
     database_url, tmp_path
 ):
     port = closed_port()
-    settings = notification_settings(
-        database_url,
-        tmp_path,
-        "127.0.0.1:1",  # no quota: this test makes its own notifications
-        smtp_url=f"smtp://127.0.0.1:{port}",
-        # A retry would come after an hour: far beyond this test, whose clock never moves.
-        delivery_backoff="3600",
-    )
+    # No probe either: only the new message can find the server back.
+    settings = _settings(database_url, tmp_path, port)
     async with running_notification(settings) as handle:
         n = handle.calls
         contacts = [await n.create(ACCOUNT, EMAIL, f"ops{i}@example.com") for i in range(CONTACTS)]
@@ -61,12 +91,7 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
                 await n.send_test(contact.contact_id)
         held = CONTACTS * SENDS_PER_CONTACT
 
-        async def all_failed_once():
-            found = await _deliveries(n)
-            done = len(found) == held and all(d.state == PENDING and d.attempts == 1 for d in found)
-            return found if done else None
-
-        for delivery in await _until(all_failed_once, "first attempts refused"):
+        for delivery in await _until(_all_failed_once(n, held), "first attempts refused"):
             assert "Connect call failed" in delivery.last_error, delivery.last_error
 
         with smtp_receiver(port=port) as inbox:
@@ -84,3 +109,59 @@ async def test_mail_held_back_by_an_smtp_outage_goes_out_on_the_first_success(
             await asyncio.sleep(0.3)  # a second send of anything would land now
             ids = Counter(m.message["Message-ID"] for m in inbox.messages)
             assert len(ids) == held + 1 and set(ids.values()) == {1}, ids
+
+
+async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_uncounted(
+    database_url, tmp_path, caplog
+):
+    """`probe_held_back` (run every ALLOT_DELIVERY_PROBE_SECONDS; called directly here) tries
+    one held-back email (the earliest due) and one held-back webhook per contact; a failed
+    probe leaves attempts and the next retry as they were; a probe that gets through is sent
+    and wakes the mail behind it."""
+    caplog.set_level(logging.INFO, logger="allot.notification")
+    port = closed_port()
+    settings = _settings(database_url, tmp_path, port)  # the test runs the probe itself
+    async with running_notification(settings) as handle:
+        n = handle.calls
+        service = handle.server.service
+        first = await n.create(ACCOUNT, EMAIL, "first@example.com")
+        second = await n.create(ACCOUNT, EMAIL, "second@example.com")
+        hooks = [
+            await n.create(ACCOUNT, WEBHOOK, f"http://127.0.0.1:{closed_port()}/hook{i}")
+            for i in range(2)
+        ]
+        for contact in (first, second, hooks[0], hooks[0], hooks[1]):
+            await n.send_test(contact.contact_id)
+
+        await _until(_all_failed_once(n, 5), "first attempts refused")
+        before = await _due_times(service.context)
+        caplog.clear()
+        assert await notifications.probe_held_back(service.context) == 0
+        probed = [r.getMessage() for r in caplog.records if "probe of delivery" in r.getMessage()]
+        assert len(probed) == 3, probed
+        # The email probed is the one whose retry is due first (backoff has jitter).
+        mail = [r for r in before if r[1] in (first.contact_id, second.contact_id)]
+        earliest = min(mail, key=lambda r: r[2])
+        later = max(mail, key=lambda r: r[2])
+        assert sum(f"{earliest[0]} to {earliest[1]}" in m for m in probed) == 1, probed
+        assert not any(later[1] in m for m in probed)
+        assert all(sum(h.contact_id in m for m in probed) == 1 for h in hooks)
+        assert await _due_times(service.context) == before
+        assert {(d.state, d.attempts) for d in await _deliveries(n)} == {(PENDING, 1)}
+
+        with smtp_receiver(port=port) as inbox:
+            assert await notifications.probe_held_back(service.context) == 1
+            service.kick()  # as the service does after a probe got through
+
+            async def mail_sent():
+                found = await _deliveries(n)
+                mail = [d for d in found if d.channel == EMAIL]
+                return found if all(d.state == SENT for d in mail) else None
+
+            found = await _until(mail_sent, "the woken mail")
+            await asyncio.sleep(0.3)  # a second send of anything would land now
+            assert len(inbox.messages) == 2
+        assert {(d.channel, d.state, d.attempts) for d in found} == {
+            (EMAIL, SENT, 2),
+            (WEBHOOK, PENDING, 1),
+        }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -283,6 +283,35 @@ class BillingCalls:
             ),
             metadata=self.admin,
         )
+
+    def purchase(
+        self, account_id: str, offer_id: str, region: str, request_id: str, timeout: float
+    ) -> Awaitable[billing_pb2.Order]:
+        return self.stub.PurchasePackage(
+            billing_service_pb2.PurchasePackageRequest(
+                request_id=request_id, account_id=account_id, offer_id=offer_id, region=region
+            ),
+            metadata=self.admin,
+            timeout=timeout,
+        )
+
+    async def orders(self, account_id: str) -> list[billing_pb2.Order]:
+        """Every order of the account, newest first (every page)."""
+        out: list[billing_pb2.Order] = []
+        token = ""
+        for _ in range(1000):  # bounded: each page moves the token on
+            page = await self.stub.ListOrders(
+                billing_service_pb2.ListOrdersRequest(
+                    account_id=account_id, page_size=100, page_token=token
+                ),
+                metadata=self.admin,
+                timeout=SETTLE_TIMEOUT,
+            )
+            out.extend(page.orders)
+            token = page.next_page_token
+            if not token:
+                break
+        return out
 
     async def set_balance_alert(self, account_id: str, threshold: str) -> billing_pb2.Account:
         return await self.stub.SetBalanceAlert(

@@ -85,6 +85,8 @@ def notification_env(
         "ALLOT_SHUTDOWN_GRACE_SECONDS": "2",
         # The tests' webhook receivers listen on 127.0.0.1, which production refuses.
         "ALLOT_WEBHOOK_ALLOW_PRIVATE": "true",
+        # No probe of held-back deliveries unless a test asks: a test counts every attempt.
+        "ALLOT_DELIVERY_PROBE_SECONDS": "0",
     }
     env.update(extra)
     return env
@@ -129,6 +131,8 @@ def notification_settings(
         "consumer_lease_seconds": "2",
         # The tests' webhook receivers listen on 127.0.0.1, which production refuses.
         "webhook_allow_private": "true",
+        # No probe of held-back deliveries unless a test asks: a test counts every attempt.
+        "delivery_probe": "0",
     }
     values.update(overrides)
     return Settings.from_env(environ={}, **values)

@@ -12,6 +12,8 @@ A successful send wakes the deliveries waiting for a retry behind the same outag
 pending email or SMS (one relay or gateway carries them all) and every pending delivery to the
 same webhook contact is due at once, so a channel that comes back drains its queue in the
 same round instead of at each delivery's next backoff step (docs/faults.md, "Deliveries").
+While deliveries are held back, the earliest of each channel is probed on a wall-clock period
+(`probe_held_back`), so a channel that comes back is found without waiting for a backoff step.
 """
 
 from __future__ import annotations
@@ -222,17 +224,77 @@ async def _claim(uow: UnitOfWork, now: datetime, claim: timedelta) -> list[tuple
         )
     ).all()
     keys = [(r.notification_id, r.contact_id) for r in rows]
-    claim_until = wall + int(claim.total_seconds() * 1_000_000)
+    await _mark_claimed(uow, keys, wall, claim)
+    return keys
+
+
+async def _mark_claimed(
+    uow: UnitOfWork, keys: list[tuple[str, str]], wall_us: int, claim: timedelta
+) -> None:
+    d = t.deliveries.c
+    claim_until = wall_us + int(claim.total_seconds() * 1_000_000)
     for notification_id, contact_id in keys:
         await uow.session.execute(
             update(t.deliveries)
             .where(d.notification_id == notification_id, d.contact_id == contact_id)
             .values(claim_until_us=claim_until)
         )
+
+
+async def probe_held_back(ctx: NotificationContext) -> int:
+    """Try the earliest delivery held back by failures on each channel again now, whatever
+    its backoff: one email (one SMTP relay carries them all), one SMS (one gateway), one
+    webhook per contact. A probe that fails is not counted (the delivery keeps its attempts
+    and its next retry); one that succeeds is that delivery's successful attempt and wakes the
+    rest behind it (`_wake_behind`). Returns how many probes succeeded. The service runs it
+    every ALLOT_DELIVERY_PROBE_SECONDS of wall time (docs/faults.md, "Deliveries")."""
+    now = ctx.now()
+    keys = await ctx.db.transaction(lambda uow: _claim_probes(uow, now, ctx.claim))
+    sent = await asyncio.gather(*(_attempt(ctx, key, now, probe=True) for key in keys))
+    return sum(sent)
+
+
+async def _claim_probes(uow: UnitOfWork, now: datetime, claim: timedelta) -> list[tuple[str, str]]:
+    """Claim the earliest held-back delivery of each channel (each webhook contact): pending,
+    tried before, its retry not yet due, not being sent."""
+    d = t.deliveries.c
+    wall = _wall_us()
+    held = (d.state == PENDING, d.attempts > 0, d.due_time_us > to_micros(now), _unclaimed(wall))
+    webhooks = (
+        await uow.session.execute(
+            select(d.contact_id)
+            .where(*held, d.channel == int(Channel.WEBHOOK))
+            .distinct()
+            .order_by(d.contact_id)
+            .limit(ROUND)
+        )
+    ).scalars()
+    groups = [
+        (d.channel == int(Channel.EMAIL),),
+        (d.channel == int(Channel.SMS),),
+        *((d.channel == int(Channel.WEBHOOK), d.contact_id == c) for c in webhooks),
+    ]
+    keys = []
+    for group in groups:
+        row = (
+            await uow.session.execute(
+                select(d.notification_id, d.contact_id)
+                .where(*held, *group)
+                .order_by(d.due_time_us)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+        ).first()
+        if row is not None:
+            keys.append((row.notification_id, row.contact_id))
+    await _mark_claimed(uow, keys, wall, claim)
     return keys
 
 
-async def _attempt(ctx: NotificationContext, key: tuple[str, str], now: datetime) -> None:
+async def _attempt(
+    ctx: NotificationContext, key: tuple[str, str], now: datetime, probe: bool = False
+) -> bool:
+    """Send one claimed delivery and record the outcome; whether it was sent."""
     notification_id, contact_id = key
 
     async def load(uow: UnitOfWork):
@@ -268,10 +330,13 @@ async def _attempt(ctx: NotificationContext, key: tuple[str, str], now: datetime
         except Exception as exc:  # a sender bug must not stop the other deliveries
             log.exception("delivery %s to %s failed unexpectedly", notification_id, contact_id)
             error = DeliveryError(f"unexpected error: {type(exc).__name__}", retryable=True)
-    await ctx.db.transaction(lambda uow: _record(ctx, uow, key, error))
+    await ctx.db.transaction(lambda uow: _record(ctx, uow, key, error, probe))
+    return error is None
 
 
-async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str], error) -> None:
+async def _record(
+    ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str], error, probe: bool = False
+) -> None:
     d = t.deliveries.c
     where = (d.notification_id == key[0], d.contact_id == key[1], d.state == PENDING)
     row = (await uow.session.execute(select(d.attempts).where(*where))).first()
@@ -288,6 +353,10 @@ async def _record(ctx: NotificationContext, uow: UnitOfWork, key: tuple[str, str
             "claim_until_us": None,
         }
         await _wake_behind(uow, key, now)
+    elif probe:
+        # Not counted: the delivery keeps its attempts and its next retry.
+        values = {"last_error": str(error)[:1000], "claim_until_us": None}
+        log.info("probe of delivery %s to %s failed: %s", key[0], key[1], error)
     else:
         retry_at = (
             ctx.retry.next_attempt(attempts, now, retry_after=error.retry_after)
