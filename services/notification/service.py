@@ -31,6 +31,7 @@ from shared.auth import OWNERS, READERS, Policy, internal_metadata, policy
 from shared.clock import KickedWork
 from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
+from shared.errors import Unavailable
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
@@ -133,6 +134,8 @@ class NotificationService:
             try:
                 if await notifications.probe_held_back(self.context):
                     self.kick()
+            except Unavailable as exc:  # the database is away: health says so; try next round
+                log.warning("delivery probe skipped: %s", exc)
             except Exception:  # keep probing; the next round starts from the database
                 log.exception("delivery probe failed")
 
