@@ -178,9 +178,11 @@ class Server:
                 # 1,000 usage reports (~300 KB); metadata holds a token and a request id.
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-                # Let stream consumers ping idle connections every few seconds, so a dead peer
-                # is noticed quickly rather than after the 5-minute default.
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                # Let callers ping idle connections every few seconds (every 5 s: KEEPALIVE_SECONDS
+                # in shared/consumer.py), so a dead peer is noticed quickly rather than after the
+                # 5-minute default. The margin below 5 s keeps a ping that arrives a little early
+                # from counting as abuse (a GOAWAY after three).
+                ("grpc.http2.min_ping_interval_without_data_ms", 2000),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
