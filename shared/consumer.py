@@ -46,8 +46,10 @@ DEFAULT_MAX_BATCH = 100
 # within KEEPALIVE_SECONDS more, so it is dialled again about 10 s after it went silent. The
 # ack wait is `grpc.http2.ping_timeout_ms`: gRPC (1.85) waits that long (default one minute)
 # for any ping, keepalive ones included, so `grpc.keepalive_timeout_ms` alone does not
-# shorten it. Allot's servers accept a ping every 2 s
-# (`grpc.http2.min_ping_interval_without_data_ms` in shared/server.py), well under 5 s.
+# shorten it. By default gRPC sends only two pings while no data flows
+# (`grpc.http2.max_pings_without_data`), so a stream idle for 10 s would no longer be checked
+# and a consumer would wait on it long after it died; 0 lifts that limit. Allot's servers
+# accept a ping every 2 s (`grpc.http2.min_ping_interval_without_data_ms` in shared/server.py).
 KEEPALIVE_SECONDS = 5
 
 # gRPC's own retry (docs/faults.md, "Callers classify codes"): a call answered UNAVAILABLE
@@ -78,6 +80,7 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
     ("grpc.http2.ping_timeout_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", RETRY_SERVICE_CONFIG),
 )

@@ -71,12 +71,12 @@ from tests.support.receivers import smtp_receiver
 from tests.support.servers import free_port
 
 # After heal(), how long the services may take to find each other again: a connection that
-# went silent is dropped by gRPC keepalive about 10 s after its last read (a ping after 5 s,
-# 5 s for its ack: CHANNEL_OPTIONS in shared/consumer.py) and dialled again at once; then
-# billing offers pending orders within 2 s, a consumer reconnects within its backoff (at most
-# 5 s). Measured here: under 1 s after a cut longer than 10 s, about 7 s after a 3 s one.
-# Generous for a loaded 2-core machine, and well short of gRPC's one-minute default ping
-# timeout, under which nothing recovered for over a minute.
+# went silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s
+# without reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in
+# shared/consumer.py) and dialled again at once; then billing offers pending orders within 2 s,
+# a consumer reconnects within its backoff (at most 5 s). Measured here: under 1 s after a cut
+# longer than 10 s, 2-7 s after a 3 s one. Generous for a loaded 2-core machine, and well short
+# of the 66 s it took with gRPC's one-minute default ping timeout.
 RECOVERY = 30.0
 # A call during the cut that waits on the other service: billing's grant call gives up after
 # 10 s (services/billing/adapters/quota_client.py), and the purchase answers then.
@@ -242,6 +242,9 @@ async def test_billing_and_quota_cut_apart_complete_every_order_once(postgres_ur
 SHORT_CUT = 3.0
 ALERTED = ["acct-alert-0", "acct-alert-1", "acct-alert-2"]
 OWING = "acct-owing"
+# gRPC sends two keepalive pings on a connection that receives no data, then none unless told
+# otherwise (`grpc.http2.max_pings_without_data`); pings every 5 s make that 10 s.
+IDLE_BEFORE_CUT = 15.0
 # After the last expected email, how long nothing more may arrive.
 QUIET = 1.0
 
@@ -289,6 +292,7 @@ async def test_notification_cut_from_quota_and_billing_resumes_and_sends_each_on
             tmp_path / "notification.log",
         ) as notification,
     ):
+        started = time.monotonic()
         async with (
             grpc.aio.insecure_channel(quota.addr) as q_channel,
             grpc.aio.insecure_channel(billing.addr) as b_channel,
@@ -313,6 +317,10 @@ async def test_notification_cut_from_quota_and_billing_resumes_and_sends_each_on
             # Before the cut: one crossing through, notification's cursor moved past it.
             await cross(q, ALERTED[0])
             await until(mail_counts, lambda c: c == [1, 0, 0, 0], RECOVERY, "the first email")
+            # Billing's stream has carried nothing since notification started: left idle past
+            # the pings gRPC sends by default without data, it is the stream a consumer would
+            # wait on for ever after a silent cut.
+            await asyncio.sleep(max(0.0, started + IDLE_BEFORE_CUT - time.monotonic()))
 
             to_quota.cut()
             to_billing.cut()
