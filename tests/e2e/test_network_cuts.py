@@ -13,13 +13,17 @@ connection itself (gRPC keepalive, call deadlines) and dialing again.
   quota holds exactly one package per order, the balance is charged once per order, the bill
   has no refund. Quota follows billing's stream through the other proxy: standing changes made
   during the cut reach quota's admission after the heal, and quota's cursor ends at billing's
-  last event.
-- notification ↔ quota (both on PostgreSQL, email to a real SMTP receiver): usage-alert
-  crossings made at quota during the cut reach notification after the heal from its stored
-  cursor; every crossing gives exactly one notification and one email, the crossing before the
-  cut is not sent again.
+  last standing change.
+- notification ↔ quota and billing (quota and notification on PostgreSQL, billing on SQLite,
+  email to a real SMTP receiver): usage-alert crossings made at quota and an arrears change
+  made at billing during the cut reach notification after the heal from its stored cursors;
+  each gives exactly one notification and one email, the crossing before the cut is not sent
+  again. Both streams are left idle first: gRPC stops pinging a connection on
+  which no data flows unless told otherwise.
+- a consumer gone behind a cut that never heals: quota's own keepalive ends its stream, which
+  would otherwise hold one of the caller's ALLOT_MAX_STREAMS_PER_CALLER for hours.
 
-Each test prints how long recovery took after the heal. Every wait is bounded.
+Each test prints how long recovery took. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
-from allot.quota.v1 import quota_service_pb2
+from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
 from tests.e2e.test_quota_follows_billing import (
     DEBT_MICROS,
@@ -68,7 +72,7 @@ from tests.support.processes import quota_env, quota_process
 from tests.support.proxy import tcp_proxy
 from tests.support.quota_calls import API, REGION, QuotaCalls
 from tests.support.receivers import smtp_receiver
-from tests.support.servers import free_port
+from tests.support.servers import Tokens, free_port
 
 # After heal(), how long the services may take to find each other again: a connection that
 # went silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s
@@ -83,6 +87,7 @@ RECOVERY = 30.0
 CUT_CALL_TIMEOUT = 40.0
 CALL_TIMEOUT = 20.0
 
+TOKENS = Tokens()
 OFFER = "passport-100-1y"
 PRICE_MICROS = 1_000_000  # USD 1.00, TEST_CATALOG's price of OFFER
 BUYER = "acct-buyer"
@@ -366,3 +371,64 @@ async def test_notification_cut_from_quota_and_billing_resumes_and_sends_each_on
                 RECOVERY,
                 "notification's cursors at the last events",
             )
+
+
+# --- a consumer gone behind a silent cut ------------------------------------------------------
+
+
+async def stream_admitted(stub, metadata) -> bool:
+    """Whether quota lets this caller open one more `WatchEvents` stream now (it answers the
+    first event; a caller at ALLOT_MAX_STREAMS_PER_CALLER is refused RESOURCE_EXHAUSTED)."""
+    call = stub.WatchEvents(
+        quota_service_pb2.WatchEventsRequest(after_sequence=0), metadata=metadata, timeout=10
+    )
+    try:
+        await call.read()
+        return True
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        return False
+    finally:
+        call.cancel()
+
+
+async def test_a_stream_whose_consumer_went_silent_is_ended_by_quota(tmp_path):
+    """Quota on SQLite: its database plays no part. A consumer's network goes silent for good
+    (the proxy is cut and never healed, the consumer's socket stays open): quota's keepalive
+    finds the dead connection and ends its stream, so the stream does not hold one of the
+    caller's ALLOT_MAX_STREAMS_PER_CALLER for ever — the consumer, dialling again from
+    elsewhere, is admitted."""
+    q_env = quota_env(
+        f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
+        tmp_path,
+        ALLOT_CLOCK="manual",
+        ALLOT_CLOCK_START=CLOCK_START,
+        ALLOT_MAX_STREAMS_PER_CALLER="1",
+    )
+    consumer = TOKENS.md(TOKENS.internal("billing"))
+    with quota_process(q_env, tmp_path / "quota.log") as quota, tcp_proxy(quota.addr) as proxy:
+        async with (
+            grpc.aio.insecure_channel(quota.addr) as direct,
+            grpc.aio.insecure_channel(proxy.addr) as through_proxy,
+        ):
+            await cross(quota_calls(direct), BUYER)  # an event to read
+            stub = quota_service_pb2_grpc.QuotaServiceStub(direct)
+            gone = quota_service_pb2_grpc.QuotaServiceStub(through_proxy).WatchEvents(
+                quota_service_pb2.WatchEventsRequest(after_sequence=0), metadata=consumer
+            )
+            try:
+                await asyncio.wait_for(gone.read(), CALL_TIMEOUT)
+                assert not await stream_admitted(stub, consumer)  # the slot is taken
+
+                proxy.cut()
+                cut_at = time.monotonic()
+                await until(
+                    lambda: stream_admitted(stub, consumer),
+                    bool,
+                    RECOVERY,
+                    "the silent consumer's stream ended by quota",
+                )
+                ended = time.monotonic() - cut_at
+                print(f"\nquota ended the silent stream {ended:.1f} s after the cut")
+            finally:
+                gone.cancel()
