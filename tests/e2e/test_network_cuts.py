@@ -74,13 +74,13 @@ from tests.support.quota_calls import API, REGION, QuotaCalls
 from tests.support.receivers import smtp_receiver
 from tests.support.servers import Tokens, free_port
 
-# After heal(), how long the services may take to find each other again: a connection that
-# went silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s
-# without reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in
-# shared/consumer.py) and dialled again at once; then billing offers pending orders within 2 s,
-# a consumer reconnects within its backoff (at most 5 s). Measured here: under 1 s after a cut
-# longer than 10 s, 2-7 s after a 3 s one. Generous for a loaded 2-core machine, and well short
-# of the 66 s it took with gRPC's one-minute default ping timeout.
+# After heal(), how long the services may take to find each other again: a connection that went
+# silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s without
+# reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in shared/consumer.py) and
+# dialled again at once; then billing offers pending orders within 2 s, a consumer reconnects
+# within its backoff (at most 5 s). Measured here: 1-4 s after a cut longer than 10 s (the
+# channel waits out its reconnect backoff), 2-7 s after a 3 s one. Generous for a loaded 2-core
+# machine, and well short of the 66 s it took with gRPC's one-minute default ping timeout.
 RECOVERY = 30.0
 # A call during the cut that waits on the other service: billing's grant call gives up after
 # 10 s (services/billing/adapters/quota_client.py), and the purchase answers then.
