@@ -29,7 +29,7 @@ from shared import logs, migrations
 from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
 from shared.catalog import Catalog, load_catalog
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
-from shared.consumer import CHANNEL_OPTIONS
+from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_SECONDS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
@@ -178,10 +178,20 @@ class Server:
                 # 1,000 usage reports (~300 KB); metadata holds a token and a request id.
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-                # Let stream consumers ping idle connections every few seconds, so a dead peer
-                # is noticed quickly rather than after the 5-minute default.
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                # Let callers ping idle connections every few seconds (every 5 s: KEEPALIVE_SECONDS
+                # in shared/consumer.py), so a dead peer is noticed quickly rather than after the
+                # 5-minute default. The margin below 5 s keeps a ping that arrives a little early
+                # from counting as abuse (a GOAWAY after three).
+                ("grpc.http2.min_ping_interval_without_data_ms", 2000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # And ping the callers the same way: a caller gone behind a silent network
+                # (docs/faults.md, "The network between the services") would otherwise keep
+                # its streams open here for hours, each holding one of its
+                # ALLOT_MAX_STREAMS_PER_CALLER, until its consumer, dialling again, is refused.
+                ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_SECONDS * 1000),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         self.service.register(server)
