@@ -36,16 +36,6 @@ import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
-from tests.e2e.test_quota_follows_billing import (
-    DEBT_MICROS,
-    FROZEN,
-    FROZEN_AT,
-    GRACE,
-    GRACE_START,
-    billing_database,
-    publish_standing,
-    read_db,
-)
 from tests.support.billing_processes import (
     BillingCalls,
     billing_env,
@@ -73,6 +63,14 @@ from tests.support.proxy import tcp_proxy
 from tests.support.quota_calls import API, REGION, QuotaCalls
 from tests.support.receivers import smtp_receiver
 from tests.support.servers import Tokens, free_port
+from tests.support.standings import (
+    DEBT_MICROS,
+    FROZEN_AT,
+    GRACE_START,
+    billing_database,
+    publish_standing,
+    read_db,
+)
 
 # After heal(), how long the services may take to find each other again: a connection that went
 # silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s without
@@ -92,6 +90,8 @@ OFFER = "passport-100-1y"
 PRICE_MICROS = 1_000_000  # USD 1.00, TEST_CATALOG's price of OFFER
 BUYER = "acct-buyer"
 FROZEN_ACCOUNT = "acct-frozen"
+GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
+FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
 DENY_FROZEN = quota_service_pb2.DENY_REASON_ACCOUNT_FROZEN
 PENDING = billing_pb2.ORDER_STATE_PENDING
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED

@@ -27,29 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
+from datetime import datetime, timedelta
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 from allot.quota.v1 import quota_service_pb2
 from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import select
 
-from services.billing.adapters import tables as billing_tables
-from services.billing.adapters.events import BillingEvents
-from services.billing.app import accounts as billing_accounts
-from services.billing.app import standing as billing_standing
-from services.billing.domain.arrears import ArrearsState
-from services.billing.domain.arrears import Standing as BillingStanding
 from services.billing.service import BillingService
 from services.quota.adapters import tables as quota_tables
 from services.quota.app import standings
 from services.quota.app.standings import Outcome
-from shared.db import Database
-from shared.outbox import Outbox
 from shared.server import Server, build_runtime
 from shared.settings import Settings
 from shared.timeutil import to_micros, to_timestamp
@@ -59,6 +49,15 @@ from tests.support.notification_processes import quota_calls, until
 from tests.support.processes import quota_env, quota_process
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
+from tests.support.standings import (
+    DEBT_MICROS,
+    FROZEN_AT,
+    GRACE_START,
+    RELEASED_AT,
+    billing_database,
+    publish_standing,
+    read_db,
+)
 
 GOOD = billing_pb2.ACCOUNT_STANDING_GOOD
 GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
@@ -73,10 +72,6 @@ ACCOUNT = "acct-arrears"
 OTHER = "acct-good"
 CLOCK_START = "2024-05-01T00:00:00Z"
 # Arrears as DESIGN §4's example: pay-per-use settled at 11:00 leaves the balance below zero.
-GRACE_START = datetime(2024, 5, 1, 11, 0, tzinfo=UTC)
-FROZEN_AT = GRACE_START + timedelta(days=15)
-RELEASED_AT = FROZEN_AT + timedelta(days=15)
-DEBT_MICROS = -2_500_000  # USD -2.50
 # A consumer retries a missing producer within 5 s (its backoff and the channel's); generous
 # for a loaded machine, and every wait ends as soon as it is met.
 FOLLOW_TIMEOUT = 45.0
@@ -137,48 +132,6 @@ async def top_up(stub, account_id: str, micros: int, request_id: str) -> billing
     )
 
 
-async def publish_standing(
-    ctx, account_id: str, standing: int, balance_micros: int, when: datetime
-) -> None:
-    """Move a billing account into `standing` at `when` with billing's own `change_standing`
-    (what its arrears work calls), in one transaction on billing's database, the balance set to
-    `balance_micros`. `ctx` needs billing's `db` and `outbox`; its clock reads `when`."""
-    stand_in = SimpleNamespace(
-        db=ctx.db, outbox=ctx.outbox, events=BillingEvents(ctx.outbox), now=lambda: when
-    )
-    arrears = ArrearsState(BillingStanding(standing), when, FROZEN_AT, RELEASED_AT)
-
-    async def work(uow) -> None:
-        before = await billing_accounts.load_account(uow, account_id, for_update=True)
-        await uow.session.execute(
-            update(billing_tables.accounts)
-            .where(billing_tables.accounts.c.account_id == account_id)
-            .values(balance_micros=balance_micros)
-        )
-        await billing_standing.change_standing(stand_in, uow, account_id, before.standing, arrears)
-
-    await ctx.db.transaction(work)
-
-
-@contextlib.asynccontextmanager
-async def billing_database(database_url: str):
-    """Billing's database and outbox, from outside the billing process (the stand-in writer);
-    the billing process sees its commits through the outbox's poll."""
-    db = Database(database_url)
-    try:
-        yield SimpleNamespace(
-            db=db,
-            outbox=Outbox(
-                db,
-                billing_tables.outbox_events,
-                billing_tables.outbox_counter,
-                billing_pb2.BillingEvent,
-            ),
-        )
-    finally:
-        await db.dispose()
-
-
 # --- quota helpers --------------------------------------------------------------------------
 
 
@@ -202,15 +155,6 @@ async def health_status(channel: grpc.aio.Channel) -> int:
         health_pb2.HealthCheckRequest(service=""), timeout=10
     )
     return response.status
-
-
-async def read_db(database_url: str, sql: str) -> list:
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as connection:
-            return list((await connection.execute(text(sql))).all())
-    finally:
-        await engine.dispose()
 
 
 # --- processes ------------------------------------------------------------------------------
