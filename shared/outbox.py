@@ -273,12 +273,16 @@ class Outbox(Generic[E]):
         return await self.db.read(work)
 
     async def _read_page(self, query) -> tuple[int, list[E]]:
+        head, rows = await self._read_rows(query)
+        return head, self._events(rows)
+
+    async def _read_rows(self, query) -> tuple[int, list]:
         """The last committed sequence, then a page: every event up to that sequence is
         visible to the page's statement (it starts later), whatever the isolation level."""
 
-        async def work(uow: UnitOfWork) -> tuple[int, list[E]]:
+        async def work(uow: UnitOfWork) -> tuple[int, list]:
             head = await self._last_sequence(uow)
-            return head, self._events((await uow.session.execute(query)).all())
+            return head, list((await uow.session.execute(query)).all())
 
         return await self.db.read(work)
 
@@ -420,7 +424,8 @@ class Outbox(Generic[E]):
             if self._reader is asyncio.current_task():
                 self._reader = None  # no await since the last check: a new stream starts one
 
-    async def _read_live_page(self):
+    async def _read_live_page(self) -> tuple[int, list]:
+        """The next page after the reader's position, unfiltered, with what the filters need."""
         c = self.events.c
         query = (
             select(c.sequence, c.envelope, c.event_type, c.account_id, c.region)
@@ -428,12 +433,7 @@ class Outbox(Generic[E]):
             .order_by(c.sequence)
             .limit(PAGE)
         )
-
-        async def work(uow: UnitOfWork):
-            head = await self._last_sequence(uow)
-            return head, (await uow.session.execute(query)).all()
-
-        return await self.db.read(work)
+        return await self._read_rows(query)
 
     def _hand_out(self, head: int, rows) -> None:
         live = rows[-1].sequence if rows else self._live
