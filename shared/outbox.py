@@ -38,7 +38,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import (
@@ -138,6 +138,8 @@ class Outbox(Generic[E]):
         self._subscribers: set[_Subscriber] = set()
         self._reader: asyncio.Task | None = None
         self._live = 0
+        # Events committed here and not yet handed out, by sequence (the reader's shortcut).
+        self._local: dict[int, _Row] = {}
         self._closed = False
 
     def add(
@@ -159,9 +161,9 @@ class Outbox(Generic[E]):
         getattr(envelope, payload_field).CopyFrom(payload)
         staged = self._staged.setdefault(id(uow), [])
         if not staged:
-            numbered: list[int] = []
+            numbered: list[dict] = []
             uow.before_commit(lambda u: self._flush(u, numbered))
-            uow.after_commit(lambda: self._wake(numbered[0] if numbered else 0))
+            uow.after_commit(lambda: self._committed_here(numbered))
             uow.on_close(lambda: self._staged.pop(id(uow), None))
         staged.append(
             {
@@ -175,7 +177,7 @@ class Outbox(Generic[E]):
         )
         return event_id
 
-    async def _flush(self, uow: UnitOfWork, numbered: list[int]) -> None:
+    async def _flush(self, uow: UnitOfWork, numbered: list[dict]) -> None:
         staged = self._staged.pop(id(uow), [])
         if not staged:
             return
@@ -192,7 +194,7 @@ class Outbox(Generic[E]):
             row["sequence"] = first + offset
         connection = await uow.session.connection()
         await connection.execute(insert(self.events), staged)
-        numbered[:] = [last]
+        numbered[:] = staged
 
     def close(self) -> None:
         """End every live stream (shutdown): consumers reconnect to another replica."""
@@ -210,6 +212,24 @@ class Outbox(Generic[E]):
     async def _last_sequence(self, uow: UnitOfWork) -> int:
         query = select(self.counter.c.last_sequence).where(self.counter.c.id == COUNTER_ID)
         return int((await uow.session.execute(query)).scalar_one())
+
+    def _committed_here(self, rows: list[dict]) -> None:
+        """A transaction here committed `rows`: while the reader runs, it gets them as they are
+        rather than reading them back (it still reads whatever lies between)."""
+        if not rows:
+            return
+        if self._reader is not None:
+            for row in rows:
+                if row["sequence"] <= self._live:
+                    continue  # the reader read it already
+                self._local[row["sequence"]] = _Row(
+                    row["sequence"],
+                    row["envelope"],
+                    row["event_type"],
+                    row["account_id"],
+                    row["region"],
+                )
+        self._wake(rows[-1]["sequence"])
 
     def _wake(self, head: int = 0) -> None:
         """`head` is committed (a commit here, or the reader's poll saw it): the reader reads."""
@@ -411,6 +431,10 @@ class Outbox(Generic[E]):
                     except Exception as exc:  # nothing is known to be missing: keep looking
                         log.warning("outbox reader cannot read the last sequence: %s", exc)
                     continue
+                local = self._take_local()
+                if local:
+                    self._hand_out(local[-1].sequence, local)
+                    continue
                 try:
                     head, rows = await self._read_live_page()
                 except Exception as exc:
@@ -419,10 +443,24 @@ class Outbox(Generic[E]):
                     log.warning("outbox reader cannot read new events: %s", exc)
                     self._fail(exc)
                     break
-                self._hand_out(head, rows)
+                live = rows[-1].sequence if rows else self._live
+                if len(rows) < PAGE:
+                    live = max(live, head)  # the page saw everything up to `head`
+                self._advance(head)
+                self._hand_out(live, rows)
+                for sequence in [s for s in self._local if s <= live]:
+                    del self._local[sequence]
         finally:
             if self._reader is asyncio.current_task():
                 self._reader = None  # no await since the last check: a new stream starts one
+                self._local.clear()
+
+    def _take_local(self) -> list[_Row]:
+        """The events committed here that directly follow the reader's position."""
+        rows: list[_Row] = []
+        while (row := self._local.pop(self._live + 1 + len(rows), None)) is not None:
+            rows.append(row)
+        return rows
 
     async def _read_live_page(self) -> tuple[int, list]:
         """The next page after the reader's position, unfiltered, with what the filters need."""
@@ -435,11 +473,8 @@ class Outbox(Generic[E]):
         )
         return await self._read_rows(query)
 
-    def _hand_out(self, head: int, rows) -> None:
-        live = rows[-1].sequence if rows else self._live
-        if len(rows) < PAGE:
-            live = max(live, head)  # the page saw everything up to `head`
-        self._advance(head)
+    def _hand_out(self, live: int, rows) -> None:
+        """Hand each subscriber its events of `rows`; every event up to `live` is in them."""
         for subscriber in list(self._subscribers):
             matching = [
                 (row.sequence, row.envelope)
@@ -462,6 +497,16 @@ class Outbox(Generic[E]):
             subscriber.error = exc
             subscriber.ready.set()
         self._subscribers.clear()
+
+
+class _Row(NamedTuple):
+    """An event as the reader hands it out (a row of `_read_live_page` or committed here)."""
+
+    sequence: int
+    envelope: bytes
+    event_type: str
+    account_id: str
+    region: str
 
 
 class _Subscriber:
