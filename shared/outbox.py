@@ -14,8 +14,10 @@ outbox's one live reader in this process, so a commit costs one read however man
 (docs/faults.md, "Streams"):
 
 - The reader wakes at once for a commit here, and every POLL_SECONDS looks at the last sequence
-  (one indexed row) for commits of other processes. It reads the new events once (paged, with
-  their type, account and region) and hands each subscriber those matching its filter with a
+  (one indexed row) for commits of other processes. A commit here hands it the committed rows
+  (numbered, with their type, account and region), so it reads nothing for them; whatever lies
+  between its position and the head (other processes' commits, or a hand-over that came out of
+  order) it reads once, paged. It gives each subscriber the events matching its filter with a
   sequence past the subscriber's cursor, in order, into a bounded queue. It runs only while
   streams subscribe.
 - The hand-over: a stream that has everything up to H subscribes without an await between the
