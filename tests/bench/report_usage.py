@@ -16,7 +16,16 @@ What runs:
 - per database, idle streams: quota's CPU while idle and ReportUsage at concurrency 16, each
   without and then with 200 open `WatchEvents` streams of 200 callers (streams that never
   receive anything: they ask for an event type the bench never causes), so what a stream costs
-  while it waits is a figure.
+  while it waits is a figure;
+- per database, streams beside events: pay-per-use ReportUsage (an account without packages,
+  so every call writes a `pay_per_use_recorded` event) at concurrency 16 without and then with
+  200 open `WatchEvents` streams whose filter leaves those events out (tokens limited to
+  another region: quota's streams filter by the caller's regions, not by account), so what the
+  outbox's live reader costs the write path is a figure: p50 with over without, as a ratio;
+- per database, a soak: the quota process's RSS (VmRSS) and open descriptors (/proc/<pid>/fd)
+  at the start, every 30 s over BENCH_SOAK_SECONDS (default 120) of mixed load at concurrency
+  16 (package deductions, pay-per-use, batches of 10, ListPackages), and after 200 streams were
+  opened and closed; printed as a table, growth flagged.
 
 Each scenario runs a fixed time: a 1 s warm-up, then BENCH_SECONDS (default 5) measured. A call
 counts when it finishes inside the measured window; calls still in flight at the end are
@@ -69,6 +78,10 @@ CONCURRENCIES = (1, 16, 64)
 BATCH_SIZE = 100
 IDLE_STREAMS = 200
 IDLE_SECONDS = 3.0
+OTHER_REGION = "eu-west-9"  # streams limited to it never receive the bench's events
+SOAK_SECONDS = float(os.environ.get("BENCH_SOAK_SECONDS", "120"))
+SOAK_SAMPLE_SECONDS = 30.0
+SOAK_CONCURRENCY = 16
 ALERT_RULES = 5  # the issue asks for ReportUsage with five alert rules beside none
 REGION = "ap-southeast-1"
 API = "passport"
@@ -226,6 +239,13 @@ def _check(response: quota_service_pb2.ReportUsageResponse) -> None:
         raise CallFailed(f"event {response.event_id} was not deducted from the package")
 
 
+def _check_pay_per_use(response: quota_service_pb2.ReportUsageResponse) -> None:
+    if response.HasField("error"):
+        raise CallFailed(f"error slot: {response.error.message}")
+    if response.deductions or response.pay_per_use_quantity != 1:
+        raise CallFailed(f"event {response.event_id} was not recorded as pay-per-use")
+
+
 @dataclass
 class QuotaBench:
     stub: quota_service_pb2_grpc.QuotaServiceStub
@@ -237,8 +257,12 @@ class QuotaBench:
     def event_id(self) -> str:
         return f"ev-{RUN_TAG}-{self.label}-{next(self.ids)}"
 
-    async def new_account(self, scenario: str, concurrency: int, alert_rules: int = 0) -> str:
+    async def new_account(
+        self, scenario: str, concurrency: int, alert_rules: int = 0, package: bool = True
+    ) -> str:
         account_id = f"bench-{RUN_TAG}-{self.label}-{scenario}-c{concurrency}"
+        if not package:
+            return account_id  # every call is pay-per-use (checked apart from the packages)
         expire = timestamp_pb2.Timestamp(seconds=int(time.time()) + 366 * 86400)
         await self.stub.GrantPackage(
             quota_service_pb2.GrantPackageRequest(
@@ -306,16 +330,20 @@ class QuotaBench:
             results.append(await drive(name, batch, concurrency, BATCH_SIZE))
         return results
 
-    async def unary_scenario(self, name: str, scenario: str, concurrency: int) -> Measurement:
-        account_id = await self.new_account(scenario, concurrency)
+    async def unary_scenario(
+        self, name: str, scenario: str, concurrency: int, pay_per_use: bool = False
+    ) -> Measurement:
+        account_id = await self.new_account(scenario, concurrency, package=not pay_per_use)
         metadata = Tokens.md(self.tokens.gateway())
+        check = _check_pay_per_use if pay_per_use else _check
 
         async def unary() -> None:
             response = await self.stub.ReportUsage(
                 usage_request(self.event_id(), account_id), metadata=metadata
             )
-            _check(response)
-            self.acknowledged[account_id] += 1
+            check(response)
+            if not pay_per_use:
+                self.acknowledged[account_id] += 1
 
         return await drive(name, unary, concurrency)
 
@@ -324,26 +352,12 @@ class QuotaBench:
         IDLE_STREAMS open WatchEvents streams (distinct callers: one caller may hold 16)."""
         idle_before = await cpu_share(pid, IDLE_SECONDS)
         without = await self.unary_scenario("ReportUsage", "streams0", 16)
-        calls = [
-            self.stub.WatchEvents(
-                # An event type the bench never causes: the streams wait, they never receive.
-                quota_service_pb2.WatchEventsRequest(event_types=["package_expiring"]),
-                metadata=Tokens.md(self.tokens.signer.mint(ADMIN, user=f"watcher-{i}")),
-            )
-            for i in range(IDLE_STREAMS)
-        ]
-        readers = [asyncio.ensure_future(call.read()) for call in calls]
-        try:
-            await asyncio.sleep(1.0)  # every stream has read its (empty) history and waits
-            failed = [r for r in readers if r.done() and r.exception() is not None]
-            if failed:
-                return f"streams refused: {_describe(failed[0].exception())}"
+        # An event type the bench never causes: the streams wait, they never receive.
+        async with self.open_streams(event_types=["package_expiring"]) as refused:
+            if refused:
+                return refused
             idle_with = await cpu_share(pid, IDLE_SECONDS)
             loaded = await self.unary_scenario("ReportUsage", "streams200", 16)
-        finally:
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
         p50 = without.percentile_ms(50), loaded.percentile_ms(50)
         return (
             f"quota CPU while idle {idle_before:.1%} of a core, {idle_with:.1%} with "
@@ -351,6 +365,138 @@ class QuotaBench:
             f"{without.throughput:,.0f} -> {loaded.throughput:,.0f} events/s, p50 "
             f"{p50[0]:.2f} -> {p50[1]:.2f} ms ({p50[1] / p50[0]:.2f}x)"
         )
+
+    async def streams_beside_events(self, pid: int) -> str:
+        """Pay-per-use ReportUsage (an event per call) at concurrency 16, without and with
+        IDLE_STREAMS streams whose filter leaves those events out: every commit wakes the
+        outbox's reader, which must not cost the write path a read per stream."""
+        without = await self.unary_scenario("pay-per-use", "ppu0", 16, pay_per_use=True)
+        async with self.open_streams(regions=[OTHER_REGION]) as refused:
+            if refused:
+                return refused
+            loaded = await self.unary_scenario("pay-per-use", "ppu200", 16, pay_per_use=True)
+            cpu = await cpu_share(pid, IDLE_SECONDS)  # the streams, idle again
+        p50 = without.percentile_ms(50), loaded.percentile_ms(50)
+        errors = without.errors + loaded.errors
+        return (
+            f"pay-per-use ReportUsage c=16 (an event per call) {without.throughput:,.0f} -> "
+            f"{loaded.throughput:,.0f} events/s with {IDLE_STREAMS} WatchEvents streams of "
+            f"another region, p50 {p50[0]:.2f} -> {p50[1]:.2f} ms, ratio "
+            f"{p50[1] / p50[0]:.2f}x (target <= 1.5x); CPU after, streams idle {cpu:.1%} of a "
+            f"core; errors {errors}"
+            + (f" (first: {without.first_error or loaded.first_error})" if errors else "")
+        )
+
+    @contextlib.asynccontextmanager
+    async def open_streams(self, event_types=(), regions: list[str] | None = None):
+        """IDLE_STREAMS WatchEvents streams of as many callers (one caller may hold 16), open
+        for the block: yields "" or why the streams were refused; cancelled afterwards."""
+        calls = [
+            self.stub.WatchEvents(
+                quota_service_pb2.WatchEventsRequest(event_types=list(event_types)),
+                metadata=Tokens.md(
+                    self.tokens.signer.mint(ADMIN, user=f"watcher-{i}", regions=regions)
+                ),
+            )
+            for i in range(IDLE_STREAMS)
+        ]
+        readers = [asyncio.ensure_future(call.read()) for call in calls]
+        try:
+            await asyncio.sleep(1.0)  # every stream has read its (empty) history and waits
+            failed = [r for r in readers if r.done() and r.exception() is not None]
+            received = [r for r in readers if r.done() and r.exception() is None]
+            if failed:
+                yield f"streams refused: {_describe(failed[0].exception())}"
+            elif received:
+                yield "streams received an event the bench did not mean them to"
+            else:
+                yield ""
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def soak(self, pid: int) -> list[str]:
+        """RSS and open descriptors of quota: at the start, every SOAK_SAMPLE_SECONDS of mixed
+        load for SOAK_SECONDS, and after IDLE_STREAMS streams were opened and closed."""
+        package = await self.new_account("soak", SOAK_CONCURRENCY)
+        pay_per_use = await self.new_account("soak-ppu", SOAK_CONCURRENCY, package=False)
+        gateway, admin = Tokens.md(self.tokens.gateway()), Tokens.md(self.tokens.admin())
+        samples = [("start", *process_memory(pid), 0)]
+        calls = itertools.count()
+        errors: list[str] = []
+        end = time.perf_counter() + SOAK_SECONDS
+
+        async def one(i: int) -> None:
+            kind = i % 8
+            if kind < 4:
+                response = await self.stub.ReportUsage(
+                    usage_request(self.event_id(), package), metadata=gateway
+                )
+                _check(response)
+                self.acknowledged[package] += 1
+            elif kind < 7 and kind != 5:
+                response = await self.stub.ReportUsage(
+                    usage_request(self.event_id(), pay_per_use), metadata=gateway
+                )
+                _check_pay_per_use(response)
+            elif kind == 5:
+                request = quota_service_pb2.BatchReportUsageRequest(
+                    requests=[usage_request(self.event_id(), package) for _ in range(10)]
+                )
+                response = await self.stub.BatchReportUsage(request, metadata=gateway)
+                for item in response.responses:
+                    _check(item)
+                self.acknowledged[package] += len(response.responses)
+            else:
+                await self.stub.ListPackages(
+                    quota_service_pb2.ListPackagesRequest(account_id=package), metadata=admin
+                )
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                try:
+                    await one(next(calls))
+                except (grpc.aio.AioRpcError, CallFailed) as exc:
+                    errors.append(_describe(exc))
+
+        async def sampler() -> None:
+            started = time.perf_counter()
+            while (left := end - time.perf_counter()) > SOAK_SAMPLE_SECONDS / 2:
+                await asyncio.sleep(min(SOAK_SAMPLE_SECONDS, left))
+                label = f"{time.perf_counter() - started:.0f} s of load"
+                samples.append((label, *process_memory(pid), next(calls)))
+
+        await asyncio.gather(sampler(), *(worker() for _ in range(SOAK_CONCURRENCY)))
+        done = next(calls)
+        samples.append(("end of load", *process_memory(pid), done))
+        async with self.open_streams(event_types=["package_expiring"]) as refused:
+            opened = process_memory(pid)
+        await asyncio.sleep(2.0)  # the server notices the cancellations
+        samples.append((f"{IDLE_STREAMS} streams open", *opened, done))
+        samples.append((f"{IDLE_STREAMS} streams closed", *process_memory(pid), done))
+        lines = [f"  {'when':<24}{'RSS MiB':>10}{'open fds':>10}{'calls':>10}"]
+        for label, rss, fds, count in samples:
+            lines.append(f"  {label:<24}{rss / 1024:>10.1f}{fds:>10}{count:>10,}")
+        # Growth: the first sample under load (allocator and caches warmed) against the end,
+        # after the streams were closed.
+        base = samples[1] if len(samples) > 3 else samples[0]
+        rss_growth = (samples[-1][1] - base[1]) / base[1]
+        fd_growth = samples[-1][2] - samples[0][2]
+        flags = []
+        if rss_growth > 0.10:
+            flags.append(f"RSS GREW {rss_growth:.0%} since '{base[0]}'")
+        if fd_growth > 5:
+            flags.append(f"DESCRIPTORS GREW by {fd_growth} since the start")
+        verdict = "; ".join(flags) or (
+            f"no growth (RSS {rss_growth:+.1%} since '{base[0]}', descriptors {fd_growth:+d})"
+        )
+        lines.append(f"  {verdict}")
+        if refused:
+            lines.append(f"  ! {refused}")
+        if errors:
+            lines.append(f"  ! {len(errors)} failed calls; first: {errors[0]}")
+        return lines
 
     async def consistency(self) -> str:
         """Whether each package's used quantity equals the events the bench saw acknowledged."""
@@ -382,6 +528,15 @@ async def cpu_share(pid: int, seconds: float) -> float:
     return used / (time.perf_counter() - started)
 
 
+def process_memory(pid: int) -> tuple[int, int]:
+    """Process `pid`'s resident set (KiB, VmRSS) and open file descriptors, from /proc."""
+    rss = 0
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
 async def measure_quota(label: str, database_url: str, workdir: pathlib.Path):
     """Start quota on `database_url`, run every scenario, stop it."""
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
@@ -403,7 +558,13 @@ async def measure_quota(label: str, database_url: str, workdir: pathlib.Path):
             bench = QuotaBench(quota_service_pb2_grpc.QuotaServiceStub(channel), Tokens(), label)
             results = await bench.run()
             assert process.proc is not None
-            streams = await bench.idle_streams(process.proc.pid)
+            streams = [
+                f"idle streams: {await bench.idle_streams(process.proc.pid)}",
+                f"busy streams: {await bench.streams_beside_events(process.proc.pid)}",
+                f"soak ({SOAK_SECONDS:g} s of mixed load at concurrency {SOAK_CONCURRENCY}, "
+                f"then {IDLE_STREAMS} streams opened and closed):",
+                *await bench.soak(process.proc.pid),
+            ]
             check = await bench.consistency()
         finally:
             await channel.close()
@@ -451,6 +612,11 @@ def print_table(title: str, rows: list[Measurement], echo: dict[int, Measurement
             notes.append(f"  ! {m.name} c={m.concurrency}: first error: {m.first_error}")
     for note in notes:
         print(note)
+
+
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(f"  {line}")
 
 
 async def postgres_version() -> str:
@@ -519,7 +685,7 @@ async def main() -> None:
         sqlite_url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
         results, check, log, streams = await measure_quota("sqlite", sqlite_url, root / "sqlite")
         print_table("quota on SQLite (file in a temp dir, WAL)", results, echo)
-        print(f"  idle streams: {streams}")
+        print_lines(streams)
         print(f"  consistency: {check}")
         print(f"  server log:  {log}")
 
@@ -536,7 +702,7 @@ async def main() -> None:
                 await drop_postgres_database(postgres_url)
             name = postgres_url.rsplit("/", 1)[1]
             print_table(f"quota on PostgreSQL (fresh database {name}, dropped)", results, echo)
-            print(f"  idle streams: {streams}")
+            print_lines(streams)
             print(f"  consistency: {check}")
             print(f"  server log:  {log}")
 

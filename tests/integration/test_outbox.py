@@ -20,8 +20,20 @@ from datetime import UTC, datetime
 
 import pytest
 from allot.quota.v1 import quota_pb2
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    MetaData,
+    String,
+    Table,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import DBAPIError
 
 from services.quota.adapters import tables
 from services.quota.service import QuotaService
@@ -29,6 +41,7 @@ from shared import migrations
 from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
 from shared.db import Database, UnitOfWork
 from shared.outbox import POLL_SECONDS, Outbox
+from tests.support.notification_processes import until
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 WAIT = 30.0  # bound on every wait for a consumer; a loaded 2-core machine is slow
@@ -278,7 +291,7 @@ async def test_read_and_watch_filter_by_account_and_region_in_sql(db, outbox):
     assert got == ["a-west", "a-none", "a-live"]
 
 
-async def test_idle_streams_share_one_tail_and_wake_for_another_replicas_commit(db, outbox):
+async def test_idle_streams_share_one_reader_and_wake_for_another_replicas_commit(db, outbox):
     """Forty idle streams cost one small query per POLL_SECONDS between them, not forty; a
     commit by another process (here: another Outbox on the same database, whose commits this
     one does not hear of) still reaches them within about POLL_SECONDS."""
@@ -305,7 +318,7 @@ async def test_idle_streams_share_one_tail_and_wake_for_another_replicas_commit(
         finally:
             sa_event.remove(db.engine.sync_engine, "before_cursor_execute", count)
         reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-        assert len(reads) <= 6, reads  # the tail's look at the counter, about 4 times
+        assert len(reads) <= 6, reads  # the reader's look at the counter, about 4 times
 
         await write_about(db, replica, [("for-a", "a", "east")])
         await asyncio.wait_for(asyncio.gather(*watchers[::2]), WAIT)
@@ -315,6 +328,281 @@ async def test_idle_streams_share_one_tail_and_wake_for_another_replicas_commit(
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+
+
+# --- the live reader: one per outbox per process, streams at the head subscribe to it --------
+
+KINDS = ("pay_per_use_recorded", "package_expiring")
+# Filters as the services pass them: types, account, regions (region "" is always visible).
+FILTERS: list[dict] = [
+    {},
+    {"account_id": "a"},
+    {"account_id": "b", "regions": ["east"]},
+    {"regions": ["west"]},
+    {"regions": []},
+    {"event_types": ["package_expiring"]},
+    {"event_types": ["pay_per_use_recorded"], "account_id": "a", "regions": ["east", "west"]},
+    {"account_id": "nobody"},
+]
+
+
+def value(v):
+    """An awaitable of `v`, for `until`'s read."""
+    return asyncio.sleep(0, result=v)
+
+
+async def write_kinds(db: Database, outbox: Outbox, rows: list[tuple[str, str, str]]) -> None:
+    """One transaction staging (type, account, region) events."""
+
+    async def work(uow: UnitOfWork) -> None:
+        for kind, account, region in rows:
+            payload = (
+                quota_pb2.PayPerUseRecorded(account_id=account, region=region)
+                if kind == "pay_per_use_recorded"
+                else quota_pb2.PackageExpiring(days_left=1)
+            )
+            outbox.add(uow, kind, payload, NOW, account_id=account, region=region)
+
+    await db.transaction(work)
+
+
+async def read_filtered(outbox: Outbox, after: int, filters: dict) -> list[tuple[int, str]]:
+    """What the SQL filter gives: the reference for what a stream must yield."""
+    types = filters.get("event_types", ())
+    others = {k: v for k, v in filters.items() if k != "event_types"}
+    out: list[tuple[int, str]] = []
+    while batch := await outbox.read(out[-1][0] if out else after, types, **others):
+        out.extend((e.sequence, e.event_id) for e in batch)
+    return out
+
+
+async def collect(stream: AsyncIterator[quota_pb2.QuotaEvent], into: list) -> None:
+    async for event in stream:
+        into.append((event.sequence, event.event_id))
+
+
+async def stopped_tasks(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_every_stream_gets_exactly_its_events_in_order_under_concurrent_commits(db, outbox):
+    """Streams with different filters, started before, at and during concurrent commits of
+    this process and of another (a second Outbox on the same database), each yield exactly what
+    the SQL filter gives from their cursor: in order, none twice, none missing."""
+    replica = Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
+    rng = random.Random(11)
+
+    def rows() -> list[tuple[str, str, str]]:
+        return [
+            (rng.choice(KINDS), rng.choice("ab"), rng.choice(["east", "west", ""]))
+            for _ in range(rng.randint(1, 3))
+        ]
+
+    for _ in range(10):
+        await write_kinds(db, outbox, rows())
+    streams: dict[str, tuple[int, dict, list]] = {}
+    tasks: list[asyncio.Task] = []
+
+    def start(name: str, after: int, filters: dict) -> None:
+        received: list[tuple[int, str]] = []
+        streams[name] = (after, filters, received)
+        tasks.append(asyncio.create_task(collect(outbox.watch(after, **filters), received)))
+
+    try:
+        for n, filters in enumerate(FILTERS):
+            start(f"history-{n}", 0, filters)
+            start(f"middle-{n}", 5, filters)
+        writes = [
+            asyncio.create_task(write_kinds(db, outbox if i % 3 else replica, rows()))
+            for i in range(40)
+        ]
+        await asyncio.sleep(0.05)
+        for n, filters in enumerate(FILTERS):  # these catch up while commits land
+            start(f"late-{n}", 0, filters)
+        await asyncio.wait_for(asyncio.gather(*writes), WAIT)
+        expected = {
+            name: await read_filtered(outbox, after, filters)
+            for name, (after, filters, _) in streams.items()
+        }
+        assert sum(map(len, expected.values())) > 200
+        await until(
+            lambda: value({n: len(s[2]) for n, s in streams.items()}),
+            lambda counts: all(counts[n] >= len(expected[n]) for n in streams),
+            WAIT,
+            "every stream's events",
+        )
+        await asyncio.sleep(POLL_SECONDS * 2)  # nothing more (nothing twice) arrives
+        for name, (_, _, received) in streams.items():
+            assert received == expected[name], name
+    finally:
+        await stopped_tasks(tasks)
+
+
+async def test_the_live_reader_reads_each_commit_at_most_once_for_every_stream(db, outbox):
+    """Fifty streams at the head cost at most one read of new events per commit between them:
+    none for a commit in this process (the reader is handed what it committed), one for a
+    commit of another process (here: another Outbox on the same database)."""
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    def event_reads() -> int:
+        return sum(
+            1
+            for s in statements
+            if s.lstrip().upper().startswith("SELECT") and "FROM outbox_events" in s
+        )
+
+    replica = Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
+    every: list[tuple[int, str]] = []
+    others: list[tuple[int, str]] = []
+    tasks = [asyncio.create_task(collect(outbox.watch(0), every))] + [
+        asyncio.create_task(collect(outbox.watch(0, account_id=f"other-{i}"), others))
+        for i in range(50)
+    ]
+    commits = 6
+    try:
+        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 51, WAIT, "streams")
+        sa_event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            for i in range(commits):
+                await write_about(db, outbox, [(f"here-{i}", "a", "east")])
+                await until(lambda: value(len(every)), lambda n, i=i: n == i + 1, WAIT, "event")
+            assert event_reads() == 0
+            for i in range(commits):
+                await write_about(db, replica, [(f"there-{i}", "a", "east")])
+                n = commits + i + 1
+                await until(lambda: value(len(every)), lambda k, n=n: k == n, WAIT, "event")
+            assert 1 <= event_reads() <= commits, statements
+        finally:
+            sa_event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+        assert others == []
+        assert [s for s, _ in every] == list(range(1, 2 * commits + 1))
+    finally:
+        await stopped_tasks(tasks)
+
+
+async def test_streams_catching_up_while_the_reader_moves_on_miss_nothing(db, outbox):
+    """The hand-over: a stream reaches the head of its own reads while commits land and the
+    reader (serving a stream already at the head) has moved past it; it must read that part
+    itself before subscribing, and never get an event twice."""
+    await produce(db, outbox, 1200)  # more than two pages of history
+    start = await outbox.last_sequence()
+    at_head: list[tuple[int, str]] = []
+    tasks = [asyncio.create_task(collect(outbox.watch(start), at_head))]
+    got: dict[int, list[int]] = {k: [] for k in range(6)}
+
+    async def catch_up(k: int) -> None:
+        async for event in outbox.watch(0):
+            got[k].append(event.sequence)
+            if k % 2 and event.sequence % 100 == 0:
+                await asyncio.sleep(0.05)  # a slow caller: the reader gets ahead meanwhile
+
+    stop = asyncio.Event()
+
+    async def keep_committing() -> None:
+        i = 0
+        while not stop.is_set():
+            await write(db, outbox, [f"live-{i}", f"live-{i}b"])
+            i += 1
+            await asyncio.sleep(0.005)
+
+    try:
+        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+        writer = asyncio.create_task(keep_committing())
+        tasks += [asyncio.create_task(catch_up(k)) for k in got]
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.wait_for(writer, WAIT)
+        last = await outbox.last_sequence()
+        assert last > start + 20
+        await until(
+            lambda: value([len(g) for g in got.values()] + [len(at_head)]),
+            lambda counts: counts == [last] * len(got) + [last - start],
+            WAIT,
+            "every event on every stream",
+        )
+        for k in got:
+            assert got[k] == list(range(1, last + 1)), k
+        assert [s for s, _ in at_head] == list(range(start + 1, last + 1))
+    finally:
+        await stopped_tasks(tasks)
+
+
+async def test_a_slow_stream_overflows_its_queue_and_reads_on_its_own(db):
+    outbox = Outbox(
+        db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent, queue_limit=20
+    )
+    fast: list[tuple[int, str]] = []
+    slow: list[int] = []
+    go = asyncio.Event()
+
+    async def slow_watch() -> None:
+        async for event in outbox.watch(0):
+            slow.append(event.sequence)
+            if len(slow) == 1:
+                await go.wait()  # the caller stops reading
+
+    tasks = [asyncio.create_task(collect(outbox.watch(0), fast)), asyncio.create_task(slow_watch())]
+    try:
+        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 2, WAIT, "streams")
+        await write(db, outbox, ["first"])
+        await until(lambda: value((len(fast), len(slow))), lambda n: n == (1, 1), WAIT, "first")
+        for i in range(6):
+            await write(db, outbox, [f"b{i}-{k}" for k in range(10)])
+        await until(lambda: value(len(fast)), lambda n: n == 61, WAIT, "the fast stream")
+        # The slow stream's queue (20) overflowed: the reader let it go.
+        assert len(outbox._subscribers) == 1
+        go.set()
+        await until(lambda: value(len(slow)), lambda n: n == 61, WAIT, "the slow stream")
+        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 2, WAIT, "resubscribed")
+        await write(db, outbox, ["after"])
+        await until(lambda: value((len(fast), len(slow))), lambda n: n == (62, 62), WAIT, "after")
+        assert slow == [s for s, _ in fast] == list(range(1, 63))
+    finally:
+        await stopped_tasks(tasks)
+
+
+async def test_close_ends_streams_and_the_reader_ends_with_its_last_stream(db, outbox):
+    tasks = [
+        asyncio.create_task(collect(outbox.watch(0, account_id=f"x{i}"), [])) for i in range(10)
+    ]
+    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 10, WAIT, "streams")
+    reader = outbox._reader
+    assert reader is not None
+    await stopped_tasks(tasks[:5])  # callers gone: unsubscribed at once
+    assert len(outbox._subscribers) == 5 and not reader.done()
+    outbox.close()
+    await asyncio.wait_for(asyncio.gather(*tasks[5:]), 2.0)  # ended, not cancelled
+    assert reader.done() and outbox._reader is None
+
+    other = Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
+    tasks = [asyncio.create_task(collect(other.watch(0), [])) for _ in range(10)]
+    await until(lambda: value(len(other._subscribers)), lambda n: n == 10, WAIT, "streams")
+    reader = other._reader
+    assert reader is not None
+    await stopped_tasks(tasks)
+    await asyncio.wait_for(reader, 2.0)  # no stream left: the reader ends without a poll
+    assert other._reader is None
+
+
+async def test_a_failing_read_of_the_reader_ends_its_streams_with_the_error(db, outbox):
+    """The reader cannot read new events (here: the table is gone): its streams end with the
+    error, as their own reads would (a call ends with it; consumers reconnect), and none hangs."""
+    received: list[tuple[int, str]] = []
+    tasks = [asyncio.create_task(collect(outbox.watch(0), received)) for _ in range(3)]
+    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 3, WAIT, "streams")
+    async with db.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE outbox_events RENAME TO outbox_events_gone"))
+        # Another process "committed": the reader's poll sees the counter move and reads.
+        await conn.execute(update(tables.outbox_counter).values(last_sequence=1))
+    done, _ = await asyncio.wait(tasks, timeout=WAIT)
+    assert len(done) == 3
+    assert all(isinstance(t.exception(), DBAPIError) for t in tasks)
+    assert received == [] and outbox._reader is None and not outbox._subscribers
 
 
 # --- consumer ----------------------------------------------------------------------------------
