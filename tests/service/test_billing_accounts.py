@@ -161,7 +161,7 @@ async def test_enterprise_member_is_paid_by_its_master(billing):
             kind=billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER,
             master_account_id="corp-dev",
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
         "INVALID_MASTER_ACCOUNT",
     )
     listing = await billing.ListAccounts(

@@ -144,10 +144,11 @@ async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInpu
             )
         master_row = await _row(uow, master)
         if master_row is None or master_row.kind != AccountKind.ENTERPRISE_MASTER:
-            raise InvalidArgument(
-                "account.master_account_id",
+            # The request is well formed; the master it names is not there (or is no master):
+            # FAILED_PRECONDITION, as the contract says.
+            raise FailedPrecondition(
+                "INVALID_MASTER_ACCOUNT",
                 f"{master!r} is not an enterprise master account",
-                reason="INVALID_MASTER_ACCOUNT",
                 master_account_id=master,
             )
     elif master:
