@@ -31,14 +31,13 @@ import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from google.type import money_pb2
-from sqlalchemy import func, select
 
-from services.quota.adapters import tables as quota_tables
 from services.quota.service import QuotaService
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT
 from tests.support import servers
 from tests.support.billing_processes import (
+    TEST_CATALOG,
     BillingCalls,
     BillingHandle,
     billing_settings,
@@ -54,7 +53,7 @@ from tests.support.notification_processes import (
     notification_settings,
     running_notification,
 )
-from tests.support.quota_calls import QuotaCalls, expect_error, ts
+from tests.support.quota_calls import QuotaCalls, expect_error, last_event_sequence, ts
 from tests.support.receivers import closed_port
 
 PROTOS = REPO_ROOT / "protos"
@@ -64,22 +63,15 @@ START_TIME = datetime(2024, 1, 1, tzinfo=UTC)
 REGION = "ap-southeast-1"
 OTHER_REGION = "ap-southeast-2"
 API = "passport"
-# One offer sold everywhere, one sold in REGION only (OFFER_NOT_IN_REGION).
-CATALOG = """\
-currency: USD
-regions:
-  - {id: ap-southeast-1, name: CN-Hong Kong}
-  - {id: ap-southeast-2, name: AP-Bangkok}
-apis:
-  - id: passport
-    name: Passport OCR
-    price_tiers:
-      - {unit_price: "0.10"}
-offers:
-  - {id: passport-100-1y, api: passport, quantity: 100, validity_months: 12, price: "1.00"}
+# The tier tests' catalog, whose offer is sold everywhere, and an offer sold in REGION only
+# (OFFER_NOT_IN_REGION).
+CATALOG = (
+    TEST_CATALOG
+    + """\
   - {id: passport-hk-100-1y, api: passport, regions: [ap-southeast-1], quantity: 100,
      validity_months: 12, price: "1.00"}
 """
+)
 OFFER = "passport-100-1y"
 HK_ONLY_OFFER = "passport-hk-100-1y"
 # How long a scenario waits for something a service does on its own (a consumer catching up).
@@ -186,16 +178,21 @@ async def funded(billing: BillingCalls, account_id: str, amount: str = "") -> No
         await billing.top_up(account_id, amount, request_id=f"fund-{account_id}")
 
 
+def billing_rpc(billing: BillingCalls, rpc: str, timeout: float | None = None, **fields):
+    """BillingService's `rpc` with a request of `fields`, as admin."""
+    request = getattr(billing_service_pb2, f"{rpc}Request")(**fields)
+    return getattr(billing.stub, rpc)(request, metadata=billing.admin, timeout=timeout)
+
+
 def purchase(billing: BillingCalls, account_id: str, offer: str = OFFER, **fields):
-    return billing.stub.PurchasePackage(
-        billing_service_pb2.PurchasePackageRequest(
-            request_id=f"buy-{account_id}-{offer}",
-            account_id=account_id,
-            offer_id=offer,
-            region=fields.pop("region", REGION),
-            **fields,
-        ),
-        metadata=billing.admin,
+    return billing_rpc(
+        billing,
+        "PurchasePackage",
+        request_id=f"buy-{account_id}-{offer}",
+        account_id=account_id,
+        offer_id=offer,
+        region=fields.pop("region", REGION),
+        **fields,
     )
 
 
@@ -253,15 +250,25 @@ async def quota_request_id_reused(stage: Stage) -> None:
 # --- billing -------------------------------------------------------------------------------
 
 
+def billing_refuses(rpc: str, code: grpc.StatusCode, reason: str, **fields) -> Scenario:
+    """A scenario: billing (with a quota) refuses one call of `rpc` with `fields`."""
+
+    async def scenario(stage: Stage) -> None:
+        billing, _, _ = await billing_with_quota(stage)
+        await expect_error(billing_rpc(billing, rpc, **fields), code, reason)
+
+    return scenario
+
+
 async def billing_account_already_exists(stage: Stage) -> None:
     billing, _, _ = await billing_with_quota(stage)
     await billing.create_account("acct-1")
     await expect_error(
-        billing.stub.CreateAccount(
-            billing_service_pb2.CreateAccountRequest(
-                request_id="create-again", account=billing_pb2.Account(account_id="acct-1")
-            ),
-            metadata=billing.admin,
+        billing_rpc(
+            billing,
+            "CreateAccount",
+            request_id="create-again",
+            account=billing_pb2.Account(account_id="acct-1"),
         ),
         EXISTS,
         "ACCOUNT_ALREADY_EXISTS",
@@ -277,23 +284,11 @@ async def billing_account_in_arrears(stage: Stage) -> None:
     await quota.enable("late", API, REGION, request_id="enable-late")
     await quota.set_time(START_TIME + timedelta(minutes=30))
     await quota.report("late-1", "late", 1)
-    db = quota.handle.server.runtime.db
-    events = quota_tables.outbox_events.c
-
-    async def last_sequence(uow) -> int:
-        query = select(func.coalesce(func.max(events.sequence), 0))
-        return (await uow.session.execute(query)).scalar_one()
-
-    last = await db.read(last_sequence)
+    last = await last_event_sequence(quota.handle, "pay_per_use_recorded")
     await handle.caught_up(last, quota.handle.addr, within=WITHIN)
     await billing.set_time(START_TIME + timedelta(hours=1))
     assert (await billing.account("late")).standing == billing_pb2.ACCOUNT_STANDING_GRACE
     await expect_error(purchase(billing, "late"), PRECONDITION, "ACCOUNT_IN_ARREARS")
-
-
-async def billing_account_not_found(stage: Stage) -> None:
-    billing, _, _ = await billing_with_quota(stage)
-    await expect_error(billing.account("nobody"), NOT_FOUND, "ACCOUNT_NOT_FOUND")
 
 
 async def billing_account_paid_by_master(stage: Stage) -> None:
@@ -309,11 +304,13 @@ async def billing_api_subscription_not_found(stage: Stage) -> None:
     billing, _, _ = await billing_with_quota(stage)
     await funded(billing, "acct-1")
     await expect_error(
-        billing.stub.UnsubscribeApi(
-            billing_service_pb2.UnsubscribeApiRequest(
-                request_id="unsub-1", account_id="acct-1", region=REGION, api=API
-            ),
-            metadata=billing.admin,
+        billing_rpc(
+            billing,
+            "UnsubscribeApi",
+            request_id="unsub-1",
+            account_id="acct-1",
+            region=REGION,
+            api=API,
         ),
         NOT_FOUND,
         "API_SUBSCRIPTION_NOT_FOUND",
@@ -324,13 +321,12 @@ async def billing_currency_mismatch(stage: Stage) -> None:
     billing, _, _ = await billing_with_quota(stage)
     await funded(billing, "acct-1")
     await expect_error(
-        billing.stub.TopUp(
-            billing_service_pb2.TopUpRequest(
-                request_id="eur-1",
-                account_id="acct-1",
-                amount=money_pb2.Money(currency_code="EUR", units=5),
-            ),
-            metadata=billing.admin,
+        billing_rpc(
+            billing,
+            "TopUp",
+            request_id="eur-1",
+            account_id="acct-1",
+            amount=money_pb2.Money(currency_code="EUR", units=5),
         ),
         INVALID,
         "CURRENCY_MISMATCH",
@@ -378,36 +374,9 @@ async def billing_order_not_cancellable(stage: Stage) -> None:
     await funded(billing, "acct-1", "10")
     order = await purchase(billing, "acct-1")  # effective at once: no longer cancellable
     await expect_error(
-        billing.stub.CancelOrder(
-            billing_service_pb2.CancelOrderRequest(request_id="cancel-1", order_id=order.order_id),
-            metadata=billing.admin,
-        ),
+        billing_rpc(billing, "CancelOrder", request_id="cancel-1", order_id=order.order_id),
         PRECONDITION,
         "ORDER_NOT_CANCELLABLE",
-    )
-
-
-async def billing_order_not_found(stage: Stage) -> None:
-    billing, _, _ = await billing_with_quota(stage)
-    await expect_error(
-        billing.stub.GetOrder(
-            billing_service_pb2.GetOrderRequest(order_id="no-such-order"),
-            metadata=billing.admin,
-        ),
-        NOT_FOUND,
-        "ORDER_NOT_FOUND",
-    )
-
-
-async def billing_package_not_found(stage: Stage) -> None:
-    billing, _, _ = await billing_with_quota(stage)
-    await expect_error(
-        billing.stub.GetAutoRenew(
-            billing_service_pb2.GetAutoRenewRequest(package_id="no-such-package"),
-            metadata=billing.admin,
-        ),
-        NOT_FOUND,
-        "PACKAGE_NOT_FOUND",
     )
 
 
@@ -417,16 +386,14 @@ async def billing_package_not_renewable(stage: Stage) -> None:
     await funded(billing, "acct-1", "10")
     later = ts(START_TIME + timedelta(days=3))
     order = await purchase(billing, "acct-1", effective_time=later)
-    await billing.stub.CancelOrder(
-        billing_service_pb2.CancelOrderRequest(request_id="cancel-1", order_id=order.order_id),
-        metadata=billing.admin,
-    )
+    await billing_rpc(billing, "CancelOrder", request_id="cancel-1", order_id=order.order_id)
     await expect_error(
-        billing.stub.RenewPackage(
-            billing_service_pb2.RenewPackageRequest(
-                request_id="renew-1", account_id="acct-1", package_id=order.package_id
-            ),
-            metadata=billing.admin,
+        billing_rpc(
+            billing,
+            "RenewPackage",
+            request_id="renew-1",
+            account_id="acct-1",
+            package_id=order.package_id,
         ),
         PRECONDITION,
         "PACKAGE_NOT_RENEWABLE",
@@ -439,12 +406,14 @@ async def billing_quota_unavailable(stage: Stage) -> None:
     billing = handle.calls
     await funded(billing, "acct-1")
     await expect_error(
-        billing.stub.SubscribeApi(
-            billing_service_pb2.SubscribeApiRequest(
-                request_id="sub-1", account_id="acct-1", region=REGION, api=API
-            ),
-            metadata=billing.admin,
+        billing_rpc(
+            billing,
+            "SubscribeApi",
             timeout=WITHIN,
+            request_id="sub-1",
+            account_id="acct-1",
+            region=REGION,
+            api=API,
         ),
         UNAVAILABLE,
         "QUOTA_UNAVAILABLE",
@@ -460,35 +429,10 @@ async def billing_request_id_reused(stage: Stage) -> None:
     )
 
 
-async def billing_unknown_api(stage: Stage) -> None:
-    billing, _, _ = await billing_with_quota(stage)
-    await expect_error(
-        billing.stub.ListOffers(
-            billing_service_pb2.ListOffersRequest(api="no-such-api"), metadata=billing.admin
-        ),
-        INVALID,
-        "UNKNOWN_API",
-    )
-
-
 async def billing_unknown_offer(stage: Stage) -> None:
     billing, _, _ = await billing_with_quota(stage)
     await funded(billing, "acct-1", "10")
     await expect_error(purchase(billing, "acct-1", "no-such-offer"), INVALID, "UNKNOWN_OFFER")
-
-
-async def billing_unknown_region(stage: Stage) -> None:
-    billing, _, _ = await billing_with_quota(stage)
-    await expect_error(
-        billing.stub.ListOffers(
-            billing_service_pb2.ListOffersRequest(region="nowhere-1"), metadata=billing.admin
-        ),
-        INVALID,
-        "UNKNOWN_REGION",
-    )
-
-
-# --- notification and the manual clock ----------------------------------------------------
 
 
 async def notification_contact_not_found(stage: Stage) -> None:
@@ -605,15 +549,11 @@ async def billing_package_expired(stage: Stage) -> None:
     await funded(billing, "acct-1", "10")
     order = await purchase(billing, "acct-1", auto_renew=True)
     package = order.package_id
-    renewal = await billing.stub.GetAutoRenew(
-        billing_service_pb2.GetAutoRenewRequest(package_id=package), metadata=billing.admin
-    )
+    renewal = await billing_rpc(billing, "GetAutoRenew", package_id=package)
     assert renewal.enabled and renewal.HasField("next_attempt_time")
     # One year of validity: jump past its end in one move.
     await billing.set_time(START_TIME + timedelta(days=400))
-    renewal = await billing.stub.GetAutoRenew(
-        billing_service_pb2.GetAutoRenewRequest(package_id=package), metadata=billing.admin
-    )
+    renewal = await billing_rpc(billing, "GetAutoRenew", package_id=package)
     assert renewal.last_failure_reason == "PACKAGE_EXPIRED", renewal
     failed = await billing.events(types=("auto_renew_failed",))
     assert [e.auto_renew_failed.reason for e in failed] == ["PACKAGE_EXPIRED"], failed
@@ -633,7 +573,9 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ("quota", "REQUEST_ID_REUSED"): quota_request_id_reused,
     ("billing", "ACCOUNT_ALREADY_EXISTS"): billing_account_already_exists,
     ("billing", "ACCOUNT_IN_ARREARS"): billing_account_in_arrears,
-    ("billing", "ACCOUNT_NOT_FOUND"): billing_account_not_found,
+    ("billing", "ACCOUNT_NOT_FOUND"): billing_refuses(
+        "GetAccount", NOT_FOUND, "ACCOUNT_NOT_FOUND", account_id="nobody"
+    ),
     ("billing", "ACCOUNT_PAID_BY_MASTER"): billing_account_paid_by_master,
     ("billing", "API_SUBSCRIPTION_NOT_FOUND"): billing_api_subscription_not_found,
     ("billing", "CURRENCY_MISMATCH"): billing_currency_mismatch,
@@ -642,14 +584,22 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ("billing", "INVALID_MASTER_ACCOUNT"): billing_invalid_master_account,
     ("billing", "OFFER_NOT_IN_REGION"): billing_offer_not_in_region,
     ("billing", "ORDER_NOT_CANCELLABLE"): billing_order_not_cancellable,
-    ("billing", "ORDER_NOT_FOUND"): billing_order_not_found,
-    ("billing", "PACKAGE_NOT_FOUND"): billing_package_not_found,
+    ("billing", "ORDER_NOT_FOUND"): billing_refuses(
+        "GetOrder", NOT_FOUND, "ORDER_NOT_FOUND", order_id="no-such-order"
+    ),
+    ("billing", "PACKAGE_NOT_FOUND"): billing_refuses(
+        "GetAutoRenew", NOT_FOUND, "PACKAGE_NOT_FOUND", package_id="no-such-package"
+    ),
     ("billing", "PACKAGE_NOT_RENEWABLE"): billing_package_not_renewable,
     ("billing", "QUOTA_UNAVAILABLE"): billing_quota_unavailable,
     ("billing", "REQUEST_ID_REUSED"): billing_request_id_reused,
-    ("billing", "UNKNOWN_API"): billing_unknown_api,
+    ("billing", "UNKNOWN_API"): billing_refuses(
+        "ListOffers", INVALID, "UNKNOWN_API", api="no-such-api"
+    ),
     ("billing", "UNKNOWN_OFFER"): billing_unknown_offer,
-    ("billing", "UNKNOWN_REGION"): billing_unknown_region,
+    ("billing", "UNKNOWN_REGION"): billing_refuses(
+        "ListOffers", INVALID, "UNKNOWN_REGION", region="nowhere-1"
+    ),
     ("notification", "CONTACT_NOT_FOUND"): notification_contact_not_found,
     ("notification", "DELIVERY_NOT_FOUND"): notification_delivery_not_found,
     ("testing", "CLOCK_BACKWARDS"): clock_service_clock_backwards,

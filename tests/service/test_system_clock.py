@@ -25,22 +25,20 @@ import time
 import zoneinfo
 from datetime import UTC, datetime, timedelta
 
-import grpc
 from allot.billing.v1 import billing_pb2
 from allot.notification.v1 import notification_pb2
-from allot.quota.v1 import quota_pb2, quota_service_pb2
-from sqlalchemy import func, select
+from allot.quota.v1 import quota_pb2
 
-from services.quota.adapters import tables as quota_tables
 from tests.support import servers
 from tests.support.billing_processes import billing_settings, micros, running_billing
+from tests.support.events import events
 from tests.support.notification_processes import (
     WEBHOOK,
     notification_settings,
     running_notification,
     until,
 )
-from tests.support.quota_calls import QuotaCalls
+from tests.support.quota_calls import QuotaCalls, last_event_sequence
 from tests.support.receivers import http_receiver
 
 REGION = "ap-southeast-1"
@@ -86,33 +84,8 @@ def zone_with_hour_ending_at(boundary: datetime, directory):
 
 
 async def quota_events(quota: QuotaCalls, types: list[str]) -> list[quota_pb2.QuotaEvent]:
-    """Quota's events of `types` written so far: read up to the outbox's current sequence."""
-    db = quota.handle.server.runtime.db
-    events = quota_tables.outbox_events.c
-
-    async def last(uow) -> int:
-        query = select(func.coalesce(func.max(events.sequence), 0))
-        return (await uow.session.execute(query)).scalar_one()
-
-    head = await db.read(last)
-    stream = quota.stub.WatchEvents(
-        quota_service_pb2.WatchEventsRequest(event_types=types),
-        metadata=quota.admin,
-        timeout=WITHIN,
-    )
-    out: list[quota_pb2.QuotaEvent] = []
-    try:
-        while head and (not out or out[-1].sequence < head):
-            try:
-                event = await asyncio.wait_for(stream.read(), 2.0)
-            except TimeoutError:
-                break  # no more events of these types up to `head`
-            if event is grpc.aio.EOF:
-                break
-            out.append(event)
-    finally:
-        stream.cancel()
-    return out
+    """Quota's events of `types` written so far (a read that waits for none)."""
+    return await events(quota.stub, quota.admin, types=types, within=WITHIN)
 
 
 async def test_due_work_runs_on_the_system_clock_without_any_clock_call(tmp_path):
@@ -175,7 +148,7 @@ async def test_due_work_runs_on_the_system_clock_without_any_clock_call(tmp_path
         await quota.enable("acct-ppu", API, REGION, request_id="enable-ppu")
         usage = await quota.report("ppu-1", "acct-ppu", 40)
         assert usage.pay_per_use_quantity == 40
-        last = (await quota_events(quota, ["pay_per_use_recorded"]))[-1].sequence
+        last = await last_event_sequence(quota.handle, "pay_per_use_recorded")
         await billing_handle.caught_up(last, quota.handle.addr, within=WITHIN)
         assert datetime.now(UTC) < boundary, (
             "billing took the usage in after its cycle ended: the late-usage nudge, not the "

@@ -366,3 +366,21 @@ def status_details(status: status_pb2.Status) -> tuple[str, list[str]]:
             detail.Unpack(bad)
             fields.extend(v.field for v in bad.field_violations)
     return reason, fields
+
+
+async def last_event_sequence(handle: QuotaHandle, event_type: str = "") -> int:
+    """The sequence of the last event (of `event_type`, when given) quota has written, 0 when
+    none: what a consumer of its stream has to reach to have seen everything written so far."""
+    from sqlalchemy import func, select
+
+    from services.quota.adapters import tables
+
+    events = tables.outbox_events.c
+
+    async def last(uow) -> int:
+        query = select(func.coalesce(func.max(events.sequence), 0))
+        if event_type:
+            query = query.where(events.event_type == event_type)
+        return (await uow.session.execute(query)).scalar_one()
+
+    return await handle.server.runtime.db.read(last)
