@@ -7,6 +7,9 @@ import pytest
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.servers import Tokens, running_quota, test_settings
 
+# --- skips under CI=true: tests/support/ci_skips.py fails a CI session on unexpected skips ---
+pytest_plugins = ["tests.support.ci_skips"]
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request, tmp_path):
