@@ -181,11 +181,9 @@ async def db(billing_url):
 
 
 async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
-    billing_url, db, tmp_path
+    billing_url, db, seed, tmp_path
 ):
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
+    rng = random.Random(seed)
     billing_addr = f"127.0.0.1:{free_port()}"
     quota_data = tmp_path / "quota"
     quota_data.mkdir()
