@@ -7,9 +7,10 @@
   lines explain the balance, and every cycle is settled. Cycles whose usage arrives after they
   ended are settled while events still arrive, so kills land in intake and in settlement.
 - The arrears timeline of DESIGN §4 across both services: zero balance, pay-per-use settled at
-  2024-05-01 11:00 → GRACE (calls still admitted, purchases refused), FROZEN at 2024-05-16 11:00
-  (CheckQuota denies), RELEASED at 2024-05-31 11:00 (subscriptions cancelled at quota); a
-  top-up on 2024-05-10 that covers the debt returns to GOOD at once.
+  2024-05-01 11:00 → GRACE (calls still admitted, purchases and subscribing refused as
+  ACCOUNT_IN_ARREARS), FROZEN at 2024-05-16 11:00 (CheckQuota denies), RELEASED at
+  2024-05-31 11:00 (subscriptions cancelled at quota); a top-up on 2024-05-10 that covers the
+  debt returns to GOOD at once.
 - A package bought at 16:30:30 after pay-per-use since 15:29:16: bill lines 15:00–16:00 and
   16:00–17:00 (pay-per-use) and the purchase; later calls are paid by the package.
 
@@ -328,7 +329,8 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                 (line,) = (await billing.get_bill("late", "2024-05")).lines
                 assert (line.kind, line.quantity, micros(line.amount)) == (PAY_PER_USE, 10, -30_000)
 
-                # In grace: calls are admitted (pay-per-use too), purchases refused.
+                # In grace: calls are admitted (pay-per-use too), purchases and subscribing are
+                # refused.
                 check = await until(
                     lambda: quota.check("late"),
                     lambda c: c.allowed and c.pay_per_use,
@@ -343,6 +345,16 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                             account_id="late",
                             offer_id="passport-1k-1y",
                             region=HK,
+                        ),
+                        metadata=billing.admin,
+                    ),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "ACCOUNT_IN_ARREARS",
+                )
+                await expect(
+                    billing.stub.SubscribeApi(
+                        billing_service_pb2.SubscribeApiRequest(
+                            request_id="sub-more", account_id="late", region=HK, api="general-text"
                         ),
                         metadata=billing.admin,
                     ),
