@@ -21,7 +21,6 @@ Times are in the billing time zone (Asia/Shanghai, UTC+08:00). Every wait is bou
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -68,8 +67,6 @@ AUTO_RENEWAL = billing_pb2.ORDER_KIND_AUTO_RENEWAL
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED
 RENEWAL_LINE = billing_pb2.BILL_LINE_KIND_PACKAGE_RENEWAL
 TOP_UP_LINE = billing_pb2.BILL_LINE_KIND_TOP_UP
-# After the last expected email, how long nothing more may arrive.
-QUIET = 0.5
 
 
 def local(value: str) -> datetime:
@@ -121,14 +118,13 @@ class Suite:
         return [m for m in self.inbox.messages if ADDRESS in m.rcpt_tos]
 
     async def mails_arrived(self, count: int) -> list:
-        """The inbox once `count` emails to acme's contact arrived, and still `count` after a
-        quiet spell (a duplicate would arrive then)."""
-
-        async def read():
-            return self.mails()
-
-        await until(read, lambda found: len(found) >= count, what=f"{count} emails to {ADDRESS}")
-        await asyncio.sleep(QUIET)
+        """The inbox once acme's `count` auto-renewal notifications are settled, each email
+        delivery SENT at its first attempt: the send completed (the inbox has it) before it was
+        recorded, and no other attempt follows, so the inbox must hold exactly `count` emails
+        now. A known position, not a quiet spell."""
+        notified = await self.notification.settled(ACCOUNT, count, [AUTO_RENEW_FAILED])
+        sent = [(d.channel, d.state, d.attempts) for n in notified for d in n.deliveries]
+        assert sent == [(EMAIL, SENT, 1)] * count, notified
         found = self.mails()
         assert len(found) == count, [m.message["Subject"] for m in found]
         return found

@@ -7,9 +7,10 @@
   lines explain the balance, and every cycle is settled. Cycles whose usage arrives after they
   ended are settled while events still arrive, so kills land in intake and in settlement.
 - The arrears timeline of DESIGN §4 across both services: zero balance, pay-per-use settled at
-  2024-05-01 11:00 → GRACE (calls still admitted, purchases refused), FROZEN at 2024-05-16 11:00
-  (CheckQuota denies), RELEASED at 2024-05-31 11:00 (subscriptions cancelled at quota); a
-  top-up on 2024-05-10 that covers the debt returns to GOOD at once.
+  2024-05-01 11:00 → GRACE (calls still admitted, purchases and subscribing refused as
+  ACCOUNT_IN_ARREARS), FROZEN at 2024-05-16 11:00 (CheckQuota denies), RELEASED at
+  2024-05-31 11:00 (subscriptions cancelled at quota); a top-up on 2024-05-10 that covers the
+  debt returns to GOOD at once.
 - A package bought at 16:30:30 after pay-per-use since 15:29:16: bill lines 15:00–16:00 and
   16:00–17:00 (pay-per-use) and the purchase; later calls are paid by the package.
 
@@ -31,7 +32,7 @@ import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.money import round_half_up_to_minor
@@ -40,6 +41,7 @@ from tests.support.billing_processes import (
     BillingProcess,
     billing_env,
     billing_process,
+    expect,
     micros,
     paired_env,
     ts,
@@ -129,23 +131,26 @@ class Producer(threading.Thread):
 
 
 class BillingDatabase:
-    """Billing's database read directly (either dialect): the consumer's cursor, the cycles."""
+    """Billing's database read directly (either dialect): the consumer's cursor, the cycles.
+    A query error is raised, never read as a number."""
 
     def __init__(self, url: str) -> None:
         self.engine = create_async_engine(url)
 
-    async def scalar(self, sql: str, default: int = 0) -> int:
-        try:
-            async with self.engine.connect() as conn:
-                value = (await conn.execute(text(sql))).scalar_one_or_none()
-                return int(value) if value is not None else default
-        except Exception as exc:  # before the first process ran its migrations
-            if "consumer_cursors" in str(exc) or "usage_cycles" in str(exc):
-                return default
-            raise
+    async def has_table(self, name: str) -> bool:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda sync: inspect(sync).has_table(name))
+
+    async def scalar(self, sql: str) -> int | None:
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(text(sql))).scalar_one_or_none()
+            return None if value is None else int(value)
 
     async def cursor(self) -> int:
-        return await self.scalar("SELECT max(sequence) FROM consumer_cursors")
+        """The consumer's position; 0 before the first process ran its migrations or read."""
+        if not await self.has_table("consumer_cursors"):
+            return 0
+        return await self.scalar("SELECT max(sequence) FROM consumer_cursors") or 0
 
     async def wait(
         self, at_least: int, within: float, finished: Callable[[], bool] = lambda: False
@@ -167,11 +172,19 @@ async def billing_url(request, tmp_path):
         await drop_postgres_database(url)
 
 
-async def test_killed_and_restarted_billing_rates_every_event_exactly_once(billing_url, tmp_path):
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
-    db = BillingDatabase(billing_url)
+@pytest.fixture
+async def db(billing_url):
+    database = BillingDatabase(billing_url)
+    try:
+        yield database
+    finally:
+        await database.engine.dispose()
+
+
+async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
+    billing_url, db, seed, tmp_path
+):
+    rng = random.Random(seed)
     billing_addr = f"127.0.0.1:{free_port()}"
     quota_data = tmp_path / "quota"
     quota_data.mkdir()
@@ -247,9 +260,8 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(billi
         finally:
             for process in processes:
                 process.kill()
-            unsettled = await db.scalar("SELECT count(*) FROM usage_cycles WHERE NOT settled")
-            cycle_total = await db.scalar("SELECT sum(quantity) FROM usage_cycles")
-            await db.engine.dispose()
+    unsettled = await db.scalar("SELECT count(*) FROM usage_cycles WHERE NOT settled")
+    cycle_total = await db.scalar("SELECT sum(quantity) FROM usage_cycles")
 
     assert len(processes) == KILLS + 1
     assert cursors_at_kill == sorted(cursors_at_kill), cursors_at_kill
@@ -317,15 +329,17 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                 (line,) = (await billing.get_bill("late", "2024-05")).lines
                 assert (line.kind, line.quantity, micros(line.amount)) == (PAY_PER_USE, 10, -30_000)
 
-                # In grace: calls are admitted (pay-per-use too), purchases refused.
+                # In grace: calls are admitted (pay-per-use too), purchases and subscribing are
+                # refused.
                 check = await until(
                     lambda: quota.check("late"),
                     lambda c: c.allowed and c.pay_per_use,
                     what="a call admitted in grace",
                 )
                 assert check.allowed
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await billing.stub.PurchasePackage(
+                # The balance is negative too: the reason tells arrears from a short balance.
+                await expect(
+                    billing.stub.PurchasePackage(
                         billing_service_pb2.PurchasePackageRequest(
                             request_id="buy",
                             account_id="late",
@@ -333,8 +347,20 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                             region=HK,
                         ),
                         metadata=billing.admin,
-                    )
-                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    ),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "ACCOUNT_IN_ARREARS",
+                )
+                await expect(
+                    billing.stub.SubscribeApi(
+                        billing_service_pb2.SubscribeApiRequest(
+                            request_id="sub-more", account_id="late", region=HK, api="general-text"
+                        ),
+                        metadata=billing.admin,
+                    ),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "ACCOUNT_IN_ARREARS",
+                )
 
                 # A top-up on 2024-05-10 that covers the debt: GOOD at once.
                 await billing.set_time(local("2024-05-10 09:00"))

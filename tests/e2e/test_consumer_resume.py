@@ -217,11 +217,11 @@ def assert_applied_exactly_once(rows: list[tuple[int, str, str]], usage_ids: lis
     assert [u for _, u, _ in sorted(rows)] == usage_ids
 
 
-async def test_a_consumer_killed_at_random_points_resumes_exactly(produced, tmp_path):
+async def test_a_consumer_killed_at_random_points_resumes_exactly(produced, seed, tmp_path):
     quota_addr, usage_ids = produced
     url = f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}"
     db = ConsumerDatabase(url)
-    rng = random.Random()
+    rng = random.Random(seed)
     # Kill after a random amount of progress each time (sorted so every run has work left).
     thresholds = sorted(rng.sample(range(300, EVENTS - 300), KILLS))
     counts_at_kill = []

@@ -164,11 +164,9 @@ async def notification_url(request, tmp_path):
 
 
 async def test_killed_and_restarted_notification_notifies_every_crossing_exactly_once(
-    notification_url, tmp_path
+    notification_url, seed, tmp_path
 ):
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
+    rng = random.Random(seed)
     db = NotificationCount(notification_url)
     quota_data = tmp_path / "quota"
     quota_data.mkdir()

@@ -680,14 +680,15 @@ async def produce(db: Database, outbox: Outbox, count: int, prefix: str = "e") -
         await write(db, outbox, [f"{prefix}-{i}" for i in range(start, min(count, start + 50))])
 
 
-async def test_consumer_survives_flaky_streams_and_replays(consumer_db, outbox):
+async def test_consumer_survives_flaky_streams_and_replays(consumer_db, outbox, seed):
+    rng = random.Random(seed)
     await produce(consumer_db, outbox, 300)
     failures = {"left": 5}
 
     async def flaky(after: int) -> AsyncIterator[quota_pb2.QuotaEvent]:
         # Replays a little before the cursor (a producer may resend) and breaks off at random.
         breaking = failures["left"] > 0
-        budget = random.randint(5, 40)
+        budget = rng.randint(5, 40)
         async for event in outbox.watch(max(0, after - 10)):
             if breaking and budget == 0:
                 failures["left"] -= 1

@@ -19,6 +19,7 @@ from shared.settings import Settings
 from shared.status import error_info
 from tests.support import servers
 from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.notification_processes import until
 from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
 
 REQ = billing_service_pb2
@@ -297,6 +298,11 @@ async def test_subscriptions_without_request_id_each_reach_quota(database_url, t
         }
 
 
+def internal_errors(caplog: pytest.LogCaptureFixture) -> int:
+    """How many INTERNAL answers the in-process servers logged (shared/status.py)."""
+    return sum(r.getMessage().startswith("internal error ") for r in caplog.records)
+
+
 class MovedTable:
     """Quota's `packages` table renamed away under the running server, and back: every grant
     then fails inside quota with an error it cannot classify, which it answers INTERNAL."""
@@ -328,7 +334,7 @@ class MovedTable:
         await self._execute("ALTER TABLE packages_away RENAME TO packages")
 
 
-async def test_purchase_stays_pending_while_quota_answers_internal(database_url, tmp_path):
+async def test_purchase_stays_pending_while_quota_answers_internal(database_url, tmp_path, caplog):
     """INTERNAL from quota says nothing about the request (docs/faults.md, "Callers classify
     codes"): the order stays PENDING, paid and not refunded, and is granted exactly once when
     quota works again."""
@@ -361,8 +367,15 @@ async def test_purchase_stays_pending_while_quota_answers_internal(database_url,
 
             order = await billing.PurchasePackage(purchase("acme"), metadata=ADMIN)
             assert order.state == billing_pb2.ORDER_STATE_PENDING
-            # Billing offers pending orders again every 2 s: still pending after a retry.
-            await asyncio.sleep(2.5)
+            # Billing offers pending orders again (every 2 s): still pending after a retry
+            # reached quota, each attempt one more INTERNAL that quota logs.
+            retried = internal_errors(caplog) + 1
+            await until(
+                lambda: asyncio.sleep(0, internal_errors(caplog)),
+                lambda seen: seen >= retried,
+                within=30,
+                what="a retried grant reaching quota",
+            )
             order = await billing.GetOrder(
                 REQ.GetOrderRequest(order_id=order.order_id), metadata=ADMIN
             )

@@ -16,10 +16,8 @@ import email.policy
 import http.server
 import json
 import pathlib
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +28,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from services.notification.domain.addresses import verify_webhook
+from shared import certs
 
 HOST = "127.0.0.1"
 WAIT_TIMEOUT = 10.0
@@ -203,11 +202,12 @@ def smtp_receiver(
 
 @dataclass(frozen=True)
 class Certificate:
-    """A self-signed certificate for 127.0.0.1 and its host names (localhost unless the test
-    chose others), and contexts that use it."""
+    """A certificate for 127.0.0.1 and its host names (localhost unless the test chose others),
+    signed by a CA of its own, and contexts that use them."""
 
     cert: pathlib.Path
     key: pathlib.Path
+    ca: pathlib.Path
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -215,44 +215,23 @@ class Certificate:
         return context
 
     def client_context(self) -> ssl.SSLContext:
-        """Verifies the server against this certificate only (hostname checked too)."""
-        return ssl.create_default_context(cafile=str(self.cert))
+        """Verifies the server against this certificate's CA only (hostname checked too)."""
+        return ssl.create_default_context(cafile=str(self.ca))
 
 
 def self_signed_certificate(
     directory: pathlib.Path, names: Sequence[str] = ("localhost",)
-) -> Certificate | None:
-    """A fresh certificate for `names` and 127.0.0.1, made with the openssl command; None where
-    openssl is missing."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        return None
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    alt_names = ",".join([*(f"DNS:{name}" for name in names), "IP:127.0.0.1"])
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={names[0]}",
-            "-addext",
-            f"subjectAltName={alt_names}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],  # fmt: skip
-        check=True,
-        capture_output=True,
-        timeout=60,
+) -> Certificate:
+    """A fresh certificate for `names` and 127.0.0.1 under a fresh CA, made in-process with
+    shared/certs.py (the `cryptography` package: no openssl command needed, nothing skips)."""
+    ca = certs.new_ca(days=2, common_name="Allot test CA")
+    leaf = certs.issue(
+        ca.key, ca.certificate, names[0], dns_names=names, ip_addresses=["127.0.0.1"], days=2
     )
-    return Certificate(cert, key)
+    cert, key = leaf.write(directory, "cert")
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca.cert_pem)
+    return Certificate(cert, key, ca_path)
 
 
 # --- HTTP --------------------------------------------------------------------------------
