@@ -116,7 +116,7 @@ async def assert_fired_once(replicas, absolute: str, percent: str, remainders: l
     assert sorted(remainders) == list(range(5, PACKAGE_SIZE - USED_BEFORE))
     for stub in replicas:  # one outbox, seen alike through either replica
         found = await events(
-            stub, ADMIN, types=[THRESHOLD_CROSSED], at_least=2, idle=1.0, within=30
+            stub, ADMIN, types=[THRESHOLD_CROSSED], at_least=2, within=30
         )
         assert sorted(crossings(found)) == sorted(
             [(absolute, API, 50, PACKAGE_SIZE), (percent, API, 40, PACKAGE_SIZE)]
