@@ -241,9 +241,7 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
             # Quota's stream is the truth.
             async with grpc.aio.insecure_channel(quota.addr) as quota_channel:
                 stub = quota_service_pb2_grpc.QuotaServiceStub(quota_channel)
-                recorded = await events(
-                    stub, ADMIN, 0, [PAY_PER_USE_RECORDED], at_least=EVENTS, idle=1.0
-                )
+                recorded = await events(stub, ADMIN, 0, [PAY_PER_USE_RECORDED], at_least=EVENTS)
             assert len(recorded) == EVENTS
             truth: Counter[str] = Counter()
             for event in recorded:

@@ -232,9 +232,7 @@ async def test_killed_and_restarted_notification_notifies_every_crossing_exactly
             # Quota's stream is the truth: every crossing, by account.
             async with grpc.aio.insecure_channel(quota.addr) as quota_channel:
                 stub = quota_service_pb2_grpc.QuotaServiceStub(quota_channel)
-                crossed = await events(
-                    stub, ADMIN, 0, [THRESHOLD_CROSSED], at_least=CROSSINGS, idle=1.0
-                )
+                crossed = await events(stub, ADMIN, 0, [THRESHOLD_CROSSED], at_least=CROSSINGS)
             expected: dict[str, set[str]] = {a: set() for a in account_ids()}
             for event in crossed:
                 expected[event.threshold_crossed.account_id].add(event.event_id)

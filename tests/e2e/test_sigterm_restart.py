@@ -281,12 +281,17 @@ class WriteLock:
             "SELECT 1 FROM packages WHERE package_id = $1 FOR UPDATE", package_id
         )
 
-    async def wait_for_waiter(self) -> None:
-        """Until quota waits for the lock (PostgreSQL can tell; SQLite cannot, so give the
-        calls a moment to reach the server and start waiting). Concurrent ReportUsage calls
-        are coalesced into one transaction, so one waiting session is all there is to see."""
+    async def wait_for_waiter(self, stub, package_id: str) -> None:
+        """Until the calls are in quota and (PostgreSQL can tell) waiting for the lock.
+
+        Barrier: a read on the same channel, sent after them, answered. HTTP/2 delivers the
+        calls to the server in order on the one connection and their handlers start in that
+        order, so by the answer every ReportUsage has reached the server and is in its
+        handler, held by the lock (which stays held past the grace). PostgreSQL also shows the
+        waiting session; concurrent ReportUsage calls are coalesced into one transaction, so
+        one waiting session is all there is to see."""
+        assert (await get_package(stub, package_id)).package_id == package_id
         if self._postgres is None:
-            await asyncio.sleep(2.0)
             return
         deadline = time.monotonic() + LOCK_WAIT_TIMEOUT
         while time.monotonic() < deadline:
@@ -333,18 +338,22 @@ async def test_sigterm_exits_within_grace_when_calls_outlast_it(database_url, tm
                     )
                     for e in ids
                 ]
-                await lock.wait_for_waiter()
+                await lock.wait_for_waiter(stub, package.package_id)
                 assert not any(c.done() for c in calls)
+                signalled = time.monotonic()
                 process.send_signal(signal.SIGTERM)
                 try:
                     exit_code = await wait_exit(process, SHORT_GRACE + EXIT_SLACK)
                 except subprocess.TimeoutExpired as exc:
                     raise AssertionError("quota outlived its grace period") from exc
+                stopping = time.monotonic() - signalled
             finally:
                 await lock.release()
                 process.kill()
                 outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert exit_code == 0, process.log_text()
+    # The case under test happened: the calls held the server for its whole grace.
+    assert stopping >= SHORT_GRACE - 0.1, f"exited {stopping:.2f} s after SIGTERM"
     codes = [o.code() if isinstance(o, grpc.aio.AioRpcError) else o for o in outcomes]
     assert all(c in SHUTDOWN_CODES for c in codes), codes
 

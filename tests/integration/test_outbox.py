@@ -235,7 +235,9 @@ async def test_watch_streams_history_then_live_events(db, outbox):
                 return
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.2)
+    # Live for sure: written only once the stream has read its history and subscribed.
+    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+    assert got == ["old-1", "old-2"]
     await write(db, outbox, ["live-0", "live-1"])
     await asyncio.wait_for(watcher, WAIT)
     assert got == ["old-1", "old-2", "live-0", "live-1"]
@@ -284,7 +286,8 @@ async def test_read_and_watch_filter_by_account_and_region_in_sql(db, outbox):
                 return
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.2)
+    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+    assert got == ["a-west", "a-none"]  # history read; what follows is live
     await write_about(db, outbox, [("b-live", "b", "west"), ("a-live-east", "a", "east")])
     await write_about(db, outbox, [("a-live", "a", "west")])
     await asyncio.wait_for(watcher, WAIT)

@@ -24,6 +24,7 @@ from google.type import money_pb2
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
+from tests.support.events import events as stream_events
 from tests.support.processes import WatchedProcess, quota_env
 from tests.support.servers import TEST_SECRET, Tokens, free_port
 
@@ -339,27 +340,16 @@ class BillingCalls:
         )
 
     async def events(self, after: int = 0, types: tuple[str, ...] = ()) -> list:
-        """Billing's events after `after` as far as they are written now (bounded read)."""
-        import asyncio
-
-        call = self.stub.WatchEvents(
-            billing_service_pb2.WatchEventsRequest(after_sequence=after, event_types=list(types)),
-            metadata=self.admin,
-            timeout=SETTLE_TIMEOUT,
+        """Billing's events after `after` up to its outbox's last sequence now (read to that
+        position, not until a quiet moment: tests/support/events.py)."""
+        return await stream_events(
+            self.stub,
+            self.admin,
+            after,
+            types,
+            request_type=billing_service_pb2.WatchEventsRequest,
+            within=SETTLE_TIMEOUT,
         )
-        out = []
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(call.read(), 0.5)
-                except TimeoutError:
-                    break
-                if event is grpc.aio.EOF:
-                    break
-                out.append(event)
-        finally:
-            call.cancel()
-        return out
 
     # --- clock ---------------------------------------------------------------------------
 

@@ -1,11 +1,20 @@
-"""Reading quota's event stream (`WatchEvents`) in tests, always bounded in time and size.
+"""Reading quota's event stream (`WatchEvents`) in tests, up to a known position, bounded.
 
-`WatchEvents` streams history and then stays open for live events, so a test cannot read "to
-the end". `events()` reads what is there: it waits (up to `within` seconds) until `at_least`
-events of the wanted types have arrived, then keeps reading until no further event comes for
-`idle` seconds, and cancels the stream. Asking for the `at_least` events a test expects keeps
-a slow machine from turning a late first event into a false failure; the idle window
-afterwards is what catches an event too many.
+`WatchEvents` streams history and then stays open for live events, so "no more events" can
+never be learned from silence. Every read here goes up to a known position instead: the
+outbox's last sequence, which a stream opened past it reports (the refusal
+`CURSOR_AHEAD_OF_STREAM` carries `last_sequence`; `head()`), or a sequence the test names
+(`through=`). Events are committed in the transaction of the call that writes them, so once a
+call has returned, reading to the head read after it sees everything that call wrote: "nothing
+more" is checked by reading to that position, never by waiting for quiet. Sequences are
+gap-free, so a read stops as soon as the event at its position arrives.
+
+A read that does not reach its position within `within` seconds fails (AssertionError naming
+the last sequence seen): a stream that stops short is a failure, not an empty answer. With
+`types` (a server-side filter) the position is the last event of those types up to the head,
+found by reading the unfiltered stream first, and the filtered stream must give exactly those.
+A stream whose events the caller cannot all see (a region-limited token) is read to an explicit
+`through` that it can see.
 
 `EventLog` keeps a cursor, so a test can ask "what was written since my last look?" around
 each call, and the helpers below turn events into their payloads and (package id, state) rows
@@ -22,14 +31,15 @@ import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2
 from google.protobuf import field_mask_pb2
 
+from shared.status import error_info
 from tests.support.quota_calls import ACCOUNT, REGION, Metadata, QuotaCalls
 
-# Quiet time after the last event before the stream is taken to have nothing more.
-IDLE = 0.3
-# The longest one read may take, whatever comes.
-TIMEOUT = 15.0
+# The longest one read may take, whatever comes: generous for a loaded 2-core machine.
+TIMEOUT = 30.0
 # A read never collects more than this many events.
 MAX_EVENTS = 20_000
+# A cursor past any real stream: opening a stream there makes the outbox tell its last sequence.
+BEYOND = 2**62
 
 ARMED = quota_pb2.USAGE_ALERT_STATE_ARMED
 FIRED = quota_pb2.USAGE_ALERT_STATE_FIRED
@@ -40,6 +50,125 @@ PACKAGE_STATE_CHANGED = "package_state_changed"
 PACKAGE_EXPIRING = "package_expiring"
 
 
+async def head(
+    stub,
+    metadata: Metadata,
+    types: Sequence[str] = (),
+    *,
+    request_type=quota_service_pb2.WatchEventsRequest,
+) -> int:
+    """The outbox's last committed sequence now (quota's or billing's: `request_type`).
+
+    Asks for a stream past the end: the outbox refuses it with CURSOR_AHEAD_OF_STREAM and
+    its `last_sequence`. Any other answer (a refusal of the caller or of `types`) is raised."""
+    call = stub.WatchEvents(
+        request_type(after_sequence=BEYOND, event_types=list(types)),
+        metadata=metadata,
+        timeout=TIMEOUT,
+    )
+    try:
+        got = await call.read()
+    except grpc.aio.AioRpcError as error:
+        info = error_info(error)
+        if (
+            error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and info is not None
+            and info.reason == "CURSOR_AHEAD_OF_STREAM"
+        ):
+            return int(info.metadata["last_sequence"])
+        raise
+    finally:
+        call.cancel()
+    raise AssertionError(f"WatchEvents after {BEYOND} answered {got!r} instead of refusing")
+
+
+async def read_through(
+    stub,
+    metadata: Metadata,
+    after: int,
+    through: int,
+    types: Sequence[str] = (),
+    *,
+    request_type=quota_service_pb2.WatchEventsRequest,
+    within: float = TIMEOUT,
+    limit: int = MAX_EVENTS,
+) -> list:
+    """The events after `after` up to and including sequence `through`, as the stream gives
+    them (with its `types` filter). Fails unless the stream reaches `through` within
+    `within` seconds; an event at `through` must be visible to this read."""
+    if through <= after:
+        return []
+    call = stub.WatchEvents(
+        request_type(after_sequence=after, event_types=list(types)),
+        metadata=metadata,
+        timeout=within + 5,
+    )
+    received: list = []
+    deadline = time.monotonic() + within
+    try:
+        while len(received) < limit:
+            left = deadline - time.monotonic()
+            try:
+                event = await asyncio.wait_for(call.read(), max(left, 0.001))
+            except TimeoutError:
+                event = None
+            if event is None or event is grpc.aio.EOF:
+                last = received[-1].sequence if received else after
+                raise AssertionError(
+                    f"WatchEvents after {after} stopped at sequence {last} "
+                    f"({'ended' if event is not None else f'{within:.0f} s'}), "
+                    f"short of {through}"
+                )
+            if event.sequence > through:
+                break
+            received.append(event)
+            if event.sequence == through:
+                break
+    finally:
+        call.cancel()
+    return received
+
+
+async def read_to_head(
+    stub,
+    metadata: Metadata,
+    after: int = 0,
+    types: Sequence[str] = (),
+    *,
+    request_type=quota_service_pb2.WatchEventsRequest,
+    within: float = TIMEOUT,
+    limit: int = MAX_EVENTS,
+) -> tuple[list, int]:
+    """(the events after `after` of `types` (empty = all) up to the head, the head): the
+    head is read first, so everything committed before this call is in the answer."""
+    position = await head(stub, metadata, types, request_type=request_type)
+    if not types:
+        found = await read_through(
+            stub, metadata, after, position, request_type=request_type, within=within, limit=limit
+        )
+        return found, position
+    # The filtered stream ends at the last event of these types up to the head: found in the
+    # unfiltered stream, which the filtered one must then match exactly.
+    everything = await read_through(
+        stub, metadata, after, position, request_type=request_type, within=within
+    )
+    wanted = [e for e in everything if e.WhichOneof("payload") in types]
+    if not wanted:
+        return [], position
+    found = await read_through(
+        stub,
+        metadata,
+        after,
+        wanted[-1].sequence,
+        types,
+        request_type=request_type,
+        within=within,
+        limit=limit,
+    )
+    assert found == wanted[:limit], f"filter {list(types)} gave {found}; the stream has {wanted}"
+    return found, position
+
+
 async def events(
     stub,
     metadata: Metadata,
@@ -47,35 +176,44 @@ async def events(
     types: Sequence[str] = (),
     *,
     at_least: int = 0,
-    idle: float = IDLE,
+    through: int | None = None,
+    request_type=quota_service_pb2.WatchEventsRequest,
     within: float = TIMEOUT,
     limit: int = MAX_EVENTS,
-) -> list[quota_pb2.QuotaEvent]:
-    """The events after sequence `after` (of `types`; empty = all), as far as they arrive.
-
-    Waits for `at_least` events (up to `within` seconds), then until `idle` seconds pass
-    without one. Fewer than `at_least` after `within` are returned as they are: the caller's
-    assertion says more than a timeout error would."""
-    request = quota_service_pb2.WatchEventsRequest(after_sequence=after, event_types=list(types))
-    call = stub.WatchEvents(request, metadata=metadata, timeout=within + 5)
-    received: list[quota_pb2.QuotaEvent] = []
+) -> list:
+    """The events after sequence `after` (of `types`; empty = all): up to `through` when
+    given, else up to the head, read again as the head moves until `at_least` of them are
+    there (up to `within` seconds; fewer are returned as they are: the caller's assertion says
+    more than a timeout error would). Quota's stream, or billing's with its `request_type`."""
+    if through is not None:
+        return await read_through(
+            stub,
+            metadata,
+            after,
+            through,
+            types,
+            request_type=request_type,
+            within=within,
+            limit=limit,
+        )
     deadline = time.monotonic() + within
-    try:
-        while len(received) < limit:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            wait = left if len(received) < at_least else min(idle, left)
-            try:
-                event = await asyncio.wait_for(call.read(), wait)
-            except TimeoutError:
-                break
-            if event is grpc.aio.EOF:
-                break
-            received.append(event)
-    finally:
-        call.cancel()
-    return received
+    found, position = await read_to_head(
+        stub, metadata, after, types, request_type=request_type, within=within, limit=limit
+    )
+    # Events another process writes (a consumer, a scheduler) may still be on their way.
+    while len(found) < min(at_least, limit) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        more, position = await read_to_head(
+            stub,
+            metadata,
+            position,
+            types,
+            request_type=request_type,
+            within=max(deadline - time.monotonic(), 1.0),
+            limit=limit - len(found),
+        )
+        found.extend(more)
+    return found
 
 
 def payloads(items: Iterable[quota_pb2.QuotaEvent], event_type: str) -> list:
@@ -109,16 +247,16 @@ class EventLog:
         self.seen: list[quota_pb2.QuotaEvent] = []
 
     async def new(self, at_least: int = 0, of_type: str | None = None) -> list:
-        """Events written since the last call (every type; the cursor moves past them all).
+        """Events written since the last call (every type; the cursor moves past them all),
+        read up to the head: everything the calls before this one wrote, and nothing else.
 
-        `at_least` counts events of `of_type` (any type when None) to wait for."""
+        `at_least` counts events of `of_type` (any type when None) to wait for, for events
+        written by work that goes on after a call returns; bounded by TIMEOUT."""
         fresh: list[quota_pb2.QuotaEvent] = []
         deadline = time.monotonic() + TIMEOUT
         while True:
-            got = await events(self.stub, self.metadata, self.cursor, idle=IDLE)
+            got, self.cursor = await read_to_head(self.stub, self.metadata, self.cursor)
             fresh.extend(got)
-            if got:
-                self.cursor = got[-1].sequence
             matching = [e for e in fresh if of_type is None or e.WhichOneof("payload") == of_type]
             if len(matching) >= at_least or time.monotonic() > deadline:
                 break

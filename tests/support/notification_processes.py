@@ -5,7 +5,8 @@
 deadline and the child gets exactly the `ALLOT_*` settings the test chose. `NotificationCalls`
 wraps the real stub (and the manual clock's ClockService) with real tokens; `settled` polls
 `ListNotifications` until the deliveries a test waits for are no longer pending, so a test never
-sleeps for a guessed time. `quota_calls` gives the quota helpers of `tests.support.quota_calls`
+sleeps for a guessed time, and `barrier` is what a check that nothing more was sent reads up
+to. `quota_calls` gives the quota helpers of `tests.support.quota_calls`
 over a plain channel to a quota process.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import pathlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -35,7 +37,11 @@ from shared.server import Server, build_runtime
 from shared.settings import Settings
 from tests.support.processes import WatchedProcess
 from tests.support.quota_calls import QuotaCalls
+from tests.support.receivers import SmtpInbox
 from tests.support.servers import TEST_SECRET, QuotaHandle, Tokens, free_port
+
+# Numbers the barrier accounts and addresses of `NotificationCalls.barrier`.
+_BARRIERS = itertools.count(1)
 
 # Both manual clocks (quota's and notification's) start here in these tests.
 CLOCK_START = "2024-01-01T00:00:00Z"
@@ -338,6 +344,27 @@ class NotificationCalls:
             notification_service_pb2.SendTestNotificationRequest(contact_id=contact_id),
             metadata=metadata or self.admin,
         )
+
+    async def barrier(self, inbox: SmtpInbox) -> str:
+        """A barrier for "nothing more was sent" (instead of a quiet pause): a test email to a
+        fresh contact of a barrier account, sent now, has arrived and is SENT, and then
+        AdvanceTime(0) has run every due delivery before returning. A delivery settled before
+        is never claimed again (only PENDING ones are), and one still due has been tried by
+        then, so what a receiver has not got now is not coming. Returns the barrier's address
+        (its mail is in `inbox`)."""
+        tag = next(_BARRIERS)
+        account = f"acct-barrier-{tag}"
+        address = f"barrier-{tag}@example.com"
+        created = await self.create(account, EMAIL, address)
+        await self.send_test(created.contact_id)
+        await until(
+            lambda: asyncio.sleep(0, [m for m in inbox.messages if address in m.rcpt_tos]),
+            lambda found: len(found) == 1,
+            what=f"the barrier mail to {address}",
+        )
+        await self.settled(account, 1)
+        await self.advance(timedelta(0))
+        return address
 
     # --- clock ---------------------------------------------------------------------------
 
