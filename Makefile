@@ -42,7 +42,7 @@ lint: venv proto  ## ruff and buf lint
 	$(BIN)/buf lint
 
 test: venv  ## Run the whole test suite (PostgreSQL tests need 127.0.0.1:5432; CI=true makes them required)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 run: venv  ## Start the whole suite on SQLite under ALLOT_DATA_DIR (default ./var)
 	$(BIN)/allot run
