@@ -263,13 +263,16 @@ async def _truncate(database: asyncpg.Connection, schema: str) -> None:
 
 # service -> this process's migrated SQLite file of it
 _SQLITE_TEMPLATES: dict[str, pathlib.Path] = {}
-_SQLITE_DIR = pathlib.Path(tempfile.mkdtemp(prefix="allot-templates-"))
+# The folder of those files, made on first use and removed at exit.
+_SQLITE_DIR: list[pathlib.Path] = []
 
 
 def migrated_sqlite(path: pathlib.Path, service: str) -> None:
     """Put a copy of the service's SQLite database at its migration head at `path`."""
     if service not in _SQLITE_TEMPLATES:
-        template = _SQLITE_DIR / f"{service}-{migrations_digest(service)}.db"
+        if not _SQLITE_DIR:
+            _SQLITE_DIR.append(pathlib.Path(tempfile.mkdtemp(prefix="allot-templates-")))
+        template = _SQLITE_DIR[0] / f"{service}-{migrations_digest(service)}.db"
         url = f"sqlite+aiosqlite:///{template}"
         # A thread of its own: the caller may be inside a running event loop.
         errors: list[BaseException] = []
@@ -311,7 +314,8 @@ async def _drop_ours() -> None:
 
 @atexit.register
 def _drop_at_exit() -> None:
-    shutil.rmtree(_SQLITE_DIR, ignore_errors=True)
+    for folder in _SQLITE_DIR:
+        shutil.rmtree(folder, ignore_errors=True)
     if _OURS:
         try:
             asyncio.run(_drop_ours())
