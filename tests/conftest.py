@@ -9,7 +9,11 @@ from datetime import timedelta
 import hypothesis
 import pytest
 
-from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.databases import (
+    create_postgres_database,
+    drop_postgres_database,
+    schema_for,
+)
 from tests.support.servers import Tokens, running_quota, test_settings
 
 # --- skips under CI=true: tests/support/ci_skips.py fails a CI session on unexpected skips ---
@@ -51,11 +55,13 @@ def seed(request) -> int:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request, tmp_path):
-    """A fresh, empty database of each dialect."""
+    """A fresh database of each dialect: empty, or for the tests of the `quota` fixture on
+    PostgreSQL at quota's migration head (tests/support/databases.py `schema_for`; SQLite's
+    migrated copy is made by `running_quota`)."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
         return
-    url = await create_postgres_database()
+    url = await create_postgres_database(schema_for(request.fixturenames))
     try:
         yield url
     finally:

@@ -1,6 +1,6 @@
 """A stream consumer killed at random points resumes from its cursor: nothing lost, nothing twice.
 
-Quota runs as a process with 10,000 `pay_per_use_recorded` events (an account with no packages,
+Quota runs as a process with 3,000 `pay_per_use_recorded` events (an account with no packages,
 reported with BatchReportUsage). The consumer (`tests/support/consumer_app.py`) runs as a process
 too and is SIGKILLed several times while it applies; each restart is a new replica that must
 wait for the dead one's lease to expire. Its `applied` table has no unique constraint, so an
@@ -32,8 +32,10 @@ from tests.support.databases import create_postgres_database, drop_postgres_data
 from tests.support.processes import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
-EVENTS = 10_000
-REPLICA_EVENTS = 2_500
+# The point is the kills and the handovers, not the volume: enough events that each kill lands
+# mid-stream with work before and after it (thresholds keep 300 events clear of either end).
+EVENTS = 3_000
+REPLICA_EVENTS = 900
 BATCH = 500
 ACCOUNT = "acct-consumer"
 REGION = "ap-southeast-1"
@@ -321,23 +323,23 @@ async def test_the_consumer_reconnects_when_quota_restarts(tmp_path):
     """The producer is killed under an open stream and comes back on the same database and
     address: the consumer backs off, reconnects after its cursor and misses nothing."""
     env = quota_env(f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}", tmp_path)
-    usage_ids = [f"restart-{i:05d}" for i in range(3000)]
+    usage_ids = [f"restart-{i:05d}" for i in range(1500)]
     url = f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}"
     db = ConsumerDatabase(url)
     quota = QuotaProcess(env, tmp_path / "quota.log")
     consumer = None
     try:
         addr = quota.start()
-        produce(addr, usage_ids[:2000])
+        produce(addr, usage_ids[:1000])
         consumer = ConsumerProcess(url, addr, "c", tmp_path / "consumer.log").start()
-        await db.wait_count(700, PROGRESS_TIMEOUT)
+        await db.wait_count(350, PROGRESS_TIMEOUT)
         quota.kill()
         # Events already received still commit; then the consumer sees UNAVAILABLE and backs
         # off while nobody listens on the address.
         await asyncio.sleep(1.0)
         assert await db.count() < len(usage_ids)
         assert quota.start() == addr
-        produce(addr, usage_ids[2000:])
+        produce(addr, usage_ids[1000:])
         await db.wait_count(len(usage_ids), FINISH_TIMEOUT)
         await asyncio.sleep(0.5)
         assert consumer.terminate() == 0

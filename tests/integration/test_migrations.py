@@ -1,5 +1,9 @@
-"""`allot migrate SERVICE` on both dialects, for every service: it creates the schema, a second
-run changes nothing, and the Alembic head is exactly what the SQLAlchemy metadata describes."""
+"""Every service's migrations on both dialects: they create the schema, a second run changes
+nothing, and the Alembic head is exactly what the SQLAlchemy metadata describes.
+
+The migrations run once per service and database, in-process through `shared.migrations.upgrade`
+(what a starting service and `allot migrate` both call); one smoke test runs `allot migrate` as
+an operator does, as its own process."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from services.notification.service import NotificationService
 from services.quota.adapters import tables as quota_tables
 from services.quota.service import QuotaService
 from shared.db import create_engine
-from shared.migrations import alembic_config
+from shared.migrations import alembic_config, upgrade
 from shared.settings import REPO_ROOT
 
 # service -> (its metadata, its service class, tables it must have)
@@ -131,30 +135,50 @@ async def schema_drift(service: str, database_url: str, target: MetaData | None 
         await engine.dispose()
 
 
-async def test_migrate_creates_the_schema(service, database_url, tmp_path):
-    result = migrate(service, database_url, tmp_path)
-    assert f"{service}: migrated" in result.stdout
+async def table_names(database_url: str) -> list[str]:
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(lambda c: inspect(c).get_table_names())
+    finally:
+        await engine.dispose()
+
+
+async def migrate_in_process(service: str, database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine, service, SERVICES[service][1].migrations_dir)
+    finally:
+        await engine.dispose()
+
+
+async def test_migrations_create_the_schema_once_and_for_all(service, database_url):
+    """From empty to the head: the service's tables, the head recorded, nothing to add on a
+    second run, and no drift from the metadata."""
+    assert await table_names(database_url) == []
+    await migrate_in_process(service, database_url)
     snapshot = await schema_snapshot(service, database_url)
     expected = SERVICES[service][2] | {"idempotency_keys", "outbox_events", version_table(service)}
     assert expected <= set(snapshot["tables"])
     assert snapshot["revisions"] == [head_revision(service)]
-
-
-async def test_migrating_twice_changes_nothing(service, database_url, tmp_path):
-    migrate(service, database_url, tmp_path)
-    before = await schema_snapshot(service, database_url)
-    migrate(service, database_url, tmp_path)
-    assert await schema_snapshot(service, database_url) == before
-
-
-async def test_head_matches_the_metadata(service, database_url, tmp_path):
-    migrate(service, database_url, tmp_path)
+    await migrate_in_process(service, database_url)
+    assert await schema_snapshot(service, database_url) == snapshot
     assert await schema_drift(service, database_url) == []
+
+
+async def test_allot_migrate_migrates_as_an_operator_runs_it(tmp_path):
+    """The CLI smoke test: `allot migrate quota` as a process, on the embedded default."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
+    result = migrate("quota", database_url, tmp_path)
+    assert f"quota: migrated {database_url}" in result.stdout
+    snapshot = await schema_snapshot("quota", database_url)
+    assert snapshot["revisions"] == [head_revision("quota")]
+    assert SERVICES["quota"][2] <= set(snapshot["tables"])
 
 
 async def test_drift_would_be_noticed(database_url, tmp_path):
     """The comparison above is not vacuous: a column the migrations lack shows up."""
-    migrate("quota", database_url, tmp_path)
+    await migrate_in_process("quota", database_url)
     drifted = MetaData()
     for table in quota_tables.metadata.tables.values():
         table.to_metadata(drifted)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from shared.settings import REPO_ROOT
+from tests.support.databases import migrated_sqlite_if_new
 from tests.support.servers import TEST_SECRET, ServiceProcess, free_port
 
 # A loaded 2-core machine may take a while to import grpc and SQLAlchemy and run migrations.
@@ -29,7 +30,10 @@ START_TIMEOUT = 60.0
 
 
 def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[str, str]:
-    """The settings of a quota process on a fresh loopback port."""
+    """The settings of a quota process on a fresh loopback port. A SQLite database not there
+    yet starts as a copy of quota's migrated template, so the process's own migration is a
+    no-op check (migrating: tests/integration/test_migrations.py)."""
+    migrated_sqlite_if_new(database_url, "quota")
     env = {
         "ALLOT_QUOTA_DATABASE_URL": database_url,
         "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",

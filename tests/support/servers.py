@@ -19,6 +19,7 @@ from services.quota.service import QuotaService
 from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY, INTERNAL, TokenSigner
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT, Settings
+from tests.support.databases import migrated_sqlite_if_new
 
 TEST_SECRET = "test-secret-" + "x" * 40
 
@@ -82,7 +83,10 @@ class QuotaHandle:
 
 @contextlib.asynccontextmanager
 async def running_quota(settings: Settings):
-    """An in-process quota server on a free loopback port, with a channel to it."""
+    """An in-process quota server on a free loopback port, with a channel to it. A SQLite
+    database not there yet starts as a copy of quota's migrated template, so the server's own
+    migration is a no-op check (migrating: tests/integration/test_migrations.py)."""
+    migrated_sqlite_if_new(settings.quota_database_url, "quota")
     runtime = build_runtime(settings, "quota")
     server = Server(runtime, QuotaService(runtime), settings.quota_addr)
     await server.start()
