@@ -32,8 +32,6 @@ import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
-from sqlalchemy import inspect, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.money import round_half_up_to_minor
 from tests.support.billing_processes import (
@@ -46,7 +44,7 @@ from tests.support.billing_processes import (
     paired_env,
     ts,
 )
-from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
 from tests.support.events import PAY_PER_USE_RECORDED, events
 from tests.support.notification_processes import quota_calls, until
 from tests.support.processes import grown_to, quota_env, quota_process
@@ -130,27 +128,15 @@ class Producer(threading.Thread):
             self.error = exc
 
 
-class BillingDatabase:
+class BillingDatabase(DirectReader):
     """Billing's database read directly (either dialect): the consumer's cursor, the cycles.
     A query error is raised, never read as a number."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_async_engine(url)
-
-    async def has_table(self, name: str) -> bool:
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(lambda sync: inspect(sync).has_table(name))
-
-    async def scalar(self, sql: str) -> int | None:
-        async with self.engine.connect() as conn:
-            value = (await conn.execute(text(sql))).scalar_one_or_none()
-            return None if value is None else int(value)
-
     async def cursor(self) -> int:
         """The consumer's position; 0 before the first process ran its migrations or read."""
-        if not await self.has_table("consumer_cursors"):
-            return 0
-        return await self.scalar("SELECT max(sequence) FROM consumer_cursors") or 0
+        return await self.scalar_once(
+            "consumer_cursors", "SELECT max(sequence) FROM consumer_cursors"
+        )
 
     async def wait(
         self, at_least: int, within: float, finished: Callable[[], bool] = lambda: False

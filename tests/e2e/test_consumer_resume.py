@@ -25,10 +25,9 @@ import grpc
 import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.settings import REPO_ROOT
-from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
 from tests.support.processes import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
@@ -173,23 +172,12 @@ class ConsumerProcess:
         return self.proc.wait(timeout)
 
 
-class ConsumerDatabase:
-    """Reads of the consumer's own tables, on either dialect."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = create_async_engine(url)
-
-    async def scalar(self, sql: str) -> int:
-        try:
-            async with self.engine.connect() as conn:
-                return (await conn.execute(text(sql))).scalar_one() or 0
-        except Exception as exc:
-            if "applied" in str(exc) and ("no such table" in str(exc) or "does not" in str(exc)):
-                return 0  # the first consumer has not created its schema yet
-            raise
+class ConsumerDatabase(DirectReader):
+    """Reads of the consumer's own tables, on either dialect; 0 before the first consumer
+    created its schema, any query error raised."""
 
     async def count(self) -> int:
-        return await self.scalar("SELECT count(*) FROM applied")
+        return await self.scalar_once("applied", "SELECT count(*) FROM applied")
 
     async def wait_count(self, at_least: int, within: float) -> int:
         deadline = time.monotonic() + within
@@ -205,7 +193,9 @@ class ConsumerDatabase:
             return [(r.seq, r.usage_event_id, r.holder) for r in result]
 
     async def cursor(self) -> int:
-        return await self.scalar("SELECT sequence FROM consumer_cursors")
+        value = await self.scalar("SELECT sequence FROM consumer_cursors")
+        assert value is not None, "the consumer stored no cursor"
+        return value
 
 
 def assert_applied_exactly_once(rows: list[tuple[int, str, str]], usage_ids: list[str]) -> None:

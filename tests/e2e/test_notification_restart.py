@@ -31,10 +31,8 @@ from datetime import timedelta
 import grpc
 import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
 from tests.support.events import THRESHOLD_CROSSED, events
 from tests.support.notification_processes import (
     CLOCK_START,
@@ -128,20 +126,12 @@ class Producer(threading.Thread):
                 time.sleep(self.rng.uniform(*PACE))
 
 
-class NotificationCount:
-    """How many notifications notification's database holds (read directly, either dialect)."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = create_async_engine(url)
+class NotificationCount(DirectReader):
+    """How many notifications notification's database holds (read directly, either dialect);
+    0 before the first process ran its migrations, any query error raised."""
 
     async def count(self) -> int:
-        try:
-            async with self.engine.connect() as conn:
-                return (await conn.execute(text("SELECT count(*) FROM notifications"))).scalar_one()
-        except Exception as exc:  # before the first process ran its migrations
-            if "notifications" in str(exc):
-                return 0
-            raise
+        return await self.scalar_once("notifications", "SELECT count(*) FROM notifications")
 
     async def wait(
         self, at_least: int, within: float, finished: Callable[[], bool] = lambda: False

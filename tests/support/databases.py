@@ -321,3 +321,36 @@ def _drop_at_exit() -> None:
             asyncio.run(_drop_ours())
         except (OSError, asyncpg.PostgresError):
             pass  # PostgreSQL is gone already: nothing to clean
+
+
+class DirectReader:
+    """A service's or a test consumer's database read directly from the test (either dialect).
+    A query error is raised, never read as a number: the only "nothing yet" is a table that a
+    process has not created yet, and that is asked explicitly (`has_table`)."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        self.engine = create_async_engine(url)
+
+    async def has_table(self, name: str) -> bool:
+        from sqlalchemy import inspect
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda sync: inspect(sync).has_table(name))
+
+    async def scalar(self, sql: str) -> int | None:
+        from sqlalchemy import text
+
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(text(sql))).scalar_one_or_none()
+            return None if value is None else int(value)
+
+    async def scalar_once(self, table: str, sql: str) -> int:
+        """`sql`'s number (None read as 0); 0 while `table` does not exist yet."""
+        if not await self.has_table(table):
+            return 0
+        return await self.scalar(sql) or 0
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
