@@ -99,6 +99,20 @@ async def grant(stub) -> None:
     await stub.GrantPackage(request, metadata=ADMIN, timeout=CALL_TIMEOUT)
 
 
+async def sigterm(process) -> tuple[int, float]:
+    """SIGTERM, then the exit code and how long the exit took; AssertionError (with the log)
+    when the process still runs EXIT_WITHIN seconds later."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.to_thread(process.wait, EXIT_WITHIN)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f"quota still ran {EXIT_WITHIN}s after SIGTERM:\n{process.log_text()}"
+        ) from exc
+    return code, time.monotonic() - started
+
+
 async def health_becomes(health, status, within: float) -> float:
     """Seconds until every checked name reports `status`; AssertionError after `within`."""
     start = time.monotonic()
@@ -149,16 +163,9 @@ async def test_health_follows_the_database_and_sigterm_stays_bounded(database_ur
                 assert sum(d.quantity for d in answer.deductions) == 1
 
                 await switch.take_away()
-                started = time.monotonic()
-                process.send_signal(signal.SIGTERM)
-                try:
-                    code = await asyncio.to_thread(process.wait, EXIT_WITHIN)
-                except subprocess.TimeoutExpired as exc:
-                    raise AssertionError(
-                        f"quota still ran {EXIT_WITHIN}s after SIGTERM:\n{process.log_text()}"
-                    ) from exc
+                code, took = await sigterm(process)
                 assert code == 0, process.log_text()
-                assert time.monotonic() - started < EXIT_WITHIN
+                assert took < EXIT_WITHIN
     finally:
         await switch.give_back()
 
@@ -254,15 +261,7 @@ async def test_sigterm_exits_within_grace_when_the_database_goes_silent(database
         await health_becomes(health, NOT_SERVING, TURN_WITHIN)
         assert not any(call.done() for call in stuck)  # they wait on the silent database
 
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.to_thread(process.wait, EXIT_WITHIN)
-        except subprocess.TimeoutExpired as exc:
-            raise AssertionError(
-                f"quota still ran {EXIT_WITHIN}s after SIGTERM:\n{process.log_text()}"
-            ) from exc
-        took = time.monotonic() - started
+        code, took = await sigterm(process)
         outcomes = await asyncio.gather(*stuck, return_exceptions=True)
     assert code == 0, process.log_text()
     assert took < EXIT_WITHIN
