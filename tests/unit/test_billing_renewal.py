@@ -14,7 +14,7 @@ from services.billing.domain.renewal import (
     renewal_window_end,
     renewed_expire_time,
 )
-from services.quota.domain.validity import package_expire_time
+from shared.validity import package_expire_time
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PLUS_8 = timezone(timedelta(hours=8))

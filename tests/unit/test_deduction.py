@@ -21,9 +21,9 @@ from services.quota.domain.packages import (
     PackageSource,
     PackageState,
     QuotaTotals,
-    normalize_project_id,
     totals_in_force,
 )
+from shared.projects import normalize_project_id
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -11,14 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.billing.domain.cycles import parse_month
-from services.quota.domain.validity import (
+from shared.errors import InvalidArgument
+from shared.money import MAX_AMOUNT_MICROS, from_wire, to_wire
+from shared.timeutil import MAX_TIME, MIN_TIME, check_time, from_duration, from_timestamp
+from shared.validity import (
     ValidityOutOfRange,
     package_expire_time,
     renewal_expire_time,
 )
-from shared.errors import InvalidArgument
-from shared.money import MAX_AMOUNT_MICROS, from_wire, to_wire
-from shared.timeutil import MAX_TIME, MIN_TIME, check_time, from_duration, from_timestamp
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 

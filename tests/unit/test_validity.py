@@ -6,7 +6,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.quota.domain.packages import Package, PackageSource, PackageState
-from services.quota.domain.validity import (
+from shared.validity import (
     add_months,
     as_utc,
     package_expire_time,

@@ -25,14 +25,14 @@ from services.billing.app import accounts, packages
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
 from services.billing.domain.bills import BillLineKind
-from services.quota.domain.packages import ONE_SECOND, normalize_project_id
-from services.quota.domain.validity import ValidityOutOfRange, package_expire_time
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.money import format_amount, to_micros
+from shared.projects import normalize_project_id
 from shared.timeutil import from_micros
 from shared.timeutil import to_micros as time_to_micros
+from shared.validity import ONE_SECOND, ValidityOutOfRange, package_expire_time
 
 log = logging.getLogger("allot.billing.orders")
 

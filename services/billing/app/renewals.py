@@ -40,12 +40,12 @@ from services.billing.domain.renewal import (
     renewed_expire_time,
     scheduled_attempt,
 )
-from services.quota.domain.packages import ONE_SECOND
 from shared.auth import check_scope, current_principal
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument
 from shared.money import to_micros
 from shared.timeutil import to_micros as time_to_micros
+from shared.validity import ONE_SECOND
 
 log = logging.getLogger("allot.billing.renewals")
 

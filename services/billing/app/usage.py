@@ -71,13 +71,13 @@ from services.billing.domain.arrears import Standing, after_charge
 from services.billing.domain.bills import BillLine, BillLineKind, pay_per_use_line
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds, month_key
 from services.billing.domain.pricing import price_usage
-from services.quota.domain.packages import DEFAULT_PROJECT
 from shared.auth import internal_metadata
 from shared.clock import KickedWork, ManualClock
 from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.money import MoneyError
+from shared.projects import DEFAULT_PROJECT
 from shared.timeutil import from_micros as time_from_micros
 from shared.timeutil import from_timestamp
 from shared.timeutil import to_micros as time_to_micros

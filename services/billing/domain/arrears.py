@@ -42,7 +42,7 @@ import enum
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from services.quota.domain.validity import as_utc
+from shared.validity import as_utc
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",

@@ -40,8 +40,8 @@ from datetime import UTC, datetime, tzinfo
 
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds
 from services.billing.domain.pricing import Priced, TierCharge
-from services.quota.domain.validity import as_utc
 from shared.money import format_amount, round_half_up_to_minor
+from shared.validity import as_utc
 
 __all__ = [
     "CSV_COLUMNS",

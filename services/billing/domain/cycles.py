@@ -26,8 +26,8 @@ import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
-from services.quota.domain.validity import as_utc
 from shared.timeutil import MAX_TIME, MIN_TIME
+from shared.validity import as_utc
 
 __all__ = [
     "CYCLE_LENGTH",

@@ -11,7 +11,7 @@ revoked, say) is for the caller to check; this is only the rule of time.
 
 Renewing for ``periods`` periods of the offer's ``validity_months`` extends the expiry by
 ``periods × validity_months`` months by quota's validity rule
-(``services.quota.domain.validity.renewal_expire_time``): always counted from the **original
+(``shared.validity.renewal_expire_time``): always counted from the **original
 expiry**, even when renewing after it, so the new period does not start at the renewal. A
 package renewed after it expired has forfeited its old remainder (``forfeits_remainder``);
 quota does the forfeiting when it applies the renewal, billing only tells the customer.
@@ -33,10 +33,9 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
-from services.quota.domain.packages import ONE_SECOND
-from services.quota.domain.validity import ValidityOutOfRange, as_utc, renewal_expire_time
 from shared.errors import FailedPrecondition
 from shared.timeutil import MAX_TIME
+from shared.validity import ONE_SECOND, ValidityOutOfRange, as_utc, renewal_expire_time
 
 __all__ = [
     "ATTEMPT_TIME",

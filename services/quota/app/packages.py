@@ -16,11 +16,11 @@ from services.quota.domain.packages import (
     PackageSource,
     PackageState,
     QuotaTotals,
-    normalize_project_id,
 )
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
+from shared.projects import normalize_project_id
 from shared.validation import MAX_QUANTITY, check_account_id
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from services.quota.adapters import repository as repo
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, Standing, admit
-from services.quota.domain.packages import normalize_project_id
 from shared.db import UnitOfWork
 from shared.errors import NotFound
+from shared.projects import normalize_project_id
 from shared.validation import check_account_id, check_quantity
 
 ACTIVE, CANCELLED = 1, 2  # ApiSubscriptionState

@@ -18,9 +18,10 @@ from services.quota.adapters import repository as repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import UsageEvent, apply_usage
-from services.quota.domain.packages import Package, PackageState, normalize_project_id
+from services.quota.domain.packages import Package, PackageState
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
+from shared.projects import normalize_project_id
 from shared.timeutil import to_micros
 from shared.validation import check_account_id, check_length, check_quantity
 

@@ -17,10 +17,10 @@ from services.quota.domain.packages import (
     PackageSource,
     PackageState,
     QuotaTotals,
-    normalize_project_id,
     totals_in_force,
 )
-from services.quota.domain.validity import package_expire_time, renewal_expire_time
+from shared.projects import normalize_project_id
+from shared.validity import package_expire_time, renewal_expire_time
 
 __all__ = [
     "ALL_PROJECTS",

@@ -51,13 +51,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from services.quota.domain.packages import (
-    ALL_PROJECTS,
-    ONE_SECOND,
-    Package,
-    normalize_project_id,
-)
-from services.quota.domain.validity import as_utc
+from services.quota.domain.packages import ALL_PROJECTS, Package
+from shared.projects import normalize_project_id
+from shared.validity import ONE_SECOND, as_utc
 
 
 class DeductionPolicy(enum.StrEnum):

@@ -8,12 +8,12 @@ the package and an injected ``now``; nothing reads a clock or a database.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from services.quota.domain.validity import as_utc
+from shared.projects import normalize_project_id
+from shared.validity import ONE_SECOND, as_utc
 
 
 class PackageSource(enum.IntEnum):
@@ -34,25 +34,6 @@ class PackageState(enum.IntEnum):
 
 # enterprise_project_id of a package valid for every project of its account.
 ALL_PROJECTS = ""
-# The project a call belongs to when it names none (or names one malformed).
-DEFAULT_PROJECT = "0"
-# Validity runs to the second and the last second is included, so a package covers instants
-# strictly before expire_time + 1 s.
-ONE_SECOND = timedelta(seconds=1)
-
-_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def normalize_project_id(raw: str | None) -> str:
-    """Return the enterprise project id a call is counted under.
-
-    1–64 characters of ASCII letters, digits, ``-`` and ``_`` are kept exactly as given (Allot
-    keeps no registry of projects, so it cannot correct them); anything else, including an
-    absent or empty id, is the default project ``"0"``.
-    """
-    if isinstance(raw, str) and _PROJECT_ID.fullmatch(raw):
-        return raw
-    return DEFAULT_PROJECT
 
 
 def _require_quantity(value: int, name: str) -> None:

@@ -1,20 +1,24 @@
 """Validity periods of packages: where a package bought or renewed for N months ends.
 
 A package bought at any moment of a day runs until 23:59:59 of the same calendar day N months
-later in the billing time zone; a day that the target month lacks is clamped to its last day
-(DESIGN.md §2, "Validity of purchased packages").
+later in the billing time zone; a day that the target month lacks is clamped to its last day.
+Quota (grants, renewals) and billing (orders, renewals, auto-renewal) apply the same rule, so
+it lives here rather than in either service.
 """
 
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from shared.timeutil import MAX_TIME
 
 # The last covered second of a validity period; the package covers it in full.
 LAST_SECOND_OF_DAY = time(23, 59, 59)
+# Validity runs to the second and the last second is included, so a package covers instants
+# strictly before expire_time + 1 s.
+ONE_SECOND = timedelta(seconds=1)
 
 
 class ValidityOutOfRange(ValueError):
