@@ -26,7 +26,7 @@ from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, String, Table,
 from shared.auth import check_scope, current_principal
 from shared.db import Database, UnitOfWork
 from shared.errors import InvalidArgument
-from shared.timeutil import to_micros
+from shared.timeutil import to_epoch_us
 
 M = TypeVar("M", bound=Message)
 
@@ -122,7 +122,7 @@ class IdempotencyStore:
                 request_id=request_id,
                 fingerprint=digest,
                 response=response,
-                create_time_us=to_micros(now),
+                create_time_us=to_epoch_us(now),
             )
         )
 

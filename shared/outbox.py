@@ -61,7 +61,7 @@ from sqlalchemy import (
 from shared.db import Database, UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.ids import new_id
-from shared.timeutil import to_micros, to_timestamp
+from shared.timeutil import to_epoch_us, to_timestamp
 
 E = TypeVar("E", bound=Message)
 
@@ -172,7 +172,7 @@ class Outbox(Generic[E]):
                 "event_id": event_id,
                 "event_type": payload_field,
                 "envelope": envelope.SerializeToString(),
-                "create_time_us": to_micros(now),
+                "create_time_us": to_epoch_us(now),
                 "account_id": account_id,
                 "region": region,
             }

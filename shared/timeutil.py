@@ -25,21 +25,23 @@ MAX_DURATION = timedelta(days=36525)  # 100 years
 _RANGE_TEXT = "between 2000-01-01T00:00:00Z and 9000-01-01T00:00:00Z"
 
 
-def to_micros(value: datetime) -> int:
+def to_epoch_us(value: datetime) -> int:
+    """Microseconds since the Unix epoch: how instants are stored (columns named `*_us`).
+    Not to be confused with money's micro-units (`shared.money.to_micros`)."""
     if value.tzinfo is None:
         raise ValueError("naive datetime")
     delta = value - EPOCH
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def from_micros(value: int) -> datetime:
+def from_epoch_us(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
 def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
-    micros = to_micros(value)
+    micros = to_epoch_us(value)
     seconds, rest = divmod(micros, 1_000_000)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=rest * 1000)
 

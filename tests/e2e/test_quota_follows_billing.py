@@ -42,7 +42,7 @@ from services.quota.app import standings
 from services.quota.app.standings import Outcome
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from shared.timeutil import to_micros, to_timestamp
+from shared.timeutil import to_epoch_us, to_timestamp
 from tests.support import servers
 from tests.support.billing_processes import billing_env, billing_process
 from tests.support.notification_processes import quota_calls, until
@@ -350,7 +350,7 @@ async def test_standings_decide_admission(quota):
     assert await check() == (True, ALLOWED, True)
     stored = await stored_standings(quota)
     # Without a change_time the event's create_time is the change time.
-    assert stored == {ACCOUNT: (GOOD, to_micros(GRACE_START + timedelta(minutes=4)), 4, "evt-4")}
+    assert stored == {ACCOUNT: (GOOD, to_epoch_us(GRACE_START + timedelta(minutes=4)), 4, "evt-4")}
 
 
 async def test_older_changes_and_replays_change_nothing(quota):
@@ -359,7 +359,7 @@ async def test_older_changes_and_replays_change_nothing(quota):
     frozen = standing_event(7, FROZEN, previous=GRACE, change_time=FROZEN_AT)
     assert await feed(quota, frozen) == [Outcome.APPLIED]
     before = await stored_standings(quota)
-    assert before == {ACCOUNT: (FROZEN, to_micros(FROZEN_AT), 7, "evt-7")}
+    assert before == {ACCOUNT: (FROZEN, to_epoch_us(FROZEN_AT), 7, "evt-7")}
 
     outcomes = await feed(
         quota,

@@ -31,7 +31,7 @@ from services.billing.app import standing, usage
 from services.billing.app.usage import BACKLOG_LAG, MAX_WAIT, settlement_waits
 from services.billing.domain.bills import CSV_COLUMNS
 from services.quota.adapters import tables as quota_tables
-from shared.timeutil import to_micros
+from shared.timeutil import to_epoch_us
 from tests.support.billing_processes import (
     TIER_1_UP_TO,
     BillingHandle,
@@ -97,7 +97,7 @@ class Suite:
         if at > self.quota_now:
             await self.quota.set_time(at)
             self.quota_now = at
-        event_id = f"{account}-{region}-{api}-{project}-{to_micros(at)}-{quantity}"
+        event_id = f"{account}-{region}-{api}-{project}-{to_epoch_us(at)}-{quantity}"
         return await self.quota.report(
             event_id, account, quantity, api=api, region=region, project=project, occur=at
         )
@@ -138,7 +138,7 @@ class Suite:
     async def subscribe(self, account: str, region: str, api: str = PASSPORT) -> None:
         """What SubscribeApi does: quota enables the API and billing keeps its record."""
         await self.quota.enable(account, api, region, request_id=f"sub-{account}-{region}-{api}")
-        now = to_micros(self.quota_now)
+        now = to_epoch_us(self.quota_now)
         db = self.billing_handle.server.runtime.db
 
         async def work(uow):

@@ -22,7 +22,7 @@ from services.quota.domain.stats import (
     local_day_start,
 )
 from shared.errors import InvalidArgument
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -36,9 +36,9 @@ def at(text: str) -> datetime:
 
 def bucket_of(instant: datetime, runs: list[BucketRun]) -> datetime:
     """The bucket start `stats_queries.bucket_start` computes for `instant`."""
-    us = to_micros(instant)
+    us = to_epoch_us(instant)
     run = [r for r in runs if r.start_us <= us][-1]
-    return from_micros(run.start_us + (us - run.start_us) // run.width_us * run.width_us)
+    return from_epoch_us(run.start_us + (us - run.start_us) // run.width_us * run.width_us)
 
 
 # --- minutes and hours ---------------------------------------------------------------------
@@ -47,7 +47,7 @@ def bucket_of(instant: datetime, runs: list[BucketRun]) -> datetime:
 def test_minutes_are_aligned_to_utc():
     runs = bucket_runs(at("2024-01-01T00:00:30Z"), at("2024-01-01T00:05:00Z"), MINUTE, SHANGHAI)
 
-    assert runs == [BucketRun(to_micros(at("2024-01-01T00:00:00Z")), MINUTE_US)]
+    assert runs == [BucketRun(to_epoch_us(at("2024-01-01T00:00:00Z")), MINUTE_US)]
     assert bucket_of(at("2024-01-01T00:01:59.999999Z"), runs) == at("2024-01-01T00:01:00Z")
     assert bucket_of(at("2024-01-01T00:02:00Z"), runs) == at("2024-01-01T00:02:00Z")
 
@@ -58,14 +58,14 @@ def test_hours_are_aligned_to_utc_not_to_the_billing_time_zone():
         at("2024-01-01T10:20:00Z"), at("2024-01-01T12:00:00Z"), HOUR, ZoneInfo("Asia/Kathmandu")
     )
 
-    assert runs == [BucketRun(to_micros(at("2024-01-01T10:00:00Z")), HOUR_US)]
+    assert runs == [BucketRun(to_epoch_us(at("2024-01-01T10:00:00Z")), HOUR_US)]
     assert bucket_of(at("2024-01-01T11:14:00Z"), runs) == at("2024-01-01T11:00:00Z")
 
 
 def test_buckets_before_1970_floor_rather_than_truncate():
     runs = bucket_runs(at("1969-12-31T23:30:00Z"), at("1970-01-01T01:00:00Z"), HOUR, SHANGHAI)
 
-    assert from_micros(runs[0].start_us) == at("1969-12-31T23:00:00Z")
+    assert from_epoch_us(runs[0].start_us) == at("1969-12-31T23:00:00Z")
     assert bucket_of(at("1969-12-31T23:59:59Z"), runs) == at("1969-12-31T23:00:00Z")
 
 
@@ -75,7 +75,7 @@ def test_buckets_before_1970_floor_rather_than_truncate():
 def test_shanghai_days_start_at_1600_utc():
     runs = bucket_runs(at("2024-01-01T00:00:00Z"), at("2024-01-03T00:00:00Z"), DAY, SHANGHAI)
 
-    assert runs == [BucketRun(to_micros(at("2023-12-31T16:00:00Z")), 24 * HOUR_US)]
+    assert runs == [BucketRun(to_epoch_us(at("2023-12-31T16:00:00Z")), 24 * HOUR_US)]
     assert bucket_of(at("2024-01-01T15:59:59Z"), runs) == at("2023-12-31T16:00:00Z")
     assert bucket_of(at("2024-01-01T16:00:00Z"), runs) == at("2024-01-01T16:00:00Z")
 
@@ -84,7 +84,7 @@ def test_new_york_days_last_23_and_25_hours_across_dst():
     start, end = at("2024-03-09T05:00:00Z"), at("2024-11-05T05:00:00Z")
     runs = bucket_runs(start, end, DAY, NEW_YORK)
 
-    assert [(from_micros(r.start_us), r.width_us / HOUR_US) for r in runs] == [
+    assert [(from_epoch_us(r.start_us), r.width_us / HOUR_US) for r in runs] == [
         (at("2024-03-09T05:00:00Z"), 24),
         (at("2024-03-10T05:00:00Z"), 23),
         (at("2024-03-11T04:00:00Z"), 24),
@@ -121,7 +121,7 @@ def test_a_skipped_day_is_no_bucket():
     runs = bucket_runs(at("2011-12-29T10:00:00Z"), at("2011-12-31T10:00:00Z"), DAY, apia)
 
     # 2011-12-29 (UTC-10) and 2011-12-31 (UTC+14), 24 hours each, back to back.
-    assert runs == [BucketRun(to_micros(at("2011-12-29T10:00:00Z")), 24 * HOUR_US)]
+    assert runs == [BucketRun(to_epoch_us(at("2011-12-29T10:00:00Z")), 24 * HOUR_US)]
     assert bucket_of(at("2011-12-30T09:59:59Z"), runs) == at("2011-12-29T10:00:00Z")
     assert bucket_of(at("2011-12-30T10:00:00Z"), runs) == at("2011-12-30T10:00:00Z")
 
@@ -151,7 +151,7 @@ def test_every_instant_falls_in_the_bucket_of_its_local_day(zone, start, span, w
     runs = bucket_runs(start, start + span, DAY, tz)
     instant = start + span * where
 
-    assert from_micros(runs[0].start_us) <= start
+    assert from_epoch_us(runs[0].start_us) <= start
     assert bucket_of(instant, runs) == local_day_start(instant.astimezone(tz).date(), tz)
 
 

@@ -22,8 +22,7 @@ from shared.db import UnitOfWork
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.money import MAX_AMOUNT_MICROS, MICROS_PER_UNIT
-from shared.timeutil import from_micros as time_from_micros
-from shared.timeutil import to_micros as time_to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validation import check_account_id
 
 DEFAULT_PERIOD = timedelta(days=15)
@@ -71,7 +70,7 @@ def account_not_found(account_id: str) -> NotFound:
 
 
 def _optional_time(value: int | None) -> datetime | None:
-    return time_from_micros(value) if value is not None else None
+    return from_epoch_us(value) if value is not None else None
 
 
 def _to_account(row, paying_row=None) -> Account:
@@ -90,8 +89,8 @@ def _to_account(row, paying_row=None) -> Account:
         grace_period=timedelta(seconds=row.grace_period_s),
         retention_period=timedelta(seconds=row.retention_period_s),
         balance_alert_micros=row.balance_alert_micros,
-        create_time=time_from_micros(row.create_time_us),
-        update_time=time_from_micros(row.update_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
     )
 
 
@@ -161,7 +160,7 @@ async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInpu
             f"account {spec.account_id!r} exists",
             account_id=spec.account_id,
         )
-    now_us = time_to_micros(ctx.now())
+    now_us = to_epoch_us(ctx.now())
     await uow.session.execute(
         insert(t.accounts).values(
             account_id=spec.account_id,
@@ -245,11 +244,11 @@ async def top_up(
             f"the balance may hold at most {MAX_AMOUNT_MICROS // MICROS_PER_UNIT} units",
             account_id=account_id,
         )
-    values = {"balance_micros": balance, "update_time_us": time_to_micros(now)}
+    values = {"balance_micros": balance, "update_time_us": to_epoch_us(now)}
     if balance >= 0 and row.standing != Standing.GOOD:
         values.update(
             standing=int(Standing.GOOD),
-            standing_change_time_us=time_to_micros(now),
+            standing_change_time_us=to_epoch_us(now),
             grace_end_time_us=None,
             retention_end_time_us=None,
         )
@@ -264,7 +263,7 @@ async def top_up(
             kind=int(BillLineKind.TOP_UP),
             amount_micros=amount_micros,
             description="top-up",
-            occur_time_us=time_to_micros(now),
+            occur_time_us=to_epoch_us(now),
         )
     )
     await balance_moved(ctx, uow, account_id, row.balance_micros, balance, now)
@@ -338,7 +337,7 @@ async def set_balance_alert(
         .values(
             balance_alert_micros=threshold_micros,
             balance_alert_fired=False,
-            update_time_us=time_to_micros(ctx.now()),
+            update_time_us=to_epoch_us(ctx.now()),
         )
     )
     return await load_account(uow, account_id)

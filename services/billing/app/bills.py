@@ -45,9 +45,7 @@ from services.billing.domain.pricing import TierCharge
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
 from shared.money import to_micros
-from shared.timeutil import from_micros as time_from_micros
-from shared.timeutil import to_micros as time_to_micros
-from shared.timeutil import to_timestamp
+from shared.timeutil import from_epoch_us, to_epoch_us, to_timestamp
 
 
 def check_month(month: str, tz: tzinfo) -> str:
@@ -82,7 +80,7 @@ def to_line(row) -> BillLine:
         "account_id": row.account_id,
         "payer_account_id": payer,
         "amount_micros": abs(row.amount_micros),
-        "occur_time": time_from_micros(row.occur_time_us),
+        "occur_time": from_epoch_us(row.occur_time_us),
         "region": row.region,
         "api": row.api,
         "enterprise_project_id": row.enterprise_project_id,
@@ -95,8 +93,8 @@ def to_line(row) -> BillLine:
     tiers = _tiers(row.tiers)
     return BillLine(
         **common,
-        cycle_start=time_from_micros(row.cycle_start_us),
-        cycle_end=time_from_micros(row.cycle_end_us),
+        cycle_start=from_epoch_us(row.cycle_start_us),
+        cycle_end=from_epoch_us(row.cycle_end_us),
         tiers=tiers,
         free_quantity=row.quantity - sum(charge.quantity for charge in tiers),
     )
@@ -123,7 +121,7 @@ async def _read(
 ) -> tuple[Bill, accounts.Account]:
     account = await accounts.load_account(uow, account_id)
     start, end = month_bounds(month, ctx.tz)
-    start_us, end_us = time_to_micros(start), time_to_micros(end)
+    start_us, end_us = to_epoch_us(start), to_epoch_us(end)
     lg = t.ledger.c
     rows = (
         await uow.session.execute(

@@ -30,8 +30,7 @@ from shared.errors import AllotError, FailedPrecondition, InvalidArgument, NotFo
 from shared.ids import new_id
 from shared.money import format_amount, to_micros
 from shared.projects import normalize_project_id
-from shared.timeutil import from_micros
-from shared.timeutil import to_micros as time_to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validity import ONE_SECOND, ValidityOutOfRange, package_expire_time
 
 log = logging.getLogger("allot.billing.orders")
@@ -115,12 +114,12 @@ def _to_order(row, currency: str) -> Order:
         amount_micros=row.amount_micros,
         currency_code=currency,
         package_id=row.package_id,
-        effective_time=from_micros(row.effective_time_us),
-        expire_time=from_micros(row.expire_time_us),
+        effective_time=from_epoch_us(row.effective_time_us),
+        expire_time=from_epoch_us(row.expire_time_us),
         auto_renew=row.auto_renew,
         failure_reason=row.failure_reason,
-        create_time=from_micros(row.create_time_us),
-        update_time=from_micros(row.update_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
     )
 
 
@@ -154,7 +153,7 @@ async def _charge(
     order's region, API, project and calls), and follow the balance alert."""
     a = t.accounts.c
     now = ctx.now()
-    now_us = time_to_micros(now)
+    now_us = to_epoch_us(now)
     payer_id = order.paying_account_id
     before = (
         await uow.session.execute(
@@ -221,7 +220,7 @@ _LINE_KINDS = {
 async def place(ctx: BillingContext, uow: UnitOfWork, new: NewOrder, description: str) -> Order:
     """Record a PENDING order and take its amount from the paying balance (one transaction)."""
     order_id = new_id("ord")
-    now_us = time_to_micros(ctx.now())
+    now_us = to_epoch_us(ctx.now())
     await uow.session.execute(
         insert(t.orders).values(
             order_id=order_id,
@@ -237,8 +236,8 @@ async def place(ctx: BillingContext, uow: UnitOfWork, new: NewOrder, description
             periods=new.periods,
             amount_micros=new.amount_micros,
             package_id=new.package_id,
-            effective_time_us=time_to_micros(new.effective_time),
-            expire_time_us=time_to_micros(new.expire_time),
+            effective_time_us=to_epoch_us(new.effective_time),
+            expire_time_us=to_epoch_us(new.expire_time),
             auto_renew=new.auto_renew,
             create_time_us=now_us,
             update_time_us=now_us,
@@ -357,7 +356,7 @@ async def _earlier_renewals(ctx: BillingContext, order: Order) -> list[str]:
         .where(
             o.package_id == order.package_id,
             o.state == int(OrderState.PENDING),
-            o.expire_time_us < time_to_micros(order.expire_time),
+            o.expire_time_us < to_epoch_us(order.expire_time),
         )
         .order_by(o.expire_time_us)
     )
@@ -372,7 +371,7 @@ async def _set_state(
         .where(t.orders.c.order_id == order.order_id)
         .values(
             state=int(state),
-            update_time_us=time_to_micros(ctx.now()),
+            update_time_us=to_epoch_us(ctx.now()),
             **values,
         )
     )

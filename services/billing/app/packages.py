@@ -23,7 +23,7 @@ from services.billing.app.context import BillingContext
 from services.billing.domain.renewal import DEFAULT_LEAD_DAYS, scheduled_attempt
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, NotFound
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,11 @@ def not_renewable(package_id: str, why: str) -> FailedPrecondition:
 
 
 def _optional(value: int | None) -> datetime | None:
-    return None if value is None else from_micros(value)
+    return None if value is None else from_epoch_us(value)
 
 
 def _us(value: datetime | None) -> int | None:
-    return None if value is None else to_micros(value)
+    return None if value is None else to_epoch_us(value)
 
 
 def _to_sold(row) -> SoldPackage:
@@ -77,7 +77,7 @@ def _to_sold(row) -> SoldPackage:
         offer_id=row.offer_id,
         region=row.region,
         order_id=row.order_id,
-        expire_time=from_micros(row.expire_time_us),
+        expire_time=from_epoch_us(row.expire_time_us),
         auto_renew=row.enabled,
         lead_days=row.lead_days,
         next_attempt_time=_optional(row.next_attempt_us),
@@ -109,13 +109,13 @@ async def record_purchase(ctx: BillingContext, uow: UnitOfWork, order) -> SoldPa
             order_id=order.order_id,
             enabled=order.auto_renew,
             lead_days=DEFAULT_LEAD_DAYS,
-            expire_time_us=to_micros(order.expire_time),
+            expire_time_us=to_epoch_us(order.expire_time),
             next_attempt_us=_us(
                 scheduled_attempt(order.expire_time, DEFAULT_LEAD_DAYS, now, ctx.tz)
                 if order.auto_renew
                 else None
             ),
-            update_time_us=to_micros(now),
+            update_time_us=to_epoch_us(now),
         )
     )
     return await load(uow, order.package_id)
@@ -125,7 +125,7 @@ async def save(ctx: BillingContext, uow: UnitOfWork, package_id: str, **values) 
     """Change a record: ``expire_time``, ``auto_renew``, ``lead_days``, ``next_attempt_time``,
     ``last_attempt_time``, ``last_failure_reason``."""
     columns = {
-        "expire_time": ("expire_time_us", to_micros),
+        "expire_time": ("expire_time_us", to_epoch_us),
         "auto_renew": ("enabled", bool),
         "lead_days": ("lead_days", int),
         "next_attempt_time": ("next_attempt_us", _us),
@@ -136,7 +136,7 @@ async def save(ctx: BillingContext, uow: UnitOfWork, package_id: str, **values) 
     await uow.session.execute(
         update(t.auto_renewals)
         .where(t.auto_renewals.c.package_id == package_id)
-        .values(update_time_us=to_micros(ctx.now()), **row)
+        .values(update_time_us=to_epoch_us(ctx.now()), **row)
     )
     return await load(uow, package_id)
 

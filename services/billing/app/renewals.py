@@ -44,7 +44,7 @@ from shared.auth import check_scope, current_principal
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument
 from shared.money import to_micros
-from shared.timeutil import to_micros as time_to_micros
+from shared.timeutil import to_epoch_us
 from shared.validity import ONE_SECOND
 
 log = logging.getLogger("allot.billing.renewals")
@@ -234,7 +234,7 @@ async def renew_due(ctx: BillingContext, now: datetime) -> int:
     r = t.auto_renewals.c
     query = (
         select(r.package_id)
-        .where(r.enabled.is_(True), r.next_attempt_us <= time_to_micros(now))
+        .where(r.enabled.is_(True), r.next_attempt_us <= to_epoch_us(now))
         .order_by(r.next_attempt_us, r.package_id)
         .limit(DUE_BATCH)
     )

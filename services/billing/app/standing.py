@@ -44,8 +44,7 @@ from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import ArrearsState, Standing, advance
 from shared.db import UnitOfWork
 from shared.errors import Kind
-from shared.timeutil import from_micros as time_from_micros
-from shared.timeutil import to_micros as time_to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 log = logging.getLogger("allot.billing.standing")
 
@@ -73,7 +72,7 @@ class SubscriptionState(enum.IntEnum):
 
 
 def _optional_time(value: int | None) -> datetime | None:
-    return time_from_micros(value) if value is not None else None
+    return from_epoch_us(value) if value is not None else None
 
 
 def arrears_state(row) -> ArrearsState:
@@ -92,7 +91,7 @@ def periods(row) -> tuple[timedelta, timedelta]:
 
 
 def _us(value: datetime | None) -> int | None:
-    return time_to_micros(value) if value is not None else None
+    return to_epoch_us(value) if value is not None else None
 
 
 async def save_standing(
@@ -107,7 +106,7 @@ async def save_standing(
             standing_change_time_us=_us(state.since),
             grace_end_time_us=_us(state.grace_end),
             retention_end_time_us=_us(state.retention_end),
-            update_time_us=time_to_micros(now),
+            update_time_us=to_epoch_us(now),
         )
     )
 
@@ -137,7 +136,7 @@ async def _mark_subscriptions(uow: UnitOfWork, payer_id: str, released: datetime
             or_(s.account_id == payer_id, s.account_id.in_(members)),
             s.state == int(SubscriptionState.ACTIVE),
         )
-        .values(state=int(SubscriptionState.RELEASING), update_time_us=time_to_micros(released))
+        .values(state=int(SubscriptionState.RELEASING), update_time_us=to_epoch_us(released))
     )
     return result.rowcount or 0
 
@@ -184,7 +183,7 @@ async def advance_standings(
 ) -> int:
     """Apply every change of standing that has come due by ``now``, then tell quota about
     released subscriptions. Returns the number of changes and confirmed cancellations."""
-    now_us = time_to_micros(now)
+    now_us = to_epoch_us(now)
     done = 0
     after = ""
     while done < MAX_PER_RUN:
@@ -292,7 +291,7 @@ async def _confirm(uow: UnitOfWork, row, now: datetime) -> int:
             s.state == int(SubscriptionState.RELEASING),
             s.update_time_us == row.update_time_us,
         )
-        .values(state=int(SubscriptionState.CANCELLED), update_time_us=time_to_micros(now))
+        .values(state=int(SubscriptionState.CANCELLED), update_time_us=to_epoch_us(now))
     )
     return result.rowcount or 0
 

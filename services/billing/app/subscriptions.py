@@ -30,7 +30,7 @@ from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 ACTIVE, CANCELLED = 1, 2
 
@@ -114,7 +114,7 @@ async def record(
 ) -> Subscription:
     s = t.api_subscriptions.c
     key = (s.account_id == account_id, s.region == region, s.api == api)
-    now_us = to_micros(ctx.now())
+    now_us = to_epoch_us(ctx.now())
     row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).first()
     if row is None:
         await uow.session.execute(
@@ -137,6 +137,6 @@ async def record(
         region=row.region,
         api=row.api,
         state=row.state,
-        create_time=from_micros(row.create_time_us),
-        update_time=from_micros(row.update_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
     )

@@ -78,9 +78,7 @@ from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.money import MoneyError
 from shared.projects import DEFAULT_PROJECT
-from shared.timeutil import from_micros as time_from_micros
-from shared.timeutil import from_timestamp
-from shared.timeutil import to_micros as time_to_micros
+from shared.timeutil import from_epoch_us, from_timestamp, to_epoch_us
 
 log = logging.getLogger("allot.billing.usage")
 
@@ -131,7 +129,7 @@ async def take_pay_per_use(
         usage.region,
         usage.api,
         usage.enterprise_project_id,
-        time_to_micros(start),
+        to_epoch_us(start),
     )
     c = t.usage_cycles.c
     row = (
@@ -151,7 +149,7 @@ async def take_pay_per_use(
                 api=key.api,
                 enterprise_project_id=key.enterprise_project_id,
                 cycle_start_us=key.cycle_start_us,
-                cycle_end_us=time_to_micros(end),
+                cycle_end_us=to_epoch_us(end),
                 quantity=usage.quantity,
                 settled=False,
             )
@@ -216,7 +214,7 @@ def _due_cycles(now_us: int, after: tuple | None):
 async def settle_due(ctx: BillingContext, now: datetime) -> int:
     """Settle every unsettled cycle that has ended by ``now``, in cycle order; returns how many
     lines were booked (at most MAX_PER_RUN per call)."""
-    now_us = time_to_micros(now)
+    now_us = to_epoch_us(now)
     done = 0
     after: tuple | None = None
     while done < MAX_PER_RUN:
@@ -242,7 +240,7 @@ async def settle_cycle(ctx: BillingContext, uow: UnitOfWork, key: CycleKey, now:
     cycle = (
         await uow.session.execute(select(t.usage_cycles).where(*_is(key)).with_for_update())
     ).first()
-    now_us = time_to_micros(now)
+    now_us = to_epoch_us(now)
     if cycle is None or cycle.settled or cycle.cycle_end_us > now_us:
         return 0
     billed = await _billed(uow, key) if cycle.entry_id else 0
@@ -264,7 +262,7 @@ async def settle_cycle(ctx: BillingContext, uow: UnitOfWork, key: CycleKey, now:
     api = ctx.catalog.apis.get(key.api)
     if api is None:
         raise Unpriceable(f"API {key.api!r} is not in the catalog")
-    start = time_from_micros(key.cycle_start_us)
+    start = from_epoch_us(key.cycle_start_us)
     used_before = await _rated_in_month(ctx, uow, key, start)
     try:
         priced = price_usage(
@@ -326,7 +324,7 @@ async def _rated_in_month(
     """The account's pay-per-use calls of the region and API already rated in the month of
     the cycle (billing time zone), every enterprise project, free calls included."""
     month_start, month_end = month_bounds(month_key(start, ctx.tz), ctx.tz)
-    low, high = time_to_micros(month_start), time_to_micros(month_end)
+    low, high = to_epoch_us(month_start), to_epoch_us(month_end)
     lg = t.ledger.c
     total = await uow.session.execute(
         select(func.coalesce(func.sum(lg.quantity), 0)).where(
@@ -366,7 +364,7 @@ async def book(ctx: BillingContext, uow: UnitOfWork, line: BillLine, payer_id: s
         .where(a.account_id == payer_id)
         .values(
             balance_micros=a.balance_micros + line.balance_effect,
-            update_time_us=time_to_micros(ctx.now()),
+            update_time_us=to_epoch_us(ctx.now()),
         )
     )
     entry_id = new_id("led")
@@ -381,12 +379,12 @@ async def book(ctx: BillingContext, uow: UnitOfWork, line: BillLine, payer_id: s
             region=line.region,
             api=line.api,
             enterprise_project_id=line.enterprise_project_id,
-            cycle_start_us=time_to_micros(line.cycle_start),
-            cycle_end_us=time_to_micros(line.cycle_end),
+            cycle_start_us=to_epoch_us(line.cycle_start),
+            cycle_end_us=to_epoch_us(line.cycle_end),
             quantity=line.quantity,
             tiers=tiers_json(line),
             description=line.description,
-            occur_time_us=time_to_micros(line.occur_time),
+            occur_time_us=to_epoch_us(line.occur_time),
         )
     )
     return entry_id

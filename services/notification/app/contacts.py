@@ -16,7 +16,7 @@ from services.notification.domain.messages import Channel, MessageType
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound
 from shared.ids import new_id
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validation import check_account_id
 
 SUBSCRIBABLE = frozenset(MessageType) - {MessageType.TEST}
@@ -50,8 +50,8 @@ def to_contact(row) -> Contact:
         address=row.address,
         message_types=tuple(MessageType(int(m)) for m in row.message_types.split(",") if m),
         webhook_secret=row.webhook_secret,
-        create_time=from_micros(row.create_time_us),
-        update_time=from_micros(row.update_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
     )
 
 
@@ -92,8 +92,8 @@ def _values(contact: Contact) -> dict:
         "address": contact.address,
         "message_types": ",".join(str(int(m)) for m in contact.message_types),
         "webhook_secret": contact.webhook_secret,
-        "create_time_us": to_micros(contact.create_time),
-        "update_time_us": to_micros(contact.update_time),
+        "create_time_us": to_epoch_us(contact.create_time),
+        "update_time_us": to_epoch_us(contact.update_time),
     }
 
 

@@ -38,7 +38,7 @@ from services.notification.domain.messages import Channel, Message, MessageType,
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.ids import new_id
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validation import check_enum
 
 log = logging.getLogger("allot.notification")
@@ -106,7 +106,7 @@ async def take(
             subject=message.subject,
             body=message.body,
             data=json.dumps(message.data, sort_keys=True),
-            create_time_us=to_micros(now),
+            create_time_us=to_epoch_us(now),
             region=message.region,
         )
     )
@@ -128,7 +128,7 @@ async def take(
                     "state": PENDING,
                     "attempts": 0,
                     "last_error": "",
-                    "due_time_us": to_micros(now),
+                    "due_time_us": to_epoch_us(now),
                     "deliver_time_us": None,
                 }
                 for c in contacts
@@ -162,14 +162,14 @@ async def send_test(ctx: NotificationContext, uow: UnitOfWork, contact: Contact)
             .where(
                 n.account_id == contact.account_id,
                 n.message_type == int(MessageType.TEST),
-                n.create_time_us > to_micros(now - TEST_WINDOW),
+                n.create_time_us > to_epoch_us(now - TEST_WINDOW),
                 d.contact_id == contact.contact_id,
             )
             .order_by(n.create_time_us)
         )
     ).all()
     if len(sent) >= TEST_LIMIT:
-        retry_time = from_micros(sent[-TEST_LIMIT].create_time_us) + TEST_WINDOW
+        retry_time = from_epoch_us(sent[-TEST_LIMIT].create_time_us) + TEST_WINDOW
         raise ResourceExhausted(
             "TEST_NOTIFICATION_RATE_LIMITED",
             f"at most {TEST_LIMIT} test notifications per contact per hour; "
@@ -217,7 +217,7 @@ async def _claim(uow: UnitOfWork, now: datetime, claim: timedelta) -> list[tuple
     rows = (
         await uow.session.execute(
             select(d.notification_id, d.contact_id)
-            .where(d.state == PENDING, d.due_time_us <= to_micros(now), _unclaimed(wall))
+            .where(d.state == PENDING, d.due_time_us <= to_epoch_us(now), _unclaimed(wall))
             .order_by(d.due_time_us)
             .limit(ROUND)
             .with_for_update(skip_locked=True)
@@ -259,7 +259,7 @@ async def _claim_probes(uow: UnitOfWork, now: datetime, claim: timedelta) -> lis
     tried before, its retry not yet due, not being sent."""
     d = t.deliveries.c
     wall = _wall_us()
-    held = (d.state == PENDING, d.attempts > 0, d.due_time_us > to_micros(now), _unclaimed(wall))
+    held = (d.state == PENDING, d.attempts > 0, d.due_time_us > to_epoch_us(now), _unclaimed(wall))
     webhooks = (
         await uow.session.execute(
             select(d.contact_id)
@@ -349,7 +349,7 @@ async def _record(
             "state": SENT,
             "attempts": attempts,
             "last_error": "",
-            "deliver_time_us": to_micros(now),
+            "deliver_time_us": to_epoch_us(now),
             "claim_until_us": None,
         }
         await _wake_behind(uow, key, now)
@@ -367,7 +367,7 @@ async def _record(
         if retry_at is None:
             values["state"] = FAILED
         else:
-            values["due_time_us"] = to_micros(retry_at)
+            values["due_time_us"] = to_epoch_us(retry_at)
         log.info("delivery %s to %s failed (attempt %d): %s", key[0], key[1], attempts, error)
     await uow.session.execute(update(t.deliveries).where(*where).values(**values))
 
@@ -385,14 +385,14 @@ async def _wake_behind(uow: UnitOfWork, key: tuple[str, str], now: datetime) -> 
     behind = [
         d.state == PENDING,
         d.attempts > 0,
-        d.due_time_us > to_micros(now),
+        d.due_time_us > to_epoch_us(now),
         d.channel == channel,
         _unclaimed(_wall_us()),
     ]
     if channel == int(Channel.WEBHOOK):
         behind.append(d.contact_id == key[1])
     await uow.session.execute(
-        update(t.deliveries).where(*behind).values(due_time_us=to_micros(now))
+        update(t.deliveries).where(*behind).values(due_time_us=to_epoch_us(now))
     )
 
 
@@ -412,7 +412,7 @@ async def retry_delivery(
     result = await uow.session.execute(
         update(t.deliveries)
         .where(d.notification_id == notification_id, d.contact_id == contact_id)
-        .values(state=PENDING, attempts=0, due_time_us=to_micros(ctx.now()))
+        .values(state=PENDING, attempts=0, due_time_us=to_epoch_us(ctx.now()))
     )
     if result.rowcount == 0:
         raise NotFound(
@@ -458,8 +458,8 @@ async def load_views(uow: UnitOfWork, ids: list[str]) -> list[NotificationView]:
                 state=r.state,
                 attempts=r.attempts,
                 last_error=r.last_error,
-                due_time=from_micros(r.due_time_us),
-                deliver_time=from_micros(r.deliver_time_us) if r.deliver_time_us else None,
+                due_time=from_epoch_us(r.due_time_us),
+                deliver_time=from_epoch_us(r.deliver_time_us) if r.deliver_time_us else None,
             )
         )
     order = {nid: i for i, nid in enumerate(ids)}
@@ -472,7 +472,7 @@ async def load_views(uow: UnitOfWork, ids: list[str]) -> list[NotificationView]:
             subject=r.subject,
             body=r.body,
             data=json.loads(r.data),
-            create_time=from_micros(r.create_time_us),
+            create_time=from_epoch_us(r.create_time_us),
             deliveries=tuple(by_notification.get(r.notification_id, ())),
         )
         for r in rows

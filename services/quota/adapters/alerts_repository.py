@@ -11,7 +11,7 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from services.quota.adapters import tables as t
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold
 from shared.db import UnitOfWork
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 
 def to_rule(row) -> AlertRule:
@@ -23,8 +23,8 @@ def to_rule(row) -> AlertRule:
         api=row.api,
         threshold=Threshold(quantity=row.threshold_quantity, percent=percent),
         enabled=row.enabled,
-        create_time=from_micros(row.create_time_us),
-        update_time=from_micros(row.update_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
     )
 
 
@@ -38,8 +38,8 @@ def _values(rule: AlertRule) -> dict:
         "threshold_quantity": rule.threshold.quantity,
         "threshold_percent": str(percent) if percent is not None else None,
         "enabled": rule.enabled,
-        "create_time_us": to_micros(rule.create_time),
-        "update_time_us": to_micros(rule.update_time),
+        "create_time_us": to_epoch_us(rule.create_time),
+        "update_time_us": to_epoch_us(rule.update_time),
     }
 
 
@@ -126,7 +126,7 @@ async def save_states(
 ) -> None:
     """Write the states that changed: UPDATE the known ones, INSERT the new ones."""
     s = t.usage_alert_states.c
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     for (alert_id, api), state in after.items():
         if before.get((alert_id, api)) == state:
             continue

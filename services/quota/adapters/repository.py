@@ -19,7 +19,7 @@ from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
 from services.quota.domain.packages import Package, PackageSource, PackageState
 from shared.db import UnitOfWork
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 ONE_SECOND_US = 1_000_000
 # How long an expired package is still listed among an event's candidates.
@@ -37,10 +37,10 @@ def to_package(row) -> Package:
         source=PackageSource(row.source),
         total_quantity=row.total_quantity,
         used_quantity=row.used_quantity,
-        effective_time=from_micros(row.effective_time_us),
-        expire_time=from_micros(row.expire_time_us),
-        create_time=from_micros(row.create_time_us),
-        revoke_time=from_micros(row.revoke_time_us) if row.revoke_time_us is not None else None,
+        effective_time=from_epoch_us(row.effective_time_us),
+        expire_time=from_epoch_us(row.expire_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        revoke_time=from_epoch_us(row.revoke_time_us) if row.revoke_time_us is not None else None,
         order_id=row.order_id,
     )
 
@@ -75,10 +75,10 @@ def _package_values(package: Package) -> dict:
         "source": int(package.source),
         "total_quantity": package.total_quantity,
         "used_quantity": package.used_quantity,
-        "effective_time_us": to_micros(package.effective_time),
-        "expire_time_us": to_micros(package.expire_time),
-        "create_time_us": to_micros(package.create_time),
-        "revoke_time_us": to_micros(package.revoke_time) if package.revoke_time else None,
+        "effective_time_us": to_epoch_us(package.effective_time),
+        "expire_time_us": to_epoch_us(package.expire_time),
+        "create_time_us": to_epoch_us(package.create_time),
+        "revoke_time_us": to_epoch_us(package.revoke_time) if package.revoke_time else None,
         "order_id": package.order_id,
     }
 
@@ -154,7 +154,7 @@ async def list_packages(
     limit: int,
 ) -> list[PackageRecord]:
     p = t.packages.c
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     query = select(t.packages).order_by(p.package_id).limit(limit)
     if account_id:
         query = query.where(p.account_id == account_id)
@@ -185,7 +185,7 @@ async def lock_candidates(
         select(t.packages)
         .where(
             or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
-            p.expire_time_us + ONE_SECOND_US > to_micros(since - CANDIDATE_HISTORY),
+            p.expire_time_us + ONE_SECOND_US > to_epoch_us(since - CANDIDATE_HISTORY),
         )
         .order_by(p.package_id)
         .with_for_update()
@@ -241,7 +241,7 @@ def _to_stored(row) -> StoredUsage:
         region=row.region,
         api=row.api,
         enterprise_project_id=row.enterprise_project_id,
-        occur_time=from_micros(row.occur_time_us),
+        occur_time=from_epoch_us(row.occur_time_us),
         billable=row.billable,
         deductions=tuple((d[0], d[1]) for d in json.loads(row.deductions)),
         pay_per_use_quantity=row.pay_per_use_quantity,
@@ -301,7 +301,7 @@ async def put_subscription(
     uow: UnitOfWork, account_id: str, region: str, api: str, state: int, now: datetime
 ):
     existing = await get_subscription(uow, account_id, region, api)
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     s = t.api_subscriptions.c
     if existing is None:
         await uow.session.execute(
@@ -357,7 +357,7 @@ async def summarize(
 ):
     """(region, api, total, used, active_count) of packages in force, per region and API."""
     p = t.packages.c
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     query = (
         select(
             p.region,
@@ -389,7 +389,7 @@ async def remaining_for_project(
         p.region == region,
         p.api == api,
         p.enterprise_project_id.in_(["", project]),
-        in_force_condition(to_micros(now)),
+        in_force_condition(to_epoch_us(now)),
     )
     return int((await uow.session.execute(query)).scalar_one())
 
@@ -401,7 +401,7 @@ async def totals_by_api(
     p = t.packages.c
     query = (
         select(p.api, func.sum(p.total_quantity), func.sum(p.used_quantity))
-        .where(p.account_id == account_id, p.region == region, in_force_condition(to_micros(now)))
+        .where(p.account_id == account_id, p.region == region, in_force_condition(to_epoch_us(now)))
         .group_by(p.api)
     )
     if apis is not None:
@@ -414,7 +414,7 @@ async def due_announcements(uow: UnitOfWork, now: datetime, limit: int) -> list[
     """Packages whose state moved on with the clock since it was announced (activation,
     expiry), locked, oldest due first."""
     p = t.packages.c
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     query = (
         select(t.packages)
         .where(
@@ -448,7 +448,7 @@ async def due_expiring(
 ) -> list[PackageRecord]:
     """Packages in force with quantity left that expire within `notice` and were not warned."""
     p = t.packages.c
-    now_us = to_micros(now)
+    now_us = to_epoch_us(now)
     query = (
         select(t.packages)
         .where(

@@ -14,7 +14,7 @@ from services.quota.app.packages import GrantInput
 from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
-from shared.timeutil import from_micros, from_timestamp, to_timestamp
+from shared.timeutil import from_epoch_us, from_timestamp, to_timestamp
 
 
 def _optional_time(message, name: str, field: str) -> datetime | None:
@@ -72,8 +72,8 @@ def to_proto_subscription(row) -> quota_pb2.ApiSubscription:
         region=row.region,
         api=row.api,
         state=row.state,
-        create_time=to_timestamp(from_micros(row.create_time_us)),
-        update_time=to_timestamp(from_micros(row.update_time_us)),
+        create_time=to_timestamp(from_epoch_us(row.create_time_us)),
+        update_time=to_timestamp(from_epoch_us(row.update_time_us)),
     )
 
 

@@ -31,7 +31,7 @@ from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Standing
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
-from shared.timeutil import from_timestamp, to_micros
+from shared.timeutil import from_timestamp, to_epoch_us
 from shared.validation import check_account_id
 
 log = logging.getLogger("allot.quota.standings")
@@ -52,7 +52,7 @@ def _change_time_us(event: billing_pb2.BillingEvent) -> int:
     for owner, field in ((payload, "change_time"), (event, "create_time")):
         if owner.HasField(field):
             try:
-                return to_micros(from_timestamp(getattr(owner, field), field))
+                return to_epoch_us(from_timestamp(getattr(owner, field), field))
             except InvalidArgument:
                 continue
     return 0
@@ -89,7 +89,7 @@ async def apply(ctx: QuotaContext, uow: UnitOfWork, event: billing_pb2.BillingEv
         return Outcome.STALE
     values = {
         "standing": int(standing),
-        "update_time_us": to_micros(ctx.now()),
+        "update_time_us": to_epoch_us(ctx.now()),
         "change_time_us": _change_time_us(event),
         "billing_sequence": event.sequence,
         "billing_event_id": event.event_id,

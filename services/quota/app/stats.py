@@ -16,7 +16,7 @@ from services.quota.app.context import QuotaContext
 from services.quota.domain.stats import Granularity, bucket_runs
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validation import check_account_id
 
 
@@ -75,10 +75,10 @@ async def usage_stats(
             account_id=account_id,
             region=region,
             api=api,
-            start_us=to_micros(start_time),
-            end_us=to_micros(end_time),
+            start_us=to_epoch_us(start_time),
+            end_us=to_epoch_us(end_time),
             runs=runs,
         )
-        return [StatsBucket(from_micros(start), *totals) for start, *totals in rows]
+        return [StatsBucket(from_epoch_us(start), *totals) for start, *totals in rows]
 
     return await ctx.db.read(work)

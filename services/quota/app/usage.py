@@ -22,7 +22,7 @@ from services.quota.domain.packages import Package, PackageState
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
 from shared.projects import normalize_project_id
-from shared.timeutil import to_micros
+from shared.timeutil import to_epoch_us
 from shared.validation import check_account_id, check_length, check_quantity
 
 MAX_BATCH = 1000
@@ -51,7 +51,7 @@ class UsageInput:
     def fingerprint(self) -> str:
         """Digest of the event as reported; an unset occur_time stays unset, so a retry of the
         same report is recognised however late it arrives."""
-        occur = "" if self.occur_time is None else str(to_micros(self.occur_time))
+        occur = "" if self.occur_time is None else str(to_epoch_us(self.occur_time))
         parts = (
             self.account_id,
             self.user_id,
@@ -221,7 +221,7 @@ async def _record(
 
     results: dict[str, UsageResult] = {}
     rows = []
-    record_us = to_micros(now)
+    record_us = to_epoch_us(now)
     for v, outcome in zip(fresh, outcomes, strict=True):
         e = v.event
         scope = (e.account_id, e.region, e.api)
@@ -252,7 +252,7 @@ async def _record(
                 "quantity": e.quantity,
                 "http_status": e.http_status,
                 "billable": outcome.billable,
-                "occur_time_us": to_micros(e.occur_time),
+                "occur_time_us": to_epoch_us(e.occur_time),
                 "record_time_us": record_us,
                 "package_quantity": outcome.package_quantity,
                 "pay_per_use_quantity": outcome.pay_per_use_quantity,

@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from shared.errors import InvalidArgument
-from shared.timeutil import from_micros, to_micros
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 # A request covers at most this many buckets, with usage or not: about 6.9 days of minutes,
 # 416 days of hours or 27 years of days. It bounds the work and the size of the answer.
@@ -48,8 +48,8 @@ def bucket_runs(
     if granularity == Granularity.DAY:
         return _day_runs(start, end, tz)
     width = MINUTE_US if granularity == Granularity.MINUTE else HOUR_US
-    first = to_micros(start) // width * width  # floor: right before 1970 too
-    count = -(-(to_micros(end) - first) // width)  # ceiling
+    first = to_epoch_us(start) // width * width  # floor: right before 1970 too
+    count = -(-(to_epoch_us(end) - first) // width)  # ceiling
     _check_count(count)
     return [BucketRun(first, width)]
 
@@ -63,15 +63,15 @@ def local_day_start(day: date, tz: ZoneInfo) -> datetime:
         return instant
     # Midnight falls in a gap. Read with the offset after the jump it is an instant of the day
     # before; read with the offset before it, one after the jump. The day begins in between.
-    before = to_micros(midnight.replace(fold=1).astimezone(UTC))
-    after = to_micros(instant)
+    before = to_epoch_us(midnight.replace(fold=1).astimezone(UTC))
+    after = to_epoch_us(instant)
     while after - before > 1:
         middle = (before + after) // 2
-        if from_micros(middle).astimezone(tz).date() >= day:
+        if from_epoch_us(middle).astimezone(tz).date() >= day:
             after = middle
         else:
             before = middle
-    return from_micros(after)
+    return from_epoch_us(after)
 
 
 def _wall(value: datetime) -> tuple[int, ...]:
@@ -82,10 +82,10 @@ def _day_runs(start: datetime, end: datetime, tz: ZoneInfo) -> list[BucketRun]:
     # Cheap first: no walk over the days of a range that is far too long.
     if end - start > (MAX_BUCKETS + 1) * ONE_DAY:
         _check_count(MAX_BUCKETS + 1)
-    end_us = to_micros(end)
+    end_us = to_epoch_us(end)
     try:
         day = start.astimezone(tz).date()
-        begin = to_micros(local_day_start(day, tz))
+        begin = to_epoch_us(local_day_start(day, tz))
     except OverflowError:
         raise InvalidArgument(
             "start_time", "start_time is outside the calendar statistics cover"
@@ -95,7 +95,7 @@ def _day_runs(start: datetime, end: datetime, tz: ZoneInfo) -> list[BucketRun]:
     while begin < end_us:
         try:
             day += ONE_DAY
-            next_begin = to_micros(local_day_start(day, tz))
+            next_begin = to_epoch_us(local_day_start(day, tz))
         except OverflowError:
             raise InvalidArgument(
                 "end_time", "end_time is outside the calendar statistics cover"
