@@ -10,8 +10,7 @@ import hypothesis
 import pytest
 
 from tests.support.databases import (
-    create_postgres_database,
-    drop_postgres_database,
+    dialect_database,
     schema_for,
 )
 from tests.support.servers import Tokens, running_quota, test_settings
@@ -58,32 +57,19 @@ async def database_url(request, tmp_path):
     """A fresh database of each dialect: empty, or for the tests of the `quota` fixture on
     PostgreSQL at quota's migration head (tests/support/databases.py `schema_for`; SQLite's
     migrated copy is made by `running_quota`)."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}"
-        return
-    url = await create_postgres_database(schema_for(request.fixturenames))
-    try:
+    schema = schema_for(request.fixturenames)
+    async with dialect_database(request.param, tmp_path / "quota.db", schema) as url:
         yield url
-    finally:
-        await drop_postgres_database(url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def quota_and_billing_urls(request, tmp_path):
     """(quota, billing): a fresh quota database and a fresh billing database of each dialect."""
-    if request.param == "sqlite":
-        yield (
-            f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
-            f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
-        )
-        return
-    quota_url = await create_postgres_database()
-    billing_url = await create_postgres_database()
-    try:
+    async with (
+        dialect_database(request.param, tmp_path / "quota.db") as quota_url,
+        dialect_database(request.param, tmp_path / "billing.db") as billing_url,
+    ):
         yield quota_url, billing_url
-    finally:
-        await drop_postgres_database(quota_url)
-        await drop_postgres_database(billing_url)
 
 
 @pytest.fixture

@@ -44,7 +44,10 @@ from tests.support.billing_processes import (
     paired_env,
     ts,
 )
-from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
+from tests.support.databases import (
+    DirectReader,
+    dialect_database,
+)
 from tests.support.events import PAY_PER_USE_RECORDED, events
 from tests.support.notification_processes import quota_calls, until
 from tests.support.processes import grown_to, quota_env, quota_process
@@ -148,14 +151,8 @@ class BillingDatabase(DirectReader):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def billing_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
-        return
-    url = await create_postgres_database()
-    try:
+    async with dialect_database(request.param, tmp_path / "billing.db") as url:
         yield url
-    finally:
-        await drop_postgres_database(url)
 
 
 @pytest.fixture

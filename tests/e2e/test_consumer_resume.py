@@ -27,7 +27,10 @@ from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import text
 
 from shared.settings import REPO_ROOT
-from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
+from tests.support.databases import (
+    DirectReader,
+    dialect_database,
+)
 from tests.support.processes import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
@@ -252,14 +255,8 @@ async def test_a_consumer_killed_at_random_points_resumes_exactly(produced, seed
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def consumer_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}"
-        return
-    url = await create_postgres_database()
-    try:
+    async with dialect_database(request.param, tmp_path / "consumer.db") as url:
         yield url
-    finally:
-        await drop_postgres_database(url)
 
 
 async def test_two_replicas_never_both_apply(produced_for_replicas, consumer_url, tmp_path):

@@ -32,7 +32,10 @@ import grpc
 import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
-from tests.support.databases import DirectReader, create_postgres_database, drop_postgres_database
+from tests.support.databases import (
+    DirectReader,
+    dialect_database,
+)
 from tests.support.events import THRESHOLD_CROSSED, events
 from tests.support.notification_processes import (
     CLOCK_START,
@@ -143,14 +146,8 @@ class NotificationCount(DirectReader):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def notification_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'notification.db'}"
-        return
-    url = await create_postgres_database()
-    try:
+    async with dialect_database(request.param, tmp_path / "notification.db") as url:
         yield url
-    finally:
-        await drop_postgres_database(url)
 
 
 async def test_killed_and_restarted_notification_notifies_every_crossing_exactly_once(

@@ -314,7 +314,8 @@ async def test_idle_streams_share_one_reader_and_wake_for_another_replicas_commi
 
     watchers = [asyncio.create_task(watch(i)) for i in range(40)]
     try:
-        await asyncio.sleep(0.5)  # every stream read its (empty) history and waits
+        # Every stream has read its (empty) history and waits on the reader.
+        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 40, WAIT, "streams")
         sa_event.listen(db.engine.sync_engine, "before_cursor_execute", count)
         try:
             await asyncio.sleep(POLL_SECONDS * 4)

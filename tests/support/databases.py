@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -354,3 +355,18 @@ class DirectReader:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def dialect_database(dialect: str, sqlite_file: pathlib.Path, schema: str = ""):
+    """The URL of a fresh database of `dialect`: the SQLite file `sqlite_file` (not created
+    here: the service or its template copy makes it), or a new PostgreSQL database (at
+    `schema`'s migration head when given), dropped on the way out."""
+    if dialect == "sqlite":
+        yield f"sqlite+aiosqlite:///{sqlite_file}"
+        return
+    url = await create_postgres_database(schema)
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(url)
