@@ -51,6 +51,14 @@ DEFAULT_MAX_BATCH = 100
 # and a consumer would wait on it long after it died; 0 lifts that limit. Allot's servers
 # accept a ping every 2 s (`grpc.http2.min_ping_interval_without_data_ms` in shared/server.py).
 KEEPALIVE_SECONDS = 5
+# The same keepalive on both ends of every connection between the services: outbound channels
+# (CHANNEL_OPTIONS) and the servers (shared/server.py), which ping their callers this way.
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 # gRPC's own retry (docs/faults.md, "Callers classify codes"): a call answered UNAVAILABLE
 # (quota starting, its database away, a connection refused) is tried again twice more within
@@ -77,10 +85,7 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
-    ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_SECONDS * 1000),
-    ("grpc.http2.max_pings_without_data", 0),
+    *KEEPALIVE_OPTIONS,
     ("grpc.enable_retries", 1),
     ("grpc.service_config", RETRY_SERVICE_CONFIG),
 )

@@ -29,7 +29,7 @@ from shared import logs, migrations
 from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
 from shared.catalog import Catalog, load_catalog
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
-from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_SECONDS
+from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
@@ -188,10 +188,7 @@ class Server:
                 # (docs/faults.md, "The network between the services") would otherwise keep
                 # its streams open here for hours, each holding one of its
                 # ALLOT_MAX_STREAMS_PER_CALLER, until its consumer, dialling again, is refused.
-                ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
-                ("grpc.keepalive_timeout_ms", KEEPALIVE_SECONDS * 1000),
-                ("grpc.http2.ping_timeout_ms", KEEPALIVE_SECONDS * 1000),
-                ("grpc.http2.max_pings_without_data", 0),
+                *KEEPALIVE_OPTIONS,
             ],
         )
         self.service.register(server)
