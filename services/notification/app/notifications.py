@@ -211,6 +211,18 @@ def _unclaimed(wall_us: int):
     return or_(d.claim_until_us.is_(None), d.claim_until_us <= wall_us)
 
 
+def _held_back(now: datetime, wall_us: int) -> tuple:
+    """Deliveries waiting for a retry after a failure: pending, tried before, not yet due, and
+    not being sent. What a probe picks from and a success wakes (docs/faults.md, "Deliveries")."""
+    d = t.deliveries.c
+    return (
+        d.state == PENDING,
+        d.attempts > 0,
+        d.due_time_us > to_epoch_us(now),
+        _unclaimed(wall_us),
+    )
+
+
 async def _claim(uow: UnitOfWork, now: datetime, claim: timedelta) -> list[tuple[str, str]]:
     d = t.deliveries.c
     wall = _wall_us()
@@ -259,7 +271,7 @@ async def _claim_probes(uow: UnitOfWork, now: datetime, claim: timedelta) -> lis
     tried before, its retry not yet due, not being sent."""
     d = t.deliveries.c
     wall = _wall_us()
-    held = (d.state == PENDING, d.attempts > 0, d.due_time_us > to_epoch_us(now), _unclaimed(wall))
+    held = _held_back(now, wall)
     webhooks = (
         await uow.session.execute(
             select(d.contact_id)
@@ -382,13 +394,7 @@ async def _wake_behind(uow: UnitOfWork, key: tuple[str, str], now: datetime) -> 
             select(d.channel).where(d.notification_id == key[0], d.contact_id == key[1])
         )
     ).scalar_one()
-    behind = [
-        d.state == PENDING,
-        d.attempts > 0,
-        d.due_time_us > to_epoch_us(now),
-        d.channel == channel,
-        _unclaimed(_wall_us()),
-    ]
+    behind = [*_held_back(now, _wall_us()), d.channel == channel]
     if channel == int(Channel.WEBHOOK):
         behind.append(d.contact_id == key[1])
     await uow.session.execute(
