@@ -52,6 +52,7 @@ from tests.support.events import PAY_PER_USE_RECORDED, events
 from tests.support.notification_processes import quota_calls, until
 from tests.support.processes import grown_to, quota_env, quota_process
 from tests.support.servers import Tokens, free_port
+from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
 TZ = ZoneInfo("Asia/Shanghai")
 TOKENS = Tokens()
@@ -63,10 +64,6 @@ PASSPORT = "passport"
 PAY_PER_USE = billing_pb2.BILL_LINE_KIND_PAY_PER_USE
 PURCHASE = billing_pb2.BILL_LINE_KIND_PACKAGE_PURCHASE
 TOP_UP = billing_pb2.BILL_LINE_KIND_TOP_UP
-GOOD = billing_pb2.ACCOUNT_STANDING_GOOD
-GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
-FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
-RELEASED = billing_pb2.ACCOUNT_STANDING_RELEASED
 
 
 def local(value: str) -> datetime:

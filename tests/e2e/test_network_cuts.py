@@ -65,7 +65,9 @@ from tests.support.receivers import smtp_receiver
 from tests.support.servers import Tokens, free_port
 from tests.support.standings import (
     DEBT_MICROS,
+    FROZEN,
     FROZEN_AT,
+    GRACE,
     GRACE_START,
     billing_database,
     publish_standing,
@@ -90,8 +92,6 @@ OFFER = "passport-100-1y"
 PRICE_MICROS = 1_000_000  # USD 1.00, TEST_CATALOG's price of OFFER
 BUYER = "acct-buyer"
 FROZEN_ACCOUNT = "acct-frozen"
-GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
-FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
 DENY_FROZEN = quota_service_pb2.DENY_REASON_ACCOUNT_FROZEN
 PENDING = billing_pb2.ORDER_STATE_PENDING
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED

@@ -51,18 +51,17 @@ from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
 from tests.support.standings import (
     DEBT_MICROS,
+    FROZEN,
     FROZEN_AT,
+    GOOD,
+    GRACE,
     GRACE_START,
+    RELEASED,
     RELEASED_AT,
     billing_database,
     publish_standing,
     read_db,
 )
-
-GOOD = billing_pb2.ACCOUNT_STANDING_GOOD
-GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
-FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
-RELEASED = billing_pb2.ACCOUNT_STANDING_RELEASED
 
 ALLOWED = quota_service_pb2.DENY_REASON_UNSPECIFIED
 DENY_FROZEN = quota_service_pb2.DENY_REASON_ACCOUNT_FROZEN

@@ -44,6 +44,7 @@ from tests.support.billing_processes import (
 from tests.support.quota_calls import QuotaCalls
 from tests.support.servers import QuotaHandle, free_port, running_quota
 from tests.support.servers import test_settings as quota_settings_for
+from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
 TZ = ZoneInfo("Asia/Shanghai")
 START = "2024-05-01T00:00:00Z"  # 2024-05-01 08:00 in the billing time zone
@@ -52,10 +53,6 @@ PASSPORT, GENERAL, ID_CARD = "passport", "general-text", "id-card"
 
 PAY_PER_USE = billing_pb2.BILL_LINE_KIND_PAY_PER_USE
 TOP_UP = billing_pb2.BILL_LINE_KIND_TOP_UP
-GOOD = billing_pb2.ACCOUNT_STANDING_GOOD
-GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
-FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
-RELEASED = billing_pb2.ACCOUNT_STANDING_RELEASED
 MASTER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MASTER
 MEMBER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER
 

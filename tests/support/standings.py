@@ -25,6 +25,11 @@ from services.billing.domain.arrears import Standing as BillingStanding
 from shared.db import Database
 from shared.outbox import Outbox
 
+GOOD = billing_pb2.ACCOUNT_STANDING_GOOD
+GRACE = billing_pb2.ACCOUNT_STANDING_GRACE
+FROZEN = billing_pb2.ACCOUNT_STANDING_FROZEN
+RELEASED = billing_pb2.ACCOUNT_STANDING_RELEASED
+
 GRACE_START = datetime(2024, 5, 1, 11, 0, tzinfo=UTC)
 FROZEN_AT = GRACE_START + timedelta(days=15)
 RELEASED_AT = FROZEN_AT + timedelta(days=15)
