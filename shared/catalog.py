@@ -19,6 +19,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from shared.errors import InvalidArgument
+
 __all__ = [
     "Api",
     "Catalog",
@@ -92,6 +94,30 @@ class Catalog:
 
     def has_api(self, api_id: str) -> bool:
         return api_id in self.apis
+
+    def check_region(self, region: str, field: str = "region", required: bool = True) -> str:
+        """``region`` if the catalog knows it (or it is empty and not ``required``), else
+        INVALID_ARGUMENT on ``field`` (UNKNOWN_REGION for a region the catalog lacks)."""
+        if not region:
+            if required:
+                raise InvalidArgument(field, f"{field} is required")
+            return region
+        if not self.has_region(region):
+            raise InvalidArgument(
+                field, f"unknown region {region!r}", reason="UNKNOWN_REGION", region=region
+            )
+        return region
+
+    def check_api(self, api: str, field: str = "api", required: bool = True) -> str:
+        """``api`` if the catalog knows it (or it is empty and not ``required``), else
+        INVALID_ARGUMENT on ``field`` (UNKNOWN_API for an API the catalog lacks)."""
+        if not api:
+            if required:
+                raise InvalidArgument(field, f"{field} is required")
+            return api
+        if not self.has_api(api):
+            raise InvalidArgument(field, f"unknown api {api!r}", reason="UNKNOWN_API", api=api)
+        return api
 
     def offers_for(self, api: str = "", region: str = "") -> list[Offer]:
         """Offers of ``api`` sold in ``region``, in file order; an empty filter matches any."""
