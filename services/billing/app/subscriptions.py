@@ -20,17 +20,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import insert, select, update
-
 from services.billing.adapters import tables as t
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
+from shared.api_subscriptions import put_api_subscription
 from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
-from shared.timeutil import from_epoch_us, to_epoch_us
+from shared.timeutil import from_epoch_us
 
 ACTIVE, CANCELLED = 1, 2
 
@@ -112,26 +111,9 @@ async def unsubscribe(
 async def record(
     ctx: BillingContext, uow: UnitOfWork, account_id: str, region: str, api: str, state: int
 ) -> Subscription:
-    s = t.api_subscriptions.c
-    key = (s.account_id == account_id, s.region == region, s.api == api)
-    now_us = to_epoch_us(ctx.now())
-    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).first()
-    if row is None:
-        await uow.session.execute(
-            insert(t.api_subscriptions).values(
-                account_id=account_id,
-                region=region,
-                api=api,
-                state=state,
-                create_time_us=now_us,
-                update_time_us=now_us,
-            )
-        )
-    elif row.state != state:
-        await uow.session.execute(
-            update(t.api_subscriptions).where(*key).values(state=state, update_time_us=now_us)
-        )
-    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).one()
+    row = await put_api_subscription(
+        uow, t.api_subscriptions, account_id, region, api, state, ctx.now()
+    )
     return Subscription(
         account_id=row.account_id,
         region=row.region,
