@@ -1,0 +1,331 @@
+"""Quota's packages repository: package rows <-> domain objects, the packages' statements of the
+hot path, and the read models over packages in force.
+
+The hot path is shaped for batches: one locking read of every package the batch touches (in
+package-id order, so concurrent batches never deadlock) and one executemany UPDATE of their
+used quantities; the usage events of the batch are `usage_repository`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.sql import ColumnElement
+
+from services.quota.adapters import tables as t
+from services.quota.domain.packages import Package, PackageSource, PackageState
+from shared.db import UnitOfWork
+from shared.timeutil import from_epoch_us, to_epoch_us
+
+ONE_SECOND_US = 1_000_000
+# How long an expired package is still listed among an event's candidates.
+CANDIDATE_HISTORY = timedelta(days=31)
+Scope = tuple[str, str, str]  # account, region, api
+
+
+def to_package(row) -> Package:
+    return Package(
+        package_id=row.package_id,
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        enterprise_project_id=row.enterprise_project_id,
+        source=PackageSource(row.source),
+        total_quantity=row.total_quantity,
+        used_quantity=row.used_quantity,
+        effective_time=from_epoch_us(row.effective_time_us),
+        expire_time=from_epoch_us(row.expire_time_us),
+        create_time=from_epoch_us(row.create_time_us),
+        revoke_time=from_epoch_us(row.revoke_time_us) if row.revoke_time_us is not None else None,
+        order_id=row.order_id,
+    )
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    """A package with the columns the domain object does not carry."""
+
+    package: Package
+    revoke_reason: str = ""
+    # The state the outbox last announced, and whether package_expiring was sent.
+    announced_state: PackageState = PackageState.PENDING
+    expiring_announced: bool = False
+
+
+def to_record(row) -> PackageRecord:
+    return PackageRecord(
+        to_package(row),
+        row.revoke_reason,
+        PackageState(row.announced_state),
+        row.expiring_announced,
+    )
+
+
+def _package_values(package: Package) -> dict:
+    return {
+        "package_id": package.package_id,
+        "account_id": package.account_id,
+        "region": package.region,
+        "api": package.api,
+        "enterprise_project_id": package.enterprise_project_id,
+        "source": int(package.source),
+        "total_quantity": package.total_quantity,
+        "used_quantity": package.used_quantity,
+        "effective_time_us": to_epoch_us(package.effective_time),
+        "expire_time_us": to_epoch_us(package.expire_time),
+        "create_time_us": to_epoch_us(package.create_time),
+        "revoke_time_us": to_epoch_us(package.revoke_time) if package.revoke_time else None,
+        "order_id": package.order_id,
+    }
+
+
+def _record_values(record: PackageRecord) -> dict:
+    values = _package_values(record.package)
+    values["revoke_reason"] = record.revoke_reason
+    values["announced_state"] = int(record.announced_state)
+    values["expiring_announced"] = record.expiring_announced
+    return values
+
+
+async def insert_package(uow: UnitOfWork, record: PackageRecord) -> None:
+    await uow.session.execute(insert(t.packages).values(**_record_values(record)))
+
+
+async def save_package(uow: UnitOfWork, record: PackageRecord) -> None:
+    values = _record_values(record)
+    values.pop("package_id")
+    await uow.session.execute(
+        update(t.packages)
+        .where(t.packages.c.package_id == record.package.package_id)
+        .values(**values)
+    )
+
+
+async def get_package(
+    uow: UnitOfWork, package_id: str, for_update: bool = False
+) -> PackageRecord | None:
+    query = select(t.packages).where(t.packages.c.package_id == package_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await uow.session.execute(query)).first()
+    return to_record(row) if row else None
+
+
+def state_condition(state: PackageState, now_us: int) -> ColumnElement[bool]:
+    """SQL for "the package is in `state` at now" (mirrors Package.state_at)."""
+    p = t.packages.c
+    revoked = p.revoke_time_us.is_not(None)
+    expired = p.expire_time_us + ONE_SECOND_US <= now_us
+    pending = p.effective_time_us > now_us
+    empty = p.used_quantity >= p.total_quantity
+    if state == PackageState.REVOKED:
+        return revoked
+    if state == PackageState.EXPIRED:
+        return and_(~revoked, expired)
+    if state == PackageState.PENDING:
+        return and_(~revoked, ~expired, pending)
+    if state == PackageState.EXHAUSTED:
+        return and_(~revoked, ~expired, ~pending, empty)
+    return and_(~revoked, ~expired, ~pending, ~empty)
+
+
+def in_force_condition(now_us: int) -> ColumnElement[bool]:
+    p = t.packages.c
+    return and_(
+        p.revoke_time_us.is_(None),
+        p.effective_time_us <= now_us,
+        p.expire_time_us + ONE_SECOND_US > now_us,
+    )
+
+
+async def list_packages(
+    uow: UnitOfWork,
+    *,
+    account_id: str,
+    regions: Iterable[str],
+    api: str,
+    states: Iterable[PackageState],
+    now: datetime,
+    after_id: str | None,
+    limit: int,
+) -> list[PackageRecord]:
+    p = t.packages.c
+    now_us = to_epoch_us(now)
+    query = select(t.packages).order_by(p.package_id).limit(limit)
+    if account_id:
+        query = query.where(p.account_id == account_id)
+    query = query.where(p.region.in_(sorted(set(regions))))
+    if api:
+        query = query.where(p.api == api)
+    states = list(states)
+    if states:
+        query = query.where(or_(*(state_condition(s, now_us) for s in states)))
+    if after_id:
+        query = query.where(p.package_id > after_id)
+    rows = (await uow.session.execute(query)).all()
+    return [to_record(r) for r in rows]
+
+
+async def lock_candidates(
+    uow: UnitOfWork, scopes: Iterable[Scope], since: datetime
+) -> list[PackageRecord]:
+    """The candidate packages of the scopes, locked (FOR UPDATE on PostgreSQL) in package-id
+    order: every package that had not expired by `since` - CANDIDATE_HISTORY, revoked ones too,
+    so ExplainUsage can say why a recently expired or revoked package did not pay. Older
+    packages cannot pay and are left out to keep the hot path's read small."""
+    p = t.packages.c
+    scopes = sorted(set(scopes))
+    if not scopes:
+        return []
+    query = (
+        select(t.packages)
+        .where(
+            or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
+            p.expire_time_us + ONE_SECOND_US > to_epoch_us(since - CANDIDATE_HISTORY),
+        )
+        .order_by(p.package_id)
+        .with_for_update()
+    )
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None:
+    """One executemany for the batch: new used quantities and announced states."""
+    params = [
+        {
+            "b_id": r.package.package_id,
+            "b_used": r.package.used_quantity,
+            "b_announced": int(r.announced_state),
+        }
+        for r in changed
+    ]
+    if not params:
+        return
+    p = t.packages.c
+    statement = (
+        update(t.packages)
+        .where(p.package_id == bindparam("b_id"))
+        .values(used_quantity=bindparam("b_used"), announced_state=bindparam("b_announced"))
+    )
+    connection = await uow.session.connection()
+    await connection.execute(statement, params)
+
+
+# --- read models ---------------------------------------------------------------------------
+
+
+async def summarize(
+    uow: UnitOfWork, account_id: str, regions: Iterable[str], api: str, now: datetime
+):
+    """(region, api, total, used, active_count) of packages in force, per region and API."""
+    p = t.packages.c
+    now_us = to_epoch_us(now)
+    query = (
+        select(
+            p.region,
+            p.api,
+            func.sum(p.total_quantity).label("total"),
+            func.sum(p.used_quantity).label("used"),
+            func.sum(case((p.used_quantity < p.total_quantity, 1), else_=0)).label("active"),
+        )
+        .where(
+            p.account_id == account_id,
+            p.region.in_(sorted(set(regions))),
+            in_force_condition(now_us),
+        )
+        .group_by(p.region, p.api)
+        .order_by(p.region, p.api)
+    )
+    if api:
+        query = query.where(p.api == api)
+    return (await uow.session.execute(query)).all()
+
+
+async def remaining_for_project(
+    uow: UnitOfWork, account_id: str, region: str, api: str, project: str, now: datetime
+) -> int:
+    """Remaining quantity a call of `project` may use now (designated + all-project packages)."""
+    p = t.packages.c
+    query = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
+        p.account_id == account_id,
+        p.region == region,
+        p.api == api,
+        p.enterprise_project_id.in_(["", project]),
+        in_force_condition(to_epoch_us(now)),
+    )
+    return int((await uow.session.execute(query)).scalar_one())
+
+
+async def totals_by_api(
+    uow: UnitOfWork, account_id: str, region: str, apis: Iterable[str] | None, now: datetime
+) -> dict[str, tuple[int, int]]:
+    """api -> (total, remaining) of the packages in force now, for one account and region."""
+    p = t.packages.c
+    query = (
+        select(p.api, func.sum(p.total_quantity), func.sum(p.used_quantity))
+        .where(p.account_id == account_id, p.region == region, in_force_condition(to_epoch_us(now)))
+        .group_by(p.api)
+    )
+    if apis is not None:
+        query = query.where(p.api.in_(sorted(set(apis))))
+    rows = (await uow.session.execute(query)).all()
+    return {api: (int(total), int(total) - int(used)) for api, total, used in rows}
+
+
+async def due_announcements(uow: UnitOfWork, now: datetime, limit: int) -> list[PackageRecord]:
+    """Packages whose state moved on with the clock since it was announced (activation,
+    expiry), locked, oldest due first."""
+    p = t.packages.c
+    now_us = to_epoch_us(now)
+    query = (
+        select(t.packages)
+        .where(
+            p.revoke_time_us.is_(None),
+            or_(
+                and_(
+                    p.announced_state == int(PackageState.PENDING),
+                    p.effective_time_us <= now_us,
+                ),
+                and_(
+                    p.announced_state.in_(
+                        [
+                            int(PackageState.PENDING),
+                            int(PackageState.ACTIVE),
+                            int(PackageState.EXHAUSTED),
+                        ]
+                    ),
+                    p.expire_time_us + ONE_SECOND_US <= now_us,
+                ),
+            ),
+        )
+        .order_by(p.package_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def due_expiring(
+    uow: UnitOfWork, now: datetime, notice: timedelta, limit: int
+) -> list[PackageRecord]:
+    """Packages in force with quantity left that expire within `notice` and were not warned."""
+    p = t.packages.c
+    now_us = to_epoch_us(now)
+    query = (
+        select(t.packages)
+        .where(
+            p.expiring_announced.is_(False),
+            p.revoke_time_us.is_(None),
+            p.used_quantity < p.total_quantity,
+            p.effective_time_us <= now_us,
+            p.expire_time_us + ONE_SECOND_US > now_us,
+            p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
+        )
+        .order_by(p.package_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [to_record(r) for r in (await uow.session.execute(query)).all()]
