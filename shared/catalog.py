@@ -98,26 +98,12 @@ class Catalog:
     def check_region(self, region: str, field: str = "region", required: bool = True) -> str:
         """``region`` if the catalog knows it (or it is empty and not ``required``), else
         INVALID_ARGUMENT on ``field`` (UNKNOWN_REGION for a region the catalog lacks)."""
-        if not region:
-            if required:
-                raise InvalidArgument(field, f"{field} is required")
-            return region
-        if not self.has_region(region):
-            raise InvalidArgument(
-                field, f"unknown region {region!r}", reason="UNKNOWN_REGION", region=region
-            )
-        return region
+        return _known("region", region, self.regions, field, required)
 
     def check_api(self, api: str, field: str = "api", required: bool = True) -> str:
         """``api`` if the catalog knows it (or it is empty and not ``required``), else
         INVALID_ARGUMENT on ``field`` (UNKNOWN_API for an API the catalog lacks)."""
-        if not api:
-            if required:
-                raise InvalidArgument(field, f"{field} is required")
-            return api
-        if not self.has_api(api):
-            raise InvalidArgument(field, f"unknown api {api!r}", reason="UNKNOWN_API", api=api)
-        return api
+        return _known("api", api, self.apis, field, required)
 
     def offers_for(self, api: str = "", region: str = "") -> list[Offer]:
         """Offers of ``api`` sold in ``region``, in file order; an empty filter matches any."""
@@ -126,6 +112,22 @@ class Catalog:
             for offer in self.offers.values()
             if (not api or offer.api == api) and (not region or region in offer.regions)
         ]
+
+
+def _known(kind: str, value: str, known: Mapping[str, object], field: str, required: bool) -> str:
+    """``value`` if it is an id of ``known`` (a catalog's regions or apis); see check_region."""
+    if not value:
+        if required:
+            raise InvalidArgument(field, f"{field} is required")
+        return value
+    if value not in known:
+        raise InvalidArgument(
+            field,
+            f"unknown {kind} {value!r}",
+            reason=f"UNKNOWN_{kind.upper()}",
+            **{kind: value},
+        )
+    return value
 
 
 class CatalogError(Exception):
