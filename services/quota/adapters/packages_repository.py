@@ -280,32 +280,27 @@ async def due_announcements(uow: UnitOfWork, now: datetime, limit: int) -> list[
     expiry), locked, oldest due first."""
     p = t.packages.c
     now_us = to_epoch_us(now)
-    query = (
-        select(t.packages)
-        .where(
-            p.revoke_time_us.is_(None),
-            or_(
-                and_(
-                    p.announced_state == int(PackageState.PENDING),
-                    p.effective_time_us <= now_us,
-                ),
-                and_(
-                    p.announced_state.in_(
-                        [
-                            int(PackageState.PENDING),
-                            int(PackageState.ACTIVE),
-                            int(PackageState.EXHAUSTED),
-                        ]
-                    ),
-                    p.expire_time_us + ONE_SECOND_US <= now_us,
-                ),
+    return await _lock_due(
+        uow,
+        limit,
+        p.revoke_time_us.is_(None),
+        or_(
+            and_(
+                p.announced_state == int(PackageState.PENDING),
+                p.effective_time_us <= now_us,
             ),
-        )
-        .order_by(p.package_id)
-        .limit(limit)
-        .with_for_update()
+            and_(
+                p.announced_state.in_(
+                    [
+                        int(PackageState.PENDING),
+                        int(PackageState.ACTIVE),
+                        int(PackageState.EXHAUSTED),
+                    ]
+                ),
+                p.expire_time_us + ONE_SECOND_US <= now_us,
+            ),
+        ),
     )
-    return [to_record(r) for r in (await uow.session.execute(query)).all()]
 
 
 async def due_expiring(
@@ -314,17 +309,26 @@ async def due_expiring(
     """Packages in force with quantity left that expire within `notice` and were not warned."""
     p = t.packages.c
     now_us = to_epoch_us(now)
+    return await _lock_due(
+        uow,
+        limit,
+        p.expiring_announced.is_(False),
+        p.revoke_time_us.is_(None),
+        p.used_quantity < p.total_quantity,
+        p.effective_time_us <= now_us,
+        p.expire_time_us + ONE_SECOND_US > now_us,
+        p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
+    )
+
+
+async def _lock_due(
+    uow: UnitOfWork, limit: int, *conditions: ColumnElement[bool]
+) -> list[PackageRecord]:
+    """At most `limit` packages meeting `conditions`, locked, in package-id order."""
     query = (
         select(t.packages)
-        .where(
-            p.expiring_announced.is_(False),
-            p.revoke_time_us.is_(None),
-            p.used_quantity < p.total_quantity,
-            p.effective_time_us <= now_us,
-            p.expire_time_us + ONE_SECOND_US > now_us,
-            p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
-        )
-        .order_by(p.package_id)
+        .where(*conditions)
+        .order_by(t.packages.c.package_id)
         .limit(limit)
         .with_for_update()
     )
