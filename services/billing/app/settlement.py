@@ -14,7 +14,7 @@ small transaction per cycle, and for it:
    order they are rated; since cycles are settled in cycle order that is the sum of the
    month's earlier cycles (and, for late usage, every call rated before it, so no tier number
    is ever given twice);
-2. rounds the amount half up to the currency's minor unit, once per line
+2. rounds the price half up to the currency's minor unit, once per line
    (``domain.bills.pay_per_use_line``);
 3. takes it from the paying account's balance (an enterprise member's master) and books a
    ledger line (``PAY_PER_USE``, on the member's/account's bill, paid by the payer, the cycle,
