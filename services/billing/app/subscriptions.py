@@ -16,36 +16,23 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TypeVar
 
-from services.billing.adapters import tables as t
+from services.billing.adapters import subscriptions_repository
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
-from shared.api_subscriptions import put_api_subscription
+from services.billing.domain.subscriptions import Subscription, SubscriptionState
 from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
-from shared.timeutil import from_epoch_us
 
-ACTIVE, CANCELLED = 1, 2
+ACTIVE, CANCELLED = SubscriptionState.ACTIVE, SubscriptionState.CANCELLED
 
 T = TypeVar("T")
 # Runs billing's record in a transaction (with the request's idempotency key, when it has one).
 Keep = Callable[[Callable[[UnitOfWork], Awaitable["Subscription"]]], Awaitable[T]]
-
-
-@dataclass(frozen=True)
-class Subscription:
-    account_id: str
-    region: str
-    api: str
-    state: int
-    create_time: datetime
-    update_time: datetime
 
 
 def _check(ctx: BillingContext, region: str, api: str) -> None:
@@ -111,14 +98,6 @@ async def unsubscribe(
 async def record(
     ctx: BillingContext, uow: UnitOfWork, account_id: str, region: str, api: str, state: int
 ) -> Subscription:
-    row = await put_api_subscription(
-        uow, t.api_subscriptions, account_id, region, api, state, ctx.now()
-    )
-    return Subscription(
-        account_id=row.account_id,
-        region=row.region,
-        api=row.api,
-        state=row.state,
-        create_time=from_epoch_us(row.create_time_us),
-        update_time=from_epoch_us(row.update_time_us),
+    return await subscriptions_repository.put_subscription(
+        uow, account_id, region, api, state, ctx.now()
     )
