@@ -476,7 +476,7 @@ def verifier_for(settings) -> TokenVerifier:
         except ValueError as exc:
             raise ValueError(f"ALLOT_AUTH_SECRET: {exc}") from exc
     return TokenVerifier(
-        keys, audience=settings.auth_audience, max_ttl=settings.auth_max_ttl_seconds
+        keys, audience=settings.auth_audience, max_ttl=settings.auth_max_ttl
     )
 
 
