@@ -46,7 +46,6 @@ from tests.support.billing_processes import (
 )
 from tests.support.databases import (
     DirectReader,
-    dialect_database,
 )
 from tests.support.events import PAY_PER_USE_RECORDED, events
 from tests.support.notification_processes import quota_calls, until
@@ -146,15 +145,9 @@ class BillingDatabase(DirectReader):
         return await grown_to(self.cursor, at_least, within, finished, STILL, "cursor")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def billing_url(request, tmp_path):
-    async with dialect_database(request.param, tmp_path / "billing.db") as url:
-        yield url
-
-
 @pytest.fixture
-async def db(billing_url):
-    database = BillingDatabase(billing_url)
+async def db(service_url):
+    database = BillingDatabase(service_url)
     try:
         yield database
     finally:
@@ -162,7 +155,7 @@ async def db(billing_url):
 
 
 async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
-    billing_url, db, seed, tmp_path
+    service_url, db, seed, tmp_path
 ):
     rng = random.Random(seed)
     billing_addr = f"127.0.0.1:{free_port()}"
@@ -177,7 +170,7 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
     )
     with quota_process(q_env, tmp_path / "quota.log") as quota:
         env = billing_env(
-            billing_url,
+            service_url,
             tmp_path,
             quota.addr,
             utc_text(BILLING_CLOCK),
