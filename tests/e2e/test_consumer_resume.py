@@ -30,7 +30,7 @@ from shared.settings import REPO_ROOT
 from tests.support.databases import (
     DirectReader,
 )
-from tests.support.processes import QuotaProcess, quota_env, quota_process
+from tests.support.quota import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
 # The point is the kills and the handovers, not the volume: enough events that each kill lands

@@ -35,7 +35,7 @@ from tests.support.databases import (
     DirectReader,
 )
 from tests.support.events import THRESHOLD_CROSSED, events
-from tests.support.notification_processes import (
+from tests.support.notification import (
     CLOCK_START,
     EMAIL,
     SENT,
@@ -46,8 +46,8 @@ from tests.support.notification_processes import (
     notification_env,
     until,
 )
-from tests.support.processes import grown_to, quota_env, quota_process
-from tests.support.quota_calls import API, END_OF_YEAR, REGION, QuotaCalls
+from tests.support.processes import grown_to
+from tests.support.quota import API, END_OF_YEAR, REGION, QuotaCalls, quota_env, quota_process
 from tests.support.receivers import http_receiver, smtp_receiver
 from tests.support.servers import Tokens
 
