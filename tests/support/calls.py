@@ -32,7 +32,7 @@ async def expect_error(
     field: str | None = None,
 ) -> grpc.aio.AioRpcError:
     """Await a call that must fail with `code` and, when given, ErrorInfo `reason` (domain
-    `allot`) and `field` among the fields named in BadRequest."""
+    `allot`) and `field`, the one field BadRequest names."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     error = caught.value
@@ -42,7 +42,7 @@ async def expect_error(
         assert info is not None, f"no ErrorInfo in {error.code()}: {error.details()}"
         assert (info.domain, info.reason) == ("allot", reason), error.details()
     if field is not None:
-        assert field in bad_request_fields(error), error.details()
+        assert bad_request_fields(error) == [field], error.details()
     return error
 
 
