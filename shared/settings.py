@@ -8,19 +8,34 @@ reads typed values (`settings.delivery_max_attempts` is an int, durations are wh
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.setting_values import (
+    Address,
+    ClientAuth,
+    ClockKind,
+    DeductionPolicy,
+    Endpoints,
+    Instant,
+    LogLevel,
+    Positive,
+    Regions,
+    Seconds,
+    Switch,
+    TimeZoneName,
+    WholeNumber,
+    duration,
+    shown,
+    whole_number,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CATALOG = REPO_ROOT / "deploy" / "catalog.yaml"
@@ -30,125 +45,13 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot run with; the message names the variable."""
 
 
-# --- parsers: each raises ValueError("expected …"); Settings names the variable -----------------
-def _whole(minimum: int):
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("expected a whole number")
-        if isinstance(value, int):
-            number = value
-        elif isinstance(value, str) and value.isascii() and value.isdigit():
-            number = int(value)
-        else:
-            raise ValueError("expected a whole number")
-        if number < minimum:
-            raise ValueError(f"expected a whole number of at least {minimum}")
-        return number
-
-    return parse
-
-
-def _duration(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"([0-9]{1,9})([smhd])", value.strip())
-        if match and int(match[1]) > 0:
-            return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-    raise ValueError("expected a number and a unit (90s, 30m, 24h, 30d)")
-
-
 def parse_duration(text: str, name: str) -> int:
     """`90s`, `30m`, `24h`, `30d` as seconds."""
     try:
-        return _duration(text)
+        return duration(text)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}, got {text!r}") from None
 
-
-def _switch(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", ""):
-        return False
-    raise ValueError("expected `true` or `false`")
-
-
-def _one_of(*choices: str):
-    def parse(value: Any) -> str:
-        if value not in choices:
-            raise ValueError("expected " + " or ".join(f"`{c}`" for c in choices))
-        return value
-
-    return parse
-
-
-def _regions(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(r.strip() for r in value if r.strip())
-
-
-def _endpoints(value: Any) -> dict[str, str]:
-    if isinstance(value, Mapping):
-        return dict(value)
-    endpoints = {}
-    for item in filter(None, (p.strip() for p in str(value).split(","))):
-        region, sep, addr = item.partition("=")
-        if not sep or not region.strip() or not addr.strip():
-            raise ValueError(f"expected region=host:port pairs ({item!r} is not one)")
-        endpoints[region.strip()] = addr.strip()
-    return endpoints
-
-
-def _time_zone(value: Any) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ValueError("expected a known time zone (IANA name such as Asia/Shanghai)") from None
-    return value
-
-
-def _instant(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        parsed = value
-    elif value == "":
-        return None
-    else:
-        try:
-            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError("expected an RFC 3339 instant") from None
-    if parsed is not None and parsed.tzinfo is None:
-        raise ValueError("expected an RFC 3339 instant with a UTC offset")
-    return parsed
-
-
-def _log_level(value: Any) -> str:
-    level = str(value).strip().upper()
-    if level not in logging.getLevelNamesMapping():
-        raise ValueError("expected a logging level (DEBUG, INFO, WARNING, ERROR)")
-    return level
-
-
-Address = Annotated[str, BeforeValidator(lambda v: v.strip() if isinstance(v, str) else v)]
-WholeNumber = Annotated[int, BeforeValidator(_whole(0))]
-Positive = Annotated[int, BeforeValidator(_whole(1))]
-Seconds = Annotated[int, BeforeValidator(_duration)]
-Switch = Annotated[bool, BeforeValidator(_switch)]
-Regions = Annotated[tuple[str, ...], BeforeValidator(_regions)]
-Endpoints = Annotated[dict[str, str], BeforeValidator(_endpoints)]
-TimeZoneName = Annotated[str, BeforeValidator(_time_zone)]
-Instant = Annotated[datetime | None, BeforeValidator(_instant)]
-LogLevel = Annotated[str, BeforeValidator(_log_level)]
-DeductionPolicy = Annotated[
-    Literal["standard", "expiring_first"], BeforeValidator(_one_of("standard", "expiring_first"))
-]
-ClockKind = Annotated[Literal["system", "manual"], BeforeValidator(_one_of("system", "manual"))]
-ClientAuth = Annotated[Literal["none", "require"], BeforeValidator(_one_of("none", "require"))]
 
 # Settings whose values `allot settings` does not print whole.
 SECRETS = frozenset({"auth_secret"})
@@ -376,7 +279,7 @@ class Settings(BaseSettings):
         for name, env in names.items():
             raw = environ.get(env)
             try:
-                values[name[3:]] = fields[name].default if raw is None else _whole(1)(raw)
+                values[name[3:]] = fields[name].default if raw is None else whole_number(1)(raw)
             except ValueError as exc:
                 raise SettingsError(f"{env}: {exc}, got {raw!r}") from None
         return DatabaseBounds(**values)
@@ -389,7 +292,8 @@ class Settings(BaseSettings):
         for name, info in type(self).model_fields.items():
             value = getattr(self, name)
             source = "env" if name in self.model_fields_set else "default"
-            rows.append((info.validation_alias, _shown(name, value), source, info.description))
+            value = shown(value, secret=name in SECRETS, url=name in URLS_WITH_PASSWORDS)
+            rows.append((info.validation_alias, value, source, info.description))
         return rows
 
     # --- derived values ---------------------------------------------------------------------
@@ -470,36 +374,3 @@ def _settings_error(exc: ValidationError) -> SettingsError:
         env = envs.get(field, field)
         messages.append(f"{env}: {message}, got {error['input']!r}")
     return SettingsError("; ".join(messages[:3]))
-
-
-def _shown(name: str, value: Any) -> str:
-    """A setting's value as `allot settings` prints it: the secret and URL passwords masked."""
-    if value is None or value == "" or value == () or value == {}:
-        return ""
-    if name in SECRETS:
-        return "********"
-    if isinstance(value, tuple):
-        return ",".join(value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    text = str(value)
-    if name in URLS_WITH_PASSWORDS:
-        return _without_password(text)
-    return text
-
-
-def _without_password(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "********"
-    if not password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:********@{host}"))
