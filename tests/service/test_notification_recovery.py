@@ -15,7 +15,7 @@ from allot.notification.v1 import notification_pb2
 from sqlalchemy import select
 
 from services.notification.adapters import tables
-from services.notification.app import notifications
+from services.notification.app import deliveries
 from tests.support.notification import EMAIL, WEBHOOK, notification_settings, running_notification
 from tests.support.receivers import closed_port, smtp_receiver
 
@@ -133,7 +133,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
         await _until(_all_failed_once(n, 5), "first attempts refused")
         before = await _due_times(service.context)
         caplog.clear()
-        assert await notifications.probe_held_back(service.context) == 0
+        assert await deliveries.probe_held_back(service.context) == 0
         probed = [r.getMessage() for r in caplog.records if "probe of delivery" in r.getMessage()]
         assert len(probed) == 3, probed
         # The email probed is the one whose retry is due first (backoff has jitter).
@@ -147,7 +147,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
         assert {(d.state, d.attempts) for d in await _deliveries(n)} == {(PENDING, 1)}
 
         with smtp_receiver(port=port) as inbox:
-            assert await notifications.probe_held_back(service.context) == 1
+            assert await deliveries.probe_held_back(service.context) == 1
             service.kick()  # as the service does after a probe got through
 
             async def mail_sent():

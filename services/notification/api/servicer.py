@@ -11,15 +11,17 @@ from google.protobuf import empty_pb2
 
 from services.notification.adapters.events import to_proto_notification
 from services.notification.api import convert
-from services.notification.app import contacts, notifications
+from services.notification.app import contacts, deliveries, notifications
 from services.notification.app.context import NotificationContext
+from services.notification.domain.contacts import Contact
+from services.notification.domain.notifications import check_delivery_key
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
 from shared.pagination import decode_page_token, page_of, page_size
 from shared.validation import check_account_id
 
 
-def _check_contact(contact: contacts.Contact) -> None:
+def _check_contact(contact: Contact) -> None:
     check_scope(contact.account_id)
 
 
@@ -131,12 +133,12 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             yield event.notification_created.notification
 
     async def RetryDelivery(self, request, context):
-        notifications.check_delivery_key(request.notification_id, request.contact_id)
+        check_delivery_key(request.notification_id, request.contact_id)
 
         async def work(uow):
             view = await notifications.load_view(uow, request.notification_id)
             check_scope(view.account_id)
-            await notifications.retry_delivery(
+            await deliveries.retry_delivery(
                 self.ctx, uow, request.notification_id, request.contact_id
             )
             return to_proto_notification(
