@@ -475,9 +475,7 @@ def verifier_for(settings) -> TokenVerifier:
             keys = VerificationKeys(secret=secret)
         except ValueError as exc:
             raise ValueError(f"ALLOT_AUTH_SECRET: {exc}") from exc
-    return TokenVerifier(
-        keys, audience=settings.auth_audience, max_ttl=settings.auth_max_ttl_seconds
-    )
+    return TokenVerifier(keys, audience=settings.auth_audience, max_ttl=settings.auth_max_ttl)
 
 
 def signer_for(settings) -> TokenSigner | None:

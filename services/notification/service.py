@@ -82,12 +82,12 @@ class NotificationService:
             outbox=self.outbox,
             events=NotificationEvents(self.outbox),
             retry=RetryPolicy(
-                max_attempts=int(settings.delivery_max_attempts),
-                first_delay=timedelta(seconds=int(settings.delivery_backoff)),
-                factor=int(settings.delivery_backoff_factor),
+                max_attempts=settings.delivery_max_attempts,
+                first_delay=timedelta(seconds=settings.delivery_backoff),
+                factor=settings.delivery_backoff_factor,
             ),
-            private_webhooks=settings.private_webhooks_allowed,
-            claim=timedelta(seconds=int(settings.delivery_claim)),
+            private_webhooks=settings.webhook_allow_private,
+            claim=timedelta(seconds=settings.delivery_claim),
         )
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(
@@ -118,12 +118,12 @@ class NotificationService:
         # Retries come due with the clock (AdvanceTime on the manual one).
         self.runtime.scheduler.register("notification.deliveries", self._deliveries.run)
         self._tasks.append(asyncio.create_task(self._deliveries.loop(), name="deliveries"))
-        probe = int(self.runtime.settings.delivery_probe)
+        probe = self.runtime.settings.delivery_probe
         if probe:
             self._tasks.append(asyncio.create_task(self._probe(probe), name="delivery-probe"))
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
             self._consumers.append(self._quota_consumer(addr))
-        if self.runtime.settings.billing_addr.strip():
+        if self.runtime.settings.billing_addr:
             self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
         for consumer in self._consumers:
             self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
@@ -189,7 +189,7 @@ class NotificationService:
             event_types,
             internal_metadata(self.runtime.signer, "notification"),
             apply,
-            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
+            lease_ttl=self.runtime.settings.consumer_lease_seconds,
         )
 
     def quiesce(self) -> None:

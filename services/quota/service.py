@@ -83,7 +83,7 @@ class QuotaService:
 
     def __init__(self, runtime: Runtime) -> None:
         catalog = runtime.catalog
-        served = runtime.settings.served_regions or tuple(catalog.regions)
+        served = runtime.settings.quota_regions or tuple(catalog.regions)
         unknown = [r for r in served if not catalog.has_region(r)]
         if unknown:
             raise SettingsError(f"ALLOT_QUOTA_REGIONS names regions not in the catalog: {unknown}")
@@ -98,7 +98,7 @@ class QuotaService:
             served_regions=tuple(served),
             policy=DeductionPolicy(runtime.settings.deduction_policy),
             events=QuotaEvents(self.outbox),
-            expiring_notice=timedelta(days=int(runtime.settings.expiring_notice_days)),
+            expiring_notice=timedelta(days=runtime.settings.expiring_notice_days),
             tz=runtime.settings.tz,
         )
         # Follows billing's account_standing_changed events (started by start()).
@@ -120,7 +120,7 @@ class QuotaService:
         self.runtime.scheduler.register(
             "quota.packages", lambda now: announce_packages(self.context, now)
         )
-        addr = self.runtime.settings.billing_addr.strip()
+        addr = self.runtime.settings.billing_addr
         if not addr:
             log.info("ALLOT_BILLING_ADDR is empty: not following billing's account standings")
             return
@@ -151,7 +151,7 @@ class QuotaService:
             standings.EVENT_TYPES,
             internal_metadata(self.runtime.signer, "quota"),
             apply,
-            lease_ttl=float(settings.consumer_lease_seconds),
+            lease_ttl=settings.consumer_lease_seconds,
         )
 
     def quiesce(self) -> None:
@@ -163,7 +163,7 @@ class QuotaService:
         task, self._consumer_task = self._consumer_task, None
         if task is not None:
             await self._end_consumer(task)
-        await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))
+        await self.servicer.close(grace=self.runtime.settings.shutdown_grace)
         if task is not None:
             await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
 

@@ -17,7 +17,7 @@ import jwt
 import pytest
 
 from shared.auth import ADMIN, TokenSigner
-from tests.support.notification_processes import (
+from tests.support.notification import (
     ARREARS,
     EMAIL,
     WEBHOOK,

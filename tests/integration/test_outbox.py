@@ -41,7 +41,7 @@ from shared import migrations
 from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
 from shared.db import Database, UnitOfWork
 from shared.outbox import POLL_SECONDS, Outbox
-from tests.support.notification_processes import until
+from tests.support.notification import until
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 WAIT = 30.0  # bound on every wait for a consumer; a loaded 2-core machine is slow

@@ -29,7 +29,7 @@ from shared.errors import Unauthenticated
 from shared.keys import JWKS_NAME, new_key_pair
 from shared.server import build_runtime
 from shared.settings import SettingsError
-from tests.support import servers
+from tests.support.quota import quota_settings, running_quota
 from tests.support.servers import TEST_SECRET
 
 AUDIENCE = "allot-test"
@@ -169,7 +169,7 @@ def test_a_short_secret_is_refused_everywhere(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="32 bytes"):
         TokenSigner(short)
 
-    settings = servers.test_settings(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", tmp_path)
+    settings = quota_settings(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", tmp_path)
     settings = type(settings).from_env(environ={}, **{**_values(settings), "auth_secret": short})
     with pytest.raises(SettingsError, match="ALLOT_AUTH_SECRET"):
         build_runtime(settings, "quota")
@@ -209,14 +209,14 @@ async def test_a_quota_server_with_a_jwks_and_no_secret_accepts_allot_token_key(
     assert cli.main(["token", "--role", "admin", "--key", str(keys / "k1.pem")]) == 0
     token = capsys.readouterr().out.strip()
 
-    settings = servers.test_settings(
+    settings = quota_settings(
         f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
         tmp_path,
         auth_secret="",
         auth_jwks_file=str(keys / JWKS_NAME),
     )
     assert settings.optional_signing_secret() is None
-    async with servers.running_quota(settings) as quota:
+    async with running_quota(settings) as quota:
         assert quota.server.runtime.signer is None
         request = quota_service_pb2.GetQuotaSummaryRequest(account_id="acct-1")
         summary = await quota.stub.GetQuotaSummary(

@@ -190,7 +190,7 @@ class PayPerUse:
             [PAY_PER_USE_RECORDED],
             internal_metadata(self.runtime.signer, "billing"),
             apply,
-            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
+            lease_ttl=self.runtime.settings.consumer_lease_seconds,
         )
 
     def quiesce(self) -> None:
