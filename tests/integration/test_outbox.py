@@ -5,8 +5,8 @@ write at once, a rolled-back transaction's events never appear (also after it to
 numbers), and a reader paging with `sequence > cursor` never sees a later sequence before an
 earlier one, even while a transaction that staged an event commits late.
 
-Consumer side: `shared.consumer.StreamConsumer` against an `Outbox.watch` stream applies every
-event exactly once across stream failures, replays, failing effects, a lost lease and a second
+Consumer side: `shared.streams.consumer.StreamConsumer` against an `Outbox.watch` stream applies
+every event exactly once across stream failures, replays, failing effects, a lost lease and a second
 replica. The database is migrated with quota's own migrations, so the tables are the real ones.
 """
 
@@ -38,9 +38,10 @@ from sqlalchemy.exc import DBAPIError
 from services.quota.adapters import tables
 from services.quota.service import QuotaService
 from shared import migrations
-from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
 from shared.db import Database, UnitOfWork
 from shared.outbox import POLL_SECONDS, Outbox
+from shared.streams.consumer import StreamConsumer
+from shared.streams.lease import LeaseLost, consumer_tables
 from tests.support.notification_processes import until
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
@@ -778,7 +779,7 @@ async def test_a_holder_that_lost_its_lease_applies_nothing(consumer_db, outbox)
     assert [seq for seq, _ in await applied_rows(consumer_db)] == list(range(1, 11))
     assert consumer.last_sequence == 10
     with pytest.raises(LeaseLost):
-        await consumer_db.transaction(consumer._extend)
+        await consumer_db.transaction(consumer.lease.extend)
 
 
 async def test_an_unreachable_producer_is_retried_with_growing_pauses(consumer_db):
