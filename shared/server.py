@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs, migrations
-from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
+from shared.auth import ADMIN, Policy, policy
 from shared.catalog import Catalog, load_catalog
 from shared.channels import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
@@ -36,6 +36,7 @@ from shared.interceptors import CallInterceptor
 from shared.settings import Settings, SettingsError
 from shared.timeutil import from_duration, from_timestamp, to_timestamp
 from shared.tls import Channels, TlsFiles, server_credentials
+from shared.tokens import TokenSigner, signer_for, verifier_for
 
 log = logging.getLogger("allot.server")
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from shared.auth import TokenSigner, internal_metadata
 from shared.db import Database
 from shared.streams.consumer import Apply, StreamConsumer
 from shared.streams.lease import DEFAULT_LEASE_TTL
+from shared.tokens import TokenSigner, internal_metadata
 
 log = logging.getLogger("allot.consumer")
 

@@ -13,12 +13,12 @@ import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import Column, MetaData, String, Table, insert, select
 
-from shared.auth import TokenSigner
 from shared.channels import CHANNEL_OPTIONS
 from shared.db import Database, UnitOfWork
 from shared.streams.lease import consumer_tables
 from shared.streams.subscriptions import STOP_SECONDS, Subscriptions
 from shared.tls import Channels, TlsFiles
+from shared.tokens import TokenSigner
 from tests.support.notification_processes import until
 from tests.support.quota_calls import QuotaCalls, last_event_sequence, quota_server
 from tests.support.servers import TEST_SECRET

@@ -16,9 +16,10 @@ from allot.quota.v1 import quota_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2_grpc
 
 from services.quota.service import QuotaService
-from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY, INTERNAL, TokenSigner
+from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT, Settings
+from shared.tokens import TokenSigner
 from tests.support.databases import migrated_sqlite_if_new
 
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -40,7 +41,7 @@ class Tokens:
 
     def internal(self, service: str) -> str:
         """The token a suite service presents on a plaintext (local) run."""
-        return self.signer.mint(INTERNAL, user=service)
+        return self.signer.mint_internal(service)
 
     def account(
         self, account_id: str, read_only: bool = False, regions: list[str] | None = None
