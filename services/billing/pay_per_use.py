@@ -1,7 +1,7 @@
 """Pay-per-use as a billing process runs it: a consumer of each quota deployment's
-`WatchEvents` (its `pay_per_use_recorded` events, taken by `app/usage.py`), the hourly
-settlement as due work, and a nudge that settles at once a cycle whose usage arrives after it
-ended (services/billing/README.md; docs/faults.md, "Streams").
+`WatchEvents` (its `pay_per_use_recorded` events, read by `adapters/usage_events.py` and taken
+by `app/usage.py`), the hourly settlement as due work, and a nudge that settles at once a cycle
+whose usage arrives after it ended (services/billing/README.md; docs/faults.md, "Streams").
 
 This is composition-root wiring beside `service.py`: the only part of pay-per-use that knows
 gRPC, the stream and the process's tasks.
@@ -16,8 +16,10 @@ from datetime import datetime, timedelta
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.billing.adapters import tables
+from services.billing.adapters.usage_events import PAY_PER_USE_RECORDED, recorded_usage
 from services.billing.app import usage
 from services.billing.app.context import BillingContext
+from services.billing.app.settlement import settle_due
 from shared.clock import KickedWork, ManualClock
 from shared.db import UnitOfWork
 from shared.server import Runtime
@@ -54,7 +56,7 @@ class PayPerUse:
     async def _settle_round(self, now: datetime) -> int:
         if self._catching_up(now):
             return 0
-        return await usage.settle_due(self.ctx, now)
+        return await settle_due(self.ctx, now)
 
     def _catching_up(self, now: datetime) -> bool:
         """On the system clock, settlement waits while the intake reads a backlog (see
@@ -82,7 +84,7 @@ class PayPerUse:
                 addr,
                 quota_service_pb2_grpc.QuotaServiceStub,
                 quota_service_pb2.WatchEventsRequest,
-                [usage.PAY_PER_USE_RECORDED],
+                [PAY_PER_USE_RECORDED],
                 self._take,
             )
         self.subscriptions.start()
@@ -92,7 +94,10 @@ class PayPerUse:
         self._last_intake = time.monotonic()
         if event.HasField("create_time"):
             self._intake_lag = self.ctx.now() - from_timestamp(event.create_time, "create_time")
-        end = await usage.take_pay_per_use(self.ctx, uow, event)
+        recorded = recorded_usage(event)
+        if recorded is None:
+            return
+        end = await usage.take_pay_per_use(self.ctx, uow, recorded)
         if end is not None and end <= self.ctx.now():
             uow.after_commit(self.kick)  # its cycle is over already: settle it now
 

@@ -1,6 +1,6 @@
 """allot.billing.v1.BillingService: requests in, use cases called, responses out.
 
-Every RPC of API.md's BillingService is served here; the work is in ``app/``.
+Every RPC of BillingService (protos/, docs/design.md) is served here; the work is in ``app/``.
 """
 
 from __future__ import annotations
@@ -9,11 +9,19 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 
 from services.billing.adapters.events import order_message
 from services.billing.api import convert
-from services.billing.app import accounts, bills, orders, renewals, standing, subscriptions
+from services.billing.app import (
+    accounts,
+    bills,
+    fulfilment,
+    orders,
+    renewals,
+    standing,
+    subscriptions,
+)
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
-from shared.pagination import decode_page_token, page_of, page_size
+from shared.pagination import paged, paged_list
 from shared.timeutil import from_timestamp
 from shared.validation import check_account_id
 
@@ -25,12 +33,7 @@ def _check_order(order) -> None:
 class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     def __init__(self, ctx: BillingContext, idempotency: IdempotencyStore) -> None:
         self.ctx = ctx
-        self.idempotency = idempotency
-
-    async def _idempotent(self, scope, request, response_type, work, authorize=None):
-        return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now, authorize=authorize
-        )
+        self._idempotent = idempotency.bound(ctx.db, ctx.now)
 
     # --- accounts -------------------------------------------------------------------------
 
@@ -50,12 +53,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListAccounts(self, request, context):
         principal = current_principal()
         only = None if principal.is_operator else principal.account
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        found = await accounts.list_accounts(
-            self.ctx, only, request.master_account_id, after[0] if after else None, limit + 1
+        page, token = await paged(
+            request,
+            lambda after, limit: accounts.list_accounts(
+                self.ctx, only, request.master_account_id, after[0] if after else None, limit
+            ),
+            lambda a: [a.account_id],
         )
-        page, token = page_of(found, limit, lambda a: [a.account_id], request)
         return billing_service_pb2.ListAccountsResponse(
             accounts=[convert.to_proto_account(a) for a in page], next_page_token=token
         )
@@ -97,11 +101,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         self.ctx.check_api(request.api, required=False)
         self.ctx.check_region(request.region, required=False)
         offers = sorted(catalog.offers_for(request.api, request.region), key=lambda o: o.id)
-        after = decode_page_token(request)
-        if after:
-            offers = [o for o in offers if o.id > after[0]]
-        limit = page_size(request.page_size)
-        page, token = page_of(offers[: limit + 1], limit, lambda o: [o.id], request)
+        page, token = paged_list(request, offers, lambda o: [o.id])
         return billing_service_pb2.ListOffersResponse(
             offers=[convert.to_proto_offer(o, catalog.currency) for o in page],
             next_page_token=token,
@@ -139,7 +139,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             self._idempotent("PurchasePackage", request, billing_pb2.Order, work)
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return order_message(await orders.fulfil(self.ctx, paid.order_id))
+        return order_message(await fulfilment.fulfil(self.ctx, paid.order_id))
 
     async def RenewPackage(self, request, context):
         periods = renewals.check_periods(request.periods)
@@ -158,7 +158,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             )
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return order_message(await orders.fulfil(self.ctx, placed.order_id))
+        return order_message(await fulfilment.fulfil(self.ctx, placed.order_id))
 
     async def SetAutoRenew(self, request, context):
         lead_days = renewals.check_lead_days(request.lead_days)
@@ -191,7 +191,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return convert.to_proto_auto_renewal(sold)
 
     async def CancelOrder(self, request, context):
-        order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))
+        order = await hiding_absence(fulfilment.cancel(self.ctx, request.order_id, _check_order))
         return order_message(order)
 
     async def GetOrder(self, request, context):
@@ -204,12 +204,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListOrders(self, request, context):
         principal = current_principal()
         account_id = check_account_id(principal.scoped_account(request.account_id))
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        found = await orders.list_orders(
-            self.ctx, account_id, after[0] if after else None, limit + 1, principal.regions
+        page, token = await paged(
+            request,
+            lambda after, limit: orders.list_orders(
+                self.ctx, account_id, after[0] if after else None, limit, principal.regions
+            ),
+            lambda o: [o.order_id],
         )
-        page, token = page_of(found, limit, lambda o: [o.order_id], request)
         return billing_service_pb2.ListOrdersResponse(
             orders=[order_message(o) for o in page], next_page_token=token
         )
@@ -223,9 +224,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def _subscription(self, scope, request, change):
         """Quota is told first, then billing's record is written under the request's key; a
         replay is answered from the stored reply and tells quota nothing."""
-        replay = await self.idempotency.replay(
-            self.ctx.db, scope, request, billing_pb2.ApiSubscription
-        )
+        replay = await self._idempotent.replay(scope, request, billing_pb2.ApiSubscription)
         if replay is not None:
             return replay
 
@@ -243,9 +242,10 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def GetBill(self, request, context):
         regions = current_principal().regions
-        return await hiding_absence(
-            bills.get_bill_message(self.ctx, request.account_id, request.month, regions)
+        shown = await hiding_absence(
+            bills.shown_bill(self.ctx, request.account_id, request.month, regions)
         )
+        return convert.to_proto_bill(shown, self.ctx.tz)
 
     async def ExportBill(self, request, context):
         regions = current_principal().regions
