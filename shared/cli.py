@@ -24,8 +24,9 @@ import sys
 from importlib import import_module
 
 from shared import certs, keys
-from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES, TokenSigner
+from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES
 from shared.settings import Settings, SettingsError, parse_duration
+from shared.tokens import TokenSigner, signer_for
 
 # The services of the suite: name -> module run with `python -m`.
 SERVICES = {
@@ -198,10 +199,9 @@ def cmd_run(args, _settings: Settings | None = None) -> int:
             stop()
             print(f"{name} did not start; see the log above", file=sys.stderr)
             return 1
-    secret = settings.optional_signing_secret()
+    signer = signer_for(settings)
     tokens = {}
-    if secret is not None:
-        signer = TokenSigner(secret, audience=settings.auth_audience)
+    if signer is not None:
         ttl = min(30 * 86400, settings.auth_max_ttl)
         tokens = {
             "ADMIN_TOKEN": signer.mint(ADMIN, user="operator", ttl_seconds=ttl),

@@ -27,10 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs, migrations
-from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
+from shared.auth import ADMIN, Policy, policy
 from shared.catalog import Catalog, load_catalog
+from shared.channels import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
-from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
@@ -38,6 +38,7 @@ from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
 from shared.timeutil import from_duration, from_timestamp, to_timestamp
 from shared.tls import Channels, TlsFiles, server_credentials
+from shared.tokens import TokenSigner, signer_for, verifier_for
 
 log = logging.getLogger("allot.server")
 
@@ -181,7 +182,7 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 # Let callers ping idle connections every few seconds (every 5 s: KEEPALIVE_SECONDS
-                # in shared/consumer.py), so a dead peer is noticed quickly rather than after the
+                # in shared/channels.py), so a dead peer is noticed quickly rather than after the
                 # 5-minute default. The margin below 5 s keeps a ping that arrives a little early
                 # from counting as abuse (a GOAWAY after three).
                 ("grpc.http2.min_ping_interval_without_data_ms", 2000),

@@ -28,14 +28,14 @@ from services.notification.app import deliveries, notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
-from shared.auth import OWNERS, READERS, Policy, internal_metadata, policy
+from shared.auth import OWNERS, READERS, Policy, policy
 from shared.clock import KickedWork
-from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.errors import Unavailable
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
+from shared.streams.subscriptions import Subscriptions
 
 log = logging.getLogger("allot.notification")
 
@@ -96,7 +96,10 @@ class NotificationService:
             "delivery round",
         )
         self._tasks: list[asyncio.Task] = []
-        self._consumers: list[StreamConsumer] = []
+        # One notification per relevant event of quota's and billing's streams.
+        self.subscriptions = Subscriptions.of(
+            runtime, "notification", (tables.consumer_cursors, tables.consumer_leases)
+        )
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -122,11 +125,25 @@ class NotificationService:
         if probe:
             self._tasks.append(asyncio.create_task(self._probe(probe), name="delivery-probe"))
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
-            self._consumers.append(self._quota_consumer(addr))
+            self.subscriptions.subscribe(
+                f"quota@{addr}",
+                addr,
+                quota_service_pb2_grpc.QuotaServiceStub,
+                quota_service_pb2.WatchEventsRequest,
+                QUOTA_EVENT_TYPES,
+                self._taking(from_quota_event),
+            )
         if self.runtime.settings.billing_addr:
-            self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
-        for consumer in self._consumers:
-            self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
+            # Billing is one global deployment: one stream, named so a new address keeps it.
+            self.subscriptions.subscribe(
+                "billing",
+                self.runtime.settings.billing_addr,
+                billing_service_pb2_grpc.BillingServiceStub,
+                billing_service_pb2.WatchEventsRequest,
+                BILLING_EVENT_TYPES,
+                self._taking(from_billing_event),
+            )
+        self.subscriptions.start()
 
     async def _probe(self, every: int) -> None:
         """Every `every` seconds of wall time, probe each channel whose deliveries wait for a
@@ -141,34 +158,7 @@ class NotificationService:
             except Exception:  # keep probing; the next round starts from the database
                 log.exception("delivery probe failed")
 
-    def _quota_consumer(self, addr: str) -> StreamConsumer:
-        return self._consumer(
-            f"quota@{addr}",
-            self._watch(addr, quota_service_pb2_grpc.QuotaServiceStub),
-            quota_service_pb2.WatchEventsRequest,
-            QUOTA_EVENT_TYPES,
-            from_quota_event,
-        )
-
-    def _billing_consumer(self, addr: str) -> StreamConsumer:
-        """Billing is one global deployment: one stream, named so a new address keeps it."""
-        return self._consumer(
-            "billing",
-            self._watch(addr, billing_service_pb2_grpc.BillingServiceStub),
-            billing_service_pb2.WatchEventsRequest,
-            BILLING_EVENT_TYPES,
-            from_billing_event,
-        )
-
-    def _watch(self, addr: str, stub_type):
-        channels = self.runtime.channels
-
-        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
-            return stub_type(channels.get(addr)).WatchEvents(request, metadata=metadata)
-
-        return watch
-
-    def _consumer(self, stream, watch, request_type, event_types, to_source) -> StreamConsumer:
+    def _taking(self, to_source):
         """One notification per relevant event of a stream, taken in the cursor's transaction."""
 
         async def apply(uow: UnitOfWork, event) -> None:
@@ -180,24 +170,14 @@ class NotificationService:
             )
             uow.after_commit(self.kick)
 
-        return watching(
-            stream,
-            self.runtime.db,
-            (tables.consumer_cursors, tables.consumer_leases),
-            watch,
-            request_type,
-            event_types,
-            internal_metadata(self.runtime.signer, "notification"),
-            apply,
-            lease_ttl=self.runtime.settings.consumer_lease_seconds,
-        )
+        return apply
 
     def quiesce(self) -> None:
         self.outbox.close()
-        for consumer in self._consumers:
-            consumer.stop()
+        self.subscriptions.quiesce()
 
     async def stop(self) -> None:
+        await self.subscriptions.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

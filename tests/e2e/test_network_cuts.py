@@ -68,7 +68,7 @@ from tests.support.standings import (
 
 # After heal(), how long the services may take to find each other again: a connection that went
 # silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s without
-# reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in shared/consumer.py) and
+# reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in shared/channels.py) and
 # dialled again at once; then billing offers pending orders within 2 s, a consumer reconnects
 # within its backoff (at most 5 s). Measured here: 1-4 s after a cut longer than 10 s (the
 # channel waits out its reconnect backoff), 2-7 s after a 3 s one. Generous for a loaded 2-core

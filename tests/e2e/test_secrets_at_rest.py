@@ -16,7 +16,8 @@ import grpc
 import jwt
 import pytest
 
-from shared.auth import ADMIN, TokenSigner
+from shared.auth import ADMIN
+from shared.tokens import TokenSigner
 from tests.support.notification import (
     ARREARS,
     EMAIL,

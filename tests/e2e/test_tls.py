@@ -40,7 +40,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import certs, keys
-from shared.auth import TokenSigner
+from shared.tokens import TokenSigner
 from tests.e2e.test_grpcurl import field, grpcurl_binary
 from tests.support.billing import BillingCalls, billing_process, paired_env
 from tests.support.events import AlertCalls

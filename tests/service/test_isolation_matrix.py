@@ -44,9 +44,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from services.billing.service import POLICIES as BILLING_POLICIES
 from services.notification.service import POLICIES as NOTIFICATION_POLICIES
 from services.quota.service import POLICIES as QUOTA_POLICIES
-from shared.auth import Policy, Principal, TokenVerifier
+from shared.auth import Policy, Principal
 from shared.server import CLOCK_POLICIES
 from shared.status import error_info
+from shared.tokens import TokenVerifier
 from tests.support.billing import billing_settings, running_billing
 from tests.support.calls import ts
 from tests.support.databases import create_postgres_database, drop_postgres_database

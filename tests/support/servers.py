@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 
-from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY, INTERNAL, TokenSigner
+from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY
 from shared.settings import REPO_ROOT
+from shared.tokens import TokenSigner
 
 TEST_SECRET = "test-secret-" + "x" * 40
 
@@ -32,7 +33,7 @@ class Tokens:
 
     def internal(self, service: str) -> str:
         """The token a suite service presents on a plaintext (local) run."""
-        return self.signer.mint(INTERNAL, user=service)
+        return self.signer.mint_internal(service)
 
     def account(
         self, account_id: str, read_only: bool = False, regions: list[str] | None = None
