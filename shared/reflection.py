@@ -34,14 +34,17 @@ def load_sources(
         log.warning("no descriptor set at %s: reflection serves no comments", path)
         return {}
     files = descriptor_pb2.FileDescriptorSet.FromString(data).file
-    return {file.name: file for file in files}
+    return {file.name: _without_json_names(file) for file in files}
 
 
-def _bare(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
-    """`file` without what only protoc writes: source info and fields' json_name."""
+def _without_json_names(
+    file: descriptor_pb2.FileDescriptorProto,
+) -> descriptor_pb2.FileDescriptorProto:
+    """`file` without the fields' json_name, which protoc writes and the loaded stubs do not:
+    served with it, grpcurl would print camelCase names instead of the proto's own (the
+    README's examples and every client's JSON use the proto's names)."""
     bare = descriptor_pb2.FileDescriptorProto()
     bare.CopyFrom(file)
-    bare.ClearField("source_code_info")
     messages = list(bare.message_type)
     while messages:
         message = messages.pop()
@@ -50,6 +53,13 @@ def _bare(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescri
         messages.extend(message.nested_type)
     for field in bare.extension:
         field.ClearField("json_name")
+    return bare
+
+
+def _bare(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """`file` without what only protoc writes: source info and fields' json_name."""
+    bare = _without_json_names(file)
+    bare.ClearField("source_code_info")
     return bare
 
 
