@@ -146,6 +146,19 @@ def test_every_doc_is_reachable_from_the_readme():
     assert unreached == [], "link these from docs/README.md: " + ", ".join(unreached)
 
 
+CODE_PATH = re.compile(r"`((?:services|shared|tests|deploy|protos|docs)/[\w./-]+)")
+
+
+def test_paths_the_docs_name_exist():
+    """Docs name the code that applies a rule; when the code moves, the doc moves with it."""
+    missing = []
+    for source in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]:
+        for name in sorted(set(CODE_PATH.findall(source.read_text(encoding="utf-8")))):
+            if not (REPO_ROOT / name.rstrip(".")).exists():
+                missing.append(f"{source.relative_to(REPO_ROOT)}: {name}")
+    assert missing == [], "\n".join(missing)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path):
     # The patterns themselves: a citation of each kind is found, a path inside the repo is not.
     outside = "DESIGN" + ".md §2", "see API" + ".md", "STYLE" + ".md pattern 9", "DESIGN" + " §4"
@@ -159,3 +172,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     page.write_text("# A title\n\n[x](other.md#nowhere) [y](#a-title) `[z](inline.md)`\n")
     assert relative_links(page) == ["other.md#nowhere", "#a-title"]
     assert anchors(page) == {"a-title"}
+    assert CODE_PATH.findall("see `shared/db.py` and `services/quota/app/`") == [
+        "shared/db.py",
+        "services/quota/app/",
+    ]
