@@ -5,6 +5,7 @@ doc under docs/ can be reached from the README.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 
@@ -57,6 +58,18 @@ def text_of(path: pathlib.Path) -> str | None:
         return None  # binary (a database, an image): nothing to cite
 
 
+@functools.cache
+def project_texts() -> tuple[tuple[pathlib.Path, str], ...]:
+    """Every text file of the project but this one, read once for all the checks."""
+    this = pathlib.Path(__file__).resolve()
+    found = []
+    for path in project_files():
+        text = text_of(path) if path.resolve() != this else None
+        if text is not None:
+            found.append((path, text))
+    return tuple(found)
+
+
 def markdown_files() -> list[pathlib.Path]:
     files = [REPO_ROOT / "README.md"]
     files += sorted((REPO_ROOT / "docs").rglob("*.md"))
@@ -99,13 +112,9 @@ def resolve(source: pathlib.Path, target: str) -> tuple[pathlib.Path, str]:
 
 
 def test_no_file_cites_documents_outside_the_repository():
-    this = pathlib.Path(__file__).resolve()
     citations = []
-    for path in project_files():
-        if path.resolve() == this:
-            continue
-        text = text_of(path)
-        if text is None:
+    for path, text in project_texts():
+        if not OUTSIDE_CITATION.search(text):
             continue
         for number, line in enumerate(text.splitlines(), 1):
             if OUTSIDE_CITATION.search(line):
@@ -146,6 +155,23 @@ def test_every_doc_is_reachable_from_the_readme():
     assert unreached == [], "link these from docs/README.md: " + ", ".join(unreached)
 
 
+DOC_CITATION = re.compile(r"(?<![\w/.])(docs/[\w./-]*\w\.md)")
+
+
+def test_every_cited_doc_exists():
+    """Code comments cite docs/ by path; a citation of a file that is not there (renamed, or
+    never written) is as lost as one of a file outside the repository."""
+    missing = []
+    for path, text in project_texts():
+        if "docs/" not in text:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            for cited in DOC_CITATION.findall(line):
+                if not (REPO_ROOT / cited).is_file():
+                    missing.append(f"{path.relative_to(REPO_ROOT)}:{number}: {cited}")
+    assert missing == [], "\n".join(missing)
+
+
 CODE_PATH = re.compile(r"`((?:services|shared|tests|deploy|protos|docs)/[\w./-]+)")
 
 
@@ -172,6 +198,9 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     page.write_text("# A title\n\n[x](other.md#nowhere) [y](#a-title) `[z](inline.md)`\n")
     assert relative_links(page) == ["other.md#nowhere", "#a-title"]
     assert anchors(page) == {"a-title"}
+    assert DOC_CITATION.findall('(docs/faults.md, "Streams"); see ../../docs/security.md') == [
+        "docs/faults.md"
+    ]
     assert CODE_PATH.findall("see `shared/db.py` and `services/quota/app/`") == [
         "shared/db.py",
         "services/quota/app/",
