@@ -1,6 +1,6 @@
 """The catalog: regions, APIs with their pay-per-use price tiers, and the package offers for sale.
 
-Services load it once at start from a YAML file (``ALLOT_CATALOG``, format in ``API.md``); a
+Services load it once at start from a YAML file (``ALLOT_CATALOG``, format in ``docs/design.md``); a
 malformed file is rejected with a ``CatalogError`` that reads ``<file>:<line>: <problem>``.
 """
 

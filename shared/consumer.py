@@ -3,11 +3,12 @@
 Billing and notification read `WatchEvents` streams (quota's, billing's) through one
 `StreamConsumer` per stream. The consumer keeps its cursor in its own database and moves it in
 the same transaction as the event's effect, so a crash at any instant keeps both or neither:
-nothing is lost and nothing is applied twice (DESIGN §1). A lease row in the same database lets
-one replica consume a stream at a time (DESIGN §8). Every applying transaction first re-checks
-and extends the lease with a conditional UPDATE, which also locks the lease row until commit; so
-a replica that lost its lease (paused past the ttl while another took over) applies nothing,
-and two replicas never apply concurrently even on a lease that is about to expire.
+nothing is lost and nothing is applied twice (docs/faults.md, "Streams"). A lease row in the same
+database lets one replica consume a stream at a time (docs/design/scale.md). Every applying
+transaction first re-checks and extends the lease with a conditional UPDATE, which also locks the
+lease row until commit; so a replica that lost its lease (paused past the ttl while another took
+over) applies nothing, and two replicas never apply concurrently even on a lease that is about to
+expire.
 
 Failures never skip an event: a stream error or a failing effect closes the stream and the
 consumer starts again from its stored cursor after an exponential, jittered, bounded pause.

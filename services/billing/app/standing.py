@@ -8,7 +8,7 @@ the instant the clock was seen to pass it (``domain.arrears.advance``): a clock 
 ahead yields ``FROZEN`` at the end of grace and ``RELEASED`` at the end of retention, each
 announced in order.
 
-Releasing subscriptions (DESIGN.md §4)
+Releasing subscriptions (docs/design.md)
 ======================================
 
 At release, every ``ACTIVE`` row of billing's ``api_subscriptions`` of the account and its

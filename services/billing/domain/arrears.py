@@ -1,6 +1,6 @@
 """Arrears: an account's standing as its balance goes below zero and back.
 
-The lifecycle (DESIGN.md §4)
+The lifecycle (docs/design.md)
 ============================
 
 A zero balance does not stop calls at request time: usage is always recorded and settled

@@ -1,6 +1,6 @@
 """Bills: the lines that moved an account's balance in a month, and their CSV export.
 
-What a bill holds (DESIGN.md §4)
+What a bill holds (docs/design.md)
 ================================
 
 One **line** per settled hourly pay-per-use cycle of an account, region, API and enterprise

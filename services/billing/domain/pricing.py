@@ -1,6 +1,6 @@
 """Graduated pay-per-use pricing: what a run of calls costs, given the month's earlier calls.
 
-The rule (DESIGN.md §4)
+The rule (docs/design.md)
 =======================
 
 The pay-per-use calls of one account, region and API in one calendar month of the billing time

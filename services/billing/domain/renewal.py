@@ -1,6 +1,6 @@
 """Renewal of packages: when a package may be renewed by hand, and when auto-renewal tries.
 
-Manual renewal (DESIGN.md §4)
+Manual renewal (docs/design.md)
 =============================
 
 A package may be renewed while it has not expired and for 15 days after it expires. Its

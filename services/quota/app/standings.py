@@ -1,6 +1,6 @@
 """Quota's projection of account standings, kept from billing's event stream.
 
-Billing owns accounts and their arrears lifecycle (DESIGN §4); each change of an account's
+Billing owns accounts and their arrears lifecycle (docs/design.md); each change of an account's
 standing is one `account_standing_changed` event in billing's outbox. Quota consumes billing's
 `WatchEvents` (see `service.py`) and keeps one row per account in `account_standings`, which
 `CheckQuota` reads for admission (absent = GOOD).
