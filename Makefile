@@ -7,6 +7,9 @@ PY := $(BIN)/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 GEN := shared/gen
 PROTO_DEPS := build/proto-deps
+# Our protos' descriptors with their comments (source info), served by server reflection
+# (shared/reflection.py) so `grpcurl describe` shows them.
+DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
 .PHONY: help venv proto proto-check lint test run run-mtls bench clean
@@ -23,12 +26,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## Create the virtual environment with every dependency
 
-proto: venv  ## Regenerate Python stubs (and .pyi) from protos/ into shared/gen
-	rm -rf $(GEN)/allot && mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc $(PROTO_DEPS)/google/type
+proto: venv  ## Regenerate Python stubs (and .pyi) and the descriptor set from protos/ into shared/gen
+	rm -rf $(GEN)/allot $(GEN)/$(DESCRIPTOR_SET)
+	mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc $(PROTO_DEPS)/google/type $(PROTO_DEPS)/google/api
 	cp $(SITE)/google/rpc/*.proto $(PROTO_DEPS)/google/rpc/
 	cp $(SITE)/google/type/*.proto $(PROTO_DEPS)/google/type/
+	cp $(SITE)/google/api/field_behavior.proto $(PROTO_DEPS)/google/api/
 	$(PY) -m grpc_tools.protoc -I protos -I $(SITE) --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) \
+	  --include_source_info --descriptor_set_out=$(GEN)/$(DESCRIPTOR_SET) \
 	  $$(find protos -name '*.proto' | sort)
 	find $(GEN)/allot -type d -exec touch {}/__init__.py \;
 

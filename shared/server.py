@@ -33,6 +33,7 @@ from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
+from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
 from shared.timeutil import from_duration, from_timestamp, to_timestamp
 from shared.tls import Channels, TlsFiles, server_credentials
@@ -199,8 +200,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Reflection serves the protos' comments too (shared/reflection.py).
         reflection.enable_server_reflection(
-            (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*names, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+            pool=SourcePool(load_sources()),
         )
         files = TlsFiles.from_settings(settings)
         if files.serves_tls:

@@ -13,7 +13,7 @@ from services.billing.adapters import tables
 from services.billing.adapters.events import BillingEvents
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import orders, renewals, standing, usage
+from services.billing.app import fulfilment, renewals, standing, usage
 from services.billing.app.context import BillingContext
 from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
 from shared.idempotency import IdempotencyStore
@@ -107,10 +107,10 @@ class BillingService:
     async def _fulfil_pending(self) -> None:
         while True:
             try:
-                await orders.fulfil_pending(self.context)
+                await fulfilment.fulfil_pending(self.context)
             except Exception:  # keep retrying; the next round starts from the database
                 log.exception("fulfilling pending orders failed")
-            await asyncio.sleep(orders.RETRY_PENDING.total_seconds())
+            await asyncio.sleep(fulfilment.RETRY_PENDING.total_seconds())
 
     def quiesce(self) -> None:
         self.outbox.close()

@@ -27,7 +27,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2
 from sqlalchemy import func, insert, select
 
 from services.billing.adapters import tables as billing_tables
-from services.billing.app import standing, usage
+from services.billing.app import settlement, standing
 from services.billing.app.usage import BACKLOG_LAG, MAX_WAIT, settlement_waits
 from services.billing.domain.bills import CSV_COLUMNS
 from services.quota.adapters import tables as quota_tables
@@ -703,8 +703,8 @@ def test_settlement_waits_only_while_a_backlog_is_read():
 
 async def test_a_backlog_is_settled_in_bounded_steps(suite, monkeypatch):
     # Small pages and runs: the scheduler runs the due work again while it makes progress.
-    monkeypatch.setattr(usage, "PAGE", 2)
-    monkeypatch.setattr(usage, "MAX_PER_RUN", 3)
+    monkeypatch.setattr(settlement, "PAGE", 2)
+    monkeypatch.setattr(settlement, "MAX_PER_RUN", 3)
     monkeypatch.setattr(standing, "PAGE", 2)
     accounts = [f"acct-{i}" for i in range(3)]
     for account in accounts:

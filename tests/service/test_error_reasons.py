@@ -50,6 +50,7 @@ from tests.support.databases import (
 )
 from tests.support.notification_processes import (
     EMAIL,
+    contact,
     notification_settings,
     running_notification,
 )
@@ -239,6 +240,29 @@ async def quota_invalid_state_transition(stage: Stage) -> None:
 async def quota_usage_event_not_found(stage: Stage) -> None:
     quota = await stage.quota()
     await expect_error(quota.explain("no-such-event"), NOT_FOUND, "USAGE_EVENT_NOT_FOUND")
+
+
+async def quota_usage_alert_not_found(stage: Stage) -> None:
+    quota = await stage.quota()
+    await expect_error(
+        quota.stub.GetUsageAlert(
+            quota_service_pb2.GetUsageAlertRequest(alert_id="no-such-alert"),
+            metadata=quota.admin,
+        ),
+        NOT_FOUND,
+        "USAGE_ALERT_NOT_FOUND",
+    )
+
+
+async def quota_cursor_ahead_of_stream(stage: Stage) -> None:
+    quota = await stage.quota()
+    await quota.report("e-1")
+    stream = quota.stub.WatchEvents(
+        quota_service_pb2.WatchEventsRequest(after_sequence=1_000_000),
+        metadata=quota.admin,
+        timeout=WITHIN,
+    )
+    await expect_error(stream.read(), PRECONDITION, "CURSOR_AHEAD_OF_STREAM")
 
 
 async def quota_request_id_reused(stage: Stage) -> None:
@@ -452,6 +476,39 @@ async def notification_delivery_not_found(stage: Stage) -> None:
     )
 
 
+async def notification_notification_not_found(stage: Stage) -> None:
+    calls = await stage.notification()
+    contact = await calls.create("acct-1", EMAIL, "ops@example.com")
+    await expect_error(
+        calls.retry("no-such-notification", contact.contact_id),
+        NOT_FOUND,
+        "NOTIFICATION_NOT_FOUND",
+    )
+
+
+async def notification_request_id_reused(stage: Stage) -> None:
+    calls = await stage.notification()
+    await calls.create_contact(contact("acct-1", EMAIL, "ops@example.com"), request_id="c-1")
+    await expect_error(
+        calls.create_contact(contact("acct-1", EMAIL, "finance@example.com"), request_id="c-1"),
+        INVALID,
+        "REQUEST_ID_REUSED",
+    )
+
+
+async def notification_test_notification_rate_limited(stage: Stage) -> None:
+    """Three tests per contact per hour; the fourth is refused (its clock does not move)."""
+    calls = await stage.notification()
+    contact = await calls.create("acct-1", EMAIL, "ops@example.com")
+    for _ in range(3):
+        await calls.send_test(contact.contact_id)
+    await expect_error(
+        calls.send_test(contact.contact_id),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TEST_NOTIFICATION_RATE_LIMITED",
+    )
+
+
 async def clock_service_clock_backwards(stage: Stage) -> None:
     quota = await stage.quota()
     await expect_error(
@@ -460,17 +517,6 @@ async def clock_service_clock_backwards(stage: Stage) -> None:
 
 
 # --- beyond the protos ---------------------------------------------------------------------
-
-
-async def quota_cursor_ahead_of_stream(stage: Stage) -> None:
-    quota = await stage.quota()
-    await quota.report("e-1")
-    stream = quota.stub.WatchEvents(
-        quota_service_pb2.WatchEventsRequest(after_sequence=1_000_000),
-        metadata=quota.admin,
-        timeout=WITHIN,
-    )
-    await expect_error(stream.read(), PRECONDITION, "CURSOR_AHEAD_OF_STREAM")
 
 
 async def shared_service_starting(stage: Stage) -> None:
@@ -571,6 +617,8 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ("quota", "INVALID_STATE_TRANSITION"): quota_invalid_state_transition,
     ("quota", "USAGE_EVENT_NOT_FOUND"): quota_usage_event_not_found,
     ("quota", "REQUEST_ID_REUSED"): quota_request_id_reused,
+    ("quota", "USAGE_ALERT_NOT_FOUND"): quota_usage_alert_not_found,
+    ("quota", "CURSOR_AHEAD_OF_STREAM"): quota_cursor_ahead_of_stream,
     ("billing", "ACCOUNT_ALREADY_EXISTS"): billing_account_already_exists,
     ("billing", "ACCOUNT_IN_ARREARS"): billing_account_in_arrears,
     ("billing", "ACCOUNT_NOT_FOUND"): billing_refuses(
@@ -602,13 +650,15 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ),
     ("notification", "CONTACT_NOT_FOUND"): notification_contact_not_found,
     ("notification", "DELIVERY_NOT_FOUND"): notification_delivery_not_found,
+    ("notification", "NOTIFICATION_NOT_FOUND"): notification_notification_not_found,
+    ("notification", "REQUEST_ID_REUSED"): notification_request_id_reused,
+    ("notification", "TEST_NOTIFICATION_RATE_LIMITED"): notification_test_notification_rate_limited,
     ("testing", "CLOCK_BACKWARDS"): clock_service_clock_backwards,
 }
 
 # Reasons the services give that no proto comment names (docs/faults.md, "Error reasons
 # beyond the protos").
 BEYOND_PROTOS: dict[tuple[str, str], Scenario] = {
-    ("quota", "CURSOR_AHEAD_OF_STREAM"): quota_cursor_ahead_of_stream,
     ("shared", "SERVICE_STARTING"): shared_service_starting,
     ("shared", "CONCURRENT_UPDATE"): shared_concurrent_update,
     ("billing", "PACKAGE_EXPIRED"): billing_package_expired,

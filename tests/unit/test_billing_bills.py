@@ -76,7 +76,7 @@ def purchase(at, amount="180.00", order="order-1", account=ACCOUNT):
         region=REGION,
         api=API,
         quantity=100_000,
-        amount_micros=to_micros(Decimal(amount)),
+        amount_micros=-to_micros(Decimal(amount)),
         order_id=order,
         description="passport-100k-1y",
         occur_time=at,
@@ -101,8 +101,8 @@ def test_five_calls_at_0845_to_0855_make_one_line_0800_to_0900_of_quantity_5():
     assert (line.cycle_start, line.cycle_end) == (local(2024, 5, 1, 8, 0), local(2024, 5, 1, 9, 0))
     assert line.quantity == 5
     # 5 x 0.0025 = 0.0125, rounded half up to the cent at settlement.
-    assert line.tiers[0].amount_micros == 12_500
-    assert line.amount_micros == 10_000
+    assert line.tiers[0].price_micros == 12_500
+    assert line.amount_micros == -10_000
     assert line.occur_time == local(2024, 5, 1, 9, 0)
 
 
@@ -167,7 +167,7 @@ def test_the_sum_of_lines_equals_the_change_in_balance():
     )
 
     assert bill.closing_balance_micros - bill.opening_balance_micros == sum(
-        line.balance_effect for line in lines
+        line.amount_micros for line in lines
     )
     assert bill.closing_balance_micros == to_micros(Decimal("59.99"))
     check_bill(opening, lines, bill.closing_balance_micros)
@@ -190,7 +190,7 @@ def test_balance_effects_by_kind():
     renewal = BillLine(
         kind=BillLineKind.PACKAGE_RENEWAL,
         account_id=ACCOUNT,
-        amount_micros=1_000_000,
+        amount_micros=-1_000_000,
         order_id="o-2",
         occur_time=at,
     )
@@ -203,11 +203,20 @@ def test_balance_effects_by_kind():
     )
     (usage,) = settle([at, at])  # 2 x 0.0025 = 0.005 -> 0.01
 
-    assert charge.balance_effect == -180_000_000
-    assert renewal.balance_effect == -1_000_000
-    assert usage.balance_effect == -10_000
-    assert refund.balance_effect == 1_000_000
-    assert top_up(at, "3.00").balance_effect == 3_000_000
+    assert charge.amount_micros == -180_000_000
+    assert renewal.amount_micros == -1_000_000
+    assert usage.amount_micros == -10_000
+    assert refund.amount_micros == 1_000_000
+    assert top_up(at, "3.00").amount_micros == 3_000_000
+    assert (charge.charge_micros, refund.charge_micros) == (180_000_000, 1_000_000)
+    with pytest.raises(ValueError, match="must be <= 0"):
+        BillLine(
+            kind=BillLineKind.PACKAGE_RENEWAL,
+            account_id=ACCOUNT,
+            amount_micros=1_000_000,
+            order_id="o-2",
+            occur_time=at,
+        )
     assert bill_total([charge, renewal, usage, refund, top_up(at, "3.00")]) == 180_010_000
 
 
@@ -283,17 +292,17 @@ def test_settlement_rounds_half_up_to_the_minor_unit_of_the_currency():
     assert settle([local(2024, 5, 1, 8, 45)])[0].amount_micros == 0
     calls = [local(2024, 5, 1, 8, 45)] * 3  # 0.0075
 
-    assert settle(calls)[0].amount_micros == 10_000  # USD: 0.01
+    assert settle(calls)[0].amount_micros == -10_000  # USD: 0.01
     assert settle(calls, currency="JPY")[0].amount_micros == 0  # JPY: 0
-    assert settle(calls * 200, currency="JPY")[0].amount_micros == 2_000_000  # 1.5 -> 2
-    assert settle(calls, currency="BHD")[0].amount_micros == 8_000  # BHD: 0.008
+    assert settle(calls * 200, currency="JPY")[0].amount_micros == -2_000_000  # 1.5 -> 2
+    assert settle(calls, currency="BHD")[0].amount_micros == -8_000  # BHD: 0.008
 
 
 def test_free_calls_are_on_the_line():
     (line,) = settle([local(2024, 5, 1, 8, 45)] * 5, free=3)
 
     assert (line.quantity, line.free_quantity) == (5, 3)
-    assert line.amount_micros == 10_000  # 2 x 0.0025 = 0.005 -> 0.01
+    assert line.amount_micros == -10_000  # 2 x 0.0025 = 0.005 -> 0.01
 
 
 def test_a_cycle_is_settled_only_after_it_ends():
@@ -347,7 +356,7 @@ def test_a_pay_per_use_line_adds_up():
             cycle_end=local(2024, 5, 1, 9, 0),
             quantity=5,
             tiers=price_usage(TIERS, 0, 0, 4).tiers,
-            amount_micros=10_000,
+            amount_micros=-10_000,
             occur_time=local(2024, 5, 1, 9, 0),
         )
 
@@ -436,11 +445,16 @@ def _line(kind, minutes, cents):
             cycle_end=cycle_end(start, SHANGHAI),
             quantity=1,
             free_quantity=1,
-            amount_micros=cents * 10_000,
+            amount_micros=-cents * 10_000,
             occur_time=cycle_end(start, SHANGHAI),
         )
+    sign = 1 if kind in (BillLineKind.REFUND, BillLineKind.TOP_UP) else -1
     return BillLine(
-        kind=kind, account_id=ACCOUNT, amount_micros=cents * 10_000, order_id="o", occur_time=at
+        kind=kind,
+        account_id=ACCOUNT,
+        amount_micros=sign * cents * 10_000,
+        order_id="o",
+        occur_time=at,
     )
 
 
@@ -468,4 +482,4 @@ def test_each_months_closing_balance_is_the_next_months_opening(specs, opening):
         placed += len(mine)
 
     assert placed == len(lines)
-    assert balance == opening + sum(line.balance_effect for line in lines)
+    assert balance == opening + sum(line.amount_micros for line in lines)

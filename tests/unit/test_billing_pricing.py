@@ -64,7 +64,7 @@ def test_a_run_that_crosses_a_tier_boundary_is_split():
         TierCharge(1, 2, Decimal("0.0025"), 5_000),
         TierCharge(2, 3, Decimal("0.0020"), 6_000),
     )
-    assert priced.amount_micros == 11_000
+    assert priced.price_micros == 11_000
     assert priced.quantity == 5
 
 
@@ -110,19 +110,19 @@ def test_three_tiers_and_a_long_run():
     priced = price_usage(tiers, 5, 0, 30)
 
     assert priced.free_quantity == 5
-    assert [(c.tier, c.quantity, c.amount_micros) for c in priced.tiers] == [
+    assert [(c.tier, c.quantity, c.price_micros) for c in priced.tiers] == [
         (1, 5, 5_000_000),
         (2, 10, 5_000_000),
         (3, 10, 2_500_000),
     ]
-    assert priced.amount_micros == 12_500_000
+    assert priced.price_micros == 12_500_000
 
 
 def test_amounts_are_exact_micros():
     tiers = (PriceTier(None, Decimal("0.000001")),)
-    assert price_usage(tiers, 0, 0, 3).amount_micros == 3
+    assert price_usage(tiers, 0, 0, 3).price_micros == 3
     # 3 calls at 0.0025 cost 0.0075 exactly: rounding to cents is settlement's business.
-    assert price_usage(TIERS, 0, 0, 3).amount_micros == 7_500
+    assert price_usage(TIERS, 0, 0, 3).price_micros == 7_500
 
 
 def test_a_unit_price_with_more_than_six_decimals_is_refused():
@@ -220,7 +220,7 @@ def test_pricing_in_chunks_equals_pricing_at_once(tiers, free, chunks):
     at_once = price_usage(tiers, free, 0, used)
 
     assert merge_priced(parts) == at_once
-    assert sum(p.amount_micros for p in parts) == at_once.amount_micros
+    assert sum(p.price_micros for p in parts) == at_once.price_micros
     assert at_once.quantity == used
 
 
@@ -241,4 +241,4 @@ def test_pricing_agrees_with_the_call_by_call_rule(tiers, free, used_before, qua
 
     assert priced.free_quantity == expected_free
     assert {c.tier: c.quantity for c in priced.tiers} == dict(by_tier)
-    assert priced.amount_micros == amount
+    assert priced.price_micros == amount

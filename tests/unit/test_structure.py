@@ -21,7 +21,9 @@ def imported_modules(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from allot.quota.v1 import quota_pb2` imports the module quota_pb2
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 

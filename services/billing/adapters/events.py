@@ -22,14 +22,14 @@ def micros_to_money(micros: int, currency: str) -> money_pb2.Money:
 
 
 def order_message(order) -> billing_pb2.Order:
-    """The wire form of an order (app.orders.Order)."""
+    """The wire form of an order (domain.orders.Order; its amount is the price)."""
     return billing_pb2.Order(
         order_id=order.order_id,
         kind=int(order.kind),
         state=int(order.state),
         account_id=order.account_id,
         package_id=order.package_id,
-        amount=micros_to_money(order.amount_micros, order.currency_code),
+        amount=micros_to_money(order.price_micros, order.currency_code),
         create_time=to_timestamp(order.create_time),
         offer_id=order.offer_id,
         region=order.region,
@@ -53,7 +53,7 @@ class BillingEvents:
         self, uow: UnitOfWork, account_id: str, payer, previous: int, now: datetime
     ) -> None:
         """``account_id`` (the payer or one of its members) follows the payer's standing
-        (``payer``: app.accounts.Account after the change)."""
+        (``payer``: domain.accounts.Account after the change)."""
         payload = billing_pb2.AccountStandingChanged(
             account_id=account_id,
             previous_standing=int(previous),
@@ -94,7 +94,7 @@ class BillingEvents:
         )
 
     def auto_renew_failed(self, uow: UnitOfWork, sold, reason: str, now: datetime) -> None:
-        """``sold``: app.packages.SoldPackage after the failed attempt (its next attempt)."""
+        """``sold``: domain.packages.SoldPackage after the failed attempt (its next attempt)."""
         payload = billing_pb2.AutoRenewFailed(
             account_id=sold.account_id,
             package_id=sold.package_id,

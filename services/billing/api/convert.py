@@ -3,16 +3,22 @@ integer micro-units."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import timedelta, tzinfo
 from decimal import Decimal
 
 from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
 from services.billing.adapters.events import micros_to_money
-from services.billing.app.accounts import Account, AccountInput
+from services.billing.app.accounts import AccountInput
+from services.billing.app.bills import ShownBill
+from services.billing.domain.accounts import Account
+from services.billing.domain.bills import BillLine
+from services.billing.domain.cycles import month_bounds
+from services.billing.domain.packages import SoldPackage
+from services.billing.domain.subscriptions import Subscription
 from shared.catalog import Offer, PriceTier
-from shared.money import from_wire
+from shared.money import from_wire, to_micros
 from shared.timeutil import from_duration, to_timestamp
 
 
@@ -91,8 +97,8 @@ def to_proto_tier(tier: PriceTier, currency: str) -> billing_pb2.PriceTier:
     )
 
 
-def to_proto_auto_renewal(sold) -> billing_pb2.AutoRenewal:
-    """The wire form of app.packages.SoldPackage's auto-renewal setting and schedule."""
+def to_proto_auto_renewal(sold: SoldPackage) -> billing_pb2.AutoRenewal:
+    """The wire form of a sold package's auto-renewal setting and schedule."""
     message = billing_pb2.AutoRenewal(
         package_id=sold.package_id,
         account_id=sold.account_id,
@@ -105,8 +111,8 @@ def to_proto_auto_renewal(sold) -> billing_pb2.AutoRenewal:
     return message
 
 
-def to_proto_subscription(subscription) -> billing_pb2.ApiSubscription:
-    """The wire form of app.subscriptions.Subscription."""
+def to_proto_subscription(subscription: Subscription) -> billing_pb2.ApiSubscription:
+    """The wire form of billing's record of a subscription."""
     return billing_pb2.ApiSubscription(
         account_id=subscription.account_id,
         region=subscription.region,
@@ -116,3 +122,56 @@ def to_proto_subscription(subscription) -> billing_pb2.ApiSubscription:
         create_time=to_timestamp(subscription.create_time),
         update_time=to_timestamp(subscription.update_time),
     )
+
+
+def to_proto_line(line: BillLine, currency: str) -> billing_pb2.BillLine:
+    """A bill line; its ``amount`` is signed by its effect on the paying balance, a tier's
+    ``amount`` is that tier's (non-negative, exact) price."""
+    message = billing_pb2.BillLine(
+        kind=int(line.kind),
+        account_id=line.account_id,
+        region=line.region,
+        api=line.api,
+        enterprise_project_id=line.enterprise_project_id,
+        quantity=line.quantity,
+        free_quantity=line.free_quantity,
+        amount=micros_to_money(line.amount_micros, currency),
+        order_id=line.order_id,
+        description=line.description,
+        occur_time=to_timestamp(line.occur_time),
+        tiers=[
+            billing_pb2.BillLineTier(
+                tier=charge.tier,
+                quantity=charge.quantity,
+                unit_price=micros_to_money(to_micros(charge.unit_price), currency),
+                amount=micros_to_money(charge.price_micros, currency),
+            )
+            for charge in line.tiers
+        ],
+    )
+    if line.cycle_start is not None:
+        message.cycle_start_time.CopyFrom(to_timestamp(line.cycle_start))
+    if line.cycle_end is not None:
+        message.cycle_end_time.CopyFrom(to_timestamp(line.cycle_end))
+    return message
+
+
+def to_proto_bill(shown: ShownBill, tz: tzinfo) -> billing_pb2.Bill:
+    """The wire form of a bill as its caller may see it."""
+    bill = shown.bill
+    start, end = month_bounds(bill.month, tz)
+    currency = bill.currency
+    message = billing_pb2.Bill(
+        account_id=bill.account_id,
+        month=bill.month,
+        currency_code=currency,
+        lines=[to_proto_line(line, currency) for line in shown.lines],
+        # The lines' amounts are their effects on the paying balance: their sum.
+        total=micros_to_money(sum(line.amount_micros for line in shown.lines), currency),
+        start_time=to_timestamp(start),
+        end_time=to_timestamp(end),
+    )
+    if shown.shows_balances:
+        message.opening_balance.CopyFrom(micros_to_money(bill.opening_balance_micros, currency))
+        message.closing_balance.CopyFrom(micros_to_money(bill.closing_balance_micros, currency))
+    return message

@@ -9,7 +9,15 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 
 from services.billing.adapters.events import order_message
 from services.billing.api import convert
-from services.billing.app import accounts, bills, orders, renewals, standing, subscriptions
+from services.billing.app import (
+    accounts,
+    bills,
+    fulfilment,
+    orders,
+    renewals,
+    standing,
+    subscriptions,
+)
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
@@ -139,7 +147,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             self._idempotent("PurchasePackage", request, billing_pb2.Order, work)
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return order_message(await orders.fulfil(self.ctx, paid.order_id))
+        return order_message(await fulfilment.fulfil(self.ctx, paid.order_id))
 
     async def RenewPackage(self, request, context):
         periods = renewals.check_periods(request.periods)
@@ -158,7 +166,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             )
         )
         # Ask quota now; a retry of the request answers the order as it is now.
-        return order_message(await orders.fulfil(self.ctx, placed.order_id))
+        return order_message(await fulfilment.fulfil(self.ctx, placed.order_id))
 
     async def SetAutoRenew(self, request, context):
         lead_days = renewals.check_lead_days(request.lead_days)
@@ -191,7 +199,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         return convert.to_proto_auto_renewal(sold)
 
     async def CancelOrder(self, request, context):
-        order = await hiding_absence(orders.cancel(self.ctx, request.order_id, _check_order))
+        order = await hiding_absence(fulfilment.cancel(self.ctx, request.order_id, _check_order))
         return order_message(order)
 
     async def GetOrder(self, request, context):
@@ -243,9 +251,10 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
 
     async def GetBill(self, request, context):
         regions = current_principal().regions
-        return await hiding_absence(
-            bills.get_bill_message(self.ctx, request.account_id, request.month, regions)
+        shown = await hiding_absence(
+            bills.shown_bill(self.ctx, request.account_id, request.month, regions)
         )
+        return convert.to_proto_bill(shown, self.ctx.tz)
 
     async def ExportBill(self, request, context):
         regions = current_principal().regions

@@ -8,50 +8,27 @@ month's bill is exactly the change of the balance over that month.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
-
-from services.billing.adapters import tables as t
+from services.billing.adapters import accounts_repository as repo
+from services.billing.adapters import ledger_repository as ledger
 from services.billing.app.context import BillingContext
-from services.billing.domain.arrears import Standing
-from services.billing.domain.bills import BillLineKind
+from services.billing.domain.accounts import (
+    DEFAULT_PERIOD,
+    MAX_PERIOD,
+    Account,
+    AccountKind,
+    account_not_found,
+)
+from services.billing.domain.arrears import ArrearsState, Standing
+from services.billing.domain.bills import BillLine, BillLineKind
 from shared.db import UnitOfWork
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from shared.ids import new_id
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from shared.money import MAX_AMOUNT_MICROS, MICROS_PER_UNIT
-from shared.timeutil import from_epoch_us, to_epoch_us
 from shared.validation import check_account_id
 
-DEFAULT_PERIOD = timedelta(days=15)
-MAX_PERIOD = timedelta(days=366)
-
-
-class AccountKind(enum.IntEnum):
-    STANDALONE = 1
-    ENTERPRISE_MASTER = 2
-    ENTERPRISE_MEMBER = 3
-
-
-@dataclass(frozen=True)
-class Account:
-    account_id: str
-    display_name: str
-    kind: AccountKind
-    master_account_id: str
-    currency_code: str
-    balance_micros: int  # the balance that pays: the master's for a member
-    standing: Standing
-    standing_change_time: datetime | None
-    grace_end_time: datetime | None
-    retention_end_time: datetime | None
-    grace_period: timedelta
-    retention_period: timedelta
-    balance_alert_micros: int | None
-    create_time: datetime
-    update_time: datetime
+__all__ = ["Account", "AccountInput", "AccountKind", "account_not_found"]
 
 
 @dataclass(frozen=True)
@@ -65,50 +42,13 @@ class AccountInput:
     retention_period: timedelta | None
 
 
-def account_not_found(account_id: str) -> NotFound:
-    return NotFound("ACCOUNT_NOT_FOUND", f"no account {account_id!r}", account_id=account_id)
-
-
-def _optional_time(value: int | None) -> datetime | None:
-    return from_epoch_us(value) if value is not None else None
-
-
-def _to_account(row, paying_row=None) -> Account:
-    payer = paying_row if paying_row is not None else row
-    return Account(
-        account_id=row.account_id,
-        display_name=row.display_name,
-        kind=AccountKind(row.kind),
-        master_account_id=row.master_account_id,
-        currency_code=row.currency_code,
-        balance_micros=payer.balance_micros,
-        standing=Standing(payer.standing),
-        standing_change_time=_optional_time(payer.standing_change_time_us),
-        grace_end_time=_optional_time(payer.grace_end_time_us),
-        retention_end_time=_optional_time(payer.retention_end_time_us),
-        grace_period=timedelta(seconds=row.grace_period_s),
-        retention_period=timedelta(seconds=row.retention_period_s),
-        balance_alert_micros=row.balance_alert_micros,
-        create_time=from_epoch_us(row.create_time_us),
-        update_time=from_epoch_us(row.update_time_us),
-    )
-
-
-async def _row(uow: UnitOfWork, account_id: str, for_update: bool = False):
-    query = select(t.accounts).where(t.accounts.c.account_id == account_id)
-    if for_update:
-        query = query.with_for_update()
-    return (await uow.session.execute(query)).first()
-
-
 async def load_account(uow: UnitOfWork, account_id: str, for_update: bool = False) -> Account:
     """The account as callers see it: a member shows its master's balance and standing."""
     check_account_id(account_id)
-    row = await _row(uow, account_id, for_update)
-    if row is None:
+    account = await repo.get(uow, account_id, for_update)
+    if account is None:
         raise account_not_found(account_id)
-    payer = await _row(uow, row.master_account_id) if row.master_account_id else None
-    return _to_account(row, payer)
+    return account
 
 
 def _period(value: timedelta | None, field: str) -> timedelta:
@@ -141,8 +81,8 @@ async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInpu
             raise InvalidArgument(
                 "account.master_account_id", "an enterprise member names its master"
             )
-        master_row = await _row(uow, master)
-        if master_row is None or master_row.kind != AccountKind.ENTERPRISE_MASTER:
+        master_account = await repo.get(uow, master)
+        if master_account is None or master_account.kind != AccountKind.ENTERPRISE_MASTER:
             # The request is well formed; the master it names is not there (or is no master):
             # FAILED_PRECONDITION, as the contract says.
             raise FailedPrecondition(
@@ -154,29 +94,34 @@ async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInpu
         raise InvalidArgument(
             "account.master_account_id", "only enterprise members have a master account"
         )
-    if await _row(uow, spec.account_id) is not None:
+    if await repo.exists(uow, spec.account_id):
         raise AlreadyExists(
             "ACCOUNT_ALREADY_EXISTS",
             f"account {spec.account_id!r} exists",
             account_id=spec.account_id,
         )
-    now_us = to_epoch_us(ctx.now())
-    await uow.session.execute(
-        insert(t.accounts).values(
+    now = ctx.now()
+    grace = _period(spec.grace_period, "account.grace_period")
+    retention = _period(spec.retention_period, "account.retention_period")
+    await repo.insert_account(
+        uow,
+        Account(
             account_id=spec.account_id,
             display_name=spec.display_name,
-            kind=int(kind),
+            kind=kind,
             master_account_id=master,
             currency_code=currency,
             balance_micros=0,
-            standing=int(Standing.GOOD),
-            grace_period_s=int(_period(spec.grace_period, "account.grace_period").total_seconds()),
-            retention_period_s=int(
-                _period(spec.retention_period, "account.retention_period").total_seconds()
-            ),
-            create_time_us=now_us,
-            update_time_us=now_us,
-        )
+            standing=Standing.GOOD,
+            standing_change_time=None,
+            grace_end_time=None,
+            retention_end_time=None,
+            grace_period=grace,
+            retention_period=retention,
+            balance_alert_micros=None,
+            create_time=now,
+            update_time=now,
+        ),
     )
     return await load_account(uow, spec.account_id)
 
@@ -194,17 +139,9 @@ async def list_accounts(
 ) -> list[Account]:
     """Accounts by id; `only` restricts the listing to one account (account principals),
     `master_account_id` to an enterprise's members."""
-    a = t.accounts.c
-    query = select(a.account_id).order_by(a.account_id).limit(limit)
-    if only is not None:
-        query = query.where(a.account_id == only)
-    if master_account_id:
-        query = query.where(a.master_account_id == master_account_id)
-    if after_id:
-        query = query.where(a.account_id > after_id)
 
     async def work(uow: UnitOfWork) -> list[Account]:
-        ids = [r.account_id for r in (await uow.session.execute(query)).all()]
+        ids = await repo.list_ids(uow, only, master_account_id, after_id, limit)
         return [await load_account(uow, i) for i in ids]
 
     return await ctx.db.read(work)
@@ -224,52 +161,44 @@ async def top_up(
     ctx: BillingContext, uow: UnitOfWork, account_id: str, amount_micros: int, currency: str
 ) -> Account:
     """Add to the balance; a top-up that clears the debt ends arrears at once."""
-    row = await _row(uow, check_account_id(account_id), for_update=True)
-    if row is None:
+    before = await repo.get(uow, check_account_id(account_id), for_update=True)
+    if before is None:
         raise account_not_found(account_id)
-    if row.kind == AccountKind.ENTERPRISE_MEMBER:
+    if before.kind == AccountKind.ENTERPRISE_MEMBER:
         raise FailedPrecondition(
             "ACCOUNT_PAID_BY_MASTER",
-            f"{account_id!r} is paid for by {row.master_account_id!r}: top up the master",
-            master_account_id=row.master_account_id,
+            f"{account_id!r} is paid for by {before.master_account_id!r}: top up the master",
+            master_account_id=before.master_account_id,
         )
-    _check_amount(amount_micros, currency, row.currency_code, "amount")
+    _check_amount(amount_micros, currency, before.currency_code, "amount")
     if amount_micros <= 0:
         raise InvalidArgument("amount", "a top-up must be positive")
     now = ctx.now()
-    balance = row.balance_micros + amount_micros
+    balance = before.balance_micros + amount_micros
     if balance > MAX_AMOUNT_MICROS:
         raise FailedPrecondition(
             "BALANCE_LIMIT",
             f"the balance may hold at most {MAX_AMOUNT_MICROS // MICROS_PER_UNIT} units",
             account_id=account_id,
         )
-    values = {"balance_micros": balance, "update_time_us": to_epoch_us(now)}
-    if balance >= 0 and row.standing != Standing.GOOD:
-        values.update(
-            standing=int(Standing.GOOD),
-            standing_change_time_us=to_epoch_us(now),
-            grace_end_time_us=None,
-            retention_end_time_us=None,
-        )
-    await uow.session.execute(
-        update(t.accounts).where(t.accounts.c.account_id == account_id).values(**values)
+    good = balance >= 0 and before.standing != Standing.GOOD
+    await repo.set_balance(
+        uow, account_id, balance, now, ArrearsState(Standing.GOOD, now) if good else None
     )
-    await uow.session.execute(
-        insert(t.ledger).values(
-            entry_id=new_id("led"),
+    await ledger.book(
+        uow,
+        BillLine(
+            kind=BillLineKind.TOP_UP,
             account_id=account_id,
-            paying_account_id=account_id,
-            kind=int(BillLineKind.TOP_UP),
             amount_micros=amount_micros,
+            occur_time=now,
             description="top-up",
-            occur_time_us=to_epoch_us(now),
-        )
+        ),
     )
-    await balance_moved(ctx, uow, account_id, row.balance_micros, balance, now)
+    await balance_moved(ctx, uow, account_id, before.balance_micros, balance, now)
     account = await load_account(uow, account_id)
-    if "standing" in values:
-        await announce_standing(ctx, uow, account, Standing(row.standing))
+    if good:
+        await announce_standing(ctx, uow, account, before.standing)
     return account
 
 
@@ -280,41 +209,22 @@ async def balance_moved(
     account locked): any charge (pay-per-use, purchase, renewal) that takes it below the
     threshold emits ``balance_below_threshold`` once; the alert re-arms when the balance is at
     or above the threshold again (a top-up, a refund)."""
-    a = t.accounts.c
-    row = (
-        await uow.session.execute(
-            select(a.balance_alert_micros, a.balance_alert_fired, a.currency_code).where(
-                a.account_id == payer_id
-            )
-        )
-    ).one()
-    threshold = row.balance_alert_micros
+    threshold, fired, currency = await repo.balance_alert(uow, payer_id)
     if threshold is None:
         return
-    if after < threshold and after < before and not row.balance_alert_fired:
-        ctx.events.balance_below_threshold(uow, payer_id, after, threshold, row.currency_code, now)
-        fired = True
-    elif after >= threshold and row.balance_alert_fired:
-        fired = False
-    else:
-        return
-    await uow.session.execute(
-        update(t.accounts).where(a.account_id == payer_id).values(balance_alert_fired=fired)
-    )
+    if after < threshold and after < before and not fired:
+        ctx.events.balance_below_threshold(uow, payer_id, after, threshold, currency, now)
+        await repo.set_alert_fired(uow, payer_id, True)
+    elif after >= threshold and fired:
+        await repo.set_alert_fired(uow, payer_id, False)
 
 
 async def announce_standing(
     ctx: BillingContext, uow: UnitOfWork, payer: Account, previous: Standing
 ) -> None:
     """account_standing_changed for the paying account and each of its members."""
-    members = (
-        await uow.session.execute(
-            select(t.accounts.c.account_id).where(
-                t.accounts.c.master_account_id == payer.account_id
-            )
-        )
-    ).all()
-    for account_id in [payer.account_id, *(m.account_id for m in members)]:
+    members = await repo.member_ids(uow, payer.account_id)
+    for account_id in [payer.account_id, *members]:
         ctx.events.standing_changed(uow, account_id, payer, previous, ctx.now())
 
 
@@ -326,18 +236,10 @@ async def set_balance_alert(
     currency: str,
 ) -> Account:
     """Set (or clear, with None) the balance alert; it fires when the balance drops below."""
-    row = await _row(uow, check_account_id(account_id), for_update=True)
-    if row is None:
+    account = await repo.get(uow, check_account_id(account_id), for_update=True)
+    if account is None:
         raise account_not_found(account_id)
     if threshold_micros is not None:
-        _check_amount(threshold_micros, currency, row.currency_code, "threshold")
-    await uow.session.execute(
-        update(t.accounts)
-        .where(t.accounts.c.account_id == account_id)
-        .values(
-            balance_alert_micros=threshold_micros,
-            balance_alert_fired=False,
-            update_time_us=to_epoch_us(ctx.now()),
-        )
-    )
+        _check_amount(threshold_micros, currency, account.currency_code, "threshold")
+    await repo.set_balance_alert(uow, account_id, threshold_micros, ctx.now())
     return await load_account(uow, account_id)

@@ -4,7 +4,7 @@ A renewal is an order (RENEWAL by hand, AUTO_RENEWAL by the schedule) paid at on
 purchase, for whole validity periods of the package's offer at the offer's current price. It
 moves the package's expiry by the periods, counted from the expiry billing sold last
 (``domain.renewal.renewed_expire_time``), and adds the offer's quantity per period; quota is
-asked after the commit with the order id as request id (``orders.fulfil``), and is told the
+asked after the commit with the order id as request id (``fulfilment.fulfil``), and is told the
 new expiry, so a retried renewal never renews twice.
 
 Manual renewal is allowed until the package expires and for 15 days after
@@ -24,11 +24,9 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import select
-
-from services.billing.adapters import tables as t
+from services.billing.adapters import orders_repository, packages_repository
 from services.billing.adapters.quota_client import QuotaRefused
-from services.billing.app import orders, packages
+from services.billing.app import fulfilment, orders, packages
 from services.billing.app.context import BillingContext
 from services.billing.app.packages import SoldPackage, UnknownPackage, not_renewable
 from services.billing.domain.renewal import (
@@ -44,7 +42,6 @@ from shared.auth import check_scope, current_principal
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition, InvalidArgument
 from shared.money import to_micros
-from shared.timeutil import to_epoch_us
 from shared.validity import ONE_SECOND
 
 log = logging.getLogger("allot.billing.renewals")
@@ -89,9 +86,7 @@ async def explained(ctx: BillingContext, account_id: str | None, call: Awaitable
 async def _unknown(ctx: BillingContext, account_id: str | None, package_id: str) -> AllotError:
     if not package_id:
         return InvalidArgument("package_id", "package_id is required")
-    o = t.orders.c
-    query = select(o.account_id).where(o.package_id == package_id).limit(1)
-    owner = await ctx.db.read(lambda uow: _scalar(uow, query))
+    owner = await ctx.db.read(lambda uow: orders_repository.package_owner(uow, package_id))
     why = "its purchase was cancelled"
     if owner is None:
         owner = await _owner_in_quota(ctx, package_id)
@@ -124,10 +119,6 @@ async def _owner_in_quota(ctx: BillingContext, package_id: str) -> str | None:
     return None
 
 
-async def _scalar(uow: UnitOfWork, query):
-    return (await uow.session.execute(query)).scalar()
-
-
 async def _place(
     ctx: BillingContext, uow: UnitOfWork, sold: SoldPackage, periods: int, kind: orders.OrderKind
 ) -> orders.Order:
@@ -151,7 +142,7 @@ async def _place(
         enterprise_project_id=purchase.enterprise_project_id,
         quantity=offer.quantity * periods,
         periods=periods,
-        amount_micros=price,
+        price_micros=price,
         effective_time=sold.expire_time + ONE_SECOND,
         expire_time=expire,
         package_id=sold.package_id,
@@ -231,22 +222,15 @@ async def get_auto_renew(ctx: BillingContext, package_id: str) -> SoldPackage:
 
 async def renew_due(ctx: BillingContext, now: datetime) -> int:
     """Make every auto-renewal attempt due at ``now``; returns how many were made."""
-    r = t.auto_renewals.c
-    query = (
-        select(r.package_id)
-        .where(r.enabled.is_(True), r.next_attempt_us <= to_epoch_us(now))
-        .order_by(r.next_attempt_us, r.package_id)
-        .limit(DUE_BATCH)
-    )
-    due = await ctx.db.read(lambda uow: uow.rows(query))
+    due = await ctx.db.read(lambda uow: packages_repository.due_attempts(uow, now, DUE_BATCH))
     made = 0
-    for (package_id,) in due:
+    for package_id in due:
         attempted, order = await ctx.db.transaction(
             lambda uow, package_id=package_id: _attempt(ctx, uow, package_id, now)
         )
         made += attempted
         if order is not None:
-            await orders.fulfil(ctx, order.order_id)
+            await fulfilment.fulfil(ctx, order.order_id)
     return made
 
 

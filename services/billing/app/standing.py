@@ -29,22 +29,23 @@ the instant would be answered from quota's idempotency store and disable nothing
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
-
-from services.billing.adapters import tables as t
+from services.billing.adapters import accounts_repository
+from services.billing.adapters import subscriptions_repository as subscriptions_repo
 from services.billing.adapters.quota_client import QuotaRefused, QuotaUnavailable
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
+from services.billing.domain.accounts import AccountKind
 from services.billing.domain.arrears import ArrearsState, Standing, advance
+from services.billing.domain.subscriptions import SubscriptionState
 from shared.db import UnitOfWork
 from shared.errors import Kind
-from shared.timeutil import from_epoch_us, to_epoch_us
+
+__all__ = ["SubscriptionState"]
 
 log = logging.getLogger("allot.billing.standing")
 
@@ -58,59 +59,6 @@ RELEASE_RETRY_SECONDS = 2.0
 MAX_REQUEST_ID = 200
 
 
-class SubscriptionState(enum.IntEnum):
-    """``api_subscriptions.state``: the first two are ``ApiSubscriptionState`` of the protos."""
-
-    ACTIVE = 1
-    CANCELLED = 2
-    # Cancelled by the release of the account; quota's DisableApi not confirmed yet. On the wire
-    # this is CANCELLED.
-    RELEASING = 3
-
-
-# --- the standing columns of a paying account ---------------------------------------------
-
-
-def _optional_time(value: int | None) -> datetime | None:
-    return from_epoch_us(value) if value is not None else None
-
-
-def arrears_state(row) -> ArrearsState:
-    """The arrears state kept in an ``accounts`` row."""
-    return ArrearsState(
-        Standing(row.standing),
-        _optional_time(row.standing_change_time_us),
-        _optional_time(row.grace_end_time_us),
-        _optional_time(row.retention_end_time_us),
-    )
-
-
-def periods(row) -> tuple[timedelta, timedelta]:
-    """The account's grace and retention periods."""
-    return timedelta(seconds=row.grace_period_s), timedelta(seconds=row.retention_period_s)
-
-
-def _us(value: datetime | None) -> int | None:
-    return to_epoch_us(value) if value is not None else None
-
-
-async def save_standing(
-    uow: UnitOfWork, account_id: str, state: ArrearsState, now: datetime
-) -> None:
-    """Write ``state`` into the account's standing columns."""
-    await uow.session.execute(
-        update(t.accounts)
-        .where(t.accounts.c.account_id == account_id)
-        .values(
-            standing=int(state.standing),
-            standing_change_time_us=_us(state.since),
-            grace_end_time_us=_us(state.grace_end),
-            retention_end_time_us=_us(state.retention_end),
-            update_time_us=to_epoch_us(now),
-        )
-    )
-
-
 async def change_standing(
     ctx: BillingContext,
     uow: UnitOfWork,
@@ -119,60 +67,24 @@ async def change_standing(
     state: ArrearsState,
 ) -> None:
     """Save a new standing of a paying account and announce it (for its members too)."""
-    await save_standing(uow, account_id, state, ctx.now())
+    await accounts_repository.save_standing(uow, account_id, state, ctx.now())
     payer = await accounts.load_account(uow, account_id)
     await accounts.announce_standing(ctx, uow, payer, previous)
     if state.standing == Standing.RELEASED:
-        await _mark_subscriptions(uow, account_id, state.since or ctx.now())
-
-
-async def _mark_subscriptions(uow: UnitOfWork, payer_id: str, released: datetime) -> int:
-    """Mark the ACTIVE subscriptions of the account and its members as RELEASING."""
-    members = select(t.accounts.c.account_id).where(t.accounts.c.master_account_id == payer_id)
-    s = t.api_subscriptions.c
-    result = await uow.session.execute(
-        update(t.api_subscriptions)
-        .where(
-            or_(s.account_id == payer_id, s.account_id.in_(members)),
-            s.state == int(SubscriptionState.ACTIVE),
-        )
-        .values(state=int(SubscriptionState.RELEASING), update_time_us=to_epoch_us(released))
-    )
-    return result.rowcount or 0
+        await subscriptions_repo.mark_releasing(uow, account_id, state.since or ctx.now())
 
 
 # --- the clock ------------------------------------------------------------------------------
-
-
-def _due_accounts(now_us: int, after: str):
-    a = t.accounts.c
-    return (
-        select(a.account_id)
-        .where(
-            a.kind != int(accounts.AccountKind.ENTERPRISE_MEMBER),
-            or_(
-                and_(a.standing == int(Standing.GRACE), a.grace_end_time_us <= now_us),
-                and_(a.standing == int(Standing.FROZEN), a.retention_end_time_us <= now_us),
-            ),
-            a.account_id > after,
-        )
-        .order_by(a.account_id)
-        .limit(PAGE)
-    )
 
 
 async def catch_up(ctx: BillingContext, uow: UnitOfWork, account_id: str, now: datetime) -> int:
     """Apply (and announce) the changes of a paying account's standing that have come due by
     ``now`` and the clock has not applied yet: a top-up after grace ended first freezes the
     account, at its due time, then returns it to GOOD. Returns the number of changes."""
-    row = (
-        await uow.session.execute(
-            select(t.accounts).where(t.accounts.c.account_id == account_id).with_for_update()
-        )
-    ).first()
-    if row is None or row.kind == accounts.AccountKind.ENTERPRISE_MEMBER:
+    account = await accounts_repository.get(uow, account_id, for_update=True)
+    if account is None or account.kind == AccountKind.ENTERPRISE_MEMBER:
         return 0
-    changes = advance(arrears_state(row), now)
+    changes = advance(account.arrears, now)
     for change in changes:
         await change_standing(ctx, uow, account_id, change.previous, change.state)
     return len(changes)
@@ -183,12 +95,11 @@ async def advance_standings(
 ) -> int:
     """Apply every change of standing that has come due by ``now``, then tell quota about
     released subscriptions. Returns the number of changes and confirmed cancellations."""
-    now_us = to_epoch_us(now)
     done = 0
     after = ""
     while done < MAX_PER_RUN:
         due = await ctx.db.read(
-            lambda uow, after=after: _scalars(uow, _due_accounts(now_us, after))
+            lambda uow, after=after: accounts_repository.due_standings(uow, now, after, PAGE)
         )
         for account_id in due:
             done += await ctx.db.transaction(
@@ -198,10 +109,6 @@ async def advance_standings(
             break
         after = due[-1]
     return done + await (releaser or SubscriptionReleaser()).run(ctx, now)
-
-
-async def _scalars(uow: UnitOfWork, query) -> list:
-    return list((await uow.session.execute(query)).scalars().all())
 
 
 # --- telling quota --------------------------------------------------------------------------
@@ -235,14 +142,9 @@ class SubscriptionReleaser:
 
     async def run(self, ctx: BillingContext, now: datetime) -> int:
         """Tell quota about pending releases; the number of rows now CANCELLED."""
-        s = t.api_subscriptions.c
-        query = (
-            select(s.account_id, s.region, s.api, s.update_time_us)
-            .where(s.state == int(SubscriptionState.RELEASING))
-            .order_by(s.update_time_us, s.account_id, s.region, s.api)
-            .limit(MAX_PER_RUN)
+        pending = await ctx.db.read(
+            lambda uow: subscriptions_repo.pending_releases(uow, MAX_PER_RUN)
         )
-        pending = await ctx.db.read(lambda uow: uow.rows(query))
         done = 0
         for row in pending:
             if self._paused(row.region):
@@ -256,7 +158,7 @@ class SubscriptionReleaser:
                 )
                 self._pause(row.region)
                 continue
-            request_id = release_request_id(row.account_id, row.region, row.api, row.update_time_us)
+            request_id = release_request_id(row.account_id, row.region, row.api, row.marked_us)
             try:
                 await ctx.quota.disable_api(request_id, row.account_id, row.region, row.api)
             except QuotaUnavailable as exc:
@@ -275,25 +177,10 @@ class SubscriptionReleaser:
                     )
                     self._pause(row.region)
                     continue
-            done += await ctx.db.transaction(lambda uow, row=row: _confirm(uow, row, now))
+            done += await ctx.db.transaction(
+                lambda uow, row=row: subscriptions_repo.confirm_release(uow, row, now)
+            )
         return done
-
-
-async def _confirm(uow: UnitOfWork, row, now: datetime) -> int:
-    """RELEASING -> CANCELLED, unless the row changed meanwhile (subscribed again)."""
-    s = t.api_subscriptions.c
-    result = await uow.session.execute(
-        update(t.api_subscriptions)
-        .where(
-            s.account_id == row.account_id,
-            s.region == row.region,
-            s.api == row.api,
-            s.state == int(SubscriptionState.RELEASING),
-            s.update_time_us == row.update_time_us,
-        )
-        .values(state=int(SubscriptionState.CANCELLED), update_time_us=to_epoch_us(now))
-    )
-    return result.rowcount or 0
 
 
 # --- wiring ---------------------------------------------------------------------------------

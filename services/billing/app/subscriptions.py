@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import insert, select, update
@@ -26,27 +24,18 @@ from services.billing.adapters import tables as t
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
+from services.billing.domain.subscriptions import Subscription, SubscriptionState
 from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
 from shared.timeutil import from_epoch_us, to_epoch_us
 
-ACTIVE, CANCELLED = 1, 2
+ACTIVE, CANCELLED = SubscriptionState.ACTIVE, SubscriptionState.CANCELLED
 
 T = TypeVar("T")
 # Runs billing's record in a transaction (with the request's idempotency key, when it has one).
 Keep = Callable[[Callable[[UnitOfWork], Awaitable["Subscription"]]], Awaitable[T]]
-
-
-@dataclass(frozen=True)
-class Subscription:
-    account_id: str
-    region: str
-    api: str
-    state: int
-    create_time: datetime
-    update_time: datetime
 
 
 def _check(ctx: BillingContext, region: str, api: str) -> None:

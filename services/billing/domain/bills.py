@@ -5,15 +5,15 @@ What a bill holds (docs/design.md)
 
 One **line** per settled hourly pay-per-use cycle of an account, region, API and enterprise
 project (with its quantity, free calls and tier breakdown), one per package purchase, renewal
-and refund (the cancellation of an order), and one per top-up. Every line stores a
-**non-negative** ``amount_micros``; its kind says which way the money went, and
-``balance_effect`` is the signed change of the payer's balance: charges (pay-per-use, purchase,
-renewal) take money out, credits (refund, top-up) put it in.
+and refund (the cancellation of an order), and one per top-up. A line's ``amount_micros`` is
+**signed by its effect** on the payer's balance, as in the ledger and on the wire: charges
+(pay-per-use, purchase, renewal) are negative, credits (refund, top-up) positive; its kind
+says which it is and ``charge_micros`` is the line's non-negative size (the CSV's ``amount``).
 
 Amounts on lines are what left or entered the balance, so they are whole minor units of the
 currency. A pay-per-use line is made by ``pay_per_use_line``, which rounds the cycle's exact
-price half up to the minor unit, once per cycle; its tier charges keep the exact, unrounded
-amounts, so they may differ from the line's amount by less than one minor unit.
+price half up to the minor unit, once per cycle; its tier prices keep the exact, unrounded
+values, so they may differ from the line's charge by less than one minor unit.
 
 **Who pays.** ``account_id`` is the account whose usage or order it is; ``payer_account_id`` is
 the account whose balance moved: the enterprise master for a member under unified accounting,
@@ -26,7 +26,7 @@ The last hour of April is on April's bill although it is settled just after midn
 and closing balances are ledger balances in the same terms: the opening balance is the effect
 of every line of earlier months, and **opening + the sum of the month's balance effects =
 closing** (``check_bill``). ``total`` is what the month's usage and orders cost: charges minus
-refunds, top-ups left out.
+refunds, top-ups left out (docs/design.md).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ _FOR_AN_ORDER = frozenset(
 
 @dataclass(frozen=True, kw_only=True)
 class BillLine:
-    """One line of a bill; ``amount_micros`` is non-negative, see ``balance_effect``.
+    """One line of a bill; ``amount_micros`` is the signed effect on the payer's balance.
 
     Pay-per-use lines carry the cycle, the region/API/project, the quantity (free calls
     included) and the tier breakdown; the other kinds carry no cycle and no tiers. Purchase,
@@ -110,7 +110,12 @@ class BillLine:
                 object.__setattr__(self, name, as_utc(value, name))
         if not self.account_id:
             raise ValueError("a bill line names its account")
-        for name in ("amount_micros", "quantity", "free_quantity"):
+        if isinstance(self.amount_micros, bool) or not isinstance(self.amount_micros, int):
+            raise ValueError(f"amount_micros must be an int, got {self.amount_micros!r}")
+        if (self.amount_micros > 0) if self.kind in _CHARGES else (self.amount_micros < 0):
+            sign = "<= 0" if self.kind in _CHARGES else ">= 0"
+            raise ValueError(f"a {self.kind.name} line's amount_micros must be {sign}")
+        for name in ("quantity", "free_quantity"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -139,9 +144,9 @@ class BillLine:
         return self.payer_account_id or self.account_id
 
     @property
-    def balance_effect(self) -> int:
-        """The signed change of the payer's balance, in micros: negative for charges."""
-        return -self.amount_micros if self.kind in _CHARGES else self.amount_micros
+    def charge_micros(self) -> int:
+        """The line's size, non-negative: what a charge cost, what a credit gave."""
+        return abs(self.amount_micros)
 
     @property
     def bill_time(self) -> datetime:
@@ -187,7 +192,7 @@ def pay_per_use_line(
         quantity=priced.quantity,
         free_quantity=priced.free_quantity,
         tiers=priced.tiers,
-        amount_micros=round_half_up_to_minor(priced.amount_micros, currency),
+        amount_micros=-round_half_up_to_minor(priced.price_micros, currency),
         occur_time=settle_time,
         description=description,
     )
@@ -197,19 +202,13 @@ def balance_effect_on(line: BillLine, account_id: str | None) -> int:
     """``line``'s effect on ``account_id``'s balance; on its payer's when ``account_id`` is
     None. A member's line paid by its master does not move the member's balance."""
     if account_id is None or line.payer == account_id:
-        return line.balance_effect
+        return line.amount_micros
     return 0
 
 
 def bill_total(lines: Iterable[BillLine]) -> int:
     """What the lines cost: charges minus refunds, in micros; top-ups are not costs."""
-    total = 0
-    for line in lines:
-        if line.kind in _CHARGES:
-            total += line.amount_micros
-        elif line.kind == BillLineKind.REFUND:
-            total -= line.amount_micros
-    return total
+    return -sum(line.amount_micros for line in lines if line.kind != BillLineKind.TOP_UP)
 
 
 class UnbalancedBillError(ValueError):
@@ -346,10 +345,11 @@ def _tiers(tiers: Sequence[TierCharge]) -> str:
 def bill_csv(lines: Iterable[BillLine], currency: str, tz: tzinfo = UTC) -> str:
     """The lines as CSV (RFC 4180, CRLF line ends): a header row, then one row per line.
 
-    Columns are ``CSV_COLUMNS``. Amounts are plain decimals in ``currency`` (``"-2.50"`` for a
-    charge's balance effect), times RFC 3339 in ``tz`` (the billing time zone, say), the kind
-    its short name (``PAY_PER_USE``). Text that a spreadsheet would take for a formula is
-    prefixed with ``'``.
+    Columns are ``CSV_COLUMNS``: ``amount`` is the line's size (``charge_micros``),
+    ``balance_effect`` its signed ``amount_micros``. Amounts are plain decimals in ``currency``
+    (``"-2.50"`` for a charge's balance effect), times RFC 3339 in ``tz`` (the billing time
+    zone, say), the kind its short name (``PAY_PER_USE``). Text that a spreadsheet would take
+    for a formula is prefixed with ``'``.
     """
     out = io.StringIO()
     writer = csv.writer(out)
@@ -368,8 +368,8 @@ def bill_csv(lines: Iterable[BillLine], currency: str, tz: tzinfo = UTC) -> str:
                 line.quantity,
                 line.free_quantity,
                 _tiers(line.tiers),
+                format_amount(line.charge_micros, currency),
                 format_amount(line.amount_micros, currency),
-                format_amount(line.balance_effect, currency),
                 currency,
                 _text(line.order_id),
                 _text(line.description),

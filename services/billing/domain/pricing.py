@@ -46,24 +46,24 @@ class TierCharge:
     tier: int
     quantity: int
     unit_price: Decimal
-    amount_micros: int
+    price_micros: int
 
 
 @dataclass(frozen=True)
 class Priced:
     """The price of a run of calls: the free ones, and the charged ones by tier, in tier order.
 
-    ``amount_micros`` is exact (not rounded to the currency's minor unit) and equals the sum of
-    the tiers' amounts. Tiers with no calls are left out.
+    ``price_micros`` is exact (not rounded to the currency's minor unit) and equals the sum of
+    the tiers' prices. Tiers with no calls are left out.
     """
 
-    amount_micros: int
+    price_micros: int
     free_quantity: int
     tiers: tuple[TierCharge, ...]
 
     def __post_init__(self) -> None:
-        if self.amount_micros != sum(t.amount_micros for t in self.tiers):
-            raise ValueError("amount_micros must be the sum of the tiers' amounts")
+        if self.price_micros != sum(t.price_micros for t in self.tiers):
+            raise ValueError("price_micros must be the sum of the tiers' prices")
         numbers = [t.tier for t in self.tiers]
         if numbers != sorted(set(numbers)):
             raise ValueError("tier charges must be in tier order, each tier once")
@@ -139,7 +139,7 @@ def price_usage(
             break
         lower = tier.up_to
     return Priced(
-        amount_micros=sum(c.amount_micros for c in charges),
+        price_micros=sum(c.price_micros for c in charges),
         free_quantity=free,
         tiers=tuple(charges),
     )
@@ -169,7 +169,7 @@ def merge_priced(parts: Iterable[Priced]) -> Priced:
                 charge.tier,
                 seen.quantity + charge.quantity,
                 seen.unit_price,
-                seen.amount_micros + charge.amount_micros,
+                seen.price_micros + charge.price_micros,
             )
     charges = tuple(by_tier[number] for number in sorted(by_tier))
-    return Priced(sum(c.amount_micros for c in charges), free, charges)
+    return Priced(sum(c.price_micros for c in charges), free, charges)

@@ -41,7 +41,17 @@ class _AccountKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccountKi
     """
 
 class AccountKind(_AccountKind, metaclass=_AccountKindEnumTypeWrapper):
-    """The kind of an account. It decides whose balance pays for the account's charges."""
+    """Words used in the comments of this package (docs/design.md):
+    - The `amount` of a bill line (BillLine.amount, and Bill.total, their sum) is a signed
+      effect on a balance: negative for a charge, positive for a top-up or refund.
+    - A price is a non-negative sum to pay: Offer.price, PriceTier.unit_price, Order.amount
+      (what the order cost) and BillLineTier.amount (what a tier's calls cost); TopUpRequest's
+      amount is the non-negative sum added.
+    - Money is google.type.Money in the account's currency; times are
+      google.protobuf.Timestamp.
+
+    The kind of an account. It decides whose balance pays for the account's charges.
+    """
 
 ACCOUNT_KIND_UNSPECIFIED: AccountKind.ValueType  # 0
 """Not set; CreateAccount treats it as STANDALONE."""
@@ -249,7 +259,7 @@ class Account(_message.Message):
     digits, `-` and `_`.
     """
     display_name: _builtins.str
-    """A human-readable name."""
+    """A human-readable name, shown on bills and notifications."""
     kind: Global___AccountKind.ValueType
     """The kind of the account; it cannot change after create."""
     master_account_id: _builtins.str
@@ -261,12 +271,12 @@ class Account(_message.Message):
     catalog's currency, the only one accepted.
     """
     standing: Global___AccountStanding.ValueType
-    """Output only. The arrears standing. An enterprise member follows its master's standing,
+    """The arrears standing. An enterprise member follows its master's standing,
     because the master's balance pays for it.
     """
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
-        """Output only. The balance; below zero while in arrears. An enterprise member has no
+        """The balance; below zero while in arrears. An enterprise member has no
         balance of its own: this is its master's balance, which pays its charges.
         """
 
@@ -286,25 +296,25 @@ class Account(_message.Message):
 
     @_builtins.property
     def standing_change_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the standing last changed; unset while it has always been GOOD."""
+        """When the standing last changed; unset while it has always been GOOD."""
 
     @_builtins.property
     def grace_end_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When GRACE ends and the account becomes FROZEN, while it is in GRACE."""
+        """When GRACE ends and the account becomes FROZEN, while it is in GRACE."""
 
     @_builtins.property
     def retention_end_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When retention ends and the account becomes RELEASED, while it is in GRACE
+        """When retention ends and the account becomes RELEASED, while it is in GRACE
         or FROZEN.
         """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the account was created."""
+        """When the account was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the account last changed (a top-up, a charge, a standing change or a
+        """When the account last changed (a top-up, a charge, a standing change or a
         new balance alert).
         """
 
@@ -361,7 +371,7 @@ class Offer(_message.Message):
 
     @_builtins.property
     def price(self) -> _money_pb2.Money:
-        """The price of one package (one validity period)."""
+        """The price of one package (one validity period): a non-negative sum to pay."""
 
     def __init__(
         self,
@@ -397,7 +407,7 @@ class PriceTier(_message.Message):
     """
     @_builtins.property
     def unit_price(self) -> _money_pb2.Money:
-        """The price of one call. Unit prices are finer than the currency's minor unit (for
+        """The price of one call, non-negative. Unit prices are finer than the currency's minor unit (for
         example 0.0025 USD): google.type.Money's nanos carry the extra decimals.
         """
 
@@ -443,25 +453,27 @@ class Order(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     PAYING_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
-    """Output only. Assigned by the service."""
+    """The order's id, assigned by the service; also the request_id of the grant or renewal
+    billing asks of quota.
+    """
     kind: Global___OrderKind.ValueType
     """Purchase, renewal or auto-renewal."""
     state: Global___OrderState.ValueType
-    """The state."""
+    """Where the order is: PENDING, FULFILLED, FAILED or CANCELLED."""
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
-    """The package granted or renewed. Empty while a purchase is PENDING."""
+    """The quota package granted or renewed. Empty while a purchase is PENDING."""
     offer_id: _builtins.str
     """The catalog offer bought or renewed."""
     region: _builtins.str
-    """The region of the package."""
+    """The catalog region of the package."""
     api: _builtins.str
-    """The API of the package."""
+    """The catalog API of the package."""
     enterprise_project_id: _builtins.str
     """The enterprise project the package is designated for; empty means every project."""
     quantity: _builtins.int
-    """The calls granted or added by this order."""
+    """The calls granted or added by this order (the offer's quantity times the periods)."""
     periods: _builtins.int
     """The validity periods bought (1 for a purchase and for an auto-renewal)."""
     failure_reason: _builtins.str
@@ -472,7 +484,9 @@ class Order(_message.Message):
     """
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """The price paid (the offer's price times the periods)."""
+        """The price paid: the offer's price times the periods, a non-negative sum (the bill shows
+        it as a negative line amount, its effect on the balance).
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -492,7 +506,7 @@ class Order(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the state last changed."""
+        """When the order's state last changed."""
 
     def __init__(
         self,
@@ -538,7 +552,7 @@ class AutoRenewal(_message.Message):
     LAST_FAILURE_REASON_FIELD_NUMBER: _builtins.int
     LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
-    """The package."""
+    """The purchased package the setting is for."""
     account_id: _builtins.str
     """The account that owns the package."""
     enabled: _builtins.bool
@@ -549,16 +563,16 @@ class AutoRenewal(_message.Message):
     package expires.
     """
     last_failure_reason: _builtins.str
-    """Output only. Why the last attempt failed (for example INSUFFICIENT_BALANCE); empty after
+    """Why the last attempt failed (for example INSUFFICIENT_BALANCE); empty after
     a success or before any attempt.
     """
     @_builtins.property
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the next attempt runs; unset when disabled or no attempt is left."""
+        """When the next attempt runs; unset when disabled or no attempt is left."""
 
     @_builtins.property
     def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the last attempt ran."""
+        """When the last attempt ran."""
 
     def __init__(
         self,
@@ -594,20 +608,20 @@ class ApiSubscription(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account the API is enabled or disabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region of the subscription."""
     api: _builtins.str
-    """The API."""
+    """The catalog API of the subscription."""
     state: Global___ApiSubscriptionState.ValueType
-    """The current state."""
+    """ACTIVE after SubscribeApi, CANCELLED after UnsubscribeApi or a release."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the subscription was first enabled."""
+        """When the API was first enabled for the account in the region."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the subscription last changed."""
+        """When the state last changed."""
 
     def __init__(
         self,
@@ -647,7 +661,10 @@ class BillLineTier(_message.Message):
 
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """quantity times unit_price, exact (not rounded to the minor unit)."""
+        """The price of the tier's calls: quantity times unit_price, exact (not rounded to the
+        minor unit) and non-negative. A price, not a balance effect: the line's own amount is
+        the (negative) effect of the whole cycle.
+        """
 
     def __init__(
         self,
@@ -688,11 +705,11 @@ class BillLine(_message.Message):
     kind: Global___BillLineKind.ValueType
     """What the line is for."""
     region: _builtins.str
-    """The region (pay-per-use and package lines)."""
+    """The catalog region (pay-per-use and package lines; empty otherwise)."""
     api: _builtins.str
-    """The API (pay-per-use and package lines)."""
+    """The catalog API (pay-per-use and package lines; empty otherwise)."""
     enterprise_project_id: _builtins.str
-    """The enterprise project (pay-per-use and package lines)."""
+    """The enterprise project (pay-per-use and package lines; empty otherwise)."""
     quantity: _builtins.int
     """The calls of the cycle (pay-per-use) or the calls granted or added (package lines)."""
     order_id: _builtins.str
@@ -774,11 +791,11 @@ class Bill(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account billed."""
     month: _builtins.str
-    """The month, "YYYY-MM"."""
+    """The calendar month billed (billing time zone), "YYYY-MM"."""
     currency_code: _builtins.str
-    """The currency of every amount."""
+    """The ISO 4217 currency of every amount of the bill (the account's)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillLine]:
         """The lines of the month, in time order: a pay-per-use line at its cycle's start (the
@@ -801,17 +818,18 @@ class Bill(_message.Message):
 
     @_builtins.property
     def total(self) -> _money_pb2.Money:
-        """The sum of the lines' amounts; for accounts with a balance, closing_balance equals
+        """The sum of the lines' amounts, signed like them (negative when charges exceed top-ups
+        and refunds); for accounts with a balance, closing_balance equals
         opening_balance plus total.
         """
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The first instant of the month."""
+        """The first instant of the month (midnight in the billing time zone)."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The first instant of the next month."""
+        """The first instant of the next month (exclusive end of the bill)."""
 
     def __init__(
         self,
@@ -967,9 +985,9 @@ class AutoRenewFailed(_message.Message):
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
-    """The package."""
+    """The purchased package whose renewal failed."""
     reason: _builtins.str
-    """Why (an error reason such as INSUFFICIENT_BALANCE or ACCOUNT_IN_ARREARS)."""
+    """Why the attempt failed (an error reason such as INSUFFICIENT_BALANCE or ACCOUNT_IN_ARREARS)."""
     region: _builtins.str
     """The package's region (a region-limited token sees the event only for its regions)."""
     @_builtins.property

@@ -30,7 +30,7 @@ class CreateAccountRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     @_builtins.property
     def account(self) -> _billing_pb2.Account:
         """The account: account_id is required; master_account_id for ENTERPRISE_MEMBER accounts;
@@ -59,7 +59,7 @@ class GetAccountRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The id of the account to read."""
     def __init__(
         self,
         *,
@@ -87,7 +87,7 @@ class ListAccountsRequest(_message.Message):
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -141,12 +141,12 @@ class TopUpRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account whose balance is topped up (not an enterprise member: top up its master)."""
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """The amount added, positive, in the account's currency."""
+        """The sum added: positive, in the account's currency."""
 
     def __init__(
         self,
@@ -173,9 +173,9 @@ class SetBalanceAlertRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account whose balance alert is set or cleared."""
     @_builtins.property
     def threshold(self) -> _money_pb2.Money:
         """The threshold in the account's currency; unset clears the alert."""
@@ -212,7 +212,7 @@ class ListOffersRequest(_message.Message):
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -325,7 +325,7 @@ class PurchasePackageRequest(_message.Message):
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     AUTO_RENEW_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
     """The account that will own the package."""
     offer_id: _builtins.str
@@ -372,11 +372,11 @@ class RenewPackageRequest(_message.Message):
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
     PERIODS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
-    """The package."""
+    """The id of the purchased package to renew."""
     periods: _builtins.int
     """Validity periods of the package's offer to add; 0 means 1."""
     def __init__(
@@ -403,7 +403,7 @@ class GetAutoRenewRequest(_message.Message):
 
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
-    """The package."""
+    """The id of the purchased package whose setting is read."""
     def __init__(
         self,
         *,
@@ -428,9 +428,9 @@ class SetAutoRenewRequest(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     LEAD_DAYS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     package_id: _builtins.str
-    """The package."""
+    """The id of the purchased package whose setting is changed."""
     enabled: _builtins.bool
     """Whether to renew the package automatically."""
     lead_days: _builtins.int
@@ -460,9 +460,9 @@ class CancelOrderRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     order_id: _builtins.str
-    """The order."""
+    """The id of the purchase order to cancel."""
     def __init__(
         self,
         *,
@@ -485,7 +485,7 @@ class GetOrderRequest(_message.Message):
 
     ORDER_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
-    """The order."""
+    """The id of the order to read."""
     def __init__(
         self,
         *,
@@ -513,7 +513,7 @@ class ListOrdersRequest(_message.Message):
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -568,13 +568,13 @@ class SubscribeApiRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account the API is enabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region the API is enabled in."""
     api: _builtins.str
-    """The API."""
+    """The catalog API to enable."""
     def __init__(
         self,
         *,
@@ -602,13 +602,13 @@ class UnsubscribeApiRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account the API is disabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region the API is disabled in."""
     api: _builtins.str
-    """The API."""
+    """The catalog API to disable."""
     def __init__(
         self,
         *,
@@ -634,7 +634,7 @@ class GetBillRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account billed."""
     month: _builtins.str
     """The calendar month in the billing time zone, "YYYY-MM"."""
     def __init__(
@@ -660,7 +660,7 @@ class ExportBillRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account billed."""
     month: _builtins.str
     """The calendar month in the billing time zone, "YYYY-MM"."""
     def __init__(

@@ -35,7 +35,12 @@ class BillingServiceStub:
     cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
-    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field.
     """
 
     def __init__(self, channel):
@@ -150,7 +155,12 @@ class BillingServiceServicer:
     cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
-    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field.
     """
 
     def CreateAccount(self, request, context):
@@ -171,7 +181,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAccounts(self, request, context):
-        """Lists accounts, ordered by account id.
+        """Lists accounts, ordered by account id. Errors: INVALID_ARGUMENT (page_size,
+        page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,7 +290,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOrders(self, request, context):
-        """Lists an account's orders, newest first.
+        """Lists an account's orders, newest first. Errors: INVALID_ARGUMENT (page_size,
+        page_token), NOT_FOUND (ACCOUNT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,7 +334,9 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Streams billing's events after a sequence: history first, then live events.
+        """Streams billing's events after a sequence: history first, then live events. Errors:
+        FAILED_PRECONDITION when after_sequence is beyond the last event (its ErrorInfo carries
+        last_sequence).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -443,7 +457,12 @@ class BillingService:
     cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
-    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field.
     """
 
     @staticmethod

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(allot/notification/v1/notification.proto\x12\x15\x61llot.notification.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x02\n\x07\x43ontact\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12/\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1e.allot.notification.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x39\n\rmessage_types\x18\x05 \x03(\x0e\x32\".allot.notification.v1.MessageType\x12\x16\n\x0ewebhook_secret\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x08\x44\x65livery\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12/\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.allot.notification.v1.Channel\x12\x33\n\x05state\x18\x03 \x01(\x0e\x32$.allot.notification.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x30\n\x0c\x64\x65liver_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x38\n\x0cmessage_type\x18\x03 \x01(\x0e\x32\".allot.notification.v1.MessageType\x12\x17\n\x0fsource_event_id\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\ndeliveries\x18\x08 \x03(\x0b\x32\x1f.allot.notification.v1.Delivery\"P\n\x13NotificationCreated\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.allot.notification.v1.Notification\"\xbf\x01\n\x11NotificationEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\x14notification_created\x18\n \x01(\x0b\x32*.allot.notification.v1.NotificationCreatedH\x00\x42\t\n\x07payload*[\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x13\n\x0f\x43HANNEL_WEBHOOK\x10\x03*\x9d\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18MESSAGE_TYPE_USAGE_ALERT\x10\x01\x12!\n\x1dMESSAGE_TYPE_PACKAGE_EXPIRING\x10\x02\x12\"\n\x1eMESSAGE_TYPE_PACKAGE_EXHAUSTED\x10\x03\x12\x18\n\x14MESSAGE_TYPE_ARREARS\x10\x04\x12\x1e\n\x1aMESSAGE_TYPE_BALANCE_ALERT\x10\x05\x12\x16\n\x12MESSAGE_TYPE_ORDER\x10\x06\x12\"\n\x1eMESSAGE_TYPE_AUTO_RENEW_FAILED\x10\x07\x12\x15\n\x11MESSAGE_TYPE_TEST\x10\x08*\x7f\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x17\n\x13\x44\x45LIVERY_STATE_SENT\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x42&Z$allot/notification/v1;notificationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(allot/notification/v1/notification.proto\x12\x15\x61llot.notification.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x02\n\x07\x43ontact\x12\x18\n\ncontact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\naccount_id\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x36\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1e.allot.notification.v1.ChannelB\x05\xe2\x41\x02\x02\x05\x12\x15\n\x07\x61\x64\x64ress\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12?\n\rmessage_types\x18\x05 \x03(\x0e\x32\".allot.notification.v1.MessageTypeB\x04\xe2\x41\x01\x02\x12\x1c\n\x0ewebhook_secret\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x80\x02\n\x08\x44\x65livery\x12\x18\n\ncontact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.allot.notification.v1.ChannelB\x04\xe2\x41\x01\x03\x12\x39\n\x05state\x18\x03 \x01(\x0e\x32$.allot.notification.v1.DeliveryStateB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x64\x65liver_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xc3\x02\n\x0cNotification\x12\x1d\n\x0fnotification_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12>\n\x0cmessage_type\x18\x03 \x01(\x0e\x32\".allot.notification.v1.MessageTypeB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fsource_event_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07subject\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x62ody\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\ndeliveries\x18\x08 \x03(\x0b\x32\x1f.allot.notification.v1.DeliveryB\x04\xe2\x41\x01\x03\"P\n\x13NotificationCreated\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.allot.notification.v1.Notification\"\xbf\x01\n\x11NotificationEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\x14notification_created\x18\n \x01(\x0b\x32*.allot.notification.v1.NotificationCreatedH\x00\x42\t\n\x07payload*[\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x13\n\x0f\x43HANNEL_WEBHOOK\x10\x03*\x9d\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18MESSAGE_TYPE_USAGE_ALERT\x10\x01\x12!\n\x1dMESSAGE_TYPE_PACKAGE_EXPIRING\x10\x02\x12\"\n\x1eMESSAGE_TYPE_PACKAGE_EXHAUSTED\x10\x03\x12\x18\n\x14MESSAGE_TYPE_ARREARS\x10\x04\x12\x1e\n\x1aMESSAGE_TYPE_BALANCE_ALERT\x10\x05\x12\x16\n\x12MESSAGE_TYPE_ORDER\x10\x06\x12\"\n\x1eMESSAGE_TYPE_AUTO_RENEW_FAILED\x10\x07\x12\x15\n\x11MESSAGE_TYPE_TEST\x10\x08*\x7f\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x17\n\x13\x44\x45LIVERY_STATE_SENT\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x42&Z$allot/notification/v1;notificationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +34,64 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'allot.notification.v1.notif
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z$allot/notification/v1;notificationv1'
-  _globals['_CHANNEL']._serialized_start=1176
-  _globals['_CHANNEL']._serialized_end=1267
-  _globals['_MESSAGETYPE']._serialized_start=1270
-  _globals['_MESSAGETYPE']._serialized_end=1555
-  _globals['_DELIVERYSTATE']._serialized_start=1557
-  _globals['_DELIVERYSTATE']._serialized_end=1684
-  _globals['_CONTACT']._serialized_start=101
-  _globals['_CONTACT']._serialized_end=397
-  _globals['_DELIVERY']._serialized_start=400
-  _globals['_DELIVERY']._serialized_end=620
-  _globals['_NOTIFICATION']._serialized_start=623
-  _globals['_NOTIFICATION']._serialized_end=898
-  _globals['_NOTIFICATIONCREATED']._serialized_start=900
-  _globals['_NOTIFICATIONCREATED']._serialized_end=980
-  _globals['_NOTIFICATIONEVENT']._serialized_start=983
-  _globals['_NOTIFICATIONEVENT']._serialized_end=1174
+  _globals['_CONTACT'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['contact_id']._serialized_options = b'\342A\001\003'
+  _globals['_CONTACT'].fields_by_name['account_id']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['account_id']._serialized_options = b'\342A\002\002\005'
+  _globals['_CONTACT'].fields_by_name['channel']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['channel']._serialized_options = b'\342A\002\002\005'
+  _globals['_CONTACT'].fields_by_name['address']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['address']._serialized_options = b'\342A\001\002'
+  _globals['_CONTACT'].fields_by_name['message_types']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['message_types']._serialized_options = b'\342A\001\002'
+  _globals['_CONTACT'].fields_by_name['webhook_secret']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['webhook_secret']._serialized_options = b'\342A\001\003'
+  _globals['_CONTACT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_CONTACT'].fields_by_name['update_time']._loaded_options = None
+  _globals['_CONTACT'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['contact_id']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['channel']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['channel']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['state']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['attempts']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['attempts']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['last_error']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['last_error']._serialized_options = b'\342A\001\003'
+  _globals['_DELIVERY'].fields_by_name['deliver_time']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['deliver_time']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['notification_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['notification_id']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['account_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['account_id']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['message_type']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['message_type']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['source_event_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['source_event_id']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['subject']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['subject']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['body']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['body']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['deliveries']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['deliveries']._serialized_options = b'\342A\001\003'
+  _globals['_CHANNEL']._serialized_start=1343
+  _globals['_CHANNEL']._serialized_end=1434
+  _globals['_MESSAGETYPE']._serialized_start=1437
+  _globals['_MESSAGETYPE']._serialized_end=1722
+  _globals['_DELIVERYSTATE']._serialized_start=1724
+  _globals['_DELIVERYSTATE']._serialized_end=1851
+  _globals['_CONTACT']._serialized_start=134
+  _globals['_CONTACT']._serialized_end=480
+  _globals['_DELIVERY']._serialized_start=483
+  _globals['_DELIVERY']._serialized_end=739
+  _globals['_NOTIFICATION']._serialized_start=742
+  _globals['_NOTIFICATION']._serialized_end=1065
+  _globals['_NOTIFICATIONCREATED']._serialized_start=1067
+  _globals['_NOTIFICATIONCREATED']._serialized_end=1147
+  _globals['_NOTIFICATIONEVENT']._serialized_start=1150
+  _globals['_NOTIFICATIONEVENT']._serialized_end=1341
 # @@protoc_insertion_point(module_scope)

@@ -139,16 +139,18 @@ class Contact(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
-    """Output only. Assigned by the service."""
+    """The contact's id, assigned by the service on create."""
     account_id: _builtins.str
-    """The account the contact belongs to."""
+    """The account whose notifications the contact receives."""
     channel: Global___Channel.ValueType
-    """How the contact is reached."""
+    """How the contact is reached; it decides the form of the address."""
     address: _builtins.str
-    """The email address, E.164 phone number or https URL (http only for loopback hosts)."""
+    """Where deliveries go: an email address (EMAIL), an E.164 phone number (SMS) or an https
+    URL (WEBHOOK; http only for loopback hosts).
+    """
     webhook_secret: _builtins.str
-    """Output only, and only in the response to CreateContact of a webhook contact: the secret
-    that signs its requests (`Allot-Signature`). It is never shown again.
+    """Only in the response to CreateContact of a webhook contact: the secret that signs its
+    requests (`Allot-Signature`). It is never shown again; empty in every other response.
     """
     @_builtins.property
     def message_types(self) -> _containers.RepeatedScalarFieldContainer[Global___MessageType.ValueType]:
@@ -156,11 +158,11 @@ class Contact(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
+        """When the contact was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
+        """When the contact's address or message types last changed."""
 
     def __init__(
         self,
@@ -195,15 +197,15 @@ class Delivery(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     DELIVER_TIME_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
-    """The contact."""
+    """The contact the delivery goes to."""
     channel: Global___Channel.ValueType
-    """The contact's channel."""
+    """The contact's channel at the time the notification was created."""
     state: Global___DeliveryState.ValueType
-    """The state."""
+    """Whether the delivery is pending, sent or given up."""
     attempts: _builtins.int
-    """Attempts made so far."""
+    """Attempts made so far (RetryDelivery starts a fresh count)."""
     last_error: _builtins.str
-    """The error of the last failed attempt."""
+    """The error of the last failed attempt; empty when none failed."""
     @_builtins.property
     def deliver_time(self) -> _timestamp_pb2.Timestamp:
         """When it was delivered (SENT), or when the next attempt is due (PENDING)."""
@@ -241,24 +243,26 @@ class Notification(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
-    """Output only."""
+    """The notification's id, assigned by the service."""
     account_id: _builtins.str
-    """The account."""
+    """The account the notification is about and whose contacts receive it."""
     message_type: Global___MessageType.ValueType
-    """What it is about."""
+    """What the notification is about; contacts subscribed to this type receive it."""
     source_event_id: _builtins.str
-    """The event it was made from (idempotency key); empty for test notifications."""
+    """The event_id of the quota or billing event it was made from (one notification per
+    event); empty for test notifications.
+    """
     subject: _builtins.str
-    """A one-line subject."""
+    """A one-line subject (an email's subject)."""
     body: _builtins.str
     """The plain-text body."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was created."""
+        """When the notification was created."""
 
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
-        """One per matching contact."""
+        """One delivery per contact of the account subscribed to the type when it was created."""
 
     def __init__(
         self,
@@ -317,7 +321,7 @@ class NotificationEvent(_message.Message):
     sequence: _builtins.int
     """Position in notification's event sequence, gap-free and increasing."""
     event_id: _builtins.str
-    """A unique id of the event."""
+    """A unique id of the event, for idempotent consumers."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the event was written."""

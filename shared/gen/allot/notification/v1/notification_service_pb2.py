@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from allot.notification.v1 import notification_pb2 as allot_dot_notification_dot_v1_dot_notification__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0allot/notification/v1/notification_service.proto\x12\x15\x61llot.notification.v1\x1a(allot/notification/v1/notification.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\"[\n\x14\x43reateContactRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x07\x63ontact\x18\x02 \x01(\x0b\x32\x1e.allot.notification.v1.Contact\"\'\n\x11GetContactRequest\x12\x12\n\ncontact_id\x18\x01 \x01(\t\"P\n\x13ListContactsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x14ListContactsResponse\x12\x30\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x1e.allot.notification.v1.Contact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8c\x01\n\x14UpdateContactRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x07\x63ontact\x18\x02 \x01(\x0b\x32\x1e.allot.notification.v1.Contact\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"*\n\x14\x44\x65leteContactRequest\x12\x12\n\ncontact_id\x18\x01 \x01(\t\"\x90\x01\n\x18ListNotificationsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x39\n\rmessage_types\x18\x02 \x03(\x0e\x32\".allot.notification.v1.MessageType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x19ListNotificationsResponse\x12:\n\rnotifications\x18\x01 \x03(\x0b\x32#.allot.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x19WatchNotificationsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"C\n\x14RetryDeliveryRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\ncontact_id\x18\x02 \x01(\t\"1\n\x1bSendTestNotificationRequest\x12\x12\n\ncontact_id\x18\x01 \x01(\t2\xa3\x07\n\x13NotificationService\x12\\\n\rCreateContact\x12+.allot.notification.v1.CreateContactRequest\x1a\x1e.allot.notification.v1.Contact\x12V\n\nGetContact\x12(.allot.notification.v1.GetContactRequest\x1a\x1e.allot.notification.v1.Contact\x12g\n\x0cListContacts\x12*.allot.notification.v1.ListContactsRequest\x1a+.allot.notification.v1.ListContactsResponse\x12\\\n\rUpdateContact\x12+.allot.notification.v1.UpdateContactRequest\x1a\x1e.allot.notification.v1.Contact\x12T\n\rDeleteContact\x12+.allot.notification.v1.DeleteContactRequest\x1a\x16.google.protobuf.Empty\x12v\n\x11ListNotifications\x12/.allot.notification.v1.ListNotificationsRequest\x1a\x30.allot.notification.v1.ListNotificationsResponse\x12m\n\x12WatchNotifications\x12\x30.allot.notification.v1.WatchNotificationsRequest\x1a#.allot.notification.v1.Notification0\x01\x12\x61\n\rRetryDelivery\x12+.allot.notification.v1.RetryDeliveryRequest\x1a#.allot.notification.v1.Notification\x12o\n\x14SendTestNotification\x12\x32.allot.notification.v1.SendTestNotificationRequest\x1a#.allot.notification.v1.NotificationB&Z$allot/notification/v1;notificationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0allot/notification/v1/notification_service.proto\x12\x15\x61llot.notification.v1\x1a(allot/notification/v1/notification.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\"g\n\x14\x43reateContactRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x07\x63ontact\x18\x02 \x01(\x0b\x32\x1e.allot.notification.v1.ContactB\x04\xe2\x41\x01\x02\"-\n\x11GetContactRequest\x12\x18\n\ncontact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"b\n\x13ListContactsRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"a\n\x14ListContactsResponse\x12\x30\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x1e.allot.notification.v1.Contact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9e\x01\n\x14UpdateContactRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x07\x63ontact\x18\x02 \x01(\x0b\x32\x1e.allot.notification.v1.ContactB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01\"0\n\x14\x44\x65leteContactRequest\x12\x18\n\ncontact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xa8\x01\n\x18ListNotificationsRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12?\n\rmessage_types\x18\x02 \x03(\x0e\x32\".allot.notification.v1.MessageTypeB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"p\n\x19ListNotificationsResponse\x12:\n\rnotifications\x18\x01 \x03(\x0b\x32#.allot.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x19WatchNotificationsRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"O\n\x14RetryDeliveryRequest\x12\x1d\n\x0fnotification_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\ncontact_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"7\n\x1bSendTestNotificationRequest\x12\x18\n\ncontact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xa3\x07\n\x13NotificationService\x12\\\n\rCreateContact\x12+.allot.notification.v1.CreateContactRequest\x1a\x1e.allot.notification.v1.Contact\x12V\n\nGetContact\x12(.allot.notification.v1.GetContactRequest\x1a\x1e.allot.notification.v1.Contact\x12g\n\x0cListContacts\x12*.allot.notification.v1.ListContactsRequest\x1a+.allot.notification.v1.ListContactsResponse\x12\\\n\rUpdateContact\x12+.allot.notification.v1.UpdateContactRequest\x1a\x1e.allot.notification.v1.Contact\x12T\n\rDeleteContact\x12+.allot.notification.v1.DeleteContactRequest\x1a\x16.google.protobuf.Empty\x12v\n\x11ListNotifications\x12/.allot.notification.v1.ListNotificationsRequest\x1a\x30.allot.notification.v1.ListNotificationsResponse\x12m\n\x12WatchNotifications\x12\x30.allot.notification.v1.WatchNotificationsRequest\x1a#.allot.notification.v1.Notification0\x01\x12\x61\n\rRetryDelivery\x12+.allot.notification.v1.RetryDeliveryRequest\x1a#.allot.notification.v1.Notification\x12o\n\x14SendTestNotification\x12\x32.allot.notification.v1.SendTestNotificationRequest\x1a#.allot.notification.v1.NotificationB&Z$allot/notification/v1;notificationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +36,64 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'allot.notification.v1.notif
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z$allot/notification/v1;notificationv1'
-  _globals['_CREATECONTACTREQUEST']._serialized_start=180
-  _globals['_CREATECONTACTREQUEST']._serialized_end=271
-  _globals['_GETCONTACTREQUEST']._serialized_start=273
-  _globals['_GETCONTACTREQUEST']._serialized_end=312
-  _globals['_LISTCONTACTSREQUEST']._serialized_start=314
-  _globals['_LISTCONTACTSREQUEST']._serialized_end=394
-  _globals['_LISTCONTACTSRESPONSE']._serialized_start=396
-  _globals['_LISTCONTACTSRESPONSE']._serialized_end=493
-  _globals['_UPDATECONTACTREQUEST']._serialized_start=496
-  _globals['_UPDATECONTACTREQUEST']._serialized_end=636
-  _globals['_DELETECONTACTREQUEST']._serialized_start=638
-  _globals['_DELETECONTACTREQUEST']._serialized_end=680
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=683
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=827
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=829
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=941
-  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_start=943
-  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_end=990
-  _globals['_RETRYDELIVERYREQUEST']._serialized_start=992
-  _globals['_RETRYDELIVERYREQUEST']._serialized_end=1059
-  _globals['_SENDTESTNOTIFICATIONREQUEST']._serialized_start=1061
-  _globals['_SENDTESTNOTIFICATIONREQUEST']._serialized_end=1110
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1113
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=2044
+  _globals['_CREATECONTACTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATECONTACTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATECONTACTREQUEST'].fields_by_name['contact']._loaded_options = None
+  _globals['_CREATECONTACTREQUEST'].fields_by_name['contact']._serialized_options = b'\342A\001\002'
+  _globals['_GETCONTACTREQUEST'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_GETCONTACTREQUEST'].fields_by_name['contact_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTCONTACTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['contact']._loaded_options = None
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['contact']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATECONTACTREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\001'
+  _globals['_DELETECONTACTREQUEST'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_DELETECONTACTREQUEST'].fields_by_name['contact_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['message_types']._loaded_options = None
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['message_types']._serialized_options = b'\342A\001\001'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_WATCHNOTIFICATIONSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_WATCHNOTIFICATIONSREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\001'
+  _globals['_RETRYDELIVERYREQUEST'].fields_by_name['notification_id']._loaded_options = None
+  _globals['_RETRYDELIVERYREQUEST'].fields_by_name['notification_id']._serialized_options = b'\342A\001\002'
+  _globals['_RETRYDELIVERYREQUEST'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_RETRYDELIVERYREQUEST'].fields_by_name['contact_id']._serialized_options = b'\342A\001\002'
+  _globals['_SENDTESTNOTIFICATIONREQUEST'].fields_by_name['contact_id']._loaded_options = None
+  _globals['_SENDTESTNOTIFICATIONREQUEST'].fields_by_name['contact_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATECONTACTREQUEST']._serialized_start=213
+  _globals['_CREATECONTACTREQUEST']._serialized_end=316
+  _globals['_GETCONTACTREQUEST']._serialized_start=318
+  _globals['_GETCONTACTREQUEST']._serialized_end=363
+  _globals['_LISTCONTACTSREQUEST']._serialized_start=365
+  _globals['_LISTCONTACTSREQUEST']._serialized_end=463
+  _globals['_LISTCONTACTSRESPONSE']._serialized_start=465
+  _globals['_LISTCONTACTSRESPONSE']._serialized_end=562
+  _globals['_UPDATECONTACTREQUEST']._serialized_start=565
+  _globals['_UPDATECONTACTREQUEST']._serialized_end=723
+  _globals['_DELETECONTACTREQUEST']._serialized_start=725
+  _globals['_DELETECONTACTREQUEST']._serialized_end=773
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=776
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=944
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=946
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1058
+  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_start=1060
+  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_end=1113
+  _globals['_RETRYDELIVERYREQUEST']._serialized_start=1115
+  _globals['_RETRYDELIVERYREQUEST']._serialized_end=1194
+  _globals['_SENDTESTNOTIFICATIONREQUEST']._serialized_start=1196
+  _globals['_SENDTESTNOTIFICATIONREQUEST']._serialized_end=1251
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=1254
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=2185
 # @@protoc_insertion_point(module_scope)

@@ -29,10 +29,12 @@ class CreateContactRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONTACT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     @_builtins.property
     def contact(self) -> _notification_pb2.Contact:
-        """The contact: account_id, channel, address and message_types."""
+        """The contact: account_id, channel, address and message_types are required; output-only
+        fields are ignored.
+        """
 
     def __init__(
         self,
@@ -56,7 +58,7 @@ class GetContactRequest(_message.Message):
 
     CONTACT_ID_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
-    """The contact."""
+    """The id of the contact to read."""
     def __init__(
         self,
         *,
@@ -80,11 +82,13 @@ class ListContactsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account (account tokens: their own by default)."""
+    """The account whose contacts are listed; required for operator tokens, account tokens
+    default to their own account.
+    """
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -112,7 +116,7 @@ class ListContactsResponse(_message.Message):
     """Token of the next page; empty at the end."""
     @_builtins.property
     def contacts(self) -> _containers.RepeatedCompositeFieldContainer[_notification_pb2.Contact]:
-        """The contacts."""
+        """The contacts of this page."""
 
     def __init__(
         self,
@@ -138,14 +142,16 @@ class UpdateContactRequest(_message.Message):
     CONTACT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     @_builtins.property
     def contact(self) -> _notification_pb2.Contact:
-        """The contact, with contact_id set."""
+        """The contact, with contact_id set, holding the new values of the fields in update_mask."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `address`, `message_types` (empty = both)."""
+        """Fields to change: `address`, `message_types` (empty = both). The channel and account
+        of a contact never change.
+        """
 
     def __init__(
         self,
@@ -170,7 +176,7 @@ class DeleteContactRequest(_message.Message):
 
     CONTACT_ID_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
-    """The contact."""
+    """The id of the contact to delete."""
     def __init__(
         self,
         *,
@@ -195,11 +201,13 @@ class ListNotificationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account (account tokens: their own by default)."""
+    """The account whose notifications are listed; required for operator tokens, account
+    tokens default to their own account.
+    """
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     @_builtins.property
     def message_types(self) -> _containers.RepeatedScalarFieldContainer[_notification_pb2.MessageType.ValueType]:
         """Only these types; empty means all."""
@@ -232,7 +240,7 @@ class ListNotificationsResponse(_message.Message):
     """Token of the next page; empty at the end."""
     @_builtins.property
     def notifications(self) -> _containers.RepeatedCompositeFieldContainer[_notification_pb2.Notification]:
-        """The notifications, newest first."""
+        """The notifications of this page, newest first."""
 
     def __init__(
         self,
@@ -256,7 +264,9 @@ class WatchNotificationsRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account (account tokens: their own by default)."""
+    """The account whose notifications are streamed; required for operator tokens, account
+    tokens default to their own account.
+    """
     def __init__(
         self,
         *,
@@ -279,9 +289,9 @@ class RetryDeliveryRequest(_message.Message):
     NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
     CONTACT_ID_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
-    """The notification."""
+    """The id of the notification whose delivery is sent again."""
     contact_id: _builtins.str
-    """The contact whose delivery is retried."""
+    """The id of the contact whose delivery is sent again."""
     def __init__(
         self,
         *,
@@ -304,7 +314,7 @@ class SendTestNotificationRequest(_message.Message):
 
     CONTACT_ID_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
-    """The contact."""
+    """The id of the contact the test is sent to."""
     def __init__(
         self,
         *,

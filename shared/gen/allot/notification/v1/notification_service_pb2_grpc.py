@@ -30,7 +30,14 @@ if _version_not_supported:
 class NotificationServiceStub:
     """The notification service: contacts per account, one notification per relevant event of
     quota's and billing's streams, and its deliveries by email, SMS and signed webhooks with
-    retries. Every RPC takes a bearer token; account tokens see only their own account.
+    retries. Every RPC takes a bearer token; account tokens see only their own account. Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field. A mutation repeated with the same request_id
+    returns the first result; the same request_id with other content fails with
+    INVALID_ARGUMENT (REQUEST_ID_REUSED).
     """
 
     def __init__(self, channel):
@@ -89,12 +96,20 @@ class NotificationServiceStub:
 class NotificationServiceServicer:
     """The notification service: contacts per account, one notification per relevant event of
     quota's and billing's streams, and its deliveries by email, SMS and signed webhooks with
-    retries. Every RPC takes a bearer token; account tokens see only their own account.
+    retries. Every RPC takes a bearer token; account tokens see only their own account. Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field. A mutation repeated with the same request_id
+    returns the first result; the same request_id with other content fails with
+    INVALID_ARGUMENT (REQUEST_ID_REUSED).
     """
 
     def CreateContact(self, request, context):
-        """Creates a contact. A webhook contact's secret is in the response, once.
-        Errors: INVALID_ARGUMENT (address per channel, message types). Idempotent by request_id.
+        """Creates a contact. A webhook contact's secret is in the response, once. Idempotent by
+        request_id. Errors: INVALID_ARGUMENT (address per channel, message types,
+        REQUEST_ID_REUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,49 +123,59 @@ class NotificationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListContacts(self, request, context):
-        """Lists an account's contacts.
+        """Lists an account's contacts. Errors: INVALID_ARGUMENT (page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateContact(self, request, context):
-        """Changes a contact's address or message types (update_mask).
+        """Changes a contact's address or message types (update_mask). Idempotent by request_id.
+        Errors: INVALID_ARGUMENT (update_mask, address, message types, REQUEST_ID_REUSED),
+        NOT_FOUND (CONTACT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteContact(self, request, context):
-        """Deletes a contact; its pending deliveries are dropped.
+        """Deletes a contact; its pending deliveries are dropped. Errors: NOT_FOUND
+        (CONTACT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListNotifications(self, request, context):
-        """Lists an account's notifications with their deliveries, newest first.
+        """Lists an account's notifications with their deliveries, newest first. Errors:
+        INVALID_ARGUMENT (message types, page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchNotifications(self, request, context):
-        """Streams the account's new notifications as they are created.
+        """Streams the account's new notifications as they are created (none from before the
+        call). Errors: RESOURCE_EXHAUSTED when the caller already holds as many streams as
+        ALLOT_MAX_STREAMS_PER_CALLER allows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RetryDelivery(self, request, context):
-        """Sends a delivery again (typically a FAILED one). Errors: NOT_FOUND (DELIVERY_NOT_FOUND).
+        """Sends a delivery again now with a fresh set of attempts (typically a FAILED one).
+        Errors: NOT_FOUND (NOTIFICATION_NOT_FOUND; DELIVERY_NOT_FOUND: the notification has no
+        delivery to that contact).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SendTestNotification(self, request, context):
-        """Sends a test notification to one contact.
+        """Sends a test notification to one contact. Errors: NOT_FOUND (CONTACT_NOT_FOUND),
+        RESOURCE_EXHAUSTED (TEST_NOTIFICATION_RATE_LIMITED: at most 3 tests per contact per
+        hour; its ErrorInfo carries retry_time).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,7 +240,14 @@ def add_NotificationServiceServicer_to_server(servicer, server):
 class NotificationService:
     """The notification service: contacts per account, one notification per relevant event of
     quota's and billing's streams, and its deliveries by email, SMS and signed webhooks with
-    retries. Every RPC takes a bearer token; account tokens see only their own account.
+    retries. Every RPC takes a bearer token; account tokens see only their own account. Errors
+    every RPC may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED
+    (the token's policy does not allow the call, or the resource belongs to another account:
+    an account token is never told whether another account's resource exists), UNAVAILABLE
+    (the service is starting or lost its database; retry). Field errors are INVALID_ARGUMENT
+    with a BadRequest detail naming the field. A mutation repeated with the same request_id
+    returns the first result; the same request_id with other content fails with
+    INVALID_ARGUMENT (REQUEST_ID_REUSED).
     """
 
     @staticmethod

@@ -36,7 +36,15 @@ class _PackageSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Package
     """Purchased (a billing order)."""
 
 class PackageSource(_PackageSource, metaclass=_PackageSourceEnumTypeWrapper):
-    """Where a package came from. It decides step 2 of the deduction order:
+    """Words used in the comments of this package (docs/design.md):
+    - A package's grant is its own `total_quantity`: the calls granted to that one package,
+      renewals included.
+    - The quantity in force of an account, region and API is the sum over its packages in force
+      (ACTIVE or EXHAUSTED). Summaries, alerts and their events carry it in fields named
+      `total_quantity` too (the wire name stays); the code calls it `quantity_in_force`.
+    - Quantities are counts of calls (int64, 0 to 10^12). Times are google.protobuf.Timestamp.
+
+    Where a package came from. It decides step 2 of the deduction order:
     FREE packages are used before PROMOTION ones, which are used before SUBSCRIPTION ones.
     """
 
@@ -209,7 +217,7 @@ class _UsageAlertStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Usage
     USAGE_ALERT_STATE_ARMED: _UsageAlertState.ValueType  # 1
     """Waiting for remaining quantity to reach the threshold."""
     USAGE_ALERT_STATE_FIRED: _UsageAlertState.ValueType  # 2
-    """Fired; waits for the aggregate total to change before it can fire again."""
+    """Fired; waits for the quantity in force to change before it can fire again."""
 
 class UsageAlertState(_UsageAlertState, metaclass=_UsageAlertStateEnumTypeWrapper):
     """The state of a usage alert rule."""
@@ -219,7 +227,7 @@ USAGE_ALERT_STATE_UNSPECIFIED: UsageAlertState.ValueType  # 0
 USAGE_ALERT_STATE_ARMED: UsageAlertState.ValueType  # 1
 """Waiting for remaining quantity to reach the threshold."""
 USAGE_ALERT_STATE_FIRED: UsageAlertState.ValueType  # 2
-"""Fired; waits for the aggregate total to change before it can fire again."""
+"""Fired; waits for the quantity in force to change before it can fire again."""
 Global___UsageAlertState: _TypeAlias = UsageAlertState  # noqa: Y015
 
 class _StatsGranularity:
@@ -273,46 +281,65 @@ class Package(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_REASON_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
-    """Output only. Assigned by the service."""
+    """The package's id, assigned by the service on grant (GetPackage, RenewPackage and
+    RevokePackage name the package by it).
+    """
     account_id: _builtins.str
-    """The owning account."""
+    """The account whose calls the package pays for: 1 to 64 letters, digits or `_.:@-`,
+    starting with a letter or digit.
+    """
     region: _builtins.str
-    """The region the package is valid in."""
+    """The catalog region the package is valid in (for example "ap-southeast-1"); one of the
+    regions this quota process serves.
+    """
     api: _builtins.str
-    """The API the package is valid for."""
+    """The catalog API whose calls the package pays for (for example "passport")."""
     enterprise_project_id: _builtins.str
-    """The enterprise project the package is designated for; empty means every project."""
+    """The enterprise project the package is designated for (1 to 64 letters, digits, `-` or
+    `_`); empty means every project of the account. Designated packages are used first
+    (step 1 of the deduction order).
+    """
     source: Global___PackageSource.ValueType
-    """Where the package came from."""
+    """Where the package came from; decides step 2 of the deduction order."""
     total_quantity: _builtins.int
-    """Calls granted, including renewals."""
+    """This package's grant: the calls granted to this one package, including those added by
+    renewals (1 to 10^12). Not to be confused with the quantity in force of summaries and
+    alerts, which sums the grants of every package in force.
+    """
     used_quantity: _builtins.int
-    """Output only. Calls deducted so far."""
+    """Calls of this package deducted so far by usage events."""
     remaining_quantity: _builtins.int
-    """Output only. total_quantity - used_quantity."""
+    """Calls of this package left: total_quantity - used_quantity (forfeited once EXPIRED or
+    REVOKED).
+    """
     state: Global___PackageState.ValueType
-    """Output only. The state at the time of the read."""
+    """The state at the time of the read, computed from the clock, the times and the quantities."""
     order_id: _builtins.str
-    """The billing order that paid for the package, if any."""
+    """The billing order that paid for the package (at most 64 characters), set by billing on
+    its grants; empty for packages granted directly.
+    """
     revoke_reason: _builtins.str
-    """Output only. Why the package was revoked."""
+    """The reason given to RevokePackage; empty while the package is not REVOKED."""
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
-        """The first covered instant. Unset on grant means now; may lie in the past."""
+        """The first covered instant. Unset on grant means the instant of the grant; it may lie in
+        the past.
+        """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """The last covered second (for example 23:59:59): the package covers t while
-        effective_time <= t < expire_time + 1s.
+        effective_time <= t < expire_time + 1s. Not before effective_time; RenewPackage moves it
+        later.
         """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the package was granted."""
+        """When the package was granted (the service's clock)."""
 
     @_builtins.property
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the package was revoked, if it was."""
+        """When the package was revoked; unset while it is not REVOKED."""
 
     def __init__(
         self,
@@ -344,7 +371,7 @@ Global___Package: _TypeAlias = Package  # noqa: Y015
 
 @_typing.final
 class ApiSubscription(_message.Message):
-    """Whether an account may call an API in a region."""
+    """Whether an account may call an API in a region. Keyed by (account_id, region, api)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -355,20 +382,20 @@ class ApiSubscription(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account the API is enabled or disabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region of the subscription."""
     api: _builtins.str
-    """The API."""
+    """The catalog API of the subscription."""
     state: Global___ApiSubscriptionState.ValueType
-    """The current state."""
+    """ACTIVE after EnableApi, CANCELLED after DisableApi."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the subscription was first enabled."""
+        """When the API was first enabled for the account in the region."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the subscription last changed."""
+        """When the state last changed."""
 
     def __init__(
         self,
@@ -401,17 +428,19 @@ class QuotaSummaryItem(_message.Message):
     REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
     ACTIVE_PACKAGE_COUNT_FIELD_NUMBER: _builtins.int
     region: _builtins.str
-    """The region."""
+    """The catalog region of the aggregate."""
     api: _builtins.str
-    """The API."""
+    """The catalog API of the aggregate."""
     total_quantity: _builtins.int
-    """Calls granted by packages in force."""
+    """The quantity in force: the sum of the grants (Package.total_quantity) of the packages
+    in force, in calls (`quantity_in_force` in the code).
+    """
     used_quantity: _builtins.int
-    """Calls used of packages in force."""
+    """Calls deducted so far from the packages in force."""
     remaining_quantity: _builtins.int
-    """Calls left in packages in force."""
+    """Calls left in the packages in force: total_quantity - used_quantity."""
     active_package_count: _builtins.int
-    """How many of the packages in force are ACTIVE."""
+    """How many of the packages in force are ACTIVE (have calls left)."""
     def __init__(
         self,
         *,
@@ -439,7 +468,7 @@ class QuotaSummary(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account summarized."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaSummaryItem]:
         """One item per region and API that has packages in force."""
@@ -469,7 +498,7 @@ class Deduction(_message.Message):
     package_id: _builtins.str
     """The package the calls were taken from."""
     quantity: _builtins.int
-    """How many calls were taken."""
+    """How many calls of the event were taken from this package."""
     def __init__(
         self,
         *,
@@ -496,15 +525,15 @@ class UsageCandidate(_message.Message):
     INELIGIBLE_REASON_FIELD_NUMBER: _builtins.int
     DEDUCTED_QUANTITY_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
-    """The package."""
+    """The package considered."""
     rank: _builtins.int
     """Position in the deduction order among eligible packages (1 = first); 0 when ineligible."""
     eligible: _builtins.bool
-    """Whether the package could pay for the call."""
+    """Whether the package could pay for the call at the event's occur_time."""
     ineligible_reason: Global___IneligibleReason.ValueType
-    """Why not, when it could not."""
+    """Why the package could not pay; UNSPECIFIED when it was eligible."""
     deducted_quantity: _builtins.int
-    """How many calls of the event this package paid for."""
+    """How many calls of the event this package paid for (0 when it paid for none)."""
     def __init__(
         self,
         *,
@@ -540,30 +569,32 @@ class UsageExplanation(_message.Message):
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The usage event."""
+    """The usage event explained (its event_id from ReportUsage)."""
     policy: _builtins.str
     """The deduction policy in force when the event was applied (`standard` or `expiring_first`)."""
     decisive_rule: Global___DecisiveRule.ValueType
     """The step that decided between the first two eligible packages."""
     pay_per_use_quantity: _builtins.int
-    """Calls no package covered."""
+    """Calls of the event no package covered (billing rates them as pay-per-use)."""
     billable: _builtins.bool
-    """Whether the call was billable (2xx)."""
+    """Whether the call was billable (HTTP status 2xx); non-billable calls deduct nothing."""
     account_id: _builtins.str
-    """The event's account."""
+    """The account that made the calls."""
     region: _builtins.str
-    """The event's region."""
+    """The region the calls were served in."""
     api: _builtins.str
-    """The event's API."""
+    """The API called."""
     enterprise_project_id: _builtins.str
-    """The enterprise project the event was charged to (normalized)."""
+    """The enterprise project the event was charged to, normalized ("0" when the report named
+    none or a malformed one).
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageCandidate]:
         """Every package of the account, region and API at the time, in deduction order."""
 
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """The event's occur time."""
+        """When the gateway received the calls, as reported (or the instant of the report)."""
 
     def __init__(
         self,
@@ -590,7 +621,7 @@ Global___UsageExplanation: _TypeAlias = UsageExplanation  # noqa: Y015
 
 @_typing.final
 class UsageAlert(_message.Message):
-    """A rule that fires when the aggregate remaining quantity reaches a threshold."""
+    """A rule that fires when the remaining quantity of the packages in force reaches a threshold."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -605,28 +636,30 @@ class UsageAlert(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
-    """Output only. Assigned by the service."""
+    """The rule's id, assigned by the service on create."""
     account_id: _builtins.str
-    """The account watched."""
+    """The account whose packages are watched."""
     region: _builtins.str
-    """The region watched."""
+    """The catalog region watched."""
     api: _builtins.str
-    """The API watched; empty means every API of the region, each evaluated on its own."""
+    """The catalog API watched; empty means every API of the region, each evaluated on its own."""
     remaining_quantity: _builtins.int
-    """Fire when remaining quantity is at or below this many calls."""
+    """Fire when the remaining quantity in force is at or below this many calls (>= 0)."""
     remaining_percent: _builtins.float
-    """Fire when remaining quantity is at or below this percentage (0, 100] of the total."""
+    """Fire when the remaining quantity in force is at or below this percentage, in (0, 100],
+    of the quantity in force.
+    """
     enabled: _builtins.bool
     """Whether the rule is evaluated. Unset on create means true."""
     state: Global___UsageAlertState.ValueType
-    """Output only. Whether the rule has fired since it was last armed."""
+    """Whether the rule has fired since it was last armed."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the rule was created."""
+        """When the rule was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the rule was last changed."""
+        """When the rule was last changed by UpdateUsageAlert."""
 
     def __init__(
         self,
@@ -669,16 +702,16 @@ class UsageStatsBucket(_message.Message):
     PACKAGE_QUANTITY_FIELD_NUMBER: _builtins.int
     PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
     successful_calls: _builtins.int
-    """Successful (2xx) calls."""
+    """Calls that answered 2xx (billable)."""
     failed_calls: _builtins.int
-    """Failed (non-2xx) calls."""
+    """Calls that answered anything but 2xx (not billable)."""
     package_quantity: _builtins.int
     """Calls paid by packages."""
     pay_per_use_quantity: _builtins.int
-    """Calls not covered by packages."""
+    """Calls no package covered (pay-per-use)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the bucket."""
+        """The first instant of the bucket."""
 
     def __init__(
         self,
@@ -699,7 +732,7 @@ Global___UsageStatsBucket: _TypeAlias = UsageStatsBucket  # noqa: Y015
 
 @_typing.final
 class ThresholdCrossed(_message.Message):
-    """A usage alert fired: remaining quantity reached the threshold."""
+    """A usage alert fired: the remaining quantity in force reached the rule's threshold."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -714,19 +747,21 @@ class ThresholdCrossed(_message.Message):
     alert_id: _builtins.str
     """The rule that fired."""
     account_id: _builtins.str
-    """The account."""
+    """The account whose packages are watched."""
     region: _builtins.str
-    """The region."""
+    """The region of the packages."""
     api: _builtins.str
-    """The API."""
+    """The API the rule fired for (one API even when the rule watches every API)."""
     remaining_quantity: _builtins.int
-    """Remaining quantity when the rule fired."""
+    """The remaining quantity in force when the rule fired, in calls."""
     total_quantity: _builtins.int
-    """Aggregate total quantity when the rule fired."""
+    """The quantity in force when the rule fired: the sum of the grants of the packages in
+    force (`quantity_in_force` in the code), not one package's grant.
+    """
     threshold_quantity: _builtins.int
     """Absolute threshold in calls."""
     threshold_percent: _builtins.float
-    """Percentage threshold."""
+    """Percentage threshold, in (0, 100], of the quantity in force."""
     def __init__(
         self,
         *,
@@ -764,22 +799,22 @@ class PayPerUseRecorded(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     usage_event_id: _builtins.str
-    """The usage event."""
+    """The usage event (its event_id from ReportUsage)."""
     account_id: _builtins.str
-    """The account."""
+    """The account that made the calls."""
     user_id: _builtins.str
-    """The IAM user."""
+    """The IAM user that made the calls, as reported (may be empty)."""
     region: _builtins.str
-    """The region."""
+    """The region the calls were served in."""
     api: _builtins.str
-    """The API."""
+    """The API called."""
     enterprise_project_id: _builtins.str
-    """The enterprise project (normalized)."""
+    """The enterprise project charged, normalized ("0" for the default project)."""
     quantity: _builtins.int
-    """Pay-per-use calls."""
+    """Calls of the event no package covered."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """When the calls happened."""
+        """When the gateway received the calls; billing rates them in the hourly cycle of this time."""
 
     def __init__(
         self,
@@ -841,7 +876,7 @@ class PackageExpiring(_message.Message):
     """Whole days until the package expires."""
     @_builtins.property
     def package(self) -> Global___Package:
-        """The package."""
+        """The package that expires soon."""
 
     def __init__(
         self,
@@ -876,7 +911,7 @@ class QuotaEvent(_message.Message):
     """A unique id of the event, for idempotent consumers."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the event was written."""
+        """When the event was written (in the same transaction as the change it records)."""
 
     @_builtins.property
     def threshold_crossed(self) -> Global___ThresholdCrossed:

@@ -71,24 +71,35 @@ class ReportUsageRequest(_message.Message):
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The gateway's unique id of the event; the exactly-once key."""
+    """The gateway's unique id of the event, at most 128 characters: the exactly-once key. A
+    repeat with the same content returns the first result; with other content it fails
+    (EVENT_ID_REUSED).
+    """
     account_id: _builtins.str
-    """The account that made the calls."""
+    """The account that made the calls: 1 to 64 letters, digits or `_.:@-`, starting with a
+    letter or digit.
+    """
     user_id: _builtins.str
-    """The IAM user that made the calls."""
+    """The IAM user that made the calls, at most 128 characters; carried into pay-per-use
+    records, not used for deduction.
+    """
     region: _builtins.str
-    """The region the calls were served in."""
+    """The catalog region the calls were served in; one this process serves."""
     api: _builtins.str
-    """The API called."""
+    """The catalog API called."""
     enterprise_project_id: _builtins.str
-    """The enterprise project; absent or malformed means "0" (the default project)."""
+    """The enterprise project the calls belong to; absent or malformed means "0" (the default
+    project).
+    """
     quantity: _builtins.int
-    """Number of calls; 0 means 1."""
+    """Number of calls, 0 to 10^12; 0 means 1."""
     http_status: _builtins.int
     """The HTTP status the calls answered with (100–599); only 2xx is billable."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """When the gateway received the calls; unset means now."""
+        """When the gateway received the calls; unset means now. At most 5 minutes ahead of the
+        service's clock and at most 45 days behind it.
+        """
 
     def __init__(
         self,
@@ -125,16 +136,16 @@ class ReportUsageResponse(_message.Message):
     REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The event."""
+    """The event's id, as reported."""
     duplicate: _builtins.bool
     """True when the event had already been recorded; the rest is the original result."""
     billable: _builtins.bool
-    """Whether the calls were billable (2xx)."""
+    """Whether the calls were billable (2xx); non-billable calls deduct nothing."""
     pay_per_use_quantity: _builtins.int
-    """Calls no package covered."""
+    """Calls no package covered (pay-per-use, rated by billing)."""
     remaining_quantity: _builtins.int
-    """Aggregate remaining of the account's packages in force for the region and API after
-    this event.
+    """Calls left in the account's packages in force for the region and API after this event
+    (the remaining quantity in force).
     """
     @_builtins.property
     def deductions(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.Deduction]:
@@ -172,7 +183,7 @@ class BatchReportUsageRequest(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportUsageRequest]:
-        """Up to 1,000 events, applied in order."""
+        """Up to 1,000 events, applied in order in one transaction."""
 
     def __init__(
         self,
@@ -223,13 +234,13 @@ class CheckQuotaRequest(_message.Message):
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account about to make the calls."""
     region: _builtins.str
-    """The region."""
+    """The catalog region the calls would be served in."""
     api: _builtins.str
-    """The API."""
+    """The catalog API about to be called."""
     enterprise_project_id: _builtins.str
-    """The enterprise project."""
+    """The enterprise project of the calls; absent or malformed means "0" (the default project)."""
     quantity: _builtins.int
     """Calls about to be made; 0 means 1."""
     def __init__(
@@ -262,9 +273,11 @@ class CheckQuotaResponse(_message.Message):
     allowed: _builtins.bool
     """Whether the call may proceed."""
     deny_reason: Global___DenyReason.ValueType
-    """Why not, when it may not."""
+    """Why not, when it may not; UNSPECIFIED when allowed."""
     remaining_quantity: _builtins.int
-    """Remaining quantity usable by the call's project (designated plus all-project packages)."""
+    """Calls left that the call's project may use (its designated packages plus all-project
+    packages in force).
+    """
     pay_per_use: _builtins.bool
     """True when packages do not cover the quantity, so (part of) the call would be pay-per-use."""
     def __init__(
@@ -292,11 +305,13 @@ class GrantPackageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PACKAGE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters: a repeat with the same content returns the
+    first package; empty means the call is not idempotent.
+    """
     @_builtins.property
     def package(self) -> _quota_pb2.Package:
-        """The package: account_id, region, api, source, total_quantity and expire_time are
-        required; effective_time unset means now.
+        """The package to grant: account_id, region, api, source, total_quantity and expire_time
+        are required; effective_time unset means now; output-only fields are ignored.
         """
 
     def __init__(
@@ -321,7 +336,7 @@ class GetPackageRequest(_message.Message):
 
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
-    """The package."""
+    """The id of the package to read."""
     def __init__(
         self,
         *,
@@ -350,16 +365,18 @@ class ListPackagesRequest(_message.Message):
     account_id: _builtins.str
     """Only this account's packages (required for account principals; theirs by default)."""
     region: _builtins.str
-    """Only packages of this region."""
+    """Only packages of this region; empty means every served region."""
     api: _builtins.str
-    """Only packages of this API."""
+    """Only packages of this API; empty means every API."""
     page_size: _builtins.int
     """At most this many packages (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page, with the same filters; empty for the first
+    page.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_quota_pb2.PackageState.ValueType]:
-        """Only packages in these states (at the time of the read)."""
+        """Only packages in these states (at the time of the read); empty means every state."""
 
     def __init__(
         self,
@@ -391,7 +408,7 @@ class ListPackagesResponse(_message.Message):
     """Token of the next page; empty at the end."""
     @_builtins.property
     def packages(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.Package]:
-        """The packages."""
+        """The packages of this page."""
 
     def __init__(
         self,
@@ -418,14 +435,18 @@ class RenewPackageRequest(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     ADD_QUANTITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     package_id: _builtins.str
-    """The package."""
+    """The id of the package to renew."""
     add_quantity: _builtins.int
-    """Calls added to total_quantity."""
+    """Calls added to the package's grant (total_quantity), 0 or more; a renewal must add
+    calls or extend expire_time.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """The new expire_time (last covered second); must not be earlier than the current one."""
+        """The new expire_time (last covered second); must not be earlier than the current one.
+        Unset keeps the current one.
+        """
 
     def __init__(
         self,
@@ -453,11 +474,11 @@ class RevokePackageRequest(_message.Message):
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     package_id: _builtins.str
-    """The package."""
+    """The id of the package to revoke."""
     reason: _builtins.str
-    """Why."""
+    """Why the package is revoked, at most 500 characters; kept as Package.revoke_reason."""
     def __init__(
         self,
         *,
@@ -484,13 +505,13 @@ class EnableApiRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account the API is enabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region the API is enabled in; one this process serves."""
     api: _builtins.str
-    """The API."""
+    """The catalog API to enable."""
     def __init__(
         self,
         *,
@@ -518,13 +539,13 @@ class DisableApiRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
-    """The account."""
+    """The account the API is disabled for."""
     region: _builtins.str
-    """The region."""
+    """The catalog region the API is disabled in; one this process serves."""
     api: _builtins.str
-    """The API."""
+    """The catalog API to disable."""
     def __init__(
         self,
         *,
@@ -552,13 +573,15 @@ class ListApiSubscriptionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account whose subscriptions are listed; required for operator tokens, account tokens
+    default to their own account.
+    """
     region: _builtins.str
     """Only this region; empty means all served regions."""
     page_size: _builtins.int
     """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -587,7 +610,7 @@ class ListApiSubscriptionsResponse(_message.Message):
     """Token of the next page; empty at the end."""
     @_builtins.property
     def api_subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.ApiSubscription]:
-        """The subscriptions."""
+        """The subscriptions of this page."""
 
     def __init__(
         self,
@@ -613,7 +636,9 @@ class GetQuotaSummaryRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account summarized; required for operator tokens, account tokens
+    default to their own account.
+    """
     region: _builtins.str
     """Only this region; empty means every served region."""
     api: _builtins.str
@@ -641,7 +666,7 @@ class ExplainUsageRequest(_message.Message):
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The usage event."""
+    """The event_id the usage event was reported with."""
     def __init__(
         self,
         *,
@@ -668,20 +693,22 @@ class GetUsageStatsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account whose usage is counted; required for operator tokens, account tokens
+    default to their own account.
+    """
     region: _builtins.str
-    """The region."""
+    """The catalog region; one this process serves."""
     api: _builtins.str
-    """The API."""
+    """Only this API; empty means every API."""
     granularity: _quota_pb2.StatsGranularity.ValueType
-    """Bucket size."""
+    """Bucket size: MINUTE, HOUR or DAY."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the range (inclusive)."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """End of the range (exclusive)."""
+        """End of the range (exclusive); after start_time."""
 
     def __init__(
         self,
@@ -710,7 +737,7 @@ class GetUsageStatsResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.UsageStatsBucket]:
-        """Buckets with usage, in time order."""
+        """Buckets with usage, in time order; buckets without usage are left out."""
 
     def __init__(
         self,
@@ -734,10 +761,12 @@ class CreateUsageAlertRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USAGE_ALERT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     @_builtins.property
     def usage_alert(self) -> _quota_pb2.UsageAlert:
-        """The rule."""
+        """The rule: account_id, region and one threshold are required; output-only fields are
+        ignored.
+        """
 
     def __init__(
         self,
@@ -761,7 +790,7 @@ class GetUsageAlertRequest(_message.Message):
 
     ALERT_ID_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
-    """The rule."""
+    """The id of the rule to read."""
     def __init__(
         self,
         *,
@@ -786,13 +815,15 @@ class ListUsageAlertsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account."""
+    """The account whose rules are listed; required for operator tokens, account tokens
+    default to their own account.
+    """
     region: _builtins.str
-    """Only this region."""
+    """Only this region; empty means every served region."""
     page_size: _builtins.int
-    """At most this many."""
+    """At most this many (default 50, at most 1,000)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page."""
+    """The next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
@@ -821,7 +852,7 @@ class ListUsageAlertsResponse(_message.Message):
     """Token of the next page; empty at the end."""
     @_builtins.property
     def usage_alerts(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.UsageAlert]:
-        """The rules."""
+        """The rules of this page."""
 
     def __init__(
         self,
@@ -847,14 +878,16 @@ class UpdateUsageAlertRequest(_message.Message):
     USAGE_ALERT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key."""
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     @_builtins.property
     def usage_alert(self) -> _quota_pb2.UsageAlert:
-        """The rule, with alert_id set."""
+        """The rule, with alert_id set, holding the new values of the fields in update_mask."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change."""
+        """Fields to change: `api`, `remaining_quantity` or `remaining_percent`, `enabled`; empty
+        means all of them. The account and region of a rule never change.
+        """
 
     def __init__(
         self,
@@ -879,7 +912,7 @@ class DeleteUsageAlertRequest(_message.Message):
 
     ALERT_ID_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
-    """The rule."""
+    """The id of the rule to delete."""
     def __init__(
         self,
         *,

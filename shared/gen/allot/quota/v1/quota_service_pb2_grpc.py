@@ -31,7 +31,12 @@ class QuotaServiceStub:
     """The regional quota service: packages, API subscriptions, usage events and the deduction
     order, usage alerts and statistics. A process serves the regions of ALLOT_QUOTA_REGIONS;
     a request for another catalog region fails with FAILED_PRECONDITION / REGION_NOT_SERVED.
-    Every RPC takes a bearer token; see the README for the policy of each RPC.
+    Every RPC takes a bearer token; see the README for the policy of each RPC. Errors every RPC
+    may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED (the token's
+    policy does not allow the call, or the resource belongs to another account: an account
+    token is never told whether another account's resource exists), UNAVAILABLE (the service
+    is starting or lost its database; retry). Field errors are INVALID_ARGUMENT with a
+    BadRequest detail naming the field.
     """
 
     def __init__(self, channel):
@@ -146,7 +151,12 @@ class QuotaServiceServicer:
     """The regional quota service: packages, API subscriptions, usage events and the deduction
     order, usage alerts and statistics. A process serves the regions of ALLOT_QUOTA_REGIONS;
     a request for another catalog region fails with FAILED_PRECONDITION / REGION_NOT_SERVED.
-    Every RPC takes a bearer token; see the README for the policy of each RPC.
+    Every RPC takes a bearer token; see the README for the policy of each RPC. Errors every RPC
+    may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED (the token's
+    policy does not allow the call, or the resource belongs to another account: an account
+    token is never told whether another account's resource exists), UNAVAILABLE (the service
+    is starting or lost its database; retry). Field errors are INVALID_ARGUMENT with a
+    BadRequest detail naming the field.
     """
 
     def ReportUsage(self, request, context):
@@ -161,22 +171,25 @@ class QuotaServiceServicer:
 
     def BatchReportUsage(self, request, context):
         """Records up to 1,000 usage events in one transaction, in order. An invalid event fails
-        alone: its response slot carries `error` and nothing else.
+        alone: its response slot carries `error` and nothing else (the errors of ReportUsage).
+        Errors: INVALID_ARGUMENT (more than 1,000 events).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CheckQuota(self, request, context):
-        """Answers, as data, whether a call may proceed now. Errors: INVALID_ARGUMENT,
-        FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """Answers, as data, whether a call may proceed now. Errors: INVALID_ARGUMENT (a field,
+        UNKNOWN_REGION, UNKNOWN_API), FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GrantPackage(self, request, context):
-        """Grants a package. Idempotent by request_id (REQUEST_ID_REUSED for other content).
+        """Grants a package. Idempotent by request_id. Errors: INVALID_ARGUMENT (a field,
+        UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED for the same request_id with other
+        content), FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,7 +203,9 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPackages(self, request, context):
-        """Lists packages, ordered by package id.
+        """Lists packages, ordered by package id. Errors: INVALID_ARGUMENT (a filter, page_size,
+        a page_token of another query, UNKNOWN_REGION, UNKNOWN_API), FAILED_PRECONDITION
+        (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,7 +213,9 @@ class QuotaServiceServicer:
 
     def RenewPackage(self, request, context):
         """Extends a package's expire_time and adds quantity. Idempotent by request_id.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (INVALID_STATE_TRANSITION for revoked packages).
+        Errors: INVALID_ARGUMENT (an earlier expire_time, add_quantity, REQUEST_ID_REUSED),
+        NOT_FOUND (PACKAGE_NOT_FOUND), FAILED_PRECONDITION (INVALID_STATE_TRANSITION for revoked
+        packages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,34 +223,42 @@ class QuotaServiceServicer:
 
     def RevokePackage(self, request, context):
         """Revokes a package; its remainder can no longer be used. Idempotent by request_id.
+        Errors: INVALID_ARGUMENT (reason too long, REQUEST_ID_REUSED), NOT_FOUND
+        (PACKAGE_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EnableApi(self, request, context):
-        """Enables an API for an account in a region. Idempotent by request_id.
+        """Enables an API for an account in a region. Idempotent by request_id. Errors:
+        INVALID_ARGUMENT (UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED), FAILED_PRECONDITION
+        (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DisableApi(self, request, context):
-        """Disables an API for an account in a region. Idempotent by request_id.
+        """Disables an API for an account in a region. Idempotent by request_id. Errors: as
+        EnableApi.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListApiSubscriptions(self, request, context):
-        """Lists an account's API subscriptions.
+        """Lists an account's API subscriptions. Errors: INVALID_ARGUMENT (UNKNOWN_REGION),
+        FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetQuotaSummary(self, request, context):
-        """Sums the packages in force per region and API.
+        """Sums the packages in force per region and API: the quantity in force, used and
+        remaining. Errors: INVALID_ARGUMENT (UNKNOWN_REGION, UNKNOWN_API), FAILED_PRECONDITION
+        (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,49 +272,57 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsageStats(self, request, context):
-        """Usage per minute, hour or day.
+        """Usage per minute, hour or day. Errors: INVALID_ARGUMENT (the time range, granularity,
+        UNKNOWN_REGION, UNKNOWN_API), FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateUsageAlert(self, request, context):
-        """Creates a usage alert rule.
+        """Creates a usage alert rule; it is evaluated at once. Idempotent by request_id. Errors:
+        INVALID_ARGUMENT (the threshold, UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED),
+        FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUsageAlert(self, request, context):
-        """Reads a usage alert rule.
+        """Reads a usage alert rule. Errors: NOT_FOUND (USAGE_ALERT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUsageAlerts(self, request, context):
-        """Lists usage alert rules.
+        """Lists usage alert rules. Errors: INVALID_ARGUMENT (page_size, page_token,
+        UNKNOWN_REGION), FAILED_PRECONDITION (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUsageAlert(self, request, context):
-        """Changes a usage alert rule; it is re-armed and evaluated at once.
+        """Changes a usage alert rule; it is re-armed and evaluated at once. Idempotent by
+        request_id. Errors: INVALID_ARGUMENT (update_mask, the threshold, UNKNOWN_API,
+        REQUEST_ID_REUSED), NOT_FOUND (USAGE_ALERT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUsageAlert(self, request, context):
-        """Deletes a usage alert rule.
+        """Deletes a usage alert rule. Errors: NOT_FOUND (USAGE_ALERT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Streams quota's events after a sequence: history first, then live events.
+        """Streams quota's events after a sequence: history first, then live events. Errors:
+        FAILED_PRECONDITION (CURSOR_AHEAD_OF_STREAM: after_sequence is beyond the last event;
+        its ErrorInfo carries last_sequence).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -410,7 +443,12 @@ class QuotaService:
     """The regional quota service: packages, API subscriptions, usage events and the deduction
     order, usage alerts and statistics. A process serves the regions of ALLOT_QUOTA_REGIONS;
     a request for another catalog region fails with FAILED_PRECONDITION / REGION_NOT_SERVED.
-    Every RPC takes a bearer token; see the README for the policy of each RPC.
+    Every RPC takes a bearer token; see the README for the policy of each RPC. Errors every RPC
+    may give: UNAUTHENTICATED (no, a forged or an expired token), PERMISSION_DENIED (the token's
+    policy does not allow the call, or the resource belongs to another account: an account
+    token is never told whether another account's resource exists), UNAVAILABLE (the service
+    is starting or lost its database; retry). Field errors are INVALID_ARGUMENT with a
+    BadRequest detail naming the field.
     """
 
     @staticmethod

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$allot/testing/v1/clock_service.proto\x12\x10\x61llot.testing.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetTimeRequest\";\n\x0fGetTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x0eSetTimeRequest\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x0fSetTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x12\x41\x64vanceTimeRequest\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x13\x41\x64vanceTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8a\x02\n\x0c\x43lockService\x12N\n\x07GetTime\x12 .allot.testing.v1.GetTimeRequest\x1a!.allot.testing.v1.GetTimeResponse\x12N\n\x07SetTime\x12 .allot.testing.v1.SetTimeRequest\x1a!.allot.testing.v1.SetTimeResponse\x12Z\n\x0b\x41\x64vanceTime\x12$.allot.testing.v1.AdvanceTimeRequest\x1a%.allot.testing.v1.AdvanceTimeResponseB\x1cZ\x1a\x61llot/testing/v1;testingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$allot/testing/v1/clock_service.proto\x12\x10\x61llot.testing.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetTimeRequest\";\n\x0fGetTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\x0eSetTimeRequest\x12.\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\";\n\x0fSetTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x12\x41\x64vanceTimeRequest\x12\x31\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02\"?\n\x13\x41\x64vanceTimeResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8a\x02\n\x0c\x43lockService\x12N\n\x07GetTime\x12 .allot.testing.v1.GetTimeRequest\x1a!.allot.testing.v1.GetTimeResponse\x12N\n\x07SetTime\x12 .allot.testing.v1.SetTimeRequest\x1a!.allot.testing.v1.SetTimeResponse\x12Z\n\x0b\x41\x64vanceTime\x12$.allot.testing.v1.AdvanceTimeRequest\x1a%.allot.testing.v1.AdvanceTimeResponseB\x1cZ\x1a\x61llot/testing/v1;testingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +35,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'allot.testing.v1.clock_serv
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\032allot/testing/v1;testingv1'
-  _globals['_GETTIMEREQUEST']._serialized_start=123
-  _globals['_GETTIMEREQUEST']._serialized_end=139
-  _globals['_GETTIMERESPONSE']._serialized_start=141
-  _globals['_GETTIMERESPONSE']._serialized_end=200
-  _globals['_SETTIMEREQUEST']._serialized_start=202
-  _globals['_SETTIMEREQUEST']._serialized_end=260
-  _globals['_SETTIMERESPONSE']._serialized_start=262
-  _globals['_SETTIMERESPONSE']._serialized_end=321
-  _globals['_ADVANCETIMEREQUEST']._serialized_start=323
-  _globals['_ADVANCETIMEREQUEST']._serialized_end=388
-  _globals['_ADVANCETIMERESPONSE']._serialized_start=390
-  _globals['_ADVANCETIMERESPONSE']._serialized_end=453
-  _globals['_CLOCKSERVICE']._serialized_start=456
-  _globals['_CLOCKSERVICE']._serialized_end=722
+  _globals['_SETTIMEREQUEST'].fields_by_name['time']._loaded_options = None
+  _globals['_SETTIMEREQUEST'].fields_by_name['time']._serialized_options = b'\342A\001\002'
+  _globals['_ADVANCETIMEREQUEST'].fields_by_name['duration']._loaded_options = None
+  _globals['_ADVANCETIMEREQUEST'].fields_by_name['duration']._serialized_options = b'\342A\001\002'
+  _globals['_GETTIMEREQUEST']._serialized_start=156
+  _globals['_GETTIMEREQUEST']._serialized_end=172
+  _globals['_GETTIMERESPONSE']._serialized_start=174
+  _globals['_GETTIMERESPONSE']._serialized_end=233
+  _globals['_SETTIMEREQUEST']._serialized_start=235
+  _globals['_SETTIMEREQUEST']._serialized_end=299
+  _globals['_SETTIMERESPONSE']._serialized_start=301
+  _globals['_SETTIMERESPONSE']._serialized_end=360
+  _globals['_ADVANCETIMEREQUEST']._serialized_start=362
+  _globals['_ADVANCETIMEREQUEST']._serialized_end=433
+  _globals['_ADVANCETIMERESPONSE']._serialized_start=435
+  _globals['_ADVANCETIMERESPONSE']._serialized_end=498
+  _globals['_CLOCKSERVICE']._serialized_start=501
+  _globals['_CLOCKSERVICE']._serialized_end=767
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,7 @@ class GetTimeResponse(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """The clock's current time."""
+        """The manual clock's current time."""
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class SetTimeRequest(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """The new time."""
+        """The time to set; not before the clock's current time."""
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class AdvanceTimeRequest(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
-        """How far to move."""
+        """How far to move the clock forward; not negative."""
 
     def __init__(
         self,

@@ -75,7 +75,8 @@ class ClockServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AdvanceTime(self, request, context):
-        """Moves the clock forward by a non-negative duration.
+        """Moves the clock forward by a non-negative duration. Errors: FAILED_PRECONDITION
+        (CLOCK_BACKWARDS for a negative duration).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

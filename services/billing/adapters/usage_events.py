@@ -1,0 +1,28 @@
+"""Quota's ``pay_per_use_recorded`` events as billing's domain values."""
+
+from __future__ import annotations
+
+from allot.quota.v1 import quota_pb2
+
+from services.billing.domain.usage import RecordedUsage
+from shared.timeutil import from_timestamp
+
+PAY_PER_USE_RECORDED = "pay_per_use_recorded"
+
+
+def recorded_usage(event: quota_pb2.QuotaEvent) -> RecordedUsage | None:
+    """The pay-per-use an event recorded (None for any other event). Its instant is the
+    usage's ``occur_time``, else the event's ``create_time``."""
+    if event.WhichOneof("payload") != PAY_PER_USE_RECORDED:
+        return None
+    usage = event.pay_per_use_recorded
+    stamp = usage.occur_time if usage.HasField("occur_time") else event.create_time
+    return RecordedUsage(
+        event_id=event.event_id,
+        account_id=usage.account_id,
+        region=usage.region,
+        api=usage.api,
+        enterprise_project_id=usage.enterprise_project_id,
+        quantity=usage.quantity,
+        occur_time=from_timestamp(stamp, "occur_time"),
+    )
