@@ -19,6 +19,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from shared.errors import InvalidArgument
+
 __all__ = [
     "Api",
     "Catalog",
@@ -93,6 +95,16 @@ class Catalog:
     def has_api(self, api_id: str) -> bool:
         return api_id in self.apis
 
+    def check_region(self, region: str, field: str = "region", required: bool = True) -> str:
+        """``region`` if the catalog knows it (or it is empty and not ``required``), else
+        INVALID_ARGUMENT on ``field`` (UNKNOWN_REGION for a region the catalog lacks)."""
+        return _known("region", region, self.regions, field, required)
+
+    def check_api(self, api: str, field: str = "api", required: bool = True) -> str:
+        """``api`` if the catalog knows it (or it is empty and not ``required``), else
+        INVALID_ARGUMENT on ``field`` (UNKNOWN_API for an API the catalog lacks)."""
+        return _known("api", api, self.apis, field, required)
+
     def offers_for(self, api: str = "", region: str = "") -> list[Offer]:
         """Offers of ``api`` sold in ``region``, in file order; an empty filter matches any."""
         return [
@@ -100,6 +112,22 @@ class Catalog:
             for offer in self.offers.values()
             if (not api or offer.api == api) and (not region or region in offer.regions)
         ]
+
+
+def _known(kind: str, value: str, known: Mapping[str, object], field: str, required: bool) -> str:
+    """``value`` if it is an id of ``known`` (a catalog's regions or apis); see check_region."""
+    if not value:
+        if required:
+            raise InvalidArgument(field, f"{field} is required")
+        return value
+    if value not in known:
+        raise InvalidArgument(
+            field,
+            f"unknown {kind} {value!r}",
+            reason=f"UNKNOWN_{kind.upper()}",
+            **{kind: value},
+        )
+    return value
 
 
 class CatalogError(Exception):

@@ -83,6 +83,10 @@ class IdempotencyStore:
     def __init__(self, table: Table) -> None:
         self.table = table
 
+    def bound(self, db: Database, now: Callable[[], datetime]) -> Idempotent:
+        """This store run against one service's database and clock: what its servicer calls."""
+        return Idempotent(self, db, now)
+
     async def lookup(
         self, uow: UnitOfWork, scope: str, request_id: str, digest: str
     ) -> bytes | None:
@@ -188,6 +192,41 @@ class IdempotencyStore:
         reply = response_type.FromString(found)
         check_replay(reply)
         return reply
+
+
+class Idempotent:
+    """`IdempotencyStore.run` with the database and clock given once (`IdempotencyStore.bound`):
+    ``await idempotent("CreateAccount", request, Account, work)``."""
+
+    def __init__(self, store: IdempotencyStore, db: Database, now: Callable[[], datetime]):
+        self.store = store
+        self.db = db
+        self.now = now
+
+    async def __call__(
+        self,
+        scope: str,
+        request: Message,
+        response_type: type[M],
+        work: Callable[[UnitOfWork], Awaitable[M]],
+        *,
+        stored: Callable[[M], M] | None = None,
+        authorize: Callable[[UnitOfWork, M], Awaitable[None]] | None = None,
+    ) -> M:
+        return await self.store.run(
+            self.db,
+            scope,
+            request,
+            response_type,
+            work,
+            self.now,
+            stored=stored,
+            authorize=authorize,
+        )
+
+    async def replay(self, scope: str, request: Message, response_type: type[M]) -> M | None:
+        """`IdempotencyStore.replay` against this database."""
+        return await self.store.replay(self.db, scope, request, response_type)
 
 
 def _key(scope: str, request: Message) -> tuple[str, str, str]:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
 from shared.errors import InvalidArgument
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -58,3 +62,30 @@ def decode_page_token(request: Message) -> list | None:
     if digest != query_digest(request) or not isinstance(key, list):
         raise InvalidArgument("page_token", "page_token belongs to a different query")
     return key
+
+
+async def paged(
+    request: Message,
+    fetch: Callable[[list | None, int], Awaitable[list[T]]],
+    key_of: Callable[[T], list],
+) -> tuple[list[T], str]:
+    """One page of a List RPC and the token of the next: what every List RPC does.
+
+    `fetch(after, limit)` reads at most `limit` items (one more than the page holds) that come
+    after the key `after` (the key list of the previous page's last item, None on the first
+    page); `key_of` gives an item's key as the list the token carries.
+    """
+    after = decode_page_token(request)
+    limit = page_size(request.page_size)
+    found = await fetch(after, limit + 1)
+    return page_of(found, limit, key_of, request)
+
+
+def paged_list(
+    request: Message, items: Sequence[T], key_of: Callable[[T], list]
+) -> tuple[list[T], str]:
+    """`paged` for an in-memory list already sorted by `key_of`."""
+    after = decode_page_token(request)
+    limit = page_size(request.page_size)
+    found = [item for item in items if after is None or key_of(item) > after]
+    return page_of(found[: limit + 1], limit, key_of, request)

@@ -15,7 +15,8 @@ from allot.notification.v1 import notification_service_pb2_grpc as notification_
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
 from services.notification.adapters import tables
-from services.notification.adapters.channels import build_senders, close_senders
+from services.notification.adapters.events import NotificationEvents
+from services.notification.adapters.senders import build_senders, close_senders
 from services.notification.adapters.sources import (
     BILLING_EVENT_TYPES,
     QUOTA_EVENT_TYPES,
@@ -23,7 +24,7 @@ from services.notification.adapters.sources import (
     from_quota_event,
 )
 from services.notification.api.servicer import NotificationServicer
-from services.notification.app import notifications
+from services.notification.app import deliveries, notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
@@ -79,6 +80,7 @@ class NotificationService:
             db=runtime.db,
             clock=runtime.clock,
             outbox=self.outbox,
+            events=NotificationEvents(self.outbox),
             retry=RetryPolicy(
                 max_attempts=int(settings.delivery_max_attempts),
                 first_delay=timedelta(seconds=int(settings.delivery_backoff)),
@@ -90,7 +92,7 @@ class NotificationService:
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(
             runtime.clock,
-            lambda now: notifications.deliver_due(self.context, now),
+            lambda now: deliveries.deliver_due(self.context, now),
             "delivery round",
         )
         self._tasks: list[asyncio.Task] = []
@@ -132,7 +134,7 @@ class NotificationService:
         while True:
             await asyncio.sleep(every)
             try:
-                if await notifications.probe_held_back(self.context):
+                if await deliveries.probe_held_back(self.context):
                     self.kick()
             except Unavailable as exc:  # the database is away: health says so; try next round
                 log.warning("delivery probe skipped: %s", exc)

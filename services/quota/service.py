@@ -12,7 +12,7 @@ import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
-from services.quota.adapters import tables
+from services.quota.adapters import billing_events, tables
 from services.quota.adapters.events import QuotaEvents
 from services.quota.api.servicer import QuotaServicer
 from services.quota.app import standings
@@ -140,7 +140,7 @@ class QuotaService:
             return stub.WatchEvents(request, metadata=metadata)
 
         async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
-            await standings.apply(self.context, uow, event)
+            await standings.apply(self.context, uow, billing_events.standing_change(event))
 
         return watching(
             self.BILLING_STREAM,

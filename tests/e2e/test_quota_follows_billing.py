@@ -39,6 +39,7 @@ from sqlalchemy import select
 
 from services.billing.service import BillingService
 from services.quota.adapters import tables as quota_tables
+from services.quota.adapters.billing_events import standing_change
 from services.quota.app import standings
 from services.quota.app.standings import Outcome
 from shared.server import Server, build_runtime
@@ -296,7 +297,10 @@ async def feed(quota, *events: billing_pb2.BillingEvent) -> list[Outcome]:
     ctx = quota.server.service.context
     outcomes = []
     for event in events:
-        outcomes.append(await ctx.db.transaction(lambda uow, e=event: standings.apply(ctx, uow, e)))
+        change = standing_change(event)
+        outcomes.append(
+            await ctx.db.transaction(lambda uow, c=change: standings.apply(ctx, uow, c))
+        )
     return outcomes
 
 

@@ -21,20 +21,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.notification.adapters.channels import (
-    SMS_MAX_CHARS,
-    DeliveryError,
-    FolderSender,
-    OutgoingMessage,
-    Resolver,
-    SmsGatewaySender,
-    SmtpSender,
-    SmtpTransport,
-    WebhookSender,
-    build_senders,
-    close_senders,
-)
+from services.notification.adapters.folder import FolderSender
+from services.notification.adapters.senders import build_senders, close_senders
+from services.notification.adapters.sms import SMS_MAX_CHARS, SmsGatewaySender
+from services.notification.adapters.smtp import SmtpSender, SmtpTransport
+from services.notification.adapters.webhooks import Resolver, WebhookSender
 from services.notification.domain.addresses import new_webhook_secret, verify_webhook
+from services.notification.domain.delivery import DeliveryError, OutgoingMessage
 from services.notification.domain.messages import Channel
 from shared.settings import Settings, SettingsError
 from tests.support.receivers import (

@@ -15,7 +15,7 @@ from allot.notification.v1 import notification_pb2
 from sqlalchemy import select
 
 from services.notification.adapters import tables
-from services.notification.app import notifications
+from services.notification.app import deliveries
 from tests.support.notification_processes import (
     EMAIL,
     WEBHOOK,
@@ -138,7 +138,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
         await _until(_all_failed_once(n, 5), "first attempts refused")
         before = await _due_times(service.context)
         caplog.clear()
-        assert await notifications.probe_held_back(service.context) == 0
+        assert await deliveries.probe_held_back(service.context) == 0
         probed = [r.getMessage() for r in caplog.records if "probe of delivery" in r.getMessage()]
         assert len(probed) == 3, probed
         # The email probed is the one whose retry is due first (backoff has jitter).
@@ -152,7 +152,7 @@ async def test_a_probe_tries_the_earliest_held_back_delivery_of_each_channel_unc
         assert {(d.state, d.attempts) for d in await _deliveries(n)} == {(PENDING, 1)}
 
         with smtp_receiver(port=port) as inbox:
-            assert await notifications.probe_held_back(service.context) == 1
+            assert await deliveries.probe_held_back(service.context) == 1
             service.kick()  # as the service does after a probe got through
 
             async def mail_sent():

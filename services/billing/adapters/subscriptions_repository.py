@@ -9,11 +9,29 @@ from datetime import datetime
 from sqlalchemy import or_, select, update
 
 from services.billing.adapters import tables as t
-from services.billing.domain.subscriptions import PendingRelease, SubscriptionState
+from services.billing.domain.subscriptions import PendingRelease, Subscription, SubscriptionState
+from shared.api_subscriptions import put_api_subscription
 from shared.db import UnitOfWork
-from shared.timeutil import to_epoch_us
+from shared.timeutil import from_epoch_us, to_epoch_us
 
 _s = t.api_subscriptions.c
+
+
+async def put_subscription(
+    uow: UnitOfWork, account_id: str, region: str, api: str, state: int, now: datetime
+) -> Subscription:
+    """Record that billing asked quota for (account, region, api) in `state`."""
+    row = await put_api_subscription(
+        uow, t.api_subscriptions, account_id, region, api, int(state), now
+    )
+    return Subscription(
+        account_id=row.account_id,
+        region=row.region,
+        api=row.api,
+        state=row.state,
+        create_time=from_epoch_us(row.create_time_us),
+        update_time=from_epoch_us(row.update_time_us),
+    )
 
 
 async def mark_releasing(uow: UnitOfWork, payer_id: str, released: datetime) -> int:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     false,
 )
 
+from shared.api_subscriptions import api_subscriptions_table
 from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
@@ -121,16 +122,7 @@ auto_renewals = Table(
 )
 
 # Billing's record of the API subscriptions it asked quota for (released accounts lose them).
-api_subscriptions = Table(
-    "api_subscriptions",
-    metadata,
-    Column("account_id", String(64), primary_key=True),
-    Column("region", String(64), primary_key=True),
-    Column("api", String(64), primary_key=True),
-    Column("state", SmallInteger, nullable=False),
-    Column("create_time_us", BigInteger, nullable=False),
-    Column("update_time_us", BigInteger, nullable=False),
-)
+api_subscriptions = api_subscriptions_table(metadata)
 
 # Pay-per-use quantity per hourly cycle (billing time zone), filled from quota's
 # pay_per_use_recorded events and settled once the cycle has ended.

@@ -21,7 +21,7 @@ from services.billing.app import (
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
-from shared.pagination import decode_page_token, page_of, page_size
+from shared.pagination import paged, paged_list
 from shared.timeutil import from_timestamp
 from shared.validation import check_account_id
 
@@ -33,12 +33,7 @@ def _check_order(order) -> None:
 class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     def __init__(self, ctx: BillingContext, idempotency: IdempotencyStore) -> None:
         self.ctx = ctx
-        self.idempotency = idempotency
-
-    async def _idempotent(self, scope, request, response_type, work, authorize=None):
-        return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now, authorize=authorize
-        )
+        self._idempotent = idempotency.bound(ctx.db, ctx.now)
 
     # --- accounts -------------------------------------------------------------------------
 
@@ -58,12 +53,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListAccounts(self, request, context):
         principal = current_principal()
         only = None if principal.is_operator else principal.account
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        found = await accounts.list_accounts(
-            self.ctx, only, request.master_account_id, after[0] if after else None, limit + 1
+        page, token = await paged(
+            request,
+            lambda after, limit: accounts.list_accounts(
+                self.ctx, only, request.master_account_id, after[0] if after else None, limit
+            ),
+            lambda a: [a.account_id],
         )
-        page, token = page_of(found, limit, lambda a: [a.account_id], request)
         return billing_service_pb2.ListAccountsResponse(
             accounts=[convert.to_proto_account(a) for a in page], next_page_token=token
         )
@@ -105,11 +101,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         self.ctx.check_api(request.api, required=False)
         self.ctx.check_region(request.region, required=False)
         offers = sorted(catalog.offers_for(request.api, request.region), key=lambda o: o.id)
-        after = decode_page_token(request)
-        if after:
-            offers = [o for o in offers if o.id > after[0]]
-        limit = page_size(request.page_size)
-        page, token = page_of(offers[: limit + 1], limit, lambda o: [o.id], request)
+        page, token = paged_list(request, offers, lambda o: [o.id])
         return billing_service_pb2.ListOffersResponse(
             offers=[convert.to_proto_offer(o, catalog.currency) for o in page],
             next_page_token=token,
@@ -212,12 +204,13 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListOrders(self, request, context):
         principal = current_principal()
         account_id = check_account_id(principal.scoped_account(request.account_id))
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        found = await orders.list_orders(
-            self.ctx, account_id, after[0] if after else None, limit + 1, principal.regions
+        page, token = await paged(
+            request,
+            lambda after, limit: orders.list_orders(
+                self.ctx, account_id, after[0] if after else None, limit, principal.regions
+            ),
+            lambda o: [o.order_id],
         )
-        page, token = page_of(found, limit, lambda o: [o.order_id], request)
         return billing_service_pb2.ListOrdersResponse(
             orders=[order_message(o) for o in page], next_page_token=token
         )
@@ -231,9 +224,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def _subscription(self, scope, request, change):
         """Quota is told first, then billing's record is written under the request's key; a
         replay is answered from the stored reply and tells quota nothing."""
-        replay = await self.idempotency.replay(
-            self.ctx.db, scope, request, billing_pb2.ApiSubscription
-        )
+        replay = await self._idempotent.replay(scope, request, billing_pb2.ApiSubscription)
         if replay is not None:
             return replay
 

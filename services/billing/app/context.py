@@ -11,7 +11,6 @@ from services.billing.adapters.quota_client import QuotaClient
 from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
-from shared.errors import InvalidArgument
 from shared.outbox import Outbox
 
 
@@ -30,19 +29,8 @@ class BillingContext:
 
     def check_region(self, region: str, required: bool = True) -> str:
         """A catalog region (billing is global: every catalog region is billed here)."""
-        if not region:
-            if required:
-                raise InvalidArgument("region", "region is required")
-            return region
-        if not self.catalog.has_region(region):
-            raise InvalidArgument("region", f"unknown region {region!r}", reason="UNKNOWN_REGION")
-        return region
+        return self.catalog.check_region(region, required=required)
 
     def check_api(self, api: str, required: bool = True) -> str:
-        if not api:
-            if required:
-                raise InvalidArgument("api", "api is required")
-            return api
-        if not self.catalog.has_api(api):
-            raise InvalidArgument("api", f"unknown api {api!r}", reason="UNKNOWN_API")
-        return api
+        """A catalog API."""
+        return self.catalog.check_api(api, required=required)

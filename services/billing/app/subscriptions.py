@@ -18,9 +18,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy import insert, select, update
-
-from services.billing.adapters import tables as t
+from services.billing.adapters import subscriptions_repository
 from services.billing.app import accounts
 from services.billing.app.context import BillingContext
 from services.billing.domain.arrears import Standing, may_purchase
@@ -29,7 +27,6 @@ from shared.auth import current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition
 from shared.ids import new_id
-from shared.timeutil import from_epoch_us, to_epoch_us
 
 ACTIVE, CANCELLED = SubscriptionState.ACTIVE, SubscriptionState.CANCELLED
 
@@ -101,31 +98,6 @@ async def unsubscribe(
 async def record(
     ctx: BillingContext, uow: UnitOfWork, account_id: str, region: str, api: str, state: int
 ) -> Subscription:
-    s = t.api_subscriptions.c
-    key = (s.account_id == account_id, s.region == region, s.api == api)
-    now_us = to_epoch_us(ctx.now())
-    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).first()
-    if row is None:
-        await uow.session.execute(
-            insert(t.api_subscriptions).values(
-                account_id=account_id,
-                region=region,
-                api=api,
-                state=state,
-                create_time_us=now_us,
-                update_time_us=now_us,
-            )
-        )
-    elif row.state != state:
-        await uow.session.execute(
-            update(t.api_subscriptions).where(*key).values(state=state, update_time_us=now_us)
-        )
-    row = (await uow.session.execute(select(t.api_subscriptions).where(*key))).one()
-    return Subscription(
-        account_id=row.account_id,
-        region=row.region,
-        api=row.api,
-        state=row.state,
-        create_time=from_epoch_us(row.create_time_us),
-        update_time=from_epoch_us(row.update_time_us),
+    return await subscriptions_repository.put_subscription(
+        uow, account_id, region, api, state, ctx.now()
     )

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from datetime import datetime
 
 from allot.notification.v1 import notification_pb2
 
 from services.notification.domain.delivery import SENT
+from services.notification.domain.notifications import NotificationView
+from shared.db import UnitOfWork
+from shared.outbox import Outbox
 from shared.timeutil import to_timestamp
-
-if TYPE_CHECKING:
-    from services.notification.app.notifications import NotificationView
 
 
 def to_proto_notification(view: NotificationView) -> notification_pb2.Notification:
@@ -36,3 +36,24 @@ def to_proto_notification(view: NotificationView) -> notification_pb2.Notificati
             for d in view.deliveries
         ],
     )
+
+
+class NotificationEvents:
+    """Notification's events, staged in the outbox in the transaction that causes them."""
+
+    def __init__(self, outbox: Outbox[notification_pb2.NotificationEvent]) -> None:
+        self.outbox = outbox
+
+    def notification_created(
+        self, uow: UnitOfWork, view: NotificationView, region: str, now: datetime
+    ) -> str:
+        return self.outbox.add(
+            uow,
+            "notification_created",
+            notification_pb2.NotificationCreated(notification=to_proto_notification(view)),
+            now,
+            account_id=view.account_id,
+            # Regional messages (usage alerts, packages, orders) carry their region; account-level
+            # ones (arrears, balance) have none and are visible to every region.
+            region=region,
+        )

@@ -41,7 +41,8 @@ def from_quota_event(event: quota_pb2.QuotaEvent) -> SourceEvent | None:
             region=p.region,
             api=p.api,
             remaining_quantity=p.remaining_quantity,
-            total_quantity=p.total_quantity,
+            # The wire's total_quantity of an alert is the sum over the packages in force.
+            quantity_in_force=p.total_quantity,
             threshold=_threshold(p),
         )
     if kind == "package_expiring":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from allot.notification.v1 import notification_pb2
 
-from services.notification.app.contacts import Contact, ContactInput
+from services.notification.app.contacts import ContactInput
+from services.notification.domain.contacts import Contact
 from shared.timeutil import to_timestamp
 
 

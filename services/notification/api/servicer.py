@@ -11,15 +11,17 @@ from google.protobuf import empty_pb2
 
 from services.notification.adapters.events import to_proto_notification
 from services.notification.api import convert
-from services.notification.app import contacts, notifications
+from services.notification.app import contacts, deliveries, notifications
 from services.notification.app.context import NotificationContext
+from services.notification.domain.contacts import Contact
+from services.notification.domain.notifications import check_delivery_key
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.idempotency import IdempotencyStore
-from shared.pagination import decode_page_token, page_of, page_size
+from shared.pagination import paged
 from shared.validation import check_account_id
 
 
-def _check_contact(contact: contacts.Contact) -> None:
+def _check_contact(contact: Contact) -> None:
     check_scope(contact.account_id)
 
 
@@ -34,13 +36,8 @@ def _without_secret(contact: notification_pb2.Contact) -> notification_pb2.Conta
 class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServicer):
     def __init__(self, ctx: NotificationContext, idempotency: IdempotencyStore, kick) -> None:
         self.ctx = ctx
-        self.idempotency = idempotency
+        self._idempotent = idempotency.bound(ctx.db, ctx.now)
         self.kick = kick  # wakes the delivery worker
-
-    async def _idempotent(self, scope, request, response_type, work, stored=None):
-        return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now, stored=stored
-        )
 
     # --- contacts -------------------------------------------------------------------------
 
@@ -64,12 +61,13 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
 
     async def ListContacts(self, request, context):
         account_id = check_account_id(current_principal().scoped_account(request.account_id))
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        found = await contacts.list_contacts(
-            self.ctx, account_id, after[0] if after else None, limit + 1
+        page, token = await paged(
+            request,
+            lambda after, limit: contacts.list_contacts(
+                self.ctx, account_id, after[0] if after else None, limit
+            ),
+            lambda c: [c.contact_id],
         )
-        page, token = page_of(found, limit, lambda c: [c.contact_id], request)
         return notification_service_pb2.ListContactsResponse(
             contacts=[convert.to_proto_contact(c) for c in page], next_page_token=token
         )
@@ -100,17 +98,19 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     async def ListNotifications(self, request, context):
         principal = current_principal()
         account_id = check_account_id(principal.scoped_account(request.account_id))
-        before = decode_page_token(request)
-        limit = page_size(request.page_size)
-        views = await notifications.list_notifications(
-            self.ctx,
-            account_id,
-            list(request.message_types),
-            before[0] if before else None,
-            limit + 1,
-            principal.regions,
+        # Newest first: the token's key is the last (oldest) notification of the page.
+        page, token = await paged(
+            request,
+            lambda before, limit: notifications.list_notifications(
+                self.ctx,
+                account_id,
+                list(request.message_types),
+                before[0] if before else None,
+                limit,
+                principal.regions,
+            ),
+            lambda v: [v.notification_id],
         )
-        page, token = page_of(views, limit, lambda v: [v.notification_id], request)
         return notification_service_pb2.ListNotificationsResponse(
             notifications=[to_proto_notification(v) for v in page], next_page_token=token
         )
@@ -131,12 +131,12 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             yield event.notification_created.notification
 
     async def RetryDelivery(self, request, context):
-        notifications.check_delivery_key(request.notification_id, request.contact_id)
+        check_delivery_key(request.notification_id, request.contact_id)
 
         async def work(uow):
             view = await notifications.load_view(uow, request.notification_id)
             check_scope(view.account_id)
-            await notifications.retry_delivery(
+            await deliveries.retry_delivery(
                 self.ctx, uow, request.notification_id, request.contact_id
             )
             return to_proto_notification(

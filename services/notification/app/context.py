@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from services.notification.adapters.events import NotificationEvents
 from services.notification.domain.delivery import RetryPolicy
 from shared.clock import Clock
 from shared.db import Database
@@ -15,9 +16,10 @@ from shared.outbox import Outbox
 class NotificationContext:
     db: Database
     clock: Clock
-    outbox: Outbox
+    outbox: Outbox  # WatchNotifications reads it; use cases stage events through `events`
+    events: NotificationEvents
     retry: RetryPolicy
-    senders: dict = field(default_factory=dict)  # Channel -> sender (adapters/channels.py)
+    senders: dict = field(default_factory=dict)  # Channel -> sender (adapters/senders.py)
     # ALLOT_WEBHOOK_ALLOW_PRIVATE: webhooks may also go to internal hosts and to any port.
     private_webhooks: bool = False
     # ALLOT_DELIVERY_CLAIM_SECONDS: how long (wall clock) a delivery being sent stays claimed;

@@ -1,4 +1,5 @@
-"""When to try a delivery again: exponential backoff with jitter, bounded attempts.
+"""A delivery: what a sender is given, how an attempt fails, and when to try it again
+(exponential backoff with jitter, bounded attempts).
 
 With the defaults (first retry after 60 s, factor 3, 8 attempts) retries come after about
 1 m, 3 m, 9 m, 27 m, 1.4 h, 4 h and 12 h: the last attempt is about 18 hours after the first
@@ -12,8 +13,9 @@ asked to be (up to MAX_DELAY); the count of attempts stays the same.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 # DeliveryState values.
 PENDING, SENT, FAILED = 1, 2, 3
@@ -23,6 +25,38 @@ MAX_DELAY = timedelta(hours=24)
 # Each delay is stretched or shrunk by up to this fraction so receivers that come back do not
 # get every retry at the same instant.
 JITTER = 0.2
+# `last_error` is stored (and shown to the account) — keep it a readable line, not a page.
+MAX_ERROR_CHARS = 500
+
+
+class DeliveryError(Exception):
+    """One attempt failed. `retryable`: a later attempt may succeed (the receiver was down,
+    busy or slow); otherwise it will fail the same way until someone changes something.
+    `retry_after` is the receiver's Retry-After in seconds, when it sent one."""
+
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One notification addressed to one contact."""
+
+    notification_id: str
+    account_id: str
+    channel: int
+    address: str
+    subject: str
+    body: str
+    message_type: str
+    payload: dict[str, Any]  # the structured fields (JSON-able); webhooks send them as `data`
+    create_time: datetime
+    secret: str = field(default="", repr=False)  # the webhook contact's signing secret
 
 
 @dataclass(frozen=True)

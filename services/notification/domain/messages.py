@@ -40,7 +40,9 @@ class UsageAlertFired:
     region: str
     api: str
     remaining_quantity: int
-    total_quantity: int
+    # The sum over the packages in force of the alert's scope (the event's `total_quantity`);
+    # a single package's grant is its `total_quantity` (PackageExpiring, PackageExhausted).
+    quantity_in_force: int
     threshold: str  # "5000 calls" or "20%"
 
 
@@ -236,15 +238,16 @@ def compose(event: SourceEvent, tz: tzinfo = UTC) -> Message:
             f"Usage alert: {_calls(event.remaining_quantity)} of {event.api} left "
             f"in {event.region}",
             f"Account {event.account_id}: the packages of {event.api} in {event.region} have "
-            f"{_calls(event.remaining_quantity)} left of {event.total_quantity:,}, which reached "
-            f"your alert threshold of {event.threshold} (alert {event.alert_id}).\n"
+            f"{_calls(event.remaining_quantity)} left of {event.quantity_in_force:,}, which "
+            f"reached your alert threshold of {event.threshold} (alert {event.alert_id}).\n"
             "Calls beyond your packages are charged pay-per-use.",
             {
                 "alert_id": event.alert_id,
                 "region": event.region,
                 "api": event.api,
                 "remaining_quantity": event.remaining_quantity,
-                "total_quantity": event.total_quantity,
+                # The webhook data keeps the wire's name (a public payload contract).
+                "total_quantity": event.quantity_in_force,
                 "threshold": event.threshold,
             },
         )

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from allot.quota.v1 import quota_pb2
 
-from services.quota.adapters.repository import PackageRecord
+from services.quota.adapters.packages_repository import PackageRecord
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.deduction import UsageEvent
 from services.quota.domain.packages import PackageState

@@ -16,6 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import false as sa_false
 
+from shared.api_subscriptions import api_subscriptions_table
 from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
@@ -51,16 +52,7 @@ packages = Table(
     Index("ix_packages_announced_expire", "announced_state", "expire_time_us"),
 )
 
-api_subscriptions = Table(
-    "api_subscriptions",
-    metadata,
-    Column("account_id", String(64), primary_key=True),
-    Column("region", String(64), primary_key=True),
-    Column("api", String(64), primary_key=True),
-    Column("state", SmallInteger, nullable=False),
-    Column("create_time_us", BigInteger, nullable=False),
-    Column("update_time_us", BigInteger, nullable=False),
-)
+api_subscriptions = api_subscriptions_table(metadata)
 
 usage_events = Table(
     "usage_events",

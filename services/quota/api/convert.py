@@ -8,7 +8,8 @@ from datetime import datetime
 from allot.quota.v1 import quota_pb2, quota_service_pb2
 
 from services.quota.adapters.events import package_message
-from services.quota.adapters.repository import PackageRecord, StoredUsage
+from services.quota.adapters.packages_repository import PackageRecord
+from services.quota.adapters.usage_repository import StoredUsage
 from services.quota.app.alerts import AlertInput, AlertView
 from services.quota.app.packages import GrantInput
 from services.quota.app.stats import StatsBucket

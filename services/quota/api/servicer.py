@@ -19,7 +19,7 @@ from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import AllotError
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
-from shared.pagination import decode_page_token, page_of, page_size
+from shared.pagination import paged
 from shared.timeutil import from_timestamp
 
 T = TypeVar("T")
@@ -47,7 +47,7 @@ async def _owned(load: Awaitable[T], scope_of: Callable[[T], tuple[str, str]]) -
 class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     def __init__(self, ctx: QuotaContext, idempotency: IdempotencyStore, outbox: Outbox) -> None:
         self.ctx = ctx
-        self.idempotency = idempotency
+        self._idempotent = idempotency.bound(ctx.db, ctx.now)
         self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
 
@@ -56,11 +56,6 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
 
     def _package(self, record) -> quota_pb2.Package:
         return convert.to_proto_package(record, self.ctx.now())
-
-    async def _idempotent(self, scope, request, response_type, work):
-        return await self.idempotency.run(
-            self.ctx.db, scope, request, response_type, work, self.ctx.now
-        )
 
     # --- usage ---------------------------------------------------------------------------
 
@@ -127,19 +122,20 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def ListPackages(self, request, context):
         principal = current_principal()
         account_id = principal.scoped_account(request.account_id)
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        records = await packages.list_packages(
-            self.ctx,
-            account_id=account_id,
-            region=request.region,
-            visible_regions=principal.regions,
-            api=request.api,
-            states=list(request.states),
-            after_id=after[0] if after else None,
-            limit=limit + 1,
+        page, token = await paged(
+            request,
+            lambda after, limit: packages.list_packages(
+                self.ctx,
+                account_id=account_id,
+                region=request.region,
+                visible_regions=principal.regions,
+                api=request.api,
+                states=list(request.states),
+                after_id=after[0] if after else None,
+                limit=limit,
+            ),
+            lambda r: [r.package.package_id],
         )
-        page, token = page_of(records, limit, lambda r: [r.package.package_id], request)
         return quota_service_pb2.ListPackagesResponse(
             packages=[self._package(r) for r in page], next_page_token=token
         )
@@ -216,12 +212,13 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def ListApiSubscriptions(self, request, context):
         principal = current_principal()
         account_id = principal.scoped_account(request.account_id)
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        rows = await subscriptions.list_subscriptions(
-            self.ctx, account_id, request.region, principal.regions, after, limit + 1
+        page, token = await paged(
+            request,
+            lambda after, limit: subscriptions.list_subscriptions(
+                self.ctx, account_id, request.region, principal.regions, after, limit
+            ),
+            lambda r: [r.region, r.api],
         )
-        page, token = page_of(rows, limit, lambda r: [r.region, r.api], request)
         return quota_service_pb2.ListApiSubscriptionsResponse(
             api_subscriptions=[convert.to_proto_subscription(r) for r in page],
             next_page_token=token,
@@ -260,17 +257,18 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def ListUsageAlerts(self, request, context):
         principal = current_principal()
         account_id = principal.scoped_account(request.account_id)
-        after = decode_page_token(request)
-        limit = page_size(request.page_size)
-        views = await alerts.list_alerts(
-            self.ctx,
-            account_id,
-            request.region,
-            principal.regions,
-            after[0] if after else None,
-            limit + 1,
+        page, token = await paged(
+            request,
+            lambda after, limit: alerts.list_alerts(
+                self.ctx,
+                account_id,
+                request.region,
+                principal.regions,
+                after[0] if after else None,
+                limit,
+            ),
+            lambda v: [v.rule.alert_id],
         )
-        page, token = page_of(views, limit, lambda v: [v.rule.alert_id], request)
         return quota_service_pb2.ListUsageAlertsResponse(
             usage_alerts=[convert.to_proto_alert(v) for v in page], next_page_token=token
         )

@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
 from services.quota.adapters import alerts_repository as alerts_repo
-from services.quota.adapters import repository as repo
+from services.quota.adapters import packages_repository as packages_repo
 from services.quota.app.context import QuotaContext
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold, evaluate
 from shared.db import UnitOfWork
@@ -198,7 +198,7 @@ async def reevaluate(
     the aggregate total changed there, or just rule `only` after it was created or edited.
     Returns how many rules fired."""
     apis = None if apis is None else sorted(set(apis))
-    totals = await repo.totals_by_api(uow, account_id, region, apis, now)
+    totals = await packages_repo.totals_by_api(uow, account_id, region, apis, now)
     scope_apis = apis if apis is not None else sorted(ctx.catalog.apis)
     rules = await alerts_repo.lock_rules(uow, [(account_id, region, api) for api in scope_apis])
     if not rules:

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from datetime import datetime, timedelta
 
-from services.quota.adapters import repository as repo
+from services.quota.adapters import packages_repository as packages_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
 from services.quota.domain.packages import IN_FORCE
@@ -37,13 +37,13 @@ async def announce_packages(ctx: QuotaContext, now: datetime) -> int:
 
 
 async def _announce_states(ctx: QuotaContext, uow: UnitOfWork, now: datetime) -> int:
-    records = await repo.due_announcements(uow, now, CHUNK)
+    records = await packages_repo.due_announcements(uow, now, CHUNK)
     scopes = set()
     for record in records:
         state = record.package.state_at(now)
         announced = dataclasses.replace(record, announced_state=state)
         ctx.events.package_state_changed(uow, announced, record.announced_state, now)
-        await repo.save_package(uow, announced)
+        await packages_repo.save_package(uow, announced)
         # Only a package that entered or left the aggregate in force re-arms alerts (one that
         # started and ended between two clock moves never counted).
         if (state in IN_FORCE) != (record.announced_state in IN_FORCE):
@@ -54,11 +54,11 @@ async def _announce_states(ctx: QuotaContext, uow: UnitOfWork, now: datetime) ->
 
 
 async def _announce_expiring(ctx: QuotaContext, uow: UnitOfWork, now: datetime) -> int:
-    records = await repo.due_expiring(uow, now, ctx.expiring_notice, CHUNK)
+    records = await packages_repo.due_expiring(uow, now, ctx.expiring_notice, CHUNK)
     for record in records:
         left = record.package.expire_time + timedelta(seconds=1) - now
         days_left = math.ceil(left / ONE_DAY)
         warned = dataclasses.replace(record, expiring_announced=True)
         ctx.events.package_expiring(uow, warned, days_left, now)
-        await repo.save_package(uow, warned)
+        await packages_repo.save_package(uow, warned)
     return len(records)

@@ -11,7 +11,7 @@ from services.quota.domain.deduction import DeductionPolicy
 from shared.catalog import Catalog
 from shared.clock import Clock
 from shared.db import Database
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,7 @@ class QuotaContext:
 
     def check_region(self, region: str, field: str = "region") -> str:
         """A region the catalog knows and this process serves."""
-        if not region:
-            raise InvalidArgument(field, f"{field} is required")
-        if not self.catalog.has_region(region):
-            raise InvalidArgument(
-                field, f"unknown region {region!r}", reason="UNKNOWN_REGION", region=region
-            )
+        self.catalog.check_region(region, field)
         if region not in self.served_regions:
             raise FailedPrecondition(
                 "REGION_NOT_SERVED",
@@ -48,11 +43,8 @@ class QuotaContext:
         return region
 
     def check_api(self, api: str, field: str = "api") -> str:
-        if not api:
-            raise InvalidArgument(field, f"{field} is required")
-        if not self.catalog.has_api(api):
-            raise InvalidArgument(field, f"unknown api {api!r}", reason="UNKNOWN_API", api=api)
-        return api
+        """An API the catalog knows."""
+        return self.catalog.check_api(api, field)
 
     def regions_or_all(
         self, region: str, visible: tuple[str, ...] | None = None, field: str = "region"

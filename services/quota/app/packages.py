@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.quota.adapters import repository as repo
+from services.quota.adapters import packages_repository as packages_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
 from services.quota.domain.packages import (
@@ -41,7 +41,9 @@ def package_not_found(package_id: str) -> NotFound:
     return NotFound("PACKAGE_NOT_FOUND", f"no package {package_id!r}", package_id=package_id)
 
 
-async def grant_package(ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput) -> repo.PackageRecord:
+async def grant_package(
+    ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput
+) -> packages_repo.PackageRecord:
     now = ctx.now()
     check_account_id(spec.account_id, "package.account_id")
     ctx.check_region(spec.region, "package.region")
@@ -81,19 +83,19 @@ async def grant_package(ctx: QuotaContext, uow: UnitOfWork, spec: GrantInput) ->
     )
     # What the outbox will consider announced: a package granted in force needs no activation
     # event; one that starts later is announced when the clock reaches it.
-    record = repo.PackageRecord(package, announced_state=package.state_at(now))
-    await repo.insert_package(uow, record)
+    record = packages_repo.PackageRecord(package, announced_state=package.state_at(now))
+    await packages_repo.insert_package(uow, record)
     if package.in_force_at(now):
         await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
     return record
 
 
-async def get_package(ctx: QuotaContext, package_id: str) -> repo.PackageRecord:
+async def get_package(ctx: QuotaContext, package_id: str) -> packages_repo.PackageRecord:
     if not package_id:
         raise InvalidArgument("package_id", "package_id is required")
 
-    async def work(uow: UnitOfWork) -> repo.PackageRecord:
-        record = await repo.get_package(uow, package_id)
+    async def work(uow: UnitOfWork) -> packages_repo.PackageRecord:
+        record = await packages_repo.get_package(uow, package_id)
         if record is None:
             raise package_not_found(package_id)
         return record
@@ -111,7 +113,7 @@ async def list_packages(
     states: list[int],
     after_id: str | None,
     limit: int,
-) -> list[repo.PackageRecord]:
+) -> list[packages_repo.PackageRecord]:
     if account_id:
         check_account_id(account_id)
     regions = ctx.regions_or_all(region, visible_regions)
@@ -122,8 +124,8 @@ async def list_packages(
     except ValueError as exc:
         raise InvalidArgument("states", "unknown package state") from exc
 
-    async def work(uow: UnitOfWork) -> list[repo.PackageRecord]:
-        return await repo.list_packages(
+    async def work(uow: UnitOfWork) -> list[packages_repo.PackageRecord]:
+        return await packages_repo.list_packages(
             uow,
             account_id=account_id,
             regions=regions,
@@ -141,10 +143,12 @@ async def list_packages(
 Guard = Callable[[Package], None]
 
 
-async def _load_for_change(uow: UnitOfWork, package_id: str, guard: Guard) -> repo.PackageRecord:
+async def _load_for_change(
+    uow: UnitOfWork, package_id: str, guard: Guard
+) -> packages_repo.PackageRecord:
     if not package_id:
         raise InvalidArgument("package_id", "package_id is required")
-    record = await repo.get_package(uow, package_id, for_update=True)
+    record = await packages_repo.get_package(uow, package_id, for_update=True)
     if record is None:
         raise package_not_found(package_id)
     guard(record.package)
@@ -158,7 +162,7 @@ async def renew_package(
     expire_time: datetime | None,
     add_quantity: int,
     guard: Guard,
-) -> repo.PackageRecord:
+) -> packages_repo.PackageRecord:
     """Extend to `expire_time` and add quantity. Renewing an expired package (billing allows a
     grace window) forfeits its old remainder first: the new period does not revive it."""
     now = ctx.now()
@@ -198,7 +202,7 @@ async def renew_package(
 
 async def revoke_package(
     ctx: QuotaContext, uow: UnitOfWork, package_id: str, reason: str, guard: Guard
-) -> repo.PackageRecord:
+) -> packages_repo.PackageRecord:
     now = ctx.now()
     if len(reason) > 500:
         raise InvalidArgument("reason", "reason is longer than 500 characters")
@@ -219,10 +223,10 @@ async def revoke_package(
 async def _save_change(
     ctx: QuotaContext,
     uow: UnitOfWork,
-    record: repo.PackageRecord,
+    record: packages_repo.PackageRecord,
     package: Package,
     now: datetime,
-) -> repo.PackageRecord:
+) -> packages_repo.PackageRecord:
     """Save a renewed or revoked package: announce its new state if it moved, and re-arm the
     scope's alerts when the aggregate in force changed."""
     share_before = _share_in_force(record.package, now)
@@ -230,7 +234,7 @@ async def _save_change(
     changed = dataclasses.replace(record, package=package, announced_state=state)
     if state != record.announced_state:
         ctx.events.package_state_changed(uow, changed, record.announced_state, now)
-    await repo.save_package(uow, changed)
+    await packages_repo.save_package(uow, changed)
     if _share_in_force(package, now) != share_before:
         await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
     return changed
@@ -261,7 +265,7 @@ async def quota_summary(
         ctx.check_api(api)
 
     async def work(uow: UnitOfWork) -> list[SummaryItem]:
-        rows = await repo.summarize(uow, account_id, regions, api, ctx.now())
+        rows = await packages_repo.summarize(uow, account_id, regions, api, ctx.now())
         return [
             SummaryItem(
                 r.region,

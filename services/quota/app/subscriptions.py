@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.quota.adapters import repository as repo
+from services.quota.adapters import packages_repository as packages_repo
+from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, Standing, admit
 from shared.db import UnitOfWork
@@ -21,12 +22,14 @@ def _check(ctx: QuotaContext, account_id: str, region: str, api: str) -> None:
 
 async def enable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, region: str, api: str):
     _check(ctx, account_id, region, api)
-    return await repo.put_subscription(uow, account_id, region, api, ACTIVE, ctx.now())
+    return await subscriptions_repo.put_subscription(
+        uow, account_id, region, api, ACTIVE, ctx.now()
+    )
 
 
 async def disable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, region: str, api: str):
     _check(ctx, account_id, region, api)
-    if await repo.get_subscription(uow, account_id, region, api) is None:
+    if await subscriptions_repo.get_subscription(uow, account_id, region, api) is None:
         raise NotFound(
             "API_SUBSCRIPTION_NOT_FOUND",
             f"{account_id!r} never enabled {api!r} in {region!r}",
@@ -34,7 +37,9 @@ async def disable_api(ctx: QuotaContext, uow: UnitOfWork, account_id: str, regio
             region=region,
             api=api,
         )
-    return await repo.put_subscription(uow, account_id, region, api, CANCELLED, ctx.now())
+    return await subscriptions_repo.put_subscription(
+        uow, account_id, region, api, CANCELLED, ctx.now()
+    )
 
 
 async def list_subscriptions(
@@ -49,7 +54,7 @@ async def list_subscriptions(
     regions = ctx.regions_or_all(region, visible_regions)
 
     async def work(uow: UnitOfWork):
-        return await repo.list_subscriptions(uow, account_id, regions, after, limit)
+        return await subscriptions_repo.list_subscriptions(uow, account_id, regions, after, limit)
 
     return await ctx.db.read(work)
 
@@ -61,9 +66,9 @@ async def check_quota(
     check_quantity(quantity, "quantity")
 
     async def work(uow: UnitOfWork) -> Admission:
-        subscription = await repo.get_subscription(uow, account_id, region, api)
-        standing = await repo.get_standing(uow, account_id)
-        remaining = await repo.remaining_for_project(
+        subscription = await subscriptions_repo.get_subscription(uow, account_id, region, api)
+        standing = await subscriptions_repo.get_standing(uow, account_id)
+        remaining = await packages_repo.remaining_for_project(
             uow, account_id, region, api, normalize_project_id(project), ctx.now()
         )
         return admit(

@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.quota.adapters import repository as repo
+from services.quota.adapters import packages_repository as packages_repo
+from services.quota.adapters import usage_repository as usage_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import UsageEvent, apply_usage
@@ -114,7 +115,7 @@ def validate_usage(ctx: QuotaContext, raw: UsageInput, now: datetime) -> _Valid:
     return _Valid(event, raw.fingerprint())
 
 
-def _replay(stored: repo.StoredUsage, fingerprint: str) -> UsageResult:
+def _replay(stored: usage_repo.StoredUsage, fingerprint: str) -> UsageResult:
     if stored.fingerprint != fingerprint:
         raise InvalidArgument(
             "event_id",
@@ -195,9 +196,9 @@ async def _record(
     since = min([now, *(v.event.occur_time for v in valid)])
     # Lock first, then look for recorded ids: a concurrent twin of an event has then either
     # committed (we see it as recorded) or waits behind us.
-    records = await repo.lock_candidates(uow, scopes, since)
+    records = await packages_repo.lock_candidates(uow, scopes, since)
     packages = [r.package for r in records]
-    recorded = await repo.find_usage(uow, (v.event.event_id for v in valid))
+    recorded = await usage_repo.find_usage(uow, (v.event.event_id for v in valid))
 
     fresh: list[_Valid] = []
     first_in_batch: dict[str, _Valid] = {}
@@ -211,13 +212,13 @@ async def _record(
     # Aggregates of the packages in force now, per scope; remaining is walked forward event by
     # event (deductions never change the total).
     in_force = {p.package_id for p in packages if p.in_force_at(now)}
-    totals: dict[repo.Scope, int] = defaultdict(int)
-    remaining: dict[repo.Scope, int] = defaultdict(int)
+    totals: dict[packages_repo.Scope, int] = defaultdict(int)
+    remaining: dict[packages_repo.Scope, int] = defaultdict(int)
     for p in packages:
         if p.package_id in in_force:
             totals[(p.account_id, p.region, p.api)] += p.total_quantity
             remaining[(p.account_id, p.region, p.api)] += p.remaining_quantity
-    walk: list[tuple[repo.Scope, int]] = []
+    walk: list[tuple[packages_repo.Scope, int]] = []
 
     results: dict[str, UsageResult] = {}
     rows = []
@@ -258,11 +259,11 @@ async def _record(
                 "pay_per_use_quantity": outcome.pay_per_use_quantity,
                 "remaining_quantity": remaining[scope],
                 "deductions": json.dumps(deductions),
-                "explanation": json.dumps(repo.explanation_json(outcome)),
+                "explanation": json.dumps(usage_repo.explanation_json(outcome)),
             }
         )
-    await repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
-    await repo.insert_usage(uow, rows)
+    await packages_repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
+    await usage_repo.insert_usage(uow, rows)
     await alerts.after_usage(ctx, uow, walk, totals, now)
 
     answers: list[UsageResult | AllotError] = []
@@ -295,10 +296,10 @@ async def _record(
 def _announce_exhausted(
     ctx: QuotaContext,
     uow: UnitOfWork,
-    records: list[repo.PackageRecord],
+    records: list[packages_repo.PackageRecord],
     changed: dict[str, Package],
     now: datetime,
-) -> list[repo.PackageRecord]:
+) -> list[packages_repo.PackageRecord]:
     """The changed packages as records; those the batch emptied announce EXHAUSTED."""
     by_id = {r.package.package_id: r for r in records}
     out = []
@@ -314,12 +315,12 @@ def _announce_exhausted(
     return out
 
 
-async def explain_usage(ctx: QuotaContext, event_id: str) -> repo.StoredUsage:
+async def explain_usage(ctx: QuotaContext, event_id: str) -> usage_repo.StoredUsage:
     if not event_id:
         raise InvalidArgument("event_id", "event_id is required")
 
-    async def work(uow: UnitOfWork) -> repo.StoredUsage:
-        found = (await repo.find_usage(uow, [event_id])).get(event_id)
+    async def work(uow: UnitOfWork) -> usage_repo.StoredUsage:
+        found = (await usage_repo.find_usage(uow, [event_id])).get(event_id)
         if found is None:
             raise NotFound(
                 "USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class Standing(enum.IntEnum):
@@ -13,6 +14,22 @@ class Standing(enum.IntEnum):
     GRACE = 2
     FROZEN = 3
     RELEASED = 4
+
+
+@dataclass(frozen=True)
+class StandingChange:
+    """A change of an account's standing as billing announced it.
+
+    `sequence` and `event_id` are those of billing's event: the sequence is billing's commit
+    order, so the change with the greatest sequence is billing's current standing.
+    `change_time` is when billing says the standing changed (None when its event does not say).
+    """
+
+    account_id: str
+    standing: Standing
+    change_time: datetime | None
+    sequence: int
+    event_id: str
 
 
 class DenyReason(enum.IntEnum):

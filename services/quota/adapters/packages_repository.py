@@ -1,13 +1,13 @@
-"""Quota's repository: rows <-> domain objects, and the statements of the hot path.
+"""Quota's packages repository: package rows <-> domain objects, the packages' statements of the
+hot path, and the read models over packages in force.
 
 The hot path is shaped for batches: one locking read of every package the batch touches (in
-package-id order, so concurrent batches never deadlock), one read of already-recorded event
-ids, one executemany UPDATE and one executemany INSERT.
+package-id order, so concurrent batches never deadlock) and one executemany UPDATE of their
+used quantities; the usage events of the batch are `usage_repository`'s.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,7 +16,6 @@ from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.sql import ColumnElement
 
 from services.quota.adapters import tables as t
-from services.quota.domain.deduction import UsageOutcome
 from services.quota.domain.packages import Package, PackageSource, PackageState
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
@@ -215,140 +214,6 @@ async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None
     await connection.execute(statement, params)
 
 
-@dataclass(frozen=True)
-class StoredUsage:
-    """A recorded usage event: its digest and the result it got."""
-
-    event_id: str
-    fingerprint: str
-    account_id: str
-    region: str
-    api: str
-    enterprise_project_id: str
-    occur_time: datetime
-    billable: bool
-    deductions: tuple[tuple[str, int], ...]
-    pay_per_use_quantity: int
-    remaining_quantity: int
-    explanation: dict
-
-
-def _to_stored(row) -> StoredUsage:
-    return StoredUsage(
-        event_id=row.event_id,
-        fingerprint=row.fingerprint,
-        account_id=row.account_id,
-        region=row.region,
-        api=row.api,
-        enterprise_project_id=row.enterprise_project_id,
-        occur_time=from_epoch_us(row.occur_time_us),
-        billable=row.billable,
-        deductions=tuple((d[0], d[1]) for d in json.loads(row.deductions)),
-        pay_per_use_quantity=row.pay_per_use_quantity,
-        remaining_quantity=row.remaining_quantity,
-        explanation=json.loads(row.explanation),
-    )
-
-
-async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, StoredUsage]:
-    ids = sorted(set(event_ids))
-    if not ids:
-        return {}
-    rows = (
-        await uow.session.execute(select(t.usage_events).where(t.usage_events.c.event_id.in_(ids)))
-    ).all()
-    return {r.event_id: _to_stored(r) for r in rows}
-
-
-def explanation_json(outcome: UsageOutcome) -> dict:
-    return {
-        "policy": outcome.policy.value,
-        "decisive_rule": outcome.decisive_rule.value,
-        "candidates": [
-            [
-                c.package_id,
-                c.rank,
-                c.eligible,
-                c.ineligible_reason.value if c.ineligible_reason else "",
-                c.deducted_quantity,
-            ]
-            for c in outcome.candidates
-        ],
-    }
-
-
-async def insert_usage(uow: UnitOfWork, rows: list[dict]) -> None:
-    if rows:
-        connection = await uow.session.connection()
-        await connection.execute(insert(t.usage_events), rows)
-
-
-# --- API subscriptions and standing -------------------------------------------------------
-
-
-async def get_subscription(uow: UnitOfWork, account_id: str, region: str, api: str):
-    s = t.api_subscriptions.c
-    return (
-        await uow.session.execute(
-            select(t.api_subscriptions).where(
-                s.account_id == account_id, s.region == region, s.api == api
-            )
-        )
-    ).first()
-
-
-async def put_subscription(
-    uow: UnitOfWork, account_id: str, region: str, api: str, state: int, now: datetime
-):
-    existing = await get_subscription(uow, account_id, region, api)
-    now_us = to_epoch_us(now)
-    s = t.api_subscriptions.c
-    if existing is None:
-        await uow.session.execute(
-            insert(t.api_subscriptions).values(
-                account_id=account_id,
-                region=region,
-                api=api,
-                state=state,
-                create_time_us=now_us,
-                update_time_us=now_us,
-            )
-        )
-    elif existing.state != state:
-        await uow.session.execute(
-            update(t.api_subscriptions)
-            .where(s.account_id == account_id, s.region == region, s.api == api)
-            .values(state=state, update_time_us=now_us)
-        )
-    return await get_subscription(uow, account_id, region, api)
-
-
-async def list_subscriptions(
-    uow: UnitOfWork, account_id: str, regions: Iterable[str], after: list | None, limit: int
-):
-    s = t.api_subscriptions.c
-    query = (
-        select(t.api_subscriptions)
-        .where(s.account_id == account_id, s.region.in_(sorted(set(regions))))
-        .order_by(s.region, s.api)
-        .limit(limit)
-    )
-    if after:
-        region, api = after
-        query = query.where(or_(s.region > region, and_(s.region == region, s.api > api)))
-    return (await uow.session.execute(query)).all()
-
-
-async def get_standing(uow: UnitOfWork, account_id: str) -> int | None:
-    return (
-        await uow.session.execute(
-            select(t.account_standings.c.standing).where(
-                t.account_standings.c.account_id == account_id
-            )
-        )
-    ).scalar()
-
-
 # --- read models ---------------------------------------------------------------------------
 
 
@@ -415,32 +280,27 @@ async def due_announcements(uow: UnitOfWork, now: datetime, limit: int) -> list[
     expiry), locked, oldest due first."""
     p = t.packages.c
     now_us = to_epoch_us(now)
-    query = (
-        select(t.packages)
-        .where(
-            p.revoke_time_us.is_(None),
-            or_(
-                and_(
-                    p.announced_state == int(PackageState.PENDING),
-                    p.effective_time_us <= now_us,
-                ),
-                and_(
-                    p.announced_state.in_(
-                        [
-                            int(PackageState.PENDING),
-                            int(PackageState.ACTIVE),
-                            int(PackageState.EXHAUSTED),
-                        ]
-                    ),
-                    p.expire_time_us + ONE_SECOND_US <= now_us,
-                ),
+    return await _lock_due(
+        uow,
+        limit,
+        p.revoke_time_us.is_(None),
+        or_(
+            and_(
+                p.announced_state == int(PackageState.PENDING),
+                p.effective_time_us <= now_us,
             ),
-        )
-        .order_by(p.package_id)
-        .limit(limit)
-        .with_for_update()
+            and_(
+                p.announced_state.in_(
+                    [
+                        int(PackageState.PENDING),
+                        int(PackageState.ACTIVE),
+                        int(PackageState.EXHAUSTED),
+                    ]
+                ),
+                p.expire_time_us + ONE_SECOND_US <= now_us,
+            ),
+        ),
     )
-    return [to_record(r) for r in (await uow.session.execute(query)).all()]
 
 
 async def due_expiring(
@@ -449,17 +309,26 @@ async def due_expiring(
     """Packages in force with quantity left that expire within `notice` and were not warned."""
     p = t.packages.c
     now_us = to_epoch_us(now)
+    return await _lock_due(
+        uow,
+        limit,
+        p.expiring_announced.is_(False),
+        p.revoke_time_us.is_(None),
+        p.used_quantity < p.total_quantity,
+        p.effective_time_us <= now_us,
+        p.expire_time_us + ONE_SECOND_US > now_us,
+        p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
+    )
+
+
+async def _lock_due(
+    uow: UnitOfWork, limit: int, *conditions: ColumnElement[bool]
+) -> list[PackageRecord]:
+    """At most `limit` packages meeting `conditions`, locked, in package-id order."""
     query = (
         select(t.packages)
-        .where(
-            p.expiring_announced.is_(False),
-            p.revoke_time_us.is_(None),
-            p.used_quantity < p.total_quantity,
-            p.effective_time_us <= now_us,
-            p.expire_time_us + ONE_SECOND_US > now_us,
-            p.expire_time_us + ONE_SECOND_US <= now_us + int(notice.total_seconds() * 1_000_000),
-        )
-        .order_by(p.package_id)
+        .where(*conditions)
+        .order_by(t.packages.c.package_id)
         .limit(limit)
         .with_for_update()
     )

@@ -1,0 +1,84 @@
+"""Quota's API subscriptions (which APIs an account may call where) and the account standings
+billing announced: the rows admission reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import and_, insert, or_, select, update
+
+from services.quota.adapters import tables as t
+from services.quota.domain.admission import StandingChange
+from shared.api_subscriptions import get_api_subscription, put_api_subscription
+from shared.db import UnitOfWork
+from shared.timeutil import to_epoch_us
+
+
+async def get_subscription(uow: UnitOfWork, account_id: str, region: str, api: str):
+    return await get_api_subscription(uow, t.api_subscriptions, account_id, region, api)
+
+
+async def put_subscription(
+    uow: UnitOfWork, account_id: str, region: str, api: str, state: int, now: datetime
+):
+    return await put_api_subscription(uow, t.api_subscriptions, account_id, region, api, state, now)
+
+
+async def list_subscriptions(
+    uow: UnitOfWork, account_id: str, regions: Iterable[str], after: list | None, limit: int
+):
+    s = t.api_subscriptions.c
+    query = (
+        select(t.api_subscriptions)
+        .where(s.account_id == account_id, s.region.in_(sorted(set(regions))))
+        .order_by(s.region, s.api)
+        .limit(limit)
+    )
+    if after:
+        region, api = after
+        query = query.where(or_(s.region > region, and_(s.region == region, s.api > api)))
+    return (await uow.session.execute(query)).all()
+
+
+async def get_standing(uow: UnitOfWork, account_id: str) -> int | None:
+    return (
+        await uow.session.execute(
+            select(t.account_standings.c.standing).where(
+                t.account_standings.c.account_id == account_id
+            )
+        )
+    ).scalar()
+
+
+async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | None:
+    """(billing sequence, billing event id) of the standing change the account's row holds."""
+    c = t.account_standings.c
+    row = (
+        await uow.session.execute(
+            select(c.billing_sequence, c.billing_event_id).where(c.account_id == account_id)
+        )
+    ).first()
+    return (row.billing_sequence, row.billing_event_id) if row is not None else None
+
+
+async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, new: bool) -> None:
+    """Write `change` into the account's row (a `new` row, or over the one it has)."""
+    values = {
+        "standing": int(change.standing),
+        "update_time_us": to_epoch_us(now),
+        "change_time_us": to_epoch_us(change.change_time) if change.change_time is not None else 0,
+        "billing_sequence": change.sequence,
+        "billing_event_id": change.event_id,
+    }
+    if new:
+        # Only the consumer holding the stream's lease writes here; should a second writer
+        # ever insert first, the primary key fails and the whole transaction is retried.
+        await uow.session.execute(
+            insert(t.account_standings).values(account_id=change.account_id, **values)
+        )
+    else:
+        c = t.account_standings.c
+        await uow.session.execute(
+            update(t.account_standings).where(c.account_id == change.account_id).values(**values)
+        )
