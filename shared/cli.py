@@ -7,7 +7,7 @@ allot migrate SERVICE
 allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
                    # (TLS: ALLOT_<SERVICE>_TLS_CERT_FILE/_KEY_FILE per service, or the shared
                    # ALLOT_TLS_CERT_FILE/_KEY_FILE, with ALLOT_TLS_CA_FILE; `make run-mtls`)
-allot settings     # every ALLOT_* setting with its default and meaning
+allot settings     # every ALLOT_* setting: effective value, source (env/default), meaning
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import sys
 from importlib import import_module
 
 from shared import certs, keys
-from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES, TokenSigner
+from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES
 from shared.settings import Settings, SettingsError, parse_duration
+from shared.tokens import TokenSigner, signer_for
 
 # The services of the suite: name -> module run with `python -m`.
 SERVICES = {
@@ -198,11 +199,10 @@ def cmd_run(args, _settings: Settings | None = None) -> int:
             stop()
             print(f"{name} did not start; see the log above", file=sys.stderr)
             return 1
-    secret = settings.optional_signing_secret()
+    signer = signer_for(settings)
     tokens = {}
-    if secret is not None:
-        signer = TokenSigner(secret, audience=settings.auth_audience)
-        ttl = min(30 * 86400, settings.auth_max_ttl_seconds)
+    if signer is not None:
+        ttl = min(30 * 86400, settings.auth_max_ttl)
         tokens = {
             "ADMIN_TOKEN": signer.mint(ADMIN, user="operator", ttl_seconds=ttl),
             "GATEWAY_TOKEN": signer.mint(GATEWAY, user="gateway", ttl_seconds=ttl),
@@ -244,8 +244,11 @@ def cmd_run(args, _settings: Settings | None = None) -> int:
 
 
 def cmd_settings(args, settings: Settings) -> int:
-    for env, default, description in Settings.describe():
-        print(f"{env:<34} {default or '(empty)':<28} {description}")
+    """Every setting's effective value, whether it came from the environment or is the default,
+    and its meaning; the token secret and passwords in URLs masked."""
+    print(f"{'VARIABLE':<36} {'VALUE':<28} {'SOURCE':<8} MEANING")
+    for env, value, source, description in settings.effective():
+        print(f"{env:<36} {value or '(empty)':<28} {source:<8} {description}")
     return 0
 
 
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="apply a service's database migrations")
     migrate.add_argument("service", choices=sorted(SERVICES))
     sub.add_parser("run", help="run the whole suite in the foreground")
-    sub.add_parser("settings", help="list the settings")
+    sub.add_parser("settings", help="list the effective settings (secrets masked)")
     args = parser.parse_args(argv)
     try:
         # `run` checks each child's settings itself; `certs` needs none.

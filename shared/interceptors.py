@@ -18,16 +18,10 @@ from collections import Counter
 import grpc
 
 from shared import logs, status
-from shared.auth import (
-    Policy,
-    Principal,
-    TokenVerifier,
-    authorize,
-    internal_principal,
-    set_principal,
-)
+from shared.auth import Policy, Principal, authorize, internal_principal, set_principal
 from shared.errors import PermissionDenied, ResourceExhausted, Unavailable
 from shared.tls import peer_service
+from shared.tokens import TokenVerifier
 from shared.validation import check_strings
 
 log = logging.getLogger("allot.rpc")

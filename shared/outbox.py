@@ -37,10 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import (
@@ -60,6 +59,7 @@ from sqlalchemy import (
 
 from shared.db import Database, UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.fanout import PAGE, SUBSCRIBER_QUEUE, LiveFanOut
 from shared.ids import new_id
 from shared.timeutil import to_epoch_us, to_timestamp
 
@@ -68,12 +68,6 @@ E = TypeVar("E", bound=Message)
 log = logging.getLogger("allot.outbox")
 
 COUNTER_ID = 1
-PAGE = 500
-# How often the live reader looks for events committed by other processes.
-POLL_SECONDS = 0.5
-# Events queued for one stream at the head before it is left to read on its own (its caller
-# does not keep up).
-SUBSCRIBER_QUEUE = 1000
 # How often a waiting stream looks at `stopped` on its own. A cancelled call cancels its
 # handler and `close()` wakes every stream, so this is only a safety net; it is long because
 # each look is a timer per stream (200 idle streams at 0.5 s cost ~15 % of a core).
@@ -131,18 +125,8 @@ class Outbox(Generic[E]):
             f.name for f in envelope.DESCRIPTOR.oneofs_by_name["payload"].fields
         )
         self._staged: dict[int, list[dict]] = {}
-        # The highest last sequence anyone here has seen committed. Invariant: it never grows
-        # without `_wakeup` being set, so the reader never sleeps past a known commit.
-        self._head = 0
-        self._wakeup = asyncio.Event()
-        # The one live reader and the streams at the head it serves. `_live` is how far the
-        # reader has read: every event up to it went to the subscribers of the time.
-        self._subscribers: set[_Subscriber] = set()
-        self._reader: asyncio.Task | None = None
-        self._live = 0
-        # Events committed here and not yet handed out, by sequence (the reader's shortcut).
-        self._local: dict[int, _Row] = {}
-        self._closed = False
+        # The one live reader of this outbox in this process and the streams at the head.
+        self.fanout = LiveFanOut(self._read_live_page, self.last_sequence, queue_limit)
 
     def add(
         self,
@@ -165,7 +149,7 @@ class Outbox(Generic[E]):
         if not staged:
             numbered: list[dict] = []
             uow.before_commit(lambda u: self._flush(u, numbered))
-            uow.after_commit(lambda: self._committed_here(numbered))
+            uow.after_commit(lambda: self.fanout.committed(numbered))
             uow.on_close(lambda: self._staged.pop(id(uow), None))
         staged.append(
             {
@@ -200,13 +184,7 @@ class Outbox(Generic[E]):
 
     def close(self) -> None:
         """End every live stream (shutdown): consumers reconnect to another replica."""
-        self._closed = True
-        for subscriber in self._subscribers:
-            subscriber.ready.set()
-        self._wakeup.set()
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
+        self.fanout.close()
 
     async def last_sequence(self) -> int:
         return await self.db.read(self._last_sequence)
@@ -214,34 +192,6 @@ class Outbox(Generic[E]):
     async def _last_sequence(self, uow: UnitOfWork) -> int:
         query = select(self.counter.c.last_sequence).where(self.counter.c.id == COUNTER_ID)
         return int((await uow.session.execute(query)).scalar_one())
-
-    def _committed_here(self, rows: list[dict]) -> None:
-        """A transaction here committed `rows`: while the reader runs, it gets them as they are
-        rather than reading them back (it still reads whatever lies between)."""
-        if not rows:
-            return
-        if self._reader is not None:
-            for row in rows:
-                if row["sequence"] <= self._live:
-                    continue  # the reader read it already
-                self._local[row["sequence"]] = _Row(
-                    row["sequence"],
-                    row["envelope"],
-                    row["event_type"],
-                    row["account_id"],
-                    row["region"],
-                )
-        self._wake(rows[-1]["sequence"])
-
-    def _wake(self, head: int = 0) -> None:
-        """`head` is committed (a commit here, or the reader's poll saw it): the reader reads."""
-        self._head = max(self._head, head)
-        self._wakeup.set()
-
-    def _advance(self, head: int) -> None:
-        """`head` is committed: wake the reader if nobody here knew it yet."""
-        if head > self._head:
-            self._wake(head)
 
     def _query(
         self,
@@ -342,7 +292,7 @@ class Outbox(Generic[E]):
                 last_sequence=last,
             )
         cursor = after_sequence
-        while not stopped() and not self._closed:
+        while not stopped() and not self.fanout.closed:
             head, batch = await self._read_page(
                 self._query(cursor, types, account_id, regions, PAGE)
             )
@@ -354,10 +304,10 @@ class Outbox(Generic[E]):
             # Everything up to `head` was visible to this page: nothing filtered out up to
             # there needs reading again.
             cursor = max(cursor, head)
-            self._advance(head)
+            self.fanout.advance(head)
             # At the head: hand over to the reader. No await between its check and the
             # subscription; when the reader is already past `cursor`, read that part first.
-            subscriber = self._subscribe(cursor, types, account_id, regions)
+            subscriber = self.fanout.subscribe(cursor, types, account_id, regions)
             if subscriber is None:
                 continue
             try:
@@ -370,182 +320,25 @@ class Outbox(Generic[E]):
                         continue
                     if subscriber.error is not None:
                         raise subscriber.error
-                    if subscriber.overflowed or stopped() or self._closed:
+                    if subscriber.overflowed or stopped() or self.fanout.closed:
                         break
                     subscriber.ready.clear()
                     # Waking up to look at `stopped` costs no query.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(subscriber.ready.wait(), STOPPED_CHECK_SECONDS)
             finally:
-                self._unsubscribe(subscriber)
+                self.fanout.unsubscribe(subscriber)
             # Overflowed (this stream's caller is slow): every event up to its cursor was
             # queued and yielded; read on from there and subscribe again at the head.
             cursor = subscriber.cursor
 
-    def _subscribe(
-        self,
-        cursor: int,
-        types: list[str],
-        account_id: str | None,
-        regions: list[str] | None,
-    ) -> _Subscriber | None:
-        """Subscribe a stream that has every event up to `cursor`; None when the reader has
-        already handed out events past it (the stream reads those itself, then tries again).
-        Synchronous: nothing runs between the check and the subscription."""
-        if self._reader is None:
-            # Nobody is served: the new reader starts where this stream is.
-            self._live = cursor
-            self._reader = asyncio.get_running_loop().create_task(self._read_live())
-        elif self._live > cursor:
-            return None
-        subscriber = _Subscriber(
-            cursor,
-            frozenset(types),
-            account_id,
-            None if regions is None else frozenset(regions),
-        )
-        self._subscribers.add(subscriber)
-        return subscriber
-
-    def _unsubscribe(self, subscriber: _Subscriber) -> None:
-        self._subscribers.discard(subscriber)
-        if not self._subscribers:
-            self._wakeup.set()  # the reader ends now rather than at its next poll
-
-    async def _read_live(self) -> None:
-        """The one live reader of this outbox in this process, while streams subscribe: woken by
-        a commit here, it reads the new events once and hands each subscriber those it asked
-        for; every POLL_SECONDS it looks at the last sequence (one indexed row) for commits of
-        other processes."""
-        try:
-            while self._subscribers and not self._closed:
-                if self._head <= self._live:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
-                        continue
-                    except TimeoutError:
-                        pass
-                    if not self._subscribers or self._closed:
-                        break
-                    try:
-                        self._advance(await self.last_sequence())
-                    except Exception as exc:  # nothing is known to be missing: keep looking
-                        log.warning("outbox reader cannot read the last sequence: %s", exc)
-                    continue
-                local = self._take_local()
-                if local:
-                    self._hand_out(local[-1].sequence, local)
-                    continue
-                try:
-                    head, rows = await self._read_live_page()
-                except Exception as exc:
-                    # The streams end with the error (the database is away: UNAVAILABLE), as
-                    # their own reads would; consumers reconnect and resume from their cursor.
-                    log.warning("outbox reader cannot read new events: %s", exc)
-                    self._fail(exc)
-                    break
-                live = rows[-1].sequence if rows else self._live
-                if len(rows) < PAGE:
-                    live = max(live, head)  # the page saw everything up to `head`
-                self._advance(head)
-                self._hand_out(live, rows)
-                for sequence in [s for s in self._local if s <= live]:
-                    del self._local[sequence]
-        finally:
-            if self._reader is asyncio.current_task():
-                self._reader = None  # no await since the last check: a new stream starts one
-                self._local.clear()
-
-    def _take_local(self) -> list[_Row]:
-        """The events committed here that directly follow the reader's position."""
-        rows: list[_Row] = []
-        while (row := self._local.pop(self._live + 1 + len(rows), None)) is not None:
-            rows.append(row)
-        return rows
-
-    async def _read_live_page(self) -> tuple[int, list]:
-        """The next page after the reader's position, unfiltered, with what the filters need."""
+    async def _read_live_page(self, after: int) -> tuple[int, list]:
+        """The next page after `after`, unfiltered, with what the filters need."""
         c = self.events.c
         query = (
             select(c.sequence, c.envelope, c.event_type, c.account_id, c.region)
-            .where(c.sequence > self._live)
+            .where(c.sequence > after)
             .order_by(c.sequence)
             .limit(PAGE)
         )
         return await self._read_rows(query)
-
-    def _hand_out(self, live: int, rows) -> None:
-        """Hand each subscriber its events of `rows`; every event up to `live` is in them."""
-        for subscriber in list(self._subscribers):
-            matching = [
-                (row.sequence, row.envelope)
-                for row in rows
-                if row.sequence > subscriber.cursor and subscriber.wants(row)
-            ]
-            if len(subscriber.events) + len(matching) > self.queue_limit:
-                # A slow caller: it reads on its own from its cursor once its queue is drained.
-                subscriber.overflowed = True
-                self._subscribers.discard(subscriber)
-            else:
-                subscriber.events.extend(matching)
-                subscriber.cursor = max(subscriber.cursor, live)
-            if matching or subscriber.overflowed:
-                subscriber.ready.set()
-        self._live = live
-
-    def _fail(self, exc: Exception) -> None:
-        for subscriber in self._subscribers:
-            subscriber.error = exc
-            subscriber.ready.set()
-        self._subscribers.clear()
-
-
-class _Row(NamedTuple):
-    """An event as the reader hands it out (a row of `_read_live_page` or committed here)."""
-
-    sequence: int
-    envelope: bytes
-    event_type: str
-    account_id: str
-    region: str
-
-
-class _Subscriber:
-    """A stream at the head: its filter (the same as `Outbox._query`'s), its cursor (every event
-    it asked for up to there is queued or yielded) and its bounded queue."""
-
-    __slots__ = (
-        "cursor",
-        "types",
-        "account_id",
-        "regions",
-        "events",
-        "ready",
-        "overflowed",
-        "error",
-    )
-
-    def __init__(
-        self,
-        cursor: int,
-        types: frozenset[str],
-        account_id: str | None,
-        regions: frozenset[str] | None,
-    ) -> None:
-        self.cursor = cursor
-        self.types = types
-        self.account_id = account_id
-        self.regions = regions
-        self.events: deque[tuple[int, bytes]] = deque()
-        self.ready = asyncio.Event()
-        self.overflowed = False
-        self.error: Exception | None = None
-
-    def wants(self, row) -> bool:
-        return (
-            (not self.types or row.event_type in self.types)
-            and (self.account_id is None or row.account_id == self.account_id)
-            # Events that are about no region (an account's standing) stay visible.
-            and (self.regions is None or row.region == "" or row.region in self.regions)
-        )

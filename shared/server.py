@@ -16,6 +16,7 @@ import logging
 import os
 import pathlib
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,10 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs, migrations
-from shared.auth import ADMIN, Policy, TokenSigner, policy, signer_for, verifier_for
+from shared.auth import ADMIN, Policy, policy
 from shared.catalog import Catalog, load_catalog
+from shared.channels import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
-from shared.consumer import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
 from shared.db import Database
 from shared.errors import FailedPrecondition
 from shared.interceptors import CallInterceptor
@@ -37,6 +38,7 @@ from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
 from shared.timeutil import from_duration, from_timestamp, to_timestamp
 from shared.tls import Channels, TlsFiles, server_credentials
+from shared.tokens import TokenSigner, signer_for, verifier_for
 
 log = logging.getLogger("allot.server")
 
@@ -84,7 +86,7 @@ class Service(Protocol):
 
 
 def build_runtime(settings: Settings, service_name: str) -> Runtime:
-    start = settings.manual_clock_start
+    start = settings.clock_start
     try:
         signer = signer_for(settings)
     except ValueError as exc:  # a secret too short to sign with: the service does not start
@@ -93,7 +95,7 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
     return Runtime(
         settings=settings,
         clock=clock,
-        scheduler=Scheduler(clock, interval=float(settings.due_work_interval)),
+        scheduler=Scheduler(clock, interval=settings.due_work_interval),
         db=Database(settings.database_url(service_name), settings.database_bounds),
         catalog=load_catalog(settings.catalog),
         channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
@@ -166,13 +168,13 @@ class Server:
             policies,
             verifier,
             self._ready,
-            int(settings.max_streams_per_caller),
+            settings.max_streams_per_caller,
             database_lost=self._database_lost,
         )
         server = grpc.aio.server(
             interceptors=[interceptor],
             # Calls past this many at once are refused with RESOURCE_EXHAUSTED by gRPC itself.
-            maximum_concurrent_rpcs=int(settings.max_concurrent_rpcs),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 0),
                 # Bounded requests (docs/security.md): the largest legitimate one is a batch of
@@ -180,7 +182,7 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 # Let callers ping idle connections every few seconds (every 5 s: KEEPALIVE_SECONDS
-                # in shared/consumer.py), so a dead peer is noticed quickly rather than after the
+                # in shared/channels.py), so a dead peer is noticed quickly rather than after the
                 # 5-minute default. The margin below 5 s keeps a ping that arrives a little early
                 # from counting as abuse (a GOAWAY after three).
                 ("grpc.http2.min_ping_interval_without_data_ms", 2000),
@@ -272,7 +274,7 @@ class Server:
         answer, SERVING again at the first answer. The process keeps
         running either way: a lost database is a reason to route elsewhere, not to restart."""
         loop = asyncio.get_running_loop()
-        grace = float(self.runtime.settings.health_database_grace)
+        grace = self.runtime.settings.health_database_grace
         last_answer = loop.time()
         ping: asyncio.Task | None = None
         while not self._stopping.is_set():
@@ -337,7 +339,7 @@ class Server:
         self._stopping.set()  # also ends the database check
         await self.health.enter_graceful_shutdown()
         self.service.quiesce()
-        grace = float(self.runtime.settings.shutdown_grace)
+        grace = self.runtime.settings.shutdown_grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + SHUTDOWN_MARGIN
         await _bounded("the gRPC server", server.stop(grace), grace + SHUTDOWN_STEP_MIN)
@@ -382,7 +384,10 @@ def run_service(
     # Whatever the process creates is its own (docs/security.md, "Secrets at rest"): SQLite
     # files and their journals, the outbox folders, anything a library writes.
     os.umask(0o077)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:  # a refused setting stops the process with its message only
+        sys.exit(f"{service_name}: {exc}")
     logs.configure(service_name, settings.log_level)
 
     async def main() -> None:
@@ -401,7 +406,10 @@ def run_service(
             on_ready(server)
         await server.wait()
 
-    _run(main())
+    try:
+        _run(main())
+    except SettingsError as exc:  # found while building the service: still no traceback
+        sys.exit(f"{service_name}: {exc}")
 
 
 def _run(main) -> None:

@@ -1,14 +1,41 @@
-"""Typed settings read from `ALLOT_*` environment variables, each with a default and a meaning."""
+"""Typed settings read from `ALLOT_*` environment variables, each with a default and a meaning.
+
+Every value is parsed and checked once, when `Settings` is built (pydantic-settings): a value the
+suite cannot run with stops the process at start with `ALLOT_X: expected …, got …`, and code
+reads typed values (`settings.delivery_max_attempts` is an int, durations are whole seconds).
+`allot settings` lists the effective values, with the token secret and URL passwords masked.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
-import re
-from dataclasses import dataclass, field
-from datetime import datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.setting_values import (
+    Address,
+    ClientAuth,
+    ClockKind,
+    DeductionPolicy,
+    Endpoints,
+    Instant,
+    LogLevel,
+    Positive,
+    Regions,
+    Seconds,
+    Switch,
+    TimeZoneName,
+    WholeNumber,
+    duration,
+    shown,
+    whole_number,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CATALOG = REPO_ROOT / "deploy" / "catalog.yaml"
@@ -20,14 +47,27 @@ class SettingsError(ValueError):
 
 def parse_duration(text: str, name: str) -> int:
     """`90s`, `30m`, `24h`, `30d` as seconds."""
-    match = re.fullmatch(r"([0-9]{1,9})([smhd])", text.strip())
-    if not match or int(match[1]) == 0:
-        raise SettingsError(f"{name} is a number and a unit (90s, 30m, 24h, 30d), got {text!r}")
-    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    try:
+        return duration(text)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}, got {text!r}") from None
 
 
-def _setting(env: str, default: str, description: str):
-    return field(default=default, metadata={"env": env, "description": description})
+# Settings whose values `allot settings` does not print whole.
+SECRETS = frozenset({"auth_secret"})
+URLS_WITH_PASSWORDS = frozenset(
+    {
+        "quota_database_url",
+        "billing_database_url",
+        "notification_database_url",
+        "smtp_url",
+        "sms_gateway_url",
+    }
+)
+
+
+def _setting(env: str, default: Any, description: str) -> Any:
+    return Field(default, validation_alias=env, description=description)
 
 
 @dataclass(frozen=True)
@@ -42,9 +82,19 @@ class DatabaseBounds:
     migration_timeout: float = 600.0
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of the suite. Values are the raw strings; properties parse them."""
+class Settings(BaseSettings):
+    """Every setting of the suite, parsed and checked when built. Build it with `from_env()`
+    (the process environment, or a mapping in tests); keyword arguments use the field names."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        case_sensitive=True,
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+        validate_default=True,
+        enable_decoding=False,  # lists and maps are comma lists, not JSON
+    )
 
     data_dir: str = _setting("ALLOT_DATA_DIR", "./var", "local SQLite files, dev secret, logs")
     quota_database_url: str = _setting(
@@ -56,24 +106,26 @@ class Settings:
     notification_database_url: str = _setting(
         "ALLOT_NOTIFICATION_DATABASE_URL", "", "notification's URL (default: SQLite in data dir)"
     )
-    quota_addr: str = _setting("ALLOT_QUOTA_ADDR", "127.0.0.1:50051", "quota listen address")
-    billing_addr: str = _setting("ALLOT_BILLING_ADDR", "127.0.0.1:50052", "billing address")
-    notification_addr: str = _setting(
+    quota_addr: Address = _setting("ALLOT_QUOTA_ADDR", "127.0.0.1:50051", "quota listen address")
+    billing_addr: Address = _setting("ALLOT_BILLING_ADDR", "127.0.0.1:50052", "billing address")
+    notification_addr: Address = _setting(
         "ALLOT_NOTIFICATION_ADDR", "127.0.0.1:50053", "notification listen address"
     )
-    quota_regions: str = _setting(
+    quota_regions: Regions = _setting(
         "ALLOT_QUOTA_REGIONS", "", "regions this quota process serves (comma list; empty = all)"
     )
-    quota_endpoints: str = _setting(
+    quota_endpoints: Endpoints = _setting(
         "ALLOT_QUOTA_ENDPOINTS", "", "region=host:port,... (empty: every region -> quota addr)"
     )
     catalog: str = _setting("ALLOT_CATALOG", str(DEFAULT_CATALOG), "catalog file (YAML)")
-    timezone: str = _setting("ALLOT_TIMEZONE", "Asia/Shanghai", "billing time zone")
-    deduction_policy: str = _setting(
+    timezone: TimeZoneName = _setting("ALLOT_TIMEZONE", "Asia/Shanghai", "billing time zone")
+    deduction_policy: DeductionPolicy = _setting(
         "ALLOT_DEDUCTION_POLICY", "standard", "`standard` or `expiring_first`"
     )
-    clock: str = _setting("ALLOT_CLOCK", "system", "`system` or `manual` (serves ClockService)")
-    clock_start: str = _setting(
+    clock: ClockKind = _setting(
+        "ALLOT_CLOCK", "system", "`system` or `manual` (serves ClockService)"
+    )
+    clock_start: Instant = _setting(
         "ALLOT_CLOCK_START", "", "start instant of the manual clock (RFC 3339; empty = now)"
     )
     auth_secret: str = _setting(
@@ -88,8 +140,8 @@ class Settings:
     auth_audience: str = _setting(
         "ALLOT_AUTH_AUDIENCE", "", "required `aud` of tokens (empty: not checked)"
     )
-    auth_max_ttl: str = _setting(
-        "ALLOT_AUTH_MAX_TTL", "30d", "tokens whose `exp` lies further out are refused"
+    auth_max_ttl: Seconds = _setting(
+        "ALLOT_AUTH_MAX_TTL", "30d", "tokens whose `exp` lies further out are refused (seconds)"
     )
     tls_cert_file: str = _setting(
         "ALLOT_TLS_CERT_FILE", "", "server certificate (PEM); set = serve TLS and present it"
@@ -98,177 +150,163 @@ class Settings:
     tls_ca_file: str = _setting(
         "ALLOT_TLS_CA_FILE", "", "CA that verifies the other services (and clients, with mTLS)"
     )
-    tls_client_auth: str = _setting(
+    tls_client_auth: ClientAuth = _setting(
         "ALLOT_TLS_CLIENT_AUTH", "none", "`none` or `require` (clients need a CA certificate)"
     )
-    health_addr: str = _setting(
+    health_addr: Address = _setting(
         "ALLOT_HEALTH_ADDR",
         "",
         "extra plaintext port serving only gRPC health, for kubelet probes under TLS (empty: none)",
     )
-    max_streams_per_caller: str = _setting(
-        "ALLOT_MAX_STREAMS_PER_CALLER", "16", "concurrent streaming calls per principal"
+    max_streams_per_caller: WholeNumber = _setting(
+        "ALLOT_MAX_STREAMS_PER_CALLER", 16, "concurrent streaming calls per principal"
     )
-    max_concurrent_rpcs: str = _setting(
-        "ALLOT_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more are refused"
+    max_concurrent_rpcs: WholeNumber = _setting(
+        "ALLOT_MAX_CONCURRENT_RPCS", 1000, "calls a server runs at once; more are refused"
     )
     smtp_url: str = _setting("ALLOT_SMTP_URL", "", "email transport (unset: outbox folder)")
     smtp_from: str = _setting("ALLOT_SMTP_FROM", "allot@localhost", "sender address")
     sms_gateway_url: str = _setting("ALLOT_SMS_GATEWAY_URL", "", "HTTP SMS gateway endpoint")
-    webhook_allow_private: str = _setting(
+    webhook_allow_private: Switch = _setting(
         "ALLOT_WEBHOOK_ALLOW_PRIVATE",
-        "false",
+        False,
         "`true`: webhooks may go to loopback/private/link-local addresses (development, tests)",
     )
-    delivery_max_attempts: str = _setting(
-        "ALLOT_DELIVERY_MAX_ATTEMPTS", "8", "delivery attempts before FAILED"
+    delivery_max_attempts: WholeNumber = _setting(
+        "ALLOT_DELIVERY_MAX_ATTEMPTS", 8, "delivery attempts before FAILED"
     )
-    delivery_claim: str = _setting(
+    delivery_claim: WholeNumber = _setting(
         "ALLOT_DELIVERY_CLAIM_SECONDS",
-        "120",
+        120,
         "wall-clock seconds a delivery being sent stays claimed (a crashed send is retried then)",
     )
-    delivery_probe: str = _setting(
+    delivery_probe: WholeNumber = _setting(
         "ALLOT_DELIVERY_PROBE_SECONDS",
-        "30",
+        30,
         "wall-clock seconds between probes of a channel whose deliveries are held back by "
         "failures (0: no probe)",
     )
-    delivery_backoff: str = _setting(
-        "ALLOT_DELIVERY_BACKOFF_SECONDS", "60", "delay before the first delivery retry"
+    delivery_backoff: WholeNumber = _setting(
+        "ALLOT_DELIVERY_BACKOFF_SECONDS", 60, "delay before the first delivery retry"
     )
-    delivery_backoff_factor: str = _setting(
-        "ALLOT_DELIVERY_BACKOFF_FACTOR", "3", "each retry waits this many times longer"
+    delivery_backoff_factor: WholeNumber = _setting(
+        "ALLOT_DELIVERY_BACKOFF_FACTOR", 3, "each retry waits this many times longer"
     )
-    consumer_lease_seconds: str = _setting(
-        "ALLOT_CONSUMER_LEASE_SECONDS", "15", "how long a stream consumer's lease lasts"
+    consumer_lease_seconds: WholeNumber = _setting(
+        "ALLOT_CONSUMER_LEASE_SECONDS", 15, "how long a stream consumer's lease lasts"
     )
-    expiring_notice_days: str = _setting(
-        "ALLOT_EXPIRING_NOTICE_DAYS", "7", "days before expiry that package_expiring is sent"
+    expiring_notice_days: WholeNumber = _setting(
+        "ALLOT_EXPIRING_NOTICE_DAYS", 7, "days before expiry that package_expiring is sent"
     )
-    log_level: str = _setting("ALLOT_LOG_LEVEL", "INFO", "logging level")
-    shutdown_grace: str = _setting(
-        "ALLOT_SHUTDOWN_GRACE_SECONDS", "10", "seconds in-flight calls get on SIGTERM"
+    log_level: LogLevel = _setting("ALLOT_LOG_LEVEL", "INFO", "logging level")
+    shutdown_grace: WholeNumber = _setting(
+        "ALLOT_SHUTDOWN_GRACE_SECONDS", 10, "seconds in-flight calls get on SIGTERM"
     )
-    due_work_interval: str = _setting(
-        "ALLOT_DUE_WORK_INTERVAL_SECONDS", "5", "system clock: how often due work is looked for"
+    due_work_interval: WholeNumber = _setting(
+        "ALLOT_DUE_WORK_INTERVAL_SECONDS", 5, "system clock: how often due work is looked for"
     )
-    health_database_grace: str = _setting(
+    health_database_grace: WholeNumber = _setting(
         "ALLOT_HEALTH_DATABASE_GRACE_SECONDS",
-        "10",
+        10,
         "seconds without the database before health says NOT_SERVING (docs/faults.md)",
     )
 
-    db_connect_timeout: str = _setting(
-        "ALLOT_DB_CONNECT_TIMEOUT_SECONDS", "5", "PostgreSQL: bound on opening a connection"
+    db_connect_timeout: Positive = _setting(
+        "ALLOT_DB_CONNECT_TIMEOUT_SECONDS", 5, "PostgreSQL: bound on opening a connection"
     )
-    db_command_timeout: str = _setting(
+    db_command_timeout: Positive = _setting(
         "ALLOT_DB_COMMAND_TIMEOUT_SECONDS",
-        "10",
+        10,
         "PostgreSQL: bound on one statement (server statement_timeout; the driver waits 1 s more)",
     )
-    db_pool_timeout: str = _setting(
-        "ALLOT_DB_POOL_TIMEOUT_SECONDS", "5", "PostgreSQL: bound on waiting for a pooled connection"
+    db_pool_timeout: Positive = _setting(
+        "ALLOT_DB_POOL_TIMEOUT_SECONDS", 5, "PostgreSQL: bound on waiting for a pooled connection"
     )
-    db_keepalive: str = _setting(
+    db_keepalive: Positive = _setting(
         "ALLOT_DB_KEEPALIVE_SECONDS",
-        "10",
+        10,
         "PostgreSQL: idle seconds before TCP keepalive probes (3 probes, a third of this apart)",
     )
-    db_retry_attempts: str = _setting(
+    db_retry_attempts: Positive = _setting(
         "ALLOT_DB_RETRY_ATTEMPTS",
-        "3",
+        3,
         "attempts of a transaction whose connection dropped, before UNAVAILABLE",
     )
-    db_migration_timeout: str = _setting(
-        "ALLOT_DB_MIGRATION_TIMEOUT_SECONDS", "600", "PostgreSQL: bound on one migration statement"
+    db_migration_timeout: Positive = _setting(
+        "ALLOT_DB_MIGRATION_TIMEOUT_SECONDS", 600, "PostgreSQL: bound on one migration statement"
     )
 
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: str) -> Settings:
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.metadata["env"] in environ:
-                values[f.name] = environ[f.metadata["env"]]
-        values.update(overrides)
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    @classmethod
-    def describe(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, meaning) for every setting, for docs and `allot settings`."""
-        return [
-            (f.metadata["env"], f.default, f.metadata["description"])
-            for f in dataclasses.fields(cls)
-        ]
-
-    def validate(self) -> None:
-        self.tz  # noqa: B018 - parse now so a bad value stops the service at start
-        if self.deduction_policy not in ("standard", "expiring_first"):
-            raise SettingsError("ALLOT_DEDUCTION_POLICY must be `standard` or `expiring_first`")
-        if self.clock not in ("system", "manual"):
-            raise SettingsError("ALLOT_CLOCK must be `system` or `manual`")
-        self.manual_clock_start  # noqa: B018
-        self.private_webhooks_allowed  # noqa: B018
-        self.auth_max_ttl_seconds  # noqa: B018
-        self.database_bounds  # noqa: B018
-        if self.tls_client_auth not in ("none", "require"):
-            raise SettingsError("ALLOT_TLS_CLIENT_AUTH must be `none` or `require`")
+    @model_validator(mode="after")
+    def _tls_goes_together(self) -> Settings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise SettingsError("ALLOT_TLS_CERT_FILE and ALLOT_TLS_KEY_FILE go together")
+            raise ValueError("ALLOT_TLS_CERT_FILE and ALLOT_TLS_KEY_FILE go together")
         if self.tls_client_auth == "require" and not (self.tls_cert_file and self.tls_ca_file):
-            raise SettingsError(
+            raise ValueError(
                 "ALLOT_TLS_CLIENT_AUTH=require needs ALLOT_TLS_CERT_FILE, _KEY_FILE and _CA_FILE"
             )
-        for name in (
-            "delivery_max_attempts",
-            "shutdown_grace",
-            "due_work_interval",
-            "health_database_grace",
-            "expiring_notice_days",
-            "delivery_backoff",
-            "delivery_claim",
-            "delivery_probe",
-            "delivery_backoff_factor",
-            "consumer_lease_seconds",
-            "max_streams_per_caller",
-            "max_concurrent_rpcs",
-        ):
-            value = getattr(self, name)
-            if not (value.isascii() and value.isdigit()):
-                env = self.__dataclass_fields__[name].metadata["env"]
-                raise SettingsError(f"{env} must be a whole number, got {value!r}")
+        return self
 
-    @property
-    def database_bounds(self) -> DatabaseBounds:
-        values = {}
-        for name in (
-            "connect_timeout",
-            "command_timeout",
-            "pool_timeout",
-            "keepalive",
-            "retry_attempts",
-            "migration_timeout",
-        ):
-            raw = getattr(self, f"db_{name}")
-            if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-                env = self.__dataclass_fields__[f"db_{name}"].metadata["env"]
-                raise SettingsError(f"{env} must be a whole number of at least 1, got {raw!r}")
-            values[name] = int(raw)
-        return DatabaseBounds(**values)
+    # --- building ---------------------------------------------------------------------------
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """field name -> its environment variable."""
+        return {name: info.validation_alias for name, info in cls.model_fields.items()}
 
     @classmethod
-    def database_bounds_from_env(cls, environ: dict[str, str] | None = None) -> DatabaseBounds:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """The settings of `environ` (default: the process environment) with `overrides` (field
+        names) on top; SettingsError names the first variable whose value is refused."""
+        envs = cls.env_names()
+        unknown = sorted(set(overrides) - set(envs))
+        if unknown:
+            raise SettingsError(f"no such setting: {', '.join(unknown)}")
+        given = {envs[name]: value for name, value in overrides.items()}
+        try:
+            if environ is None:
+                return cls(**given)  # pydantic-settings reads os.environ beneath them
+            values = {env: environ[env] for env in envs.values() if env in environ}
+            return cls.model_validate({**values, **given})
+        except ValidationError as exc:
+            raise _settings_error(exc) from None
+
+    @classmethod
+    def database_bounds_from_env(cls, environ: Mapping[str, str] | None = None) -> DatabaseBounds:
         """Only the database bounds, for code that opens a database outside a service."""
         environ = os.environ if environ is None else environ
-        values = {
-            f.name: environ[f.metadata["env"]]
-            for f in dataclasses.fields(cls)
-            if f.name.startswith("db_") and f.metadata["env"] in environ
-        }
-        return cls(**values).database_bounds
+        names = {name: env for name, env in cls.env_names().items() if name.startswith("db_")}
+        fields = {name: cls.model_fields[name] for name in names}
+        values = {}
+        for name, env in names.items():
+            raw = environ.get(env)
+            try:
+                values[name[3:]] = fields[name].default if raw is None else whole_number(1)(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{env}: {exc}, got {raw!r}") from None
+        return DatabaseBounds(**values)
+
+    # --- listing ----------------------------------------------------------------------------
+    def effective(self) -> list[tuple[str, str, str, str]]:
+        """(variable, value, source, meaning) of every setting, secrets masked: what
+        `allot settings` prints. Source is `env` for a value set explicitly, else `default`."""
+        rows = []
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            source = "env" if name in self.model_fields_set else "default"
+            value = shown(value, secret=name in SECRETS, url=name in URLS_WITH_PASSWORDS)
+            rows.append((info.validation_alias, value, source, info.description))
+        return rows
+
+    # --- derived values ---------------------------------------------------------------------
+    @property
+    def database_bounds(self) -> DatabaseBounds:
+        return DatabaseBounds(
+            connect_timeout=self.db_connect_timeout,
+            command_timeout=self.db_command_timeout,
+            pool_timeout=self.db_pool_timeout,
+            keepalive=self.db_keepalive,
+            retry_attempts=self.db_retry_attempts,
+            migration_timeout=self.db_migration_timeout,
+        )
 
     @property
     def data_path(self) -> pathlib.Path:
@@ -276,50 +314,11 @@ class Settings:
 
     @property
     def tz(self) -> ZoneInfo:
-        try:
-            return ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise SettingsError(f"ALLOT_TIMEZONE: unknown time zone {self.timezone!r}") from exc
-
-    @property
-    def manual_clock_start(self) -> datetime | None:
-        if not self.clock_start:
-            return None
-        try:
-            value = datetime.fromisoformat(self.clock_start.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise SettingsError(f"ALLOT_CLOCK_START is not RFC 3339: {self.clock_start!r}") from exc
-        if value.tzinfo is None:
-            raise SettingsError("ALLOT_CLOCK_START needs a UTC offset")
-        return value
-
-    @property
-    def private_webhooks_allowed(self) -> bool:
-        value = self.webhook_allow_private.strip().lower()
-        if value in ("true", "1", "yes", "on"):
-            return True
-        if value in ("false", "0", "no", "off", ""):
-            return False
-        raise SettingsError(
-            "ALLOT_WEBHOOK_ALLOW_PRIVATE must be `true` or `false`, "
-            f"got {self.webhook_allow_private!r}"
-        )
-
-    @property
-    def served_regions(self) -> tuple[str, ...]:
-        return tuple(r.strip() for r in self.quota_regions.split(",") if r.strip())
+        return ZoneInfo(self.timezone)
 
     def quota_endpoint_map(self, regions: list[str]) -> dict[str, str]:
         """region -> quota address; every region defaults to ALLOT_QUOTA_ADDR."""
-        endpoints = {region: self.quota_addr for region in regions}
-        for item in filter(None, (p.strip() for p in self.quota_endpoints.split(","))):
-            region, sep, addr = item.partition("=")
-            if not sep or not region or not addr:
-                raise SettingsError(
-                    f"ALLOT_QUOTA_ENDPOINTS: expected region=host:port, got {item!r}"
-                )
-            endpoints[region.strip()] = addr.strip()
-        return endpoints
+        return {**{region: self.quota_addr for region in regions}, **self.quota_endpoints}
 
     def quota_addresses(self, regions: list[str]) -> list[str]:
         """The distinct quota deployments: regions served by one endpoint share its stream."""
@@ -330,10 +329,6 @@ class Settings:
         if url:
             return url
         return f"sqlite+aiosqlite:///{(self.data_path / f'{service}.db').resolve()}"
-
-    @property
-    def auth_max_ttl_seconds(self) -> int:
-        return parse_duration(self.auth_max_ttl, "ALLOT_AUTH_MAX_TTL")
 
     @property
     def tls_enabled(self) -> bool:
@@ -364,3 +359,18 @@ class Settings:
         if not secret:
             raise SettingsError(f"token secret file {path} is empty")
         return secret
+
+
+def _settings_error(exc: ValidationError) -> SettingsError:
+    """`ALLOT_X: expected …, got …` for each refused value (the first few)."""
+    envs = Settings.env_names()
+    messages = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule over several settings names them itself
+            messages.append(message)
+            continue
+        field = str(error["loc"][0])
+        env = envs.get(field, field)
+        messages.append(f"{env}: {message}, got {error['input']!r}")
+    return SettingsError("; ".join(messages[:3]))

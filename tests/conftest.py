@@ -13,7 +13,8 @@ from tests.support.databases import (
     dialect_database,
     schema_for,
 )
-from tests.support.servers import Tokens, running_quota, test_settings
+from tests.support.quota import quota_settings, running_quota
+from tests.support.servers import Tokens
 
 # --- skips under CI=true: tests/support/ci_skips.py fails a CI session on unexpected skips ---
 pytest_plugins = ["tests.support.ci_skips"]
@@ -80,7 +81,7 @@ def tokens() -> Tokens:
 @pytest.fixture
 async def quota(database_url, tmp_path):
     """A quota server (manual clock at 2024-01-01T00:00:00Z) serving every catalog region."""
-    settings = test_settings(
+    settings = quota_settings(
         database_url, tmp_path, clock="manual", clock_start="2024-01-01T00:00:00Z"
     )
     async with running_quota(settings) as handle:

@@ -13,8 +13,9 @@ from services.billing.adapters import tables
 from services.billing.adapters.events import BillingEvents
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import fulfilment, renewals, standing, usage
+from services.billing.app import fulfilment, renewals, standing
 from services.billing.app.context import BillingContext
+from services.billing.pay_per_use import PayPerUse
 from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
@@ -81,7 +82,7 @@ class BillingService:
         )
 
         self._tasks: list[asyncio.Task] = []
-        self.pay_per_use: usage.PayPerUse | None = None
+        self.pay_per_use: PayPerUse | None = None
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -97,7 +98,9 @@ class BillingService:
         self._tasks.append(asyncio.create_task(self._fulfil_pending(), name="pending-orders"))
         # Pay-per-use: a consumer of each quota deployment's events and the hourly settlement
         # as due work; then the arrears clock, so one pass of due work sees a grace it started.
-        self.pay_per_use = usage.wire_usage(self)
+        if self.pay_per_use is None:
+            self.pay_per_use = PayPerUse(self.runtime, self.context)
+            self.pay_per_use.start()
         standing.wire_standing(self)
         # Auto-renewal after the arrears clock: an attempt sees the standing of its instant.
         self.runtime.scheduler.register(

@@ -28,14 +28,14 @@ from services.notification.app import deliveries, notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
-from shared.auth import OWNERS, READERS, Policy, internal_metadata, policy
+from shared.auth import OWNERS, READERS, Policy, policy
 from shared.clock import KickedWork
-from shared.consumer import StreamConsumer, watching
 from shared.db import UnitOfWork
 from shared.errors import Unavailable
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
+from shared.streams.subscriptions import Subscriptions
 
 log = logging.getLogger("allot.notification")
 
@@ -82,12 +82,12 @@ class NotificationService:
             outbox=self.outbox,
             events=NotificationEvents(self.outbox),
             retry=RetryPolicy(
-                max_attempts=int(settings.delivery_max_attempts),
-                first_delay=timedelta(seconds=int(settings.delivery_backoff)),
-                factor=int(settings.delivery_backoff_factor),
+                max_attempts=settings.delivery_max_attempts,
+                first_delay=timedelta(seconds=settings.delivery_backoff),
+                factor=settings.delivery_backoff_factor,
             ),
-            private_webhooks=settings.private_webhooks_allowed,
-            claim=timedelta(seconds=int(settings.delivery_claim)),
+            private_webhooks=settings.webhook_allow_private,
+            claim=timedelta(seconds=settings.delivery_claim),
         )
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(
@@ -96,7 +96,10 @@ class NotificationService:
             "delivery round",
         )
         self._tasks: list[asyncio.Task] = []
-        self._consumers: list[StreamConsumer] = []
+        # One notification per relevant event of quota's and billing's streams.
+        self.subscriptions = Subscriptions.of(
+            runtime, "notification", (tables.consumer_cursors, tables.consumer_leases)
+        )
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -118,15 +121,29 @@ class NotificationService:
         # Retries come due with the clock (AdvanceTime on the manual one).
         self.runtime.scheduler.register("notification.deliveries", self._deliveries.run)
         self._tasks.append(asyncio.create_task(self._deliveries.loop(), name="deliveries"))
-        probe = int(self.runtime.settings.delivery_probe)
+        probe = self.runtime.settings.delivery_probe
         if probe:
             self._tasks.append(asyncio.create_task(self._probe(probe), name="delivery-probe"))
         for addr in self.runtime.settings.quota_addresses(list(self.runtime.catalog.regions)):
-            self._consumers.append(self._quota_consumer(addr))
-        if self.runtime.settings.billing_addr.strip():
-            self._consumers.append(self._billing_consumer(self.runtime.settings.billing_addr))
-        for consumer in self._consumers:
-            self._tasks.append(asyncio.create_task(consumer.run(), name=consumer.stream))
+            self.subscriptions.subscribe(
+                f"quota@{addr}",
+                addr,
+                quota_service_pb2_grpc.QuotaServiceStub,
+                quota_service_pb2.WatchEventsRequest,
+                QUOTA_EVENT_TYPES,
+                self._taking(from_quota_event),
+            )
+        if self.runtime.settings.billing_addr:
+            # Billing is one global deployment: one stream, named so a new address keeps it.
+            self.subscriptions.subscribe(
+                "billing",
+                self.runtime.settings.billing_addr,
+                billing_service_pb2_grpc.BillingServiceStub,
+                billing_service_pb2.WatchEventsRequest,
+                BILLING_EVENT_TYPES,
+                self._taking(from_billing_event),
+            )
+        self.subscriptions.start()
 
     async def _probe(self, every: int) -> None:
         """Every `every` seconds of wall time, probe each channel whose deliveries wait for a
@@ -141,34 +158,7 @@ class NotificationService:
             except Exception:  # keep probing; the next round starts from the database
                 log.exception("delivery probe failed")
 
-    def _quota_consumer(self, addr: str) -> StreamConsumer:
-        return self._consumer(
-            f"quota@{addr}",
-            self._watch(addr, quota_service_pb2_grpc.QuotaServiceStub),
-            quota_service_pb2.WatchEventsRequest,
-            QUOTA_EVENT_TYPES,
-            from_quota_event,
-        )
-
-    def _billing_consumer(self, addr: str) -> StreamConsumer:
-        """Billing is one global deployment: one stream, named so a new address keeps it."""
-        return self._consumer(
-            "billing",
-            self._watch(addr, billing_service_pb2_grpc.BillingServiceStub),
-            billing_service_pb2.WatchEventsRequest,
-            BILLING_EVENT_TYPES,
-            from_billing_event,
-        )
-
-    def _watch(self, addr: str, stub_type):
-        channels = self.runtime.channels
-
-        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
-            return stub_type(channels.get(addr)).WatchEvents(request, metadata=metadata)
-
-        return watch
-
-    def _consumer(self, stream, watch, request_type, event_types, to_source) -> StreamConsumer:
+    def _taking(self, to_source):
         """One notification per relevant event of a stream, taken in the cursor's transaction."""
 
         async def apply(uow: UnitOfWork, event) -> None:
@@ -180,24 +170,14 @@ class NotificationService:
             )
             uow.after_commit(self.kick)
 
-        return watching(
-            stream,
-            self.runtime.db,
-            (tables.consumer_cursors, tables.consumer_leases),
-            watch,
-            request_type,
-            event_types,
-            internal_metadata(self.runtime.signer, "notification"),
-            apply,
-            lease_ttl=float(self.runtime.settings.consumer_lease_seconds),
-        )
+        return apply
 
     def quiesce(self) -> None:
         self.outbox.close()
-        for consumer in self._consumers:
-            consumer.stop()
+        self.subscriptions.quiesce()
 
     async def stop(self) -> None:
+        await self.subscriptions.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -3,7 +3,6 @@ and the consumer of billing's stream that keeps the standing projection (`app/st
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pathlib
 from datetime import timedelta
@@ -19,13 +18,14 @@ from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
-from shared.auth import ADMIN, GATEWAY, OWNERS, READERS, Policy, internal_metadata, policy
-from shared.consumer import StreamConsumer, watching
+from shared.auth import ADMIN, GATEWAY, OWNERS, READERS, Policy, policy
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.server import Runtime
 from shared.settings import SettingsError
+from shared.streams.consumer import StreamConsumer
+from shared.streams.subscriptions import Subscriptions
 
 log = logging.getLogger("allot.quota")
 
@@ -76,14 +76,10 @@ class QuotaService:
     # Billing is one global deployment with one event sequence: its stream has one name, so a
     # change of ALLOT_BILLING_ADDR (a new host name for the same billing) keeps the cursor.
     BILLING_STREAM = "billing"
-    # How long stop() waits for the consumer, asked to stop in quiesce(), to give up its lease
-    # (milliseconds on a healthy database), and for a cancelled one to end. Short: a consumer
-    # stuck on a busy database must not hold shutdown past its grace.
-    CONSUMER_STOP_SECONDS = 0.5
 
     def __init__(self, runtime: Runtime) -> None:
         catalog = runtime.catalog
-        served = runtime.settings.served_regions or tuple(catalog.regions)
+        served = runtime.settings.quota_regions or tuple(catalog.regions)
         unknown = [r for r in served if not catalog.has_region(r)]
         if unknown:
             raise SettingsError(f"ALLOT_QUOTA_REGIONS names regions not in the catalog: {unknown}")
@@ -98,12 +94,14 @@ class QuotaService:
             served_regions=tuple(served),
             policy=DeductionPolicy(runtime.settings.deduction_policy),
             events=QuotaEvents(self.outbox),
-            expiring_notice=timedelta(days=int(runtime.settings.expiring_notice_days)),
+            expiring_notice=timedelta(days=runtime.settings.expiring_notice_days),
             tz=runtime.settings.tz,
         )
         # Follows billing's account_standing_changed events (started by start()).
+        self.subscriptions = Subscriptions.of(
+            runtime, "quota", (tables.consumer_cursors, tables.consumer_leases)
+        )
         self.standings_consumer: StreamConsumer | None = None
-        self._consumer_task: asyncio.Task | None = None
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
@@ -120,65 +118,29 @@ class QuotaService:
         self.runtime.scheduler.register(
             "quota.packages", lambda now: announce_packages(self.context, now)
         )
-        addr = self.runtime.settings.billing_addr.strip()
+        addr = self.runtime.settings.billing_addr
         if not addr:
             log.info("ALLOT_BILLING_ADDR is empty: not following billing's account standings")
             return
-        self.standings_consumer = self._billing_consumer(addr)
-        # Never awaited here: while billing is not running the consumer retries with backoff
-        # in the background and quota serves on (absent standings are GOOD).
-        self._consumer_task = asyncio.create_task(
-            self.standings_consumer.run(), name=f"consume {self.BILLING_STREAM}"
-        )
-
-    def _billing_consumer(self, addr: str) -> StreamConsumer:
-        settings = self.runtime.settings
-        channels = self.runtime.channels
-
-        def watch(request, metadata):  # a fresh stub per connection: channels follow rotation
-            stub = billing_service_pb2_grpc.BillingServiceStub(channels.get(addr))
-            return stub.WatchEvents(request, metadata=metadata)
-
-        async def apply(uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
-            await standings.apply(self.context, uow, billing_events.standing_change(event))
-
-        return watching(
+        self.standings_consumer = self.subscriptions.subscribe(
             self.BILLING_STREAM,
-            self.runtime.db,
-            (tables.consumer_cursors, tables.consumer_leases),
-            watch,
+            addr,
+            billing_service_pb2_grpc.BillingServiceStub,
             billing_service_pb2.WatchEventsRequest,
             standings.EVENT_TYPES,
-            internal_metadata(self.runtime.signer, "quota"),
-            apply,
-            lease_ttl=float(settings.consumer_lease_seconds),
+            self._apply_standing,
         )
+        # Never awaited: while billing is not running the consumer retries with backoff in the
+        # background and quota serves on (absent standings are GOOD).
+        self.subscriptions.start()
+
+    async def _apply_standing(self, uow: UnitOfWork, event: billing_pb2.BillingEvent) -> None:
+        await standings.apply(self.context, uow, billing_events.standing_change(event))
 
     def quiesce(self) -> None:
         self.outbox.close()
-        if self.standings_consumer is not None:
-            self.standings_consumer.stop()
+        self.subscriptions.quiesce()
 
     async def stop(self) -> None:
-        task, self._consumer_task = self._consumer_task, None
-        if task is not None:
-            await self._end_consumer(task)
-        await self.servicer.close(grace=float(self.runtime.settings.shutdown_grace))
-        if task is not None:
-            await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
-
-    async def _end_consumer(self, task: asyncio.Task) -> None:
-        """The consumer was asked to stop in quiesce() and normally has already returned,
-        giving up its lease. If it has not, it is stuck on a database too busy to answer
-        (a write lock held elsewhere; every attempt waits out SQLite's busy timeout), and
-        giving up the lease would wait on that database again: abandon the lease (it
-        expires by itself) and cancel the consumer, so shutdown stays within its grace."""
-        done, _ = await asyncio.wait({task}, timeout=self.CONSUMER_STOP_SECONDS)
-        if done:
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("the billing consumer ended with %r", task.exception())
-            return
-        log.warning("the billing consumer is stuck on the database; abandoning its lease")
-        if self.standings_consumer is not None:
-            self.standings_consumer.abandon()
-        task.cancel()
+        await self.subscriptions.stop()  # bounded: a consumer stuck on the database is left
+        await self.servicer.close(grace=self.runtime.settings.shutdown_grace)

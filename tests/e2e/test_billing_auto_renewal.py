@@ -31,26 +31,18 @@ from allot.notification.v1 import notification_pb2
 from allot.testing.v1 import clock_service_pb2
 
 from services.notification.adapters.sources import BILLING_EVENT_TYPES
-from tests.support.billing_processes import (
-    SETTLE_TIMEOUT,
-    BillingCalls,
-    billing_process,
-    micros,
-    paired_env,
-    ts,
-)
-from tests.support.notification_processes import (
+from tests.support.billing import SETTLE_TIMEOUT, BillingCalls, billing_process, micros, paired_env
+from tests.support.calls import ts
+from tests.support.notification import (
     EMAIL,
     SENT,
     NotificationCalls,
     deliveries,
     notification_env,
     notification_process,
-    quota_calls,
     until,
 )
-from tests.support.processes import quota_process
-from tests.support.quota_calls import QuotaCalls
+from tests.support.quota import QuotaCalls, quota_calls, quota_process
 from tests.support.receivers import SmtpInbox, smtp_receiver
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -136,7 +128,7 @@ class Suite:
         return list(listing.orders)
 
     async def balance(self) -> int:
-        return micros((await self.billing.account(ACCOUNT)).balance)
+        return micros((await self.billing.get_account(ACCOUNT)).balance)
 
 
 def check_failure(event, package_id: str, next_attempt: str) -> None:

@@ -34,23 +34,22 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from shared.money import round_half_up_to_minor
-from tests.support.billing_processes import (
+from tests.support.billing import (
     BillingCalls,
     BillingProcess,
     billing_env,
     billing_process,
-    expect,
     micros,
     paired_env,
-    ts,
 )
+from tests.support.calls import expect_error, ts
 from tests.support.databases import (
     DirectReader,
-    dialect_database,
 )
 from tests.support.events import PAY_PER_USE_RECORDED, events
-from tests.support.notification_processes import quota_calls, until
-from tests.support.processes import grown_to, quota_env, quota_process
+from tests.support.notification import until
+from tests.support.processes import grown_to
+from tests.support.quota import quota_calls, quota_env, quota_process
 from tests.support.servers import Tokens, free_port
 from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
@@ -146,15 +145,9 @@ class BillingDatabase(DirectReader):
         return await grown_to(self.cursor, at_least, within, finished, STILL, "cursor")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def billing_url(request, tmp_path):
-    async with dialect_database(request.param, tmp_path / "billing.db") as url:
-        yield url
-
-
 @pytest.fixture
-async def db(billing_url):
-    database = BillingDatabase(billing_url)
+async def db(service_url):
+    database = BillingDatabase(service_url)
     try:
         yield database
     finally:
@@ -162,7 +155,7 @@ async def db(billing_url):
 
 
 async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
-    billing_url, db, seed, tmp_path
+    service_url, db, seed, tmp_path
 ):
     rng = random.Random(seed)
     billing_addr = f"127.0.0.1:{free_port()}"
@@ -177,7 +170,7 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
     )
     with quota_process(q_env, tmp_path / "quota.log") as quota:
         env = billing_env(
-            billing_url,
+            service_url,
             tmp_path,
             quota.addr,
             utc_text(BILLING_CLOCK),
@@ -234,7 +227,7 @@ async def test_killed_and_restarted_billing_rates_every_event_exactly_once(
                 b = BillingCalls(channel)
                 await b.set_time(END)  # every cycle has ended: all settle before this returns
                 bills = {a: await b.get_bill(a, "2024-05") for a in ACCOUNTS}
-                balances = {a: micros((await b.account(a)).balance) for a in ACCOUNTS}
+                balances = {a: micros((await b.get_account(a)).balance) for a in ACCOUNTS}
         finally:
             for process in processes:
                 process.kill()
@@ -294,7 +287,7 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                 await billing.set_time(local("2024-05-01 11:00"))
                 for account in ("late", "saved"):
                     got = await until(
-                        lambda account=account: billing.account(account),
+                        lambda account=account: billing.get_account(account),
                         lambda a: a.standing == GRACE,
                         what=f"{account} in grace",
                     )
@@ -316,7 +309,7 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                 )
                 assert check.allowed
                 # The balance is negative too: the reason tells arrears from a short balance.
-                await expect(
+                await expect_error(
                     billing.stub.PurchasePackage(
                         billing_service_pb2.PurchasePackageRequest(
                             request_id="buy",
@@ -329,7 +322,7 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "ACCOUNT_IN_ARREARS",
                 )
-                await expect(
+                await expect_error(
                     billing.stub.SubscribeApi(
                         billing_service_pb2.SubscribeApiRequest(
                             request_id="sub-more", account_id="late", region=HK, api="general-text"
@@ -345,7 +338,7 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                 assert (await billing.top_up("saved", "0.03")).standing == GOOD
 
                 await billing.set_time(local("2024-05-16 11:00"))
-                late = await billing.account("late")
+                late = await billing.get_account("late")
                 assert late.standing == FROZEN
                 assert late.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-16 11:00")
                 await until(
@@ -353,11 +346,11 @@ async def test_arrears_timeline_across_quota_and_billing(tmp_path):
                     lambda c: c.deny_reason == quota_service_pb2.DENY_REASON_ACCOUNT_FROZEN,
                     what="quota refusing the frozen account",
                 )
-                assert (await billing.account("saved")).standing == GOOD
+                assert (await billing.get_account("saved")).standing == GOOD
                 assert (await quota.check("saved")).allowed
 
                 await billing.set_time(local("2024-05-31 11:00"))
-                late = await billing.account("late")
+                late = await billing.get_account("late")
                 assert late.standing == RELEASED
                 assert late.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-31 11:00")
                 # Release cancelled the subscription at quota before AdvanceTime returned.
@@ -445,4 +438,4 @@ async def test_pay_per_use_then_a_package_bought_at_16_30_30(tmp_path):
                 assert purchase.occur_time.ToDatetime(tzinfo=TZ) == bought_at
                 effects = sum(micros(line.amount) for line in bill.lines)
                 assert micros(bill.closing_balance) == effects  # opened at zero
-                assert micros((await billing.account("acme")).balance) == effects
+                assert micros((await billing.get_account("acme")).balance) == effects

@@ -30,9 +30,8 @@ from sqlalchemy import text
 from shared.settings import REPO_ROOT
 from tests.support.databases import (
     DirectReader,
-    dialect_database,
 )
-from tests.support.processes import QuotaProcess, quota_env, quota_process
+from tests.support.quota import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
 # The point is the kills and the handovers, not the volume: enough events that each kill lands
@@ -254,22 +253,16 @@ async def test_a_consumer_killed_at_random_points_resumes_exactly(produced, seed
         await db.engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def consumer_url(request, tmp_path):
-    async with dialect_database(request.param, tmp_path / "consumer.db") as url:
-        yield url
-
-
-async def test_two_replicas_never_both_apply(produced_for_replicas, consumer_url, tmp_path):
+async def test_two_replicas_never_both_apply(produced_for_replicas, service_url, tmp_path):
     """Two consumers on one database: one applies, the other waits; when the one applying is
     killed, the other takes over at its cursor. Each row names the replica that applied it."""
     quota_addr, usage_ids = produced_for_replicas
-    db = ConsumerDatabase(consumer_url)
+    db = ConsumerDatabase(service_url)
     # A longer lease than elsewhere: on a loaded machine a leader's event loop can stall past
     # a short ttl, and a correct handover would then look like "both applied".
     replicas = {
         holder: ConsumerProcess(
-            consumer_url,
+            service_url,
             quota_addr,
             holder,
             tmp_path / f"{holder}.log",

@@ -28,19 +28,13 @@ from sqlalchemy import text
 from shared.db import Database
 from shared.errors import Unavailable
 from shared.settings import DatabaseBounds
-from tests.support.billing_processes import (
-    BillingCalls,
-    billing_env,
-    billing_process,
-    micros,
-)
+from tests.support.billing import BillingCalls, billing_env, billing_process, micros
 from tests.support.databases import (
     POSTGRES_ADMIN_URL,
     create_postgres_database,
     drop_postgres_database,
 )
-from tests.support.processes import quota_env, quota_process
-from tests.support.quota_calls import QuotaCalls
+from tests.support.quota import QuotaCalls, quota_env, quota_process
 from tests.support.servers import Tokens
 
 ACCOUNT = "acct-db-faults"
@@ -387,7 +381,7 @@ async def test_purchases_beside_usage_with_both_databases_dropped_are_fulfilled_
                 assert {p.total_quantity for p in packages} == {OFFER_QUANTITY}
                 assert {o.package_id for o in orders} == {p.package_id for p in packages}
                 # Charged exactly once per order: the balance and the bill's lines.
-                account = await billing.account(BUYER)
+                account = await billing.get_account(BUYER)
                 assert micros(account.balance) == TOP_UP_MICROS - len(bought) * PRICE_MICROS
                 bill = await billing.get_bill(BUYER, START[:7])
                 kinds = [line.kind for line in bill.lines]

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.support.processes import quota_env, quota_process
+from tests.support.quota import quota_env, quota_process
 from tests.support.servers import Tokens
 
 GRPCURL = pathlib.Path(sys.executable).parent / "grpcurl"

@@ -10,7 +10,7 @@ import pytest
 
 from shared.reflection import DESCRIPTOR_SET, SourcePool, load_sources
 from tests.e2e.test_grpcurl import QUOTA, Grpcurl
-from tests.support.processes import quota_env, quota_process
+from tests.support.quota import quota_env, quota_process
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.databases import POSTGRES_ADMIN_URL
-from tests.support.processes import quota_env, quota_process
 from tests.support.proxy import database_addr, tcp_proxy, through
-from tests.support.quota_calls import QuotaCalls
+from tests.support.quota import QuotaCalls, quota_env, quota_process
 from tests.support.servers import Tokens
 
 HEALTH_GRACE = 2  # ALLOT_HEALTH_DATABASE_GRACE_SECONDS

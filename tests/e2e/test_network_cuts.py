@@ -36,16 +36,10 @@ import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
-from tests.support.billing_processes import (
-    BillingCalls,
-    billing_env,
-    billing_process,
-    micros,
-    write_catalog,
-)
+from tests.support.billing import BillingCalls, billing_env, billing_process, micros, write_catalog
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import AlertCalls
-from tests.support.notification_processes import (
+from tests.support.notification import (
     ARREARS,
     CLOCK_START,
     EMAIL,
@@ -55,12 +49,10 @@ from tests.support.notification_processes import (
     deliveries,
     notification_env,
     notification_process,
-    quota_calls,
     until,
 )
-from tests.support.processes import quota_env, quota_process
 from tests.support.proxy import tcp_proxy
-from tests.support.quota_calls import API, REGION, QuotaCalls
+from tests.support.quota import API, REGION, QuotaCalls, quota_calls, quota_env, quota_process
 from tests.support.receivers import smtp_receiver
 from tests.support.servers import Tokens, free_port
 from tests.support.standings import (
@@ -76,7 +68,7 @@ from tests.support.standings import (
 
 # After heal(), how long the services may take to find each other again: a connection that went
 # silent is dropped by gRPC keepalive at most 10 s after its last read (a ping after 5 s without
-# reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in shared/consumer.py) and
+# reads, even on an idle stream, and 5 s for its ack: CHANNEL_OPTIONS in shared/channels.py) and
 # dialled again at once; then billing offers pending orders within 2 s, a consumer reconnects
 # within its backoff (at most 5 s). Measured here: 1-4 s after a cut longer than 10 s (the
 # channel waits out its reconnect backoff), 2-7 s after a 3 s one. Generous for a loaded 2-core
@@ -220,7 +212,7 @@ async def test_billing_and_quota_cut_apart_complete_every_order_once(postgres_ur
                 packages = [await q.get(package_id) for package_id in await q.package_ids(BUYER)]
                 assert sorted(p.order_id for p in packages) == sorted([first.order_id, *ids])
                 assert all(p.total_quantity == 100 for p in packages)
-                account = await b.account(BUYER)
+                account = await b.get_account(BUYER)
                 assert micros(account.balance) == 10_000_000 - 3 * PRICE_MICROS
                 bill = await b.get_bill(BUYER, CLOCK_START[:7])
                 assert [line for line in bill.lines if line.kind == REFUND] == []

@@ -20,9 +20,10 @@ import grpc
 import pytest
 from allot.quota.v1 import quota_pb2
 
+from tests.support.calls import expect_error
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import THRESHOLD_CROSSED, AlertCalls, events
-from tests.support.notification_processes import (
+from tests.support.notification import (
     ARREARS,
     CLOCK_START,
     EMAIL,
@@ -36,11 +37,9 @@ from tests.support.notification_processes import (
     deliveries,
     notification_env,
     notification_process,
-    quota_calls,
     until,
 )
-from tests.support.processes import quota_env, quota_process
-from tests.support.quota_calls import API, REGION, QuotaCalls, expect_error
+from tests.support.quota import API, REGION, QuotaCalls, quota_calls, quota_env, quota_process
 from tests.support.receivers import HttpReceiver, SmtpInbox, http_receiver, smtp_receiver
 
 MAX_ATTEMPTS = 3

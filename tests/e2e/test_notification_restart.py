@@ -30,15 +30,13 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
-import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
 from tests.support.databases import (
     DirectReader,
-    dialect_database,
 )
 from tests.support.events import THRESHOLD_CROSSED, events
-from tests.support.notification_processes import (
+from tests.support.notification import (
     CLOCK_START,
     EMAIL,
     SENT,
@@ -49,8 +47,8 @@ from tests.support.notification_processes import (
     notification_env,
     until,
 )
-from tests.support.processes import grown_to, quota_env, quota_process
-from tests.support.quota_calls import API, END_OF_YEAR, REGION, QuotaCalls
+from tests.support.processes import grown_to
+from tests.support.quota import API, END_OF_YEAR, REGION, QuotaCalls, quota_env, quota_process
 from tests.support.receivers import http_receiver, smtp_receiver
 from tests.support.servers import Tokens
 
@@ -145,17 +143,11 @@ class NotificationCount(DirectReader):
         return await grown_to(self.count, at_least, within, finished, STILL, "notifications")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def notification_url(request, tmp_path):
-    async with dialect_database(request.param, tmp_path / "notification.db") as url:
-        yield url
-
-
 async def test_killed_and_restarted_notification_notifies_every_crossing_exactly_once(
-    notification_url, seed, tmp_path
+    service_url, seed, tmp_path
 ):
     rng = random.Random(seed)
-    db = NotificationCount(notification_url)
+    db = NotificationCount(service_url)
     quota_data = tmp_path / "quota"
     quota_data.mkdir()
     q_env = quota_env(
@@ -170,7 +162,7 @@ async def test_killed_and_restarted_notification_notifies_every_crossing_exactly
         http_receiver(delay=RECEIVER_DELAY) as hooks,
     ):
         env = notification_env(
-            notification_url,
+            service_url,
             tmp_path,
             quota.addr,
             ALLOT_SMTP_URL=smtp.url(),

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from tests.support.events import AlertCalls
-from tests.support.notification_processes import (
+from tests.support.notification import (
     CLOCK_START,
     EMAIL,
     PENDING,
@@ -30,11 +30,9 @@ from tests.support.notification_processes import (
     NotificationCalls,
     notification_env,
     notification_process,
-    quota_calls,
     until,
 )
-from tests.support.processes import quota_env, quota_process
-from tests.support.quota_calls import API
+from tests.support.quota import API, quota_calls, quota_env, quota_process
 from tests.support.receivers import closed_port, smtp_receiver
 
 ACCOUNT = "acct-smtp-down"

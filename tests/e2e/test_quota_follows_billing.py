@@ -45,12 +45,17 @@ from services.quota.app.standings import Outcome
 from shared.server import Server, build_runtime
 from shared.settings import Settings
 from shared.timeutil import to_epoch_us, to_timestamp
-from tests.support import servers
-from tests.support.billing_processes import billing_env, billing_process
-from tests.support.notification_processes import quota_calls, until
-from tests.support.processes import quota_env, quota_process
-from tests.support.quota_calls import QuotaCalls
-from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
+from tests.support.billing import billing_env, billing_process
+from tests.support.notification import until
+from tests.support.quota import (
+    QuotaCalls,
+    quota_calls,
+    quota_env,
+    quota_process,
+    quota_settings,
+    running_quota,
+)
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 from tests.support.standings import (
     DEBT_MICROS,
     FROZEN,
@@ -408,7 +413,7 @@ async def test_unusable_events_are_skipped(quota):
 
 async def test_consumer_retries_until_billing_starts(tmp_path):
     billing_addr = f"127.0.0.1:{free_port()}"
-    settings = servers.test_settings(
+    settings = quota_settings(
         f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
         tmp_path,
         clock="manual",

@@ -16,8 +16,9 @@ import grpc
 import jwt
 import pytest
 
-from shared.auth import ADMIN, TokenSigner
-from tests.support.notification_processes import (
+from shared.auth import ADMIN
+from shared.tokens import TokenSigner
+from tests.support.notification import (
     ARREARS,
     EMAIL,
     WEBHOOK,

@@ -24,7 +24,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from tests.support.processes import QuotaProcess, quota_env, quota_process
+from tests.support.quota import QuotaProcess, quota_env, quota_process
 from tests.support.servers import Tokens
 
 ACCOUNT = "acct-sigterm"

@@ -40,11 +40,11 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import certs, keys
-from shared.auth import TokenSigner
+from shared.tokens import TokenSigner
 from tests.e2e.test_grpcurl import field, grpcurl_binary
-from tests.support.billing_processes import BillingCalls, billing_process, paired_env
+from tests.support.billing import BillingCalls, billing_process, paired_env
 from tests.support.events import AlertCalls
-from tests.support.notification_processes import (
+from tests.support.notification import (
     CLOCK_START,
     EMAIL,
     SENT,
@@ -52,11 +52,10 @@ from tests.support.notification_processes import (
     NotificationCalls,
     notification_env,
     notification_process,
-    quota_calls,
     until,
 )
-from tests.support.processes import mtls_env, quota_process
-from tests.support.quota_calls import API, REGION, QuotaCalls
+from tests.support.processes import mtls_env
+from tests.support.quota import API, REGION, QuotaCalls, quota_calls, quota_process
 from tests.support.servers import Tokens, free_port
 
 QUOTA_SERVICE = "allot.quota.v1.QuotaService"

@@ -20,7 +20,7 @@ import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from shared.status import bad_request_fields, error_info
-from tests.support.processes import quota_env, quota_process
+from tests.support.quota import quota_env, quota_process
 from tests.support.servers import Tokens
 
 REGION = "ap-southeast-1"

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from shared.consumer import CHANNEL_OPTIONS
+from shared.channels import CHANNEL_OPTIONS
 from shared.tls import Channels, TlsFiles
 
 METHOD = "/allot.test.v1.Flaky/Call"

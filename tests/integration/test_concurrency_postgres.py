@@ -19,7 +19,7 @@ import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from tests.support.databases import create_postgres_database, drop_postgres_database
-from tests.support.processes import quota_env, quota_process
+from tests.support.quota import quota_env, quota_process
 from tests.support.servers import Tokens
 
 ACCOUNT = "acct-race"

@@ -5,8 +5,8 @@ many transactions write at once, a rolled-back transaction's events never appear
 sequence numbers), and a reader paging with `sequence > cursor` never sees a later sequence before
 an earlier one, even while a transaction that staged an event commits late.
 
-Consumer side: `shared.consumer.StreamConsumer` against an `Outbox.watch` stream applies every
-event exactly once across stream failures, replays, failing effects, a lost lease and a second
+Consumer side: `shared.streams.consumer.StreamConsumer` against an `Outbox.watch` stream applies
+every event exactly once across stream failures, replays, failing effects, a lost lease and a second
 replica. The database is migrated with quota's own migrations, so the tables are the real ones.
 """
 
@@ -38,10 +38,12 @@ from sqlalchemy.exc import DBAPIError
 from services.quota.adapters import tables
 from services.quota.service import QuotaService
 from shared import migrations
-from shared.consumer import LeaseLost, StreamConsumer, consumer_tables
 from shared.db import Database, UnitOfWork
-from shared.outbox import POLL_SECONDS, Outbox
-from tests.support.notification_processes import until
+from shared.fanout import POLL_SECONDS
+from shared.outbox import Outbox
+from shared.streams.consumer import StreamConsumer
+from shared.streams.lease import LeaseLost, consumer_tables
+from tests.support.notification import until
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 WAIT = 30.0  # bound on every wait for a consumer; a loaded 2-core machine is slow
@@ -236,7 +238,7 @@ async def test_watch_streams_history_then_live_events(db, outbox):
 
     watcher = asyncio.create_task(watch())
     # Live for sure: written only once the stream has read its history and subscribed.
-    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+    await until(lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 1, WAIT, "stream")
     assert got == ["old-1", "old-2"]
     await write(db, outbox, ["live-0", "live-1"])
     await asyncio.wait_for(watcher, WAIT)
@@ -286,7 +288,7 @@ async def test_read_and_watch_filter_by_account_and_region_in_sql(db, outbox):
                 return
 
     watcher = asyncio.create_task(watch())
-    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+    await until(lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 1, WAIT, "stream")
     assert got == ["a-west", "a-none"]  # history read; what follows is live
     await write_about(db, outbox, [("b-live", "b", "west"), ("a-live-east", "a", "east")])
     await write_about(db, outbox, [("a-live", "a", "west")])
@@ -315,7 +317,9 @@ async def test_idle_streams_share_one_reader_and_wake_for_another_replicas_commi
     watchers = [asyncio.create_task(watch(i)) for i in range(40)]
     try:
         # Every stream has read its (empty) history and waits on the reader.
-        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 40, WAIT, "streams")
+        await until(
+            lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 40, WAIT, "streams"
+        )
         sa_event.listen(db.engine.sync_engine, "before_cursor_execute", count)
         try:
             await asyncio.sleep(POLL_SECONDS * 4)
@@ -469,7 +473,9 @@ async def test_the_live_reader_reads_each_commit_at_most_once_for_every_stream(d
     ]
     commits = 6
     try:
-        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 51, WAIT, "streams")
+        await until(
+            lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 51, WAIT, "streams"
+        )
         sa_event.listen(db.engine.sync_engine, "before_cursor_execute", count)
         try:
             for i in range(commits):
@@ -515,7 +521,7 @@ async def test_streams_catching_up_while_the_reader_moves_on_miss_nothing(db, ou
             await asyncio.sleep(0.005)
 
     try:
-        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 1, WAIT, "stream")
+        await until(lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 1, WAIT, "stream")
         writer = asyncio.create_task(keep_committing())
         tasks += [asyncio.create_task(catch_up(k)) for k in got]
         await asyncio.sleep(2.0)
@@ -552,17 +558,21 @@ async def test_a_slow_stream_overflows_its_queue_and_reads_on_its_own(db):
 
     tasks = [asyncio.create_task(collect(outbox.watch(0), fast)), asyncio.create_task(slow_watch())]
     try:
-        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 2, WAIT, "streams")
+        await until(
+            lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 2, WAIT, "streams"
+        )
         await write(db, outbox, ["first"])
         await until(lambda: value((len(fast), len(slow))), lambda n: n == (1, 1), WAIT, "first")
         for i in range(6):
             await write(db, outbox, [f"b{i}-{k}" for k in range(10)])
         await until(lambda: value(len(fast)), lambda n: n == 61, WAIT, "the fast stream")
         # The slow stream's queue (20) overflowed: the reader let it go.
-        assert len(outbox._subscribers) == 1
+        assert len(outbox.fanout.subscribers) == 1
         go.set()
         await until(lambda: value(len(slow)), lambda n: n == 61, WAIT, "the slow stream")
-        await until(lambda: value(len(outbox._subscribers)), lambda n: n == 2, WAIT, "resubscribed")
+        await until(
+            lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 2, WAIT, "resubscribed"
+        )
         await write(db, outbox, ["after"])
         await until(lambda: value((len(fast), len(slow))), lambda n: n == (62, 62), WAIT, "after")
         assert slow == [s for s, _ in fast] == list(range(1, 63))
@@ -574,23 +584,23 @@ async def test_close_ends_streams_and_the_reader_ends_with_its_last_stream(db, o
     tasks = [
         asyncio.create_task(collect(outbox.watch(0, account_id=f"x{i}"), [])) for i in range(10)
     ]
-    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 10, WAIT, "streams")
-    reader = outbox._reader
+    await until(lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 10, WAIT, "streams")
+    reader = outbox.fanout.reader
     assert reader is not None
     await stopped_tasks(tasks[:5])  # callers gone: unsubscribed at once
-    assert len(outbox._subscribers) == 5 and not reader.done()
+    assert len(outbox.fanout.subscribers) == 5 and not reader.done()
     outbox.close()
     await asyncio.wait_for(asyncio.gather(*tasks[5:]), 2.0)  # ended, not cancelled
-    assert reader.done() and outbox._reader is None
+    assert reader.done() and outbox.fanout.reader is None
 
     other = Outbox(db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent)
     tasks = [asyncio.create_task(collect(other.watch(0), [])) for _ in range(10)]
-    await until(lambda: value(len(other._subscribers)), lambda n: n == 10, WAIT, "streams")
-    reader = other._reader
+    await until(lambda: value(len(other.fanout.subscribers)), lambda n: n == 10, WAIT, "streams")
+    reader = other.fanout.reader
     assert reader is not None
     await stopped_tasks(tasks)
     await asyncio.wait_for(reader, 2.0)  # no stream left: the reader ends without a poll
-    assert other._reader is None
+    assert other.fanout.reader is None
 
 
 async def test_a_failing_read_of_the_reader_ends_its_streams_with_the_error(db, outbox):
@@ -598,7 +608,7 @@ async def test_a_failing_read_of_the_reader_ends_its_streams_with_the_error(db, 
     error, as their own reads would (a call ends with it; consumers reconnect), and none hangs."""
     received: list[tuple[int, str]] = []
     tasks = [asyncio.create_task(collect(outbox.watch(0), received)) for _ in range(3)]
-    await until(lambda: value(len(outbox._subscribers)), lambda n: n == 3, WAIT, "streams")
+    await until(lambda: value(len(outbox.fanout.subscribers)), lambda n: n == 3, WAIT, "streams")
     async with db.engine.begin() as conn:
         await conn.execute(text("ALTER TABLE outbox_events RENAME TO outbox_events_gone"))
         # Another process "committed": the reader's poll sees the counter move and reads.
@@ -606,7 +616,7 @@ async def test_a_failing_read_of_the_reader_ends_its_streams_with_the_error(db, 
     done, _ = await asyncio.wait(tasks, timeout=WAIT)
     assert len(done) == 3
     assert all(isinstance(t.exception(), DBAPIError) for t in tasks)
-    assert received == [] and outbox._reader is None and not outbox._subscribers
+    assert received == [] and outbox.fanout.reader is None and not outbox.fanout.subscribers
 
 
 # --- consumer ----------------------------------------------------------------------------------
@@ -778,7 +788,7 @@ async def test_a_holder_that_lost_its_lease_applies_nothing(consumer_db, outbox)
     assert [seq for seq, _ in await applied_rows(consumer_db)] == list(range(1, 11))
     assert consumer.last_sequence == 10
     with pytest.raises(LeaseLost):
-        await consumer_db.transaction(consumer._extend)
+        await consumer_db.transaction(consumer.lease.extend)
 
 
 async def test_an_unreachable_producer_is_retried_with_growing_pauses(consumer_db):

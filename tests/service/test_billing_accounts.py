@@ -13,7 +13,7 @@ from google.type import money_pb2
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from tests.support.billing_processes import expect
+from tests.support.calls import expect_error
 from tests.support.servers import TEST_SECRET, Tokens
 
 REQ = billing_service_pb2
@@ -78,7 +78,7 @@ async def test_create_and_read_an_account(billing):
     assert again == account
     # The same request again returns the first answer; another create of the id is refused.
     assert await create(billing, "acme", display_name="Acme") == account
-    await expect(
+    await expect_error(
         billing.CreateAccount(
             REQ.CreateAccountRequest(account=billing_pb2.Account(account_id="acme")),
             metadata=ADMIN,
@@ -95,7 +95,7 @@ async def test_top_up_is_exact_and_idempotent(billing):
     second = await billing.TopUp(request, metadata=ADMIN)
     assert first == second
     assert (first.balance.units, first.balance.nanos) == (10, 250_000_000)
-    await expect(
+    await expect_error(
         billing.TopUp(
             REQ.TopUpRequest(request_id="pay-2", account_id="acme", amount=usd(-1)),
             metadata=ADMIN,
@@ -103,7 +103,7 @@ async def test_top_up_is_exact_and_idempotent(billing):
         grpc.StatusCode.INVALID_ARGUMENT,
         field="amount",
     )
-    await expect(
+    await expect_error(
         billing.TopUp(
             REQ.TopUpRequest(
                 request_id="pay-3",
@@ -115,7 +115,7 @@ async def test_top_up_is_exact_and_idempotent(billing):
         grpc.StatusCode.INVALID_ARGUMENT,
         "CURRENCY_MISMATCH",
     )
-    await expect(
+    await expect_error(
         billing.TopUp(
             REQ.TopUpRequest(request_id="pay-4", account_id="acme", amount=usd(0, 1)),
             metadata=ADMIN,
@@ -141,7 +141,7 @@ async def test_enterprise_member_is_paid_by_its_master(billing):
     )
     member = await billing.GetAccount(REQ.GetAccountRequest(account_id="corp-dev"), metadata=ADMIN)
     assert member.balance.units == 50  # the master's balance pays
-    await expect(
+    await expect_error(
         billing.TopUp(
             REQ.TopUpRequest(request_id="q", account_id="corp-dev", amount=usd(1)),
             metadata=ADMIN,
@@ -149,12 +149,12 @@ async def test_enterprise_member_is_paid_by_its_master(billing):
         grpc.StatusCode.FAILED_PRECONDITION,
         "ACCOUNT_PAID_BY_MASTER",
     )
-    await expect(
+    await expect_error(
         create(billing, "stray", kind=billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER),
         grpc.StatusCode.INVALID_ARGUMENT,
         field="account.master_account_id",
     )
-    await expect(
+    await expect_error(
         create(
             billing,
             "stray2",
@@ -178,19 +178,19 @@ async def test_account_tokens_see_only_their_account(billing):
         await billing.GetAccount(REQ.GetAccountRequest(account_id="acme"), metadata=mine)
     ).account_id == "acme"
     for account_id in ("other", "missing"):
-        await expect(
+        await expect_error(
             billing.GetAccount(REQ.GetAccountRequest(account_id=account_id), metadata=mine),
             grpc.StatusCode.PERMISSION_DENIED,
         )
     listing = await billing.ListAccounts(REQ.ListAccountsRequest(), metadata=mine)
     assert [a.account_id for a in listing.accounts] == ["acme"]
-    await expect(
+    await expect_error(
         billing.TopUp(
             REQ.TopUpRequest(request_id="x", account_id="acme", amount=usd(1)), metadata=mine
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    await expect(
+    await expect_error(
         billing.GetAccount(REQ.GetAccountRequest(account_id="missing"), metadata=ADMIN),
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
@@ -220,7 +220,7 @@ async def test_catalog_offers_and_tiers(billing):
     tiers = await billing.ListPriceTiers(REQ.ListPriceTiersRequest(api="passport"), metadata=ADMIN)
     assert tiers.tiers[-1].up_to_quantity == 0
     assert all(t.unit_price.currency_code == "USD" for t in tiers.tiers)
-    await expect(
+    await expect_error(
         billing.ListPriceTiers(REQ.ListPriceTiersRequest(api="nope"), metadata=ADMIN),
         grpc.StatusCode.INVALID_ARGUMENT,
         "UNKNOWN_API",

@@ -17,10 +17,10 @@ from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
 from shared.status import error_info
-from tests.support import servers
 from tests.support.databases import create_postgres_database, drop_postgres_database
-from tests.support.notification_processes import until
-from tests.support.servers import TEST_SECRET, Tokens, free_port, running_quota
+from tests.support.notification import until
+from tests.support.quota import quota_settings, running_quota
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 REQ = billing_service_pb2
 ADMIN = Tokens.md(Tokens().admin())
@@ -106,7 +106,7 @@ async def packages(quota, account_id: str) -> list[quota_pb2.Package]:
 
 
 async def test_purchase_grants_a_year_to_the_last_second_and_charges_once(database_url, tmp_path):
-    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    settings = quota_settings(database_url, tmp_path, clock="manual", clock_start=START)
     async with (
         running_quota(settings) as quota,
         second_database(dialect(database_url), tmp_path) as billing_url,
@@ -145,7 +145,7 @@ async def test_purchase_waits_for_quota_and_is_granted_once(tmp_path):
         assert order.state == billing_pb2.ORDER_STATE_PENDING
         assert await balance(billing, "acme") == (20, 0)  # paid at once
 
-        settings = servers.test_settings(
+        settings = quota_settings(
             database_url,
             tmp_path,
             clock="manual",
@@ -168,7 +168,7 @@ async def test_purchase_waits_for_quota_and_is_granted_once(tmp_path):
 
 
 async def test_a_future_order_can_be_cancelled_for_a_full_refund(database_url, tmp_path):
-    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    settings = quota_settings(database_url, tmp_path, clock="manual", clock_start=START)
     async with (
         running_quota(settings) as quota,
         second_database(dialect(database_url), tmp_path) as billing_url,
@@ -197,7 +197,7 @@ async def test_a_future_order_can_be_cancelled_for_a_full_refund(database_url, t
 
 
 async def test_subscribing_through_billing_enables_the_api_in_quota(database_url, tmp_path):
-    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    settings = quota_settings(database_url, tmp_path, clock="manual", clock_start=START)
     async with (
         running_quota(settings) as quota,
         second_database(dialect(database_url), tmp_path) as billing_url,
@@ -235,7 +235,7 @@ async def test_subscriptions_without_request_id_each_reach_quota(database_url, t
     """Regression: quota's key was derived from the account alone, so the second subscribe of
     another API was answered from the first one's stored reply: billing said ACTIVE while quota
     denied."""
-    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    settings = quota_settings(database_url, tmp_path, clock="manual", clock_start=START)
     async with (
         running_quota(settings) as quota,
         second_database(dialect(database_url), tmp_path) as billing_url,
@@ -338,7 +338,7 @@ async def test_purchase_stays_pending_while_quota_answers_internal(database_url,
     """INTERNAL from quota says nothing about the request (docs/faults.md, "Callers classify
     codes"): the order stays PENDING, paid and not refunded, and is granted exactly once when
     quota works again."""
-    settings = servers.test_settings(database_url, tmp_path, clock="manual", clock_start=START)
+    settings = quota_settings(database_url, tmp_path, clock="manual", clock_start=START)
     table = MovedTable(database_url)
     async with (
         running_quota(settings) as quota,

@@ -20,17 +20,17 @@ import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_pb2
 
-from tests.support.billing_processes import (
+from tests.support.billing import (
     BillingCalls,
     billing_settings,
-    expect,
     micros,
     running_billing,
     write_catalog,
 )
-from tests.support.quota_calls import QuotaCalls
-from tests.support.servers import free_port, running_quota
-from tests.support.servers import test_settings as quota_settings_for
+from tests.support.calls import expect_error
+from tests.support.quota import QuotaCalls, running_quota
+from tests.support.quota import quota_settings as quota_settings_for
+from tests.support.servers import free_port
 
 REQ = billing_service_pb2
 TZ = ZoneInfo("Asia/Shanghai")
@@ -108,7 +108,7 @@ class Suite:
         return await self.quota.get(package_id)
 
     async def balance(self, account_id: str) -> int:
-        return micros((await self.billing.account(account_id)).balance)
+        return micros((await self.billing.get_account(account_id)).balance)
 
     async def orders(self, account_id: str) -> list[billing_pb2.Order]:
         listing = await self.billing.stub.ListOrders(
@@ -181,7 +181,7 @@ async def test_renewal_extends_from_the_expiry_and_adds_the_quantity_once(suite)
     )
 
     # A renewal is not a purchase: it cannot be cancelled.
-    await expect(
+    await expect_error(
         suite.billing.stub.CancelOrder(
             REQ.CancelOrderRequest(request_id="c", order_id=order.order_id),
             metadata=suite.billing.admin,
@@ -207,7 +207,7 @@ async def test_renewal_within_15_days_after_expiry_forfeits_the_remainder(suite)
     assert package.total_quantity - package.used_quantity == 100
 
     await suite.move(local("2024-05-05 00:00:00"))
-    await expect(
+    await expect_error(
         suite.renew("acme", too_late, "renew-too-late"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PACKAGE_NOT_RENEWABLE",
@@ -220,29 +220,29 @@ async def test_renewal_refusals_name_the_reason(suite):
     await suite.account("other", "5.00")
     package_id = (await suite.buy("acme")).package_id
 
-    await expect(
+    await expect_error(
         suite.renew("acme", package_id, "short"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "INSUFFICIENT_BALANCE",
     )
-    await expect(
+    await expect_error(
         suite.renew("acme", package_id, "bad-periods", periods=-1),
         grpc.StatusCode.INVALID_ARGUMENT,
         field="periods",
     )
-    await expect(
+    await expect_error(
         suite.renew("acme", "pkg_missing", "missing"),
         grpc.StatusCode.NOT_FOUND,
         "PACKAGE_NOT_FOUND",
     )
     # Another account's package is not found for it (and hidden from its own token).
-    await expect(
+    await expect_error(
         suite.renew("other", package_id, "not-mine"),
         grpc.StatusCode.NOT_FOUND,
         "PACKAGE_NOT_FOUND",
     )
-    mine = suite.billing.account_md("other")
-    await expect(
+    mine = suite.billing.account("other")
+    await expect_error(
         suite.billing.stub.RenewPackage(
             REQ.RenewPackageRequest(request_id="x", account_id="other", package_id=package_id),
             metadata=mine,
@@ -251,7 +251,7 @@ async def test_renewal_refusals_name_the_reason(suite):
     )
     # A package granted in quota without billing exists, but billing did not sell it.
     granted = await suite.quota.grant("acme", 10, api="passport", region=HK)
-    await expect(
+    await expect_error(
         suite.renew("acme", granted.package_id, "granted"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PACKAGE_NOT_RENEWABLE",
@@ -262,17 +262,17 @@ async def test_renewal_refusals_name_the_reason(suite):
         REQ.CancelOrderRequest(request_id="cancel", order_id=future.order_id),
         metadata=suite.billing.admin,
     )
-    await expect(
+    await expect_error(
         suite.renew("other", future.package_id, "cancelled"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PACKAGE_NOT_RENEWABLE",
     )
-    await expect(
+    await expect_error(
         suite.set_auto_renew(package_id, True, lead_days=28),
         grpc.StatusCode.INVALID_ARGUMENT,
         field="lead_days",
     )
-    await expect(
+    await expect_error(
         suite.set_auto_renew(package_id, True, metadata=mine),
         grpc.StatusCode.PERMISSION_DENIED,
     )
@@ -330,13 +330,13 @@ async def test_auto_renewal_tries_seven_days_before_at_three_then_daily(suite):
     assert schedule.next_attempt_time.ToDatetime(tzinfo=TZ) == local("2025-04-12 03:00")
     assert schedule.last_failure_reason == ""
     # The owner reads it too; another account does not learn the package exists.
-    mine = await suite.get_auto_renew(package_id, suite.billing.account_md("acme", read_only=True))
+    mine = await suite.get_auto_renew(package_id, suite.billing.account("acme", read_only=True))
     assert mine == schedule
-    await expect(
-        suite.get_auto_renew(package_id, suite.billing.account_md("other", read_only=True)),
+    await expect_error(
+        suite.get_auto_renew(package_id, suite.billing.account("other", read_only=True)),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    await expect(
+    await expect_error(
         suite.get_auto_renew("pkg_missing"), grpc.StatusCode.NOT_FOUND, "PACKAGE_NOT_FOUND"
     )
 
@@ -349,22 +349,22 @@ async def test_auto_renew_replies_go_only_to_callers_that_may_see_the_package(su
     await suite.account("other", "0")
     package_id = (await suite.buy("acme")).package_id
     tokens = suite.billing.tokens
-    own = suite.billing.account_md("acme")
+    own = suite.billing.account("acme")
     elsewhere = tokens.md(tokens.account("acme", regions=["ap-southeast-2"]))
 
     set_once = await suite.set_auto_renew(package_id, True, metadata=own)
     assert set_once.enabled and set_once.account_id == "acme"
     assert await suite.set_auto_renew(package_id, True, metadata=own) == set_once
-    await expect(
-        suite.set_auto_renew(package_id, True, metadata=suite.billing.account_md("other")),
+    await expect_error(
+        suite.set_auto_renew(package_id, True, metadata=suite.billing.account("other")),
         grpc.StatusCode.PERMISSION_DENIED,
     )
-    await expect(
+    await expect_error(
         suite.set_auto_renew(package_id, True, metadata=elsewhere),
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_REGION_MISMATCH",
     )
-    await expect(
+    await expect_error(
         suite.get_auto_renew(package_id, elsewhere),
         grpc.StatusCode.UNAUTHENTICATED,
         "TOKEN_REGION_MISMATCH",
@@ -440,7 +440,7 @@ async def test_auto_renewal_gives_up_when_the_package_expires(suite):
     assert [o.kind for o in await suite.orders("acme")] == [billing_pb2.ORDER_KIND_PURCHASE]
 
     # Switched off, nothing is attempted; an expired package cannot be switched on.
-    await expect(
+    await expect_error(
         suite.set_auto_renew(package_id, True),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PACKAGE_NOT_RENEWABLE",

@@ -32,18 +32,18 @@ from services.billing.app.usage import BACKLOG_LAG, MAX_WAIT, settlement_waits
 from services.billing.domain.bills import CSV_COLUMNS
 from services.quota.adapters import tables as quota_tables
 from shared.timeutil import to_epoch_us
-from tests.support.billing_processes import (
+from tests.support.billing import (
     TIER_1_UP_TO,
     BillingHandle,
     billing_settings,
-    expect,
     micros,
     running_billing,
     write_catalog,
 )
-from tests.support.quota_calls import QuotaCalls
-from tests.support.servers import QuotaHandle, free_port, running_quota
-from tests.support.servers import test_settings as quota_settings_for
+from tests.support.calls import expect_error
+from tests.support.quota import QuotaCalls, QuotaHandle, running_quota
+from tests.support.quota import quota_settings as quota_settings_for
+from tests.support.servers import free_port
 from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -130,7 +130,7 @@ class Suite:
         ]
 
     async def balance(self, account: str) -> int:
-        return micros((await self.billing.account(account)).balance)
+        return micros((await self.billing.get_account(account)).balance)
 
     async def subscribe(self, account: str, region: str, api: str = PASSPORT) -> None:
         """What SubscribeApi does: quota enables the API and billing keeps its record."""
@@ -386,7 +386,7 @@ async def test_arrears_timeline_grace_frozen_released(suite):
     # Zero balance, pay-per-use settled at 11:00: GRACE from then.
     await suite.settle_at(local("2024-05-01 11:00"))
     for account in ("late", "saved", "corp", "corp-dev"):
-        got = await suite.billing.account(account)
+        got = await suite.billing.get_account(account)
         assert got.standing == GRACE, account
         assert got.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-01 11:00")
         assert got.grace_end_time.ToDatetime(tzinfo=TZ) == local("2024-05-16 11:00")
@@ -410,13 +410,13 @@ async def test_arrears_timeline_grace_frozen_released(suite):
     assert micros(saved.balance) == 0
 
     await suite.billing.set_time(local("2024-05-16 10:59:59"))
-    assert (await suite.billing.account("late")).standing == GRACE
+    assert (await suite.billing.get_account("late")).standing == GRACE
     await suite.billing.set_time(local("2024-05-16 11:00"))
-    late = await suite.billing.account("late")
+    late = await suite.billing.get_account("late")
     assert late.standing == FROZEN
     assert late.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-16 11:00")
-    assert (await suite.billing.account("corp-dev")).standing == FROZEN
-    assert (await suite.billing.account("saved")).standing == GOOD
+    assert (await suite.billing.get_account("corp-dev")).standing == FROZEN
+    assert (await suite.billing.get_account("saved")).standing == GOOD
 
     await suite.billing.set_time(local("2024-05-31 10:59:59"))
     assert await suite.subscription_states("late") == {
@@ -424,7 +424,7 @@ async def test_arrears_timeline_grace_frozen_released(suite):
         (BKK, GENERAL): standing.SubscriptionState.ACTIVE,
     }
     await suite.billing.set_time(local("2024-05-31 11:00"))
-    late = await suite.billing.account("late")
+    late = await suite.billing.get_account("late")
     assert late.standing == RELEASED
     assert late.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-31 11:00")
     # Released: the subscriptions of the account and of the master's member are gone, in
@@ -466,7 +466,7 @@ async def test_a_clock_moved_past_both_ends_stamps_each_change_when_it_came_due(
     await suite.settle_at(local("2024-05-01 11:00"))
     before = len(await suite.billing.events())
     await suite.billing.set_time(local("2024-07-01 00:00"))
-    late = await suite.billing.account("late")
+    late = await suite.billing.get_account("late")
     assert late.standing == RELEASED
     assert late.standing_change_time.ToDatetime(tzinfo=TZ) == local("2024-05-31 11:00")
     changes = [
@@ -508,7 +508,7 @@ async def test_release_is_retried_while_a_regions_quota_is_unreachable(
         await suite.report("late", local("2024-05-01 10:30"))
         await suite.settle_at(local("2024-05-01 11:00"))
         await suite.billing.set_time(local("2024-05-31 11:00"))
-        assert (await suite.billing.account("late")).standing == RELEASED
+        assert (await suite.billing.get_account("late")).standing == RELEASED
         assert await suite.subscription_states("late") == {
             (HK, PASSPORT): standing.SubscriptionState.CANCELLED,
             (BKK, PASSPORT): standing.SubscriptionState.RELEASING,  # pending: quota is down
@@ -602,22 +602,22 @@ async def test_bill_requests_are_checked(suite):
     await suite.billing.create_account("acme")
     await suite.billing.create_account("other")
     for month in ("2024-13", "2024-5", "May", "", "0000-01", "9999-12"):
-        await expect(
+        await expect_error(
             suite.billing.get_bill("acme", month), grpc.StatusCode.INVALID_ARGUMENT, field="month"
         )
-    await expect(
+    await expect_error(
         suite.billing.export_bill("acme", "2024/05"),
         grpc.StatusCode.INVALID_ARGUMENT,
         field="month",
     )
-    mine = suite.billing.account_md("acme", read_only=True)
+    mine = suite.billing.account("acme", read_only=True)
     assert (await suite.billing.get_bill("acme", "2024-05", metadata=mine)).account_id == "acme"
     for account in ("other", "missing"):
-        await expect(
+        await expect_error(
             suite.billing.get_bill(account, "2024-05", metadata=mine),
             grpc.StatusCode.PERMISSION_DENIED,
         )
-    await expect(
+    await expect_error(
         suite.billing.get_bill("missing", "2024-05"),
         grpc.StatusCode.NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
@@ -716,10 +716,10 @@ async def test_a_backlog_is_settled_in_bounded_steps(suite, monkeypatch):
     for account in accounts:
         lines = await suite.pay_per_use(account, "2024-05")
         assert [line.quantity for line in lines] == [1, 1, 1]
-        assert (await suite.billing.account(account)).standing == GRACE
+        assert (await suite.billing.get_account(account)).standing == GRACE
     await suite.billing.set_time(local("2024-06-01 00:00"))  # grace and retention ended
     for account in accounts:
-        assert (await suite.billing.account(account)).standing == RELEASED
+        assert (await suite.billing.get_account(account)).standing == RELEASED
 
 
 async def test_a_top_up_after_grace_ended_tells_the_freeze_first(suite):

@@ -18,8 +18,9 @@ from services.notification.app import notifications
 from services.notification.domain.messages import StandingChanged, UsageAlertFired, compose
 from shared.auth import ADMIN
 from shared.status import error_info
+from tests.support.calls import expect_error
 from tests.support.events import PACKAGE_STATE_CHANGED, events
-from tests.support.notification_processes import (
+from tests.support.notification import (
     ARREARS,
     CLOCK_START,
     EMAIL,
@@ -28,14 +29,7 @@ from tests.support.notification_processes import (
     notification_settings,
     running_notification,
 )
-from tests.support.quota_calls import (
-    ACCOUNT,
-    OTHER_ACCOUNT,
-    OTHER_REGION,
-    REGION,
-    QuotaCalls,
-    expect_error,
-)
+from tests.support.quota import ACCOUNT, OTHER_ACCOUNT, OTHER_REGION, REGION, QuotaCalls
 from tests.support.receivers import closed_port, smtp_receiver
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

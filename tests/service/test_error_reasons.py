@@ -35,27 +35,23 @@ from google.type import money_pb2
 from services.quota.service import QuotaService
 from shared.server import Server, build_runtime
 from shared.settings import REPO_ROOT
-from tests.support import servers
-from tests.support.billing_processes import (
+from tests.support.billing import (
     TEST_CATALOG,
     BillingCalls,
     BillingHandle,
     billing_settings,
     running_billing,
 )
+from tests.support.calls import expect_error, ts
 from tests.support.databases import (
     POSTGRES_ADMIN_URL,
     create_postgres_database,
     drop_postgres_database,
 )
-from tests.support.notification_processes import (
-    EMAIL,
-    contact,
-    notification_settings,
-    running_notification,
-)
-from tests.support.quota_calls import QuotaCalls, expect_error, last_event_sequence, ts
+from tests.support.notification import EMAIL, contact, notification_settings, running_notification
+from tests.support.quota import QuotaCalls, last_event_sequence, quota_settings, running_quota
 from tests.support.receivers import closed_port
+from tests.support.servers import Tokens
 
 PROTOS = REPO_ROOT / "protos"
 CODE = (REPO_ROOT / "shared", REPO_ROOT / "services")
@@ -142,8 +138,8 @@ class Stage:
         """A quota server (manual clock at START) on its own SQLite database."""
         data = self._dir(f"quota-{len(list(self.tmp.glob('quota-*')))}")
         values = {"clock": "manual", "clock_start": START, "catalog": self.catalog, **overrides}
-        settings = servers.test_settings(f"sqlite+aiosqlite:///{data / 'q.db'}", data, **values)
-        handle = await self.stack.enter_async_context(servers.running_quota(settings))
+        settings = quota_settings(f"sqlite+aiosqlite:///{data / 'q.db'}", data, **values)
+        handle = await self.stack.enter_async_context(running_quota(settings))
         return QuotaCalls(handle)
 
     async def billing(self, quota: QuotaCalls | None = None, quota_addr: str = "") -> BillingHandle:
@@ -311,7 +307,7 @@ async def billing_account_in_arrears(stage: Stage) -> None:
     last = await last_event_sequence(quota.handle, "pay_per_use_recorded")
     await handle.caught_up(last, quota.handle.addr, within=WITHIN)
     await billing.set_time(START_TIME + timedelta(hours=1))
-    assert (await billing.account("late")).standing == billing_pb2.ACCOUNT_STANDING_GRACE
+    assert (await billing.get_account("late")).standing == billing_pb2.ACCOUNT_STANDING_GRACE
     await expect_error(purchase(billing, "late"), PRECONDITION, "ACCOUNT_IN_ARREARS")
 
 
@@ -524,7 +520,7 @@ async def shared_service_starting(stage: Stage) -> None:
     refused with UNAVAILABLE, SERVICE_STARTING (retry shortly)."""
     data = stage._dir("starting")
     unreachable = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/allot"
-    settings = servers.test_settings(unreachable, data, clock="manual", clock_start=START)
+    settings = quota_settings(unreachable, data, clock="manual", clock_start=START)
     runtime = build_runtime(settings, "quota")
     server = Server(runtime, QuotaService(runtime), "127.0.0.1:0")
     starting = asyncio.create_task(server.start())
@@ -536,7 +532,7 @@ async def shared_service_starting(stage: Stage) -> None:
         assert server.port and not starting.done(), "the server did not listen while starting"
         async with grpc.aio.insecure_channel(server.bound_addr) as channel:
             quota = quota_service_pb2_grpc.QuotaServiceStub(channel)
-            tokens = servers.Tokens()
+            tokens = Tokens()
             await expect_error(
                 quota.GetPackage(
                     quota_service_pb2.GetPackageRequest(package_id="p-1"),
@@ -560,8 +556,8 @@ async def shared_concurrent_update(stage: Stage) -> None:
     url = await create_postgres_database()
     try:
         data = stage._dir("concurrent")
-        settings = servers.test_settings(url, data, clock="manual", clock_start=START)
-        async with servers.running_quota(settings) as handle:
+        settings = quota_settings(url, data, clock="manual", clock_start=START)
+        async with running_quota(settings) as handle:
             quota = QuotaCalls(handle)
             await quota.grant(request_id="before")  # the write path works
             connection = await asyncpg.connect(

@@ -31,12 +31,12 @@ from google.protobuf import message_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.billing_processes import billing_settings, running_billing, write_catalog
+from tests.support.billing import billing_settings, running_billing, write_catalog
 from tests.support.databases import create_postgres_database, drop_postgres_database
-from tests.support.notification_processes import notification_settings, running_notification
-from tests.support.quota_calls import QuotaCalls
-from tests.support.servers import Tokens, running_quota
-from tests.support.servers import test_settings as quota_settings_for
+from tests.support.notification import notification_settings, running_notification
+from tests.support.quota import QuotaCalls, running_quota
+from tests.support.quota import quota_settings as quota_settings_for
+from tests.support.servers import Tokens
 
 CLOCK_START = "2024-01-01T00:00:00Z"
 ACCOUNT = "fuzz-acct"

@@ -20,30 +20,12 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.type import money_pb2
 
-from tests.support.billing_processes import (
-    BillingCalls,
-    billing_settings,
-    expect,
-    running_billing,
-    write_catalog,
-)
-from tests.support.notification_processes import (
-    notification_settings,
-    running_notification,
-)
-from tests.support.quota_calls import (
-    ACCOUNT,
-    API,
-    REGION,
-    START,
-    QuotaCalls,
-    expect_error,
-    status_details,
-    ts,
-)
+from tests.support.billing import BillingCalls, billing_settings, running_billing, write_catalog
+from tests.support.calls import expect_error, status_details, ts
+from tests.support.notification import notification_settings, running_notification
+from tests.support.quota import ACCOUNT, API, REGION, START, QuotaCalls, running_quota
+from tests.support.quota import quota_settings as quota_settings_for
 from tests.support.receivers import closed_port
-from tests.support.servers import running_quota
-from tests.support.servers import test_settings as quota_settings_for
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CLOCK_START = "2024-01-01T00:00:00Z"
@@ -164,7 +146,7 @@ QUOTA_CASES = {
 async def test_quota_refuses_extreme_input(quota, case):
     calls = QuotaCalls(quota)
     call, field = QUOTA_CASES[case]
-    await expect(call(calls), INVALID, field=field)
+    await expect_error(call(calls), INVALID, field=field)
     assert await calls.package_ids() == []
 
 
@@ -172,10 +154,12 @@ async def test_quota_renewal_past_the_range_names_the_field(quota):
     """A package expiring 8999-12-31 renewed by a year would end past 9000-01-01."""
     calls = QuotaCalls(quota)
     package = await calls.grant(expire="8999-12-31T00:00:00Z")
-    await expect(
+    await expect_error(
         calls.renew(package.package_id, expire="9000-12-31T00:00:00Z"), INVALID, field="expire_time"
     )
-    await expect(calls.renew(package.package_id, add=NEAR_INT64), INVALID, field="add_quantity")
+    await expect_error(
+        calls.renew(package.package_id, add=NEAR_INT64), INVALID, field="add_quantity"
+    )
     assert (await calls.get(package.package_id)).total_quantity == 10
 
 
@@ -306,12 +290,12 @@ async def test_billing_refuses_extreme_input(quota_and_billing_urls, tmp_path, c
         await billing.create_account("a")
         await billing.top_up("a", "10")
         call, field = BILLING_CASES[case]
-        await expect(call(billing), INVALID, field=field)
-        account = await billing.account("a")
+        await expect_error(call(billing), INVALID, field=field)
+        account = await billing.get_account("a")
         assert (account.balance.units, account.balance.nanos) == (10, 0)
         assert not account.HasField("balance_alert_threshold")
         assert await quota.package_ids("a") == []
-        await expect(
+        await expect_error(
             billing.stub.GetAccount(
                 billing_service_pb2.GetAccountRequest(account_id="b"), metadata=billing.admin
             ),
@@ -324,12 +308,12 @@ async def test_a_balance_topped_up_to_the_limit_refuses_more(quota_and_billing_u
         await billing.create_account("a")
         limit_units = 10**12
         await _top_up(billing, usd(limit_units - 100), "first")
-        await expect(
+        await expect_error(
             _top_up(billing, usd(200), "second"),
             grpc.StatusCode.FAILED_PRECONDITION,
             reason="BALANCE_LIMIT",
         )
-        assert (await billing.account("a")).balance.units == limit_units - 100
+        assert (await billing.get_account("a")).balance.units == limit_units - 100
 
 
 # --- notification -------------------------------------------------------------------------------
@@ -359,7 +343,9 @@ async def test_notification_refuses_extreme_input(database_url, tmp_path, case):
                 account_id="a", message_types=fields.pop("message_types", [1]), **fields
             )
         )
-        await expect(calls.stub.CreateContact(request, metadata=calls.admin), INVALID, field=field)
+        await expect_error(
+            calls.stub.CreateContact(request, metadata=calls.admin), INVALID, field=field
+        )
         listing = await calls.stub.ListContacts(
             notification_service_pb2.ListContactsRequest(account_id="a"), metadata=calls.admin
         )
@@ -381,8 +367,10 @@ async def test_a_renewal_past_the_range_is_refused_before_it_is_paid(
             ),
             metadata=billing.admin,
         )
-        await expect(renewal, grpc.StatusCode.FAILED_PRECONDITION, reason="VALIDITY_OUT_OF_RANGE")
-        assert (await billing.account("a")).balance.units == 9
+        await expect_error(
+            renewal, grpc.StatusCode.FAILED_PRECONDITION, reason="VALIDITY_OUT_OF_RANGE"
+        )
+        assert (await billing.get_account("a")).balance.units == 9
 
 
 async def test_notifications_of_an_unknown_type_are_refused(database_url, tmp_path):
@@ -392,7 +380,7 @@ async def test_notifications_of_an_unknown_type_are_refused(database_url, tmp_pa
         request = notification_service_pb2.ListNotificationsRequest(
             account_id="a", message_types=[99]
         )
-        await expect(
+        await expect_error(
             calls.stub.ListNotifications(request, metadata=calls.admin),
             INVALID,
             field="message_types",

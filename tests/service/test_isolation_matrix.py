@@ -44,15 +44,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from services.billing.service import POLICIES as BILLING_POLICIES
 from services.notification.service import POLICIES as NOTIFICATION_POLICIES
 from services.quota.service import POLICIES as QUOTA_POLICIES
-from shared.auth import Policy, Principal, TokenVerifier
+from shared.auth import Policy, Principal
 from shared.server import CLOCK_POLICIES
 from shared.status import error_info
-from tests.support import servers
-from tests.support.billing_processes import billing_settings, running_billing
+from shared.tokens import TokenVerifier
+from tests.support.billing import billing_settings, running_billing
+from tests.support.calls import ts
 from tests.support.databases import create_postgres_database, drop_postgres_database
-from tests.support.notification_processes import notification_settings, running_notification
-from tests.support.quota_calls import QuotaCalls, ts
-from tests.support.servers import TEST_SECRET, Tokens, running_quota
+from tests.support.notification import notification_settings, running_notification
+from tests.support.quota import QuotaCalls, quota_settings, running_quota
+from tests.support.servers import TEST_SECRET, Tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -308,15 +309,13 @@ async def suite(request, tmp_path_factory):
     urls = {name: await _database(request.param, tmp, name) for name in ("q", "b", "n")}
     for name in ("quota", "billing", "notification"):
         (tmp / name).mkdir()
-    quota_settings = servers.test_settings(
-        urls["q"], tmp / "quota", clock="manual", clock_start=START
-    )
+    settings_q = quota_settings(urls["q"], tmp / "quota", clock="manual", clock_start=START)
     engines = {
         service: create_async_engine(urls[service[0]])
         for service in ("quota", "billing", "notification")
     }
     try:
-        async with running_quota(quota_settings) as quota:
+        async with running_quota(settings_q) as quota:
             billing_cfg = billing_settings(urls["b"], tmp / "billing", quota.addr, START)
             async with running_billing(billing_cfg) as billing:
                 notification_cfg = notification_settings(

@@ -25,7 +25,8 @@ from services.notification.domain.messages import (
     UsageAlertFired,
     compose,
 )
-from tests.support.notification_processes import (
+from tests.support.calls import expect_error
+from tests.support.notification import (
     ARREARS,
     EMAIL,
     FAILED,
@@ -42,7 +43,6 @@ from tests.support.notification_processes import (
     notification_settings,
     running_notification,
 )
-from tests.support.quota_calls import expect_error
 from tests.support.receivers import closed_port, http_receiver, smtp_receiver
 
 ACCOUNT = "acct-1"

@@ -16,12 +16,7 @@ from sqlalchemy import select
 
 from services.notification.adapters import tables
 from services.notification.app import deliveries
-from tests.support.notification_processes import (
-    EMAIL,
-    WEBHOOK,
-    notification_settings,
-    running_notification,
-)
+from tests.support.notification import EMAIL, WEBHOOK, notification_settings, running_notification
 from tests.support.receivers import closed_port, smtp_receiver
 
 ACCOUNT = "acct-outage"

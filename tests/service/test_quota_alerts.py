@@ -9,6 +9,7 @@ from datetime import timedelta
 import grpc
 import pytest
 
+from tests.support.calls import expect_error, ts
 from tests.support.events import (
     ARMED,
     FIRED,
@@ -17,7 +18,7 @@ from tests.support.events import (
     alert,
     payloads,
 )
-from tests.support.quota_calls import (
+from tests.support.quota import (
     ACCOUNT,
     API,
     FREE,
@@ -26,9 +27,7 @@ from tests.support.quota_calls import (
     OTHER_REGION,
     REGION,
     QuotaCalls,
-    expect_error,
     quota_server,
-    ts,
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -15,14 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY
 from shared.status import error_info
-from tests.support.quota_calls import (
-    ACCOUNT,
-    OTHER_ACCOUNT,
-    OTHER_REGION,
-    REGION,
-    QuotaCalls,
-    expect_error,
-)
+from tests.support.calls import expect_error
+from tests.support.quota import ACCOUNT, OTHER_ACCOUNT, OTHER_REGION, REGION, QuotaCalls
 from tests.support.servers import TEST_SECRET
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from allot.quota.v1 import quota_pb2
 
-from tests.support.quota_calls import (
+from tests.support.quota import (
     ACCOUNT,
     EXHAUSTED,
     EXPIRED,

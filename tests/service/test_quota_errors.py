@@ -10,15 +10,8 @@ import pytest
 from allot.quota.v1 import quota_pb2
 from google.protobuf import timestamp_pb2
 
-from tests.support.quota_calls import (
-    ACCOUNT,
-    OTHER_REGION,
-    REGION,
-    START,
-    QuotaCalls,
-    expect_error,
-    quota_server,
-)
+from tests.support.calls import expect_error
+from tests.support.quota import ACCOUNT, OTHER_REGION, REGION, START, QuotaCalls, quota_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

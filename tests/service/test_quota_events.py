@@ -13,6 +13,7 @@ import grpc
 import pytest
 from allot.quota.v1 import quota_service_pb2
 
+from tests.support.calls import expect_error, ts
 from tests.support.events import (
     ARMED,
     FIRED,
@@ -26,7 +27,7 @@ from tests.support.events import (
     payloads,
     state_changes,
 )
-from tests.support.quota_calls import (
+from tests.support.quota import (
     ACCOUNT,
     ACTIVE,
     API,
@@ -38,9 +39,7 @@ from tests.support.quota_calls import (
     REVOKED,
     START,
     QuotaCalls,
-    expect_error,
     quota_server,
-    ts,
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

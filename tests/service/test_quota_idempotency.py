@@ -10,8 +10,9 @@ import grpc
 import pytest
 from google.rpc import code_pb2
 
+from tests.support.calls import expect_error, status_details
 from tests.support.events import AlertCalls, alert
-from tests.support.quota_calls import (
+from tests.support.quota import (
     ACCOUNT,
     API,
     EXHAUSTED,
@@ -21,8 +22,6 @@ from tests.support.quota_calls import (
     REVOKED,
     QuotaCalls,
     deductions,
-    expect_error,
-    status_details,
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

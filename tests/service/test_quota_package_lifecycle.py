@@ -7,7 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from tests.support.quota_calls import (
+from tests.support.calls import ts
+from tests.support.quota import (
     ACTIVE,
     API,
     EXHAUSTED,
@@ -19,7 +20,6 @@ from tests.support.quota_calls import (
     REVOKED,
     QuotaCalls,
     deductions,
-    ts,
 )
 
 STATES = (PENDING, ACTIVE, EXHAUSTED, EXPIRED, REVOKED)

@@ -5,16 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.support.quota_calls import (
-    ACCOUNT,
-    ACTIVE,
-    API,
-    OTHER_ACCOUNT,
-    OTHER_API,
-    PENDING,
-    QuotaCalls,
-    expect_error,
-)
+from tests.support.calls import expect_error
+from tests.support.quota import ACCOUNT, ACTIVE, API, OTHER_ACCOUNT, OTHER_API, PENDING, QuotaCalls
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -21,8 +21,8 @@ from services.quota.service import QuotaService
 from shared.errors import AllotError, InvalidArgument
 from shared.migrations import upgrade
 from shared.server import build_runtime
-from tests.support import servers
-from tests.support.quota_calls import (
+from tests.support.calls import expect_error, ts
+from tests.support.quota import (
     ACCOUNT,
     API,
     END_OF_YEAR,
@@ -33,9 +33,8 @@ from tests.support.quota_calls import (
     START,
     SUBSCRIPTION,
     QuotaCalls,
-    expect_error,
     quota_server,
-    ts,
+    quota_settings,
 )
 
 MINUTE = quota_pb2.STATS_GRANULARITY_MINUTE
@@ -236,7 +235,7 @@ def open_source(request, database_url, tmp_path):
 
     @contextlib.asynccontextmanager
     async def use_case(timezone: str):
-        settings = servers.test_settings(
+        settings = quota_settings(
             database_url,
             tmp_path,
             clock="manual",

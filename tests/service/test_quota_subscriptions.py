@@ -7,7 +7,8 @@ import grpc
 import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2
 
-from tests.support.quota_calls import (
+from tests.support.calls import expect_error
+from tests.support.quota import (
     API,
     OTHER_ACCOUNT,
     OTHER_API,
@@ -15,7 +16,6 @@ from tests.support.quota_calls import (
     REGION,
     QuotaCalls,
     deductions,
-    expect_error,
 )
 
 SUBSCRIBED = quota_pb2.API_SUBSCRIPTION_STATE_ACTIVE

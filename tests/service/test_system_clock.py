@@ -29,16 +29,10 @@ from allot.billing.v1 import billing_pb2
 from allot.notification.v1 import notification_pb2
 from allot.quota.v1 import quota_pb2
 
-from tests.support import servers
-from tests.support.billing_processes import billing_settings, micros, running_billing
+from tests.support.billing import billing_settings, micros, running_billing
 from tests.support.events import events
-from tests.support.notification_processes import (
-    WEBHOOK,
-    notification_settings,
-    running_notification,
-    until,
-)
-from tests.support.quota_calls import QuotaCalls, last_event_sequence
+from tests.support.notification import WEBHOOK, notification_settings, running_notification, until
+from tests.support.quota import QuotaCalls, last_event_sequence, quota_settings, running_quota
 from tests.support.receivers import http_receiver
 
 REGION = "ap-southeast-1"
@@ -89,11 +83,9 @@ async def quota_events(quota: QuotaCalls, types: list[str]) -> list[quota_pb2.Qu
 
 
 async def test_due_work_runs_on_the_system_clock_without_any_clock_call(tmp_path):
-    quota_settings = servers.test_settings(
-        f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}", tmp_path, **SYSTEM
-    )
+    settings_q = quota_settings(f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}", tmp_path, **SYSTEM)
     async with contextlib.AsyncExitStack() as stack:
-        quota = QuotaCalls(await stack.enter_async_context(servers.running_quota(quota_settings)))
+        quota = QuotaCalls(await stack.enter_async_context(running_quota(settings_q)))
         receiver = stack.enter_context(http_receiver((503, 200)))
         notification = (
             await stack.enter_async_context(
@@ -154,7 +146,7 @@ async def test_due_work_runs_on_the_system_clock_without_any_clock_call(tmp_path
             "billing took the usage in after its cycle ended: the late-usage nudge, not the "
             "scheduler, would settle it; raise TO_BOUNDARY"
         )
-        assert micros((await billing.account("acct-ppu")).balance) == 0
+        assert micros((await billing.get_account("acct-ppu")).balance) == 0
 
         # Nobody moves a clock from here on: only the scheduler's loop can do any of this.
         # The three waits run together, so a failure names every one that did not happen.
@@ -180,7 +172,7 @@ async def test_due_work_runs_on_the_system_clock_without_any_clock_call(tmp_path
                 "webhook delivery retried and sent",
             ),
             until(
-                lambda: billing.account("acct-ppu"),
+                lambda: billing.get_account("acct-ppu"),
                 lambda account: micros(account.balance) < 0,
                 TO_BOUNDARY + WITHIN,
                 "pay-per-use cycle settled after it ended",

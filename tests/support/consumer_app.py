@@ -1,4 +1,4 @@
-"""A small consumer process for end-to-end tests of `shared.consumer.StreamConsumer`.
+"""A small consumer process for end-to-end tests of `shared.streams.consumer.StreamConsumer`.
 
     python -m tests.support.consumer_app --db URL --quota ADDR --token TOKEN --stream NAME
 
@@ -20,14 +20,11 @@ import grpc
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert
 
-from shared.consumer import (
-    CHANNEL_OPTIONS,
-    StreamConsumer,
-    consumer_tables,
-    default_holder,
-    grpc_stream,
-)
+from shared.channels import CHANNEL_OPTIONS
 from shared.db import Database, UnitOfWork
+from shared.streams.consumer import StreamConsumer
+from shared.streams.lease import consumer_tables, default_holder
+from shared.streams.subscriptions import grpc_stream
 
 metadata = MetaData()
 cursors, leases = consumer_tables(metadata)

@@ -32,7 +32,8 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2
 from google.protobuf import field_mask_pb2
 
 from shared.status import error_info
-from tests.support.quota_calls import ACCOUNT, REGION, Metadata, QuotaCalls
+from tests.support.calls import Metadata
+from tests.support.quota import ACCOUNT, REGION, QuotaCalls
 
 # The longest one read may take, whatever comes: generous for a loaded 2-core machine.
 TIMEOUT = 30.0

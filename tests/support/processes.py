@@ -1,7 +1,7 @@
-"""Quota as a real process for integration and end-to-end tests, with bounded start and stop.
+"""A service as a real process for integration and end-to-end tests, with bounded start and stop.
 
 `ServiceProcess.start` reads the child's stdout line by line, so a child that hangs before
-printing anything would block the test forever. `QuotaProcess` reads stdout in a thread
+printing anything would block the test forever. `WatchedProcess` reads stdout in a thread
 instead, so every wait has a deadline, and it does not pass the caller's own `ALLOT_*`
 variables on to the child (the test decides every setting the process runs with).
 """
@@ -9,7 +9,6 @@ variables on to the child (the test decides every setting the process runs with)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pathlib
 import queue
@@ -19,31 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from shared.settings import REPO_ROOT
-from tests.support.databases import migrated_sqlite_if_new
-from tests.support.servers import TEST_SECRET, ServiceProcess, free_port
+from tests.support.servers import ServiceProcess
 
 # A loaded 2-core machine may take a while to import grpc and SQLAlchemy and run migrations.
 START_TIMEOUT = 60.0
-
-
-def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[str, str]:
-    """The settings of a quota process on a fresh loopback port. A SQLite database not there
-    yet starts as a copy of quota's migrated template, so the process's own migration is a
-    no-op check (migrating: tests/integration/test_migrations.py)."""
-    migrated_sqlite_if_new(database_url, "quota")
-    env = {
-        "ALLOT_QUOTA_DATABASE_URL": database_url,
-        "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",
-        "ALLOT_AUTH_SECRET": TEST_SECRET,
-        "ALLOT_DATA_DIR": str(data_dir),
-        # Not following billing unless a test says where it is: never a developer's suite.
-        "ALLOT_BILLING_ADDR": "",
-    }
-    env.update(extra)
-    return env
 
 
 def mtls_env(tls_dir: pathlib.Path, service: str, jwks_file: pathlib.Path) -> dict[str, str]:
@@ -115,13 +96,6 @@ class WatchedProcess(ServiceProcess):
         return self.proc.wait(timeout)
 
 
-class QuotaProcess(WatchedProcess):
-    """`python -m services.quota` with a deadline on every wait."""
-
-    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
-        super().__init__("quota", env, log_path)
-
-
 async def grown_to(
     read: Callable[[], Awaitable[int]],
     at_least: int,
@@ -144,17 +118,6 @@ async def grown_to(
             raise AssertionError(f"{what} {value}, not {at_least}, within {within} s")
         await asyncio.sleep(0.01)
     return value
-
-
-@contextlib.contextmanager
-def quota_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[QuotaProcess]:
-    """A started quota process, killed on the way out if it still runs."""
-    process = QuotaProcess(env, log_path)
-    try:
-        process.start()
-        yield process
-    finally:
-        process.kill()
 
 
 def file_modes(root: pathlib.Path) -> dict[str, int]:

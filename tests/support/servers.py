@@ -1,25 +1,18 @@
-"""Real quota servers for tests: in-process on port 0 (service tests) or as processes (e2e)."""
+"""What the services under test share: the test secret, tokens for every kind of caller, free
+loopback ports, and a service started as its own process."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
-import grpc
-from allot.quota.v1 import quota_service_pb2_grpc
-from allot.testing.v1 import clock_service_pb2_grpc
-
-from services.quota.service import QuotaService
-from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY, INTERNAL, TokenSigner
-from shared.server import Server, build_runtime
-from shared.settings import REPO_ROOT, Settings
-from tests.support.databases import migrated_sqlite_if_new
+from shared.auth import ACCOUNT_FULL, ACCOUNT_READ, ADMIN, GATEWAY
+from shared.settings import REPO_ROOT
+from shared.tokens import TokenSigner
 
 TEST_SECRET = "test-secret-" + "x" * 40
 
@@ -40,7 +33,7 @@ class Tokens:
 
     def internal(self, service: str) -> str:
         """The token a suite service presents on a plaintext (local) run."""
-        return self.signer.mint(INTERNAL, user=service)
+        return self.signer.mint_internal(service)
 
     def account(
         self, account_id: str, read_only: bool = False, regions: list[str] | None = None
@@ -52,55 +45,6 @@ class Tokens:
     @staticmethod
     def md(token: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {token}"),)
-
-
-def test_settings(database_url: str, data_dir: pathlib.Path, **overrides: str) -> Settings:
-    values = {
-        "data_dir": str(data_dir),
-        "quota_database_url": database_url,
-        "quota_addr": "127.0.0.1:0",
-        "auth_secret": TEST_SECRET,
-        "shutdown_grace": "2",
-        # Not following billing unless a test says where it is: never a developer's suite.
-        "billing_addr": "",
-    }
-    values.update(overrides)
-    return Settings.from_env(environ={}, **values)
-
-
-@dataclass
-class QuotaHandle:
-    server: Server
-    channel: grpc.aio.Channel
-    stub: quota_service_pb2_grpc.QuotaServiceStub
-    clock: clock_service_pb2_grpc.ClockServiceStub
-    tokens: Tokens = field(default_factory=Tokens)
-
-    @property
-    def addr(self) -> str:
-        return self.server.bound_addr
-
-
-@contextlib.asynccontextmanager
-async def running_quota(settings: Settings):
-    """An in-process quota server on a free loopback port, with a channel to it. A SQLite
-    database not there yet starts as a copy of quota's migrated template, so the server's own
-    migration is a no-op check (migrating: tests/integration/test_migrations.py)."""
-    migrated_sqlite_if_new(settings.quota_database_url, "quota")
-    runtime = build_runtime(settings, "quota")
-    server = Server(runtime, QuotaService(runtime), settings.quota_addr)
-    await server.start()
-    channel = grpc.aio.insecure_channel(server.bound_addr)
-    try:
-        yield QuotaHandle(
-            server=server,
-            channel=channel,
-            stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
-            clock=clock_service_pb2_grpc.ClockServiceStub(channel),
-        )
-    finally:
-        await channel.close()
-        await server.stop()
 
 
 def free_port() -> int:

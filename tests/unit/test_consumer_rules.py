@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from shared.consumer import Backoff, fresh_events
+from shared.streams.backoff import Backoff
+from shared.streams.consumer import fresh_events
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ tokens with a mounted JWKS and holding no token secret, and all listed in the ku
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import import_module
 from pathlib import Path
 
@@ -21,8 +20,8 @@ K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 BASE = K8S / "base"
 PRODUCTION = K8S / "overlays" / "production"
 
-# Every variable Settings.from_env reads: the `env` metadata of its fields.
-SETTINGS_ENV = frozenset(f.metadata["env"] for f in dataclasses.fields(Settings))
+# Every variable Settings.from_env reads.
+SETTINGS_ENV = frozenset(Settings.env_names().values())
 
 # The other services whose gRPC address each service needs in its pod (quota follows billing's
 # standings; billing calls quota and reads its events; notification reads both streams).

@@ -17,20 +17,20 @@ import pytest
 from allot.quota.v1 import quota_service_pb2
 
 from shared import cli
-from shared.auth import (
-    ACCOUNT_FULL,
-    ADMIN,
-    INTERNAL,
-    TokenSigner,
-    TokenVerifier,
-    VerificationKeys,
-)
+from shared.auth import ACCOUNT_FULL, ADMIN, INTERNAL
 from shared.errors import Unauthenticated
 from shared.keys import JWKS_NAME, new_key_pair
 from shared.server import build_runtime
 from shared.settings import SettingsError
-from tests.support import servers
-from tests.support.servers import TEST_SECRET
+from shared.tokens import (
+    SERVICE_TOKEN_TTL,
+    TokenSigner,
+    TokenVerifier,
+    VerificationKeys,
+    internal_metadata,
+)
+from tests.support.quota import quota_settings, running_quota
+from tests.support.servers import TEST_SECRET, Tokens
 
 AUDIENCE = "allot-test"
 
@@ -147,6 +147,25 @@ def test_expiry_must_be_a_whole_number_within_the_max_ttl():
     assert reason_of(verifier, raw({"exp": now - 60}, TEST_SECRET, "HS256")) == "TOKEN_EXPIRED"
 
 
+def test_one_minting_of_service_tokens_serves_calls_and_tests():
+    """`internal_metadata` (every call between the services) and the tests' `Tokens.internal`
+    mint through `TokenSigner.mint_internal`: an `internal` principal naming the service, short
+    lived; no signer (mTLS), no token."""
+    signer = TokenSigner(TEST_SECRET, audience=AUDIENCE)
+    verifier = TokenVerifier(TEST_SECRET, audience=AUDIENCE)
+    ((key, value),) = internal_metadata(signer, "billing")()
+    assert key == "authorization"
+    principal = verifier.verify(value)
+    assert principal.roles == {INTERNAL} and principal.service == "billing"
+    claims = jwt.decode(value.split()[1], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == SERVICE_TOKEN_TTL
+    tests_token = Tokens(signer=signer).internal("notification")
+    assert verifier.verify(bearer(tests_token)).service == "notification"
+    assert internal_metadata(None, "billing")() == ()
+    with pytest.raises(ValueError):
+        signer.mint_internal("gateway")
+
+
 def test_claims_must_make_sense():
     verifier = TokenVerifier(TEST_SECRET)
     cases = {
@@ -169,7 +188,7 @@ def test_a_short_secret_is_refused_everywhere(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="32 bytes"):
         TokenSigner(short)
 
-    settings = servers.test_settings(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", tmp_path)
+    settings = quota_settings(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", tmp_path)
     settings = type(settings).from_env(environ={}, **{**_values(settings), "auth_secret": short})
     with pytest.raises(SettingsError, match="ALLOT_AUTH_SECRET"):
         build_runtime(settings, "quota")
@@ -209,14 +228,14 @@ async def test_a_quota_server_with_a_jwks_and_no_secret_accepts_allot_token_key(
     assert cli.main(["token", "--role", "admin", "--key", str(keys / "k1.pem")]) == 0
     token = capsys.readouterr().out.strip()
 
-    settings = servers.test_settings(
+    settings = quota_settings(
         f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
         tmp_path,
         auth_secret="",
         auth_jwks_file=str(keys / JWKS_NAME),
     )
     assert settings.optional_signing_secret() is None
-    async with servers.running_quota(settings) as quota:
+    async with running_quota(settings) as quota:
         assert quota.server.runtime.signer is None
         request = quota_service_pb2.GetQuotaSummaryRequest(account_id="acct-1")
         summary = await quota.stub.GetQuotaSummary(

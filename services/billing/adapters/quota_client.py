@@ -15,11 +15,11 @@ from datetime import datetime
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
-from shared.auth import TokenSigner, internal_metadata
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
 from shared.timeutil import to_timestamp
 from shared.tls import Channels
+from shared.tokens import TokenSigner, internal_metadata
 
 log = logging.getLogger("allot.billing.quota")
 

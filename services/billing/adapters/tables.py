@@ -15,9 +15,9 @@ from sqlalchemy import (
 )
 
 from shared.api_subscriptions import api_subscriptions_table
-from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
+from shared.streams.lease import consumer_tables
 
 metadata = MetaData()
 

@@ -191,8 +191,8 @@ _WIRED = "_allot_standing_wiring"
 def wire_standing(service) -> SubscriptionReleaser:
     """Register the arrears clock as due work of a ``BillingService`` (once per service).
 
-    Register it after ``usage.wire_usage`` so that, on one pass of the scheduler, a settlement
-    that starts grace is seen by the clock in the same pass."""
+    Register it after pay-per-use (``services/billing/pay_per_use.py``) so that, on one pass
+    of the scheduler, a settlement that starts grace is seen by the clock in the same pass."""
     existing = getattr(service, _WIRED, None)
     if existing is not None:
         return existing

@@ -35,7 +35,7 @@ def build_senders(settings: Settings) -> dict[int, Sender]:
     return {
         Channel.EMAIL: email_sender,
         Channel.SMS: sms_sender,
-        Channel.WEBHOOK: WebhookSender(allow_private=settings.private_webhooks_allowed),
+        Channel.WEBHOOK: WebhookSender(allow_private=settings.webhook_allow_private),
     }
 
 

@@ -12,9 +12,9 @@ from sqlalchemy import (
     Text,
 )
 
-from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
+from shared.streams.lease import consumer_tables
 
 metadata = MetaData()
 

@@ -17,9 +17,9 @@ from sqlalchemy import (
 from sqlalchemy import false as sa_false
 
 from shared.api_subscriptions import api_subscriptions_table
-from shared.consumer import consumer_tables
 from shared.idempotency import idempotency_table
 from shared.outbox import outbox_tables
+from shared.streams.lease import consumer_tables
 
 metadata = MetaData()
 

@@ -13,19 +13,21 @@ import pathlib
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from google.type import money_pb2
 
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
+from tests.support.calls import Metadata, ts
 from tests.support.events import events as stream_events
-from tests.support.processes import WatchedProcess, quota_env
+from tests.support.processes import WatchedProcess
+from tests.support.quota import quota_env
 from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 # How long a test waits for something the services do on their own (a consumer catching up,
@@ -33,7 +35,6 @@ from tests.support.servers import TEST_SECRET, Tokens, free_port
 SETTLE_TIMEOUT = 30.0
 POLL = 0.05
 
-Metadata = tuple[tuple[str, str], ...]
 
 # A catalog for tier tests: tier 1 ends at 10 calls, so a test reaches tier 2 with 11 calls.
 TEST_CATALOG = """\
@@ -66,15 +67,6 @@ offers:
 """
 # Tier 1 of passport and general-text ends here.
 TIER_1_UP_TO = 10
-
-
-def ts(value: datetime | str) -> timestamp_pb2.Timestamp:
-    """A Timestamp of an aware datetime or an RFC 3339 string."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value.astimezone(UTC))
-    return stamp
 
 
 def write_catalog(directory: pathlib.Path) -> pathlib.Path:
@@ -210,21 +202,6 @@ async def running_billing(settings: Settings):
 # --- calls -------------------------------------------------------------------------------
 
 
-async def expect(call, code, reason=None, field=None):
-    """Await a call that must fail with `code` (and ErrorInfo `reason`, BadRequest `field`)."""
-    import pytest
-
-    from shared.status import bad_request_fields, error_info
-
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-    if reason:
-        assert error_info(caught.value).reason == reason, caught.value.details()
-    if field:
-        assert field in bad_request_fields(caught.value)
-
-
 def usd(amount: str) -> money_pb2.Money:
     """`"1.25"` as google.type.Money in USD (exactly)."""
     micros = money_micros_of(amount)
@@ -259,7 +236,7 @@ class BillingCalls:
         self.clock = clock_service_pb2_grpc.ClockServiceStub(self.channel)
         self.admin = self.tokens.md(self.tokens.admin())
 
-    def account_md(self, account_id: str, read_only: bool = False) -> Metadata:
+    def account(self, account_id: str, read_only: bool = False) -> Metadata:
         return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
 
     async def create_account(
@@ -322,7 +299,7 @@ class BillingCalls:
             metadata=self.admin,
         )
 
-    async def account(self, account_id: str) -> billing_pb2.Account:
+    async def get_account(self, account_id: str) -> billing_pb2.Account:
         return await self.stub.GetAccount(
             billing_service_pb2.GetAccountRequest(account_id=account_id), metadata=self.admin
         )

@@ -1,28 +1,36 @@
-"""Short calls to a running quota server for service tests, and checks of its error details.
+"""The quota service for tests: as a real process (end-to-end), in-process on port 0 (service
+tests), and short calls to it. billing.py and notification.py offer the same names for theirs:
+`<service>_env` / `<service>_process` / `<Service>Process`, `<service>_settings` /
+`running_<service>` / `<Service>Handle`, and `<Service>Calls` (with `admin` and
+`account(account_id, read_only)` metadata).
 
-`QuotaCalls` wraps a `QuotaHandle`: every method builds one real request, sends it through the
-real stub with a real token (admin by default, the gateway's `service` token for usage) and
-returns the real response. `expect_error` awaits a call that must fail and checks the status
-code, `ErrorInfo.reason` and, when given, the field named in `BadRequest`.
+`QuotaProcess` is `WatchedProcess` for `python -m services.quota`. `QuotaCalls` wraps a
+`QuotaHandle`: every method builds one real request, sends it through the real stub with a real
+token (admin by default, the gateway's `service` token for usage) and returns the real
+response; `quota_calls` gives the same over a plain channel to a quota process. A call that
+must fail is checked with `tests.support.calls.expect_error`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import pathlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import grpc
-import pytest
-from allot.quota.v1 import quota_pb2, quota_service_pb2
-from allot.testing.v1 import clock_service_pb2
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
 
-from shared.status import bad_request_fields, error_info
-from tests.support import servers
-from tests.support.servers import QuotaHandle, Tokens
+from services.quota.service import QuotaService
+from shared.server import Server, build_runtime
+from shared.settings import Settings
+from tests.support.calls import Metadata, ts
+from tests.support.databases import migrated_sqlite_if_new
+from tests.support.processes import WatchedProcess
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 REGION = "ap-southeast-1"
 OTHER_REGION = "ap-southeast-2"
@@ -45,16 +53,97 @@ EXHAUSTED = quota_pb2.PACKAGE_STATE_EXHAUSTED
 EXPIRED = quota_pb2.PACKAGE_STATE_EXPIRED
 REVOKED = quota_pb2.PACKAGE_STATE_REVOKED
 
-Metadata = tuple[tuple[str, str], ...]
+# --- as a process ------------------------------------------------------------------------
 
 
-def ts(value: datetime | str) -> timestamp_pb2.Timestamp:
-    """A Timestamp of an aware datetime or an RFC 3339 string."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value.astimezone(UTC))
-    return stamp
+def quota_env(database_url: str, data_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+    """The settings of a quota process on a fresh loopback port. A SQLite database not there
+    yet starts as a copy of quota's migrated template, so the process's own migration is a
+    no-op check (migrating: tests/integration/test_migrations.py)."""
+    migrated_sqlite_if_new(database_url, "quota")
+    env = {
+        "ALLOT_QUOTA_DATABASE_URL": database_url,
+        "ALLOT_QUOTA_ADDR": f"127.0.0.1:{free_port()}",
+        "ALLOT_AUTH_SECRET": TEST_SECRET,
+        "ALLOT_DATA_DIR": str(data_dir),
+        # Not following billing unless a test says where it is: never a developer's suite.
+        "ALLOT_BILLING_ADDR": "",
+    }
+    env.update(extra)
+    return env
+
+
+class QuotaProcess(WatchedProcess):
+    """`python -m services.quota` with a deadline on every wait."""
+
+    def __init__(self, env: dict[str, str], log_path: pathlib.Path) -> None:
+        super().__init__("quota", env, log_path)
+
+
+@contextlib.contextmanager
+def quota_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[QuotaProcess]:
+    """A started quota process, killed on the way out if it still runs."""
+    process = QuotaProcess(env, log_path)
+    try:
+        process.start()
+        yield process
+    finally:
+        process.kill()
+
+
+# --- in process --------------------------------------------------------------------------
+
+
+def quota_settings(database_url: str, data_dir: pathlib.Path, **overrides: str) -> Settings:
+    values = {
+        "data_dir": str(data_dir),
+        "quota_database_url": database_url,
+        "quota_addr": "127.0.0.1:0",
+        "auth_secret": TEST_SECRET,
+        "shutdown_grace": "2",
+        # Not following billing unless a test says where it is: never a developer's suite.
+        "billing_addr": "",
+    }
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+@dataclass
+class QuotaHandle:
+    server: Server
+    channel: grpc.aio.Channel
+    stub: quota_service_pb2_grpc.QuotaServiceStub
+    clock: clock_service_pb2_grpc.ClockServiceStub
+    tokens: Tokens = field(default_factory=Tokens)
+
+    @property
+    def addr(self) -> str:
+        return self.server.bound_addr
+
+
+@contextlib.asynccontextmanager
+async def running_quota(settings: Settings):
+    """An in-process quota server on a free loopback port, with a channel to it. A SQLite
+    database not there yet starts as a copy of quota's migrated template, so the server's own
+    migration is a no-op check (migrating: tests/integration/test_migrations.py)."""
+    migrated_sqlite_if_new(settings.quota_database_url, "quota")
+    runtime = build_runtime(settings, "quota")
+    server = Server(runtime, QuotaService(runtime), settings.quota_addr)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.bound_addr)
+    try:
+        yield QuotaHandle(
+            server=server,
+            channel=channel,
+            stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
+            clock=clock_service_pb2_grpc.ClockServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+# --- calls -------------------------------------------------------------------------------
 
 
 def deductions(response) -> list[tuple[str, int]]:
@@ -65,9 +154,7 @@ def deductions(response) -> list[tuple[str, int]]:
 async def quota_server(database_url: str, data_dir: pathlib.Path, **overrides: str):
     """A quota server like the `quota` fixture's (manual clock at START) with other settings."""
     values = {"clock": "manual", "clock_start": "2024-01-01T00:00:00Z", **overrides}
-    async with servers.running_quota(
-        servers.test_settings(database_url, data_dir, **values)
-    ) as handle:
+    async with running_quota(quota_settings(database_url, data_dir, **values)) as handle:
         yield QuotaCalls(handle)
 
 
@@ -334,40 +421,6 @@ class QuotaCalls:
         )
 
 
-async def expect_error(
-    call: Awaitable,
-    code: grpc.StatusCode,
-    reason: str,
-    field: str | None = None,
-) -> grpc.aio.AioRpcError:
-    """Await a call that must fail with `code`, ErrorInfo `reason` and BadRequest `field`."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    error = caught.value
-    assert error.code() == code, f"{error.code()}: {error.details()}"
-    info = error_info(error)
-    assert info is not None, f"no ErrorInfo in {error.code()}: {error.details()}"
-    assert (info.domain, info.reason) == ("allot", reason), error.details()
-    if field is not None:
-        assert bad_request_fields(error) == [field]
-    return error
-
-
-def status_details(status: status_pb2.Status) -> tuple[str, list[str]]:
-    """(ErrorInfo.reason, BadRequest fields) of a `google.rpc.Status` carried as data."""
-    reason, fields = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.extend(v.field for v in bad.field_violations)
-    return reason, fields
-
-
 async def last_event_sequence(handle: QuotaHandle, event_type: str = "") -> int:
     """The sequence of the last event (of `event_type`, when given) quota has written, 0 when
     none: what a consumer of its stream has to reach to have seen everything written so far."""
@@ -384,3 +437,15 @@ async def last_event_sequence(handle: QuotaHandle, event_type: str = "") -> int:
         return (await uow.session.execute(query)).scalar_one()
 
     return await handle.server.runtime.db.read(last)
+
+
+def quota_calls(channel: grpc.aio.Channel, tokens: Tokens | None = None) -> QuotaCalls:
+    """The quota helpers of this module over a channel to a quota process
+    (with the tokens of `tokens`, the test secret's by default)."""
+    handle = QuotaHandle(
+        server=None,  # type: ignore[arg-type] - only the stubs are used
+        channel=channel,
+        stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
+        clock=clock_service_pb2_grpc.ClockServiceStub(channel),
+    )
+    return QuotaCalls(handle, tokens)

@@ -6,8 +6,7 @@ deadline and the child gets exactly the `ALLOT_*` settings the test chose. `Noti
 wraps the real stub (and the manual clock's ClockService) with real tokens; `settled` polls
 `ListNotifications` until the deliveries a test waits for are no longer pending, so a test never
 sleeps for a guessed time, and `barrier` is what a check that nothing more was sent reads up
-to. `quota_calls` gives the quota helpers of `tests.support.quota_calls`
-over a plain channel to a quota process.
+to.
 """
 
 from __future__ import annotations
@@ -28,17 +27,16 @@ from allot.notification.v1 import (
     notification_service_pb2,
     notification_service_pb2_grpc,
 )
-from allot.quota.v1 import quota_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from services.notification.service import NotificationService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
+from tests.support.calls import Metadata
 from tests.support.processes import WatchedProcess
-from tests.support.quota_calls import QuotaCalls
 from tests.support.receivers import SmtpInbox
-from tests.support.servers import TEST_SECRET, QuotaHandle, Tokens, free_port
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 # Numbers the barrier accounts and addresses of `NotificationCalls.barrier`.
 _BARRIERS = itertools.count(1)
@@ -64,7 +62,6 @@ PENDING = notification_pb2.DELIVERY_STATE_PENDING
 SENT = notification_pb2.DELIVERY_STATE_SENT
 FAILED = notification_pb2.DELIVERY_STATE_FAILED
 
-Metadata = tuple[tuple[str, str], ...]
 Notification = notification_pb2.Notification
 T = TypeVar("T")
 
@@ -394,15 +391,3 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {within} s; last read: {value}")
         await asyncio.sleep(POLL)
-
-
-def quota_calls(channel: grpc.aio.Channel, tokens: Tokens | None = None) -> QuotaCalls:
-    """The quota helpers of `tests.support.quota_calls` over a channel to a quota process
-    (with the tokens of `tokens`, the test secret's by default)."""
-    handle = QuotaHandle(
-        server=None,  # type: ignore[arg-type] - only the stubs are used
-        channel=channel,
-        stub=quota_service_pb2_grpc.QuotaServiceStub(channel),
-        clock=clock_service_pb2_grpc.ClockServiceStub(channel),
-    )
-    return QuotaCalls(handle, tokens)
