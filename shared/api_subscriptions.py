@@ -3,7 +3,7 @@
 Quota's rows say which APIs an account may call in a region (admission reads them); billing's
 say which subscriptions billing asked quota for, so releasing an account can cancel them. Both
 have the same shape: one row per (account, region, API) with its `ApiSubscriptionState` number
-and integer-microsecond times (docs/design.md).
+and integer-microsecond times (docs/design/ownership-and-regions.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The catalog: regions, APIs with their pay-per-use price tiers, and the package offers for sale.
 
-Services load it once at start from a YAML file (``ALLOT_CATALOG``, format in ``docs/design.md``); a
-malformed file is rejected with a ``CatalogError`` that reads ``<file>:<line>: <problem>``.
+Services load it once at start from a YAML file (``ALLOT_CATALOG``, format in
+``docs/design/billing.md``); a malformed file is rejected with a ``CatalogError`` that reads
+``<file>:<line>: <problem>``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class Kind(enum.Enum):
 
 
 class AllotError(Exception):
-    """An expected failure with a reason from API.md (UPPER_SNAKE_CASE) and its values."""
+    """An expected failure with a reason in UPPER_SNAKE_CASE (docs/contract.md) and its values."""
 
     kind: Kind = Kind.FAILED_PRECONDITION
 

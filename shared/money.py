@@ -8,8 +8,8 @@ than rounded, so nothing is lost silently. Floats never take part.
 Money leaves the system in the currency's **minor unit** (ISO 4217 exponent: cents for USD, EUR
 and CNY; whole yen and won; fils with three decimals for BHD and KWD). Rounding to it happens in
 exactly one place, ``round_half_up_to_minor``, which settlement of a pay-per-use cycle calls
-once per cycle (DESIGN.md §4). It rounds **half away from zero**: 1.005 USD becomes 1.01 and
--1.005 becomes -1.01, so rounding commutes with negation and a credit that reverses a charge
+once per cycle (docs/design/billing.md). It rounds **half away from zero**: 1.005 USD becomes 1.01
+and -1.005 becomes -1.01, so rounding commutes with negation and a credit that reverses a charge
 rounds to exactly the charge. ``format_amount`` never rounds: it writes the exact amount with the
 currency's minor digits, and more digits only when the amount is finer than the minor unit, so a
 value that should have been rounded is visible instead of hidden.

@@ -6,8 +6,8 @@
   billed quantities of the month's bill add up to the pay-per-use quantity quota reported, the
   lines explain the balance, and every cycle is settled. Cycles whose usage arrives after they
   ended are settled while events still arrive, so kills land in intake and in settlement.
-- The arrears timeline of DESIGN §4 across both services: zero balance, pay-per-use settled at
-  2024-05-01 11:00 → GRACE (calls still admitted, purchases and subscribing refused as
+- The arrears timeline of docs/design/arrears.md across both services: zero balance, pay-per-use
+  settled at 2024-05-01 11:00 → GRACE (calls still admitted, purchases and subscribing refused as
   ACCOUNT_IN_ARREARS), FROZEN at 2024-05-16 11:00 (CheckQuota denies), RELEASED at
   2024-05-31 11:00 (subscriptions cancelled at quota); a top-up on 2024-05-10 that covers the
   debt returns to GOOD at once.

@@ -4,8 +4,9 @@ Quota runs as a process with 3,000 `pay_per_use_recorded` events (an account wit
 reported with BatchReportUsage). The consumer (`tests/support/consumer_app.py`) runs as a process
 too and is SIGKILLed several times while it applies; each restart is a new replica that must
 wait for the dead one's lease to expire. Its `applied` table has no unique constraint, so an
-event applied twice would show as a second row (DESIGN §1). Two consumers started together on
-one database must split the work through the lease and never both apply (DESIGN §8).
+event applied twice would show as a second row (docs/design/ownership-and-regions.md). Two consumers
+started together on one database must split the work through the lease and never both apply
+(docs/design/scale.md).
 """
 
 from __future__ import annotations

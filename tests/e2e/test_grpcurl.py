@@ -1,7 +1,7 @@
 """An operator's session: the real `grpcurl` binary against a quota process on SQLite.
 
 Everything goes through server reflection (no .proto files are given to grpcurl), tokens travel
-in `authorization` metadata, and health answers without a token (API.md, "General rules").
+in `authorization` metadata, and health answers without a token (docs/contract.md).
 """
 
 from __future__ import annotations

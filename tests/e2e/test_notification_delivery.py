@@ -1,5 +1,5 @@
-"""Notification end to end (DESIGN §5): quota and notification as processes, a real SMTP server
-(aiosmtpd) and real HTTP receivers on loopback that verify `Allot-Signature`.
+"""Notification end to end (docs/design/notification.md): quota and notification as processes, a
+real SMTP server (aiosmtpd) and real HTTP receivers on loopback that verify `Allot-Signature`.
 
 One quota process and one notification process (SQLite, manual clocks at CLOCK_START, email
 over SMTP to the module's inbox, retries after 10 s × 2^n, three attempts) serve the module;

@@ -1,6 +1,7 @@
 """Notification SIGKILLed while crossings arrive, and restarted: every crossing still yields
-exactly one notification with exactly one delivery per subscribed contact (DESIGN §5: "a
-crossing produces exactly one notification even if the consumer crashes and replays").
+exactly one notification with exactly one delivery per subscribed contact
+(docs/design/notification.md: "each relevant event becomes exactly one notification"; a consumer
+that crashes and replays adds nothing).
 
 Quota runs as a process (SQLite, manual clock). Each of ACCOUNTS accounts has a 20 % usage
 alert and goes through CYCLES crossings: use 80 calls (the alert fires), grant 100 more (it

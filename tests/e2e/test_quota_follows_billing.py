@@ -1,5 +1,6 @@
-"""Quota follows billing's account standings (DESIGN §4: "Each change is an
-AccountStandingChanged event; quota keeps a projection of it for admission").
+"""Quota follows billing's account standings (docs/design/arrears.md, "How others
+learn about it": each change is an account_standing_changed event; quota keeps a projection
+of it for admission).
 
 Standing changes into arrears are made the way billing's clock-driven arrears work makes them
 (`services/billing/app/standing.py`): a transaction on billing's database that calls billing's
@@ -76,8 +77,8 @@ DENY_RELEASED = quota_service_pb2.DENY_REASON_ACCOUNT_RELEASED
 ACCOUNT = "acct-arrears"
 OTHER = "acct-good"
 CLOCK_START = "2024-05-01T00:00:00Z"
-# Arrears as DESIGN §4's example: pay-per-use settled at 11:00 leaves the balance below zero.
-# A consumer retries a missing producer within 5 s (its backoff and the channel's); generous
+# Arrears as docs/design/arrears.md's example: pay-per-use settled at 11:00 leaves the balance below
+# zero. A consumer retries a missing producer within 5 s (its backoff and the channel's); generous
 # for a loaded machine, and every wait ends as soon as it is met.
 FOLLOW_TIMEOUT = 45.0
 

@@ -4,8 +4,8 @@ A gateway only trusts what was acknowledged and retries the rest. So after the r
 acknowledged event must be recorded exactly once with the result it was acknowledged with;
 an unacknowledged event may or may not have been committed, but never half and never twice;
 and the package's used quantity must equal the deductions of the events recorded
-(DESIGN §2 "Exactly once"). On SIGTERM the process says NOT_SERVING, lets in-flight calls
-finish for the grace period and exits 0 (STYLE.md pattern 9).
+(docs/design/deduction-order.md, "Exactly once"). On SIGTERM the process says NOT_SERVING, lets
+in-flight calls finish for the grace period and exits 0 (docs/architecture.md, "Shared pieces").
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One quota process (SQLite) serves the whole module; every test uses its own acco
 at the stream as a consumer would: from 0 (everything, gap-free) or after a sequence. Live
 events must arrive within LIVE_WITHIN seconds, also when another replica on the same database
 commits them (that stream polls instead of being woken). Only operators and services may
-watch (DESIGN §7).
+watch (docs/security.md).
 """
 
 from __future__ import annotations

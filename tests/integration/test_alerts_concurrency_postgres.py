@@ -1,4 +1,5 @@
-"""A threshold crossed by many concurrent reporters fires exactly once (DESIGN §3, §8).
+"""A threshold crossed by many concurrent reporters fires exactly once
+(docs/design/usage-alerts.md, docs/design/scale.md).
 
 Alert evaluation runs in the deduction's transaction and takes the rule's row lock, so with
 50 reporters racing past a threshold on PostgreSQL exactly one `threshold_crossed` event

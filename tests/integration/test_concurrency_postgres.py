@@ -2,10 +2,11 @@
 
 Many gateway calls race for the last units of one package: they must take exactly what the
 package holds, the rest must become pay-per-use, and replaying every event must change nothing
-(DESIGN §2, "Exactly once"). Within one process concurrent ReportUsage calls share batch
-transactions (app/coalescer.py), so the race between transactions is also run with
+(docs/design/deduction-order.md, "Exactly once"). Within one process concurrent ReportUsage calls
+share batch transactions (app/coalescer.py), so the race between transactions is also run with
 BatchReportUsage and across two replicas on one database, where only row locks keep the count
-right (DESIGN §8). Concurrent grants with one request_id must create one package (AIP-155).
+right (docs/design/scale.md). Concurrent grants with one request_id must create one package
+(AIP-155).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ async def stub(postgres_url, tmp_path):
 
 @pytest.fixture
 async def replicas(postgres_url, tmp_path):
-    """Two quota processes on one database, as replicas of one regional deployment (DESIGN §8):
-    only the database's row locks keep them apart."""
+    """Two quota processes on one database, as replicas of one regional deployment
+    (docs/design/scale.md): only the database's row locks keep them apart."""
     with (
         quota_process(quota_env(postgres_url, tmp_path), tmp_path / "quota-a.log") as a,
         quota_process(quota_env(postgres_url, tmp_path), tmp_path / "quota-b.log") as b,

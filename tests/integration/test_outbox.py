@@ -1,9 +1,9 @@
 """The outbox and the stream consumer on real databases (SQLite and PostgreSQL).
 
-Producer side (DESIGN §1): events are numbered 1..N without gaps however many transactions
-write at once, a rolled-back transaction's events never appear (also after it took sequence
-numbers), and a reader paging with `sequence > cursor` never sees a later sequence before an
-earlier one, even while a transaction that staged an event commits late.
+Producer side (docs/design/ownership-and-regions.md): events are numbered 1..N without gaps however
+many transactions write at once, a rolled-back transaction's events never appear (also after it took
+sequence numbers), and a reader paging with `sequence > cursor` never sees a later sequence before
+an earlier one, even while a transaction that staged an event commits late.
 
 Consumer side: `shared.streams.consumer.StreamConsumer` against an `Outbox.watch` stream applies
 every event exactly once across stream failures, replays, failing effects, a lost lease and a second

@@ -1,5 +1,5 @@
 """Renewals through real servers: a quota server and a billing server (in-process, manual
-clocks, SQLite or PostgreSQL each). Manual renewal (DESIGN.md §4: until expiry and 15 days
+clocks, SQLite or PostgreSQL each). Manual renewal (docs/design/billing.md: until expiry and 15 days
 after, counted from the original expiry) and the auto-renewal schedule (03:00 in the billing
 time zone, 7 days before expiry, then daily while the balance is short).
 

@@ -1,4 +1,4 @@
-"""Contacts and the notification RPCs that need no quota (API.md notification rows, DESIGN §5):
+"""Contacts and the notification RPCs that need no quota (docs/design/notification.md):
 CRUD with update masks and pages, addresses validated per channel (INVALID_ARGUMENT naming the
 field), the webhook secret shown once, who may call what, SendTestNotification to one contact,
 and the notification list.

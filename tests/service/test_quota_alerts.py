@@ -1,4 +1,4 @@
-"""Usage alerts (DESIGN §3, API.md usage alert rows): edge-triggered rules on the aggregate
+"""Usage alerts (docs/design/usage-alerts.md): edge-triggered rules on the aggregate
 remaining quantity of the packages in force, re-armed and evaluated at once when the total or
 the rule changes; each firing is one `threshold_crossed` event read back from WatchEvents."""
 
@@ -56,7 +56,7 @@ def _with_id(message, alert_id: str):
     return message
 
 
-# --- the examples of DESIGN §3 -----------------------------------------------------------
+# --- the examples of docs/design/usage-alerts.md ------------------------------------------
 
 
 async def test_percent_rule_fires_once_on_the_call_that_reaches_it_and_rearms_on_a_grant(q, a):

@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §7): tokens are checked on every call except health and
+"""Who may call what (docs/security.md): tokens are checked on every call except health and
 reflection, permission is decided before existence, and region-scoped tokens stay home."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Which packages pay for a call, end to end through the service (DESIGN §2), and how
-ExplainUsage says why."""
+"""Which packages pay for a call, end to end through the service (docs/design/deduction-order.md),
+and how ExplainUsage says why."""
 
 from __future__ import annotations
 

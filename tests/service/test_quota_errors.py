@@ -1,5 +1,5 @@
 """Malformed and refused requests fail with the contract's code, reason and field, and write
-nothing (API.md "Quota error reasons"; STYLE.md patterns 3-5)."""
+nothing (docs/contract.md, "Errors" and "Idempotency")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Quota's other events and its stream (DESIGN §1 "Events", §3, §6; API.md quota event
-payloads): `package_state_changed` for activation, exhaustion, expiry and revocation,
-`package_expiring` once before expiry, `pay_per_use_recorded` for every pay-per-use part, the
-clock-driven work that re-evaluates alerts, and `WatchEvents` history, filters and live events."""
+"""Quota's other events and its stream (docs/design/ownership-and-regions.md, "Events";
+docs/design/usage-alerts.md; docs/design/time.md): `package_state_changed` for activation,
+exhaustion, expiry and revocation, `package_expiring` once before expiry, `pay_per_use_recorded` for
+every pay-per-use part, the clock-driven work that re-evaluates alerts, and `WatchEvents` history,
+filters and live events."""
 
 from __future__ import annotations
 

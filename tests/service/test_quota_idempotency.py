@@ -1,5 +1,5 @@
-"""Exactly once (DESIGN §2) and request ids (AIP-155): replays return the first result and change
-nothing; a batch fails slot by slot; concurrent twins still count once."""
+"""Exactly once (docs/design/deduction-order.md) and request ids (AIP-155): replays return the first
+result and change nothing; a batch fails slot by slot; concurrent twins still count once."""
 
 from __future__ import annotations
 

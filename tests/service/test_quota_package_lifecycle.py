@@ -1,5 +1,5 @@
 """Package states follow the clock on every read; summaries count packages in force; renewal
-and revocation change what pays (DESIGN §2, API.md `QuotaSummary`)."""
+and revocation change what pays (docs/design/deduction-order.md; `QuotaSummary`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""API subscriptions and admission (DESIGN §2 "Admission"): CheckQuota answers as data, and
-usage that happened is recorded whatever the admission state."""
+"""API subscriptions and admission (docs/design/deduction-order.md, "Admission"): CheckQuota answers
+as data, and usage that happened is recorded whatever the admission state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The arrears lifecycle (DESIGN.md §4): GOOD → GRACE → FROZEN → RELEASED, and back to GOOD."""
+"""The arrears lifecycle (docs/design/arrears.md): GOOD → GRACE → FROZEN → RELEASED, and back."""
 
 from datetime import UTC, datetime, timedelta, timezone
 

@@ -1,4 +1,4 @@
-"""Bills (DESIGN.md §4): lines, settlement of cycles, the balance invariant, CSV export."""
+"""Bills (docs/design/billing.md): lines, cycle settlement, the balance invariant, CSV export."""
 
 import csv
 import io
@@ -288,7 +288,7 @@ def test_a_line_of_another_account_is_refused():
 
 
 def test_settlement_rounds_half_up_to_the_minor_unit_of_the_currency():
-    # A lone call at 0.0025 rounds to nothing: rounding is per cycle, as DESIGN.md §4 says.
+    # A lone call at 0.0025 rounds to nothing: rounding is per cycle (docs/design/billing.md).
     assert settle([local(2024, 5, 1, 8, 45)])[0].amount_micros == 0
     calls = [local(2024, 5, 1, 8, 45)] * 3  # 0.0075
 

@@ -1,4 +1,4 @@
-"""The billing calendar (DESIGN.md §4): hourly cycles by occur_time and months, local time."""
+"""The billing calendar (docs/design/time.md): hourly cycles by occur_time, months, local time."""
 
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo

@@ -1,4 +1,4 @@
-"""Graduated pay-per-use pricing (DESIGN.md §4, issue 4's tier rules)."""
+"""Graduated pay-per-use pricing (docs/design/billing.md, "Pay-per-use")."""
 
 from collections import Counter
 from datetime import datetime, timedelta, timezone

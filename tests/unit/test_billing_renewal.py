@@ -1,4 +1,4 @@
-"""Renewal (DESIGN.md §4): the manual renewal window and the auto-renewal schedule."""
+"""Renewal (docs/design/billing.md): the manual renewal window and the auto-renewal schedule."""
 
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo

@@ -1,4 +1,4 @@
-"""The deduction order, package states and totals (DESIGN.md §2), with the design's examples."""
+"""The deduction order, package states and totals (docs/design/deduction-order.md), by example."""
 
 from datetime import UTC, datetime, timedelta
 

@@ -3,7 +3,7 @@
 Hypothesis grants packages and reports (and replays) events in random order, and checks the
 ledger after every step: remaining never negative, every billable call paid exactly once by
 packages or pay-per-use, failed calls free, replays changing nothing, and the engine following
-the deduction order (DESIGN.md §2).
+the deduction order (docs/design/deduction-order.md).
 """
 
 from collections import Counter
@@ -79,8 +79,8 @@ package_specs = st.fixed_dictionaries(
 )
 
 
-# Oracles: DESIGN.md §2 restated independently of the engine, so a bug there is not
-# reproduced here.
+# Oracles: docs/design/deduction-order.md restated independently of the engine, so a bug there is
+# not reproduced here.
 
 
 def is_billable(http_status: int) -> bool:

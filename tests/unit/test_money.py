@@ -1,4 +1,4 @@
-"""Money in micro-units (DESIGN.md §4): exact conversion, minor units, rounding, formatting."""
+"""Money in micro-units (docs/design/billing.md): conversion, minor units, rounding, formatting."""
 
 from decimal import Decimal
 

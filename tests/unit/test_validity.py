@@ -1,4 +1,4 @@
-"""Validity periods of packages (DESIGN.md §2): where a package bought for N months ends."""
+"""Validity periods of packages (docs/design/time.md): where a package bought for N months ends."""
 
 from datetime import UTC, date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo

@@ -1,6 +1,6 @@
 """allot.billing.v1.BillingService: requests in, use cases called, responses out.
 
-Every RPC of BillingService (protos/, docs/design.md) is served here; the work is in ``app/``.
+Every RPC of BillingService (protos/, docs/contract.md) is served here; the work is in ``app/``.
 """
 
 from __future__ import annotations

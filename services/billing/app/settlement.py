@@ -1,5 +1,5 @@
 """Pay-per-use settlement: each hourly cycle, once it has ended, is priced, charged and
-booked (docs/design.md); the intake that fills the cycles is ``app/usage.py``.
+booked (docs/design/billing.md); the intake that fills the cycles is ``app/usage.py``.
 
 Settlement
 ==========

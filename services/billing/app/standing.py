@@ -8,8 +8,8 @@ the instant the clock was seen to pass it (``domain.arrears.advance``): a clock 
 ahead yields ``FROZEN`` at the end of grace and ``RELEASED`` at the end of retention, each
 announced in order.
 
-Releasing subscriptions (docs/design.md)
-======================================
+Releasing subscriptions (docs/design/arrears.md)
+================================================
 
 At release, every ``ACTIVE`` row of billing's ``api_subscriptions`` of the account and its
 members is marked ``RELEASING`` in the same transaction as the change of standing. That mark is

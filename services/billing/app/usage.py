@@ -1,5 +1,5 @@
 """Pay-per-use: quota's ``pay_per_use_recorded`` events into hourly cycles, and the settlement
-of each cycle once it has ended (docs/design.md).
+of each cycle once it has ended (docs/design/billing.md).
 
 Intake
 ======

@@ -1,7 +1,7 @@
 """Arrears: an account's standing as its balance goes below zero and back.
 
-The lifecycle (docs/design.md)
-============================
+The lifecycle (docs/design/arrears.md)
+======================================
 
 A zero balance does not stop calls at request time: usage is always recorded and settled
 afterwards. What moves an account is the balance after money moves:

@@ -1,7 +1,7 @@
 """Bills: the lines that moved an account's balance in a month, and their CSV export.
 
-What a bill holds (docs/design.md)
-================================
+What a bill holds (docs/design/billing.md)
+==========================================
 
 One **line** per settled hourly pay-per-use cycle of an account, region, API and enterprise
 project (with its quantity, free calls and tier breakdown), one per package purchase, renewal
@@ -26,7 +26,7 @@ The last hour of April is on April's bill although it is settled just after midn
 and closing balances are ledger balances in the same terms: the opening balance is the effect
 of every line of earlier months, and **opening + the sum of the month's balance effects =
 closing** (``check_bill``). ``total`` is what the month's usage and orders cost: charges minus
-refunds, top-ups left out (docs/design.md).
+refunds, top-ups left out (docs/design/billing.md).
 """
 
 from __future__ import annotations

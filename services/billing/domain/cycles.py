@@ -1,8 +1,8 @@
 """The billing calendar: hourly settlement cycles and calendar months, in the billing time zone.
 
 Pay-per-use usage is grouped into **hourly cycles** by the ``occur_time`` of each call
-(docs/design.md). A cycle is one hour of the billing time zone's clock: calls at 08:45, 08:50 and
-08:55 share the cycle 08:00–09:00; calls at 09:59:50 and 10:00:10 fall in two cycles. A cycle
+(docs/design/time.md). A cycle is one hour of the billing time zone's clock: calls at 08:45, 08:50
+and 08:55 share the cycle 08:00–09:00; calls at 09:59:50 and 10:00:10 fall in two cycles. A cycle
 is the half-open interval [start, end): a call at exactly 09:00:00 belongs to 09:00–10:00. It is
 settled once it has ended, when ``now >= end`` (``cycle_due``).
 

@@ -1,7 +1,7 @@
 """Graduated pay-per-use pricing: what a run of calls costs, given the month's earlier calls.
 
-The rule (docs/design.md)
-=======================
+The rule (docs/design/billing.md)
+=================================
 
 The pay-per-use calls of one account, region and API in one calendar month of the billing time
 zone are numbered 1, 2, 3, ... in the order they are rated. Package-paid calls are not numbered

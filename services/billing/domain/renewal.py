@@ -1,7 +1,7 @@
 """Renewal of packages: when a package may be renewed by hand, and when auto-renewal tries.
 
-Manual renewal (docs/design.md)
-=============================
+Manual renewal (docs/design/billing.md)
+=======================================
 
 A package may be renewed while it has not expired and for 15 days after it expires. Its
 ``expire_time`` is the last covered second, so it expires at ``expire_time`` + 1 s and the

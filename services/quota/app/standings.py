@@ -1,10 +1,10 @@
 """Quota's projection of account standings, kept from billing's event stream.
 
-Billing owns accounts and their arrears lifecycle (docs/design.md); each change of an account's
-standing is one `account_standing_changed` event in billing's outbox. Quota consumes billing's
-`WatchEvents` (see `service.py`; `adapters/billing_events.py` reads each event as a domain
-`StandingChange`) and keeps one row per account in `account_standings`, which `CheckQuota` reads
-for admission (absent = GOOD).
+Billing owns accounts and their arrears lifecycle (docs/design/arrears.md); each change of an
+account's standing is one `account_standing_changed` event in billing's outbox. Quota consumes
+billing's `WatchEvents` (see `service.py`; `adapters/billing_events.py` reads each event as a
+domain `StandingChange`) and keeps one row per account in `account_standings`, which `CheckQuota`
+reads for admission (absent = GOOD).
 
 `apply` runs inside the consumer's transaction, next to the cursor update, so the projection
 and the cursor move together. It is idempotent and order-safe on its own, whatever the cursor

@@ -1,8 +1,8 @@
 """Packages of prepaid calls: their lifecycle, their project scope and the totals in force.
 
 A package grants ``total_quantity`` successful calls of one API in one region to one account,
-for one enterprise project or for all of them (docs/design.md). Everything here is derived from
-the package and an injected ``now``; nothing reads a clock or a database.
+for one enterprise project or for all of them (docs/design/deduction-order.md). Everything here
+is derived from the package and an injected ``now``; nothing reads a clock or a database.
 """
 
 from __future__ import annotations
