@@ -596,7 +596,7 @@ def test_totals_sum_active_and_exhausted_packages_only():
     ]
 
     assert totals_in_force(packages, now) == QuotaTotals(
-        total_quantity=150,
+        quantity_in_force=150,
         used_quantity=80,
         remaining_quantity=70,
         active_package_count=1,

@@ -25,7 +25,7 @@ class QuotaEvents:
         rule: AlertRule,
         api: str,
         remaining: int,
-        total: int,
+        quantity_in_force: int,
         now: datetime,
     ) -> str:
         payload = quota_pb2.ThresholdCrossed(
@@ -34,7 +34,7 @@ class QuotaEvents:
             region=rule.region,
             api=api,
             remaining_quantity=remaining,
-            total_quantity=total,
+            total_quantity=quantity_in_force,
         )
         if rule.threshold.quantity is not None:
             payload.threshold_quantity = rule.threshold.quantity

@@ -262,7 +262,8 @@ async def remaining_for_project(
 async def totals_by_api(
     uow: UnitOfWork, account_id: str, region: str, apis: Iterable[str] | None, now: datetime
 ) -> dict[str, tuple[int, int]]:
-    """api -> (total, remaining) of the packages in force now, for one account and region."""
+    """api -> (quantity in force, remaining) of the packages in force now, for one account
+    and region."""
     p = t.packages.c
     query = (
         select(p.api, func.sum(p.total_quantity), func.sum(p.used_quantity))

@@ -180,7 +180,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
                 quota_pb2.QuotaSummaryItem(
                     region=i.region,
                     api=i.api,
-                    total_quantity=i.totals.total_quantity,
+                    total_quantity=i.totals.quantity_in_force,
                     used_quantity=i.totals.used_quantity,
                     remaining_quantity=i.totals.remaining_quantity,
                     active_package_count=i.totals.active_package_count,

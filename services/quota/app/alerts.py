@@ -2,7 +2,7 @@
 
 Evaluation runs where the aggregate changes, in that change's transaction: after the
 deductions of a usage batch (no re-arming; the crossing event carries the remaining quantity
-the crossing call left), and after anything that changes the aggregate total of a scope —
+the crossing call left), and after anything that changes the quantity in force of a scope —
 grant, renewal, revocation, activation, expiry — or the rule itself (re-armed, then evaluated).
 """
 
@@ -195,10 +195,10 @@ async def reevaluate(
     only: str | None = None,
 ) -> int:
     """Re-arm and evaluate the account's rules in `region` for `apis` (None: every API) after
-    the aggregate total changed there, or just rule `only` after it was created or edited.
+    the quantity in force changed there, or just rule `only` after it was created or edited.
     Returns how many rules fired."""
     apis = None if apis is None else sorted(set(apis))
-    totals = await packages_repo.totals_by_api(uow, account_id, region, apis, now)
+    by_api = await packages_repo.totals_by_api(uow, account_id, region, apis, now)
     scope_apis = apis if apis is not None else sorted(ctx.catalog.apis)
     rules = await alerts_repo.lock_rules(uow, [(account_id, region, api) for api in scope_apis])
     if not rules:
@@ -212,13 +212,13 @@ async def reevaluate(
         for api in [rule.api] if rule.api else scope_apis:
             if apis is not None and api not in apis:
                 continue
-            total, remaining = totals.get(api, (0, 0))
+            in_force, remaining = by_api.get(api, (0, 0))
             state = before.get((rule.alert_id, api), AlertState.ARMED)
-            result = evaluate(state, rule.threshold, remaining, total, rearm=True)
+            result = evaluate(state, rule.threshold, remaining, in_force, rearm=True)
             if (rule.alert_id, api) in before or result.fired:
                 after[(rule.alert_id, api)] = result.state
             if result.fired:
-                ctx.events.threshold_crossed(uow, rule, api, remaining, total, now)
+                ctx.events.threshold_crossed(uow, rule, api, remaining, in_force, now)
                 fired += 1
     await alerts_repo.save_states(uow, before, after, now)
     return fired
@@ -228,11 +228,11 @@ async def after_usage(
     ctx: QuotaContext,
     uow: UnitOfWork,
     walk: list[tuple[tuple[str, str, str], int]],
-    totals: dict[tuple[str, str, str], int],
+    in_force: dict[tuple[str, str, str], int],
     now: datetime,
 ) -> int:
     """Evaluate rules along a batch's deductions: `walk` is (scope, remaining after the event)
-    per billable event in order; `totals` the aggregate total per scope (deductions do not
+    per billable event in order; `in_force` the quantity in force per scope (deductions do not
     change it). A rule fires on the event that brings remaining to its threshold."""
     if not walk:
         return 0
@@ -249,10 +249,10 @@ async def after_usage(
                 continue
             key = (rule.alert_id, api)
             state = after.get(key, AlertState.ARMED)
-            result = evaluate(state, rule.threshold, remaining, totals.get(scope, 0), rearm=False)
+            result = evaluate(state, rule.threshold, remaining, in_force.get(scope, 0), rearm=False)
             if result.fired:
                 after[key] = result.state
-                ctx.events.threshold_crossed(uow, rule, api, remaining, totals[scope], now)
+                ctx.events.threshold_crossed(uow, rule, api, remaining, in_force[scope], now)
                 fired += 1
     await alerts_repo.save_states(uow, before, after, now)
     return fired

@@ -271,7 +271,7 @@ async def quota_summary(
                 r.region,
                 r.api,
                 QuotaTotals(
-                    total_quantity=int(r.total),
+                    quantity_in_force=int(r.total),
                     used_quantity=int(r.used),
                     remaining_quantity=int(r.total) - int(r.used),
                     active_package_count=int(r.active),

@@ -210,13 +210,13 @@ async def _record(
     outcomes, changed = apply_usage([v.event for v in fresh], packages, ctx.policy)
 
     # Aggregates of the packages in force now, per scope; remaining is walked forward event by
-    # event (deductions never change the total).
-    in_force = {p.package_id for p in packages if p.in_force_at(now)}
-    totals: dict[packages_repo.Scope, int] = defaultdict(int)
+    # event (deductions never change the quantity in force).
+    counted = {p.package_id for p in packages if p.in_force_at(now)}
+    in_force: dict[packages_repo.Scope, int] = defaultdict(int)
     remaining: dict[packages_repo.Scope, int] = defaultdict(int)
     for p in packages:
-        if p.package_id in in_force:
-            totals[(p.account_id, p.region, p.api)] += p.total_quantity
+        if p.package_id in counted:
+            in_force[(p.account_id, p.region, p.api)] += p.total_quantity
             remaining[(p.account_id, p.region, p.api)] += p.remaining_quantity
     walk: list[tuple[packages_repo.Scope, int]] = []
 
@@ -226,7 +226,7 @@ async def _record(
     for v, outcome in zip(fresh, outcomes, strict=True):
         e = v.event
         scope = (e.account_id, e.region, e.api)
-        spent = sum(d.quantity for d in outcome.deductions if d.package_id in in_force)
+        spent = sum(d.quantity for d in outcome.deductions if d.package_id in counted)
         if spent:
             remaining[scope] -= spent
             walk.append((scope, remaining[scope]))
@@ -264,7 +264,7 @@ async def _record(
         )
     await packages_repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
     await usage_repo.insert_usage(uow, rows)
-    await alerts.after_usage(ctx, uow, walk, totals, now)
+    await alerts.after_usage(ctx, uow, walk, in_force, now)
 
     answers: list[UsageResult | AllotError] = []
     for slot in slots:

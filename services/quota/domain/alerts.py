@@ -2,15 +2,17 @@
 
 A rule watches the packages in force (ACTIVE or EXHAUSTED) of one account, region and API
 (an empty API means every API of the region, each with its own state). Its threshold is an
-absolute remaining quantity or a percentage of the aggregate total. It fires once when
-remaining reaches the threshold (at or below); while it stays there nothing more is sent.
-Whenever the aggregate total changes (a package granted, renewed, activated, expired or
-revoked) and when the rule is created or edited, the rule is re-armed and evaluated at once:
-at or below the threshold it fires again right away, otherwise it waits, armed.
+absolute remaining quantity or a percentage of the quantity in force (the sum of the grants
+of the packages in force). It fires once when remaining reaches the threshold (at or below);
+while it stays there nothing more is sent. Whenever the quantity in force changes (a package
+granted, renewed, activated, expired or revoked) and when the rule is created or edited, the
+rule is re-armed and evaluated at once: at or below the threshold it fires again right away,
+otherwise it waits, armed.
 
-Remaining only falls while the total stays the same (deductions), so a fired rule can only
-become armed again through a change of the total or of the rule: that is the re-arming above.
-A scope with no packages in force (total 0) never fires: there is no quota to warn about.
+Remaining only falls while the quantity in force stays the same (deductions), so a fired rule
+can only become armed again through a change of the quantity in force or of the rule: that is
+the re-arming above. A scope with no packages in force (quantity in force 0) never fires:
+there is no quota to warn about.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class AlertState(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Threshold:
-    """Exactly one of `quantity` (calls left) and `percent` (of the total, in (0, 100])."""
+    """Exactly one of `quantity` (calls left) and `percent` (of the quantity in force, in
+    (0, 100])."""
 
     quantity: int | None = None
     percent: Decimal | None = None
@@ -41,13 +44,13 @@ class Threshold:
         if self.percent is not None and not Decimal(0) < self.percent <= Decimal(100):
             raise ValueError("threshold percent must be in (0, 100]")
 
-    def reached(self, remaining: int, total: int) -> bool:
-        if total <= 0:
+    def reached(self, remaining: int, in_force: int) -> bool:
+        if in_force <= 0:
             return False
         if self.quantity is not None:
             return remaining <= self.quantity
-        # remaining / total <= percent / 100, in exact arithmetic.
-        return Decimal(remaining) * 100 <= Decimal(total) * self.percent
+        # remaining / in_force <= percent / 100, in exact arithmetic.
+        return Decimal(remaining) * 100 <= Decimal(in_force) * self.percent
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,11 @@ class Evaluation:
 
 
 def evaluate(
-    state: AlertState, threshold: Threshold, remaining: int, total: int, rearm: bool
+    state: AlertState, threshold: Threshold, remaining: int, in_force: int, rearm: bool
 ) -> Evaluation:
-    """The rule's next state; `rearm` when the total or the rule itself just changed."""
+    """The rule's next state; `rearm` when the quantity in force or the rule itself just changed."""
     if rearm:
         state = AlertState.ARMED
-    if state == AlertState.ARMED and threshold.reached(remaining, total):
+    if state == AlertState.ARMED and threshold.reached(remaining, in_force):
         return Evaluation(AlertState.FIRED, True)
     return Evaluation(state, False)

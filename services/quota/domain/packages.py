@@ -117,7 +117,9 @@ IN_FORCE = frozenset({PackageState.ACTIVE, PackageState.EXHAUSTED})
 
 @dataclass(frozen=True)
 class QuotaTotals:
-    total_quantity: int
+    """The packages in force of one scope, summed (docs/design: "quantity in force")."""
+
+    quantity_in_force: int
     used_quantity: int
     remaining_quantity: int
     active_package_count: int
@@ -140,7 +142,7 @@ def totals_in_force(packages: Iterable[Package], now: datetime) -> QuotaTotals:
         if state is PackageState.ACTIVE:
             active += 1
     return QuotaTotals(
-        total_quantity=total,
+        quantity_in_force=total,
         used_quantity=used,
         remaining_quantity=total - used,
         active_package_count=active,
