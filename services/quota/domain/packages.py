@@ -117,7 +117,8 @@ IN_FORCE = frozenset({PackageState.ACTIVE, PackageState.EXHAUSTED})
 
 @dataclass(frozen=True)
 class QuotaTotals:
-    """The packages in force of one scope, summed (docs/design: "quantity in force")."""
+    """The packages in force of one scope, summed: the quantity in force (docs/architecture.md,
+    "Conventions")."""
 
     quantity_in_force: int
     used_quantity: int
