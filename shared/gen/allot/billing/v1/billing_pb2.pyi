@@ -41,7 +41,7 @@ class _AccountKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccountKi
     """
 
 class AccountKind(_AccountKind, metaclass=_AccountKindEnumTypeWrapper):
-    """Words used in the comments of this package (docs/design.md):
+    """Words used in the comments of this package (docs/architecture.md, "Conventions"):
     - The `amount` of a bill line (BillLine.amount, and Bill.total, their sum) is a signed
       effect on a balance: negative for a charge, positive for a top-up or refund.
     - A price is a non-negative sum to pay: Offer.price, PriceTier.unit_price, Order.amount

@@ -36,7 +36,7 @@ class _PackageSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Package
     """Purchased (a billing order)."""
 
 class PackageSource(_PackageSource, metaclass=_PackageSourceEnumTypeWrapper):
-    """Words used in the comments of this package (docs/design.md):
+    """Words used in the comments of this package (docs/architecture.md, "Conventions"):
     - A package's grant is its own `total_quantity`: the calls granted to that one package,
       renewals included.
     - The quantity in force of an account, region and API is the sum over its packages in force
