@@ -3,11 +3,11 @@
 
 A service builds one `Subscriptions` (`Subscriptions.of(runtime, caller, tables)`), names each
 stream it follows with `subscribe(...)` and runs them with the service: `start()` from its
-`start`,
-`quiesce()` from its `quiesce` (shutdown begins: each consumer finishes the transaction in
-flight and gives its lease up), `await stop()` from its `stop` (bounded: see `stop`). Every
-connection takes a fresh stub on the runtime's channel to the address (channels follow
-certificate rotation) and a freshly minted `internal` token (local runs; none with mTLS).
+`start`, `quiesce()` from its `quiesce` (shutdown begins: each consumer finishes the
+transaction in flight and gives its lease up), `await stop()` from its `stop` (bounded: see
+`stop`). Every connection takes a fresh stub on the runtime's channel to the address
+(channels follow certificate rotation) and a freshly minted `internal` token (local runs;
+none with mTLS).
 """
 
 from __future__ import annotations
