@@ -1,7 +1,10 @@
 """Quota's usage events repository: recorded events <-> `StoredUsage`.
 
 One read of the batch's already-recorded event ids and one executemany INSERT of its new ones
-(the packages they paid from are `packages_repository`'s).
+(the packages they paid from are `packages_repository`'s). Both are built once and run on the
+transaction's connection (Core, no ORM session work per call); on PostgreSQL the ids go as one
+array parameter, so the statement's text, and the driver's prepared statement, is the same for
+every batch size.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 
-from sqlalchemy import insert, select
+from sqlalchemy import String, bindparam, func, insert, literal_column, select, union_all
+from sqlalchemy.dialects.postgresql import ARRAY
 
+from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
 from shared.db import UnitOfWork
@@ -54,13 +60,75 @@ def _to_stored(row) -> StoredUsage:
     )
 
 
+_FIND = {
+    "postgresql": select(t.usage_events).where(
+        t.usage_events.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()
+    ),
+    "sqlite": select(t.usage_events).where(
+        t.usage_events.c.event_id.in_(bindparam("ids", expanding=True))
+    ),
+}
+_INSERT = insert(t.usage_events)
+
+
+def _lock_and_find_statement():
+    """PostgreSQL: lock the candidates of one scope and read the recorded ids in one statement
+    (one round trip instead of two). Each row is (kind, the row as JSON)."""
+    locked = packages_repo.LOCK_ONE_SCOPE.cte("locked")
+    recorded = t.usage_events.alias("recorded")
+    return union_all(
+        select(
+            literal_column("1").label("kind"), func.row_to_json(literal_column("locked"))
+        ).select_from(locked),
+        select(literal_column("2"), func.row_to_json(literal_column("recorded")))
+        .select_from(recorded)
+        .where(recorded.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()),
+    )
+
+
+_LOCK_AND_FIND = _lock_and_find_statement()
+
+
+async def lock_and_find(
+    uow: UnitOfWork,
+    scopes: Iterable[packages_repo.Scope],
+    since: datetime,
+    event_ids: Iterable[str],
+) -> tuple[list[packages_repo.PackageRecord], dict[str, StoredUsage]]:
+    """`packages_repo.lock_candidates`, then `find_usage`: the batch's packages locked, and
+    which of its event ids are recorded already.
+
+    On PostgreSQL with one scope (the usual batch) both are one statement, so the lookup reads
+    the snapshot the statement started with. A twin of an event committed by the transaction
+    whose lock this one waited for is then not seen here; its INSERT hits the event's primary
+    key instead, and the transaction runs again (a lost race, `Database.transaction`), seeing
+    it recorded. Exactly once holds either way; the cheaper path is the usual one."""
+    scopes = sorted(set(scopes))
+    ids = sorted(set(event_ids))
+    if uow.dialect != "postgresql" or len(scopes) != 1 or not ids:
+        records = await packages_repo.lock_candidates(uow, scopes, since)
+        return records, await find_usage(uow, ids)
+    params = packages_repo.lock_parameters(scopes[0], since)
+    params["ids"] = ids
+    connection = await uow.connection()
+    records: list[packages_repo.PackageRecord] = []
+    recorded: dict[str, StoredUsage] = {}
+    for kind, value in (await connection.execute(_LOCK_AND_FIND, params)).all():
+        row = SimpleNamespace(**(json.loads(value) if isinstance(value, str) else value))
+        if kind == 1:
+            records.append(packages_repo.to_record(row))
+        else:
+            recorded[row.event_id] = _to_stored(row)
+    records.sort(key=lambda r: r.package.package_id)
+    return records, recorded
+
+
 async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, StoredUsage]:
     ids = sorted(set(event_ids))
     if not ids:
         return {}
-    rows = (
-        await uow.session.execute(select(t.usage_events).where(t.usage_events.c.event_id.in_(ids)))
-    ).all()
+    connection = await uow.connection()
+    rows = (await connection.execute(_FIND[uow.dialect], {"ids": ids})).all()
     return {r.event_id: _to_stored(r) for r in rows}
 
 
@@ -83,5 +151,5 @@ def explanation_json(outcome: UsageOutcome) -> dict:
 
 async def insert_usage(uow: UnitOfWork, rows: list[dict]) -> None:
     if rows:
-        connection = await uow.session.connection()
-        await connection.execute(insert(t.usage_events), rows)
+        connection = await uow.connection()
+        await connection.execute(_INSERT, rows)
