@@ -264,8 +264,7 @@ async def _record(
                 "explanation": json.dumps(usage_repo.explanation_json(outcome)),
             }
         )
-    await packages_repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
-    await usage_repo.insert_usage(uow, rows)
+    await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)
     await alerts.after_usage(ctx, uow, walk, in_force, now)
 
     answers: list[UsageResult | AllotError] = []
