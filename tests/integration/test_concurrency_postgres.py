@@ -2,10 +2,10 @@
 
 Many gateway calls race for the last units of one package: they must take exactly what the
 package holds, the rest must become pay-per-use, and replaying every event must change nothing
-(docs/design/deduction-order.md, "Exactly once"). Within one process concurrent ReportUsage calls
-share batch transactions (app/coalescer.py), so the race between transactions is also run with
-BatchReportUsage and across two replicas on one database, where only row locks keep the count
-right (docs/design/scale.md). Concurrent grants with one request_id must create one package
+(docs/design/deduction-order.md, "Exactly once"). Within one process concurrent ReportUsage and
+BatchReportUsage calls share batch transactions (app/coalescer.py), so the race between
+transactions is also run across two replicas on one database, where only row locks keep the
+count right (docs/design/scale.md). Concurrent grants with one request_id must create one package
 (AIP-155).
 """
 
