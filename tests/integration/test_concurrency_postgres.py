@@ -238,11 +238,10 @@ async def test_concurrent_grants_with_one_request_id_create_one_package(replicas
 
 
 async def test_twins_sent_to_two_replicas_at_once_are_recorded_once(replicas):
-    """Every event sent to both replicas at the same moment, one-by-one and in batches: each
-    replica's transaction locks the package and looks up the ids in one statement, so the one
-    that waited for the other's lock may not see the twin it committed; the event's primary
-    key then stops its INSERT and the transaction runs again (docs/faults.md, lost races).
-    Each event is recorded once: one answer original, the other a duplicate of it."""
+    """Every event sent to both replicas at the same moment, one-by-one and in batches: the
+    transaction that waited for the other's package lock sees the twin it committed (or, where
+    nothing was locked, loses on the event's primary key and runs again). Each event is
+    recorded once: one answer original, the other a duplicate of it."""
     package = await replicas[0].GrantPackage(
         grant_request("grant-1", quantity=1000), metadata=ADMIN, timeout=30
     )

@@ -194,9 +194,8 @@ async def _record(
 ) -> list[UsageResult | AllotError]:
     scopes = {(v.event.account_id, v.event.region, v.event.api) for v in valid}
     since = min([now, *(v.event.occur_time for v in valid)])
-    # Lock, then look for recorded ids: a concurrent twin of an event has then either
-    # committed (we see it as recorded, or its primary key stops our INSERT and the transaction
-    # runs again: see lock_and_find) or waits behind us.
+    # Lock first, then look for recorded ids: a concurrent twin of an event has then either
+    # committed (we see it as recorded) or waits behind us.
     records, recorded = await usage_repo.lock_and_find(
         uow, scopes, since, (v.event.event_id for v in valid)
     )
