@@ -8,9 +8,10 @@ in arrival order (a batch call's events stay together, in their order), so the r
 exactly those of each call on its own.
 
 How long a call waits is bounded adaptively: the next batch takes queued calls up to the events
-the last batches managed in TARGET_SECONDS (at least one call, at most MAX_COALESCED events),
-so a queued call waits for at most about two such batches however deep the queue, and a fast
-database gets big batches.
+the last batches managed in TARGET_SECONDS, but never fewer than MIN_COALESCED events (a
+transaction's fixed cost, e.g. reading an account's many packages, is paid once per batch) nor
+more than MAX_COALESCED, and always at least one call. So a queued call waits for about two
+such batches however deep the queue, and a fast database gets big batches.
 
 Faults (docs/faults.md "Database faults"): the batch transaction retries a dropped connection
 itself and then fails with UNAVAILABLE, which every caller of the batch hears; every statement
@@ -32,8 +33,10 @@ Answers = list[UsageResult | AllotError]
 
 # Bounded so one transaction's locks and statements stay small (record_usage's own bound).
 MAX_COALESCED = MAX_BATCH
-# What one batch transaction should take, for the adaptive bound on its size.
+# What one batch transaction should take, for the adaptive bound on its size, and the size
+# below which the bound does not go.
 TARGET_SECONDS = 0.05
+MIN_COALESCED = 250
 # How long close() waits for a cancelled batch to unwind before it stops waiting. It covers
 # SQLite's busy timeout (5 s): an aiosqlite thread abandoned mid-statement keeps the process
 # alive after the loop ends, so the batch must get to close its connection. On PostgreSQL a
@@ -87,7 +90,7 @@ class UsageCoalescer:
         """The next batch: queued calls in arrival order, whole, up to the adaptive bound."""
         bound = self.max_batch
         if self._per_event > 0:
-            bound = max(1, min(bound, int(TARGET_SECONDS / self._per_event)))
+            bound = min(bound, max(MIN_COALESCED, int(TARGET_SECONDS / self._per_event)))
         count = events = 0
         for items, _ in self._queue:
             if count and events + len(items) > bound:
