@@ -142,7 +142,7 @@ def git_state() -> dict:
     return {
         "commit": commit,
         "short_commit": commit[:10],
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(_git("status", "--porcelain")),  # untracked files count too
         "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
     }
 

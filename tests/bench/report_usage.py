@@ -296,7 +296,7 @@ async def main() -> None:
             print_table(title, rows, echo)
             for line in lines:
                 print(f"  {line}")
-            print(f"  server log:  {log} (quota of the rows above growth_events)")
+            print(f"  server log (main quota process): {log}")
             met = goals(label, rows, echo)
             print_goals(met)
             record["results"].extend(measurement_json(label, m, echo) for m in rows)
