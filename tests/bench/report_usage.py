@@ -4,9 +4,10 @@ Prints figures and writes them as JSON; asserts nothing (not a test, so no `test
 pytest never collects it).
 
 What runs (BENCH_ONLY, a comma list of these names, selects; default all):
-- a bare grpc.aio echo server (`tests.bench.echo_server`, its own process), always, at each
-  concurrency with a payload the size of a typical ReportUsageRequest: the reference for
-  what gRPC + asyncio in Python cost on this machine;
+- a bare grpc.aio echo server (`tests.bench.echo_server`, its own process), always, measured
+  before each database at each concurrency with a payload the size of a typical
+  ReportUsageRequest: the reference for what gRPC + asyncio in Python cost on this machine
+  (the database's ratios are to the echo measured just before it);
 - quota as its own process (`python -m services.quota`, via `ServiceProcess`) on each database
   of BENCH_DATABASES (default `sqlite,postgresql`): SQLite a file in a temp dir, PostgreSQL a
   fresh database at 127.0.0.1:5432, dropped afterwards (skipped with a note when unreachable);
@@ -192,6 +193,45 @@ async def measure_database(label: str, url: str, root: pathlib.Path, only: list[
     return rows, lines, log
 
 
+async def measure_one(label, root, only, record, echo_addr, payload, tokens) -> None:
+    """The echo measured again, then quota on one database: so each database's ratios are
+    to an echo of the same minutes (the machine's other load drifts over a run)."""
+    if label == "sqlite":
+        url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
+        title = "quota on SQLite (file in a temp dir, WAL)"
+    else:
+        try:
+            url = await create_postgres_database()
+        except (pytest.skip.Exception, pytest.fail.Exception, OSError) as exc:
+            print(f"\nquota on PostgreSQL: skipped — {exc}")
+            record["notes"][label] = [f"skipped: {exc}"]
+            return
+        title = f"quota on PostgreSQL (fresh database {url.rsplit('/', 1)[1]}, dropped)"
+    at_ratio = {"contention", "growth_packages", "growth_events"} & set(only)
+    levels = sorted(set(CONCURRENCIES) | ({RATIO_CONCURRENCY} if at_ratio else set()))
+    try:
+        echo = await measure_echo(echo_addr, payload, Tokens.md(tokens.gateway()), levels)
+        print_table(
+            f"echo before {label} (bare grpc.aio, generic handler returning the request bytes)",
+            list(echo.values()),
+            None,
+        )
+        record["echo"].extend(measurement_json(label, m, None) for m in echo.values())
+        rows, lines, log = await measure_database(label, url, root, only)
+    finally:
+        if label != "sqlite":
+            await drop_postgres_database(url)
+    print_table(title, rows, echo)
+    for line in lines:
+        print(f"  {line}")
+    print(f"  server log (main quota process): {log}")
+    met = goals(label, rows, echo)
+    print_goals(met)
+    record["results"].extend(measurement_json(label, m, echo) for m in rows)
+    record["goals"].extend(vars(g) for g in met)
+    record["notes"][label] = [*lines, f"server log: {log}"]
+
+
 async def main() -> None:
     started = time.perf_counter()
     only, databases = selection()
@@ -260,48 +300,15 @@ async def main() -> None:
         "goals": [],
         "notes": {},
     }
-    echo_levels = sorted(set(CONCURRENCIES) | {RATIO_CONCURRENCY})
     with tempfile.TemporaryDirectory(prefix="allot-bench-") as tmp:
         root = pathlib.Path(tmp)
         echo_process = EchoProcess(root / "echo.log")
         try:
             addr = await asyncio.to_thread(echo_process.start)
-            echo = await measure_echo(addr, payload, Tokens.md(tokens.gateway()), echo_levels)
+            for label in databases:
+                await measure_one(label, root, only, record, addr, payload, tokens)
         finally:
             echo_process.stop()
-        print_table(
-            "echo (bare grpc.aio, generic handler returning the request bytes)",
-            list(echo.values()),
-            None,
-        )
-        record["echo"] = [measurement_json("", m, None) for m in echo.values()]
-
-        for label in databases:
-            if label == "sqlite":
-                url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
-                title = "quota on SQLite (file in a temp dir, WAL)"
-            else:
-                try:
-                    url = await create_postgres_database()
-                except (pytest.skip.Exception, pytest.fail.Exception, OSError) as exc:
-                    print(f"\nquota on PostgreSQL: skipped — {exc}")
-                    record["notes"][label] = [f"skipped: {exc}"]
-                    continue
-                title = f"quota on PostgreSQL (fresh database {url.rsplit('/', 1)[1]}, dropped)"
-            try:
-                rows, lines, log = await measure_database(label, url, root, only)
-            finally:
-                if label != "sqlite":
-                    await drop_postgres_database(url)
-            print_table(title, rows, echo)
-            for line in lines:
-                print(f"  {line}")
-            print(f"  server log (main quota process): {log}")
-            met = goals(label, rows, echo)
-            print_goals(met)
-            record["results"].extend(measurement_json(label, m, echo) for m in rows)
-            record["goals"].extend(vars(g) for g in met)
-            record["notes"][label] = [*lines, f"server log: {log}"]
 
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     path = write_json(record)
