@@ -19,14 +19,15 @@ What runs (BENCH_ONLY, a comma list of these names, selects; default all):
     event, never reached);
   - `batch`: BatchReportUsage, 100 events per call, at each concurrency;
   - `check_quota`: CheckQuota (API enabled, 10 events reported before) at each concurrency;
-  - `contention`: ReportUsage at 64, all callers on one account's one package, then each on
+  - `contention`: ReportUsage at 64, all callers on one account's one package beside each on
     an account of its own;
-  - `growth_packages`: ReportUsage at 64 on an account with one package, then on one holding
+  - `growth_packages`: ReportUsage at 64 on an account with one package beside one holding
     1,000 (999 seeded directly: expired long ago, expired lately, used up);
-  - `growth_events`: ReportUsage at 64 on a fresh migrated database (quota started on it),
-    then on the same database after BENCH_SEED_EVENTS (1,000,000) usage events over
-    BENCH_SEED_ACCOUNTS (100,000) accounts were seeded into it (COPY / one executemany
-    transaction) before quota started again;
+  (the pairs of these three are measured in turns A B B A, half of BENCH_SECONDS each, so a
+  drift of the machine's load falls on both alike)
+  - `growth_events`: ReportUsage at 64 on a migrated database beside one into which
+    BENCH_SEED_EVENTS (1,000,000) usage events over BENCH_SEED_ACCOUNTS (100,000) accounts
+    were seeded (COPY / one executemany transaction) before quota started on it;
   - `idle_streams`, `busy_streams`, `soak`: quota's CPU with 200 idle WatchEvents streams;
     pay-per-use ReportUsage beside 200 streams filtering its events out; RSS and descriptors
     over BENCH_SOAK_SECONDS (120) of mixed load (tests/bench/streams.py).
@@ -67,7 +68,7 @@ from allot.quota.v1 import quota_service_pb2
 
 from tests.bench import streams
 from tests.bench.echo import EchoProcess, measure_echo
-from tests.bench.measure import BENCH_SECONDS, CONCURRENCIES, WARMUP_SECONDS, env_list
+from tests.bench.measure import BENCH_SECONDS, CONCURRENCIES, WARMUP_SECONDS, abba, env_list
 from tests.bench.output import (
     git_state,
     goals,
@@ -141,35 +142,43 @@ async def run_scenarios(bench, pid: int, only: list[str]) -> tuple[list, list[st
 
 
 async def growth_events(label: str, root: pathlib.Path) -> tuple[list, list[str]]:
-    """ReportUsage at RATIO_CONCURRENCY on a fresh migrated database, then on the same
-    database seeded with a history before quota starts again."""
-    workdir = root / f"{label}-growth"
-    workdir.mkdir(parents=True, exist_ok=True)
-    if label == "sqlite":
-        url = f"sqlite+aiosqlite:///{workdir / 'quota.db'}"
-        await asyncio.to_thread(migrated_sqlite, workdir / "quota.db", "quota")
-    else:
-        url = await create_postgres_database("quota")
-    c = RATIO_CONCURRENCY
+    """ReportUsage at RATIO_CONCURRENCY on two migrated databases, one of them seeded with a
+    history before quota starts on it: a quota process on each, measured in turns (`abba`)."""
+    urls: list[str] = []
+    workdirs = [root / f"{label}-growth-{kind}" for kind in ("empty", "seeded")]
     try:
-        async with quota_session(f"{label}-empty", url, workdir, profile=False) as (bench, _):
-            account = await bench.new_account("growth-events", c)
-            empty = await bench.unary("ReportUsage empty database", "growth_events", c, [account])
-            empty.consistency = await bench.consistency(empty.accounts)
-        seeded, seconds = await seed_history(url)
-        async with quota_session(f"{label}-seeded", url, workdir) as (bench, process):
-            account = await bench.new_account("growth-events", c)
+        for workdir in workdirs:
+            await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+            if label == "sqlite":
+                await asyncio.to_thread(migrated_sqlite, workdir / "quota.db", "quota")
+                urls.append(f"sqlite+aiosqlite:///{workdir / 'quota.db'}")
+            else:
+                urls.append(await create_postgres_database("quota"))
+        seeded, seconds = await seed_history(urls[1])
+        c = RATIO_CONCURRENCY
+        async with (
+            quota_session(f"{label}-empty", urls[0], workdirs[0], profile=False) as (empty, _),
+            quota_session(f"{label}-seeded", urls[1], workdirs[1]) as (full, process),
+        ):
+            accounts = [await b.new_account("growth-events", c) for b in (empty, full)]
             name = f"ReportUsage {seeded:,} events"
-            grown = await bench.unary(name, "growth_events", c, [account])
-            grown.consistency = await bench.consistency(grown.accounts)
+            before, after = await abba(
+                lambda t: empty.unary(
+                    "ReportUsage empty database", "growth_events", c, accounts[:1], t
+                ),
+                lambda t: full.unary(name, "growth_events", c, accounts[1:], t),
+            )
+            before.consistency = await empty.consistency(before.accounts)
+            after.consistency = await full.consistency(after.accounts)
         log = process.log_summary()
     finally:
         if label != "sqlite":
-            await drop_postgres_database(url)
-    empty.note = "fresh migrated database"
-    grown.note = f"seeded in {seconds:.0f} s before quota started"
+            for url in urls:
+                await drop_postgres_database(url)
+    before.note = "a migrated database, quota's own events only"
+    after.note = f"seeded in {seconds:.0f} s before quota started"
     text = f"growth_events: seeded {seeded:,} usage events in {seconds:.1f} s; server log: {log}"
-    return [empty, grown], [text]
+    return [before, after], [text]
 
 
 async def measure_database(label: str, url: str, root: pathlib.Path, only: list[str]):
