@@ -23,11 +23,11 @@ What runs (BENCH_ONLY, a comma list of these names, selects; default all):
     an account of its own;
   - `growth_packages`: ReportUsage at 64 on an account with one package beside one holding
     1,000 (999 seeded directly: expired long ago, expired lately, used up);
-  (the pairs of these three are measured in turns A B B A, half of BENCH_SECONDS each, so a
-  drift of the machine's load falls on both alike)
   - `growth_events`: ReportUsage at 64 on a migrated database beside one into which
     BENCH_SEED_EVENTS (1,000,000) usage events over BENCH_SEED_ACCOUNTS (100,000) accounts
-    were seeded (COPY / one executemany transaction) before quota started on it;
+    were seeded (COPY / one executemany transaction) before quota started on it (the
+    pairs of these three are measured in turns A B B A, half of BENCH_SECONDS each, so a
+    drift of the machine's load falls on both alike);
   - `idle_streams`, `busy_streams`, `soak`: quota's CPU with 200 idle WatchEvents streams;
     pay-per-use ReportUsage beside 200 streams filtering its events out; RSS and descriptors
     over BENCH_SOAK_SECONDS (120) of mixed load (tests/bench/streams.py).
