@@ -59,10 +59,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self.database_lost = database_lost
         self.max_streams_per_caller = max_streams_per_caller
         self._streams: Counter[tuple] = Counter()
+        # method -> (the service's handler, our wrapping of it): the handlers a server holds
+        # do not change, so each is wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        if handler is not None:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler):
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
         rule = self.policies.get(method)
