@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
 from services.quota.adapters import tables as t
+from services.quota.adapters.packages_repository import in_force_condition
 from services.quota.domain.admission import StandingChange
 from shared.api_subscriptions import get_api_subscription, put_api_subscription
 from shared.db import UnitOfWork
@@ -41,14 +42,51 @@ async def list_subscriptions(
     return (await uow.session.execute(query)).all()
 
 
-async def get_standing(uow: UnitOfWork, account_id: str) -> int | None:
-    return (
-        await uow.session.execute(
-            select(t.account_standings.c.standing).where(
-                t.account_standings.c.account_id == account_id
-            )
+def _admission_query():
+    """What CheckQuota reads, as one statement of three scalar subqueries (one round trip, one
+    snapshot, no explicit transaction needed): the subscription's state, the account's standing
+    and the remaining quantity of the packages in force for the project (designated + all-
+    project packages). Built once; its parameters are bound per call."""
+    s, st, p = t.api_subscriptions.c, t.account_standings.c, t.packages.c
+    account, region, api = bindparam("account_id"), bindparam("region"), bindparam("api")
+    state = select(s.state).where(s.account_id == account, s.region == region, s.api == api)
+    standing = select(st.standing).where(st.account_id == account)
+    remaining = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
+        p.account_id == account,
+        p.region == region,
+        p.api == api,
+        p.enterprise_project_id.in_(["", bindparam("project")]),
+        in_force_condition(bindparam("now_us")),
+    )
+    return select(
+        state.scalar_subquery().label("state"),
+        standing.scalar_subquery().label("standing"),
+        remaining.scalar_subquery().label("remaining"),
+    )
+
+
+ADMISSION_QUERY = _admission_query()
+
+
+async def admission_facts(
+    uow: UnitOfWork, account_id: str, region: str, api: str, project: str, now: datetime
+) -> tuple[int | None, int | None, int]:
+    """(subscription state or None, standing or None, remaining quantity) for a call of
+    `project` now: the rows admission reads, in one statement."""
+    connection = await uow.session.connection()
+    row = (
+        await connection.execute(
+            ADMISSION_QUERY,
+            {
+                "account_id": account_id,
+                "region": region,
+                "api": api,
+                "project": project,
+                "now_us": to_epoch_us(now),
+            },
         )
-    ).scalar()
+    ).one()
+    return row.state, row.standing, int(row.remaining)
 
 
 async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, Standing, admit
@@ -66,13 +65,11 @@ async def check_quota(
     check_quantity(quantity, "quantity")
 
     async def work(uow: UnitOfWork) -> Admission:
-        subscription = await subscriptions_repo.get_subscription(uow, account_id, region, api)
-        standing = await subscriptions_repo.get_standing(uow, account_id)
-        remaining = await packages_repo.remaining_for_project(
+        state, standing, remaining = await subscriptions_repo.admission_facts(
             uow, account_id, region, api, normalize_project_id(project), ctx.now()
         )
         return admit(
-            subscribed=subscription is not None and subscription.state == ACTIVE,
+            subscribed=state == ACTIVE,
             standing=Standing(standing) if standing else Standing.GOOD,
             remaining_quantity=remaining,
             quantity=quantity or 1,
