@@ -12,7 +12,7 @@ PROTO_DEPS := build/proto-deps
 DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check lint test run run-mtls bench clean
+.PHONY: help venv proto proto-check lint test run run-mtls bench profile clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -69,8 +69,22 @@ run-mtls: venv  ## Like run, with mTLS: certificates per service in ALLOT_DATA_D
 	ALLOT_NOTIFICATION_TLS_KEY_FILE=$(TLS_DIR)/notification-key.pem \
 	ALLOT_TLS_CA_FILE=$(TLS_DIR)/ca.pem ALLOT_TLS_CLIENT_AUTH=require $(BIN)/allot run
 
-bench: venv  ## Print ReportUsage throughput and latency beside a bare grpc.aio echo server
+# `make bench`: every scenario on both databases; BENCH_ONLY=<scenario,...> and
+# BENCH_DATABASES=sqlite|postgresql select (README, "Benchmarks"). Figures also go to
+# build/bench/<UTC timestamp>-<short commit>.json.
+bench: venv  ## Quota's hot path (ReportUsage, BatchReportUsage, CheckQuota, ...) beside a bare echo
 	$(PY) -m tests.bench.report_usage
+
+# `make profile`: one scenario at one concurrency on one database with quota recorded by
+# py-spy; the flame graph goes to build/profile-<scenario>.svg.
+PROFILE_SCENARIO ?= report_usage
+PROFILE_CONCURRENCY ?= 64
+PROFILE_DATABASE ?= postgresql
+
+profile: venv  ## Flame graph of quota under one bench scenario (PROFILE_SCENARIO, default report_usage c64)
+	BENCH_ONLY=$(PROFILE_SCENARIO) BENCH_DATABASES=$(PROFILE_DATABASE) \
+	BENCH_CONCURRENCIES=$(PROFILE_CONCURRENCY) \
+	BENCH_PROFILE=build/profile-$(PROFILE_SCENARIO).svg $(PY) -m tests.bench.report_usage
 
 clean:  ## Remove the virtual environment and local data
 	rm -rf $(VENV) build var

@@ -1,0 +1,125 @@
+"""The bench's measuring: settings read from the environment, the load driver, /proc samples.
+
+A scenario runs a fixed time: a WARMUP_SECONDS warm-up, then BENCH_SECONDS (default 5)
+measured. A call counts when it finishes inside the measured window; calls still in flight at
+the end are awaited (so the next scenario starts on an idle server) but not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import pathlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+BENCH_SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+WARMUP_SECONDS = 1.0
+
+
+def env_list(name: str, default: str) -> list[str]:
+    """A comma list from the environment (empty or unset: `default`), lower-cased."""
+    raw = os.environ.get(name, "").strip() or default
+    return [item.strip().lower() for item in raw.split(",") if item.strip()]
+
+
+CONCURRENCIES = tuple(int(c) for c in env_list("BENCH_CONCURRENCIES", "1,16,64"))
+
+
+@dataclass
+class Measurement:
+    name: str
+    concurrency: int
+    events_per_call: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # seconds, calls that succeeded
+    errors: int = 0
+    first_error: str = ""
+    scenario: str = ""  # the BENCH_ONLY name that ran it
+    accounts: list[str] = field(default_factory=list)  # checked for consistency afterwards
+    consistency: str = "-"  # "ok" or what is wrong; "-" where nothing is counted
+    note: str = ""  # what the row is (e.g. "1,000 packages"), printed beside the name
+
+    @property
+    def calls_per_second(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) * self.events_per_call / self.seconds
+
+    def percentile_ms(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))  # rank
+        return ordered[index] * 1000
+
+
+class CallFailed(Exception):
+    """A call answered, but not as the scenario expects (an error slot, no deduction, ...)."""
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
+async def drive(
+    name: str,
+    call: Callable[[int], Awaitable[None]],
+    concurrency: int,
+    events_per_call: int = 1,
+) -> Measurement:
+    """`concurrency` workers (`call` gets the worker's index) call back to back: warm-up, then
+    the measured window, then drain."""
+    result = Measurement(name, concurrency, events_per_call, BENCH_SECONDS)
+    start = time.perf_counter()
+    measure_from = start + WARMUP_SECONDS
+    end = measure_from + BENCH_SECONDS
+
+    async def worker(index: int) -> None:
+        while (began := time.perf_counter()) < end:
+            error = ""
+            try:
+                await call(index)
+            except (grpc.aio.AioRpcError, CallFailed) as exc:
+                error = describe(exc)
+            finished = time.perf_counter()
+            if not measure_from <= finished <= end:
+                continue
+            if error:
+                result.errors += 1
+                result.first_error = result.first_error or error
+            else:
+                result.latencies.append(finished - began)
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return result
+
+
+async def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core process `pid` used over the next `seconds` (from /proc)."""
+
+    def ticks() -> int:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before, started = ticks(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+    return used / (time.perf_counter() - started)
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """Process `pid`'s resident set (KiB, VmRSS) and open file descriptors, from /proc."""
+    rss = 0
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
