@@ -2,10 +2,11 @@
 
 SQLite (the embedded default): WAL, foreign keys, a busy timeout, and `BEGIN IMMEDIATE` for
 writes so concurrent writers queue on the database lock instead of failing at commit.
-PostgreSQL: asyncpg, `pool_pre_ping`, READ COMMITTED; rows that are decremented are locked with
+PostgreSQL: asyncpg, READ COMMITTED; rows that are decremented are locked with
 `SELECT ... FOR UPDATE` by the repositories. Every wait on the database is bounded (connect,
 statement, pool checkout, TCP keepalive), and a transaction whose connection died is retried on
-a fresh connection, then answered UNAVAILABLE (docs/faults.md "Database faults").
+a fresh connection, then answered UNAVAILABLE (docs/faults.md "Database faults"). There is no
+pre-ping on checkout: that retry is also what recovers a pooled connection that died while idle.
 """
 
 from __future__ import annotations
@@ -22,12 +23,7 @@ from sqlalchemy import event, pool, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared.errors import Aborted, Unavailable
 from shared.settings import DatabaseBounds, Settings
@@ -72,9 +68,13 @@ def create_engine(
             connect_args=connect_args,
         )
     else:
+        # No pool_pre_ping: a SELECT 1 before every transaction was a round trip on the hot
+        # path. A pooled connection that died while idle fails its transaction's first
+        # statement instead; SQLAlchemy then invalidates the whole pool (every connection
+        # opened before the failure is replaced at its next checkout) and `Database._run`
+        # runs the transaction again on a fresh connection (docs/faults.md "Database faults").
         engine = create_async_engine(
             url,
-            pool_pre_ping=True,
             isolation_level="READ COMMITTED",
             pool_size=10,
             max_overflow=20,
@@ -146,13 +146,23 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-class UnitOfWork:
-    """One session, one transaction: commit explicitly, roll back by default."""
+class TransactionConnection(AsyncConnection):
+    """The connection of a unit of work (`uow.session`). Repositories run SQLAlchemy Core
+    statements on it (`execute`); there is no ORM session in between, whose bookkeeping cost
+    more per statement than the statement itself on the hot path (docs/architecture.md)."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], read_only: bool = False):
-        self._sessions = sessions
+    async def connection(self, **_options) -> TransactionConnection:
+        """Itself: code written for a session's `connection()` keeps working."""
+        return self
+
+
+class UnitOfWork:
+    """One connection, one transaction: commit explicitly, roll back by default."""
+
+    def __init__(self, engine: AsyncEngine, read_only: bool = False):
+        self._engine = engine
         self.read_only = read_only
-        self.session: AsyncSession
+        self.session: TransactionConnection
         # Work that must be the last thing in the transaction (the outbox takes its sequence
         # numbers there, holding the sequence lock as briefly as possible), and work that may
         # only happen once the transaction is durable (waking stream readers).
@@ -164,16 +174,29 @@ class UnitOfWork:
         """Every row a query returns."""
         return list((await self.session.execute(query)).all())
 
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql": a repository may shape a hot statement per dialect."""
+        return self._engine.dialect.name
+
+    async def connection(self) -> TransactionConnection:
+        """The transaction's connection (the same object as `session`)."""
+        return self.session
+
     async def __aenter__(self) -> UnitOfWork:
-        self.session = self._sessions()
+        # The transaction begins with the first statement (SQLite: BEGIN IMMEDIATE for
+        # writers, see _sqlite_engine).
+        connection = TransactionConnection(self._engine)
+        await connection.start()
+        self.session = connection
         if self.read_only:
             options: dict = {READ_ONLY: True}
-            if self._sessions.kw["bind"].dialect.name == "postgresql":
+            if self._engine.dialect.name == "postgresql":
                 # Under READ COMMITTED every statement takes its own snapshot, inside a
                 # transaction or not: a read needs no BEGIN and no ROLLBACK, two round trips
                 # fewer (docs/faults.md, "Database faults").
                 options["isolation_level"] = "AUTOCOMMIT"
-            await self.session.connection(execution_options=options)
+            await connection.execution_options(**options)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -216,7 +239,6 @@ class Database:
         self.url = url
         self.bounds = bounds or Settings.database_bounds_from_env()
         self.engine = create_engine(url, self.bounds)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
         # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
         self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -226,7 +248,7 @@ class Database:
         return self.engine.dialect.name
 
     def unit_of_work(self, read_only: bool = False) -> UnitOfWork:
-        return UnitOfWork(self.sessions, read_only=read_only)
+        return UnitOfWork(self.engine, read_only=read_only)
 
     async def transaction(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
         """Run `work` in a write transaction and commit; retry it when it lost a race or its
@@ -289,8 +311,8 @@ class Database:
     async def forget_connections(self) -> None:
         """Drop every pooled connection without a goodbye and start a new pool: after a
         connection did not answer at all, or when the database is back after an outage, the
-        pooled connections may be dead for good (a failover without reset), and the pool's
-        pre-ping would wait out the command bound on each of them (docs/faults.md). Connections
+        pooled connections may be dead for good (a failover without reset), and a transaction
+        would wait out the command bound on each of them (docs/faults.md). Connections
         in use are left to finish; nothing is sent on the old ones."""
         if not is_sqlite(self.engine):
             log.warning("forgetting pooled database connections; new ones will be opened")

@@ -51,6 +51,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    bindparam,
     insert,
     or_,
     select,
@@ -125,6 +126,13 @@ class Outbox(Generic[E]):
             f.name for f in envelope.DESCRIPTOR.oneofs_by_name["payload"].fields
         )
         self._staged: dict[int, list[dict]] = {}
+        self._take_sequences = (
+            update(counter)
+            .where(counter.c.id == COUNTER_ID)
+            .values(last_sequence=counter.c.last_sequence + bindparam("step"))
+            .returning(counter.c.last_sequence)
+        )
+        self._insert = insert(events)
         # The one live reader of this outbox in this process and the streams at the head.
         self.fanout = LiveFanOut(self._read_live_page, self.last_sequence, queue_limit)
 
@@ -167,19 +175,14 @@ class Outbox(Generic[E]):
         staged = self._staged.pop(id(uow), [])
         if not staged:
             return
-        last = (
-            await uow.session.execute(
-                update(self.counter)
-                .where(self.counter.c.id == COUNTER_ID)
-                .values(last_sequence=self.counter.c.last_sequence + len(staged))
-                .returning(self.counter.c.last_sequence)
-            )
-        ).scalar_one()
+        # Both statements are built once (the counter's step is a parameter) and run on the
+        # transaction's connection: this runs in every transaction that stages an event.
+        connection = await uow.connection()
+        last = (await connection.execute(self._take_sequences, {"step": len(staged)})).scalar_one()
         first = last - len(staged) + 1
         for offset, row in enumerate(staged):
             row["sequence"] = first + offset
-        connection = await uow.session.connection()
-        await connection.execute(insert(self.events), staged)
+        await connection.execute(self._insert, staged)
         numbered[:] = staged
 
     def close(self) -> None:

@@ -3,10 +3,10 @@
 
 Alert evaluation runs in the deduction's transaction and takes the rule's row lock, so with
 50 reporters racing past a threshold on PostgreSQL exactly one `threshold_crossed` event
-exists per rule. Inside one process concurrent ReportUsage calls share batch transactions
-(app/coalescer.py), which would hide the race; so the reporters are spread over two quota
-processes on one database (replicas of one regional deployment), and the race is run both with
-ReportUsage and with single-event BatchReportUsage calls (one transaction each).
+exists per rule. Inside one process concurrent ReportUsage and BatchReportUsage calls share
+batch transactions (app/coalescer.py), which would hide the race; so the reporters are spread
+over two quota processes on one database (replicas of one regional deployment), and the race is
+run both with ReportUsage and with single-event BatchReportUsage calls.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Many gateway calls race for the last units of one package: they must take exactly what the
 package holds, the rest must become pay-per-use, and replaying every event must change nothing
-(docs/design/deduction-order.md, "Exactly once"). Within one process concurrent ReportUsage calls
-share batch transactions (app/coalescer.py), so the race between transactions is also run with
-BatchReportUsage and across two replicas on one database, where only row locks keep the count
-right (docs/design/scale.md). Concurrent grants with one request_id must create one package
+(docs/design/deduction-order.md, "Exactly once"). Within one process concurrent ReportUsage and
+BatchReportUsage calls share batch transactions (app/coalescer.py), so the race between
+transactions is also run across two replicas on one database, where only row locks keep the
+count right (docs/design/scale.md). Concurrent grants with one request_id must create one package
 (AIP-155).
 """
 
@@ -235,3 +235,45 @@ async def test_concurrent_grants_with_one_request_id_create_one_package(replicas
     )
     assert [p.package_id for p in listed.packages] == [responses[0].package_id]
     assert listed.packages[0].total_quantity == 1000
+
+
+async def test_twins_sent_to_two_replicas_at_once_are_recorded_once(replicas):
+    """Every event sent to both replicas at the same moment, one-by-one and in batches: each
+    replica's transaction locks the package and looks up the ids in one statement, so the one
+    that waited for the other's lock may not see the twin it committed; the event's primary
+    key then stops its INSERT and the transaction runs again (docs/faults.md, lost races).
+    Each event is recorded once: one answer original, the other a duplicate of it."""
+    package = await replicas[0].GrantPackage(
+        grant_request("grant-1", quantity=1000), metadata=ADMIN, timeout=30
+    )
+    ids = [f"twin-{i:03d}" for i in range(60)]
+
+    async def unary(stub, event_id: str):
+        return await stub.ReportUsage(usage(event_id), metadata=GATEWAY, timeout=CALL_TIMEOUT)
+
+    async def batch(stub, event_ids: list[str]):
+        response = await stub.BatchReportUsage(
+            quota_service_pb2.BatchReportUsageRequest(requests=[usage(i) for i in event_ids]),
+            metadata=GATEWAY,
+            timeout=CALL_TIMEOUT,
+        )
+        return list(response.responses)
+
+    pairs = await asyncio.gather(
+        *(asyncio.gather(unary(replicas[0], i), unary(replicas[1], i)) for i in ids[:30])
+    )
+    chunks = [ids[30 + n : 35 + n] for n in range(0, 30, 5)]
+    batches = await asyncio.gather(
+        *(asyncio.gather(batch(replicas[0], c), batch(replicas[1], c)) for c in chunks)
+    )
+    pairs += [pair for a, b in batches for pair in zip(a, b, strict=True)]
+    for a, b in pairs:
+        assert not a.HasField("error") and not b.HasField("error"), (a.error, b.error)
+        assert sorted([a.duplicate, b.duplicate]) == [False, True]
+        assert without_duplicate(a) == without_duplicate(b)
+    got = await replicas[1].GetPackage(
+        quota_service_pb2.GetPackageRequest(package_id=package.package_id),
+        metadata=ADMIN,
+        timeout=CALL_TIMEOUT,
+    )
+    assert got.used_quantity == len(ids)

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import String, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from services.quota.adapters import tables as t
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold
@@ -105,6 +106,82 @@ async def lock_rules(uow: UnitOfWork, scopes: Iterable[tuple[str, str, str]]) ->
         .with_for_update()
     )
     return [to_rule(r) for r in (await uow.session.execute(query)).all()]
+
+
+_a = t.usage_alerts.c
+_s = t.usage_alert_states.c
+
+
+def _watching(scopes: list[tuple[str, str, str]]):
+    if len(scopes) == 1:  # the usual usage batch: a statement built once, bound parameters
+        return and_(
+            _a.account_id == bindparam("r_account"),
+            _a.region == bindparam("r_region"),
+            _a.api.in_([bindparam("r_any_api"), bindparam("r_api")]),
+        )
+    return or_(
+        *(
+            and_(_a.account_id == acct, _a.region == region, _a.api.in_(["", api]))
+            for acct, region, api in scopes
+        )
+    )
+
+
+def _rules_with_states(condition):
+    return (
+        select(t.usage_alerts, _s.api.label("state_api"), _s.state.label("state"))
+        .outerjoin(t.usage_alert_states, _s.alert_id == _a.alert_id)
+        .where(_a.enabled.is_(True), condition)
+        .order_by(_a.alert_id, _s.api)
+    )
+
+
+def _rules(condition):
+    return select(t.usage_alerts).where(_a.enabled.is_(True), condition).order_by(_a.alert_id)
+
+
+_ONE_SCOPE = _watching([("", "", "")])
+_RULES_WITH_STATES_OF_ONE_SCOPE = _rules_with_states(_ONE_SCOPE)
+_RULES_OF_ONE_SCOPE = _rules(_ONE_SCOPE).with_for_update()
+_STATES = select(_s.alert_id, _s.api, _s.state).where(
+    _s.alert_id == bindparam("ids", type_=ARRAY(String)).any_()
+)
+
+
+async def lock_rules_with_states(
+    uow: UnitOfWork, scopes: Iterable[tuple[str, str, str]]
+) -> tuple[list[AlertRule], dict[tuple[str, str], AlertState]]:
+    """`lock_rules` and `states_of` those rules, with statements built once for one scope.
+
+    On SQLite one statement: its writers take turns on the database lock (`BEGIN IMMEDIATE`),
+    so nothing changes between the lock and the read. On PostgreSQL the states are read by a
+    second statement after the rules are locked: under READ COMMITTED one statement keeps the
+    snapshot it started with, so states written by the transaction it waited for would be
+    missed and a crossing could fire twice."""
+    scopes = sorted(set(scopes))
+    if not scopes:
+        return [], {}
+    connection = await uow.connection()
+    params: dict = {}
+    if len(scopes) == 1:
+        ((acct, region, api),) = scopes
+        params = {"r_account": acct, "r_region": region, "r_any_api": "", "r_api": api}
+    if uow.dialect != "postgresql":
+        query = _RULES_WITH_STATES_OF_ONE_SCOPE if params else _rules_with_states(_watching(scopes))
+        rules: dict[str, AlertRule] = {}
+        states: dict[tuple[str, str], AlertState] = {}
+        for row in (await connection.execute(query, params)).all():
+            if row.alert_id not in rules:
+                rules[row.alert_id] = to_rule(row)
+            if row.state_api is not None:
+                states[(row.alert_id, row.state_api)] = AlertState(row.state)
+        return list(rules.values()), states
+    query = _RULES_OF_ONE_SCOPE if params else _rules(_watching(scopes)).with_for_update()
+    locked = [to_rule(r) for r in (await connection.execute(query, params)).all()]
+    if not locked:
+        return [], {}
+    rows = (await connection.execute(_STATES, {"ids": [r.alert_id for r in locked]})).all()
+    return locked, {(r.alert_id, r.api): AlertState(r.state) for r in rows}
 
 
 async def states_of(uow: UnitOfWork, alert_ids: Iterable[str]) -> dict[tuple[str, str], AlertState]:

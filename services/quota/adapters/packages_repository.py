@@ -169,6 +169,34 @@ async def list_packages(
     return [to_record(r) for r in rows]
 
 
+# The usual batch touches one scope: its locking read is built once (bound parameters), so a
+# call pays no statement building; more scopes build theirs.
+_p = t.packages.c
+LOCK_ONE_SCOPE = (
+    select(t.packages)
+    .where(
+        _p.account_id == bindparam("l_account"),
+        _p.region == bindparam("l_region"),
+        _p.api == bindparam("l_api"),
+        _p.expire_time_us + ONE_SECOND_US > bindparam("l_after"),
+    )
+    .order_by(_p.package_id)
+    .with_for_update()
+)
+_UPDATE_USED = (
+    update(t.packages)
+    .where(_p.package_id == bindparam("b_id"))
+    .values(used_quantity=bindparam("b_used"), announced_state=bindparam("b_announced"))
+)
+
+
+def lock_parameters(scope: Scope, since: datetime) -> dict:
+    """The parameters of LOCK_ONE_SCOPE."""
+    account_id, region, api = scope
+    after = to_epoch_us(since - CANDIDATE_HISTORY)
+    return {"l_account": account_id, "l_region": region, "l_api": api, "l_after": after}
+
+
 async def lock_candidates(
     uow: UnitOfWork, scopes: Iterable[Scope], since: datetime
 ) -> list[PackageRecord]:
@@ -180,16 +208,21 @@ async def lock_candidates(
     scopes = sorted(set(scopes))
     if not scopes:
         return []
+    after = to_epoch_us(since - CANDIDATE_HISTORY)
+    connection = await uow.connection()
+    if len(scopes) == 1:
+        params = lock_parameters(scopes[0], since)
+        return [to_record(r) for r in (await connection.execute(LOCK_ONE_SCOPE, params)).all()]
     query = (
         select(t.packages)
         .where(
             or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
-            p.expire_time_us + ONE_SECOND_US > to_epoch_us(since - CANDIDATE_HISTORY),
+            p.expire_time_us + ONE_SECOND_US > after,
         )
         .order_by(p.package_id)
         .with_for_update()
     )
-    return [to_record(r) for r in (await uow.session.execute(query)).all()]
+    return [to_record(r) for r in (await connection.execute(query)).all()]
 
 
 async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None:
@@ -204,14 +237,8 @@ async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None
     ]
     if not params:
         return
-    p = t.packages.c
-    statement = (
-        update(t.packages)
-        .where(p.package_id == bindparam("b_id"))
-        .values(used_quantity=bindparam("b_used"), announced_state=bindparam("b_announced"))
-    )
-    connection = await uow.session.connection()
-    await connection.execute(statement, params)
+    connection = await uow.connection()
+    await connection.execute(_UPDATE_USED, params)
 
 
 # --- read models ---------------------------------------------------------------------------

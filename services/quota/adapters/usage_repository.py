@@ -1,7 +1,10 @@
 """Quota's usage events repository: recorded events <-> `StoredUsage`.
 
 One read of the batch's already-recorded event ids and one executemany INSERT of its new ones
-(the packages they paid from are `packages_repository`'s).
+(the packages they paid from are `packages_repository`'s). Both are built once and run on the
+transaction's connection (Core, no ORM session work per call); on PostgreSQL the ids go as one
+array parameter, so the statement's text, and the driver's prepared statement, is the same for
+every batch size.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 
-from sqlalchemy import insert, select
+from sqlalchemy import String, bindparam, func, insert, literal_column, select, union_all, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
+from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
 from shared.db import UnitOfWork
@@ -54,13 +60,104 @@ def _to_stored(row) -> StoredUsage:
     )
 
 
+_FIND = {
+    "postgresql": select(t.usage_events).where(
+        t.usage_events.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()
+    ),
+    "sqlite": select(t.usage_events).where(
+        t.usage_events.c.event_id.in_(bindparam("ids", expanding=True))
+    ),
+}
+_INSERT = insert(t.usage_events)
+
+
+def _lock_and_find_statements() -> dict:
+    """Lock the candidates of one scope and read the recorded ids in one statement (one round
+    trip, on SQLite one trip to the driver's thread, instead of two). Each row is (kind, the
+    row as JSON): 1 a package, 2 a recorded event."""
+    locked = packages_repo.LOCK_ONE_SCOPE.cte("locked")
+    recorded = t.usage_events.alias("recorded")
+    postgresql = union_all(
+        select(
+            literal_column("1").label("kind"), func.row_to_json(literal_column("locked"))
+        ).select_from(locked),
+        select(literal_column("2"), func.row_to_json(literal_column("recorded")))
+        .select_from(recorded)
+        .where(recorded.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()),
+    )
+    # SQLite: no FOR UPDATE (the writer holds the database lock, BEGIN IMMEDIATE) and no
+    # ORDER BY inside a compound select: the records are sorted here.
+    packages = t.packages
+    sqlite = union_all(
+        select(literal_column("1").label("kind"), _json_object(packages)).where(
+            packages_repo.LOCK_ONE_SCOPE.whereclause
+        ),
+        select(literal_column("2"), _json_object(t.usage_events)).where(
+            t.usage_events.c.event_id.in_(bindparam("ids", expanding=True))
+        ),
+    )
+    return {"postgresql": postgresql, "sqlite": sqlite}
+
+
+def _json_object(table):
+    return func.json_object(*(v for c in table.c for v in (literal_column(f"'{c.name}'"), c)))
+
+
+# SQLite's JSON has no booleans: its 0 and 1 become False and True again.
+_BOOLEANS = ("expiring_announced", "billable")
+
+
+def _row(value) -> SimpleNamespace:
+    fields = json.loads(value) if isinstance(value, str) else dict(value)
+    for name in _BOOLEANS:
+        if name in fields:
+            fields[name] = bool(fields[name])
+    return SimpleNamespace(**fields)
+
+
+_LOCK_AND_FIND = _lock_and_find_statements()
+
+
+async def lock_and_find(
+    uow: UnitOfWork,
+    scopes: Iterable[packages_repo.Scope],
+    since: datetime,
+    event_ids: Iterable[str],
+) -> tuple[list[packages_repo.PackageRecord], dict[str, StoredUsage]]:
+    """`packages_repo.lock_candidates`, then `find_usage`: the batch's packages locked, and
+    which of its event ids are recorded already.
+
+    With one scope (the usual batch) both are one statement. On PostgreSQL the lookup then
+    reads the snapshot the statement started with. A twin of an event committed by the transaction
+    whose lock this one waited for is then not seen here; its INSERT hits the event's primary
+    key instead, and the transaction runs again (a lost race, `Database.transaction`), seeing
+    it recorded. Exactly once holds either way; the cheaper path is the usual one."""
+    scopes = sorted(set(scopes))
+    ids = sorted(set(event_ids))
+    if len(scopes) != 1 or not ids:
+        records = await packages_repo.lock_candidates(uow, scopes, since)
+        return records, await find_usage(uow, ids)
+    params = packages_repo.lock_parameters(scopes[0], since)
+    params["ids"] = ids
+    connection = await uow.connection()
+    records: list[packages_repo.PackageRecord] = []
+    recorded: dict[str, StoredUsage] = {}
+    for kind, value in (await connection.execute(_LOCK_AND_FIND[uow.dialect], params)).all():
+        row = _row(value)
+        if kind == 1:
+            records.append(packages_repo.to_record(row))
+        else:
+            recorded[row.event_id] = _to_stored(row)
+    records.sort(key=lambda r: r.package.package_id)
+    return records, recorded
+
+
 async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, StoredUsage]:
     ids = sorted(set(event_ids))
     if not ids:
         return {}
-    rows = (
-        await uow.session.execute(select(t.usage_events).where(t.usage_events.c.event_id.in_(ids)))
-    ).all()
+    connection = await uow.connection()
+    rows = (await connection.execute(_FIND[uow.dialect], {"ids": ids})).all()
     return {r.event_id: _to_stored(r) for r in rows}
 
 
@@ -83,5 +180,64 @@ def explanation_json(outcome: UsageOutcome) -> dict:
 
 async def insert_usage(uow: UnitOfWork, rows: list[dict]) -> None:
     if rows:
-        connection = await uow.session.connection()
-        await connection.execute(insert(t.usage_events), rows)
+        connection = await uow.connection()
+        await connection.execute(_INSERT, rows)
+
+
+def _save_statement():
+    """PostgreSQL: the batch's used quantities and its events in one statement, each as
+    columns of arrays (`unnest`): one round trip whatever the batch's size."""
+    p = t.packages
+    changed = (
+        func.unnest(*(bindparam(f"p_{c.name}", type_=ARRAY(c.type)) for c in _PACKAGE_COLUMNS))
+        .table_valued(*(c.name for c in _PACKAGE_COLUMNS))
+        .render_derived()
+        .alias("changed")
+    )
+    deducted = (
+        update(p)
+        .where(p.c.package_id == changed.c.package_id)
+        .values(used_quantity=changed.c.used_quantity, announced_state=changed.c.announced_state)
+        .cte("deducted")
+    )
+    names = [c.name for c in t.usage_events.c]
+    events = (
+        func.unnest(*(bindparam(f"e_{c.name}", type_=ARRAY(c.type)) for c in t.usage_events.c))
+        .table_valued(*names)
+        .render_derived()
+        .alias("batch")
+    )
+    return (
+        insert(t.usage_events)
+        .from_select(names, select(*(events.c[n] for n in names)))
+        .add_cte(deducted)
+    )
+
+
+_PACKAGE_COLUMNS = (
+    t.packages.c.package_id,
+    t.packages.c.used_quantity,
+    t.packages.c.announced_state,
+)
+_SAVE = _save_statement()
+
+
+async def save_batch(
+    uow: UnitOfWork, changed: list[packages_repo.PackageRecord], rows: list[dict]
+) -> None:
+    """Write a batch's outcome: the packages' new used quantities and announced states
+    (`packages_repo.update_used`), and the events (`insert_usage`). On PostgreSQL that is one
+    statement; elsewhere two executemany."""
+    if uow.dialect != "postgresql" or not rows:
+        await packages_repo.update_used(uow, changed)
+        await insert_usage(uow, rows)
+        return
+    params: dict[str, list] = {
+        "p_package_id": [r.package.package_id for r in changed],
+        "p_used_quantity": [r.package.used_quantity for r in changed],
+        "p_announced_state": [int(r.announced_state) for r in changed],
+    }
+    for c in t.usage_events.c:
+        params[f"e_{c.name}"] = [row[c.name] for row in rows]
+    connection = await uow.connection()
+    await connection.execute(_SAVE, params)

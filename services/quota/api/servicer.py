@@ -74,7 +74,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
                 inputs.append(convert.from_proto_usage(item))
             except AllotError as error:
                 inputs.append(error)
-        results = await usage.record_usage(self.ctx, inputs)
+        results = await self.coalescer.report_many(inputs)
         responses = []
         for i, result in enumerate(results):
             if isinstance(result, AllotError):

@@ -236,10 +236,9 @@ async def after_usage(
     change it). A rule fires on the event that brings remaining to its threshold."""
     if not walk:
         return 0
-    rules = await alerts_repo.lock_rules(uow, {scope for scope, _ in walk})
+    rules, before = await alerts_repo.lock_rules_with_states(uow, {scope for scope, _ in walk})
     if not rules:
         return 0
-    before = await alerts_repo.states_of(uow, (r.alert_id for r in rules))
     after = dict(before)
     fired = 0
     for scope, remaining in walk:

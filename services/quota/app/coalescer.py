@@ -1,10 +1,16 @@
-"""Merges concurrent `ReportUsage` calls into shared batch transactions.
+"""Merges concurrent `ReportUsage` and `BatchReportUsage` calls into shared batch transactions.
 
 While one batch transaction runs, calls that arrive queue up; when it commits, the queue is
 applied as the next batch. A lone call is applied at once (no timer, no added latency); under
-load, many calls share one transaction, one lock round and one commit. Each call still gets its
-own result or error: `record_usage` isolates invalid events and applies events in arrival order,
-so the rules are exactly those of a batch of one.
+load, many calls share one transaction, one lock round and one commit (group commit). Each call
+still gets its own results or error: `record_usage` isolates invalid events and applies events
+in arrival order (a batch call's events stay together, in their order), so the rules are
+exactly those of each call on its own.
+
+How long a call waits is bounded adaptively: the next batch takes queued calls up to the events
+the last batches managed in TARGET_SECONDS (at least one call, at most MAX_COALESCED events),
+so a queued call waits for at most about two such batches however deep the queue, and a fast
+database gets big batches.
 
 Faults (docs/faults.md "Database faults"): the batch transaction retries a dropped connection
 itself and then fails with UNAVAILABLE, which every caller of the batch hears; every statement
@@ -16,13 +22,18 @@ applied); already in a running batch, the batch goes on for its neighbours.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.quota.app.context import QuotaContext
-from services.quota.app.usage import UsageInput, UsageResult, record_usage
+from services.quota.app.usage import MAX_BATCH, UsageInput, UsageResult, record_usage
 from shared.errors import AllotError, Unavailable
 
-# Bounded so one transaction's locks and statements stay small.
-MAX_COALESCED = 250
+Answers = list[UsageResult | AllotError]
+
+# Bounded so one transaction's locks and statements stay small (record_usage's own bound).
+MAX_COALESCED = MAX_BATCH
+# What one batch transaction should take, for the adaptive bound on its size.
+TARGET_SECONDS = 0.05
 # How long close() waits for a cancelled batch to unwind before it stops waiting. It covers
 # SQLite's busy timeout (5 s): an aiosqlite thread abandoned mid-statement keeps the process
 # alive after the loop ends, so the batch must get to close its connection. On PostgreSQL a
@@ -34,12 +45,28 @@ class UsageCoalescer:
     def __init__(self, ctx: QuotaContext, max_batch: int = MAX_COALESCED) -> None:
         self.ctx = ctx
         self.max_batch = max_batch
-        self._queue: list[tuple[UsageInput, asyncio.Future]] = []
+        self._queue: list[tuple[list[UsageInput | AllotError], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        # Seconds per event of the recent batches (moving average): sizes the next batch.
+        self._per_event = 0.0
 
     async def report(self, item: UsageInput) -> UsageResult | AllotError:
+        """One event (`ReportUsage`): its result, or its error."""
+        return (await self.report_many([item]))[0]
+
+    async def report_many(self, items: list[UsageInput | AllotError]) -> Answers:
+        """A batch call's events, in order (`BatchReportUsage`): one answer per slot, as
+        `record_usage` gives them. A batch over MAX_BATCH is refused as record_usage does,
+        without holding up anyone else's.
+
+        On PostgreSQL a batch call of several events runs its own transaction beside the
+        others: their round trips (and commits) overlap, which measured faster than merging
+        them into one transaction at a time; single events are still merged. On SQLite writers
+        take turns anyway (`Database`), so merging whole calls only saves transactions."""
+        if len(items) > MAX_BATCH or (len(items) > 1 and self.ctx.db.dialect != "sqlite"):
+            return await record_usage(self.ctx, items)
         future = asyncio.get_running_loop().create_future()
-        entry = (item, future)
+        entry = (items, future)
         self._queue.append(entry)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="usage-coalescer")
@@ -55,6 +82,21 @@ class UsageCoalescer:
             else:
                 future.add_done_callback(_nobody_listens)
             raise
+
+    def _take(self) -> list[tuple[list[UsageInput | AllotError], asyncio.Future]]:
+        """The next batch: queued calls in arrival order, whole, up to the adaptive bound."""
+        bound = self.max_batch
+        if self._per_event > 0:
+            bound = max(1, min(bound, int(TARGET_SECONDS / self._per_event)))
+        count = events = 0
+        for items, _ in self._queue:
+            if count and events + len(items) > bound:
+                break
+            count += 1
+            events += len(items)
+        batch = self._queue[:count]
+        del self._queue[:count]
+        return batch
 
     async def close(self, grace: float) -> None:
         """Let the running batch finish (bounded), so the engine is not disposed under it; a
@@ -76,10 +118,11 @@ class UsageCoalescer:
     async def _flush(self) -> None:
         try:
             while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
+                batch = self._take()
+                items = [item for entry_items, _ in batch for item in entry_items]
+                started = time.monotonic()
                 try:
-                    results = await record_usage(self.ctx, [item for item, _ in batch])
+                    results = await record_usage(self.ctx, items)
                 except BaseException as exc:  # the whole transaction failed: every caller hears
                     answer = exc if isinstance(exc, Exception) else _shutting_down()
                     for _, future in batch:
@@ -88,9 +131,16 @@ class UsageCoalescer:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                per_event = (time.monotonic() - started) / max(1, len(items))
+                self._per_event = (
+                    per_event if not self._per_event else 0.8 * self._per_event + 0.2 * per_event
+                )
+                offset = 0
+                for entry_items, future in batch:
+                    answers = results[offset : offset + len(entry_items)]
+                    offset += len(entry_items)
                     if not future.done():
-                        future.set_result(result)
+                        future.set_result(answers)
         finally:
             self._flusher = None
 

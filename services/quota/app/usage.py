@@ -194,11 +194,13 @@ async def _record(
 ) -> list[UsageResult | AllotError]:
     scopes = {(v.event.account_id, v.event.region, v.event.api) for v in valid}
     since = min([now, *(v.event.occur_time for v in valid)])
-    # Lock first, then look for recorded ids: a concurrent twin of an event has then either
-    # committed (we see it as recorded) or waits behind us.
-    records = await packages_repo.lock_candidates(uow, scopes, since)
+    # Lock, then look for recorded ids: a concurrent twin of an event has then either
+    # committed (we see it as recorded, or its primary key stops our INSERT and the transaction
+    # runs again: see lock_and_find) or waits behind us.
+    records, recorded = await usage_repo.lock_and_find(
+        uow, scopes, since, (v.event.event_id for v in valid)
+    )
     packages = [r.package for r in records]
-    recorded = await usage_repo.find_usage(uow, (v.event.event_id for v in valid))
 
     fresh: list[_Valid] = []
     first_in_batch: dict[str, _Valid] = {}
@@ -262,8 +264,7 @@ async def _record(
                 "explanation": json.dumps(usage_repo.explanation_json(outcome)),
             }
         )
-    await packages_repo.update_used(uow, _announce_exhausted(ctx, uow, records, changed, now))
-    await usage_repo.insert_usage(uow, rows)
+    await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)
     await alerts.after_usage(ctx, uow, walk, in_force, now)
 
     answers: list[UsageResult | AllotError] = []

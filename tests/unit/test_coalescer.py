@@ -1,0 +1,102 @@
+"""The usage coalescer's batching (services/quota/app/coalescer.py), with record_usage replaced
+by a recorder: a lone call goes at once, calls queued behind a running batch share the next one
+(whole calls, in arrival order, each caller its own answers), the batch size follows how long
+recent batches took, and on PostgreSQL a batch call keeps its own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from services.quota.app import coalescer as module
+from services.quota.app.coalescer import UsageCoalescer
+
+
+class Recorder:
+    """Stands in for record_usage: answers each item with ("ok", item), keeps each batch."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list] = []
+        self.delay = delay
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, ctx, items):
+        self.batches.append(list(items))
+        await self.release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return [("ok", item) for item in items]
+
+
+def coalescer(monkeypatch, recorder: Recorder, dialect: str = "sqlite") -> UsageCoalescer:
+    monkeypatch.setattr(module, "record_usage", recorder)
+    return UsageCoalescer(SimpleNamespace(db=SimpleNamespace(dialect=dialect)))
+
+
+async def test_a_lone_call_is_applied_at_once(monkeypatch):
+    recorder = Recorder()
+    c = coalescer(monkeypatch, recorder)
+    assert await asyncio.wait_for(c.report("e1"), 1) == ("ok", "e1")
+    assert recorder.batches == [["e1"]]
+
+
+async def test_calls_queued_behind_a_batch_share_the_next_whole_and_in_order(monkeypatch):
+    recorder = Recorder()
+    c = coalescer(monkeypatch, recorder)
+    recorder.release.clear()
+    first = asyncio.create_task(c.report("a"))
+    await asyncio.sleep(0)
+    queued = [
+        asyncio.create_task(c.report("b")),
+        asyncio.create_task(c.report_many(["c1", "c2", "c3"])),
+        asyncio.create_task(c.report("d")),
+    ]
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    assert await first == ("ok", "a")
+    b, many, d = await asyncio.gather(*queued)
+    # The first batch held the queue for 10 ms, so the adaptive bound (about 5 events) may
+    # leave "d" to a third batch; the calls stay whole and in arrival order either way.
+    assert recorder.batches[0] == ["a"]
+    assert recorder.batches[1][:4] == ["b", "c1", "c2", "c3"]
+    assert [e for batch in recorder.batches[1:] for e in batch] == ["b", "c1", "c2", "c3", "d"]
+    assert (b, d) == (("ok", "b"), ("ok", "d"))
+    assert many == [("ok", "c1"), ("ok", "c2"), ("ok", "c3")]
+
+
+async def test_the_next_batch_is_bounded_by_the_time_recent_batches_took(monkeypatch):
+    recorder = Recorder(delay=0.02)
+    c = coalescer(monkeypatch, recorder)
+    await c.report_many(["w1", "w2"])  # 10 ms per event: TARGET_SECONDS holds about 5
+    assert 0.005 < c._per_event < 0.05
+    recorder.release.clear()
+    running = asyncio.create_task(c.report("x"))
+    await asyncio.sleep(0)
+    calls = [asyncio.create_task(c.report_many([f"q{i}a", f"q{i}b"])) for i in range(6)]
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    await running
+    await asyncio.gather(*calls)
+    sizes = [len(b) for b in recorder.batches[2:]]
+    bound = max(2, int(module.TARGET_SECONDS / c._per_event) + 2)
+    assert sum(sizes) == 12 and len(sizes) > 1
+    assert all(size % 2 == 0 and size <= bound for size in sizes)  # whole calls only
+
+
+@pytest.mark.parametrize("dialect", ["postgresql"])
+async def test_on_postgresql_a_batch_call_keeps_its_own_transaction(monkeypatch, dialect):
+    recorder = Recorder()
+    c = coalescer(monkeypatch, recorder, dialect)
+    recorder.release.clear()
+    single = asyncio.create_task(c.report("s"))
+    await asyncio.sleep(0)
+    batch = asyncio.create_task(c.report_many(["m1", "m2"]))
+    await asyncio.sleep(0.01)
+    # The batch call did not queue behind the running single event.
+    assert recorder.batches == [["s"], ["m1", "m2"]]
+    recorder.release.set()
+    assert await single == ("ok", "s")
+    assert await batch == [("ok", "m1"), ("ok", "m2")]
