@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-import uuid
 from collections import Counter
 
 import grpc
@@ -59,10 +59,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self.database_lost = database_lost
         self.max_streams_per_caller = max_streams_per_caller
         self._streams: Counter[tuple] = Counter()
+        # method -> (the service's handler, our wrapping of it): the handlers a server holds
+        # do not change, so each is wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        if handler is not None:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler):
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
         rule = self.policies.get(method)
@@ -86,7 +98,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         logs.request_id.set(
             given
             if given.isascii() and given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS
-            else uuid.uuid4().hex[:16]
+            # 16 hex digits for log lines only: no need for the OS's entropy on every call.
+            else f"{random.getrandbits(64):016x}"
         )
         if not self.ready.is_set():
             raise Unavailable("SERVICE_STARTING", "the service is starting: retry shortly")

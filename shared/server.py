@@ -23,6 +23,7 @@ from typing import Protocol
 
 import grpc
 from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
+from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -406,17 +407,31 @@ def run_service(
             on_ready(server)
         await server.wait()
 
+    loop, loop_name = new_event_loop(settings.event_loop)
+    log.info("event loop %s, protobuf backend %s", loop_name, api_implementation.Type())
     try:
-        _run(main())
+        _run(main(), loop)
     except SettingsError as exc:  # found while building the service: still no traceback
         sys.exit(f"{service_name}: {exc}")
 
 
-def _run(main) -> None:
+def new_event_loop(choice: str = "auto") -> tuple[asyncio.AbstractEventLoop, str]:
+    """uvloop's event loop where it is installed and ALLOT_EVENT_LOOP is `auto`, else asyncio's
+    (docs/architecture.md, "Shared pieces"); with the loop, the name of the one chosen."""
+    if choice == "auto":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
+
+
+def _run(main, loop: asyncio.AbstractEventLoop) -> None:
     """`asyncio.run`, except that the final clean-up is bounded: asyncio.run waits without limit
     for every task left over to finish its cancellation, and a task stuck on a dead database
     connection never does (docs/faults.md, "Shutdown")."""
-    loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main)

@@ -125,6 +125,7 @@ DeductionPolicy = Annotated[
 ]
 ClockKind = Annotated[Literal["system", "manual"], BeforeValidator(_one_of("system", "manual"))]
 ClientAuth = Annotated[Literal["none", "require"], BeforeValidator(_one_of("none", "require"))]
+EventLoop = Annotated[Literal["auto", "asyncio"], BeforeValidator(_one_of("auto", "asyncio"))]
 
 
 def shown(value: Any, secret: bool = False, url: bool = False) -> str:

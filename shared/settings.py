@@ -24,6 +24,7 @@ from shared.setting_values import (
     ClockKind,
     DeductionPolicy,
     Endpoints,
+    EventLoop,
     Instant,
     LogLevel,
     Positive,
@@ -199,6 +200,9 @@ class Settings(BaseSettings):
         "ALLOT_EXPIRING_NOTICE_DAYS", 7, "days before expiry that package_expiring is sent"
     )
     log_level: LogLevel = _setting("ALLOT_LOG_LEVEL", "INFO", "logging level")
+    event_loop: EventLoop = _setting(
+        "ALLOT_EVENT_LOOP", "auto", "`auto` (uvloop where installed) or `asyncio`"
+    )
     shutdown_grace: WholeNumber = _setting(
         "ALLOT_SHUTDOWN_GRACE_SECONDS", 10, "seconds in-flight calls get on SIGTERM"
     )

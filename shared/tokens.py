@@ -1,13 +1,20 @@
 """Bearer tokens (docs/security.md): verifying them into a `Principal` (HS256 with a local
 secret, or EdDSA / ES256 against a JWKS of public keys), minting them (`allot token`, local
 runs, tests), and the `internal` tokens one suite service presents to another on a local run.
+
+A token's claims cannot change, so each distinct token is verified once and its principal kept
+until the token's `exp` (a bounded LRU); the JWKS file is read again when it changes, and a
+reload forgets every token verified before it (docs/security.md, "Tokens and keys").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import jwt
@@ -25,6 +32,8 @@ from shared.auth import (
 )
 from shared.errors import Unauthenticated
 
+log = logging.getLogger("allot.auth")
+
 HS256 = "HS256"
 ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256")
 MIN_SECRET_BYTES = 32
@@ -33,6 +42,10 @@ DEFAULT_MAX_TTL = 30 * 86400
 MAX_TOKEN_CHARS = 8192
 # How long an `internal` token a service mints for one call lives.
 SERVICE_TOKEN_TTL = 600
+# Distinct tokens whose principal is kept (a gateway presents one token for many calls).
+VERIFIED_CACHE_SIZE = 10_000
+# How often at most the JWKS file is looked at for a change (one stat).
+JWKS_CHECK_SECONDS = 5.0
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -90,10 +103,46 @@ class TokenVerifier:
         *,
         audience: str | None = None,
         max_ttl: int = DEFAULT_MAX_TTL,
+        cache_size: int = VERIFIED_CACHE_SIZE,
+        jwks_file: str | pathlib.Path | None = None,
     ) -> None:
         self.keys = VerificationKeys(secret=keys) if isinstance(keys, str) else keys
         self.audience = audience or None
         self.max_ttl = max_ttl
+        # raw token -> (its principal, its `exp`): only tokens that passed every check.
+        self._verified: OrderedDict[str, tuple[Principal, int]] = OrderedDict()
+        self._cache_size = cache_size
+        self._jwks_file = pathlib.Path(jwks_file) if jwks_file else None
+        self._jwks_stamp = _stamp(self._jwks_file) if self._jwks_file else None
+        self._jwks_checked = time.monotonic()
+
+    def reload(self, keys: VerificationKeys) -> None:
+        """Verify with `keys` from now on; tokens verified with the old keys are verified again
+        (a key removed from the JWKS stops its tokens at once, cached or not)."""
+        self.keys = keys
+        self._verified.clear()
+
+    def _check_jwks_file(self) -> None:
+        """Reload the JWKS when its file changed (checked at most every JWKS_CHECK_SECONDS); a
+        file that does not parse keeps the keys in force and is logged."""
+        if self._jwks_file is None:
+            return
+        now = time.monotonic()
+        if now - self._jwks_checked < JWKS_CHECK_SECONDS:
+            return
+        self._jwks_checked = now
+        stamp = _stamp(self._jwks_file)
+        if stamp == self._jwks_stamp:
+            return
+        self._jwks_stamp = stamp
+        path = self._jwks_file
+        try:
+            keys = VerificationKeys.from_jwks(path.read_text(), secret=self.keys.secret)
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            log.warning("ALLOT_AUTH_JWKS_FILE %s: not reloaded, keys kept: %s", path, exc)
+            return
+        log.info("ALLOT_AUTH_JWKS_FILE %s reloaded (%d keys)", path, len(keys.public_keys))
+        self.reload(keys)
 
     def _key_for(self, token: str):
         try:
@@ -126,6 +175,23 @@ class TokenVerifier:
             raise Unauthenticated("`authorization` must be `Bearer <token>`")
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated("the token is too long")
+        self._check_jwks_file()
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, exp = cached
+            # PyJWT's rule: a token is expired from the second its `exp` names.
+            if time.time() < exp:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]
+            raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED")
+        principal, exp = self._verify(token)
+        self._verified[token] = (principal, exp)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, int]:
         key, algorithm = self._key_for(token)
         try:
             claims = jwt.decode(
@@ -149,7 +215,7 @@ class TokenVerifier:
             raise Unauthenticated(f"invalid token: {exc}") from exc
         except (jwt.PyJWTError, OverflowError, ValueError) as exc:
             raise Unauthenticated(f"invalid token: {exc}") from exc
-        return self._principal(claims)
+        return self._principal(claims), claims["exp"]
 
     def _principal(self, claims: dict) -> Principal:
         exp = claims["exp"]
@@ -297,7 +363,21 @@ def verifier_for(settings) -> TokenVerifier:
             keys = VerificationKeys(secret=secret)
         except ValueError as exc:
             raise ValueError(f"ALLOT_AUTH_SECRET: {exc}") from exc
-    return TokenVerifier(keys, audience=settings.auth_audience, max_ttl=settings.auth_max_ttl)
+    return TokenVerifier(
+        keys,
+        audience=settings.auth_audience,
+        max_ttl=settings.auth_max_ttl,
+        jwks_file=settings.auth_jwks_file or None,
+    )
+
+
+def _stamp(path: pathlib.Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: its inode (a replaced file), modification time and size."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def signer_for(settings) -> TokenSigner | None:

@@ -207,14 +207,27 @@ class BenchDatabase:
             conn.close()
         return counted.count
 
-    async def analyze(self) -> None:
-        """PostgreSQL's statistics after a bulk load (autovacuum would gather them soon)."""
-        if self.dialect != "sqlite":
-            conn = await asyncpg.connect(self.plain_url, timeout=10)
-            try:
-                await conn.execute("ANALYZE")
-            finally:
-                await conn.close()
+    async def settle(self) -> None:
+        """After a bulk load, the database as it stands once it has held those rows a while:
+        PostgreSQL vacuumed and analysed (autovacuum would) and checkpointed, SQLite's WAL
+        checkpointed into the file; so the measurement after it does not pay for the load."""
+        if self.dialect == "sqlite":
+
+            def checkpoint() -> None:
+                conn = self._sqlite()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    conn.close()
+
+            await asyncio.to_thread(checkpoint)
+            return
+        conn = await asyncpg.connect(self.plain_url, timeout=10)
+        try:
+            await conn.execute("VACUUM (ANALYZE) packages, usage_events")
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
 
     async def recorded_events(self, account_ids: list[str]) -> dict[str, tuple[int, int]]:
         """Per account: usage events recorded and their quantity (0s when none)."""

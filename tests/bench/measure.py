@@ -75,13 +75,15 @@ async def drive(
     call: Callable[[int], Awaitable[None]],
     concurrency: int,
     events_per_call: int = 1,
+    seconds: float | None = None,
 ) -> Measurement:
     """`concurrency` workers (`call` gets the worker's index) call back to back: warm-up, then
-    the measured window, then drain."""
-    result = Measurement(name, concurrency, events_per_call, BENCH_SECONDS)
+    the measured window (`seconds`, default BENCH_SECONDS), then drain."""
+    seconds = BENCH_SECONDS if seconds is None else seconds
+    result = Measurement(name, concurrency, events_per_call, seconds)
     start = time.perf_counter()
     measure_from = start + WARMUP_SECONDS
-    end = measure_from + BENCH_SECONDS
+    end = measure_from + seconds
 
     async def worker(index: int) -> None:
         while (began := time.perf_counter()) < end:
@@ -101,6 +103,33 @@ async def drive(
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return result
+
+
+def merge(parts: list[Measurement]) -> Measurement:
+    """Measurements of one thing taken in turns, as one."""
+    first = parts[0]
+    merged = Measurement(
+        first.name, first.concurrency, first.events_per_call, sum(p.seconds for p in parts)
+    )
+    merged.latencies = [x for p in parts for x in p.latencies]
+    merged.errors = sum(p.errors for p in parts)
+    merged.first_error = next((p.first_error for p in parts if p.first_error), "")
+    merged.scenario, merged.accounts, merged.note = first.scenario, first.accounts, first.note
+    return merged
+
+
+async def abba(
+    run_a: Callable[[float], Awaitable[Measurement]],
+    run_b: Callable[[float], Awaitable[Measurement]],
+) -> tuple[Measurement, Measurement]:
+    """Two figures to compare, measured in turns A B B A, each turn half of BENCH_SECONDS: a
+    drift of the machine's other load over the minute falls on both alike."""
+    half = BENCH_SECONDS / 2
+    a1 = await run_a(half)
+    b1 = await run_b(half)
+    b2 = await run_b(half)
+    a2 = await run_a(half)
+    return merge([a1, a2]), merge([b1, b2])
 
 
 async def cpu_share(pid: int, seconds: float) -> float:

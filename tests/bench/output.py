@@ -118,13 +118,12 @@ def print_table(title: str, rows: list[Measurement], echo: dict[int, Measurement
 
 
 def print_goals(rows: list[Goal]) -> None:
-    print("  goals of issue 13:")
-    for g in rows:
-        if g.figure is None:
-            verdict, figure = "-", "-"
-        else:
-            verdict = "goal met" if g.met else "NOT MET"
-            figure = f"{g.figure:,.0f}" if g.figure >= 1000 else f"{g.figure:.2f}"
+    """The goals this run measured (the others are in the JSON as not measured)."""
+    measured = [g for g in rows if g.figure is not None]
+    print(f"  goals of issue 13 ({len(measured)} of {len(rows)} measured in this run):")
+    for g in measured:
+        verdict = "goal met" if g.met else "NOT MET"
+        figure = f"{g.figure:,.0f}" if g.figure >= 1000 else f"{g.figure:.2f}"
         detail = f"  ({g.detail})" if g.detail else ""
         print(f"    {g.goal:<58}{figure:>10}  {verdict}{detail}")
 
@@ -143,7 +142,7 @@ def git_state() -> dict:
     return {
         "commit": commit,
         "short_commit": commit[:10],
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(_git("status", "--porcelain")),  # untracked files count too
         "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
     }
 

@@ -26,6 +26,8 @@ from tests.support.servers import TEST_SECRET, ServiceProcess, Tokens, free_port
 SEED_EVENTS = int(os.environ.get("BENCH_SEED_EVENTS", "1000000"))
 SEED_ACCOUNTS = int(os.environ.get("BENCH_SEED_ACCOUNTS", "100000"))
 PROFILE = os.environ.get("BENCH_PROFILE", "")  # a flame graph (SVG) of quota under the load
+# More `py-spy record` options, e.g. "--idle" (waits shown too) or "--rate 250".
+PROFILE_ARGS = os.environ.get("BENCH_PROFILE_ARGS", "").split()
 
 
 class QuotaProcess(ServiceProcess):
@@ -107,6 +109,7 @@ def _start_spy(pid: int, svg: str) -> tuple[subprocess.Popen, pathlib.Path, path
     out = pathlib.Path(svg).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [spy, "record", "--pid", str(pid), "--format", "flamegraph", "-o", str(out)]
+    command += PROFILE_ARGS
     spy_log = out.with_suffix(".log")
     with open(spy_log, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -121,7 +124,7 @@ async def seed_history(database_url: str) -> tuple[int, float]:
     packages, events = history(SEED_EVENTS, SEED_ACCOUNTS, REGION, API)
     await database.insert("packages", PACKAGE_COLUMNS, packages)
     count = await database.insert("usage_events", EVENT_COLUMNS, events)
-    await database.analyze()
+    await database.settle()
     return count, time.perf_counter() - started
 
 

@@ -4,9 +4,10 @@ Prints figures and writes them as JSON; asserts nothing (not a test, so no `test
 pytest never collects it).
 
 What runs (BENCH_ONLY, a comma list of these names, selects; default all):
-- a bare grpc.aio echo server (`tests.bench.echo_server`, its own process), always, at each
-  concurrency with a payload the size of a typical ReportUsageRequest: the reference for
-  what gRPC + asyncio in Python cost on this machine;
+- a bare grpc.aio echo server (`tests.bench.echo_server`, its own process), always, measured
+  before each database at each concurrency with a payload the size of a typical
+  ReportUsageRequest: the reference for what gRPC + asyncio in Python cost on this machine
+  (the database's ratios are to the echo measured just before it);
 - quota as its own process (`python -m services.quota`, via `ServiceProcess`) on each database
   of BENCH_DATABASES (default `sqlite,postgresql`): SQLite a file in a temp dir, PostgreSQL a
   fresh database at 127.0.0.1:5432, dropped afterwards (skipped with a note when unreachable);
@@ -18,14 +19,15 @@ What runs (BENCH_ONLY, a comma list of these names, selects; default all):
     event, never reached);
   - `batch`: BatchReportUsage, 100 events per call, at each concurrency;
   - `check_quota`: CheckQuota (API enabled, 10 events reported before) at each concurrency;
-  - `contention`: ReportUsage at 64, all callers on one account's one package, then each on
+  - `contention`: ReportUsage at 64, all callers on one account's one package beside each on
     an account of its own;
-  - `growth_packages`: ReportUsage at 64 on an account with one package, then on one holding
+  - `growth_packages`: ReportUsage at 64 on an account with one package beside one holding
     1,000 (999 seeded directly: expired long ago, expired lately, used up);
-  - `growth_events`: ReportUsage at 64 on a fresh migrated database (quota started on it),
-    then on the same database after BENCH_SEED_EVENTS (1,000,000) usage events over
-    BENCH_SEED_ACCOUNTS (100,000) accounts were seeded into it (COPY / one executemany
-    transaction) before quota started again;
+  - `growth_events`: ReportUsage at 64 on a migrated database beside one into which
+    BENCH_SEED_EVENTS (1,000,000) usage events over BENCH_SEED_ACCOUNTS (100,000) accounts
+    were seeded (COPY / one executemany transaction) before quota started on it (the
+    pairs of these three are measured in turns A B B A, half of BENCH_SECONDS each, so a
+    drift of the machine's load falls on both alike);
   - `idle_streams`, `busy_streams`, `soak`: quota's CPU with 200 idle WatchEvents streams;
     pay-per-use ReportUsage beside 200 streams filtering its events out; RSS and descriptors
     over BENCH_SOAK_SECONDS (120) of mixed load (tests/bench/streams.py).
@@ -66,7 +68,7 @@ from allot.quota.v1 import quota_service_pb2
 
 from tests.bench import streams
 from tests.bench.echo import EchoProcess, measure_echo
-from tests.bench.measure import BENCH_SECONDS, CONCURRENCIES, WARMUP_SECONDS, env_list
+from tests.bench.measure import BENCH_SECONDS, CONCURRENCIES, WARMUP_SECONDS, abba, env_list
 from tests.bench.output import (
     git_state,
     goals,
@@ -140,33 +142,43 @@ async def run_scenarios(bench, pid: int, only: list[str]) -> tuple[list, list[st
 
 
 async def growth_events(label: str, root: pathlib.Path) -> tuple[list, list[str]]:
-    """ReportUsage at RATIO_CONCURRENCY on a fresh migrated database, then on the same
-    database seeded with a history before quota starts again."""
-    workdir = root / f"{label}-growth"
-    workdir.mkdir(parents=True, exist_ok=True)
-    if label == "sqlite":
-        url = f"sqlite+aiosqlite:///{workdir / 'quota.db'}"
-        await asyncio.to_thread(migrated_sqlite, workdir / "quota.db", "quota")
-    else:
-        url = await create_postgres_database("quota")
-    c = RATIO_CONCURRENCY
+    """ReportUsage at RATIO_CONCURRENCY on two migrated databases, one of them seeded with a
+    history before quota starts on it: a quota process on each, measured in turns (`abba`)."""
+    urls: list[str] = []
+    workdirs = [root / f"{label}-growth-{kind}" for kind in ("empty", "seeded")]
     try:
-        async with quota_session(f"{label}-empty", url, workdir, profile=False) as (bench, _):
-            account = await bench.new_account("growth-events", c)
-            empty = await bench.unary("ReportUsage empty database", "growth_events", c, [account])
-            empty.consistency = await bench.consistency(empty.accounts)
-        seeded, seconds = await seed_history(url)
-        async with quota_session(f"{label}-seeded", url, workdir) as (bench, _):
-            account = await bench.new_account("growth-events", c)
+        for workdir in workdirs:
+            await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+            if label == "sqlite":
+                await asyncio.to_thread(migrated_sqlite, workdir / "quota.db", "quota")
+                urls.append(f"sqlite+aiosqlite:///{workdir / 'quota.db'}")
+            else:
+                urls.append(await create_postgres_database("quota"))
+        seeded, seconds = await seed_history(urls[1])
+        c = RATIO_CONCURRENCY
+        async with (
+            quota_session(f"{label}-empty", urls[0], workdirs[0], profile=False) as (empty, _),
+            quota_session(f"{label}-seeded", urls[1], workdirs[1]) as (full, process),
+        ):
+            accounts = [await b.new_account("growth-events", c) for b in (empty, full)]
             name = f"ReportUsage {seeded:,} events"
-            grown = await bench.unary(name, "growth_events", c, [account])
-            grown.consistency = await bench.consistency(grown.accounts)
+            before, after = await abba(
+                lambda t: empty.unary(
+                    "ReportUsage empty database", "growth_events", c, accounts[:1], t
+                ),
+                lambda t: full.unary(name, "growth_events", c, accounts[1:], t),
+            )
+            before.consistency = await empty.consistency(before.accounts)
+            after.consistency = await full.consistency(after.accounts)
+        log = process.log_summary()
     finally:
         if label != "sqlite":
-            await drop_postgres_database(url)
-    empty.note = "fresh migrated database"
-    grown.note = f"seeded in {seconds:.0f} s before quota started"
-    return [empty, grown], [f"growth_events: seeded {seeded:,} usage events in {seconds:.1f} s"]
+            for url in urls:
+                await drop_postgres_database(url)
+    before.note = "a migrated database, quota's own events only"
+    after.note = f"seeded in {seconds:.0f} s before quota started"
+    text = f"growth_events: seeded {seeded:,} usage events in {seconds:.1f} s; server log: {log}"
+    return [before, after], [text]
 
 
 async def measure_database(label: str, url: str, root: pathlib.Path, only: list[str]):
@@ -188,6 +200,45 @@ async def measure_database(label: str, url: str, root: pathlib.Path, only: list[
         rows.extend(more)
         lines.extend(text)
     return rows, lines, log
+
+
+async def measure_one(label, root, only, record, echo_addr, payload, tokens) -> None:
+    """The echo measured again, then quota on one database: so each database's ratios are
+    to an echo of the same minutes (the machine's other load drifts over a run)."""
+    if label == "sqlite":
+        url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
+        title = "quota on SQLite (file in a temp dir, WAL)"
+    else:
+        try:
+            url = await create_postgres_database()
+        except (pytest.skip.Exception, pytest.fail.Exception, OSError) as exc:
+            print(f"\nquota on PostgreSQL: skipped — {exc}")
+            record["notes"][label] = [f"skipped: {exc}"]
+            return
+        title = f"quota on PostgreSQL (fresh database {url.rsplit('/', 1)[1]}, dropped)"
+    at_ratio = {"contention", "growth_packages", "growth_events"} & set(only)
+    levels = sorted(set(CONCURRENCIES) | ({RATIO_CONCURRENCY} if at_ratio else set()))
+    try:
+        echo = await measure_echo(echo_addr, payload, Tokens.md(tokens.gateway()), levels)
+        print_table(
+            f"echo before {label} (bare grpc.aio, generic handler returning the request bytes)",
+            list(echo.values()),
+            None,
+        )
+        record["echo"].extend(measurement_json(label, m, None) for m in echo.values())
+        rows, lines, log = await measure_database(label, url, root, only)
+    finally:
+        if label != "sqlite":
+            await drop_postgres_database(url)
+    print_table(title, rows, echo)
+    for line in lines:
+        print(f"  {line}")
+    print(f"  server log (main quota process): {log}")
+    met = goals(label, rows, echo)
+    print_goals(met)
+    record["results"].extend(measurement_json(label, m, echo) for m in rows)
+    record["goals"].extend(vars(g) for g in met)
+    record["notes"][label] = [*lines, f"server log: {log}"]
 
 
 async def main() -> None:
@@ -258,48 +309,15 @@ async def main() -> None:
         "goals": [],
         "notes": {},
     }
-    echo_levels = sorted(set(CONCURRENCIES) | {RATIO_CONCURRENCY})
     with tempfile.TemporaryDirectory(prefix="allot-bench-") as tmp:
         root = pathlib.Path(tmp)
         echo_process = EchoProcess(root / "echo.log")
         try:
             addr = await asyncio.to_thread(echo_process.start)
-            echo = await measure_echo(addr, payload, Tokens.md(tokens.gateway()), echo_levels)
+            for label in databases:
+                await measure_one(label, root, only, record, addr, payload, tokens)
         finally:
             echo_process.stop()
-        print_table(
-            "echo (bare grpc.aio, generic handler returning the request bytes)",
-            list(echo.values()),
-            None,
-        )
-        record["echo"] = [measurement_json("", m, None) for m in echo.values()]
-
-        for label in databases:
-            if label == "sqlite":
-                url = f"sqlite+aiosqlite:///{root / 'sqlite' / 'quota.db'}"
-                title = "quota on SQLite (file in a temp dir, WAL)"
-            else:
-                try:
-                    url = await create_postgres_database()
-                except (pytest.skip.Exception, pytest.fail.Exception, OSError) as exc:
-                    print(f"\nquota on PostgreSQL: skipped — {exc}")
-                    record["notes"][label] = [f"skipped: {exc}"]
-                    continue
-                title = f"quota on PostgreSQL (fresh database {url.rsplit('/', 1)[1]}, dropped)"
-            try:
-                rows, lines, log = await measure_database(label, url, root, only)
-            finally:
-                if label != "sqlite":
-                    await drop_postgres_database(url)
-            print_table(title, rows, echo)
-            for line in lines:
-                print(f"  {line}")
-            print(f"  server log:  {log}")
-            met = goals(label, rows, echo)
-            print_goals(met)
-            record["results"].extend(measurement_json(label, m, echo) for m in rows)
-            record["goals"].extend(vars(g) for g in met)
-            record["notes"][label] = [*lines, f"server log: {log}"]
 
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     path = write_json(record)

@@ -14,7 +14,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.protobuf import timestamp_pb2
 
 from tests.bench.database import PACKAGE_COLUMNS, BenchDatabase, dead_packages
-from tests.bench.measure import CallFailed, Measurement, drive
+from tests.bench.measure import CallFailed, Measurement, abba, drive
 from tests.support.servers import Tokens
 
 BATCH_SIZE = 100
@@ -158,14 +158,19 @@ class QuotaBench:
             self.acknowledged[account_id] += 1
 
     async def unary(
-        self, name: str, scenario: str, concurrency: int, accounts: list[str]
+        self,
+        name: str,
+        scenario: str,
+        concurrency: int,
+        accounts: list[str],
+        seconds: float | None = None,
     ) -> Measurement:
         """ReportUsage, one event per call; worker i reports for accounts[i % len(accounts)]."""
 
         async def call(worker: int) -> None:
             await self.report(accounts[worker % len(accounts)])
 
-        result = await drive(name, call, concurrency)
+        result = await drive(name, call, concurrency, seconds=seconds)
         result.scenario, result.accounts = scenario, list(accounts)
         return result
 
@@ -217,25 +222,28 @@ class QuotaBench:
         return result
 
     async def contention(self) -> list[Measurement]:
-        """RATIO_CONCURRENCY callers on one account's one package, then the same callers each
-        on an account of its own."""
+        """RATIO_CONCURRENCY callers on one account's one package, and the same callers each
+        on an account of its own, measured in turns (`abba`)."""
         c = RATIO_CONCURRENCY
         one = await self.new_account("contention-one", c)
         spread = [await self.new_account(f"contention-{i:02d}", c) for i in range(c)]
-        together = await self.unary("ReportUsage one account", "contention", c, [one])
-        apart = await self.unary("ReportUsage 64 accounts", "contention", c, spread)
+        together, apart = await abba(
+            lambda t: self.unary("ReportUsage one account", "contention", c, [one], t),
+            lambda t: self.unary("ReportUsage 64 accounts", "contention", c, spread, t),
+        )
         together.note, apart.note = "all callers on one package", "each caller its own account"
         return [together, apart]
 
     async def growth_packages(self) -> list[Measurement]:
         """An account holding GROWTH_PACKAGES packages (all but one expired or used up, seeded
-        directly) beside an account with its one package."""
+        directly) beside an account with its one package, measured in turns (`abba`)."""
         c = RATIO_CONCURRENCY
         single = await self.new_account("growth-1", c)
         many = await self.new_account("growth-1000", c, dead=GROWTH_PACKAGES - 1)
-        base = await self.unary("ReportUsage 1 package", "growth_packages", c, [single])
-        grown = await self.unary(
-            f"ReportUsage {GROWTH_PACKAGES:,} packages", "growth_packages", c, [many]
+        name = f"ReportUsage {GROWTH_PACKAGES:,} packages"
+        base, grown = await abba(
+            lambda t: self.unary("ReportUsage 1 package", "growth_packages", c, [single], t),
+            lambda t: self.unary(name, "growth_packages", c, [many], t),
         )
         base.note, grown.note = "an account with one package", "999 expired or used up"
         return [base, grown]

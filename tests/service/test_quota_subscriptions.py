@@ -3,6 +3,8 @@ as data, and usage that happened is recorded whatever the admission state."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from allot.quota.v1 import quota_pb2, quota_service_pb2
@@ -130,6 +132,31 @@ async def test_check_quota_counts_project_packages_only_for_their_project(q):
     assert (await q.check(project="proj-1")).remaining_quantity == 15
     assert (await q.check(project="proj-2")).remaining_quantity == 10
     assert (await q.check()).remaining_quantity == 10
+
+
+async def test_concurrent_checks_each_get_the_answer_of_their_own_key(q):
+    """Concurrent CheckQuota calls share statements (services/quota/README.md, "Admission"):
+    each still gets its own account's, API's and project's answer, and a write acknowledged
+    before a check is seen by it."""
+    await q.enable()
+    await q.grant(quantity=10)
+    await q.grant(quantity=5, project="proj-1")
+    await q.enable(OTHER_ACCOUNT)
+    await q.grant(OTHER_ACCOUNT, quantity=3)
+    calls = [
+        *(q.check(project="proj-1") for _ in range(20)),
+        *(q.check() for _ in range(20)),
+        *(q.check(OTHER_ACCOUNT) for _ in range(20)),
+        *(q.check(api=OTHER_API) for _ in range(20)),
+    ]
+    answers = await asyncio.gather(*calls)
+    assert [a.remaining_quantity for a in answers] == [15] * 20 + [10] * 20 + [3] * 20 + [0] * 20
+    assert [a.deny_reason for a in answers[60:]] == [NOT_SUBSCRIBED] * 20
+    assert all(a.allowed for a in answers[:60])
+
+    await q.report("e1", quantity=4)
+    after = await asyncio.gather(*(q.check() for _ in range(10)))
+    assert [a.remaining_quantity for a in after] == [6] * 10
 
 
 async def test_usage_is_recorded_even_when_the_api_is_not_subscribed(q):

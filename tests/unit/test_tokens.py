@@ -1,6 +1,7 @@
 """Tokens (docs/security.md): EdDSA and ES256 tokens verified against a JWKS chosen by `kid`
 (so keys rotate), HS256 only with a secret of at least 32 bytes, `aud` and a bounded `exp`,
-and claims that make sense. Then `allot keys new` / `allot token --key` against a real quota
+and claims that make sense. A verified token is kept until its `exp`, and forgotten when the
+JWKS is reloaded. Then `allot keys new` / `allot token --key` against a real quota
 server that holds a JWKS and no secret."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from allot.quota.v1 import quota_service_pb2
 
 from shared import cli
+from shared import tokens as tokens_module
 from shared.auth import ACCOUNT_FULL, ADMIN, INTERNAL
 from shared.errors import Unauthenticated
 from shared.keys import JWKS_NAME, new_key_pair
@@ -91,6 +93,69 @@ def test_tokens_of_both_keys_verify_and_the_removed_key_fails(key_dir):
     rotated = TokenVerifier(VerificationKeys.from_jwks(document))
     assert reason_of(rotated, old_token) == "UNKNOWN_KEY"
     assert rotated.verify(bearer(new_token)).account == "acct-1"
+
+
+def test_a_cached_token_is_refused_once_it_has_expired():
+    verifier = TokenVerifier(TEST_SECRET)
+    token = TokenSigner(TEST_SECRET).mint(ADMIN, ttl_seconds=1)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+
+    first = verifier.verify(bearer(token))
+    assert verifier.verify(bearer(token)) is first  # the second call is answered from the cache
+    time.sleep(max(0.0, exp - time.time()) + 0.01)
+    assert reason_of(verifier, token) == "TOKEN_EXPIRED"
+    assert reason_of(verifier, token) == "TOKEN_EXPIRED"
+
+
+def test_the_cache_is_bounded_and_keeps_only_tokens_that_passed():
+    verifier = TokenVerifier(TEST_SECRET, cache_size=3)
+    signer = TokenSigner(TEST_SECRET)
+    minted = [signer.mint(ACCOUNT_FULL, account=f"acct-{i}") for i in range(5)]
+    for token in minted:
+        verifier.verify(bearer(token))
+    assert len(verifier._verified) == 3
+    assert reason_of(verifier, raw({"exp": int(time.time()) - 60}, TEST_SECRET, "HS256")) == (
+        "TOKEN_EXPIRED"
+    )
+    forged = minted[0][:-4] + ("AAAA" if not minted[0].endswith("AAAA") else "BBBB")
+    assert reason_of(verifier, forged) == "INVALID_TOKEN"
+    assert len(verifier._verified) == 3
+    # Evicted tokens are simply verified again.
+    assert verifier.verify(bearer(minted[0])).account == "acct-0"
+
+
+def test_a_token_of_a_rotated_away_key_is_refused_after_the_jwks_reload(key_dir, monkeypatch):
+    _, old, new, jwks = key_dir
+    verifier = TokenVerifier(VerificationKeys.from_jwks(jwks.read_text()), jwks_file=jwks)
+    old_token = TokenSigner.from_key_file(old).mint(ADMIN)
+    new_token = TokenSigner.from_key_file(new).mint(ACCOUNT_FULL, account="acct-1")
+    assert verifier.verify(bearer(old_token)).roles == {ADMIN}
+    assert verifier.verify(bearer(new_token)).account == "acct-1"
+
+    document = json.loads(jwks.read_text())
+    document["keys"] = [k for k in document["keys"] if k["kid"] != "old"]
+    jwks.write_text(json.dumps(document) + "\n")  # another size: a change whatever the mtime
+    # Within the check interval the file is not looked at; after it, it is.
+    assert verifier.verify(bearer(old_token)).roles == {ADMIN}
+    monkeypatch.setattr(tokens_module, "JWKS_CHECK_SECONDS", 0.0)
+    assert reason_of(verifier, old_token) == "UNKNOWN_KEY"
+    assert verifier.verify(bearer(new_token)).account == "acct-1"
+
+    # A JWKS that does not parse keeps the keys in force.
+    jwks.write_text("{ not json")
+    assert verifier.verify(bearer(new_token)).account == "acct-1"
+    assert reason_of(verifier, old_token) == "UNKNOWN_KEY"
+
+
+def test_reload_forgets_tokens_verified_with_the_old_keys(key_dir):
+    _, old, _, jwks = key_dir
+    verifier = verifier_of(jwks)
+    old_token = TokenSigner.from_key_file(old).mint(ADMIN)
+    assert verifier.verify(bearer(old_token)).roles == {ADMIN}
+    document = json.loads(jwks.read_text())
+    document["keys"] = [k for k in document["keys"] if k["kid"] != "old"]
+    verifier.reload(VerificationKeys.from_jwks(document))
+    assert reason_of(verifier, old_token) == "UNKNOWN_KEY"
 
 
 def test_kid_and_alg_must_name_a_trusted_key_of_that_algorithm(key_dir):

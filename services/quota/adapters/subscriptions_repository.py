@@ -3,12 +3,25 @@ billing announced: the rows admission reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
 
 from services.quota.adapters import tables as t
+from services.quota.adapters.packages_repository import in_force_condition
 from services.quota.domain.admission import StandingChange
 from shared.api_subscriptions import get_api_subscription, put_api_subscription
 from shared.db import UnitOfWork
@@ -41,14 +54,61 @@ async def list_subscriptions(
     return (await uow.session.execute(query)).all()
 
 
-async def get_standing(uow: UnitOfWork, account_id: str) -> int | None:
-    return (
-        await uow.session.execute(
-            select(t.account_standings.c.standing).where(
-                t.account_standings.c.account_id == account_id
-            )
+def _admission_select(i: int):
+    """What CheckQuota reads for key `i` of a statement, as one row of three scalar
+    subqueries: the subscription's state, the account's standing and the remaining quantity of
+    the packages in force for the project (designated + all-project packages)."""
+    s, st, p = t.api_subscriptions.c, t.account_standings.c, t.packages.c
+    account, region, api = (
+        bindparam(f"account_{i}"),
+        bindparam(f"region_{i}"),
+        bindparam(f"api_{i}"),
+    )
+    state = select(s.state).where(s.account_id == account, s.region == region, s.api == api)
+    standing = select(st.standing).where(st.account_id == account)
+    remaining = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
+        p.account_id == account,
+        p.region == region,
+        p.api == api,
+        p.enterprise_project_id.in_(["", bindparam(f"project_{i}")]),
+        in_force_condition(bindparam("now_us")),
+    )
+    return select(
+        literal_column(str(i), Integer).label("i"),
+        state.scalar_subquery().label("state"),
+        standing.scalar_subquery().label("standing"),
+        remaining.scalar_subquery().label("remaining"),
+    )
+
+
+@functools.cache
+def _admission_query(size: int):
+    """One statement for `size` keys (built once per size; its parameters bound per call)."""
+    if size == 1:
+        return _admission_select(0)
+    return union_all(*(_admission_select(i) for i in range(size)))
+
+
+async def admission_facts_of(
+    uow: UnitOfWork, keys: Sequence[tuple[str, str, str, str]], now: datetime
+) -> list[tuple[int | None, int | None, int]]:
+    """For each (account, region, API, project) key, the rows admission reads for a call of it
+    now: (subscription state or None, standing or None, remaining quantity). One statement,
+    one round trip, one snapshot."""
+    params: dict = {"now_us": to_epoch_us(now)}
+    for i, (account_id, region, api, project) in enumerate(keys):
+        params.update(
+            {
+                f"account_{i}": account_id,
+                f"region_{i}": region,
+                f"api_{i}": api,
+                f"project_{i}": project,
+            }
         )
-    ).scalar()
+    connection = await uow.session.connection()
+    rows = (await connection.execute(_admission_query(len(keys)), params)).all()
+    found = {row.i: (row.state, row.standing, int(row.remaining)) for row in rows}
+    return [found[i] for i in range(len(keys))]
 
 
 async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | None:

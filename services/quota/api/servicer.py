@@ -10,6 +10,7 @@ from google.protobuf import empty_pb2
 
 from services.quota.api import convert
 from services.quota.app import alerts, packages, stats, subscriptions, usage
+from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
 from services.quota.domain.alerts import AlertRule
@@ -50,6 +51,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         self._idempotent = idempotency.bound(ctx.db, ctx.now)
         self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
+        self.admission_reads = AdmissionReads(ctx.db, ctx.now)
 
     async def close(self, grace: float) -> None:
         await self.coalescer.close(grace)
@@ -87,6 +89,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def CheckQuota(self, request, context):
         admission = await subscriptions.check_quota(
             self.ctx,
+            self.admission_reads,
             request.account_id,
             request.region,
             request.api,

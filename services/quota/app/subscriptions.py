@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
+from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, Standing, admit
 from shared.db import UnitOfWork
@@ -60,22 +60,22 @@ async def list_subscriptions(
 
 
 async def check_quota(
-    ctx: QuotaContext, account_id: str, region: str, api: str, project: str, quantity: int
+    ctx: QuotaContext,
+    reads: AdmissionReads,
+    account_id: str,
+    region: str,
+    api: str,
+    project: str,
+    quantity: int,
 ) -> Admission:
     _check(ctx, account_id, region, api)
     check_quantity(quantity, "quantity")
-
-    async def work(uow: UnitOfWork) -> Admission:
-        subscription = await subscriptions_repo.get_subscription(uow, account_id, region, api)
-        standing = await subscriptions_repo.get_standing(uow, account_id)
-        remaining = await packages_repo.remaining_for_project(
-            uow, account_id, region, api, normalize_project_id(project), ctx.now()
-        )
-        return admit(
-            subscribed=subscription is not None and subscription.state == ACTIVE,
-            standing=Standing(standing) if standing else Standing.GOOD,
-            remaining_quantity=remaining,
-            quantity=quantity or 1,
-        )
-
-    return await ctx.db.read(work)
+    state, standing, remaining = await reads.facts(
+        (account_id, region, api, normalize_project_id(project))
+    )
+    return admit(
+        subscribed=state == ACTIVE,
+        standing=Standing(standing) if standing else Standing.GOOD,
+        remaining_quantity=remaining,
+        quantity=quantity or 1,
+    )

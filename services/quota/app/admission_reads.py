@@ -1,0 +1,71 @@
+"""Merges concurrent `CheckQuota` reads into shared statements.
+
+The same shape as the usage coalescer (`app/coalescer.py`): while one read runs, calls that
+arrive queue up; when it answers, the queue is read as the next batch, in one statement for all
+its distinct (account, region, API, project) keys. A lone call is read at once (no timer, no
+added latency). Every call's facts are read by a statement that started after the call
+arrived, so an answer is never older than the call (what a read of its own would see). The
+decision stays in `domain/admission.py`.
+
+Faults (docs/faults.md "Database faults"): the batch read retries a dropped connection itself
+and then fails with UNAVAILABLE, which every caller of the batch hears; a caller whose deadline
+passes stops waiting, and the read goes on for the callers that share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.quota.adapters import subscriptions_repository as subscriptions_repo
+from shared.db import Database, UnitOfWork
+
+# Distinct keys read by one statement (one compiled form per size, cached by SQLAlchemy).
+MAX_KEYS = 64
+
+Key = tuple[str, str, str, str]  # account, region, API, project
+Facts = tuple[int | None, int | None, int]  # subscription state, standing, remaining
+
+
+class AdmissionReads:
+    def __init__(self, db: Database, now, max_keys: int = MAX_KEYS) -> None:
+        self.db = db
+        self.now = now
+        self.max_keys = max_keys
+        self._queue: dict[Key, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def facts(self, key: Key) -> Facts:
+        future = self._queue.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._queue[key] = future
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="admission-reads")
+        # shield: a cancelled caller must not cancel the read its neighbours wait on.
+        return await asyncio.shield(future)
+
+    async def _read(self) -> None:
+        try:
+            while self._queue:
+                keys = list(self._queue)[: self.max_keys]
+                futures = [self._queue.pop(key) for key in keys]
+
+                async def work(uow: UnitOfWork, keys: list[Key] = keys) -> list[Facts]:
+                    return await subscriptions_repo.admission_facts_of(uow, keys, self.now())
+
+                try:
+                    answers = await self.db.read(work)
+                except BaseException as exc:  # every caller of the batch hears
+                    answer = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(answer)
+                            future.exception()  # nobody may be listening any more
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for future, facts in zip(futures, answers, strict=True):
+                    if not future.done():
+                        future.set_result(facts)
+        finally:
+            self._reader = None
