@@ -271,21 +271,6 @@ async def summarize(
     return (await uow.session.execute(query)).all()
 
 
-async def remaining_for_project(
-    uow: UnitOfWork, account_id: str, region: str, api: str, project: str, now: datetime
-) -> int:
-    """Remaining quantity a call of `project` may use now (designated + all-project packages)."""
-    p = t.packages.c
-    query = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
-        p.account_id == account_id,
-        p.region == region,
-        p.api == api,
-        p.enterprise_project_id.in_(["", project]),
-        in_force_condition(to_epoch_us(now)),
-    )
-    return int((await uow.session.execute(query)).scalar_one())
-
-
 async def totals_by_api(
     uow: UnitOfWork, account_id: str, region: str, apis: Iterable[str] | None, now: datetime
 ) -> dict[str, tuple[int, int]]:
