@@ -29,9 +29,9 @@ SKIPPED_DIRS = {
 # or by path. Spelled in pieces so that this file does not cite them itself.
 _OUTSIDE = ("DESIGN", "API", "STYLE")
 OUTSIDE_CITATION = re.compile(
-    r"\b(?:" + "|".join(_OUTSIDE) + r")\.md\b"  # DESIGN.md, API.md, STYLE.md
-    r"|\b" + _OUTSIDE[0] + r" ?§"  # "DESIGN §4"
-    r"|(?<![\w./])\.\./" + "shared" + r"\b"  # ../shared from the repository root
+    r"\b(?:" + "|".join(_OUTSIDE) + r")\.md\b"  # the three files by name
+    r"|\b" + _OUTSIDE[0] + r" ?§"  # the design by section number
+    r"|(?<![\w./])\.\./" + "shared" + r"\b"  # the folder beside the checkout, by path
 )
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -190,7 +190,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     outside = "DESIGN" + ".md §2", "see API" + ".md", "STYLE" + ".md pattern 9", "DESIGN" + " §4"
     for line in (*outside, "beside it in ../" + "shared/"):
         assert OUTSIDE_CITATION.search(line), line
-    for line in ("../../shared/validity.py", "docs/design/time.md", "shared/money.py"):
+    for line in ("../.." + "/shared/validity.py", "docs/design/time.md", "shared/money.py"):
         assert not OUTSIDE_CITATION.search(line), line
     assert slug("Events (`WatchEvents`)") == "events-watchevents"
     assert slug("Health, probes and shutdown") == "health-probes-and-shutdown"
