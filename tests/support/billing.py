@@ -13,18 +13,16 @@ import pathlib
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
-from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
-from google.protobuf import duration_pb2
+from allot.testing.v1 import clock_service_pb2_grpc
 from google.type import money_pb2
 
 from services.billing.service import BillingService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from tests.support.calls import Metadata, ts
+from tests.support.calls import Metadata, ServiceCalls
 from tests.support.events import events as stream_events
 from tests.support.processes import WatchedProcess
 from tests.support.quota import quota_env
@@ -225,19 +223,17 @@ def micros(money: money_pb2.Money) -> int:
 
 
 @dataclass
-class BillingCalls:
+class BillingCalls(ServiceCalls):
     """One method per BillingService RPC the pay-per-use tests use (and ClockService)."""
 
     channel: grpc.aio.Channel
     tokens: Tokens = field(default_factory=Tokens)
+    CLOCK_TIMEOUT = SETTLE_TIMEOUT
 
     def __post_init__(self) -> None:
         self.stub = billing_service_pb2_grpc.BillingServiceStub(self.channel)
         self.clock = clock_service_pb2_grpc.ClockServiceStub(self.channel)
         self.admin = self.tokens.md(self.tokens.admin())
-
-    def account(self, account_id: str, read_only: bool = False) -> Metadata:
-        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
 
     async def create_account(
         self, account_id: str, kind: int = billing_pb2.ACCOUNT_KIND_STANDALONE, **fields
@@ -326,23 +322,4 @@ class BillingCalls:
             types,
             request_type=billing_service_pb2.WatchEventsRequest,
             within=SETTLE_TIMEOUT,
-        )
-
-    # --- clock ---------------------------------------------------------------------------
-
-    async def set_time(self, value: datetime | str) -> None:
-        """Move billing's manual clock; due work runs before this returns."""
-        await self.clock.SetTime(
-            clock_service_pb2.SetTimeRequest(time=ts(value)),
-            metadata=self.admin,
-            timeout=SETTLE_TIMEOUT,
-        )
-
-    async def advance(self, delta: timedelta = timedelta(0)) -> None:
-        duration = duration_pb2.Duration()
-        duration.FromTimedelta(delta)
-        await self.clock.AdvanceTime(
-            clock_service_pb2.AdvanceTimeRequest(duration=duration),
-            metadata=self.admin,
-            timeout=SETTLE_TIMEOUT,
         )

@@ -4,11 +4,13 @@ that must fail (`expect_error`: status code, `ErrorInfo.reason`, `BadRequest` fi
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from allot.testing.v1 import clock_service_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from shared.status import bad_request_fields, error_info
@@ -23,6 +25,39 @@ def ts(value: datetime | str) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value.astimezone(UTC))
     return stamp
+
+
+class ServiceCalls:
+    """What the calls helpers of every service share (`QuotaCalls`, `BillingCalls`,
+    `NotificationCalls`): its `tokens`, the admin's metadata, an account's, and the manual clock
+    the service serves in tests (`clock`, a ClockService stub). A subclass sets `tokens`, `clock`
+    and `admin`; `CLOCK_TIMEOUT` bounds a clock call whose due work runs before it returns."""
+
+    tokens: Any
+    clock: Any
+    admin: Metadata
+    CLOCK_TIMEOUT: float | None = None
+
+    def account(self, account_id: str, read_only: bool = False) -> Metadata:
+        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
+
+    async def set_time(self, value: datetime | str) -> None:
+        """Move the service's manual clock; due work runs before this returns."""
+        await self.clock.SetTime(
+            clock_service_pb2.SetTimeRequest(time=ts(value)),
+            metadata=self.admin,
+            timeout=self.CLOCK_TIMEOUT,
+        )
+
+    async def advance(self, delta: timedelta = timedelta(0)) -> None:
+        """Move the service's manual clock on by `delta`; due work runs before this returns."""
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(delta)
+        await self.clock.AdvanceTime(
+            clock_service_pb2.AdvanceTimeRequest(duration=duration),
+            metadata=self.admin,
+            timeout=self.CLOCK_TIMEOUT,
+        )
 
 
 async def expect_error(

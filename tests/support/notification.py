@@ -27,13 +27,13 @@ from allot.notification.v1 import (
     notification_service_pb2,
     notification_service_pb2_grpc,
 )
-from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
-from google.protobuf import duration_pb2, field_mask_pb2
+from allot.testing.v1 import clock_service_pb2_grpc
+from google.protobuf import field_mask_pb2
 
 from services.notification.service import NotificationService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from tests.support.calls import Metadata
+from tests.support.calls import Metadata, ServiceCalls
 from tests.support.processes import WatchedProcess
 from tests.support.receivers import SmtpInbox
 from tests.support.servers import TEST_SECRET, Tokens, free_port
@@ -187,19 +187,17 @@ def deliveries(notification: Notification) -> dict[str, tuple[int, int, int]]:
 
 
 @dataclass
-class NotificationCalls:
+class NotificationCalls(ServiceCalls):
     """One method per RPC of NotificationService (and ClockService), admin by default."""
 
     channel: grpc.aio.Channel
     tokens: Tokens = field(default_factory=Tokens)
+    CLOCK_TIMEOUT = SETTLE_TIMEOUT
 
     def __post_init__(self) -> None:
         self.stub = notification_service_pb2_grpc.NotificationServiceStub(self.channel)
         self.clock = clock_service_pb2_grpc.ClockServiceStub(self.channel)
         self.admin = self.tokens.md(self.tokens.admin())
-
-    def account(self, account_id: str, read_only: bool = False) -> Metadata:
-        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
 
     # --- contacts ------------------------------------------------------------------------
 
@@ -362,18 +360,6 @@ class NotificationCalls:
         await self.settled(account, 1)
         await self.advance(timedelta(0))
         return address
-
-    # --- clock ---------------------------------------------------------------------------
-
-    async def advance(self, delta: timedelta) -> None:
-        """Move notification's manual clock; due deliveries run before this returns."""
-        duration = duration_pb2.Duration()
-        duration.FromTimedelta(delta)
-        await self.clock.AdvanceTime(
-            clock_service_pb2.AdvanceTimeRequest(duration=duration),
-            metadata=self.admin,
-            timeout=SETTLE_TIMEOUT,
-        )
 
 
 async def until(

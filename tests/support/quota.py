@@ -17,17 +17,17 @@ import contextlib
 import pathlib
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
-from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from allot.testing.v1 import clock_service_pb2_grpc
+from google.protobuf import timestamp_pb2
 
 from services.quota.service import QuotaService
 from shared.server import Server, build_runtime
 from shared.settings import Settings
-from tests.support.calls import Metadata, ts
+from tests.support.calls import Metadata, ServiceCalls, ts
 from tests.support.databases import migrated_sqlite_if_new
 from tests.support.processes import WatchedProcess
 from tests.support.servers import TEST_SECRET, Tokens, free_port
@@ -158,32 +158,19 @@ async def quota_server(database_url: str, data_dir: pathlib.Path, **overrides: s
         yield QuotaCalls(handle)
 
 
-class QuotaCalls:
+class QuotaCalls(ServiceCalls):
     """One method per RPC of QuotaService (and ClockService), with test defaults."""
 
     def __init__(self, handle: QuotaHandle, tokens: Tokens | None = None) -> None:
         self.handle = handle
         self.stub = handle.stub
+        self.clock = handle.clock
         self.tokens = tokens or handle.tokens
         self.admin = self.tokens.md(self.tokens.admin())
         self.gateway = self.tokens.md(self.tokens.gateway())
 
     def account(self, account_id: str = ACCOUNT, read_only: bool = False) -> Metadata:
-        return self.tokens.md(self.tokens.account(account_id, read_only=read_only))
-
-    # --- clock ---------------------------------------------------------------------------
-
-    async def set_time(self, value: datetime | str) -> None:
-        await self.handle.clock.SetTime(
-            clock_service_pb2.SetTimeRequest(time=ts(value)), metadata=self.admin
-        )
-
-    async def advance(self, delta: timedelta) -> None:
-        duration = duration_pb2.Duration()
-        duration.FromTimedelta(delta)
-        await self.handle.clock.AdvanceTime(
-            clock_service_pb2.AdvanceTimeRequest(duration=duration), metadata=self.admin
-        )
+        return super().account(account_id, read_only)
 
     # --- packages ------------------------------------------------------------------------
 
