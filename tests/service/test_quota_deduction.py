@@ -235,3 +235,33 @@ async def test_explain_usage_lists_revoked_and_expired_packages_with_their_reaso
         revoked.package_id: REASON.INELIGIBLE_REASON_REVOKED,
         expired.package_id: REASON.INELIGIBLE_REASON_EXPIRED,
     }
+
+
+async def test_explanation_keeps_what_each_package_was_when_the_event_was_recorded(q):
+    """The hot path reads only the packages that can still pay (docs/design/deduction-order.md,
+    "Explaining a deduction"); ExplainUsage lists the others as they were at recording time,
+    whatever happened to them afterwards."""
+    used_up = await q.grant(quantity=1)
+    await q.report("e0")
+    used_up_then_revoked = await q.grant(quantity=1)
+    await q.report("e1")
+    paying = await q.grant(quantity=5)
+
+    await q.report("e2")
+    await q.advance(timedelta(seconds=1))
+    await q.renew(used_up.package_id, add=10)  # has quantity again, after e2
+    await q.revoke(used_up_then_revoked.package_id)
+    later = await q.grant(quantity=5)  # did not exist for e2
+
+    explanation = await q.explain("e2")
+    assert candidates(explanation) == [
+        (paying.package_id, 1, True, 0, 1),
+        *sorted(
+            [
+                (used_up.package_id, 0, False, REASON.INELIGIBLE_REASON_EXHAUSTED, 0),
+                (used_up_then_revoked.package_id, 0, False, REASON.INELIGIBLE_REASON_EXHAUSTED, 0),
+            ]
+        ),
+    ]
+    assert later.package_id not in {c.package_id for c in explanation.candidates}
+    assert deductions(await q.report("e3")) == [(used_up.package_id, 1)]

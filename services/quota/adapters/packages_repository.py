@@ -21,7 +21,7 @@ from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 ONE_SECOND_US = 1_000_000
-# How long an expired package is still listed among an event's candidates.
+# How long an expired package is still listed by ExplainUsage among an event's candidates.
 CANDIDATE_HISTORY = timedelta(days=31)
 Scope = tuple[str, str, str]  # account, region, api
 
@@ -172,16 +172,54 @@ async def list_packages(
 # The usual batch touches one scope: its locking read is built once (bound parameters), so a
 # call pays no statement building; more scopes build theirs.
 _p = t.packages.c
+
+
+def _could_pay(after_us) -> ColumnElement[bool]:
+    """SQL for "the package can still pay for a call at or after `after_us` + 1 s": not
+    revoked, not expired by then, quantity left (docs/design/deduction-order.md, "Explaining a
+    deduction"). Expiry is compared bare, so the scope index (account, region, api, expiry)
+    skips the expired packages."""
+    return and_(
+        _p.revoke_time_us.is_(None),
+        _p.used_quantity < _p.total_quantity,
+        _p.expire_time_us > after_us,
+    )
+
+
+def _quantity_in_force(account_id, region, api, now_us) -> ColumnElement[int]:
+    """The scope's quantity in force at `now_us` (packages used up included) as a scalar
+    subquery, so the locking read returns it beside the packages that can pay."""
+    q = t.packages.alias("in_force").c
+    return (
+        select(func.coalesce(func.sum(q.total_quantity), 0))
+        .where(
+            q.account_id == account_id,
+            q.region == region,
+            q.api == api,
+            q.revoke_time_us.is_(None),
+            q.effective_time_us <= now_us,
+            q.expire_time_us > now_us - ONE_SECOND_US,
+        )
+        .scalar_subquery()
+        .label("scope_in_force")
+    )
+
+
 LOCK_ONE_SCOPE = (
-    select(t.packages)
+    select(
+        t.packages,
+        _quantity_in_force(
+            bindparam("l_account"), bindparam("l_region"), bindparam("l_api"), bindparam("l_now")
+        ),
+    )
     .where(
         _p.account_id == bindparam("l_account"),
         _p.region == bindparam("l_region"),
         _p.api == bindparam("l_api"),
-        _p.expire_time_us + ONE_SECOND_US > bindparam("l_after"),
+        _could_pay(bindparam("l_after")),
     )
     .order_by(_p.package_id)
-    .with_for_update()
+    .with_for_update(of=t.packages)
 )
 _UPDATE_USED = (
     update(t.packages)
@@ -190,39 +228,85 @@ _UPDATE_USED = (
 )
 
 
-def lock_parameters(scope: Scope, since: datetime) -> dict:
+@dataclass(frozen=True)
+class Candidates:
+    """What the hot path reads: the packages that can pay, locked, and the quantity in force
+    per scope (for percentage alerts; scopes with no package that can pay are absent)."""
+
+    records: list[PackageRecord]
+    in_force: dict[Scope, int]
+
+
+def lock_parameters(scope: Scope, since: datetime, now: datetime) -> dict:
     """The parameters of LOCK_ONE_SCOPE."""
     account_id, region, api = scope
-    after = to_epoch_us(since - CANDIDATE_HISTORY)
-    return {"l_account": account_id, "l_region": region, "l_api": api, "l_after": after}
+    return {
+        "l_account": account_id,
+        "l_region": region,
+        "l_api": api,
+        "l_after": to_epoch_us(since) - ONE_SECOND_US,
+        "l_now": to_epoch_us(now),
+    }
 
 
 async def lock_candidates(
-    uow: UnitOfWork, scopes: Iterable[Scope], since: datetime
-) -> list[PackageRecord]:
-    """The candidate packages of the scopes, locked (FOR UPDATE on PostgreSQL) in package-id
-    order: every package that had not expired by `since` - CANDIDATE_HISTORY, revoked ones too,
-    so ExplainUsage can say why a recently expired or revoked package did not pay. Older
-    packages cannot pay and are left out to keep the hot path's read small."""
-    p = t.packages.c
+    uow: UnitOfWork, scopes: Iterable[Scope], since: datetime, now: datetime
+) -> Candidates:
+    """The packages of the scopes that can still pay for a call at or after `since` (the
+    batch's earliest call), locked (FOR UPDATE on PostgreSQL) in package-id order, and each
+    scope's quantity in force at `now`. Packages revoked, used up or expired before `since`
+    cannot pay and are not read: an account's old packages do not slow its calls
+    (`ExplainUsage` lists them afterwards, `left_out_packages`)."""
     scopes = sorted(set(scopes))
     if not scopes:
-        return []
-    after = to_epoch_us(since - CANDIDATE_HISTORY)
+        return Candidates([], {})
     connection = await uow.connection()
     if len(scopes) == 1:
-        params = lock_parameters(scopes[0], since)
-        return [to_record(r) for r in (await connection.execute(LOCK_ONE_SCOPE, params)).all()]
-    query = (
-        select(t.packages)
-        .where(
-            or_(*(and_(p.account_id == a, p.region == r, p.api == api) for a, r, api in scopes)),
-            p.expire_time_us + ONE_SECOND_US > after,
+        query, params = LOCK_ONE_SCOPE, lock_parameters(scopes[0], since, now)
+    else:
+        query, params = (
+            (
+                select(
+                    t.packages,
+                    _quantity_in_force(_p.account_id, _p.region, _p.api, to_epoch_us(now)),
+                )
+                .where(
+                    or_(
+                        *(
+                            and_(_p.account_id == a, _p.region == r, _p.api == i)
+                            for a, r, i in scopes
+                        )
+                    ),
+                    _could_pay(to_epoch_us(since) - ONE_SECOND_US),
+                )
+                .order_by(_p.package_id)
+                .with_for_update(of=t.packages)
+            ),
+            {},
         )
-        .order_by(p.package_id)
-        .with_for_update()
+    records, in_force = [], {}
+    for row in (await connection.execute(query, params)).all():
+        record = to_record(row)
+        records.append(record)
+        in_force[(row.account_id, row.region, row.api)] = int(row.scope_in_force)
+    return Candidates(records, in_force)
+
+
+async def left_out_packages(
+    uow: UnitOfWork, scope: Scope, occur_time: datetime, recorded_at: datetime
+) -> list[Package]:
+    """The scope's packages created by `recorded_at` that had not expired more than
+    CANDIDATE_HISTORY before `occur_time`: what an explanation lists beside the packages the
+    hot path read."""
+    account_id, region, api = scope
+    query = select(t.packages).where(
+        _p.account_id == account_id,
+        _p.region == region,
+        _p.api == api,
+        _p.create_time_us <= to_epoch_us(recorded_at),
+        _p.expire_time_us + ONE_SECOND_US > to_epoch_us(occur_time - CANDIDATE_HISTORY),
     )
-    return [to_record(r) for r in (await connection.execute(query)).all()]
+    return [to_package(r) for r in (await uow.session.execute(query)).all()]
 
 
 async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None:

@@ -47,7 +47,7 @@ packages = Table(
     # package_expiring was sent for the current expire_time (a renewal clears it).
     Column("expiring_announced", Boolean, nullable=False, server_default=sa_false()),
     CheckConstraint("used_quantity >= 0 AND used_quantity <= total_quantity", name="ck_used"),
-    Index("ix_packages_scope", "account_id", "region", "api"),
+    Index("ix_packages_scope_expire", "account_id", "region", "api", "expire_time_us"),
     Index("ix_packages_announced_effective", "announced_state", "effective_time_us"),
     Index("ix_packages_announced_expire", "announced_state", "expire_time_us"),
 )

@@ -35,6 +35,7 @@ class StoredUsage:
     api: str
     enterprise_project_id: str
     occur_time: datetime
+    record_time: datetime
     billable: bool
     deductions: tuple[tuple[str, int], ...]
     pay_per_use_quantity: int
@@ -51,6 +52,7 @@ def _to_stored(row) -> StoredUsage:
         api=row.api,
         enterprise_project_id=row.enterprise_project_id,
         occur_time=from_epoch_us(row.occur_time_us),
+        record_time=from_epoch_us(row.record_time_us),
         billable=row.billable,
         deductions=tuple((d[0], d[1]) for d in json.loads(row.deductions)),
         pay_per_use_quantity=row.pay_per_use_quantity,
@@ -74,13 +76,14 @@ async def lock_and_find(
     uow: UnitOfWork,
     scopes: Iterable[packages_repo.Scope],
     since: datetime,
+    now: datetime,
     event_ids: Iterable[str],
-) -> tuple[list[packages_repo.PackageRecord], dict[str, StoredUsage]]:
+) -> tuple[packages_repo.Candidates, dict[str, StoredUsage]]:
     """`packages_repo.lock_candidates`, then `find_usage`: the batch's packages locked, and
     which of its event ids are recorded already. Two statements: one statement returning both
     (rows as JSON) measured slower for an account with many packages."""
-    records = await packages_repo.lock_candidates(uow, scopes, since)
-    return records, await find_usage(uow, event_ids)
+    candidates = await packages_repo.lock_candidates(uow, scopes, since, now)
+    return candidates, await find_usage(uow, event_ids)
 
 
 async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, StoredUsage]:

@@ -18,7 +18,7 @@ from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import usage_repository as usage_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
-from services.quota.domain.deduction import UsageEvent, apply_usage
+from services.quota.domain.deduction import UsageEvent, apply_usage, left_out_reason
 from services.quota.domain.packages import Package, PackageState
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
@@ -196,9 +196,10 @@ async def _record(
     since = min([now, *(v.event.occur_time for v in valid)])
     # Lock first, then look for recorded ids: a concurrent twin of an event has then either
     # committed (we see it as recorded) or waits behind us.
-    records, recorded = await usage_repo.lock_and_find(
-        uow, scopes, since, (v.event.event_id for v in valid)
+    candidates, recorded = await usage_repo.lock_and_find(
+        uow, scopes, since, now, (v.event.event_id for v in valid)
     )
+    records = candidates.records
     packages = [r.package for r in records]
 
     fresh: list[_Valid] = []
@@ -210,14 +211,12 @@ async def _record(
         fresh.append(v)
     outcomes, changed = apply_usage([v.event for v in fresh], packages, ctx.policy)
 
-    # Aggregates of the packages in force now, per scope; remaining is walked forward event by
-    # event (deductions never change the quantity in force).
+    # Remaining of the packages in force now, per scope (those not read have none left), walked
+    # forward event by event; deductions never change the quantity in force.
     counted = {p.package_id for p in packages if p.in_force_at(now)}
-    in_force: dict[packages_repo.Scope, int] = defaultdict(int)
     remaining: dict[packages_repo.Scope, int] = defaultdict(int)
     for p in packages:
         if p.package_id in counted:
-            in_force[(p.account_id, p.region, p.api)] += p.total_quantity
             remaining[(p.account_id, p.region, p.api)] += p.remaining_quantity
     walk: list[tuple[packages_repo.Scope, int]] = []
 
@@ -264,7 +263,7 @@ async def _record(
             }
         )
     await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)
-    await alerts.after_usage(ctx, uow, walk, in_force, now)
+    await alerts.after_usage(ctx, uow, walk, candidates.in_force, now)
 
     answers: list[UsageResult | AllotError] = []
     for slot in slots:
@@ -316,6 +315,9 @@ def _announce_exhausted(
 
 
 async def explain_usage(ctx: QuotaContext, event_id: str) -> usage_repo.StoredUsage:
+    """The event as recorded, its explanation completed with the packages of its scope that
+    the hot path did not read (revoked, expired or used up when it was recorded; see
+    `left_out_reason`), listed with the other ineligible candidates by package id."""
     if not event_id:
         raise InvalidArgument("event_id", "event_id is required")
 
@@ -325,6 +327,36 @@ async def explain_usage(ctx: QuotaContext, event_id: str) -> usage_repo.StoredUs
             raise NotFound(
                 "USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id
             )
-        return found
+        scope = (found.account_id, found.region, found.api)
+        others = await packages_repo.left_out_packages(
+            uow, scope, found.occur_time, found.record_time
+        )
+        return _with_left_out(found, others)
 
     return await ctx.db.read(work)
+
+
+def _with_left_out(
+    found: usage_repo.StoredUsage, packages: list[Package]
+) -> usage_repo.StoredUsage:
+    listed = found.explanation["candidates"]
+    read = {c[0] for c in listed}
+    added = [
+        [
+            p.package_id,
+            0,
+            False,
+            left_out_reason(
+                p, found.enterprise_project_id, found.occur_time, found.record_time
+            ).value,
+            0,
+        ]
+        for p in packages
+        if p.package_id not in read
+    ]
+    if not added:
+        return found
+    eligible = [c for c in listed if c[2]]
+    ineligible = sorted([*(c for c in listed if not c[2]), *added], key=lambda c: c[0])
+    explanation = {**found.explanation, "candidates": eligible + ineligible}
+    return dataclasses.replace(found, explanation=explanation)

@@ -197,6 +197,23 @@ def _ineligibility(
     return None
 
 
+def left_out_reason(
+    package: Package, event_project: str, t: datetime, recorded_at: datetime
+) -> IneligibleReason:
+    """Why a package that the hot path did not read for an event could not pay for it.
+
+    The hot path reads only the packages that could still pay when the event was recorded at
+    ``recorded_at``: not revoked by then, not expired before the call, quantity left. So one
+    left out was revoked, expired, or else used up; the reason reported is the first in the
+    order above that applies (a revocation after ``recorded_at`` did not yet count).
+    """
+    if package.revoke_time is not None and package.revoke_time > as_utc(recorded_at, "recorded_at"):
+        package = replace(package, revoke_time=None)
+    reason = _ineligibility(package, 0, event_project, as_utc(t, "t"))
+    assert reason is not None  # nothing remaining: never eligible
+    return reason
+
+
 def _project_scope(package: Package, event_project: str) -> int:
     if package.enterprise_project_id == ALL_PROJECTS:
         return 1
