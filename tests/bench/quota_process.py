@@ -108,7 +108,10 @@ def _start_spy(pid: int, svg: str) -> tuple[subprocess.Popen, pathlib.Path, path
         raise SystemExit("py-spy is not installed: `make venv` (it is a dev dependency)")
     out = pathlib.Path(svg).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [spy, "record", "--pid", str(pid), "--format", "flamegraph", "-o", str(out)]
+    # The output's suffix picks the format: .svg a flame graph, .txt collapsed stacks (one
+    # line per stack with its sample count, for grep and sort), .json speedscope.
+    form = {".txt": "raw", ".json": "speedscope"}.get(out.suffix, "flamegraph")
+    command = [spy, "record", "--pid", str(pid), "--format", form, "-o", str(out)]
     command += PROFILE_ARGS
     spy_log = out.with_suffix(".log")
     with open(spy_log, "wb") as log:
