@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from shared.errors import InvalidArgument
+
 # The project a call belongs to when it names none (or names one malformed).
 DEFAULT_PROJECT = "0"
 
@@ -24,3 +26,12 @@ def normalize_project_id(raw: str | None) -> str:
     if isinstance(raw, str) and _PROJECT_ID.fullmatch(raw):
         return raw
     return DEFAULT_PROJECT
+
+
+def check_project_filter(raw: str, field: str = "enterprise_project_id") -> str:
+    """A read's project filter: ``""`` (no filter) or a well-formed project id, kept as
+    given; anything else is INVALID_ARGUMENT naming ``field`` (a filter is not normalized
+    to the default project: a typo would silently show project "0")."""
+    if raw == "" or _PROJECT_ID.fullmatch(raw):
+        return raw
+    raise InvalidArgument(field, "enterprise_project_id must be 1-64 letters, digits, - or _")

@@ -171,6 +171,16 @@ def to_proto_bill(shown: ShownBill, tz: tzinfo) -> billing_pb2.Bill:
         start_time=to_timestamp(start),
         end_time=to_timestamp(end),
     )
+    message.project_subtotals.extend(
+        billing_pb2.BillProjectSubtotal(
+            enterprise_project_id=project, total=micros_to_money(amount, currency)
+        )
+        for project, amount in shown.project_subtotals
+    )
+    message.member_subtotals.extend(
+        billing_pb2.BillMemberSubtotal(account_id=account, total=micros_to_money(amount, currency))
+        for account, amount in shown.member_subtotals
+    )
     if shown.shows_balances:
         message.opening_balance.CopyFrom(micros_to_money(bill.opening_balance_micros, currency))
         message.closing_balance.CopyFrom(micros_to_money(bill.closing_balance_micros, currency))

@@ -243,14 +243,26 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def GetBill(self, request, context):
         regions = current_principal().regions
         shown = await hiding_absence(
-            bills.shown_bill(self.ctx, request.account_id, request.month, regions)
+            bills.shown_bill(
+                self.ctx,
+                request.account_id,
+                request.month,
+                regions,
+                request.enterprise_project_id,
+            )
         )
         return convert.to_proto_bill(shown, self.ctx.tz)
 
     async def ExportBill(self, request, context):
         regions = current_principal().regions
         csv = await hiding_absence(
-            bills.export_bill(self.ctx, request.account_id, request.month, regions)
+            bills.export_bill(
+                self.ctx,
+                request.account_id,
+                request.month,
+                regions,
+                request.enterprise_project_id,
+            )
         )
         return billing_service_pb2.ExportBillResponse(csv=csv)
 

@@ -17,6 +17,12 @@ regions and the lines that belong to no region (top-ups); lines of other regions
 Its bill's `total` is the sum of the lines it shows, and the opening and closing balances are
 left unset (as for a member): they are account-wide and the lines shown would not explain them.
 The whole bill is read and checked first, so the ledger check still covers every line.
+
+A project filter (`enterprise_project_id`) shows only that project's lines, with the same
+consequences: `total` is the sum of the lines shown, the balances are unset. Every bill carries
+its lines' sums per enterprise project (a line of no project, such as a top-up, under ``""``),
+and a master's bill its lines' sums per account (each member's, and the master's own); both add
+up to `total` (docs/design/billing.md, "Bills").
 """
 
 from __future__ import annotations
@@ -34,21 +40,29 @@ from services.billing.domain.bills import (
     UnbalancedBillError,
     bill_csv,
     build_bill,
+    member_subtotals,
+    project_subtotals,
 )
 from services.billing.domain.cycles import month_bounds, parse_month
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument
+from shared.projects import check_project_filter
+
+Subtotals = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
 class ShownBill:
-    """A bill as one caller may see it: the ``lines`` it shows (all, or a region-limited
-    token's), and whether the balances are shown (not for a member or a region-limited
-    token)."""
+    """A bill as one caller may see it: the ``lines`` it shows (all, a region-limited token's,
+    or one project's), whether the balances are shown (not for a member, a region-limited
+    token or a project filter), and the shown lines' sums per project and, on a master's
+    bill, per account (``(key, micros)`` pairs by key)."""
 
     bill: Bill
     lines: tuple[BillLine, ...]
     shows_balances: bool
+    project_subtotals: Subtotals = ()
+    member_subtotals: Subtotals = ()
 
 
 def check_month(month: str, tz: tzinfo) -> str:
@@ -109,19 +123,40 @@ def visible_lines(
 
 
 async def export_bill(
-    ctx: BillingContext, account_id: str, month: str, regions: frozenset[str] | None = None
+    ctx: BillingContext,
+    account_id: str,
+    month: str,
+    regions: frozenset[str] | None = None,
+    project: str = "",
 ) -> str:
-    """The bill as CSV: a header row, then one row per line (times in the billing time zone)."""
-    bill = await get_bill(ctx, account_id, month)
-    return bill_csv(visible_lines(bill.lines, regions), bill.currency, ctx.tz)
+    """The bill as CSV: a header row, then one row per line shown (times in the billing time
+    zone); the ``enterprise_project_id`` column names each line's project."""
+    shown = await shown_bill(ctx, account_id, month, regions, project)
+    return bill_csv(shown.lines, shown.bill.currency, ctx.tz)
 
 
 async def shown_bill(
-    ctx: BillingContext, account_id: str, month: str, regions: frozenset[str] | None = None
+    ctx: BillingContext,
+    account_id: str,
+    month: str,
+    regions: frozenset[str] | None = None,
+    project: str = "",
 ) -> ShownBill:
-    """GetBill: the bill as a token valid in `regions` may see it."""
+    """GetBill: the bill as a token valid in `regions` may see it, only `project`'s lines
+    when `project` is not empty."""
     check_month(month, ctx.tz)
+    project = check_project_filter(project)
     bill, account = await ctx.db.read(lambda uow: _read(ctx, uow, account_id, month))
-    if regions is not None:
-        return ShownBill(bill, visible_lines(bill.lines, regions), shows_balances=False)
-    return ShownBill(bill, bill.lines, account.kind != AccountKind.ENTERPRISE_MEMBER)
+    lines = visible_lines(bill.lines, regions)
+    if project:
+        lines = tuple(line for line in lines if line.enterprise_project_id == project)
+    whole = regions is None and not project
+    return ShownBill(
+        bill,
+        lines,
+        shows_balances=whole and account.kind != AccountKind.ENTERPRISE_MEMBER,
+        project_subtotals=project_subtotals(lines),
+        member_subtotals=(
+            member_subtotals(lines) if account.kind == AccountKind.ENTERPRISE_MASTER else ()
+        ),
+    )

@@ -54,7 +54,9 @@ __all__ = [
     "bill_total",
     "build_bill",
     "check_bill",
+    "member_subtotals",
     "pay_per_use_line",
+    "project_subtotals",
 ]
 
 
@@ -209,6 +211,29 @@ def balance_effect_on(line: BillLine, account_id: str | None) -> int:
 def bill_total(lines: Iterable[BillLine]) -> int:
     """What the lines cost: charges minus refunds, in micros; top-ups are not costs."""
     return -sum(line.amount_micros for line in lines if line.kind != BillLineKind.TOP_UP)
+
+
+def _subtotals(lines: Iterable[BillLine], key) -> tuple[tuple[str, int], ...]:
+    sums: dict[str, int] = {}
+    for line in lines:
+        sums[key(line)] = sums.get(key(line), 0) + line.amount_micros
+    return tuple(sorted(sums.items()))
+
+
+def project_subtotals(lines: Iterable[BillLine]) -> tuple[tuple[str, int], ...]:
+    """``(enterprise project, sum of amounts)`` per project of ``lines``, by project id.
+
+    Every line counts under its own project, and a line of no project (a top-up; an order of
+    a package for every project) under ``""``: the subtotals add up to the lines' sum, the
+    bill's wire ``total``."""
+    return _subtotals(lines, lambda line: line.enterprise_project_id)
+
+
+def member_subtotals(lines: Iterable[BillLine]) -> tuple[tuple[str, int], ...]:
+    """``(account, sum of amounts)`` per account whose usage or order ``lines`` are, by
+    account id: on a master's bill, each member's spending and the master's own; they add up
+    to the lines' sum."""
+    return _subtotals(lines, lambda line: line.account_id)
 
 
 class UnbalancedBillError(ValueError):

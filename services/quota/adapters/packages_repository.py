@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.sql import ColumnElement
 
 from services.quota.adapters import tables as t
-from services.quota.domain.packages import Package, PackageSource, PackageState
+from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource, PackageState
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
 
@@ -151,12 +151,15 @@ async def list_packages(
     now: datetime,
     after_id: str | None,
     limit: int,
+    project: str = "",
 ) -> list[PackageRecord]:
     p = t.packages.c
     now_us = to_epoch_us(now)
     query = select(t.packages).order_by(p.package_id).limit(limit)
     if account_id:
         query = query.where(p.account_id == account_id)
+    if project:
+        query = query.where(usable_by_project(project))
     query = query.where(p.region.in_(sorted(set(regions))))
     if api:
         query = query.where(p.api == api)
@@ -328,10 +331,22 @@ async def update_used(uow: UnitOfWork, changed: Iterable[PackageRecord]) -> None
 # --- read models ---------------------------------------------------------------------------
 
 
+def usable_by_project(project: str) -> ColumnElement[bool]:
+    """Packages a call of `project` may use: designated for it, or for every project."""
+    p = t.packages.c
+    return p.enterprise_project_id.in_([ALL_PROJECTS, project])
+
+
 async def summarize(
-    uow: UnitOfWork, account_id: str, regions: Iterable[str], api: str, now: datetime
+    uow: UnitOfWork,
+    account_id: str,
+    regions: Iterable[str],
+    api: str,
+    now: datetime,
+    project: str = "",
 ):
-    """(region, api, total, used, active_count) of packages in force, per region and API."""
+    """(region, api, total, used, active_count) of packages in force, per region and API;
+    with `project`, only the packages that project may use."""
     p = t.packages.c
     now_us = to_epoch_us(now)
     query = (
@@ -352,6 +367,8 @@ async def summarize(
     )
     if api:
         query = query.where(p.api == api)
+    if project:
+        query = query.where(usable_by_project(project))
     return (await uow.session.execute(query)).all()
 
 

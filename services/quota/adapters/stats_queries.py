@@ -1,7 +1,9 @@
 """Usage statistics read model: usage events summed per time bucket, by the database.
 
 Buckets arrive as runs of equal width (computed from the calendar by the use case), so one
-GROUP BY serves UTC minutes and hours and billing-time-zone days alike, DST days included.
+GROUP BY serves UTC minutes and hours and billing-time-zone days alike, DST days included. A
+bucket may also be split by the events' enterprise project or IAM user (the group key), and
+the events filtered by either.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from services.quota.adapters import tables as t
 from services.quota.domain.stats import BucketRun
 from shared.db import UnitOfWork
 
-# (bucket start in microseconds, successful calls, failed calls, package, pay-per-use)
-BucketTotals = tuple[int, int, int, int, int]
+# (bucket start in microseconds, group key ("" when not grouped), successful calls, failed
+# calls, package, pay-per-use)
+BucketTotals = tuple[int, str, int, int, int, int]
+
+# What a bucket may be split by: a column of usage_events.
+GROUP_COLUMNS = ("enterprise_project_id", "user_id")
 
 
 def _bigint(value: int) -> ColumnElement[int]:
@@ -58,11 +64,20 @@ async def usage_per_bucket(
     start_us: int,
     end_us: int,
     runs: Sequence[BucketRun],
+    group: str = "",
+    project: str = "",
+    user: str = "",
+    limit: int | None = None,
 ) -> list[BucketTotals]:
     """Usage of [start_us, end_us) per bucket that has any, in time order; `api` '' = all.
 
+    `group` (one of GROUP_COLUMNS, '' = none) splits each bucket by that column, ordered by
+    it within the bucket; `project` and `user` ('' = any) keep only events of that project
+    or user. At most `limit` rows are read (None = all).
+
     Reads the range of the (account_id, region, api, occur_time_us) index and sums in the
-    database: one row comes back per bucket with usage, however many events there are.
+    database: one row comes back per bucket (and group) with usage, however many events
+    there are.
     """
     u = t.usage_events.c
     zero = _bigint(0)
@@ -74,11 +89,19 @@ async def usage_per_bucket(
     ]
     if api:
         conditions.append(u.api == api)
+    if project:
+        conditions.append(u.enterprise_project_id == project)
+    if user:
+        conditions.append(u.user_id == user)
+    if group and group not in GROUP_COLUMNS:
+        raise ValueError(f"cannot group usage by {group!r}")
+    keys = [u[group].label("group_key")] if group else []
     # The bucket is computed in a subquery and grouped by name in the outer one: PostgreSQL
     # only matches a GROUP BY expression to the select list when their binds are the same.
     events = (
         select(
             bucket_start(u.occur_time_us, runs).label("bucket_us"),
+            *keys,
             case((u.billable, u.quantity), else_=zero).label("successful"),
             case((u.billable, zero), else_=u.quantity).label("failed"),
             u.package_quantity,
@@ -88,20 +111,25 @@ async def usage_per_bucket(
         .subquery("events")
     )
     e = events.c
+    grouping = (e.bucket_us, e.group_key) if group else (e.bucket_us,)
     query = (
         select(
-            e.bucket_us,
+            *grouping,
             func.sum(e.successful),
             func.sum(e.failed),
             func.sum(e.package_quantity),
             func.sum(e.pay_per_use_quantity),
         )
-        .group_by(e.bucket_us)
-        .order_by(e.bucket_us)
+        .group_by(*grouping)
+        .order_by(*grouping)
     )
+    if limit is not None:
+        query = query.limit(limit)
     rows = (await uow.session.execute(query)).all()
     # SUM(bigint) is NUMERIC on PostgreSQL (Decimal in Python): back to exact ints.
+    if not group:
+        rows = [(b, "", *totals) for b, *totals in rows]
     return [
-        (int(b), int(ok), int(failed), int(package), int(ppu))
-        for b, ok, failed, package, ppu in rows
+        (int(b), str(k), int(ok), int(failed), int(package), int(ppu))
+        for b, k, ok, failed, package, ppu in rows
     ]

@@ -158,6 +158,8 @@ def to_proto_usage_stats(buckets: Sequence[StatsBucket]) -> quota_service_pb2.Ge
                 failed_calls=b.failed_calls,
                 package_quantity=b.package_quantity,
                 pay_per_use_quantity=b.pay_per_use_quantity,
+                enterprise_project_id=b.enterprise_project_id,
+                user_id=b.user_id,
             )
             for b in buckets
         ]

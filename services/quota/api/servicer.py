@@ -134,6 +134,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
                 visible_regions=principal.regions,
                 api=request.api,
                 states=list(request.states),
+                project=request.enterprise_project_id,
                 after_id=after[0] if after else None,
                 limit=limit,
             ),
@@ -175,7 +176,12 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         principal = current_principal()
         account_id = principal.scoped_account(request.account_id)
         items = await packages.quota_summary(
-            self.ctx, account_id, request.region, principal.regions, request.api
+            self.ctx,
+            account_id,
+            request.region,
+            principal.regions,
+            request.api,
+            request.enterprise_project_id,
         )
         return quota_pb2.QuotaSummary(
             account_id=account_id,
@@ -239,6 +245,9 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             start_time=_optional_time(request, "start_time"),
             end_time=_optional_time(request, "end_time"),
             granularity=request.granularity,
+            group_by=request.group_by,
+            enterprise_project_id=request.enterprise_project_id,
+            user_id=request.user_id,
         )
         return convert.to_proto_usage_stats(buckets)
 

@@ -20,7 +20,7 @@ from services.quota.domain.packages import (
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
-from shared.projects import normalize_project_id
+from shared.projects import check_project_filter, normalize_project_id
 from shared.validation import MAX_QUANTITY, check_account_id
 
 
@@ -113,12 +113,16 @@ async def list_packages(
     states: list[int],
     after_id: str | None,
     limit: int,
+    project: str = "",
 ) -> list[packages_repo.PackageRecord]:
+    """A page of packages; with `project`, only those that project may use (designated for
+    it, or for every project)."""
     if account_id:
         check_account_id(account_id)
     regions = ctx.regions_or_all(region, visible_regions)
     if api:
         ctx.check_api(api)
+    project = check_project_filter(project)
     try:
         wanted = [PackageState(s) for s in states]
     except ValueError as exc:
@@ -134,6 +138,7 @@ async def list_packages(
             now=ctx.now(),
             after_id=after_id,
             limit=limit,
+            project=project,
         )
 
     return await ctx.db.read(work)
@@ -258,14 +263,18 @@ async def quota_summary(
     region: str,
     visible_regions: tuple[str, ...] | None,
     api: str,
+    project: str = "",
 ) -> list[SummaryItem]:
+    """The packages in force summed per region and API; with `project`, only those that
+    project may use (designated for it, or for every project): what it can spend."""
     check_account_id(account_id)
     regions = ctx.regions_or_all(region, visible_regions)
     if api:
         ctx.check_api(api)
+    project = check_project_filter(project)
 
     async def work(uow: UnitOfWork) -> list[SummaryItem]:
-        rows = await packages_repo.summarize(uow, account_id, regions, api, ctx.now())
+        rows = await packages_repo.summarize(uow, account_id, regions, api, ctx.now(), project)
         return [
             SummaryItem(
                 r.region,

@@ -32,6 +32,19 @@ class Granularity(enum.IntEnum):
     DAY = 3
 
 
+class GroupBy(enum.IntEnum):
+    """UsageGroupBy's values: what a time bucket is split by (0 = not split)."""
+
+    NONE = 0
+    PROJECT = 1
+    USER = 2
+
+
+# A grouped answer holds at most this many buckets (time buckets times groups): it bounds the
+# size of the answer as MAX_BUCKETS bounds the calendar.
+MAX_GROUPED_BUCKETS = 10_000
+
+
 @dataclass(frozen=True)
 class BucketRun:
     """Consecutive buckets of one width: the k-th starts at `start_us + k * width_us`. A run

@@ -790,6 +790,8 @@ class Bill(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    PROJECT_SUBTOTALS_FIELD_NUMBER: _builtins.int
+    MEMBER_SUBTOTALS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account billed."""
     month: _builtins.str
@@ -831,6 +833,21 @@ class Bill(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """The first instant of the next month (exclusive end of the bill)."""
 
+    @_builtins.property
+    def project_subtotals(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillProjectSubtotal]:
+        """The lines' amounts summed per enterprise project, one entry per project that has lines
+        on the bill, ordered by project id. Lines of no project (top-ups, and orders of
+        packages for every project) are counted under the project "", so the subtotals add up
+        to total.
+        """
+
+    @_builtins.property
+    def member_subtotals(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillMemberSubtotal]:
+        """On an enterprise master's bill: the lines' amounts summed per account whose usage or
+        order they are (the master's own lines under its own id), one entry per such account,
+        ordered by account id; they add up to total. Empty on other accounts' bills.
+        """
+
     def __init__(
         self,
         *,
@@ -843,14 +860,72 @@ class Bill(_message.Message):
         total: _money_pb2.Money | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        project_subtotals: _abc.Iterable[Global___BillProjectSubtotal] | None = ...,
+        member_subtotals: _abc.Iterable[Global___BillMemberSubtotal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closing_balance", b"closing_balance", "end_time", b"end_time", "opening_balance", b"opening_balance", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "closing_balance", b"closing_balance", "currency_code", b"currency_code", "end_time", b"end_time", "lines", b"lines", "month", b"month", "opening_balance", b"opening_balance", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "closing_balance", b"closing_balance", "currency_code", b"currency_code", "end_time", b"end_time", "lines", b"lines", "member_subtotals", b"member_subtotals", "month", b"month", "opening_balance", b"opening_balance", "project_subtotals", b"project_subtotals", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Bill: _TypeAlias = Bill  # noqa: Y015
+
+@_typing.final
+class BillProjectSubtotal(_message.Message):
+    """The lines of a bill of one enterprise project, summed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    enterprise_project_id: _builtins.str
+    """The enterprise project; "" for lines of no project."""
+    @_builtins.property
+    def total(self) -> _money_pb2.Money:
+        """The sum of the project's lines' amounts, signed like them."""
+
+    def __init__(
+        self,
+        *,
+        enterprise_project_id: _builtins.str = ...,
+        total: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enterprise_project_id", b"enterprise_project_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillProjectSubtotal: _TypeAlias = BillProjectSubtotal  # noqa: Y015
+
+@_typing.final
+class BillMemberSubtotal(_message.Message):
+    """The lines of a master's bill of one account (a member, or the master itself), summed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose usage or orders the lines are."""
+    @_builtins.property
+    def total(self) -> _money_pb2.Money:
+        """The sum of the account's lines' amounts, signed like them."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        total: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillMemberSubtotal: _TypeAlias = BillMemberSubtotal  # noqa: Y015
 
 @_typing.final
 class AccountStandingChanged(_message.Message):

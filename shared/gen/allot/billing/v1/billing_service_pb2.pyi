@@ -633,19 +633,26 @@ class GetBillRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account billed."""
     month: _builtins.str
     """The calendar month in the billing time zone, "YYYY-MM"."""
+    enterprise_project_id: _builtins.str
+    """Only the lines of this enterprise project; empty means every line. The total and the
+    subtotals are then those of the lines shown, and the balances are left unset (the
+    project's lines alone do not explain them).
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         month: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "month", b"month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "enterprise_project_id", b"enterprise_project_id", "month", b"month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -659,19 +666,26 @@ class ExportBillRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account billed."""
     month: _builtins.str
     """The calendar month in the billing time zone, "YYYY-MM"."""
+    enterprise_project_id: _builtins.str
+    """Only the lines of this enterprise project; empty means every line. The total and the
+    subtotals are then those of the lines shown, and the balances are left unset (the
+    project's lines alone do not explain them).
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         month: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "month", b"month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "enterprise_project_id", b"enterprise_project_id", "month", b"month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

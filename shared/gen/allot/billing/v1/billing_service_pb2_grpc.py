@@ -320,7 +320,8 @@ class BillingServiceServicer:
 
     def GetBill(self, request, context):
         """Returns an account's bill for a calendar month (billing time zone); the current month is
-        the bill so far. Errors: INVALID_ARGUMENT (month), NOT_FOUND (ACCOUNT_NOT_FOUND).
+        the bill so far, optionally only one enterprise project's lines. Errors:
+        INVALID_ARGUMENT (month, enterprise_project_id), NOT_FOUND (ACCOUNT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

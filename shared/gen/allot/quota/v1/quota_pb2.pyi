@@ -258,6 +258,30 @@ STATS_GRANULARITY_DAY: StatsGranularity.ValueType  # 3
 """One bucket per day."""
 Global___StatsGranularity: _TypeAlias = StatsGranularity  # noqa: Y015
 
+class _UsageGroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageGroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_GROUP_BY_UNSPECIFIED: _UsageGroupBy.ValueType  # 0
+    """Not split: one bucket per time bucket."""
+    USAGE_GROUP_BY_PROJECT: _UsageGroupBy.ValueType  # 1
+    """One bucket per time bucket and enterprise project."""
+    USAGE_GROUP_BY_USER: _UsageGroupBy.ValueType  # 2
+    """One bucket per time bucket and IAM user."""
+
+class UsageGroupBy(_UsageGroupBy, metaclass=_UsageGroupByEnumTypeWrapper):
+    """What usage statistics are split by besides time."""
+
+USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy.ValueType  # 0
+"""Not split: one bucket per time bucket."""
+USAGE_GROUP_BY_PROJECT: UsageGroupBy.ValueType  # 1
+"""One bucket per time bucket and enterprise project."""
+USAGE_GROUP_BY_USER: UsageGroupBy.ValueType  # 2
+"""One bucket per time bucket and IAM user."""
+Global___UsageGroupBy: _TypeAlias = UsageGroupBy  # noqa: Y015
+
 @_typing.final
 class Package(_message.Message):
     """A prepaid package of successful calls of one API in one region for one account."""
@@ -701,6 +725,8 @@ class UsageStatsBucket(_message.Message):
     FAILED_CALLS_FIELD_NUMBER: _builtins.int
     PACKAGE_QUANTITY_FIELD_NUMBER: _builtins.int
     PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     successful_calls: _builtins.int
     """Calls that answered 2xx (billable)."""
     failed_calls: _builtins.int
@@ -709,6 +735,12 @@ class UsageStatsBucket(_message.Message):
     """Calls paid by packages."""
     pay_per_use_quantity: _builtins.int
     """Calls no package covered (pay-per-use)."""
+    enterprise_project_id: _builtins.str
+    """The enterprise project of the bucket's calls (group_by PROJECT only; empty otherwise)."""
+    user_id: _builtins.str
+    """The IAM user of the bucket's calls (group_by USER only; empty otherwise, and for calls
+    reported without a user).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The first instant of the bucket."""
@@ -721,10 +753,12 @@ class UsageStatsBucket(_message.Message):
         failed_calls: _builtins.int = ...,
         package_quantity: _builtins.int = ...,
         pay_per_use_quantity: _builtins.int = ...,
+        enterprise_project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_calls", b"failed_calls", "package_quantity", b"package_quantity", "pay_per_use_quantity", b"pay_per_use_quantity", "start_time", b"start_time", "successful_calls", b"successful_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enterprise_project_id", b"enterprise_project_id", "failed_calls", b"failed_calls", "package_quantity", b"package_quantity", "pay_per_use_quantity", b"pay_per_use_quantity", "start_time", b"start_time", "successful_calls", b"successful_calls", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -362,6 +362,7 @@ class ListPackagesRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Only this account's packages (required for account principals; theirs by default)."""
     region: _builtins.str
@@ -373,6 +374,10 @@ class ListPackagesRequest(_message.Message):
     page_token: _builtins.str
     """The next_page_token of the previous page, with the same filters; empty for the first
     page.
+    """
+    enterprise_project_id: _builtins.str
+    """Only packages this enterprise project may use: those designated for it and those for
+    every project; empty means every package.
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_quota_pb2.PackageState.ValueType]:
@@ -387,10 +392,11 @@ class ListPackagesRequest(_message.Message):
         states: _abc.Iterable[_quota_pb2.PackageState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "page_size", b"page_size", "page_token", b"page_token", "region", b"region", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "enterprise_project_id", b"enterprise_project_id", "page_size", b"page_size", "page_token", b"page_token", "region", b"region", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,6 +641,7 @@ class GetQuotaSummaryRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account summarized; required for operator tokens, account tokens
     default to their own account.
@@ -643,16 +650,21 @@ class GetQuotaSummaryRequest(_message.Message):
     """Only this region; empty means every served region."""
     api: _builtins.str
     """Only this API; empty means every API."""
+    enterprise_project_id: _builtins.str
+    """Only packages this enterprise project may use: those designated for it and those for
+    every project; empty means every package.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         region: _builtins.str = ...,
         api: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "enterprise_project_id", b"enterprise_project_id", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -692,6 +704,9 @@ class GetUsageStatsRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account whose usage is counted; required for operator tokens, account tokens
     default to their own account.
@@ -702,6 +717,12 @@ class GetUsageStatsRequest(_message.Message):
     """Only this API; empty means every API."""
     granularity: _quota_pb2.StatsGranularity.ValueType
     """Bucket size: MINUTE, HOUR or DAY."""
+    group_by: _quota_pb2.UsageGroupBy.ValueType
+    """Split each time bucket by enterprise project or by IAM user; unset = not split."""
+    enterprise_project_id: _builtins.str
+    """Only calls of this enterprise project; empty means every project."""
+    user_id: _builtins.str
+    """Only calls of this IAM user; empty means every user."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the range (inclusive)."""
@@ -719,10 +740,13 @@ class GetUsageStatsRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         granularity: _quota_pb2.StatsGranularity.ValueType = ...,
+        group_by: _quota_pb2.UsageGroupBy.ValueType = ...,
+        enterprise_project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "end_time", b"end_time", "granularity", b"granularity", "region", b"region", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "end_time", b"end_time", "enterprise_project_id", b"enterprise_project_id", "granularity", b"granularity", "group_by", b"group_by", "region", b"region", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -737,7 +761,9 @@ class GetUsageStatsResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.UsageStatsBucket]:
-        """Buckets with usage, in time order; buckets without usage are left out."""
+        """Buckets with usage, in time order (then by the group key); buckets without usage are
+        left out.
+        """
 
     def __init__(
         self,
