@@ -130,6 +130,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             if request.HasField("effective_time")
             else None,
             auto_renew=request.auto_renew,
+            quantity=orders.check_quantity(request.quantity),
         )
 
         async def work(uow):
