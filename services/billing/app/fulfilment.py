@@ -79,9 +79,7 @@ async def fulfil(ctx: BillingContext, order_id: str) -> Order:
     except (AllotError, _Refused) as exc:
         reason = str(exc) if isinstance(exc, _Refused) else f"{exc.reason}: {exc.message}"
         return await ctx.db.transaction(lambda uow: _fail(ctx, uow, order_id, reason))
-    done = await ctx.db.transaction(
-        lambda uow: _fulfilled(ctx, uow, order_id, granted, refused)
-    )
+    done = await ctx.db.transaction(lambda uow: _fulfilled(ctx, uow, order_id, granted, refused))
     if done.state == OrderState.CANCELLED:
         await _revoke(ctx, done, granted)  # cancelled while being granted
     return done
