@@ -465,9 +465,11 @@ class Order(_message.Message):
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
-    """The quota package granted or renewed. Empty while a purchase is PENDING."""
+    """The quota package granted or renewed (the first, for an order of several). Empty while
+    a purchase is PENDING.
+    """
     offer_id: _builtins.str
-    """The catalog offer bought or renewed."""
+    """The catalog offer bought or renewed; empty for a renewal of packages of several offers."""
     region: _builtins.str
     """The catalog region of the package."""
     api: _builtins.str
@@ -475,9 +477,13 @@ class Order(_message.Message):
     enterprise_project_id: _builtins.str
     """The enterprise project the package is designated for; empty means every project."""
     quantity: _builtins.int
-    """The calls granted or added by this order (the offer's quantity times the periods)."""
+    """The calls granted or added by this order, over all its packages (the offer's quantity
+    times the periods and the packages, or the pro-rata calls of a common-date renewal).
+    """
     periods: _builtins.int
-    """The validity periods bought (1 for a purchase and for an auto-renewal)."""
+    """The validity periods bought (1 for a purchase and for an auto-renewal, 0 for a renewal
+    to a common expiry date, priced pro rata by whole days).
+    """
     failure_reason: _builtins.str
     """Why the order FAILED; empty otherwise."""
     paying_account_id: _builtins.str
@@ -490,7 +496,8 @@ class Order(_message.Message):
     """
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """The price paid: the offer's price times the periods, a non-negative sum (the bill shows
+        """The price paid: the offer's price times the periods and the packages, or the sum of the
+        pro-rata shares of a renewal to a common expiry date; a non-negative sum (the bill shows
         it as a negative line amount, its effect on the balance).
         """
 

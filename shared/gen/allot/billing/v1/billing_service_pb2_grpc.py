@@ -237,8 +237,11 @@ class BillingServiceServicer:
         from the payment instant (or the chosen effective_time) either way. Idempotent by
         request_id: a repeat charges nothing more and returns the first result (GetOrder shows
         the current state). Errors: INVALID_ARGUMENT (UNKNOWN_OFFER, UNKNOWN_REGION,
-        OFFER_NOT_IN_REGION, effective_time in the past), NOT_FOUND (ACCOUNT_NOT_FOUND),
-        FAILED_PRECONDITION (ACCOUNT_IN_ARREARS, INSUFFICIENT_BALANCE).
+        OFFER_NOT_IN_REGION, effective_time in the past, quantity outside 1..100), NOT_FOUND
+        (ACCOUNT_NOT_FOUND), FAILED_PRECONDITION (ACCOUNT_IN_ARREARS, INSUFFICIENT_BALANCE).
+        With quantity N, one order and one payment of N times the price buy N packages, granted
+        each with its own request id derived from the order id; the order is FULFILLED once all
+        are granted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
