@@ -44,6 +44,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("ListPriceTiers"): policy(*READERS),
     _rpc("PurchasePackage"): policy(*OWNERS, account="account_id", regions=("region",)),
     _rpc("RenewPackage"): policy(*OWNERS, account="account_id"),
+    _rpc("RenewPackages"): policy(*OWNERS, account="account_id"),
     _rpc("SetAutoRenew"): policy(*OWNERS),
     _rpc("GetAutoRenew"): policy(*READERS),
     _rpc("CancelOrder"): policy(*OWNERS),

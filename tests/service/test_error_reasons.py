@@ -30,7 +30,7 @@ import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
-from google.type import money_pb2
+from google.type import date_pb2, money_pb2
 
 from services.quota.service import QuotaService
 from shared.server import Server, build_runtime
@@ -420,6 +420,52 @@ async def billing_package_not_renewable(stage: Stage) -> None:
     )
 
 
+async def billing_expire_date_not_after_expiry(stage: Stage) -> None:
+    """A batch renewal to a date the package already runs to."""
+    billing, _, _ = await billing_with_quota(stage)
+    await funded(billing, "acct-1", "10")
+    order = await purchase(billing, "acct-1")  # runs a year
+    await expect_error(
+        billing_rpc(
+            billing,
+            "RenewPackages",
+            request_id="renew-1",
+            account_id="acct-1",
+            package_ids=[order.package_id],
+            expire_date=date_pb2.Date(year=2024, month=6, day=1),
+        ),
+        PRECONDITION,
+        "EXPIRE_DATE_NOT_AFTER_EXPIRY",
+    )
+
+
+async def billing_packages_not_alike(stage: Stage) -> None:
+    """A batch renewal of packages of two regions (one order is one bill line)."""
+    billing, _, _ = await billing_with_quota(stage)
+    await funded(billing, "acct-1", "10")
+    here = await purchase(billing, "acct-1")
+    there = await billing_rpc(
+        billing,
+        "PurchasePackage",
+        request_id="buy-there",
+        account_id="acct-1",
+        offer_id=OFFER,
+        region=OTHER_REGION,
+    )
+    await expect_error(
+        billing_rpc(
+            billing,
+            "RenewPackages",
+            request_id="renew-1",
+            account_id="acct-1",
+            package_ids=[here.package_id, there.package_id],
+            expire_date=date_pb2.Date(year=2025, month=6, day=1),
+        ),
+        PRECONDITION,
+        "PACKAGES_NOT_ALIKE",
+    )
+
+
 async def billing_quota_unavailable(stage: Stage) -> None:
     """Billing whose region's quota service cannot be reached answers UNAVAILABLE."""
     handle = await stage.billing(quota_addr=f"127.0.0.1:{closed_port()}")
@@ -624,6 +670,7 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ("billing", "API_SUBSCRIPTION_NOT_FOUND"): billing_api_subscription_not_found,
     ("billing", "CURRENCY_MISMATCH"): billing_currency_mismatch,
     ("billing", "CURRENCY_NOT_SUPPORTED"): billing_currency_not_supported,
+    ("billing", "EXPIRE_DATE_NOT_AFTER_EXPIRY"): billing_expire_date_not_after_expiry,
     ("billing", "INSUFFICIENT_BALANCE"): billing_insufficient_balance,
     ("billing", "INVALID_MASTER_ACCOUNT"): billing_invalid_master_account,
     ("billing", "OFFER_NOT_IN_REGION"): billing_offer_not_in_region,
@@ -635,6 +682,7 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
         "GetAutoRenew", NOT_FOUND, "PACKAGE_NOT_FOUND", package_id="no-such-package"
     ),
     ("billing", "PACKAGE_NOT_RENEWABLE"): billing_package_not_renewable,
+    ("billing", "PACKAGES_NOT_ALIKE"): billing_packages_not_alike,
     ("billing", "QUOTA_UNAVAILABLE"): billing_quota_unavailable,
     ("billing", "REQUEST_ID_REUSED"): billing_request_id_reused,
     ("billing", "UNKNOWN_API"): billing_refuses(

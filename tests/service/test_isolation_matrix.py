@@ -23,6 +23,7 @@ import hashlib
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -37,7 +38,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.protobuf.message import Message
-from google.type import money_pb2
+from google.type import date_pb2, money_pb2
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -573,6 +574,21 @@ async def _renew_order(s, target):
     )
 
 
+@factory(BL("RenewPackages"))
+async def _renew_orders(s, target):
+    # Two days past the package's expiry now (renewals move it on), whatever the time zone.
+    package = await s.quota.GetPackage(
+        quota_service_pb2.GetPackageRequest(package_id=s.sold[target]), metadata=ADMIN_MD
+    )
+    day = (package.expire_time.ToDatetime() + timedelta(days=2)).date()
+    return billing_service_pb2.RenewPackagesRequest(
+        request_id=s.unique("renew-many"),
+        account_id=TARGETS[target][0],
+        package_ids=[s.sold[target]],
+        expire_date=date_pb2.Date(year=day.year, month=day.month, day=day.day),
+    )
+
+
 @factory(BL("SetAutoRenew"))
 async def _set_auto_renew(s, target):
     return billing_service_pb2.SetAutoRenewRequest(
@@ -862,6 +878,7 @@ REPLAYED = [
     BL("SetBalanceAlert"),
     BL("PurchasePackage"),
     BL("RenewPackage"),
+    BL("RenewPackages"),
     BL("SetAutoRenew"),
     BL("SubscribeApi"),
     N("CreateContact"),

@@ -42,6 +42,8 @@ def order_message(order) -> billing_pb2.Order:
         update_time=to_timestamp(order.update_time),
         failure_reason=order.failure_reason,
         paying_account_id=order.paying_account_id,
+        package_ids=list(order.package_ids),
+        package_count=order.package_count,
     )
 
 

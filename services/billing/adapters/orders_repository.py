@@ -1,7 +1,8 @@
 """Orders: rows <-> ``domain.orders.Order``, in the caller's unit of work.
 
 The ``orders`` table keeps an order's price in its ``amount_micros`` column (non-negative:
-the order's ``price_micros``; its ledger lines carry the signed effects).
+the order's ``price_micros``; its ledger lines carry the signed effects). Each order's packages
+are rows of ``order_packages`` (one at least); an order's ``package_id`` is its first.
 """
 
 from __future__ import annotations
@@ -11,14 +12,40 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from services.billing.adapters import tables as t
-from services.billing.domain.orders import NewOrder, Order, OrderKind, OrderState
+from services.billing.domain.orders import NewOrder, Order, OrderKind, OrderPackage, OrderState
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 _o = t.orders.c
+_p = t.order_packages.c
 
 
-def _to_order(row, currency: str) -> Order:
+def _to_package(row) -> OrderPackage:
+    return OrderPackage(
+        position=row.position,
+        package_id=row.package_id,
+        effective_time=from_epoch_us(row.effective_time_us),
+        expire_time=from_epoch_us(row.expire_time_us),
+        price_micros=row.amount_micros,
+        quantity=row.quantity,
+    )
+
+
+async def _packages(uow: UnitOfWork, order_ids: list[str]) -> dict[str, tuple[OrderPackage, ...]]:
+    if not order_ids:
+        return {}
+    query = (
+        select(t.order_packages)
+        .where(_p.order_id.in_(order_ids))
+        .order_by(_p.order_id, _p.position)
+    )
+    found: dict[str, list[OrderPackage]] = {}
+    for row in await uow.rows(query):
+        found.setdefault(row.order_id, []).append(_to_package(row))
+    return {order_id: tuple(items) for order_id, items in found.items()}
+
+
+def _to_order(row, currency: str, packages: tuple[OrderPackage, ...]) -> Order:
     return Order(
         order_id=row.order_id,
         account_id=row.account_id,
@@ -40,6 +67,7 @@ def _to_order(row, currency: str) -> Order:
         failure_reason=row.failure_reason,
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
+        packages=packages,
     )
 
 
@@ -50,7 +78,10 @@ async def get(
     if for_update:
         query = query.with_for_update()
     row = (await uow.session.execute(query)).first()
-    return None if row is None else _to_order(row, currency)
+    if row is None:
+        return None
+    packages = await _packages(uow, [order_id])
+    return _to_order(row, currency, packages.get(order_id, ()))
 
 
 async def insert_order(uow: UnitOfWork, order_id: str, new: NewOrder, now: datetime) -> None:
@@ -78,6 +109,31 @@ async def insert_order(uow: UnitOfWork, order_id: str, new: NewOrder, now: datet
             update_time_us=now_us,
         )
     )
+    await uow.session.execute(
+        insert(t.order_packages),
+        [
+            {
+                "order_id": order_id,
+                "position": p.position,
+                "package_id": p.package_id,
+                "effective_time_us": to_epoch_us(p.effective_time),
+                "expire_time_us": to_epoch_us(p.expire_time),
+                "amount_micros": p.price_micros,
+                "quantity": p.quantity,
+            }
+            for p in new.packages
+        ],
+    )
+
+
+async def set_package_ids(uow: UnitOfWork, order_id: str, package_ids: list[str]) -> None:
+    """The packages a purchase's grants created, in the order of its rows."""
+    for position, package_id in enumerate(package_ids):
+        await uow.session.execute(
+            update(t.order_packages)
+            .where(_p.order_id == order_id, _p.position == position)
+            .values(package_id=package_id)
+        )
 
 
 async def set_state(
@@ -98,15 +154,17 @@ async def set_state(
 
 
 async def earlier_pending_renewals(uow: UnitOfWork, package_id: str, before: datetime) -> list[str]:
-    """PENDING orders of the package that end before ``before``, earliest end first."""
+    """PENDING orders renewing the package to an expiry before ``before``, earliest first."""
     query = (
-        select(_o.order_id)
+        select(_p.order_id)
+        .join(t.orders, _o.order_id == _p.order_id)
         .where(
-            _o.package_id == package_id,
+            _p.package_id == package_id,
+            _o.kind != int(OrderKind.PURCHASE),
             _o.state == int(OrderState.PENDING),
-            _o.expire_time_us < to_epoch_us(before),
+            _p.expire_time_us < to_epoch_us(before),
         )
-        .order_by(_o.expire_time_us)
+        .order_by(_p.expire_time_us)
     )
     return [r.order_id for r in await uow.rows(query)]
 
@@ -122,19 +180,29 @@ async def pending_ids(uow: UnitOfWork, limit: int) -> list[str]:
     return [r.order_id for r in await uow.rows(query)]
 
 
-async def has_live_renewal(uow: UnitOfWork, package_id: str) -> bool:
-    """Whether a renewal of the package is PENDING or FULFILLED."""
-    query = select(_o.order_id).where(
-        _o.package_id == package_id,
-        _o.kind != int(OrderKind.PURCHASE),
-        _o.state.in_([int(OrderState.PENDING), int(OrderState.FULFILLED)]),
+async def has_live_renewal(uow: UnitOfWork, package_ids: tuple[str, ...]) -> bool:
+    """Whether a renewal of any of the packages is PENDING or FULFILLED."""
+    query = (
+        select(_p.order_id)
+        .join(t.orders, _o.order_id == _p.order_id)
+        .where(
+            _p.package_id.in_(package_ids),
+            _o.kind != int(OrderKind.PURCHASE),
+            _o.state.in_([int(OrderState.PENDING), int(OrderState.FULFILLED)]),
+        )
+        .limit(1)
     )
     return bool(await uow.rows(query))
 
 
 async def package_owner(uow: UnitOfWork, package_id: str) -> str | None:
     """The account of any order of the package (None: billing never sold it)."""
-    query = select(_o.account_id).where(_o.package_id == package_id).limit(1)
+    query = (
+        select(_o.account_id)
+        .join(t.order_packages, _o.order_id == _p.order_id)
+        .where(_p.package_id == package_id)
+        .limit(1)
+    )
     return (await uow.session.execute(query)).scalar()
 
 
@@ -157,4 +225,6 @@ async def list_orders(
         query = query.where(_o.region.in_(sorted(regions)))
     if after_id:
         query = query.where(_o.order_id < after_id)
-    return [_to_order(r, currency) for r in await uow.rows(query)]
+    rows = await uow.rows(query)
+    packages = await _packages(uow, [r.order_id for r in rows])
+    return [_to_order(r, currency, packages.get(r.order_id, ())) for r in rows]

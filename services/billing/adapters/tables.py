@@ -99,6 +99,22 @@ orders = Table(
     Index("ix_orders_package", "package_id", "expire_time_us"),
 )
 
+# The packages of each order (domain.orders.OrderPackage), one row each: a purchase's N
+# packages (package_id set when granted) or the packages a renewal renews, with each one's
+# share of the price and calls and the validity it is granted or renewed to.
+order_packages = Table(
+    "order_packages",
+    metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("position", SmallInteger, primary_key=True),
+    Column("package_id", String(40), nullable=False, server_default=""),
+    Column("effective_time_us", BigInteger, nullable=False),
+    Column("expire_time_us", BigInteger, nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Index("ix_order_packages_package", "package_id", "expire_time_us"),
+)
+
 # Billing's record of each package it sold (app/packages.py): written when the purchase is
 # fulfilled, moved by every renewal, holding the auto-renewal setting and schedule.
 auto_renewals = Table(

@@ -3,11 +3,11 @@ integer micro-units."""
 
 from __future__ import annotations
 
-from datetime import timedelta, tzinfo
+from datetime import date, timedelta, tzinfo
 from decimal import Decimal
 
 from allot.billing.v1 import billing_pb2
-from google.type import money_pb2
+from google.type import date_pb2, money_pb2
 
 from services.billing.adapters.events import micros_to_money
 from services.billing.app.accounts import AccountInput
@@ -18,6 +18,7 @@ from services.billing.domain.cycles import month_bounds
 from services.billing.domain.packages import SoldPackage
 from services.billing.domain.subscriptions import Subscription
 from shared.catalog import Offer, PriceTier
+from shared.errors import InvalidArgument
 from shared.money import from_wire, to_micros
 from shared.timeutil import from_duration, to_timestamp
 
@@ -25,6 +26,17 @@ from shared.timeutil import from_duration, to_timestamp
 def money_to_micros(money: money_pb2.Money, field: str) -> int:
     """Exact micro-units within shared.money's bounds, else INVALID_ARGUMENT naming ``field``."""
     return from_wire(money.units, money.nanos, field)
+
+
+def from_proto_date(value: date_pb2.Date, field: str) -> date:
+    """A whole calendar date (year, month and day all set), else INVALID_ARGUMENT naming
+    ``field``."""
+    try:
+        return date(value.year, value.month, value.day)
+    except ValueError:
+        raise InvalidArgument(
+            field, f"{field} must be a whole calendar date (year, month and day)"
+        ) from None
 
 
 def decimal_to_money(amount: Decimal, currency: str) -> money_pb2.Money:

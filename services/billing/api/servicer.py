@@ -11,6 +11,7 @@ from services.billing.adapters.events import order_message
 from services.billing.api import convert
 from services.billing.app import (
     accounts,
+    batch_renewals,
     bills,
     fulfilment,
     orders,
@@ -20,6 +21,7 @@ from services.billing.app import (
 )
 from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
+from shared.errors import InvalidArgument
 from shared.idempotency import IdempotencyStore
 from shared.pagination import paged, paged_list
 from shared.timeutil import from_timestamp
@@ -130,6 +132,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             if request.HasField("effective_time")
             else None,
             auto_renew=request.auto_renew,
+            quantity=orders.check_quantity(request.quantity),
         )
 
         async def work(uow):
@@ -155,6 +158,28 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
                 self.ctx,
                 request.account_id,
                 self._idempotent("RenewPackage", request, billing_pb2.Order, work),
+            )
+        )
+        # Ask quota now; a retry of the request answers the order as it is now.
+        return order_message(await fulfilment.fulfil(self.ctx, placed.order_id))
+
+    async def RenewPackages(self, request, context):
+        package_ids = batch_renewals.check_package_ids(list(request.package_ids))
+        if not request.HasField("expire_date"):
+            raise InvalidArgument("expire_date", "expire_date is required")
+        expire_date = convert.from_proto_date(request.expire_date, "expire_date")
+
+        async def work(uow):
+            order = await batch_renewals.renew_many(
+                self.ctx, uow, request.account_id, package_ids, expire_date
+            )
+            return order_message(order)
+
+        placed = await hiding_absence(
+            renewals.explained(
+                self.ctx,
+                request.account_id,
+                self._idempotent("RenewPackages", request, billing_pb2.Order, work),
             )
         )
         # Ask quota now; a retry of the request answers the order as it is now.

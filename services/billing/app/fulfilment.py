@@ -1,7 +1,12 @@
-"""Fulfilment of orders: quota grants or renews the package of a PENDING order, a refusal
-fails it with a full refund, and a purchase whose package has not started can be cancelled.
+"""Fulfilment of orders: quota grants or renews the packages of a PENDING order, a refusal
+fails it with a full refund, and a purchase whose packages have not started can be cancelled.
 
-Quota is asked with the order id as request id, so a retried grant never grants twice. While
+Quota is asked for each package of the order with its own request id derived from the order
+id (``domain.orders.package_request_id``), so a retried grant never grants twice. A purchase
+of several packages is FULFILLED once quota has granted them all; should quota refuse one for
+good, those granted are revoked and the order FAILS with a full refund, as a single purchase
+does. A batch renewal refused for every package FAILS the same way; refused for some, it is
+FULFILLED with the refused packages' shares refunded (those renewed stay renewed). While
 quota is unreachable the order stays PENDING and is offered again in the background
 (``fulfil_pending``, every ``RETRY_PENDING`` of wall time) until it is FULFILLED. A purchase
 whose package has not started yet (and was not renewed) can be cancelled for a full refund;
@@ -19,7 +24,13 @@ from services.billing.app import packages
 from services.billing.app.context import BillingContext
 from services.billing.app.orders import announce, charge, load_order
 from services.billing.domain.bills import BillLineKind
-from services.billing.domain.orders import Order, OrderKind, OrderState
+from services.billing.domain.orders import (
+    Order,
+    OrderKind,
+    OrderPackage,
+    OrderState,
+    package_request_id,
+)
 from services.billing.domain.packages import UnknownPackage
 from shared.db import UnitOfWork
 from shared.errors import AllotError, FailedPrecondition
@@ -32,56 +43,86 @@ RETRY_PENDING = timedelta(seconds=2)
 
 
 async def fulfil(ctx: BillingContext, order_id: str) -> Order:
-    """Ask quota to grant or renew the package of a PENDING order; it stays PENDING while quota
-    is away. A renewal waits for the earlier renewals of its package: quota never moves an
-    expiry back, so they are applied in the order they were sold."""
+    """Ask quota to grant or renew the packages of a PENDING order; it stays PENDING while
+    quota is away. A renewal waits for the earlier renewals of its packages: quota never moves
+    an expiry back, so they are applied in the order they were sold."""
     order = await ctx.db.read(lambda uow: load_order(ctx, uow, order_id))
     if order.state != OrderState.PENDING:
         return order
+    refused: dict[int, str] = {}
+    granted: list[str] = []
     try:
         if order.kind == OrderKind.PURCHASE:
-            package = await _grant(ctx, order)
+            granted = await _grant_all(ctx, order)
         else:
-            for earlier in await _earlier_renewals(ctx, order):
-                if (await fulfil(ctx, earlier)).state == OrderState.PENDING:
-                    return order
-            package = await ctx.quota.renew_package(
-                order.order_id,
-                order.region,
-                order.package_id,
-                expire_time=order.expire_time,
-                add_quantity=order.quantity,
-            )
+            for item in order.packages:
+                for earlier in await _earlier_renewals(ctx, item):
+                    if (await fulfil(ctx, earlier)).state == OrderState.PENDING:
+                        return order
+                try:
+                    await ctx.quota.renew_package(
+                        package_request_id(order.order_id, item.position),
+                        order.region,
+                        item.package_id,
+                        expire_time=item.expire_time,
+                        add_quantity=item.quantity,
+                    )
+                except QuotaUnavailable:
+                    raise
+                except AllotError as exc:
+                    refused[item.position] = f"{exc.reason}: {exc.message}"
+            if len(refused) == len(order.packages):
+                raise _Refused("; ".join(sorted(set(refused.values()))))
     except QuotaUnavailable as exc:
         log.info("order %s stays pending: %s", order_id, exc)
         return order
-    except AllotError as exc:
-        reason = f"{exc.reason}: {exc.message}"
+    except (AllotError, _Refused) as exc:
+        reason = str(exc) if isinstance(exc, _Refused) else f"{exc.reason}: {exc.message}"
         return await ctx.db.transaction(lambda uow: _fail(ctx, uow, order_id, reason))
-    done = await ctx.db.transaction(lambda uow: _fulfilled(ctx, uow, order_id, package))
+    done = await ctx.db.transaction(lambda uow: _fulfilled(ctx, uow, order_id, granted, refused))
     if done.state == OrderState.CANCELLED:
-        await _revoke(ctx, done, package.package_id)  # cancelled while being granted
+        await _revoke(ctx, done, granted)  # cancelled while being granted
     return done
 
 
-def _grant(ctx: BillingContext, order: Order):
+class _Refused(Exception):
+    """Quota refused every renewal of a batch: the order fails as a whole."""
+
+
+async def _grant_all(ctx: BillingContext, order: Order) -> list[str]:
+    """Grant the purchase's packages, each with its own request id; when quota refuses one
+    for good, those granted are revoked (the order then fails with a full refund)."""
+    granted: list[str] = []
+    for item in order.packages:
+        try:
+            package = await _grant(ctx, order, item)
+        except QuotaUnavailable:
+            raise
+        except AllotError:
+            await _revoke(ctx, order, granted)
+            raise
+        granted.append(package.package_id)
+    return granted
+
+
+def _grant(ctx: BillingContext, order: Order, item: OrderPackage):
     return ctx.quota.grant_package(
-        order.order_id,
+        package_request_id(order.order_id, item.position),
         account_id=order.account_id,
         region=order.region,
         api=order.api,
         enterprise_project_id=order.enterprise_project_id,
-        quantity=order.quantity,
-        effective_time=order.effective_time,
-        expire_time=order.expire_time,
+        quantity=item.quantity,
+        effective_time=item.effective_time,
+        expire_time=item.expire_time,
         order_id=order.order_id,
     )
 
 
-async def _earlier_renewals(ctx: BillingContext, order: Order) -> list[str]:
+async def _earlier_renewals(ctx: BillingContext, item: OrderPackage) -> list[str]:
     """PENDING renewals of the same package sold before this one (they end earlier)."""
     return await ctx.db.read(
-        lambda uow: repo.earlier_pending_renewals(uow, order.package_id, order.expire_time)
+        lambda uow: repo.earlier_pending_renewals(uow, item.package_id, item.expire_time)
     )
 
 
@@ -94,15 +135,52 @@ async def _set_state(
     return changed
 
 
-async def _fulfilled(ctx: BillingContext, uow: UnitOfWork, order_id: str, package) -> Order:
+async def _fulfilled(
+    ctx: BillingContext,
+    uow: UnitOfWork,
+    order_id: str,
+    granted: list[str],
+    refused: dict[int, str],
+) -> Order:
     order = await load_order(ctx, uow, order_id, for_update=True)
     if order.state != OrderState.PENDING:
         return order  # cancelled meanwhile: fulfil() revokes what was granted
     if order.kind != OrderKind.PURCHASE:
-        return await _set_state(ctx, uow, order, OrderState.FULFILLED)
-    done = await _set_state(ctx, uow, order, OrderState.FULFILLED, package_id=package.package_id)
-    await packages.record_purchase(ctx, uow, done)
+        if not refused:
+            return await _set_state(ctx, uow, order, OrderState.FULFILLED)
+        return await _partly_renewed(ctx, uow, order, refused)
+    await repo.set_package_ids(uow, order_id, granted)
+    done = await _set_state(ctx, uow, order, OrderState.FULFILLED, package_id=granted[0])
+    for package_id in granted:
+        await packages.record_purchase(ctx, uow, done, package_id)
     return done
+
+
+async def _partly_renewed(
+    ctx: BillingContext, uow: UnitOfWork, order: Order, refused: dict[int, str]
+) -> Order:
+    """Quota renewed some packages of a batch and refused the others for good: those renewed
+    stay renewed (an expiry is never moved back), the refused ones' shares are refunded in one
+    line and they are sold to where they were before; the order is FULFILLED and its
+    failure_reason names the refused packages."""
+    items = [p for p in order.packages if p.position in refused]
+    amount = sum(p.price_micros for p in items)
+    names = ", ".join(p.package_id for p in items)
+    reasons = "; ".join(f"{p.package_id}: {refused[p.position]}" for p in items)
+    await charge(
+        ctx,
+        uow,
+        order,
+        amount,
+        BillLineKind.REFUND,
+        f"refund: renewal of {names} refused",
+        quantity=sum(p.quantity for p in items),
+    )
+    for item in items:
+        await _renewal_failed(ctx, uow, order, item, refused[item.position])
+    return await _set_state(
+        ctx, uow, order, OrderState.FULFILLED, failure_reason=f"partly refunded: {reasons}"
+    )
 
 
 async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str) -> Order:
@@ -111,20 +189,23 @@ async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str
         return order
     await charge(ctx, uow, order, order.price_micros, BillLineKind.REFUND, f"refund: {reason}")
     if order.kind != OrderKind.PURCHASE:
-        await _renewal_failed(ctx, uow, order, reason)
+        for item in order.packages:
+            await _renewal_failed(ctx, uow, order, item, reason)
     return await _set_state(ctx, uow, order, OrderState.FAILED, failure_reason=reason)
 
 
-async def _renewal_failed(ctx: BillingContext, uow: UnitOfWork, order: Order, reason: str):
+async def _renewal_failed(
+    ctx: BillingContext, uow: UnitOfWork, order: Order, item: OrderPackage, reason: str
+):
     """Quota refused a renewal for good (the package was revoked there, say): the package is
     sold to where it was before, and auto-renewal stops."""
     try:
-        sold = await packages.load(uow, order.package_id, for_update=True)
+        sold = await packages.load(uow, item.package_id, for_update=True)
     except UnknownPackage:
         return
     values = {"auto_renew": False, "next_attempt_time": None, "last_failure_reason": reason}
-    if sold.expire_time == order.expire_time:
-        values["expire_time"] = order.effective_time - ONE_SECOND
+    if sold.expire_time == item.expire_time:
+        values["expire_time"] = item.effective_time - ONE_SECOND
     sold = await packages.save(ctx, uow, sold.package_id, **values)
     if order.kind == OrderKind.AUTO_RENEWAL:
         ctx.events.auto_renew_failed(uow, sold, reason.partition(":")[0], ctx.now())
@@ -170,9 +251,8 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
             order_id=order_id,
             state=order.state.name,
         )
-    if order.package_id:
-        # Revoke first: if quota is away nothing has changed and the caller can retry.
-        await _revoke(ctx, order, order.package_id)
+    # Revoke first: if quota is away nothing has changed and the caller can retry.
+    await _revoke(ctx, order, list(order.package_ids))
 
     async def mark(uow: UnitOfWork) -> Order:
         current = await load_order(ctx, uow, order_id, for_update=True)
@@ -181,8 +261,8 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
         await charge(
             ctx, uow, current, current.price_micros, BillLineKind.REFUND, "refund: order cancelled"
         )
-        if current.package_id:
-            await packages.forget(uow, current.package_id)
+        for package_id in current.package_ids:
+            await packages.forget(uow, package_id)
         return await _set_state(ctx, uow, current, OrderState.CANCELLED)
 
     # A PENDING order's grant racing this cancel is revoked by fulfil() when it sees CANCELLED.
@@ -190,12 +270,17 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
 
 
 async def _renewed(ctx: BillingContext, order: Order) -> bool:
-    if not order.package_id:
+    if not order.package_ids:
         return False
-    return await ctx.db.read(lambda uow: repo.has_live_renewal(uow, order.package_id))
+    return await ctx.db.read(lambda uow: repo.has_live_renewal(uow, order.package_ids))
 
 
-async def _revoke(ctx: BillingContext, order: Order, package_id: str) -> None:
-    await ctx.quota.revoke_package(
-        f"cancel-{order.order_id}", order.region, package_id, "order cancelled"
-    )
+async def _revoke(ctx: BillingContext, order: Order, package_ids: list[str]) -> None:
+    """Revoke the purchase's packages in quota, each with a request id of its own."""
+    for position, package_id in enumerate(package_ids):
+        await ctx.quota.revoke_package(
+            f"cancel-{package_request_id(order.order_id, position)}",
+            order.region,
+            package_id,
+            "order cancelled",
+        )

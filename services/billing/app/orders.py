@@ -4,13 +4,14 @@
 A purchase takes the price from the paying balance and records the order in one transaction
 (idempotent by request_id); then the region's quota service is asked to grant the package
 (``app/fulfilment.py``), so the package is effective from the payment instant even when it is
-granted later.
+granted later. A purchase of ``quantity`` packages of the offer is one order and one payment
+of ``quantity`` times the price; each package is granted on its own (``app/fulfilment.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from services.billing.adapters import accounts_repository as accounts_repo
@@ -23,9 +24,11 @@ from services.billing.domain.arrears import Standing, may_purchase
 from services.billing.domain.bills import BillLine, BillLineKind
 from services.billing.domain.orders import (
     LINE_KINDS,
+    MAX_PACKAGES,
     NewOrder,
     Order,
     OrderKind,
+    OrderPackage,
     OrderState,
     order_not_found,
 )
@@ -49,6 +52,16 @@ class PurchaseInput:
     enterprise_project_id: str
     effective_time: datetime | None
     auto_renew: bool
+    quantity: int = 1
+
+
+def check_quantity(quantity: int) -> int:
+    """``quantity`` of PurchasePackage (packages of the offer): 0 means 1."""
+    if quantity == 0:
+        return 1
+    if not 1 <= quantity <= MAX_PACKAGES:
+        raise InvalidArgument("quantity", f"quantity must be between 1 and {MAX_PACKAGES}")
+    return quantity
 
 
 async def load_order(
@@ -73,10 +86,11 @@ async def charge(
     amount_micros: int,
     kind: BillLineKind,
     description: str,
+    quantity: int | None = None,
 ) -> None:
     """Move the order's paying balance by ``amount_micros`` (signed effect: a payment is
     ``-price``, a refund ``+price``), with its ledger line (the order's region, API, project
-    and calls), and follow the balance alert."""
+    and calls, or ``quantity`` calls for part of the order), and follow the balance alert."""
     now = ctx.now()
     payer_id = order.paying_account_id
     before = await accounts_repo.locked_balance(uow, payer_id)
@@ -92,7 +106,7 @@ async def charge(
             region=order.region,
             api=order.api,
             enterprise_project_id=order.enterprise_project_id,
-            quantity=order.quantity,
+            quantity=order.quantity if quantity is None else quantity,
             order_id=order.order_id,
             description=description,
             occur_time=now,
@@ -127,7 +141,18 @@ async def paying_accounts(
 
 
 async def place(ctx: BillingContext, uow: UnitOfWork, new: NewOrder, description: str) -> Order:
-    """Record a PENDING order and take its price from the paying balance (one transaction)."""
+    """Record a PENDING order and take its price from the paying balance (one transaction).
+    An order given no packages has one: the order's own package, price and calls."""
+    if not new.packages:
+        only = OrderPackage(
+            position=0,
+            package_id=new.package_id,
+            effective_time=new.effective_time,
+            expire_time=new.expire_time,
+            price_micros=new.price_micros,
+            quantity=new.quantity,
+        )
+        new = replace(new, packages=(only,))
     order_id = new_id("ord")
     await repo.insert_order(uow, order_id, new, ctx.now())
     order = await load_order(ctx, uow, order_id)
@@ -168,8 +193,17 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
         raise InvalidArgument(
             "effective_time", "effective_time is too late: the package would run past 9000-01-01"
         ) from None
-    price = to_micros(offer.price)
+    count = spec.quantity
+    price = to_micros(offer.price) * count
     account, payer = await paying_accounts(ctx, uow, spec.account_id, price)
+    each = OrderPackage(
+        position=0,
+        package_id="",
+        effective_time=effective,
+        expire_time=expire,
+        price_micros=to_micros(offer.price),
+        quantity=offer.quantity,
+    )
     new = NewOrder(
         kind=OrderKind.PURCHASE,
         account_id=account.account_id,
@@ -178,14 +212,18 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
         region=spec.region,
         api=offer.api,
         enterprise_project_id=project,
-        quantity=offer.quantity,
+        quantity=offer.quantity * count,
         periods=1,
         price_micros=price,
         effective_time=effective,
         expire_time=expire,
         auto_renew=spec.auto_renew,
+        packages=tuple(replace(each, position=i) for i in range(count)),
     )
-    return await place(ctx, uow, new, f"{offer.id} in {spec.region}")
+    description = f"{offer.id} in {spec.region}"
+    if count > 1:
+        description += f" x {count}"
+    return await place(ctx, uow, new, description)
 
 
 async def list_orders(

@@ -38,11 +38,13 @@ async def load(uow: UnitOfWork, package_id: str, for_update: bool = False) -> So
     return sold
 
 
-async def record_purchase(ctx: BillingContext, uow: UnitOfWork, order: Order) -> SoldPackage:
-    """The record of the package a fulfilled purchase granted."""
+async def record_purchase(
+    ctx: BillingContext, uow: UnitOfWork, order: Order, package_id: str
+) -> SoldPackage:
+    """The record of a package a fulfilled purchase granted."""
     now = ctx.now()
     sold = SoldPackage(
-        package_id=order.package_id,
+        package_id=package_id,
         account_id=order.account_id,
         offer_id=order.offer_id,
         region=order.region,
@@ -57,7 +59,7 @@ async def record_purchase(ctx: BillingContext, uow: UnitOfWork, order: Order) ->
         last_failure_reason="",
     )
     await repo.insert_sold(uow, sold, now)
-    return await load(uow, order.package_id)
+    return await load(uow, package_id)
 
 
 async def save(ctx: BillingContext, uow: UnitOfWork, package_id: str, **values) -> SoldPackage:

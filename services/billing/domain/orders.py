@@ -1,5 +1,10 @@
 """Orders: a package purchase or renewal, paid at once, PENDING until quota has granted or
-renewed the package, then FULFILLED (or FAILED and refunded, or CANCELLED and refunded)."""
+renewed the package, then FULFILLED (or FAILED and refunded, or CANCELLED and refunded).
+
+An order may buy several packages of one offer, or renew several packages to one common
+expiry date (docs/design/billing.md, "Orders of several packages"): one order, one payment,
+one ``OrderPackage`` per package, each granted or renewed in quota with its own request id
+(``package_request_id``)."""
 
 from __future__ import annotations
 
@@ -32,6 +37,32 @@ LINE_KINDS = {
 }
 
 
+# The most packages one order may buy or renew.
+MAX_PACKAGES = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderPackage:
+    """One package of an order: its share of the price and of the calls, and the validity it
+    is granted or renewed to. ``package_id`` is empty while a purchase is PENDING;
+    ``effective_time`` is the package's first covered instant for a purchase, and its old
+    expiry + 1 s for a renewal."""
+
+    position: int
+    package_id: str
+    effective_time: datetime
+    expire_time: datetime
+    price_micros: int
+    quantity: int
+
+
+def package_request_id(order_id: str, position: int) -> str:
+    """The request id quota is asked with for the order's package at ``position``: the order
+    id for the first (as for every single-package order), ``<order_id>.<position>`` after.
+    Stable, so a retried grant or renewal never grants or renews twice."""
+    return order_id if position == 0 else f"{order_id}.{position}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class NewOrder:
     """An order to place: paid at once, PENDING until quota has granted or renewed.
@@ -53,6 +84,17 @@ class NewOrder:
     expire_time: datetime
     package_id: str = ""
     auto_renew: bool = False
+    # The packages of the order, one at least (``package_count`` of them).
+    packages: tuple[OrderPackage, ...] = ()
+
+    @property
+    def package_count(self) -> int:
+        return max(len(self.packages), 1)
+
+    @property
+    def package_ids(self) -> tuple[str, ...]:
+        """The ids known so far (a PENDING purchase has none)."""
+        return tuple(p.package_id for p in self.packages if p.package_id)
 
 
 @dataclass(frozen=True, kw_only=True)

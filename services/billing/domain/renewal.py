@@ -27,24 +27,44 @@ auto-renewal gives up (``next_attempt`` returns ``None``). An attempt that comes
 service is down, or a schedule switched on after its first attempt, is made as soon as it can
 be: the caller runs every attempt whose time has passed. A successful renewal moves the expiry,
 and the schedule starts again from the new one.
+
+Renewal to a common expiry date (pro rata)
+==========================================
+
+Several packages may be renewed together so that all end at 23:59:59 (billing time zone) of
+one date. Each is priced pro rata by whole days (``pro_rata``): the offer's price times the
+days from its current expiry date to the common date, over the days of the one validity period
+that would follow its current expiry, rounded half up to the micro; the calls added follow the
+same fraction, rounded half up to a whole call.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from shared.errors import FailedPrecondition
 from shared.timeutil import MAX_TIME
-from shared.validity import ONE_SECOND, ValidityOutOfRange, as_utc, renewal_expire_time
+from shared.validity import (
+    LAST_SECOND_OF_DAY,
+    ONE_SECOND,
+    ValidityOutOfRange,
+    add_months,
+    as_utc,
+    renewal_expire_time,
+)
 
 __all__ = [
     "ATTEMPT_TIME",
     "DEFAULT_LEAD_DAYS",
     "MAX_LEAD_DAYS",
     "RENEWAL_WINDOW_AFTER_EXPIRY",
+    "ProRata",
+    "common_expire_time",
     "first_attempt",
     "forfeits_remainder",
     "next_attempt",
+    "pro_rata",
     "renewal_allowed",
     "renewal_window_end",
     "renewed_expire_time",
@@ -149,3 +169,54 @@ def scheduled_attempt(
     if now >= as_utc(expire_time, "expire_time") + ONE_SECOND:
         return None
     return first_attempt(expire_time, lead_days, tz)
+
+
+@dataclass(frozen=True)
+class ProRata:
+    """One package's share of a renewal to a common expiry date (``pro_rata``)."""
+
+    days: int
+    period_days: int
+    price_micros: int
+    quantity: int
+    expire_time: datetime
+
+
+def common_expire_time(expire_date: date, tz: tzinfo) -> datetime:
+    """The last covered second (UTC) of a renewal to ``expire_date``: 23:59:59 local."""
+    return datetime.combine(expire_date, LAST_SECOND_OF_DAY, tzinfo=tz).astimezone(UTC)
+
+
+def _half_up(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded half up (both non-negative, exact integers)."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def pro_rata(
+    expire_time: datetime,
+    expire_date: date,
+    validity_months: int,
+    price_micros: int,
+    quantity: int,
+    tz: tzinfo,
+) -> ProRata:
+    """Renewing a package valid to ``expire_time`` until 23:59:59 of ``expire_date`` (local).
+
+    ``days`` are the whole days added: from the local date of the current expiry to
+    ``expire_date``. ``period_days`` are the days of the validity period that would follow
+    the current expiry (``validity_months`` later by quota's rule: 2024-04-19 + 1 month is 30
+    days, + 12 months 365). The price is ``price_micros × days / period_days`` and the calls
+    added ``quantity × days / period_days``, each rounded half up to a whole micro and a whole
+    call, so renewing to exactly one period later costs the offer's price and adds its
+    quantity, as ``RenewPackage`` does. ``days`` below 1 is for the caller to refuse.
+    """
+    current = as_utc(expire_time, "expire_time").astimezone(tz).date()
+    days = (expire_date - current).days
+    period_days = (add_months(current, validity_months) - current).days
+    return ProRata(
+        days=days,
+        period_days=period_days,
+        price_micros=_half_up(price_micros * max(days, 0), period_days),
+        quantity=_half_up(quantity * max(days, 0), period_days),
+        expire_time=common_expire_time(expire_date, tz),
+    )

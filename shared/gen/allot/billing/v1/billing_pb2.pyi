@@ -452,6 +452,8 @@ class Order(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     PAYING_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PACKAGE_IDS_FIELD_NUMBER: _builtins.int
+    PACKAGE_COUNT_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's id, assigned by the service; also the request_id of the grant or renewal
     billing asks of quota.
@@ -463,9 +465,11 @@ class Order(_message.Message):
     account_id: _builtins.str
     """The account that owns the package."""
     package_id: _builtins.str
-    """The quota package granted or renewed. Empty while a purchase is PENDING."""
+    """The quota package granted or renewed (the first, for an order of several). Empty while
+    a purchase is PENDING.
+    """
     offer_id: _builtins.str
-    """The catalog offer bought or renewed."""
+    """The catalog offer bought or renewed; empty for a renewal of packages of several offers."""
     region: _builtins.str
     """The catalog region of the package."""
     api: _builtins.str
@@ -473,18 +477,27 @@ class Order(_message.Message):
     enterprise_project_id: _builtins.str
     """The enterprise project the package is designated for; empty means every project."""
     quantity: _builtins.int
-    """The calls granted or added by this order (the offer's quantity times the periods)."""
+    """The calls granted or added by this order, over all its packages (the offer's quantity
+    times the periods and the packages, or the pro-rata calls of a common-date renewal).
+    """
     periods: _builtins.int
-    """The validity periods bought (1 for a purchase and for an auto-renewal)."""
+    """The validity periods bought (1 for a purchase and for an auto-renewal, 0 for a renewal
+    to a common expiry date, priced pro rata by whole days).
+    """
     failure_reason: _builtins.str
     """Why the order FAILED; empty otherwise."""
     paying_account_id: _builtins.str
     """The account whose balance paid: account_id itself, or its master for an enterprise
     member.
     """
+    package_count: _builtins.int
+    """How many packages the order buys or renews (a purchase's quantity; 1 for a single
+    renewal).
+    """
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """The price paid: the offer's price times the periods, a non-negative sum (the bill shows
+        """The price paid: the offer's price times the periods and the packages, or the sum of the
+        pro-rata shares of a renewal to a common expiry date; a non-negative sum (the bill shows
         it as a negative line amount, its effect on the balance).
         """
 
@@ -508,6 +521,12 @@ class Order(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the order's state last changed."""
 
+    @_builtins.property
+    def package_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every package of the order, in order: the packages granted by a purchase (empty while it
+        is PENDING; package_id is the first), or the packages a renewal renews.
+        """
+
     def __init__(
         self,
         *,
@@ -529,10 +548,12 @@ class Order(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
         paying_account_id: _builtins.str = ...,
+        package_ids: _abc.Iterable[_builtins.str] | None = ...,
+        package_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "effective_time", b"effective_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "api", b"api", "create_time", b"create_time", "effective_time", b"effective_time", "enterprise_project_id", b"enterprise_project_id", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "kind", b"kind", "offer_id", b"offer_id", "order_id", b"order_id", "package_id", b"package_id", "paying_account_id", b"paying_account_id", "periods", b"periods", "quantity", b"quantity", "region", b"region", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "api", b"api", "create_time", b"create_time", "effective_time", b"effective_time", "enterprise_project_id", b"enterprise_project_id", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "kind", b"kind", "offer_id", b"offer_id", "order_id", b"order_id", "package_count", b"package_count", "package_id", b"package_id", "package_ids", b"package_ids", "paying_account_id", b"paying_account_id", "periods", b"periods", "quantity", b"quantity", "region", b"region", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.type import date_pb2 as _date_pb2
 from google.type import money_pb2 as _money_pb2
 import builtins as _builtins
 import sys
@@ -324,6 +325,7 @@ class PurchasePackageRequest(_message.Message):
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     AUTO_RENEW_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
     account_id: _builtins.str
@@ -336,6 +338,10 @@ class PurchasePackageRequest(_message.Message):
     """The enterprise project the package is designated for; empty means every project."""
     auto_renew: _builtins.bool
     """Whether to renew the package automatically (default lead of 7 days)."""
+    quantity: _builtins.int
+    """How many packages of the offer to buy in one order and one payment, 1 to 100; 0 means 1.
+    Each package is granted on its own, all with the same validity.
+    """
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When the package starts; unset means the payment instant. A future time leaves the
@@ -352,10 +358,11 @@ class PurchasePackageRequest(_message.Message):
         enterprise_project_id: _builtins.str = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
         auto_renew: _builtins.bool = ...,
+        quantity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_renew", b"auto_renew", "effective_time", b"effective_time", "enterprise_project_id", b"enterprise_project_id", "offer_id", b"offer_id", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_renew", b"auto_renew", "effective_time", b"effective_time", "enterprise_project_id", b"enterprise_project_id", "offer_id", b"offer_id", "quantity", b"quantity", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,6 +401,48 @@ class RenewPackageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewPackageRequest: _TypeAlias = RenewPackageRequest  # noqa: Y015
+
+@_typing.final
+class RenewPackagesRequest(_message.Message):
+    """Request of RenewPackages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PACKAGE_IDS_FIELD_NUMBER: _builtins.int
+    EXPIRE_DATE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
+    account_id: _builtins.str
+    """The account that owns the packages."""
+    @_builtins.property
+    def package_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The purchased packages to renew, 1 to 100 distinct ids, all in one region, of one API
+        and one enterprise project.
+        """
+
+    @_builtins.property
+    def expire_date(self) -> _date_pb2.Date:
+        """The common expiry date (billing time zone): every package then runs to 23:59:59 of that
+        day. It must lie after every package's current expiry date.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        package_ids: _abc.Iterable[_builtins.str] | None = ...,
+        expire_date: _date_pb2.Date | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_date", b"expire_date"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "expire_date", b"expire_date", "package_ids", b"package_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewPackagesRequest: _TypeAlias = RenewPackagesRequest  # noqa: Y015
 
 @_typing.final
 class GetAutoRenewRequest(_message.Message):

@@ -94,6 +94,11 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackageRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.Order.FromString,
                 _registered_method=True)
+        self.RenewPackages = channel.unary_unary(
+                '/allot.billing.v1.BillingService/RenewPackages',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackagesRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.Order.FromString,
+                _registered_method=True)
         self.SetAutoRenew = channel.unary_unary(
                 '/allot.billing.v1.BillingService/SetAutoRenew',
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoRenewRequest.SerializeToString,
@@ -232,8 +237,11 @@ class BillingServiceServicer:
         from the payment instant (or the chosen effective_time) either way. Idempotent by
         request_id: a repeat charges nothing more and returns the first result (GetOrder shows
         the current state). Errors: INVALID_ARGUMENT (UNKNOWN_OFFER, UNKNOWN_REGION,
-        OFFER_NOT_IN_REGION, effective_time in the past), NOT_FOUND (ACCOUNT_NOT_FOUND),
-        FAILED_PRECONDITION (ACCOUNT_IN_ARREARS, INSUFFICIENT_BALANCE).
+        OFFER_NOT_IN_REGION, effective_time in the past, quantity outside 1..100), NOT_FOUND
+        (ACCOUNT_NOT_FOUND), FAILED_PRECONDITION (ACCOUNT_IN_ARREARS, INSUFFICIENT_BALANCE).
+        With quantity N, one order and one payment of N times the price buy N packages, granted
+        each with its own request id derived from the order id; the order is FULFILLED once all
+        are granted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,6 +255,21 @@ class BillingServiceServicer:
         Errors: INVALID_ARGUMENT (periods), NOT_FOUND (ACCOUNT_NOT_FOUND, PACKAGE_NOT_FOUND),
         FAILED_PRECONDITION (PACKAGE_NOT_RENEWABLE: not bought through billing, revoked, or more
         than 15 days past expiry; ACCOUNT_IN_ARREARS; INSUFFICIENT_BALANCE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewPackages(self, request, context):
+        """Renews several purchased packages of the account to one common expiry date, in one
+        order and one payment: each package is priced pro rata by whole days (the offer's price
+        times the days added over the days of one validity period from its expiry, rounded half
+        up to the micro) and gains its offer's quantity pro rata the same way. Idempotent by
+        request_id. Errors: INVALID_ARGUMENT (package_ids, expire_date), NOT_FOUND
+        (ACCOUNT_NOT_FOUND, PACKAGE_NOT_FOUND), FAILED_PRECONDITION (PACKAGE_NOT_RENEWABLE;
+        EXPIRE_DATE_NOT_AFTER_EXPIRY: a package already runs to that date or later;
+        PACKAGES_NOT_ALIKE: packages of several regions, APIs or projects; ACCOUNT_IN_ARREARS;
+        INSUFFICIENT_BALANCE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -389,6 +412,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
             'RenewPackage': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewPackage,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackageRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.Order.SerializeToString,
+            ),
+            'RenewPackages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewPackages,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackagesRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.Order.SerializeToString,
             ),
             'SetAutoRenew': grpc.unary_unary_rpc_method_handler(
@@ -698,6 +726,33 @@ class BillingService:
             target,
             '/allot.billing.v1.BillingService/RenewPackage',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackageRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewPackages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/RenewPackages',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.RenewPackagesRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__pb2.Order.FromString,
             options,
             channel_credentials,
