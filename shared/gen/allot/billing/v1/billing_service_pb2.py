@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from allot.billing.v1 import billing_pb2 as allot_dot_billing_dot_v1_dot_billing__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&allot/billing/v1/billing_service.proto\x12\x10\x61llot.billing.v1\x1a\x1e\x61llot/billing/v1/billing.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"b\n\x14\x43reateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\"-\n\x11GetAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13ListAccountsRequest\x12\x1f\n\x11master_account_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.allot.billing.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x0cTopUpRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\"y\n\x16SetBalanceAlertRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\tthreshold\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x01\"o\n\x11ListOffersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15ListPriceTiersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x16ListPriceTiersResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.allot.billing.v1.PriceTier\x12\x1d\n\x15\x66ree_monthly_quantity\x18\x02 \x01(\x03\"\xf3\x01\n\x16PurchasePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08offer_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nauto_renew\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\"z\n\x13RenewPackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07periods\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"/\n\x13GetAutoRenewRequest\x12\x18\n\npackage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"y\n\x13SetAutoRenewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\npackage_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nabled\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tlead_days\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"F\n\x12\x43\x61ncelOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x0fGetOrderRequest\x12\x16\n\x08order_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListOrdersRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOrdersResponse\x12\'\n\x06orders\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13SubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"t\n\x15UnsubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"?\n\x0eGetBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\x11\x45xportBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"!\n\x12\x45xportBillResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"M\n\x12WatchEventsRequest\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x32\xd9\x0c\n\x0e\x42illingService\x12R\n\rCreateAccount\x12&.allot.billing.v1.CreateAccountRequest\x1a\x19.allot.billing.v1.Account\x12L\n\nGetAccount\x12#.allot.billing.v1.GetAccountRequest\x1a\x19.allot.billing.v1.Account\x12]\n\x0cListAccounts\x12%.allot.billing.v1.ListAccountsRequest\x1a&.allot.billing.v1.ListAccountsResponse\x12\x42\n\x05TopUp\x12\x1e.allot.billing.v1.TopUpRequest\x1a\x19.allot.billing.v1.Account\x12V\n\x0fSetBalanceAlert\x12(.allot.billing.v1.SetBalanceAlertRequest\x1a\x19.allot.billing.v1.Account\x12W\n\nListOffers\x12#.allot.billing.v1.ListOffersRequest\x1a$.allot.billing.v1.ListOffersResponse\x12\x63\n\x0eListPriceTiers\x12\'.allot.billing.v1.ListPriceTiersRequest\x1a(.allot.billing.v1.ListPriceTiersResponse\x12T\n\x0fPurchasePackage\x12(.allot.billing.v1.PurchasePackageRequest\x1a\x17.allot.billing.v1.Order\x12N\n\x0cRenewPackage\x12%.allot.billing.v1.RenewPackageRequest\x1a\x17.allot.billing.v1.Order\x12T\n\x0cSetAutoRenew\x12%.allot.billing.v1.SetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12T\n\x0cGetAutoRenew\x12%.allot.billing.v1.GetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12L\n\x0b\x43\x61ncelOrder\x12$.allot.billing.v1.CancelOrderRequest\x1a\x17.allot.billing.v1.Order\x12\x46\n\x08GetOrder\x12!.allot.billing.v1.GetOrderRequest\x1a\x17.allot.billing.v1.Order\x12W\n\nListOrders\x12#.allot.billing.v1.ListOrdersRequest\x1a$.allot.billing.v1.ListOrdersResponse\x12X\n\x0cSubscribeApi\x12%.allot.billing.v1.SubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\\\n\x0eUnsubscribeApi\x12\'.allot.billing.v1.UnsubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\x43\n\x07GetBill\x12 .allot.billing.v1.GetBillRequest\x1a\x16.allot.billing.v1.Bill\x12W\n\nExportBill\x12#.allot.billing.v1.ExportBillRequest\x1a$.allot.billing.v1.ExportBillResponse\x12U\n\x0bWatchEvents\x12$.allot.billing.v1.WatchEventsRequest\x1a\x1e.allot.billing.v1.BillingEvent0\x01\x42\x1cZ\x1a\x61llot/billing/v1;billingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&allot/billing/v1/billing_service.proto\x12\x10\x61llot.billing.v1\x1a\x1e\x61llot/billing/v1/billing.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"b\n\x14\x43reateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\"-\n\x11GetAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13ListAccountsRequest\x12\x1f\n\x11master_account_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.allot.billing.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x01\n\x14UpdateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"l\n\x0cTopUpRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\"y\n\x16SetBalanceAlertRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\tthreshold\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x01\"o\n\x11ListOffersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15ListPriceTiersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x16ListPriceTiersResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.allot.billing.v1.PriceTier\x12\x1d\n\x15\x66ree_monthly_quantity\x18\x02 \x01(\x03\"\xf3\x01\n\x16PurchasePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08offer_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nauto_renew\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\"z\n\x13RenewPackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07periods\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"/\n\x13GetAutoRenewRequest\x12\x18\n\npackage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"y\n\x13SetAutoRenewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\npackage_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nabled\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tlead_days\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"F\n\x12\x43\x61ncelOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x0fGetOrderRequest\x12\x16\n\x08order_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListOrdersRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOrdersResponse\x12\'\n\x06orders\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13SubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"t\n\x15UnsubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"?\n\x0eGetBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\x11\x45xportBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"!\n\x12\x45xportBillResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"M\n\x12WatchEventsRequest\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x32\xad\r\n\x0e\x42illingService\x12R\n\rCreateAccount\x12&.allot.billing.v1.CreateAccountRequest\x1a\x19.allot.billing.v1.Account\x12L\n\nGetAccount\x12#.allot.billing.v1.GetAccountRequest\x1a\x19.allot.billing.v1.Account\x12]\n\x0cListAccounts\x12%.allot.billing.v1.ListAccountsRequest\x1a&.allot.billing.v1.ListAccountsResponse\x12R\n\rUpdateAccount\x12&.allot.billing.v1.UpdateAccountRequest\x1a\x19.allot.billing.v1.Account\x12\x42\n\x05TopUp\x12\x1e.allot.billing.v1.TopUpRequest\x1a\x19.allot.billing.v1.Account\x12V\n\x0fSetBalanceAlert\x12(.allot.billing.v1.SetBalanceAlertRequest\x1a\x19.allot.billing.v1.Account\x12W\n\nListOffers\x12#.allot.billing.v1.ListOffersRequest\x1a$.allot.billing.v1.ListOffersResponse\x12\x63\n\x0eListPriceTiers\x12\'.allot.billing.v1.ListPriceTiersRequest\x1a(.allot.billing.v1.ListPriceTiersResponse\x12T\n\x0fPurchasePackage\x12(.allot.billing.v1.PurchasePackageRequest\x1a\x17.allot.billing.v1.Order\x12N\n\x0cRenewPackage\x12%.allot.billing.v1.RenewPackageRequest\x1a\x17.allot.billing.v1.Order\x12T\n\x0cSetAutoRenew\x12%.allot.billing.v1.SetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12T\n\x0cGetAutoRenew\x12%.allot.billing.v1.GetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12L\n\x0b\x43\x61ncelOrder\x12$.allot.billing.v1.CancelOrderRequest\x1a\x17.allot.billing.v1.Order\x12\x46\n\x08GetOrder\x12!.allot.billing.v1.GetOrderRequest\x1a\x17.allot.billing.v1.Order\x12W\n\nListOrders\x12#.allot.billing.v1.ListOrdersRequest\x1a$.allot.billing.v1.ListOrdersResponse\x12X\n\x0cSubscribeApi\x12%.allot.billing.v1.SubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\\\n\x0eUnsubscribeApi\x12\'.allot.billing.v1.UnsubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\x43\n\x07GetBill\x12 .allot.billing.v1.GetBillRequest\x1a\x16.allot.billing.v1.Bill\x12W\n\nExportBill\x12#.allot.billing.v1.ExportBillRequest\x1a$.allot.billing.v1.ExportBillResponse\x12U\n\x0bWatchEvents\x12$.allot.billing.v1.WatchEventsRequest\x1a\x1e.allot.billing.v1.BillingEvent0\x01\x42\x1cZ\x1a\x61llot/billing/v1;billingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +49,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTACCOUNTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTACCOUNTSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTACCOUNTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['account']._loaded_options = None
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['account']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
   _globals['_TOPUPREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_TOPUPREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
   _globals['_TOPUPREQUEST'].fields_by_name['account_id']._loaded_options = None
@@ -144,54 +151,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['event_types']._loaded_options = None
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['event_types']._serialized_options = b'\342A\001\001'
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=183
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=281
-  _globals['_GETACCOUNTREQUEST']._serialized_start=283
-  _globals['_GETACCOUNTREQUEST']._serialized_end=328
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=330
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=435
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=437
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=529
-  _globals['_TOPUPREQUEST']._serialized_start=531
-  _globals['_TOPUPREQUEST']._serialized_end=639
-  _globals['_SETBALANCEALERTREQUEST']._serialized_start=641
-  _globals['_SETBALANCEALERTREQUEST']._serialized_end=762
-  _globals['_LISTOFFERSREQUEST']._serialized_start=764
-  _globals['_LISTOFFERSREQUEST']._serialized_end=875
-  _globals['_LISTOFFERSRESPONSE']._serialized_start=877
-  _globals['_LISTOFFERSRESPONSE']._serialized_end=963
-  _globals['_LISTPRICETIERSREQUEST']._serialized_start=965
-  _globals['_LISTPRICETIERSREQUEST']._serialized_end=1029
-  _globals['_LISTPRICETIERSRESPONSE']._serialized_start=1031
-  _globals['_LISTPRICETIERSRESPONSE']._serialized_end=1130
-  _globals['_PURCHASEPACKAGEREQUEST']._serialized_start=1133
-  _globals['_PURCHASEPACKAGEREQUEST']._serialized_end=1376
-  _globals['_RENEWPACKAGEREQUEST']._serialized_start=1378
-  _globals['_RENEWPACKAGEREQUEST']._serialized_end=1500
-  _globals['_GETAUTORENEWREQUEST']._serialized_start=1502
-  _globals['_GETAUTORENEWREQUEST']._serialized_end=1549
-  _globals['_SETAUTORENEWREQUEST']._serialized_start=1551
-  _globals['_SETAUTORENEWREQUEST']._serialized_end=1672
-  _globals['_CANCELORDERREQUEST']._serialized_start=1674
-  _globals['_CANCELORDERREQUEST']._serialized_end=1744
-  _globals['_GETORDERREQUEST']._serialized_start=1746
-  _globals['_GETORDERREQUEST']._serialized_end=1787
-  _globals['_LISTORDERSREQUEST']._serialized_start=1789
-  _globals['_LISTORDERSREQUEST']._serialized_end=1885
-  _globals['_LISTORDERSRESPONSE']._serialized_start=1887
-  _globals['_LISTORDERSRESPONSE']._serialized_end=1973
-  _globals['_SUBSCRIBEAPIREQUEST']._serialized_start=1975
-  _globals['_SUBSCRIBEAPIREQUEST']._serialized_end=2089
-  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_start=2091
-  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_end=2207
-  _globals['_GETBILLREQUEST']._serialized_start=2209
-  _globals['_GETBILLREQUEST']._serialized_end=2272
-  _globals['_EXPORTBILLREQUEST']._serialized_start=2274
-  _globals['_EXPORTBILLREQUEST']._serialized_end=2340
-  _globals['_EXPORTBILLRESPONSE']._serialized_start=2342
-  _globals['_EXPORTBILLRESPONSE']._serialized_end=2375
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=2377
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2454
-  _globals['_BILLINGSERVICE']._serialized_start=2457
-  _globals['_BILLINGSERVICE']._serialized_end=4082
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=217
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=315
+  _globals['_GETACCOUNTREQUEST']._serialized_start=317
+  _globals['_GETACCOUNTREQUEST']._serialized_end=362
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=364
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=469
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=471
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=563
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=566
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=719
+  _globals['_TOPUPREQUEST']._serialized_start=721
+  _globals['_TOPUPREQUEST']._serialized_end=829
+  _globals['_SETBALANCEALERTREQUEST']._serialized_start=831
+  _globals['_SETBALANCEALERTREQUEST']._serialized_end=952
+  _globals['_LISTOFFERSREQUEST']._serialized_start=954
+  _globals['_LISTOFFERSREQUEST']._serialized_end=1065
+  _globals['_LISTOFFERSRESPONSE']._serialized_start=1067
+  _globals['_LISTOFFERSRESPONSE']._serialized_end=1153
+  _globals['_LISTPRICETIERSREQUEST']._serialized_start=1155
+  _globals['_LISTPRICETIERSREQUEST']._serialized_end=1219
+  _globals['_LISTPRICETIERSRESPONSE']._serialized_start=1221
+  _globals['_LISTPRICETIERSRESPONSE']._serialized_end=1320
+  _globals['_PURCHASEPACKAGEREQUEST']._serialized_start=1323
+  _globals['_PURCHASEPACKAGEREQUEST']._serialized_end=1566
+  _globals['_RENEWPACKAGEREQUEST']._serialized_start=1568
+  _globals['_RENEWPACKAGEREQUEST']._serialized_end=1690
+  _globals['_GETAUTORENEWREQUEST']._serialized_start=1692
+  _globals['_GETAUTORENEWREQUEST']._serialized_end=1739
+  _globals['_SETAUTORENEWREQUEST']._serialized_start=1741
+  _globals['_SETAUTORENEWREQUEST']._serialized_end=1862
+  _globals['_CANCELORDERREQUEST']._serialized_start=1864
+  _globals['_CANCELORDERREQUEST']._serialized_end=1934
+  _globals['_GETORDERREQUEST']._serialized_start=1936
+  _globals['_GETORDERREQUEST']._serialized_end=1977
+  _globals['_LISTORDERSREQUEST']._serialized_start=1979
+  _globals['_LISTORDERSREQUEST']._serialized_end=2075
+  _globals['_LISTORDERSRESPONSE']._serialized_start=2077
+  _globals['_LISTORDERSRESPONSE']._serialized_end=2163
+  _globals['_SUBSCRIBEAPIREQUEST']._serialized_start=2165
+  _globals['_SUBSCRIBEAPIREQUEST']._serialized_end=2279
+  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_start=2281
+  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_end=2397
+  _globals['_GETBILLREQUEST']._serialized_start=2399
+  _globals['_GETBILLREQUEST']._serialized_end=2462
+  _globals['_EXPORTBILLREQUEST']._serialized_start=2464
+  _globals['_EXPORTBILLREQUEST']._serialized_end=2530
+  _globals['_EXPORTBILLRESPONSE']._serialized_start=2532
+  _globals['_EXPORTBILLRESPONSE']._serialized_end=2565
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2567
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2644
+  _globals['_BILLINGSERVICE']._serialized_start=2647
+  _globals['_BILLINGSERVICE']._serialized_end=4356
 # @@protoc_insertion_point(module_scope)
