@@ -31,8 +31,9 @@ class BillingServiceStub:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
@@ -156,8 +157,9 @@ class BillingServiceServicer:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
@@ -186,8 +188,10 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAccounts(self, request, context):
-        """Lists accounts, ordered by account id. Errors: INVALID_ARGUMENT (page_size,
-        page_token).
+        """Lists accounts, ordered by account id. An account token lists its own account, or, for
+        an enterprise master naming itself as master_account_id, its members. Errors:
+        INVALID_ARGUMENT (page_size, page_token), PERMISSION_DENIED (master_account_id names
+        another account).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -474,8 +478,9 @@ class BillingService:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
