@@ -32,6 +32,10 @@ class Principal:
     account: str | None
     roles: frozenset[str]
     regions: frozenset[str] | None = None
+    # The member accounts this principal's account is the enterprise master of. Filled in by
+    # the interceptor only on the read RPCs whose policy has `master_reads` (docs/security.md,
+    # "Masters and members"), so on every other RPC an account acts for itself alone.
+    members: frozenset[str] = frozenset()
 
     @property
     def is_operator(self) -> bool:
@@ -54,7 +58,11 @@ class Principal:
         return f"account:{self.account}"
 
     def may_act_for(self, account_id: str) -> bool:
-        return self.is_operator or (self.account is not None and self.account == account_id)
+        if self.is_operator:
+            return True
+        return self.account is not None and (
+            self.account == account_id or account_id in self.members
+        )
 
     def check_account(self, account_id: str) -> None:
         if not self.may_act_for(account_id):
@@ -96,12 +104,14 @@ class Policy:
     """Who may call an RPC, and which request fields carry the account and region.
 
     `roles` are the roles allowed; `internal_callers` the suite services allowed as `internal`
-    (empty: no internal caller)."""
+    (empty: no internal caller). `master_reads`: a read an enterprise master's tokens may make
+    about its members (the interceptor then gives the principal its `members`)."""
 
     roles: frozenset[str]
     internal_callers: frozenset[str] = frozenset()
     account_field: str | None = None
     region_fields: tuple[str, ...] = field(default=())
+    master_reads: bool = False
 
     def allows(self, principal: Principal) -> bool:
         if principal.roles & (self.roles - {INTERNAL}):
@@ -114,9 +124,11 @@ def policy(
     internal: tuple[str, ...] = (),
     account: str | None = None,
     regions: tuple[str, ...] = (),
+    master_reads: bool = False,
 ) -> Policy:
     """A policy row: `policy(ADMIN, GATEWAY, internal=("billing",), account=..., regions=...)`.
-    `internal` names the suite services that may call as `internal`."""
+    `internal` names the suite services that may call as `internal`; `master_reads` marks a
+    read a master may make for its members (only rows open to `account_read`: reads)."""
     unknown = set(roles) - ROLES
     if unknown:
         raise ValueError(f"unknown roles {unknown}")
@@ -125,8 +137,10 @@ def policy(
     strangers = set(internal) - SUITE_SERVICES
     if strangers:
         raise ValueError(f"unknown internal callers {strangers}")
+    if master_reads and ACCOUNT_READ not in roles:
+        raise ValueError("master_reads is for reads (rows open to account_read)")
     all_roles = frozenset(roles) | ({INTERNAL} if internal else frozenset())
-    return Policy(all_roles, frozenset(internal), account, regions)
+    return Policy(all_roles, frozenset(internal), account, regions, master_reads)
 
 
 # Shorthands for the common shapes of the policy tables.
@@ -183,6 +197,18 @@ def authorize(principal: Principal, rule: Policy, request) -> None:
     for path in rule.region_fields:
         for region in _values(request, path):
             principal.check_region(region)
+
+
+def needs_members(principal: Principal, rule: Policy, request) -> bool:
+    """Whether this call must know the caller's members: a master-readable RPC called by an
+    account principal about an account not its own, or by id (whose owner is known only
+    once the resource is loaded)."""
+    if not rule.master_reads or principal.is_operator or principal.account is None:
+        return False
+    if rule.account_field:
+        target = _field(request, rule.account_field)
+        return bool(target) and target != principal.account
+    return True
 
 
 def _field(message, path: str) -> str:

@@ -10,15 +10,24 @@ everyone else presents a bearer token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from shared import logs, status
-from shared.auth import Policy, Principal, authorize, internal_principal, set_principal
+from shared.auth import (
+    Policy,
+    Principal,
+    authorize,
+    internal_principal,
+    needs_members,
+    set_principal,
+)
 from shared.errors import PermissionDenied, ResourceExhausted, Unavailable
 from shared.tls import peer_service
 from shared.tokens import TokenVerifier
@@ -51,8 +60,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         ready: asyncio.Event,
         max_streams_per_caller: int = 16,
         database_lost: asyncio.Event | None = None,
+        members_of: Callable[[str], Awaitable[frozenset[str]]] | None = None,
     ) -> None:
         self.policies = policies
+        # The service's lookup of an enterprise master's members (None: no master reads).
+        self.members_of = members_of
         self.verifier = verifier
         self.ready = ready
         # Set while the database has been away longer than the health grace (shared/server.py).
@@ -92,7 +104,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # no client-streaming RPCs in the contract
 
-    def _enter(self, method: str, rule: Policy | None, request, context) -> Principal:
+    async def _enter(self, method: str, rule: Policy | None, request, context) -> Principal:
         metadata = dict(context.invocation_metadata() or ())
         given = metadata.get("x-request-id") or ""
         logs.request_id.set(
@@ -113,6 +125,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             principal = self.verifier.verify(metadata.get("authorization"))
         if rule is None:
             raise PermissionDenied(f"no policy allows {method}")
+        if self.members_of is not None and needs_members(principal, rule, request):
+            # A master reading its members (docs/security.md, "Masters and members").
+            members = await self.members_of(principal.account or "")
+            principal = dataclasses.replace(principal, members=members)
         authorize(principal, rule, request)
         # Hostile but well-formed input (docs/security.md): no NUL reaches a database.
         check_strings(request)
@@ -123,7 +139,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context):
             started = time.perf_counter()
             try:
-                self._enter(method, rule, request, context)
+                await self._enter(method, rule, request, context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -138,7 +154,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context):
             key = None
             try:
-                principal = self._enter(method, rule, request, context)
+                principal = await self._enter(method, rule, request, context)
                 key = _stream_key(principal)
                 if self._streams[key] >= self.max_streams_per_caller:
                     key = None

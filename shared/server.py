@@ -171,6 +171,7 @@ class Server:
             self._ready,
             settings.max_streams_per_caller,
             database_lost=self._database_lost,
+            members_of=getattr(self.service, "members_of", None),  # for Policy.master_reads
         )
         server = grpc.aio.server(
             interceptors=[interceptor],

@@ -13,7 +13,7 @@ from services.billing.adapters import tables
 from services.billing.adapters.events import BillingEvents
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import fulfilment, renewals, standing
+from services.billing.app import accounts, fulfilment, renewals, standing
 from services.billing.app.context import BillingContext
 from services.billing.pay_per_use import PayPerUse
 from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
@@ -34,10 +34,13 @@ def _rpc(method: str) -> str:
 # Admins create accounts and top them up (payments arrive through an operator's backend);
 # account principals read their own account and, with account_full, buy and manage packages;
 # quota and notification (`internal`) read the event stream. Gateways call nothing here.
+# An enterprise master's tokens also read its members' accounts, orders and bills
+# (`master_reads`; ListAccounts{master_account_id} lists them) but change nothing of theirs.
 POLICIES: dict[str, Policy] = {
     _rpc("CreateAccount"): policy(ADMIN),
-    _rpc("GetAccount"): policy(*READERS),
+    _rpc("GetAccount"): policy(*READERS, master_reads=True),
     _rpc("ListAccounts"): policy(*READERS),
+    _rpc("UpdateAccount"): policy(*OWNERS, account="account.account_id"),
     _rpc("TopUp"): policy(ADMIN),
     _rpc("SetBalanceAlert"): policy(*OWNERS, account="account_id"),
     _rpc("ListOffers"): policy(*READERS),
@@ -48,12 +51,12 @@ POLICIES: dict[str, Policy] = {
     _rpc("SetAutoRenew"): policy(*OWNERS),
     _rpc("GetAutoRenew"): policy(*READERS),
     _rpc("CancelOrder"): policy(*OWNERS),
-    _rpc("GetOrder"): policy(*READERS),
-    _rpc("ListOrders"): policy(*READERS, account="account_id"),
+    _rpc("GetOrder"): policy(*READERS, master_reads=True),
+    _rpc("ListOrders"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("SubscribeApi"): policy(*OWNERS, account="account_id", regions=("region",)),
     _rpc("UnsubscribeApi"): policy(*OWNERS, account="account_id", regions=("region",)),
-    _rpc("GetBill"): policy(*READERS, account="account_id"),
-    _rpc("ExportBill"): policy(*READERS, account="account_id"),
+    _rpc("GetBill"): policy(*READERS, account="account_id", master_reads=True),
+    _rpc("ExportBill"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("WatchEvents"): policy(ADMIN, internal=("quota", "notification")),
 }
 
@@ -87,6 +90,10 @@ class BillingService:
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
+
+    async def members_of(self, master_account_id: str) -> frozenset[str]:
+        """For the interceptor: whose resources a master's tokens may read (`master_reads`)."""
+        return await accounts.members_of(self.context, master_account_id)
 
     def register(self, server: grpc.aio.Server) -> None:
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(

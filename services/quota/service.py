@@ -40,23 +40,33 @@ def _rpc(method: str) -> str:
 # Gateways report usage and ask for admission, in the regions of their token; billing
 # (`internal`) grants, renews, revokes, reads packages and enables APIs; billing and
 # notification read the event stream; account principals read their own account, and
-# `account_full` manages its own usage alerts. Admins may do everything.
+# `account_full` manages its own usage alerts. An enterprise master's tokens may also read its
+# members' packages, subscriptions and usage (`master_reads`; never alerts, admission or a
+# change). Admins may do everything.
 BILLING, NOTIFICATION = ("billing",), ("billing", "notification")
 POLICIES: dict[str, Policy] = {
     _rpc("ReportUsage"): policy(ADMIN, GATEWAY, regions=("region",)),
     _rpc("BatchReportUsage"): policy(ADMIN, GATEWAY, regions=("requests[].region",)),
     _rpc("CheckQuota"): policy(GATEWAY, *READERS, account="account_id", regions=("region",)),
     _rpc("GrantPackage"): policy(ADMIN, internal=BILLING, regions=("package.region",)),
-    _rpc("GetPackage"): policy(*READERS, internal=BILLING),
-    _rpc("ListPackages"): policy(*READERS, account="account_id", regions=("region",)),
+    _rpc("GetPackage"): policy(*READERS, internal=BILLING, master_reads=True),
+    _rpc("ListPackages"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
     _rpc("RenewPackage"): policy(ADMIN, internal=BILLING),
     _rpc("RevokePackage"): policy(ADMIN, internal=BILLING),
     _rpc("EnableApi"): policy(ADMIN, internal=BILLING, regions=("region",)),
     _rpc("DisableApi"): policy(ADMIN, internal=BILLING, regions=("region",)),
-    _rpc("ListApiSubscriptions"): policy(*READERS, account="account_id", regions=("region",)),
-    _rpc("GetQuotaSummary"): policy(*READERS, account="account_id", regions=("region",)),
-    _rpc("ExplainUsage"): policy(*READERS),
-    _rpc("GetUsageStats"): policy(*READERS, account="account_id", regions=("region",)),
+    _rpc("ListApiSubscriptions"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
+    _rpc("GetQuotaSummary"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
+    _rpc("ExplainUsage"): policy(*READERS, master_reads=True),
+    _rpc("GetUsageStats"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
     _rpc("CreateUsageAlert"): policy(
         *OWNERS, account="usage_alert.account_id", regions=("usage_alert.region",)
     ),
@@ -105,6 +115,10 @@ class QuotaService:
 
     def policies(self) -> dict[str, Policy]:
         return POLICIES
+
+    async def members_of(self, master_account_id: str) -> frozenset[str]:
+        """For the interceptor: whose resources a master's tokens may read (`master_reads`)."""
+        return await standings.members_of(self.context, master_account_id)
 
     def register(self, server: grpc.aio.Server) -> None:
         self.servicer = QuotaServicer(

@@ -546,6 +546,15 @@ async def _balance_alert(s, target):
     )
 
 
+@factory(BL("UpdateAccount"), regional=False)
+async def _update_account(s, target):
+    return billing_service_pb2.UpdateAccountRequest(
+        request_id=s.unique("update-account"),
+        account=billing_pb2.Account(account_id=TARGETS[target][0], display_name=s.unique("name")),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+    )
+
+
 @factory(BL("ListOffers"), scoped=False, regional=False)
 async def _offers(s, target):
     return billing_service_pb2.ListOffersRequest(api=API, region=TARGETS[target][1])
@@ -876,6 +885,7 @@ REPLAYED = [
     Q("CreateUsageAlert"),
     Q("UpdateUsageAlert"),
     BL("SetBalanceAlert"),
+    BL("UpdateAccount"),
     BL("PurchasePackage"),
     BL("RenewPackage"),
     BL("RenewPackages"),

@@ -45,6 +45,7 @@ def _to_account(row, paying_row=None) -> Account:
         balance_alert_micros=row.balance_alert_micros,
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
+        block_pay_per_use_in_grace=bool(row.block_pay_per_use_in_grace),
     )
 
 
@@ -84,7 +85,17 @@ async def insert_account(uow: UnitOfWork, account: Account) -> None:
             retention_period_s=int(account.retention_period.total_seconds()),
             create_time_us=to_epoch_us(account.create_time),
             update_time_us=to_epoch_us(account.update_time),
+            block_pay_per_use_in_grace=account.block_pay_per_use_in_grace,
         )
+    )
+
+
+async def update_settings(uow: UnitOfWork, account_id: str, values: dict, now: datetime) -> None:
+    """Write settings of the account (``display_name``, ``block_pay_per_use_in_grace``)."""
+    await uow.session.execute(
+        update(t.accounts)
+        .where(_a.account_id == account_id)
+        .values(update_time_us=to_epoch_us(now), **values)
     )
 
 
@@ -106,6 +117,17 @@ async def list_ids(
 async def member_ids(uow: UnitOfWork, payer_id: str) -> list[str]:
     query = select(_a.account_id).where(_a.master_account_id == payer_id)
     return [r.account_id for r in (await uow.session.execute(query)).all()]
+
+
+async def member_settings(uow: UnitOfWork, payer_id: str) -> list[tuple[str, bool]]:
+    """(account id, own block_pay_per_use_in_grace) of each member of ``payer_id``."""
+    query = (
+        select(_a.account_id, _a.block_pay_per_use_in_grace)
+        .where(_a.master_account_id == payer_id)
+        .order_by(_a.account_id)
+    )
+    rows = (await uow.session.execute(query)).all()
+    return [(r.account_id, bool(r.block_pay_per_use_in_grace)) for r in rows]
 
 
 async def locked_balance(uow: UnitOfWork, account_id: str) -> int:

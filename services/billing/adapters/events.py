@@ -52,15 +52,27 @@ class BillingEvents:
         self.outbox = outbox
 
     def standing_changed(
-        self, uow: UnitOfWork, account_id: str, payer, previous: int, now: datetime
+        self,
+        uow: UnitOfWork,
+        account_id: str,
+        payer,
+        previous: int,
+        now: datetime,
+        *,
+        block_pay_per_use_in_grace: bool = False,
+        master_account_id: str = "",
     ) -> None:
         """``account_id`` (the payer or one of its members) follows the payer's standing
-        (``payer``: domain.accounts.Account after the change)."""
+        (``payer``: domain.accounts.Account after the change). The event carries the account's
+        whole admission state (its pay-per-use block and master too), so quota's projection
+        is the latest event's (docs/design/arrears.md)."""
         payload = billing_pb2.AccountStandingChanged(
             account_id=account_id,
             previous_standing=int(previous),
             standing=int(payer.standing),
             balance=micros_to_money(payer.balance_micros, payer.currency_code),
+            block_pay_per_use_in_grace=block_pay_per_use_in_grace,
+            master_account_id=master_account_id,
         )
         if payer.standing_change_time:
             # When the change came due (a clock-driven change is stamped with its due time).

@@ -40,6 +40,9 @@ accounts = Table(
     Column("balance_alert_micros", BigInteger, nullable=True),
     # The balance alert fired and waits for the balance to rise above the threshold again.
     Column("balance_alert_fired", Boolean, nullable=False, server_default=false()),
+    # While in GRACE, quota refuses pay-per-use calls of this account (and of its members,
+    # for a master): UpdateAccount sets it, account_standing_changed carries it to quota.
+    Column("block_pay_per_use_in_grace", Boolean, nullable=False, server_default=false()),
     Column("create_time_us", BigInteger, nullable=False),
     Column("update_time_us", BigInteger, nullable=False),
     Index("ix_accounts_master", "master_account_id"),

@@ -10,7 +10,7 @@ from allot.billing.v1 import billing_pb2
 from google.type import date_pb2, money_pb2
 
 from services.billing.adapters.events import micros_to_money
-from services.billing.app.accounts import AccountInput
+from services.billing.app.accounts import AccountInput, AccountSettings
 from services.billing.app.bills import ShownBill
 from services.billing.domain.accounts import Account
 from services.billing.domain.bills import BillLine
@@ -67,6 +67,15 @@ def _duration(value: timedelta):
     return d
 
 
+def from_proto_update(request) -> AccountSettings:
+    return AccountSettings(
+        account_id=request.account.account_id,
+        display_name=request.account.display_name,
+        block_pay_per_use_in_grace=request.account.block_pay_per_use_in_grace,
+        paths=tuple(request.update_mask.paths),
+    )
+
+
 def to_proto_account(account: Account) -> billing_pb2.Account:
     message = billing_pb2.Account(
         account_id=account.account_id,
@@ -80,6 +89,7 @@ def to_proto_account(account: Account) -> billing_pb2.Account:
         retention_period=_duration(account.retention_period),
         create_time=to_timestamp(account.create_time),
         update_time=to_timestamp(account.update_time),
+        block_pay_per_use_in_grace=account.block_pay_per_use_in_grace,
     )
     if account.balance_alert_micros is not None:
         message.balance_alert_threshold.CopyFrom(

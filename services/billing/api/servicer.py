@@ -55,6 +55,11 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListAccounts(self, request, context):
         principal = current_principal()
         only = None if principal.is_operator else principal.account
+        if request.master_account_id and not principal.is_operator:
+            # A master's tokens list its members (docs/security.md); anyone else naming a
+            # master is refused, as for another account's resources.
+            principal.check_account(request.master_account_id)
+            only = None
         page, token = await paged(
             request,
             lambda after, limit: accounts.list_accounts(
@@ -64,6 +69,16 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         )
         return billing_service_pb2.ListAccountsResponse(
             accounts=[convert.to_proto_account(a) for a in page], next_page_token=token
+        )
+
+    async def UpdateAccount(self, request, context):
+        spec = convert.from_proto_update(request)
+
+        async def work(uow):
+            return convert.to_proto_account(await accounts.update_account(self.ctx, uow, spec))
+
+        return await hiding_absence(
+            self._idempotent("UpdateAccount", request, billing_pb2.Account, work)
         )
 
     async def TopUp(self, request, context):

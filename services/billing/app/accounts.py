@@ -1,4 +1,4 @@
-"""Use cases of accounts: create, read, top up, balance alerts.
+"""Use cases of accounts: create, read, update settings, top up, balance alerts.
 
 A standalone account and an enterprise master pay from their own balance; an enterprise member
 has none of its own (its balance stays 0): its charges are taken from its master's balance,
@@ -20,6 +20,7 @@ from services.billing.domain.accounts import (
     Account,
     AccountKind,
     account_not_found,
+    blocks_pay_per_use_in_grace,
 )
 from services.billing.domain.arrears import ArrearsState, Standing
 from services.billing.domain.bills import BillLine, BillLineKind
@@ -51,6 +52,11 @@ async def load_account(uow: UnitOfWork, account_id: str, for_update: bool = Fals
     return account
 
 
+def _check_display_name(name: str) -> None:
+    if len(name) > 200:
+        raise InvalidArgument("account.display_name", "display_name is longer than 200 characters")
+
+
 def _period(value: timedelta | None, field: str) -> timedelta:
     if value is None:
         return DEFAULT_PERIOD
@@ -61,8 +67,7 @@ def _period(value: timedelta | None, field: str) -> timedelta:
 
 async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInput) -> Account:
     check_account_id(spec.account_id, "account.account_id")
-    if len(spec.display_name) > 200:
-        raise InvalidArgument("account.display_name", "display_name is longer than 200 characters")
+    _check_display_name(spec.display_name)
     try:
         kind = AccountKind(spec.kind or AccountKind.STANDALONE)
     except ValueError:
@@ -123,7 +128,10 @@ async def create_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountInpu
             update_time=now,
         ),
     )
-    return await load_account(uow, spec.account_id)
+    account = await load_account(uow, spec.account_id)
+    if kind == AccountKind.ENTERPRISE_MEMBER:
+        await announce_member(ctx, uow, account)
+    return account
 
 
 async def get_account(ctx: BillingContext, account_id: str) -> Account:
@@ -145,6 +153,12 @@ async def list_accounts(
         return [await load_account(uow, i) for i in ids]
 
     return await ctx.db.read(work)
+
+
+async def members_of(ctx: BillingContext, master_account_id: str) -> frozenset[str]:
+    """The members of an enterprise master: the accounts its tokens may read
+    (docs/security.md, "Masters and members")."""
+    return frozenset(await ctx.db.read(lambda uow: repo.member_ids(uow, master_account_id)))
 
 
 def _check_amount(amount_micros: int, currency: str, expected: str, field: str) -> None:
@@ -222,10 +236,89 @@ async def balance_moved(
 async def announce_standing(
     ctx: BillingContext, uow: UnitOfWork, payer: Account, previous: Standing
 ) -> None:
-    """account_standing_changed for the paying account and each of its members."""
-    members = await repo.member_ids(uow, payer.account_id)
-    for account_id in [payer.account_id, *members]:
-        ctx.events.standing_changed(uow, account_id, payer, previous, ctx.now())
+    """account_standing_changed for the paying account and each of its members, each with
+    its pay-per-use block (its own setting or the payer's) and master."""
+    now = ctx.now()
+    ctx.events.standing_changed(
+        uow,
+        payer.account_id,
+        payer,
+        previous,
+        now,
+        block_pay_per_use_in_grace=payer.block_pay_per_use_in_grace,
+    )
+    for account_id, own_block in await repo.member_settings(uow, payer.account_id):
+        ctx.events.standing_changed(
+            uow,
+            account_id,
+            payer,
+            previous,
+            now,
+            block_pay_per_use_in_grace=own_block or payer.block_pay_per_use_in_grace,
+            master_account_id=payer.account_id,
+        )
+
+
+async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account) -> None:
+    """account_standing_changed for one member whose standing did not change (a new member,
+    or its own setting changed): quota learns its master and its pay-per-use block."""
+    payer = await load_account(uow, member.master_account_id)
+    ctx.events.standing_changed(
+        uow,
+        member.account_id,
+        payer,
+        payer.standing,
+        ctx.now(),
+        block_pay_per_use_in_grace=blocks_pay_per_use_in_grace(member, payer),
+        master_account_id=payer.account_id,
+    )
+
+
+# The fields UpdateAccount may change (update_mask paths).
+UPDATABLE = frozenset({"display_name", "block_pay_per_use_in_grace"})
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    """UpdateAccount's request: the account, the new values and the mask naming them."""
+
+    account_id: str
+    display_name: str
+    block_pay_per_use_in_grace: bool
+    paths: tuple[str, ...]
+
+
+async def update_account(ctx: BillingContext, uow: UnitOfWork, spec: AccountSettings) -> Account:
+    """Change the settings named by the mask. A change of the pay-per-use block is announced
+    to quota (account_standing_changed, the standing unchanged): for a master, to its members
+    too, whose effective block includes the master's."""
+    check_account_id(spec.account_id, "account.account_id")
+    if not spec.paths:
+        raise InvalidArgument("update_mask", "name the fields to change")
+    unknown = sorted(set(spec.paths) - UPDATABLE)
+    if unknown:
+        raise InvalidArgument(
+            "update_mask",
+            f"cannot change {', '.join(unknown)}; updatable: {', '.join(sorted(UPDATABLE))}",
+        )
+    if "display_name" in spec.paths:
+        _check_display_name(spec.display_name)
+    before = await repo.get(uow, spec.account_id, for_update=True)
+    if before is None:
+        raise account_not_found(spec.account_id)
+    values: dict = {}
+    if "display_name" in spec.paths:
+        values["display_name"] = spec.display_name
+    if "block_pay_per_use_in_grace" in spec.paths:
+        values["block_pay_per_use_in_grace"] = spec.block_pay_per_use_in_grace
+    await repo.update_settings(uow, spec.account_id, values, ctx.now())
+    after = await load_account(uow, spec.account_id)
+    if after.block_pay_per_use_in_grace != before.block_pay_per_use_in_grace:
+        if after.kind == AccountKind.ENTERPRISE_MEMBER:
+            await announce_member(ctx, uow, after)
+        else:
+            await announce_standing(ctx, uow, after, after.standing)
+    return after
 
 
 async def set_balance_alert(

@@ -41,6 +41,9 @@ class Account:
     balance_alert_micros: int | None
     create_time: datetime
     update_time: datetime
+    # The account's own setting (UpdateAccount); for a member, its master's setting applies
+    # as well (`blocks_pay_per_use_in_grace`).
+    block_pay_per_use_in_grace: bool = False
 
     @property
     def payer_id(self) -> str:
@@ -53,6 +56,14 @@ class Account:
         return ArrearsState(
             self.standing, self.standing_change_time, self.grace_end_time, self.retention_end_time
         )
+
+
+def blocks_pay_per_use_in_grace(account: Account, payer: Account | None) -> bool:
+    """Whether quota refuses `account`'s pay-per-use calls while in GRACE: its own setting, or
+    that of the master that pays for it (`payer`; None for an account that pays for itself)."""
+    return account.block_pay_per_use_in_grace or (
+        payer is not None and payer.block_pay_per_use_in_grace
+    )
 
 
 def account_not_found(account_id: str) -> NotFound:

@@ -100,6 +100,8 @@ def from_billing_event(event) -> SourceEvent | None:
     standing = billing_pb2.AccountStanding.Name
     if kind == "account_standing_changed":
         p = event.account_standing_changed
+        if p.previous_standing == p.standing:
+            return None  # only a setting quota needs changed: nothing to tell the customer
         return StandingChanged(
             account_id=p.account_id,
             previous=standing(p.previous_standing).removeprefix("ACCOUNT_STANDING_"),

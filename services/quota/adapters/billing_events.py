@@ -1,9 +1,9 @@
 """Billing's events as quota reads them: `BillingEvent` protobuf -> domain `StandingChange`.
 
 Quota follows billing's `WatchEvents` stream for one payload, `account_standing_changed`
-(`app/standings.py` keeps the projection). An event quota cannot use (another payload, no
-account, an unknown standing) reads as None, logged when it was meant as a standing change:
-raising would hold the stream at that event forever.
+(`app/standings.py` keeps the projection: standing, pay-per-use block in grace, master). An
+event quota cannot use (another payload, no account, an unknown standing) reads as None, logged
+when it was meant as a standing change: raising would hold the stream at that event forever.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def standing_change(event: billing_pb2.BillingEvent) -> StandingChange | None:
     try:
         account_id = check_account_id(payload.account_id)
         standing = Standing(payload.standing)
+        master = payload.master_account_id
+        if master:
+            check_account_id(master, "master_account_id")
     except (InvalidArgument, ValueError):
         log.warning(
             "billing event %s (sequence %d): unusable standing change %r of account %r; skipped",
@@ -56,4 +59,6 @@ def standing_change(event: billing_pb2.BillingEvent) -> StandingChange | None:
         change_time=_change_time(event),
         sequence=event.sequence,
         event_id=event.event_id,
+        block_pay_per_use_in_grace=payload.block_pay_per_use_in_grace,
+        master_account_id=master,
     )

@@ -55,9 +55,10 @@ async def list_subscriptions(
 
 
 def _admission_select(i: int):
-    """What CheckQuota reads for key `i` of a statement, as one row of three scalar
-    subqueries: the subscription's state, the account's standing and the remaining quantity of
-    the packages in force for the project (designated + all-project packages)."""
+    """What CheckQuota reads for key `i` of a statement, as one row of scalar subqueries: the
+    subscription's state, the account's standing and its pay-per-use block in grace (one
+    primary-key row), and the remaining quantity of the packages in force for the project
+    (designated + all-project packages)."""
     s, st, p = t.api_subscriptions.c, t.account_standings.c, t.packages.c
     account, region, api = (
         bindparam(f"account_{i}"),
@@ -66,6 +67,7 @@ def _admission_select(i: int):
     )
     state = select(s.state).where(s.account_id == account, s.region == region, s.api == api)
     standing = select(st.standing).where(st.account_id == account)
+    block = select(st.block_pay_per_use_in_grace).where(st.account_id == account)
     remaining = select(func.coalesce(func.sum(p.total_quantity - p.used_quantity), 0)).where(
         p.account_id == account,
         p.region == region,
@@ -77,6 +79,7 @@ def _admission_select(i: int):
         literal_column(str(i), Integer).label("i"),
         state.scalar_subquery().label("state"),
         standing.scalar_subquery().label("standing"),
+        block.scalar_subquery().label("block"),
         remaining.scalar_subquery().label("remaining"),
     )
 
@@ -91,10 +94,10 @@ def _admission_query(size: int):
 
 async def admission_facts_of(
     uow: UnitOfWork, keys: Sequence[tuple[str, str, str, str]], now: datetime
-) -> list[tuple[int | None, int | None, int]]:
+) -> list[tuple[int | None, int | None, int, bool]]:
     """For each (account, region, API, project) key, the rows admission reads for a call of it
-    now: (subscription state or None, standing or None, remaining quantity). One statement,
-    one round trip, one snapshot."""
+    now: (subscription state or None, standing or None, remaining quantity, pay-per-use
+    blocked in grace). One statement, one round trip, one snapshot."""
     params: dict = {"now_us": to_epoch_us(now)}
     for i, (account_id, region, api, project) in enumerate(keys):
         params.update(
@@ -107,8 +110,17 @@ async def admission_facts_of(
         )
     connection = await uow.session.connection()
     rows = (await connection.execute(_admission_query(len(keys)), params)).all()
-    found = {row.i: (row.state, row.standing, int(row.remaining)) for row in rows}
+    found = {row.i: (row.state, row.standing, int(row.remaining), bool(row.block)) for row in rows}
     return [found[i] for i in range(len(keys))]
+
+
+async def members_of(uow: UnitOfWork, master_account_id: str) -> frozenset[str]:
+    """The accounts whose enterprise master is `master_account_id`, as billing announced."""
+    c = t.account_standings.c
+    rows = await uow.session.execute(
+        select(c.account_id).where(c.master_account_id == master_account_id)
+    )
+    return frozenset(rows.scalars().all())
 
 
 async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | None:
@@ -130,6 +142,8 @@ async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, n
         "change_time_us": to_epoch_us(change.change_time) if change.change_time is not None else 0,
         "billing_sequence": change.sequence,
         "billing_event_id": change.event_id,
+        "block_pay_per_use_in_grace": change.block_pay_per_use_in_grace,
+        "master_account_id": change.master_account_id,
     }
     if new:
         # Only the consumer holding the stream's lease writes here; should a second writer

@@ -97,6 +97,12 @@ account_standings = Table(
     # Billing's event sequence and id of the change the row holds.
     Column("billing_sequence", BigInteger, nullable=False, server_default="0"),
     Column("billing_event_id", String(64), nullable=False, server_default=""),
+    # Pay-per-use is refused while in GRACE (billing's per-account setting, or its master's).
+    Column("block_pay_per_use_in_grace", Boolean, nullable=False, server_default=sa_false()),
+    # The enterprise master of a member account ('' otherwise): a master's tokens may read
+    # its members' packages and usage (docs/security.md).
+    Column("master_account_id", String(64), nullable=False, server_default=""),
+    Index("ix_account_standings_master", "master_account_id"),
 )
 
 usage_alerts = Table(

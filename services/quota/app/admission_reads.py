@@ -23,7 +23,8 @@ from shared.db import Database, UnitOfWork
 MAX_KEYS = 64
 
 Key = tuple[str, str, str, str]  # account, region, API, project
-Facts = tuple[int | None, int | None, int]  # subscription state, standing, remaining
+# subscription state, standing, remaining, pay-per-use blocked in grace
+Facts = tuple[int | None, int | None, int, bool]
 
 
 class AdmissionReads:

@@ -4,7 +4,9 @@ Billing owns accounts and their arrears lifecycle (docs/design/arrears.md); each
 account's standing is one `account_standing_changed` event in billing's outbox. Quota consumes
 billing's `WatchEvents` (see `service.py`; `adapters/billing_events.py` reads each event as a
 domain `StandingChange`) and keeps one row per account in `account_standings`, which `CheckQuota`
-reads for admission (absent = GOOD).
+reads for admission (absent = GOOD, pay-per-use not blocked): the standing, whether pay-per-use
+is blocked in grace (billing's account setting) and the enterprise master of a member (which
+lets the master's tokens read the member's packages and usage, docs/security.md).
 
 `apply` runs inside the consumer's transaction, next to the cursor update, so the projection
 and the cursor move together. It is idempotent and order-safe on its own, whatever the cursor
@@ -55,10 +57,19 @@ async def apply(ctx: QuotaContext, uow: UnitOfWork, change: StandingChange | Non
             return Outcome.STALE
     await subscriptions_repo.put_standing(uow, change, ctx.now(), new=held is None)
     log.info(
-        "account %s: standing %s (billing event %s, sequence %d)",
+        "account %s: standing %s, pay-per-use blocked in grace %s, master %r"
+        " (billing event %s, sequence %d)",
         change.account_id,
         change.standing.name,
+        change.block_pay_per_use_in_grace,
+        change.master_account_id,
         change.event_id,
         change.sequence,
     )
     return Outcome.APPLIED
+
+
+async def members_of(ctx: QuotaContext, master_account_id: str) -> frozenset[str]:
+    """The members of an enterprise master, as billing's events told quota: the accounts a
+    master's tokens may read (docs/security.md, "Masters and members")."""
+    return await ctx.db.read(lambda uow: subscriptions_repo.members_of(uow, master_account_id))

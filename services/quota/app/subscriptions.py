@@ -70,7 +70,7 @@ async def check_quota(
 ) -> Admission:
     _check(ctx, account_id, region, api)
     check_quantity(quantity, "quantity")
-    state, standing, remaining = await reads.facts(
+    state, standing, remaining, block = await reads.facts(
         (account_id, region, api, normalize_project_id(project))
     )
     return admit(
@@ -78,4 +78,5 @@ async def check_quota(
         standing=Standing(standing) if standing else Standing.GOOD,
         remaining_quantity=remaining,
         quantity=quantity or 1,
+        block_pay_per_use_in_grace=block,
     )

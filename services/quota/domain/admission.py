@@ -23,6 +23,8 @@ class StandingChange:
     `sequence` and `event_id` are those of billing's event: the sequence is billing's commit
     order, so the change with the greatest sequence is billing's current standing.
     `change_time` is when billing says the standing changed (None when its event does not say).
+    Each event carries the account's whole admission state: the standing, whether pay-per-use
+    is blocked in grace, and the enterprise master ('' for none).
     """
 
     account_id: str
@@ -30,6 +32,8 @@ class StandingChange:
     change_time: datetime | None
     sequence: int
     event_id: str
+    block_pay_per_use_in_grace: bool = False
+    master_account_id: str = ""
 
 
 class DenyReason(enum.IntEnum):
@@ -57,7 +61,8 @@ def admit(
     block_pay_per_use_in_grace: bool = False,
 ) -> Admission:
     """The API must be subscribed and the account neither frozen nor released; in grace, calls
-    that packages do not cover are refused only when the deployment blocks pay-per-use there."""
+    that packages do not cover are refused only when the account's setting (billing's
+    `block_pay_per_use_in_grace`, its own or its master's) blocks pay-per-use there."""
     pay_per_use = remaining_quantity < quantity
     reason = DenyReason.NONE
     if not subscribed:

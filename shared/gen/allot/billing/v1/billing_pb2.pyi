@@ -254,6 +254,7 @@ class Account(_message.Message):
     RETENTION_END_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id, chosen by the caller on create and never changed: 1 to 64 letters,
     digits, `-` and `_`.
@@ -273,6 +274,11 @@ class Account(_message.Message):
     standing: Global___AccountStanding.ValueType
     """The arrears standing. An enterprise member follows its master's standing,
     because the master's balance pays for it.
+    """
+    block_pay_per_use_in_grace: _builtins.bool
+    """While the account is in GRACE, quota refuses calls that no package covers (CheckQuota
+    answers DENY_REASON_PAY_PER_USE_BLOCKED); calls packages pay for still pass. A master's
+    setting covers its members too (it pays for them). Set it with UpdateAccount.
     """
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
@@ -336,10 +342,11 @@ class Account(_message.Message):
         retention_end_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        block_pay_per_use_in_grace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -950,7 +957,12 @@ Global___BillMemberSubtotal: _TypeAlias = BillMemberSubtotal  # noqa: Y015
 
 @_typing.final
 class AccountStandingChanged(_message.Message):
-    """An account's standing changed."""
+    """An account's standing changed, or a setting quota needs for admission did. Each event
+    carries the account's whole admission state (standing, pay-per-use block, master), so the
+    latest event by sequence is the current state. previous_standing equals standing when the
+    standing did not change: a setting changed (UpdateAccount) or an enterprise member was
+    created (so quota learns its master).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -961,14 +973,22 @@ class AccountStandingChanged(_message.Message):
     GRACE_END_TIME_FIELD_NUMBER: _builtins.int
     RETENTION_END_TIME_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
+    MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The account. When the standing of an enterprise master changes, one event is also
-    emitted for each of its members, whose standing follows it.
+    """The account. When the standing or the pay-per-use block of an enterprise master changes,
+    one event is also emitted for each of its members, whose standing follows it.
     """
     previous_standing: Global___AccountStanding.ValueType
     """The standing before the change."""
     standing: Global___AccountStanding.ValueType
     """The standing after the change."""
+    block_pay_per_use_in_grace: _builtins.bool
+    """Whether pay-per-use is refused while the account is in GRACE: the account's own
+    block_pay_per_use_in_grace, or its master's.
+    """
+    master_account_id: _builtins.str
+    """The enterprise master of a member account; empty for other kinds."""
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
         """The balance at the change."""
@@ -995,10 +1015,12 @@ class AccountStandingChanged(_message.Message):
         grace_end_time: _timestamp_pb2.Timestamp | None = ...,
         retention_end_time: _timestamp_pb2.Timestamp | None = ...,
         change_time: _timestamp_pb2.Timestamp | None = ...,
+        block_pay_per_use_in_grace: _builtins.bool = ...,
+        master_account_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "retention_end_time", b"retention_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

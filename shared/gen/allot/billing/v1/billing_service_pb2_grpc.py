@@ -31,8 +31,9 @@ class BillingServiceStub:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
@@ -63,6 +64,11 @@ class BillingServiceStub:
                 '/allot.billing.v1.BillingService/ListAccounts',
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.UpdateAccount = channel.unary_unary(
+                '/allot.billing.v1.BillingService/UpdateAccount',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.UpdateAccountRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
                 _registered_method=True)
         self.TopUp = channel.unary_unary(
                 '/allot.billing.v1.BillingService/TopUp',
@@ -156,8 +162,9 @@ class BillingServiceServicer:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
@@ -186,8 +193,21 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAccounts(self, request, context):
-        """Lists accounts, ordered by account id. Errors: INVALID_ARGUMENT (page_size,
-        page_token).
+        """Lists accounts, ordered by account id. An account token lists its own account, or, for
+        an enterprise master naming itself as master_account_id, its members. Errors:
+        INVALID_ARGUMENT (page_size, page_token), PERMISSION_DENIED (master_account_id names
+        another account).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAccount(self, request, context):
+        """Changes an account's settings (update_mask): `display_name`, `block_pay_per_use_in_grace`.
+        A change of block_pay_per_use_in_grace is announced to quota (account_standing_changed).
+        Idempotent by request_id. Errors: INVALID_ARGUMENT (update_mask names a field that
+        cannot be changed or is empty, display_name, REQUEST_ID_REUSED), NOT_FOUND
+        (ACCOUNT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -384,6 +404,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsResponse.SerializeToString,
             ),
+            'UpdateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAccount,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.UpdateAccountRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.SerializeToString,
+            ),
             'TopUp': grpc.unary_unary_rpc_method_handler(
                     servicer.TopUp,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.TopUpRequest.FromString,
@@ -482,8 +507,9 @@ class BillingService:
     prices), orders for package purchases and renewals, auto-renewal, API subscriptions,
     hourly pay-per-use settlement, arrears and monthly bills. It grants, renews and revokes
     packages and enables APIs through each region's quota service. Every RPC takes a bearer
-    token; account tokens see and manage only their own account, and `account_read` tokens
-    cannot change anything. Amounts must be in the
+    token; account tokens see and manage only their own account (an enterprise master's
+    tokens also read, never change, their members' accounts, orders and bills), and
+    `account_read` tokens cannot change anything. Amounts must be in the
     account's currency (INVALID_ARGUMENT, CURRENCY_MISMATCH otherwise). A mutation repeated
     with the same request_id returns the first result and changes nothing; the same
     request_id with other content fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). Errors
@@ -565,6 +591,33 @@ class BillingService:
             '/allot.billing.v1.BillingService/ListAccounts',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/UpdateAccount',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.UpdateAccountRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
             options,
             channel_credentials,
             insecure,

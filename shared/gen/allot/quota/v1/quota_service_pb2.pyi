@@ -38,7 +38,10 @@ class _DenyReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenyReason
     DENY_REASON_ACCOUNT_RELEASED: _DenyReason.ValueType  # 3
     """The account was released (arrears past retention)."""
     DENY_REASON_PAY_PER_USE_BLOCKED: _DenyReason.ValueType  # 4
-    """The call would be pay-per-use and pay-per-use is blocked for the account."""
+    """The account is in grace and blocks pay-per-use there (billing's
+    Account.block_pay_per_use_in_grace, its own or its master's), and no package covers the
+    call. ReportUsage still records usage that happened.
+    """
 
 class DenyReason(_DenyReason, metaclass=_DenyReasonEnumTypeWrapper):
     """Why a call may not proceed."""
@@ -52,7 +55,10 @@ DENY_REASON_ACCOUNT_FROZEN: DenyReason.ValueType  # 2
 DENY_REASON_ACCOUNT_RELEASED: DenyReason.ValueType  # 3
 """The account was released (arrears past retention)."""
 DENY_REASON_PAY_PER_USE_BLOCKED: DenyReason.ValueType  # 4
-"""The call would be pay-per-use and pay-per-use is blocked for the account."""
+"""The account is in grace and blocks pay-per-use there (billing's
+Account.block_pay_per_use_in_grace, its own or its master's), and no package covers the
+call. ReportUsage still records usage that happened.
+"""
 Global___DenyReason: _TypeAlias = DenyReason  # noqa: Y015
 
 @_typing.final
@@ -364,7 +370,9 @@ class ListPackagesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """Only this account's packages (required for account principals; theirs by default)."""
+    """Only this account's packages (account principals: theirs by default, or, for an
+    enterprise master, a member's).
+    """
     region: _builtins.str
     """Only packages of this region; empty means every served region."""
     api: _builtins.str
@@ -580,7 +588,7 @@ class ListApiSubscriptionsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account whose subscriptions are listed; required for operator tokens, account tokens
-    default to their own account.
+    default to their own account (an enterprise master's may name a member).
     """
     region: _builtins.str
     """Only this region; empty means all served regions."""
@@ -644,7 +652,7 @@ class GetQuotaSummaryRequest(_message.Message):
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account summarized; required for operator tokens, account tokens
-    default to their own account.
+    default to their own account (an enterprise master's may name a member).
     """
     region: _builtins.str
     """Only this region; empty means every served region."""
@@ -709,7 +717,7 @@ class GetUsageStatsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account whose usage is counted; required for operator tokens, account tokens
-    default to their own account.
+    default to their own account (an enterprise master's may name a member).
     """
     region: _builtins.str
     """The catalog region; one this process serves."""
