@@ -335,3 +335,14 @@ async def test_a_crossing_that_reaches_no_contact_is_listed_as_unheard(suite):
     assert unheard.unheard and list(unheard.deliveries) == []
     assert unheard.source_event_id  # quota's threshold_crossed event
     assert unheard.account_id == ACCOUNT and rule.alert_id
+
+    # With a contact for usage alerts, the next crossing is heard: a delivery, not unheard.
+    await notification.create(ACCOUNT, EMAIL, "alerts@example.com", [USAGE_ALERT])
+    await hk.grant(ACCOUNT, 10, region=HK)  # 14 left: the rule re-arms
+    await hk.report("cross-again", ACCOUNT, 10, region=HK)  # 4 left
+    newest, _ = await until(
+        lambda: notification.notifications(ACCOUNT, [USAGE_ALERT]),
+        lambda found: len(found) == 2,
+        what="the second usage alert notification",
+    )
+    assert not newest.unheard and len(newest.deliveries) == 1
