@@ -11,6 +11,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 
 from services.billing.adapters import tables
 from services.billing.adapters.events import BillingEvents
+from services.billing.adapters.notification_client import NotificationClient
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
 from services.billing.app import accounts, fulfilment, renewals, standing
@@ -57,6 +58,8 @@ POLICIES: dict[str, Policy] = {
     _rpc("UnsubscribeApi"): policy(*OWNERS, account="account_id", regions=("region",)),
     _rpc("GetBill"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("ExportBill"): policy(*READERS, account="account_id", master_reads=True),
+    _rpc("GetAccountOverview"): policy(*READERS, account="account_id"),
+    _rpc("ListAccountPackages"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("WatchEvents"): policy(ADMIN, internal=("quota", "notification")),
 }
 
@@ -83,6 +86,9 @@ class BillingService:
                 runtime.signer,
             ),
             events=BillingEvents(self.outbox),
+            notification=NotificationClient(
+                runtime.settings.notification_addr, runtime.channels, runtime.signer
+            ),
         )
 
         self._tasks: list[asyncio.Task] = []

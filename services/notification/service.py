@@ -28,7 +28,7 @@ from services.notification.app import deliveries, notifications
 from services.notification.app.context import NotificationContext
 from services.notification.domain.delivery import RetryPolicy
 from services.notification.domain.messages import compose
-from shared.auth import OWNERS, READERS, Policy, policy
+from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
 from shared.clock import KickedWork
 from shared.db import UnitOfWork
 from shared.errors import Unavailable
@@ -48,7 +48,7 @@ def _rpc(method: str) -> str:
 
 # Who may call what (docs/security.md; the table is complete: a method missing here is refused).
 # Account principals manage their own contacts and read their own notifications; admins
-# everything. No other service calls notification.
+# everything. Billing (`internal`) only asks CheckAudience.
 POLICIES: dict[str, Policy] = {
     _rpc("CreateContact"): policy(*OWNERS, account="contact.account_id"),
     _rpc("GetContact"): policy(*READERS),
@@ -59,6 +59,9 @@ POLICIES: dict[str, Policy] = {
     _rpc("WatchNotifications"): policy(*READERS, account="account_id"),
     _rpc("RetryDelivery"): policy(*OWNERS),
     _rpc("SendTestNotification"): policy(*OWNERS),
+    # Billing's account overview asks who would hear a usage alert (docs/design/billing.md,
+    # "Account overview").
+    _rpc("CheckAudience"): policy(ADMIN, internal=("billing",)),
 }
 
 

@@ -38,11 +38,11 @@ def _rpc(method: str) -> str:
 
 # Who may call what (docs/security.md; the table is complete: a method missing here is refused).
 # Gateways report usage and ask for admission, in the regions of their token; billing
-# (`internal`) grants, renews, revokes, reads packages and enables APIs; billing and
-# notification read the event stream; account principals read their own account, and
-# `account_full` manages its own usage alerts. An enterprise master's tokens may also read its
-# members' packages, subscriptions and usage (`master_reads`; never alerts, admission or a
-# change). Admins may do everything.
+# (`internal`) grants, renews, revokes, reads packages and enables APIs, and lists packages and
+# usage alerts for its account overview; billing and notification read the event stream;
+# account principals read their own account, and `account_full` manages its own usage alerts.
+# An enterprise master's tokens may also read its members' packages, subscriptions and usage
+# (`master_reads`; never alerts, admission or a change). Admins may do everything.
 BILLING, NOTIFICATION = ("billing",), ("billing", "notification")
 POLICIES: dict[str, Policy] = {
     _rpc("ReportUsage"): policy(ADMIN, GATEWAY, regions=("region",)),
@@ -51,7 +51,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("GrantPackage"): policy(ADMIN, internal=BILLING, regions=("package.region",)),
     _rpc("GetPackage"): policy(*READERS, internal=BILLING, master_reads=True),
     _rpc("ListPackages"): policy(
-        *READERS, account="account_id", regions=("region",), master_reads=True
+        *READERS, internal=BILLING, account="account_id", regions=("region",), master_reads=True
     ),
     _rpc("RenewPackage"): policy(ADMIN, internal=BILLING),
     _rpc("RevokePackage"): policy(ADMIN, internal=BILLING),
@@ -71,7 +71,9 @@ POLICIES: dict[str, Policy] = {
         *OWNERS, account="usage_alert.account_id", regions=("usage_alert.region",)
     ),
     _rpc("GetUsageAlert"): policy(*READERS),
-    _rpc("ListUsageAlerts"): policy(*READERS, account="account_id", regions=("region",)),
+    _rpc("ListUsageAlerts"): policy(
+        *READERS, internal=BILLING, account="account_id", regions=("region",)
+    ),
     _rpc("UpdateUsageAlert"): policy(*OWNERS, account="usage_alert.account_id"),
     _rpc("DeleteUsageAlert"): policy(*OWNERS),
     _rpc("WatchEvents"): policy(ADMIN, internal=NOTIFICATION),

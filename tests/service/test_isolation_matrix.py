@@ -655,12 +655,30 @@ async def _export(s, target):
     return billing_service_pb2.ExportBillRequest(account_id=TARGETS[target][0], month="2024-01")
 
 
+# The overview names no region: a region-limited token sees only its regions in it.
+@factory(BL("GetAccountOverview"), regional=False)
+async def _overview(s, target):
+    return billing_service_pb2.GetAccountOverviewRequest(account_id=TARGETS[target][0])
+
+
+@factory(BL("ListAccountPackages"))
+async def _account_packages(s, target):
+    account, region = TARGETS[target]
+    return billing_service_pb2.ListAccountPackagesRequest(account_id=account, region=region)
+
+
 @factory(BL("WatchEvents"), scoped=False, regional=False)
 async def _watch_billing(s, target):
     return billing_service_pb2.WatchEventsRequest(after_sequence=0)
 
 
 # notification: contacts and notifications belong to an account and to no region
+
+
+# Who hears an account's messages: for billing (and admins) only, never an account's token.
+@factory(N("CheckAudience"), regional=False)
+async def _check_audience(s, target):
+    return notification_service_pb2.CheckAudienceRequest(account_id=TARGETS[target][0])
 
 
 @factory(N("CreateContact"), regional=False)

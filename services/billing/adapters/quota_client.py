@@ -15,9 +15,10 @@ from datetime import datetime
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
+from services.billing.domain.overview import AlertSeen, PackageSeen
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
-from shared.timeutil import to_timestamp
+from shared.timeutil import from_timestamp, to_timestamp
 from shared.tls import Channels
 from shared.tokens import TokenSigner, internal_metadata
 
@@ -45,6 +46,10 @@ MISCONFIGURED = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+# Reads for the console's views (GetAccountOverview, ListAccountPackages): a region whose quota
+# does not answer within this is shown as unavailable, never waited for
+# (docs/design/billing.md, "Account overview").
+READ_TIMEOUT = 3.0
 # Everything else — UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED, CANCELLED,
 # INTERNAL, UNKNOWN, DATA_LOSS — says nothing about the request: try again later. A retry is
 # safe, every command carries its request id.
@@ -83,10 +88,10 @@ class QuotaClient:
     def _stub(self, region: str) -> quota_service_pb2_grpc.QuotaServiceStub:
         return quota_service_pb2_grpc.QuotaServiceStub(self._channels.get(self.endpoints[region]))
 
-    async def _call(self, region: str, method: str, request):
+    async def _call(self, region: str, method: str, request, within: float = CALL_TIMEOUT):
         try:
             return await getattr(self._stub(region), method)(
-                request, metadata=self._metadata(), timeout=CALL_TIMEOUT
+                request, metadata=self._metadata(), timeout=within
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
@@ -188,3 +193,74 @@ class QuotaClient:
                 request_id=request_id, account_id=account_id, region=region, api=api
             ),
         )
+
+    # --- reads of the console's views ---------------------------------------------------
+
+    async def list_packages(
+        self,
+        region: str,
+        *,
+        account_id: str,
+        api: str = "",
+        states: tuple[int, ...] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        within: float = READ_TIMEOUT,
+    ) -> tuple[list[PackageSeen], str]:
+        """One page of the account's packages in the region and quota's next page token."""
+        response = await self._call(
+            region,
+            "ListPackages",
+            quota_service_pb2.ListPackagesRequest(
+                account_id=account_id,
+                region=region,
+                api=api,
+                states=states,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            within,
+        )
+        return [_package_seen(p) for p in response.packages], response.next_page_token
+
+    async def list_usage_alerts(
+        self, region: str, account_id: str, page_token: str = "", within: float = READ_TIMEOUT
+    ) -> tuple[list[AlertSeen], str]:
+        """One page of the account's usage alert rules in the region, and the next token."""
+        response = await self._call(
+            region,
+            "ListUsageAlerts",
+            quota_service_pb2.ListUsageAlertsRequest(
+                account_id=account_id, region=region, page_size=1000, page_token=page_token
+            ),
+            within,
+        )
+        return [_alert_seen(a) for a in response.usage_alerts], response.next_page_token
+
+
+# What ListPackages is asked for to find the packages in force.
+IN_FORCE_STATES = (quota_pb2.PACKAGE_STATE_ACTIVE, quota_pb2.PACKAGE_STATE_EXHAUSTED)
+
+
+def _package_seen(package: quota_pb2.Package) -> PackageSeen:
+    return PackageSeen(
+        package_id=package.package_id,
+        region=package.region,
+        api=package.api,
+        enterprise_project_id=package.enterprise_project_id,
+        total_quantity=package.total_quantity,
+        remaining_quantity=package.remaining_quantity,
+        expire_time=from_timestamp(package.expire_time, "expire_time"),
+        wire=package,
+    )
+
+
+def _alert_seen(alert: quota_pb2.UsageAlert) -> AlertSeen:
+    return AlertSeen(
+        alert_id=alert.alert_id,
+        region=alert.region,
+        api=alert.api,
+        # Unset means enabled (quota's default for a new rule).
+        enabled=alert.enabled if alert.HasField("enabled") else True,
+        wire=alert,
+    )

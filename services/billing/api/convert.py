@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import date, timedelta, tzinfo
 from decimal import Decimal
 
-from allot.billing.v1 import billing_pb2
+from allot.billing.v1 import billing_pb2, billing_service_pb2
 from google.type import date_pb2, money_pb2
 
 from services.billing.adapters.events import micros_to_money
@@ -15,6 +15,7 @@ from services.billing.app.bills import ShownBill
 from services.billing.domain.accounts import Account
 from services.billing.domain.bills import BillLine
 from services.billing.domain.cycles import month_bounds
+from services.billing.domain.overview import AccountOverview
 from services.billing.domain.packages import SoldPackage
 from services.billing.domain.subscriptions import Subscription
 from shared.catalog import Offer, PriceTier
@@ -207,3 +208,36 @@ def to_proto_bill(shown: ShownBill, tz: tzinfo) -> billing_pb2.Bill:
         message.opening_balance.CopyFrom(micros_to_money(bill.opening_balance_micros, currency))
         message.closing_balance.CopyFrom(micros_to_money(bill.closing_balance_micros, currency))
     return message
+
+
+def to_proto_overview(seen: AccountOverview) -> billing_service_pb2.AccountOverview:
+    currency = seen.account.currency_code
+    regions = []
+    for region in seen.regions:
+        apis = []
+        for figures in region.apis:
+            api = billing_service_pb2.ApiOverview(
+                api=figures.api,
+                packages_in_force=figures.packages_in_force,
+                remaining_quantity=figures.remaining_quantity,
+                total_quantity=figures.total_quantity,
+                pay_per_use_quantity_month=figures.pay_per_use_quantity_month,
+                pay_per_use_amount_month=micros_to_money(
+                    figures.pay_per_use_charge_month, currency
+                ),
+            )
+            if figures.next_expire_time is not None:
+                api.next_expire_time.CopyFrom(to_timestamp(figures.next_expire_time))
+            apis.append(api)
+        regions.append(
+            billing_service_pb2.RegionOverview(
+                region=region.region, available=region.available, apis=apis
+            )
+        )
+    return billing_service_pb2.AccountOverview(
+        account=to_proto_account(seen.account),
+        regions=regions,
+        # Quota's own messages, as quota listed them.
+        unheard_alerts=[alert.wire for alert in seen.unheard_alerts],
+        notification_available=seen.notification_available,
+    )

@@ -6,6 +6,7 @@ Every RPC of BillingService (protos/, docs/contract.md) is served here; the work
 from __future__ import annotations
 
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
+from allot.quota.v1 import quota_pb2
 
 from services.billing.adapters.events import order_message
 from services.billing.api import convert
@@ -15,6 +16,7 @@ from services.billing.app import (
     bills,
     fulfilment,
     orders,
+    overview,
     renewals,
     standing,
     subscriptions,
@@ -23,9 +25,9 @@ from services.billing.app.context import BillingContext
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import InvalidArgument
 from shared.idempotency import IdempotencyStore
-from shared.pagination import paged, paged_list
+from shared.pagination import decode_page_token, encode_page_token, page_size, paged, paged_list
 from shared.timeutil import from_timestamp
-from shared.validation import check_account_id
+from shared.validation import check_account_id, check_enum
 
 
 def _check_order(order) -> None:
@@ -305,6 +307,44 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             )
         )
         return billing_service_pb2.ExportBillResponse(csv=csv)
+
+    # --- the console's account-wide views ----------------------------------------------
+
+    async def GetAccountOverview(self, request, context):
+        account_id = check_account_id(request.account_id)
+        regions = current_principal().visible_regions(self.ctx.catalog.regions)
+        seen = await hiding_absence(overview.overview(self.ctx, account_id, regions))
+        return convert.to_proto_overview(seen)
+
+    async def ListAccountPackages(self, request, context):
+        account_id = check_account_id(request.account_id)
+        region = self.ctx.check_region(request.region, required=False)
+        api = self.ctx.check_api(request.api, required=False)
+        known_states = set(quota_pb2.PackageState.values()) - {0}
+        states = tuple(check_enum(s, known_states, "states") for s in request.states)
+        regions = (
+            (region,) if region else current_principal().visible_regions(self.ctx.catalog.regions)
+        )
+        # The token holds where the next page starts: a region and quota's own page token in
+        # it (docs/design/billing.md, "Packages across regions").
+        after = decode_page_token(request)
+        if after is not None and not (len(after) == 2 and all(isinstance(x, str) for x in after)):
+            raise InvalidArgument("page_token", "page_token is malformed")
+        query = overview.PackageQuery(
+            account_id, tuple(regions), api, states, request.enterprise_project_id
+        )
+        page = await hiding_absence(
+            overview.list_packages(
+                self.ctx, query, tuple(after) if after else None, page_size(request.page_size)
+            )
+        )
+        return billing_service_pb2.ListAccountPackagesResponse(
+            packages=[p.wire for p in page.packages],
+            unavailable_regions=page.unavailable_regions,
+            next_page_token=encode_page_token(list(page.next_position), request)
+            if page.next_position
+            else "",
+        )
 
     async def WatchEvents(self, request, context):
         # A region-limited token sees its regions' events and those about no region (an

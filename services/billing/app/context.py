@@ -7,6 +7,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from services.billing.adapters.events import BillingEvents
+from services.billing.adapters.notification_client import NotificationClient
 from services.billing.adapters.quota_client import QuotaClient
 from shared.catalog import Catalog
 from shared.clock import Clock
@@ -23,6 +24,8 @@ class BillingContext:
     tz: ZoneInfo
     quota: QuotaClient
     events: BillingEvents
+    # Asked who hears usage alerts (the account overview); None: not configured.
+    notification: NotificationClient | None = None
 
     def now(self) -> datetime:
         return self.clock.now()

@@ -35,6 +35,7 @@ def to_proto_notification(view: NotificationView) -> notification_pb2.Notificati
             )
             for d in view.deliveries
         ],
+        unheard=view.unheard,
     )
 
 

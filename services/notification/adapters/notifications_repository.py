@@ -33,7 +33,9 @@ async def insert_notification(
     now: datetime,
     contacts: Iterable[Contact],
 ) -> None:
-    """The notification of `message` and one pending delivery, due `now`, per contact."""
+    """The notification of `message` and one pending delivery, due `now`, per contact; with
+    no contact it is recorded as unheard."""
+    contacts = list(contacts)
     await uow.session.execute(
         insert(t.notifications).values(
             notification_id=notification_id,
@@ -45,6 +47,7 @@ async def insert_notification(
             data=json.dumps(message.data, sort_keys=True),
             create_time_us=to_epoch_us(now),
             region=message.region,
+            unheard=not contacts,
         )
     )
     deliveries = [
@@ -119,6 +122,7 @@ async def load_views(uow: UnitOfWork, ids: list[str]) -> list[NotificationView]:
             data=json.loads(r.data),
             create_time=from_epoch_us(r.create_time_us),
             deliveries=tuple(by_notification.get(r.notification_id, ())),
+            unheard=bool(r.unheard),
         )
         for r in rows
     ]

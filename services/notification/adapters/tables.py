@@ -2,6 +2,7 @@
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Index,
     Integer,
@@ -10,6 +11,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 from shared.idempotency import idempotency_table
@@ -49,6 +51,9 @@ notifications = Table(
     # The region it is about; "" for account-wide ones (arrears, balance). A region-limited
     # token lists only its regions' and the account-wide ones (docs/security.md).
     Column("region", String(64), nullable=False, server_default=""),
+    # No contact of the account was subscribed to the type when it was made: it has no
+    # deliveries, nobody was told (docs/design/notification.md, "Unheard notifications").
+    Column("unheard", Boolean, nullable=False, server_default=false()),
     Index("ix_notifications_account", "account_id", "notification_id"),
     # An account's notifications of a type in a window (test notifications per hour).
     Index("ix_notifications_account_type_time", "account_id", "message_type", "create_time_us"),

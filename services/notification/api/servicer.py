@@ -157,3 +157,14 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         response = await hiding_absence(self.ctx.db.transaction(work))
         self.kick()
         return response
+
+    async def CheckAudience(self, request, context):
+        counted = await contacts.count_audience(
+            self.ctx, request.account_id, tuple(request.message_types)
+        )
+        return notification_service_pb2.CheckAudienceResponse(
+            audiences=[
+                notification_service_pb2.Audience(message_type=int(kind), contact_count=count)
+                for kind, count in counted
+            ]
+        )

@@ -10,13 +10,15 @@ from services.notification.app.context import NotificationContext
 from services.notification.domain.addresses import new_webhook_secret, validate_address
 from services.notification.domain.contacts import (
     Contact,
+    audience,
+    check_audience_types,
     check_channel,
     check_contact_id,
     check_message_types,
     check_update_paths,
     contact_not_found,
 )
-from services.notification.domain.messages import Channel
+from services.notification.domain.messages import Channel, MessageType
 from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.validation import check_account_id
@@ -93,3 +95,13 @@ async def delete_contact(ctx: NotificationContext, uow: UnitOfWork, contact_id: 
     contact = await load_contact(uow, contact_id, for_update=True)
     guard(contact)
     await repo.delete_contact(uow, contact_id)
+
+
+async def count_audience(
+    ctx: NotificationContext, account_id: str, message_types: tuple[int, ...]
+) -> list[tuple[MessageType, int]]:
+    """CheckAudience: per message type, how many of the account's contacts would hear it."""
+    check_account_id(account_id)
+    kinds = check_audience_types(message_types)
+    every = await ctx.db.read(lambda uow: repo.list_contacts(uow, account_id, None))
+    return audience(every, kinds)

@@ -8,6 +8,8 @@ exactly one notification and one delivery per matching contact. Sending them is
 
 from __future__ import annotations
 
+import logging
+
 from services.notification.adapters import contacts_repository as contacts_repo
 from services.notification.adapters import notifications_repository as repo
 from services.notification.app.contacts import load_contact
@@ -23,6 +25,8 @@ from services.notification.domain.notifications import (
 from shared.db import UnitOfWork
 from shared.ids import new_id
 from shared.validation import check_enum
+
+log = logging.getLogger("allot.notification")
 
 # --- intake ------------------------------------------------------------------------------
 
@@ -43,6 +47,15 @@ async def take(
     if contacts is None:
         every = await contacts_repo.list_contacts(uow, message.account_id, None)
         contacts = [c for c in every if c.wants(message.message_type)]
+    if not contacts:
+        # Kept and marked unheard, so the account can see what it missed
+        # (docs/design/notification.md, "Unheard notifications").
+        log.info(
+            "%s notification %s of %s reaches no contact: recorded as unheard",
+            message.message_type.name,
+            notification_id,
+            message.account_id,
+        )
     await repo.insert_notification(uow, notification_id, message, source_event_id, now, contacts)
     view = await load_view(uow, notification_id)
     ctx.events.notification_created(uow, view, message.region, now)

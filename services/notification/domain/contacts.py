@@ -66,6 +66,32 @@ def check_message_types(values: tuple[int, ...]) -> tuple[MessageType, ...]:
     return tuple(sorted(out))
 
 
+def check_audience_types(values: tuple[int, ...]) -> tuple[MessageType, ...]:
+    """The types CheckAudience is asked about: every subscribable one when none is named;
+    TEST (never subscribed to) and unknown numbers are refused."""
+    if not values:
+        return tuple(sorted(SUBSCRIBABLE))
+    out = set()
+    for value in values:
+        try:
+            kind = MessageType(value)
+        except ValueError:
+            kind = None
+        if kind not in SUBSCRIBABLE:
+            raise InvalidArgument(
+                "message_types", f"unknown message type {value}", message_type=value
+            )
+        out.add(kind)
+    return tuple(sorted(out))
+
+
+def audience(
+    contacts: list[Contact], message_types: tuple[MessageType, ...]
+) -> list[tuple[MessageType, int]]:
+    """How many of `contacts` are subscribed to each type (0: nobody hears it)."""
+    return [(kind, sum(1 for c in contacts if c.wants(kind))) for kind in message_types]
+
+
 def check_update_paths(paths: list[str]) -> list[str]:
     """The fields an update changes: those named, or every updatable one when none is."""
     unknown = sorted(set(paths) - UPDATABLE)

@@ -36,6 +36,8 @@ class NotificationView:
     data: dict
     create_time: datetime
     deliveries: tuple[DeliveryView, ...]
+    # Made while no contact was subscribed to its type: nobody was told.
+    unheard: bool = False
 
 
 # A delivery is known by its notification and its contact.

@@ -23,6 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from allot.billing.v1 import billing_pb2 as allot_dot_billing_dot_v1_dot_billing__pb2
+from allot.quota.v1 import quota_pb2 as allot_dot_quota_dot_v1_dot_quota__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
@@ -30,7 +31,7 @@ from google.type import date_pb2 as google_dot_type_dot_date__pb2
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&allot/billing/v1/billing_service.proto\x12\x10\x61llot.billing.v1\x1a\x1e\x61llot/billing/v1/billing.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16google/type/date.proto\x1a\x17google/type/money.proto\"b\n\x14\x43reateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\"-\n\x11GetAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13ListAccountsRequest\x12\x1f\n\x11master_account_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.allot.billing.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x01\n\x14UpdateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"l\n\x0cTopUpRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\"y\n\x16SetBalanceAlertRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\tthreshold\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x01\"o\n\x11ListOffersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15ListPriceTiersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x16ListPriceTiersResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.allot.billing.v1.PriceTier\x12\x1d\n\x15\x66ree_monthly_quantity\x18\x02 \x01(\x03\"\x8b\x02\n\x16PurchasePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08offer_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nauto_renew\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x16\n\x08quantity\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x01\"z\n\x13RenewPackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07periods\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"\x93\x01\n\x14RenewPackagesRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bpackage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\x12,\n\x0b\x65xpire_date\x18\x04 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x02\"/\n\x13GetAutoRenewRequest\x12\x18\n\npackage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"y\n\x13SetAutoRenewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\npackage_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nabled\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tlead_days\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"F\n\x12\x43\x61ncelOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x0fGetOrderRequest\x12\x16\n\x08order_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListOrdersRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOrdersResponse\x12\'\n\x06orders\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13SubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"t\n\x15UnsubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"d\n\x0eGetBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"g\n\x11\x45xportBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"!\n\x12\x45xportBillResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"M\n\x12WatchEventsRequest\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x32\xff\r\n\x0e\x42illingService\x12R\n\rCreateAccount\x12&.allot.billing.v1.CreateAccountRequest\x1a\x19.allot.billing.v1.Account\x12L\n\nGetAccount\x12#.allot.billing.v1.GetAccountRequest\x1a\x19.allot.billing.v1.Account\x12]\n\x0cListAccounts\x12%.allot.billing.v1.ListAccountsRequest\x1a&.allot.billing.v1.ListAccountsResponse\x12R\n\rUpdateAccount\x12&.allot.billing.v1.UpdateAccountRequest\x1a\x19.allot.billing.v1.Account\x12\x42\n\x05TopUp\x12\x1e.allot.billing.v1.TopUpRequest\x1a\x19.allot.billing.v1.Account\x12V\n\x0fSetBalanceAlert\x12(.allot.billing.v1.SetBalanceAlertRequest\x1a\x19.allot.billing.v1.Account\x12W\n\nListOffers\x12#.allot.billing.v1.ListOffersRequest\x1a$.allot.billing.v1.ListOffersResponse\x12\x63\n\x0eListPriceTiers\x12\'.allot.billing.v1.ListPriceTiersRequest\x1a(.allot.billing.v1.ListPriceTiersResponse\x12T\n\x0fPurchasePackage\x12(.allot.billing.v1.PurchasePackageRequest\x1a\x17.allot.billing.v1.Order\x12N\n\x0cRenewPackage\x12%.allot.billing.v1.RenewPackageRequest\x1a\x17.allot.billing.v1.Order\x12P\n\rRenewPackages\x12&.allot.billing.v1.RenewPackagesRequest\x1a\x17.allot.billing.v1.Order\x12T\n\x0cSetAutoRenew\x12%.allot.billing.v1.SetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12T\n\x0cGetAutoRenew\x12%.allot.billing.v1.GetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12L\n\x0b\x43\x61ncelOrder\x12$.allot.billing.v1.CancelOrderRequest\x1a\x17.allot.billing.v1.Order\x12\x46\n\x08GetOrder\x12!.allot.billing.v1.GetOrderRequest\x1a\x17.allot.billing.v1.Order\x12W\n\nListOrders\x12#.allot.billing.v1.ListOrdersRequest\x1a$.allot.billing.v1.ListOrdersResponse\x12X\n\x0cSubscribeApi\x12%.allot.billing.v1.SubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\\\n\x0eUnsubscribeApi\x12\'.allot.billing.v1.UnsubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\x43\n\x07GetBill\x12 .allot.billing.v1.GetBillRequest\x1a\x16.allot.billing.v1.Bill\x12W\n\nExportBill\x12#.allot.billing.v1.ExportBillRequest\x1a$.allot.billing.v1.ExportBillResponse\x12U\n\x0bWatchEvents\x12$.allot.billing.v1.WatchEventsRequest\x1a\x1e.allot.billing.v1.BillingEvent0\x01\x42\x1cZ\x1a\x61llot/billing/v1;billingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&allot/billing/v1/billing_service.proto\x12\x10\x61llot.billing.v1\x1a\x1e\x61llot/billing/v1/billing.proto\x1a\x1a\x61llot/quota/v1/quota.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16google/type/date.proto\x1a\x17google/type/money.proto\"b\n\x14\x43reateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\"-\n\x11GetAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"i\n\x13ListAccountsRequest\x12\x1f\n\x11master_account_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.allot.billing.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x01\n\x14UpdateAccountRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x30\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.allot.billing.v1.AccountB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"l\n\x0cTopUpRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\"y\n\x16SetBalanceAlertRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\tthreshold\x18\x03 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x01\"o\n\x11ListOffersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x15ListPriceTiersRequest\x12\x11\n\x03\x61pi\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"c\n\x16ListPriceTiersResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.allot.billing.v1.PriceTier\x12\x1d\n\x15\x66ree_monthly_quantity\x18\x02 \x01(\x03\"\x8b\x02\n\x16PurchasePackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08offer_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nauto_renew\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x16\n\x08quantity\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x01\"z\n\x13RenewPackageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npackage_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07periods\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"\x93\x01\n\x14RenewPackagesRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bpackage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\x12,\n\x0b\x65xpire_date\x18\x04 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x02\"/\n\x13GetAutoRenewRequest\x12\x18\n\npackage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"y\n\x13SetAutoRenewRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\npackage_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nabled\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tlead_days\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"F\n\x12\x43\x61ncelOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x0fGetOrderRequest\x12\x16\n\x08order_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListOrdersRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"V\n\x12ListOrdersResponse\x12\'\n\x06orders\x18\x01 \x03(\x0b\x32\x17.allot.billing.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13SubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"t\n\x15UnsubscribeApiRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03\x61pi\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"d\n\x0eGetBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"g\n\x11\x45xportBillRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x15\x65nterprise_project_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"!\n\x12\x45xportBillResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"M\n\x12WatchEventsRequest\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65vent_types\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\"5\n\x19GetAccountOverviewRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xf9\x01\n\x0b\x41piOverview\x12\x0b\n\x03\x61pi\x18\x01 \x01(\t\x12\x19\n\x11packages_in_force\x18\x02 \x01(\x05\x12\x1a\n\x12remaining_quantity\x18\x03 \x01(\x03\x12\x16\n\x0etotal_quantity\x18\x04 \x01(\x03\x12\x34\n\x10next_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x1apay_per_use_quantity_month\x18\x06 \x01(\x03\x12\x34\n\x18pay_per_use_amount_month\x18\x07 \x01(\x0b\x32\x12.google.type.Money\"`\n\x0eRegionOverview\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12+\n\x04\x61pis\x18\x03 \x03(\x0b\x32\x1d.allot.billing.v1.ApiOverview\"\xc4\x01\n\x0f\x41\x63\x63ountOverview\x12*\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x19.allot.billing.v1.Account\x12\x31\n\x07regions\x18\x02 \x03(\x0b\x32 .allot.billing.v1.RegionOverview\x12\x32\n\x0eunheard_alerts\x18\x03 \x03(\x0b\x32\x1a.allot.quota.v1.UsageAlert\x12\x1e\n\x16notification_available\x18\x04 \x01(\x08\"\xeb\x01\n\x1aListAccountPackagesRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06region\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x11\n\x03\x61pi\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x32\n\x06states\x18\x04 \x03(\x0e\x32\x1c.allot.quota.v1.PackageStateB\x04\xe2\x41\x01\x01\x12#\n\x15\x65nterprise_project_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01\"~\n\x1bListAccountPackagesResponse\x12)\n\x08packages\x18\x01 \x03(\x0b\x32\x17.allot.quota.v1.Package\x12\x1b\n\x13unavailable_regions\x18\x02 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t2\xd9\x0f\n\x0e\x42illingService\x12R\n\rCreateAccount\x12&.allot.billing.v1.CreateAccountRequest\x1a\x19.allot.billing.v1.Account\x12L\n\nGetAccount\x12#.allot.billing.v1.GetAccountRequest\x1a\x19.allot.billing.v1.Account\x12]\n\x0cListAccounts\x12%.allot.billing.v1.ListAccountsRequest\x1a&.allot.billing.v1.ListAccountsResponse\x12R\n\rUpdateAccount\x12&.allot.billing.v1.UpdateAccountRequest\x1a\x19.allot.billing.v1.Account\x12\x42\n\x05TopUp\x12\x1e.allot.billing.v1.TopUpRequest\x1a\x19.allot.billing.v1.Account\x12V\n\x0fSetBalanceAlert\x12(.allot.billing.v1.SetBalanceAlertRequest\x1a\x19.allot.billing.v1.Account\x12W\n\nListOffers\x12#.allot.billing.v1.ListOffersRequest\x1a$.allot.billing.v1.ListOffersResponse\x12\x63\n\x0eListPriceTiers\x12\'.allot.billing.v1.ListPriceTiersRequest\x1a(.allot.billing.v1.ListPriceTiersResponse\x12T\n\x0fPurchasePackage\x12(.allot.billing.v1.PurchasePackageRequest\x1a\x17.allot.billing.v1.Order\x12N\n\x0cRenewPackage\x12%.allot.billing.v1.RenewPackageRequest\x1a\x17.allot.billing.v1.Order\x12P\n\rRenewPackages\x12&.allot.billing.v1.RenewPackagesRequest\x1a\x17.allot.billing.v1.Order\x12T\n\x0cSetAutoRenew\x12%.allot.billing.v1.SetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12T\n\x0cGetAutoRenew\x12%.allot.billing.v1.GetAutoRenewRequest\x1a\x1d.allot.billing.v1.AutoRenewal\x12L\n\x0b\x43\x61ncelOrder\x12$.allot.billing.v1.CancelOrderRequest\x1a\x17.allot.billing.v1.Order\x12\x46\n\x08GetOrder\x12!.allot.billing.v1.GetOrderRequest\x1a\x17.allot.billing.v1.Order\x12W\n\nListOrders\x12#.allot.billing.v1.ListOrdersRequest\x1a$.allot.billing.v1.ListOrdersResponse\x12X\n\x0cSubscribeApi\x12%.allot.billing.v1.SubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\\\n\x0eUnsubscribeApi\x12\'.allot.billing.v1.UnsubscribeApiRequest\x1a!.allot.billing.v1.ApiSubscription\x12\x43\n\x07GetBill\x12 .allot.billing.v1.GetBillRequest\x1a\x16.allot.billing.v1.Bill\x12W\n\nExportBill\x12#.allot.billing.v1.ExportBillRequest\x1a$.allot.billing.v1.ExportBillResponse\x12\x64\n\x12GetAccountOverview\x12+.allot.billing.v1.GetAccountOverviewRequest\x1a!.allot.billing.v1.AccountOverview\x12r\n\x13ListAccountPackages\x12,.allot.billing.v1.ListAccountPackagesRequest\x1a-.allot.billing.v1.ListAccountPackagesResponse\x12U\n\x0bWatchEvents\x12$.allot.billing.v1.WatchEventsRequest\x1a\x1e.allot.billing.v1.BillingEvent0\x01\x42\x1cZ\x1a\x61llot/billing/v1;billingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -166,58 +167,86 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['event_types']._loaded_options = None
   _globals['_WATCHEVENTSREQUEST'].fields_by_name['event_types']._serialized_options = b'\342A\001\001'
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=241
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=339
-  _globals['_GETACCOUNTREQUEST']._serialized_start=341
-  _globals['_GETACCOUNTREQUEST']._serialized_end=386
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=388
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=493
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=495
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=587
-  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=590
-  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=743
-  _globals['_TOPUPREQUEST']._serialized_start=745
-  _globals['_TOPUPREQUEST']._serialized_end=853
-  _globals['_SETBALANCEALERTREQUEST']._serialized_start=855
-  _globals['_SETBALANCEALERTREQUEST']._serialized_end=976
-  _globals['_LISTOFFERSREQUEST']._serialized_start=978
-  _globals['_LISTOFFERSREQUEST']._serialized_end=1089
-  _globals['_LISTOFFERSRESPONSE']._serialized_start=1091
-  _globals['_LISTOFFERSRESPONSE']._serialized_end=1177
-  _globals['_LISTPRICETIERSREQUEST']._serialized_start=1179
-  _globals['_LISTPRICETIERSREQUEST']._serialized_end=1243
-  _globals['_LISTPRICETIERSRESPONSE']._serialized_start=1245
-  _globals['_LISTPRICETIERSRESPONSE']._serialized_end=1344
-  _globals['_PURCHASEPACKAGEREQUEST']._serialized_start=1347
-  _globals['_PURCHASEPACKAGEREQUEST']._serialized_end=1614
-  _globals['_RENEWPACKAGEREQUEST']._serialized_start=1616
-  _globals['_RENEWPACKAGEREQUEST']._serialized_end=1738
-  _globals['_RENEWPACKAGESREQUEST']._serialized_start=1741
-  _globals['_RENEWPACKAGESREQUEST']._serialized_end=1888
-  _globals['_GETAUTORENEWREQUEST']._serialized_start=1890
-  _globals['_GETAUTORENEWREQUEST']._serialized_end=1937
-  _globals['_SETAUTORENEWREQUEST']._serialized_start=1939
-  _globals['_SETAUTORENEWREQUEST']._serialized_end=2060
-  _globals['_CANCELORDERREQUEST']._serialized_start=2062
-  _globals['_CANCELORDERREQUEST']._serialized_end=2132
-  _globals['_GETORDERREQUEST']._serialized_start=2134
-  _globals['_GETORDERREQUEST']._serialized_end=2175
-  _globals['_LISTORDERSREQUEST']._serialized_start=2177
-  _globals['_LISTORDERSREQUEST']._serialized_end=2273
-  _globals['_LISTORDERSRESPONSE']._serialized_start=2275
-  _globals['_LISTORDERSRESPONSE']._serialized_end=2361
-  _globals['_SUBSCRIBEAPIREQUEST']._serialized_start=2363
-  _globals['_SUBSCRIBEAPIREQUEST']._serialized_end=2477
-  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_start=2479
-  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_end=2595
-  _globals['_GETBILLREQUEST']._serialized_start=2597
-  _globals['_GETBILLREQUEST']._serialized_end=2697
-  _globals['_EXPORTBILLREQUEST']._serialized_start=2699
-  _globals['_EXPORTBILLREQUEST']._serialized_end=2802
-  _globals['_EXPORTBILLRESPONSE']._serialized_start=2804
-  _globals['_EXPORTBILLRESPONSE']._serialized_end=2837
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=2839
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2916
-  _globals['_BILLINGSERVICE']._serialized_start=2919
-  _globals['_BILLINGSERVICE']._serialized_end=4710
+  _globals['_GETACCOUNTOVERVIEWREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_GETACCOUNTOVERVIEWREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['region']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['region']._serialized_options = b'\342A\001\001'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['api']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['api']._serialized_options = b'\342A\001\001'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['states']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['states']._serialized_options = b'\342A\001\001'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['enterprise_project_id']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['enterprise_project_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTACCOUNTPACKAGESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=269
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=367
+  _globals['_GETACCOUNTREQUEST']._serialized_start=369
+  _globals['_GETACCOUNTREQUEST']._serialized_end=414
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=416
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=521
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=523
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=615
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=618
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=771
+  _globals['_TOPUPREQUEST']._serialized_start=773
+  _globals['_TOPUPREQUEST']._serialized_end=881
+  _globals['_SETBALANCEALERTREQUEST']._serialized_start=883
+  _globals['_SETBALANCEALERTREQUEST']._serialized_end=1004
+  _globals['_LISTOFFERSREQUEST']._serialized_start=1006
+  _globals['_LISTOFFERSREQUEST']._serialized_end=1117
+  _globals['_LISTOFFERSRESPONSE']._serialized_start=1119
+  _globals['_LISTOFFERSRESPONSE']._serialized_end=1205
+  _globals['_LISTPRICETIERSREQUEST']._serialized_start=1207
+  _globals['_LISTPRICETIERSREQUEST']._serialized_end=1271
+  _globals['_LISTPRICETIERSRESPONSE']._serialized_start=1273
+  _globals['_LISTPRICETIERSRESPONSE']._serialized_end=1372
+  _globals['_PURCHASEPACKAGEREQUEST']._serialized_start=1375
+  _globals['_PURCHASEPACKAGEREQUEST']._serialized_end=1642
+  _globals['_RENEWPACKAGEREQUEST']._serialized_start=1644
+  _globals['_RENEWPACKAGEREQUEST']._serialized_end=1766
+  _globals['_RENEWPACKAGESREQUEST']._serialized_start=1769
+  _globals['_RENEWPACKAGESREQUEST']._serialized_end=1916
+  _globals['_GETAUTORENEWREQUEST']._serialized_start=1918
+  _globals['_GETAUTORENEWREQUEST']._serialized_end=1965
+  _globals['_SETAUTORENEWREQUEST']._serialized_start=1967
+  _globals['_SETAUTORENEWREQUEST']._serialized_end=2088
+  _globals['_CANCELORDERREQUEST']._serialized_start=2090
+  _globals['_CANCELORDERREQUEST']._serialized_end=2160
+  _globals['_GETORDERREQUEST']._serialized_start=2162
+  _globals['_GETORDERREQUEST']._serialized_end=2203
+  _globals['_LISTORDERSREQUEST']._serialized_start=2205
+  _globals['_LISTORDERSREQUEST']._serialized_end=2301
+  _globals['_LISTORDERSRESPONSE']._serialized_start=2303
+  _globals['_LISTORDERSRESPONSE']._serialized_end=2389
+  _globals['_SUBSCRIBEAPIREQUEST']._serialized_start=2391
+  _globals['_SUBSCRIBEAPIREQUEST']._serialized_end=2505
+  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_start=2507
+  _globals['_UNSUBSCRIBEAPIREQUEST']._serialized_end=2623
+  _globals['_GETBILLREQUEST']._serialized_start=2625
+  _globals['_GETBILLREQUEST']._serialized_end=2725
+  _globals['_EXPORTBILLREQUEST']._serialized_start=2727
+  _globals['_EXPORTBILLREQUEST']._serialized_end=2830
+  _globals['_EXPORTBILLRESPONSE']._serialized_start=2832
+  _globals['_EXPORTBILLRESPONSE']._serialized_end=2865
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2867
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2944
+  _globals['_GETACCOUNTOVERVIEWREQUEST']._serialized_start=2946
+  _globals['_GETACCOUNTOVERVIEWREQUEST']._serialized_end=2999
+  _globals['_APIOVERVIEW']._serialized_start=3002
+  _globals['_APIOVERVIEW']._serialized_end=3251
+  _globals['_REGIONOVERVIEW']._serialized_start=3253
+  _globals['_REGIONOVERVIEW']._serialized_end=3349
+  _globals['_ACCOUNTOVERVIEW']._serialized_start=3352
+  _globals['_ACCOUNTOVERVIEW']._serialized_end=3548
+  _globals['_LISTACCOUNTPACKAGESREQUEST']._serialized_start=3551
+  _globals['_LISTACCOUNTPACKAGESREQUEST']._serialized_end=3786
+  _globals['_LISTACCOUNTPACKAGESRESPONSE']._serialized_start=3788
+  _globals['_LISTACCOUNTPACKAGESRESPONSE']._serialized_end=3914
+  _globals['_BILLINGSERVICE']._serialized_start=3917
+  _globals['_BILLINGSERVICE']._serialized_end=5926
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from allot.billing.v1 import billing_pb2 as _billing_pb2
+from allot.quota.v1 import quota_pb2 as _quota_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
@@ -826,3 +827,250 @@ class WatchEventsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class GetAccountOverviewRequest(_message.Message):
+    """Request of GetAccountOverview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account shown."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccountOverviewRequest: _TypeAlias = GetAccountOverviewRequest  # noqa: Y015
+
+@_typing.final
+class ApiOverview(_message.Message):
+    """One API of one region in an account overview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_FIELD_NUMBER: _builtins.int
+    PACKAGES_IN_FORCE_FIELD_NUMBER: _builtins.int
+    REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
+    TOTAL_QUANTITY_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_MONTH_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_AMOUNT_MONTH_FIELD_NUMBER: _builtins.int
+    api: _builtins.str
+    """The catalog API."""
+    packages_in_force: _builtins.int
+    """How many of the account's packages of this region and API are in force now (effective,
+    not expired, not revoked; ACTIVE or EXHAUSTED).
+    """
+    remaining_quantity: _builtins.int
+    """Calls left in the packages in force."""
+    total_quantity: _builtins.int
+    """The quantity in force: the sum of the grants of the packages in force."""
+    pay_per_use_quantity_month: _builtins.int
+    """Pay-per-use calls of this calendar month (billing time zone) recorded by billing, the
+    current, not yet settled hour included.
+    """
+    @_builtins.property
+    def next_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The earliest expire_time of the packages in force that still have calls left; unset
+        when none has.
+        """
+
+    @_builtins.property
+    def pay_per_use_amount_month(self) -> _money_pb2.Money:
+        """What this month's settled pay-per-use cycles cost: a non-negative sum (the bill shows it
+        as negative line amounts). Calls of cycles not settled yet are not in it.
+        """
+
+    def __init__(
+        self,
+        *,
+        api: _builtins.str = ...,
+        packages_in_force: _builtins.int = ...,
+        remaining_quantity: _builtins.int = ...,
+        total_quantity: _builtins.int = ...,
+        next_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        pay_per_use_quantity_month: _builtins.int = ...,
+        pay_per_use_amount_month: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_expire_time", b"next_expire_time", "pay_per_use_amount_month", b"pay_per_use_amount_month"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "next_expire_time", b"next_expire_time", "packages_in_force", b"packages_in_force", "pay_per_use_amount_month", b"pay_per_use_amount_month", "pay_per_use_quantity_month", b"pay_per_use_quantity_month", "remaining_quantity", b"remaining_quantity", "total_quantity", b"total_quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiOverview: _TypeAlias = ApiOverview  # noqa: Y015
+
+@_typing.final
+class RegionOverview(_message.Message):
+    """One region of an account overview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    APIS_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """The catalog region."""
+    available: _builtins.bool
+    """Whether the region's quota service answered in time. When false, the package fields of
+    its APIs are unknown (zero) and only billing's own pay-per-use figures are shown.
+    """
+    @_builtins.property
+    def apis(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiOverview]:
+        """One entry per API with packages in force or pay-per-use this month, ordered by API id."""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        apis: _abc.Iterable[Global___ApiOverview] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apis", b"apis", "available", b"available", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionOverview: _TypeAlias = RegionOverview  # noqa: Y015
+
+@_typing.final
+class AccountOverview(_message.Message):
+    """The console's account-wide view (GetAccountOverview)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    UNHEARD_ALERTS_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_AVAILABLE_FIELD_NUMBER: _builtins.int
+    notification_available: _builtins.bool
+    """Whether the notification service answered in time; when false, unheard_alerts is empty
+    because nobody could tell.
+    """
+    @_builtins.property
+    def account(self) -> _billing_pb2.Account:
+        """The account, with its balance and standing."""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionOverview]:
+        """One entry per region, in catalog order."""
+
+    @_builtins.property
+    def unheard_alerts(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.UsageAlert]:
+        """The account's enabled usage alerts (of the available regions) that no contact of the
+        account would hear: none is subscribed to usage alerts. Empty when every alert is
+        heard, and when notification_available is false (then unknown).
+        """
+
+    def __init__(
+        self,
+        *,
+        account: _billing_pb2.Account | None = ...,
+        regions: _abc.Iterable[Global___RegionOverview] | None = ...,
+        unheard_alerts: _abc.Iterable[_quota_pb2.UsageAlert] | None = ...,
+        notification_available: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "notification_available", b"notification_available", "regions", b"regions", "unheard_alerts", b"unheard_alerts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountOverview: _TypeAlias = AccountOverview  # noqa: Y015
+
+@_typing.final
+class ListAccountPackagesRequest(_message.Message):
+    """Request of ListAccountPackages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose packages are listed."""
+    region: _builtins.str
+    """Only this region; empty means every region (of the token's regions)."""
+    api: _builtins.str
+    """Only this API; empty means every API."""
+    enterprise_project_id: _builtins.str
+    """Only packages designated for this enterprise project; empty means every package."""
+    page_size: _builtins.int
+    """At most this many packages (default 50, at most 1,000). A page may hold fewer while
+    more follow: go on while next_page_token is set.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same filters; empty for the first
+    page.
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_quota_pb2.PackageState.ValueType]:
+        """Only packages in these states (at the time of the read); empty means every state."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        states: _abc.Iterable[_quota_pb2.PackageState.ValueType] | None = ...,
+        enterprise_project_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "enterprise_project_id", b"enterprise_project_id", "page_size", b"page_size", "page_token", b"page_token", "region", b"region", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountPackagesRequest: _TypeAlias = ListAccountPackagesRequest  # noqa: Y015
+
+@_typing.final
+class ListAccountPackagesResponse(_message.Message):
+    """Response of ListAccountPackages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REGIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty at the end."""
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.Package]:
+        """The packages of this page, region by region."""
+
+    @_builtins.property
+    def unavailable_regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regions this page skipped because their quota service did not answer in time; their
+        packages are missing from the listing (ask again later).
+        """
+
+    def __init__(
+        self,
+        *,
+        packages: _abc.Iterable[_quota_pb2.Package] | None = ...,
+        unavailable_regions: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "packages", b"packages", "unavailable_regions", b"unavailable_regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountPackagesResponse: _TypeAlias = ListAccountPackagesResponse  # noqa: Y015

@@ -150,6 +150,16 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillResponse.FromString,
                 _registered_method=True)
+        self.GetAccountOverview = channel.unary_unary(
+                '/allot.billing.v1.BillingService/GetAccountOverview',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAccountOverviewRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.AccountOverview.FromString,
+                _registered_method=True)
+        self.ListAccountPackages = channel.unary_unary(
+                '/allot.billing.v1.BillingService/ListAccountPackages',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/allot.billing.v1.BillingService/WatchEvents',
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.WatchEventsRequest.SerializeToString,
@@ -377,6 +387,32 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAccountOverview(self, request, context):
+        """The console's account-wide view: the account (balance, standing), and for every region
+        (in catalog order; those of the token's regions for a region-limited token) and API the
+        packages in force, with their remaining and total calls and the next expiry, read from
+        each region's quota service concurrently with a bounded deadline, and this month's
+        pay-per-use calls and amount from billing's own records. A region whose quota service
+        did not answer in time is listed with available=false: the answer is partial, never an
+        error. unheard_alerts lists the enabled usage alerts no contact of the account would
+        hear, as far as the notification service tells. Read-only. Errors: NOT_FOUND
+        (ACCOUNT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccountPackages(self, request, context):
+        """Lists an account's packages in every region (or one), merged from each region's quota
+        service: region by region in catalog order, each region's packages in quota's order.
+        A region whose quota service did not answer is named in unavailable_regions of the page
+        that skipped it. Read-only. Errors: INVALID_ARGUMENT (UNKNOWN_REGION, UNKNOWN_API,
+        states, page_size, page_token), NOT_FOUND (ACCOUNT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Streams billing's events after a sequence: history first, then live events. Errors:
         FAILED_PRECONDITION when after_sequence is beyond the last event (its ErrorInfo carries
@@ -488,6 +524,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ExportBill,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillResponse.SerializeToString,
+            ),
+            'GetAccountOverview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccountOverview,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAccountOverviewRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.AccountOverview.SerializeToString,
+            ),
+            'ListAccountPackages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccountPackages,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -1050,6 +1096,60 @@ class BillingService:
             '/allot.billing.v1.BillingService/ExportBill',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ExportBillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccountOverview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/GetAccountOverview',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAccountOverviewRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.AccountOverview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccountPackages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/ListAccountPackages',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -242,6 +242,7 @@ class Notification(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
+    UNHEARD_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """The notification's id, assigned by the service."""
     account_id: _builtins.str
@@ -256,6 +257,11 @@ class Notification(_message.Message):
     """A one-line subject (an email's subject)."""
     body: _builtins.str
     """The plain-text body."""
+    unheard: _builtins.bool
+    """True when no contact of the account was subscribed to the type when the notification
+    was created: it has no deliveries, nobody was told. Kept so the account can see what it
+    missed (and fix its contacts).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the notification was created."""
@@ -275,10 +281,11 @@ class Notification(_message.Message):
         body: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+        unheard: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "body", b"body", "create_time", b"create_time", "deliveries", b"deliveries", "message_type", b"message_type", "notification_id", b"notification_id", "source_event_id", b"source_event_id", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "body", b"body", "create_time", b"create_time", "deliveries", b"deliveries", "message_type", b"message_type", "notification_id", b"notification_id", "source_event_id", b"source_event_id", "subject", b"subject", "unheard", b"unheard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

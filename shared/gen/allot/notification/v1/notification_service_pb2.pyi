@@ -327,3 +327,81 @@ class SendTestNotificationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendTestNotificationRequest: _TypeAlias = SendTestNotificationRequest  # noqa: Y015
+
+@_typing.final
+class CheckAudienceRequest(_message.Message):
+    """Request of CheckAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_TYPES_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose contacts are counted."""
+    @_builtins.property
+    def message_types(self) -> _containers.RepeatedScalarFieldContainer[_notification_pb2.MessageType.ValueType]:
+        """The message types asked about; empty means every type but TEST."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        message_types: _abc.Iterable[_notification_pb2.MessageType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "message_types", b"message_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckAudienceRequest: _TypeAlias = CheckAudienceRequest  # noqa: Y015
+
+@_typing.final
+class Audience(_message.Message):
+    """The contacts that would receive one message type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_TYPE_FIELD_NUMBER: _builtins.int
+    CONTACT_COUNT_FIELD_NUMBER: _builtins.int
+    message_type: _notification_pb2.MessageType.ValueType
+    """The message type."""
+    contact_count: _builtins.int
+    """How many contacts of the account are subscribed to it; 0 means nobody hears it."""
+    def __init__(
+        self,
+        *,
+        message_type: _notification_pb2.MessageType.ValueType = ...,
+        contact_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_count", b"contact_count", "message_type", b"message_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Audience: _TypeAlias = Audience  # noqa: Y015
+
+@_typing.final
+class CheckAudienceResponse(_message.Message):
+    """Response of CheckAudience."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def audiences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Audience]:
+        """One entry per message type asked about, in MessageType order."""
+
+    def __init__(
+        self,
+        *,
+        audiences: _abc.Iterable[Global___Audience] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audiences", b"audiences"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckAudienceResponse: _TypeAlias = CheckAudienceResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class NotificationServiceStub:
                 request_serializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.SendTestNotificationRequest.SerializeToString,
                 response_deserializer=allot_dot_notification_dot_v1_dot_notification__pb2.Notification.FromString,
                 _registered_method=True)
+        self.CheckAudience = channel.unary_unary(
+                '/allot.notification.v1.NotificationService/CheckAudience',
+                request_serializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceRequest.SerializeToString,
+                response_deserializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
@@ -181,6 +186,16 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckAudience(self, request, context):
+        """Tells, per message type, how many contacts of the account are subscribed to it: a type
+        with none is not heard by anybody (billing's account overview flags usage alerts nobody
+        would hear). For the suite's services and admins. Errors: INVALID_ARGUMENT (account_id,
+        message_types).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +243,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.SendTestNotification,
                     request_deserializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.SendTestNotificationRequest.FromString,
                     response_serializer=allot_dot_notification_dot_v1_dot_notification__pb2.Notification.SerializeToString,
+            ),
+            'CheckAudience': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckAudience,
+                    request_deserializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceRequest.FromString,
+                    response_serializer=allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +503,33 @@ class NotificationService:
             '/allot.notification.v1.NotificationService/SendTestNotification',
             allot_dot_notification_dot_v1_dot_notification__service__pb2.SendTestNotificationRequest.SerializeToString,
             allot_dot_notification_dot_v1_dot_notification__pb2.Notification.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.notification.v1.NotificationService/CheckAudience',
+            allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceRequest.SerializeToString,
+            allot_dot_notification_dot_v1_dot_notification__service__pb2.CheckAudienceResponse.FromString,
             options,
             channel_credentials,
             insecure,
