@@ -83,6 +83,8 @@ class RateLimits:
             # The first call of the process waits for the first read (shared by its neighbours).
             if self._loading is None:
                 self._loading = asyncio.create_task(self._load(), name="rate-limit-overrides")
+                # Its failure is heard by its waiters; should they all have left, by nobody.
+                self._loading.add_done_callback(lambda t: t.cancelled() or t.exception())
             await asyncio.shield(self._loading)
         elif self._loading is None and self.monotonic() - self._loaded_at > self.refresh_seconds:
             self._loading = asyncio.create_task(self._refresh(), name="rate-limit-overrides")
