@@ -63,6 +63,7 @@ class Api:
     region_price_tiers: Mapping[str, tuple[PriceTier, ...]] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    rate_limit_per_second: int | None = None  # quota's CheckQuota; None = no catalog limit
 
     def tiers_for(self, region: str) -> tuple[PriceTier, ...]:
         """The pay-per-use tiers in ``region``: its override if it has one, else the default."""
@@ -273,7 +274,7 @@ class _Parser:
             node,
             label,
             ("id", "name", "price_tiers"),
-            ("free_monthly_quantity", "region_price_tiers"),
+            ("free_monthly_quantity", "region_price_tiers", "rate_limit_per_second"),
         )
         api_id = self.ident(fields["id"], f"id of {label}")
         name = self.string(fields["name"], f"name of {label}")
@@ -283,6 +284,7 @@ class _Parser:
             free = self.integer(
                 fields["free_monthly_quantity"], f"free_monthly_quantity of {label}", minimum=0
             )
+        rps = fields.get("rate_limit_per_second")
         overrides: dict[str, tuple[PriceTier, ...]] = {}
         if "region_price_tiers" in fields:
             by_region = self.fields(
@@ -299,6 +301,7 @@ class _Parser:
             free_monthly_quantity=free,
             price_tiers=price_tiers,
             region_price_tiers=MappingProxyType(overrides),
+            rate_limit_per_second=rps and self.integer(rps, f"rate_limit_per_second of {label}", 1),
         )
 
     def tiers(self, node: Node, owner: str) -> tuple[PriceTier, ...]:

@@ -18,6 +18,7 @@ from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
+from services.quota.domain.rate_limits import MAX_PER_SECOND
 from shared.auth import ADMIN, GATEWAY, OWNERS, READERS, Policy, policy
 from shared.db import UnitOfWork
 from shared.idempotency import IdempotencyStore
@@ -40,9 +41,10 @@ def _rpc(method: str) -> str:
 # Gateways report usage and ask for admission, in the regions of their token; billing
 # (`internal`) grants, renews, revokes, reads packages and enables APIs, and lists packages and
 # usage alerts for its account overview; billing and notification read the event stream;
-# account principals read their own account, and `account_full` manages its own usage alerts.
-# An enterprise master's tokens may also read its members' packages, subscriptions and usage
-# (`master_reads`; never alerts, admission or a change). Admins may do everything.
+# account principals read their own account (and its rate limits), and `account_full` manages
+# its own usage alerts. An enterprise master's tokens may also read its members' packages,
+# subscriptions and usage (`master_reads`; never alerts, admission or a change). Admins may do
+# everything; only they set rate limits.
 BILLING, NOTIFICATION = ("billing",), ("billing", "notification")
 POLICIES: dict[str, Policy] = {
     _rpc("ReportUsage"): policy(ADMIN, GATEWAY, regions=("region",)),
@@ -76,6 +78,8 @@ POLICIES: dict[str, Policy] = {
     ),
     _rpc("UpdateUsageAlert"): policy(*OWNERS, account="usage_alert.account_id"),
     _rpc("DeleteUsageAlert"): policy(*OWNERS),
+    _rpc("SetRateLimit"): policy(ADMIN, regions=("region",)),
+    _rpc("GetRateLimit"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("WatchEvents"): policy(ADMIN, internal=NOTIFICATION),
 }
 
@@ -95,6 +99,13 @@ class QuotaService:
         unknown = [r for r in served if not catalog.has_region(r)]
         if unknown:
             raise SettingsError(f"ALLOT_QUOTA_REGIONS names regions not in the catalog: {unknown}")
+        too_fast = [
+            a.id for a in catalog.apis.values() if (a.rate_limit_per_second or 0) > MAX_PER_SECOND
+        ]
+        if too_fast:
+            raise SettingsError(
+                f"the catalog's rate_limit_per_second is above {MAX_PER_SECOND} for: {too_fast}"
+            )
         self.runtime = runtime
         self.outbox = Outbox(
             runtime.db, tables.outbox_events, tables.outbox_counter, quota_pb2.QuotaEvent

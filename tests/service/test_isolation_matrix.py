@@ -144,6 +144,7 @@ BY_HAND: dict[str, dict[str, frozenset[str]]] = {
         "internal:billing": EVERYWHERE,
     },
     Q("EnableApi"): {"admin": EVERYWHERE, "admin@R": HOME_REGION, "internal:billing": EVERYWHERE},
+    Q("SetRateLimit"): {"admin": EVERYWHERE, "admin@R": HOME_REGION},
     Q("WatchEvents"): {
         "admin": EVERYWHERE,
         "admin@R": EVERYWHERE,
@@ -500,6 +501,25 @@ async def _update_alert(s, target):
 @factory(Q("DeleteUsageAlert"))
 async def _delete_alert(s, target):
     return quota_service_pb2.DeleteUsageAlertRequest(alert_id=await s.alert(target))
+
+
+@factory(Q("SetRateLimit"))
+async def _set_rate_limit(s, target):
+    account, region = TARGETS[target]
+    # Another API than the cells of CheckQuota use, and a limit no cell reaches.
+    return quota_service_pb2.SetRateLimitRequest(
+        request_id=s.unique("rate"),
+        account_id=account,
+        region=region,
+        api="id-card",
+        per_second=1_000_000,
+    )
+
+
+@factory(Q("GetRateLimit"))
+async def _get_rate_limit(s, target):
+    account, region = TARGETS[target]
+    return quota_service_pb2.GetRateLimitRequest(account_id=account, region=region, api=API)
 
 
 @factory(Q("WatchEvents"), scoped=False, regional=False)

@@ -407,6 +407,44 @@ class QuotaCalls(ServiceCalls):
             metadata=metadata or self.gateway,
         )
 
+    # --- rate limits ---------------------------------------------------------------------
+
+    def set_rate_limit(
+        self,
+        per_second: int,
+        burst: int = 0,
+        account_id: str = ACCOUNT,
+        *,
+        api: str = API,
+        region: str = REGION,
+        request_id: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.SetRateLimit(
+            quota_service_pb2.SetRateLimitRequest(
+                request_id=request_id,
+                account_id=account_id,
+                region=region,
+                api=api,
+                per_second=per_second,
+                burst=burst,
+            ),
+            metadata=metadata or self.admin,
+        )
+
+    def get_rate_limit(
+        self,
+        account_id: str = ACCOUNT,
+        *,
+        api: str = API,
+        region: str = REGION,
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.GetRateLimit(
+            quota_service_pb2.GetRateLimitRequest(account_id=account_id, region=region, api=api),
+            metadata=metadata or self.admin,
+        )
+
 
 async def last_event_sequence(handle: QuotaHandle, event_type: str = "") -> int:
     """The sequence of the last event (of `event_type`, when given) quota has written, 0 when

@@ -142,6 +142,14 @@ def test_api_built_in_code_has_no_region_overrides() -> None:
     assert api.tiers_for("anywhere") == tiers
 
 
+def test_rate_limit_per_second_is_optional() -> None:
+    assert parse_catalog(VALID).apis["ocr"].rate_limit_per_second is None
+    limited = parse_catalog(
+        _edit("    name: OCR\n", "    name: OCR\n    rate_limit_per_second: 5\n")
+    )
+    assert limited.apis["ocr"].rate_limit_per_second == 5
+
+
 def _edit(old: str, new: str) -> str:
     assert old in VALID, old
     return VALID.replace(old, new, 1)
@@ -222,6 +230,18 @@ BAD_CATALOGS = [
         8,
         "free_monthly_quantity of api 'ocr' must be at least 0",
         id="neg-free",
+    ),
+    pytest.param(
+        _edit("    name: OCR\n", "    name: OCR\n    rate_limit_per_second: 0\n"),
+        8,
+        "rate_limit_per_second of api 'ocr' must be positive",
+        id="zero-rate-limit",
+    ),
+    pytest.param(
+        _edit("    name: OCR\n", "    name: OCR\n    rate_limit_per_second: 2.5\n"),
+        8,
+        "rate_limit_per_second of api 'ocr' must be a whole number",
+        id="fractional-rate-limit",
     ),
     pytest.param(_edit("USD", "usd"), 1, "3-letter ISO 4217", id="bad-currency"),
     pytest.param(_edit("id: ocr\n", "id: OCR\n"), 6, "lower-case", id="bad-id"),

@@ -132,6 +132,33 @@ usage_alert_states = Table(
     Column("update_time_us", BigInteger, nullable=False),
 )
 
+# An account's rate limit for an API in a region, set by an admin (SetRateLimit); it beats the
+# catalog's rate_limit_per_second. Rare: each process keeps a copy (app/rate_limits.py).
+rate_limit_overrides = Table(
+    "rate_limit_overrides",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("per_second", BigInteger, nullable=False),
+    Column("burst", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+)
+
+# The token bucket of one account, region and API that has a limit: micro-tokens left after
+# the last call and when it was refilled (quota's clock). Written by one atomic upsert per
+# limited CheckQuota (adapters/rate_limits_repository.py); `admitted` is that call's answer.
+rate_limit_buckets = Table(
+    "rate_limit_buckets",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("tokens", BigInteger, nullable=False),
+    Column("refill_time_us", BigInteger, nullable=False),
+    Column("admitted", Boolean, nullable=False),
+)
+
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
 # The cursor and lease of quota's consumer of billing's stream (account standings).

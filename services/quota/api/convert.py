@@ -15,6 +15,7 @@ from services.quota.app.packages import GrantInput
 from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
+from services.quota.domain.rate_limits import EffectiveLimit
 from shared.timeutil import from_epoch_us, from_timestamp, to_timestamp
 
 
@@ -79,11 +80,26 @@ def to_proto_subscription(row) -> quota_pb2.ApiSubscription:
 
 
 def to_proto_admission(admission: Admission) -> quota_service_pb2.CheckQuotaResponse:
-    return quota_service_pb2.CheckQuotaResponse(
+    response = quota_service_pb2.CheckQuotaResponse(
         allowed=admission.allowed,
         deny_reason=int(admission.deny_reason),
         remaining_quantity=admission.remaining_quantity,
         pay_per_use=admission.pay_per_use,
+    )
+    if admission.retry_after is not None:
+        response.retry_after.FromTimedelta(admission.retry_after)
+    return response
+
+
+def to_proto_rate_limit(limit: EffectiveLimit) -> quota_pb2.RateLimit:
+    return quota_pb2.RateLimit(
+        account_id=limit.account_id,
+        region=limit.region,
+        api=limit.api,
+        per_second=limit.limit.per_second if limit.limit else 0,
+        burst=limit.limit.burst if limit.limit else 0,
+        source=int(limit.source),
+        update_time=to_timestamp(limit.update_time),
     )
 
 

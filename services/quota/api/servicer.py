@@ -13,6 +13,7 @@ from services.quota.app import alerts, packages, stats, subscriptions, usage
 from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
+from services.quota.app.rate_limits import RateLimits
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
 from shared import status
@@ -52,9 +53,11 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
         self.admission_reads = AdmissionReads(ctx.db, ctx.now)
+        self.rate_limits = RateLimits(ctx)
 
     async def close(self, grace: float) -> None:
         await self.coalescer.close(grace)
+        await self.rate_limits.close()
 
     def _package(self, record) -> quota_pb2.Package:
         return convert.to_proto_package(record, self.ctx.now())
@@ -95,6 +98,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             request.api,
             request.enterprise_project_id,
             request.quantity,
+            self.rate_limits,
         )
         return convert.to_proto_admission(admission)
 
@@ -305,6 +309,26 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
             return empty_pb2.Empty()
 
         return await hiding_absence(self.ctx.db.transaction(work))
+
+    # --- rate limits (docs/design/deduction-order.md "Rate limits") ---------------------
+
+    async def SetRateLimit(self, request, context):
+        async def work(uow):
+            limit = await self.rate_limits.set(
+                uow,
+                request.account_id,
+                request.region,
+                request.api,
+                request.per_second,
+                request.burst,
+            )
+            return convert.to_proto_rate_limit(limit)
+
+        return await self._idempotent("SetRateLimit", request, quota_pb2.RateLimit, work)
+
+    async def GetRateLimit(self, request, context):
+        limit = await self.rate_limits.get(request.account_id, request.region, request.api)
+        return convert.to_proto_rate_limit(limit)
 
     # --- events --------------------------------------------------------------------------
 

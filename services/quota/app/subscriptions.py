@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.context import QuotaContext
+from services.quota.app.rate_limits import RateLimits
 from services.quota.domain.admission import Admission, Standing, admit
 from shared.db import UnitOfWork
 from shared.errors import NotFound
@@ -67,16 +68,21 @@ async def check_quota(
     api: str,
     project: str,
     quantity: int,
+    rate_limits: RateLimits | None = None,
 ) -> Admission:
     _check(ctx, account_id, region, api)
     check_quantity(quantity, "quantity")
     state, standing, remaining, block = await reads.facts(
         (account_id, region, api, normalize_project_id(project))
     )
-    return admit(
+    admission = admit(
         subscribed=state == ACTIVE,
         standing=Standing(standing) if standing else Standing.GOOD,
         remaining_quantity=remaining,
         quantity=quantity or 1,
         block_pay_per_use_in_grace=block,
     )
+    # Last: only a call admitted otherwise takes a token, and only a limited one pays a query.
+    if rate_limits is None:
+        return admission
+    return await rate_limits.apply((account_id, region, api), admission)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 
 class Standing(enum.IntEnum):
@@ -42,6 +42,7 @@ class DenyReason(enum.IntEnum):
     ACCOUNT_FROZEN = 2
     ACCOUNT_RELEASED = 3
     PAY_PER_USE_BLOCKED = 4
+    RATE_LIMITED = 5
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Admission:
     deny_reason: DenyReason
     remaining_quantity: int
     pay_per_use: bool
+    # With RATE_LIMITED only: when the rate limit admits a call again (domain/rate_limits.py).
+    retry_after: timedelta | None = None
 
 
 def admit(

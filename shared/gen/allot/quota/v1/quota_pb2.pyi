@@ -282,6 +282,34 @@ USAGE_GROUP_BY_USER: UsageGroupBy.ValueType  # 2
 """One bucket per time bucket and IAM user."""
 Global___UsageGroupBy: _TypeAlias = UsageGroupBy  # noqa: Y015
 
+class _RateLimitSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RateLimitSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RateLimitSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RATE_LIMIT_SOURCE_UNSPECIFIED: _RateLimitSource.ValueType  # 0
+    """Not set."""
+    RATE_LIMIT_SOURCE_NONE: _RateLimitSource.ValueType  # 1
+    """No limit: neither the catalog nor an override limits the calls."""
+    RATE_LIMIT_SOURCE_CATALOG: _RateLimitSource.ValueType  # 2
+    """The catalog's `rate_limit_per_second` of the API (burst = per_second)."""
+    RATE_LIMIT_SOURCE_OVERRIDE: _RateLimitSource.ValueType  # 3
+    """The account's override (SetRateLimit); it beats the catalog."""
+
+class RateLimitSource(_RateLimitSource, metaclass=_RateLimitSourceEnumTypeWrapper):
+    """Where the rate limit of an account, region and API comes from."""
+
+RATE_LIMIT_SOURCE_UNSPECIFIED: RateLimitSource.ValueType  # 0
+"""Not set."""
+RATE_LIMIT_SOURCE_NONE: RateLimitSource.ValueType  # 1
+"""No limit: neither the catalog nor an override limits the calls."""
+RATE_LIMIT_SOURCE_CATALOG: RateLimitSource.ValueType  # 2
+"""The catalog's `rate_limit_per_second` of the API (burst = per_second)."""
+RATE_LIMIT_SOURCE_OVERRIDE: RateLimitSource.ValueType  # 3
+"""The account's override (SetRateLimit); it beats the catalog."""
+Global___RateLimitSource: _TypeAlias = RateLimitSource  # noqa: Y015
+
 @_typing.final
 class Package(_message.Message):
     """A prepaid package of successful calls of one API in one region for one account."""
@@ -763,6 +791,56 @@ class UsageStatsBucket(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageStatsBucket: _TypeAlias = UsageStatsBucket  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """The rate limit CheckQuota applies to one account's calls of one API in one region: a token
+    bucket of `burst` calls refilled at `per_second` calls a second.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose calls are limited."""
+    region: _builtins.str
+    """The catalog region."""
+    api: _builtins.str
+    """The catalog API."""
+    per_second: _builtins.int
+    """Calls a second; 0 when there is no limit."""
+    burst: _builtins.int
+    """Calls that may come at once after a quiet spell (the bucket's size); 0 when no limit."""
+    source: Global___RateLimitSource.ValueType
+    """Where the limit comes from."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the override was last set; unset when there is none."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        per_second: _builtins.int = ...,
+        burst: _builtins.int = ...,
+        source: Global___RateLimitSource.ValueType = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "burst", b"burst", "per_second", b"per_second", "region", b"region", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class ThresholdCrossed(_message.Message):

@@ -6,6 +6,7 @@ isort:skip_file
 from allot.quota.v1 import quota_pb2 as _quota_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -42,6 +43,10 @@ class _DenyReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenyReason
     Account.block_pay_per_use_in_grace, its own or its master's), and no package covers the
     call. ReportUsage still records usage that happened.
     """
+    DENY_REASON_RATE_LIMITED: _DenyReason.ValueType  # 5
+    """The account called the API in the region faster than its rate limit allows; retry after
+    `retry_after`.
+    """
 
 class DenyReason(_DenyReason, metaclass=_DenyReasonEnumTypeWrapper):
     """Why a call may not proceed."""
@@ -58,6 +63,10 @@ DENY_REASON_PAY_PER_USE_BLOCKED: DenyReason.ValueType  # 4
 """The account is in grace and blocks pay-per-use there (billing's
 Account.block_pay_per_use_in_grace, its own or its master's), and no package covers the
 call. ReportUsage still records usage that happened.
+"""
+DENY_REASON_RATE_LIMITED: DenyReason.ValueType  # 5
+"""The account called the API in the region faster than its rate limit allows; retry after
+`retry_after`.
 """
 Global___DenyReason: _TypeAlias = DenyReason  # noqa: Y015
 
@@ -276,6 +285,7 @@ class CheckQuotaResponse(_message.Message):
     DENY_REASON_FIELD_NUMBER: _builtins.int
     REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
     PAY_PER_USE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """Whether the call may proceed."""
     deny_reason: Global___DenyReason.ValueType
@@ -286,6 +296,10 @@ class CheckQuotaResponse(_message.Message):
     """
     pay_per_use: _builtins.bool
     """True when packages do not cover the quantity, so (part of) the call would be pay-per-use."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Set only with DENY_REASON_RATE_LIMITED: how long until the rate limit admits a call."""
+
     def __init__(
         self,
         *,
@@ -293,10 +307,11 @@ class CheckQuotaResponse(_message.Message):
         deny_reason: Global___DenyReason.ValueType = ...,
         remaining_quantity: _builtins.int = ...,
         pay_per_use: _builtins.bool = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "deny_reason", b"deny_reason", "pay_per_use", b"pay_per_use", "remaining_quantity", b"remaining_quantity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "deny_reason", b"deny_reason", "pay_per_use", b"pay_per_use", "remaining_quantity", b"remaining_quantity", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -959,6 +974,82 @@ class DeleteUsageAlertRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUsageAlertRequest: _TypeAlias = DeleteUsageAlertRequest  # noqa: Y015
+
+@_typing.final
+class SetRateLimitRequest(_message.Message):
+    """Request of SetRateLimit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, at most 200 characters: a repeat with the same content returns the
+    first answer; empty means the call is not idempotent.
+    """
+    account_id: _builtins.str
+    """The account whose calls are limited."""
+    region: _builtins.str
+    """The catalog region; one this process serves."""
+    api: _builtins.str
+    """The catalog API."""
+    per_second: _builtins.int
+    """Calls a second, 1 to 1,000,000; 0 clears the override (the catalog's limit applies again)."""
+    burst: _builtins.int
+    """The bucket's size, 1 to 1,000,000,000 calls; 0 means per_second. Must be 0 when
+    per_second is 0.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        per_second: _builtins.int = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "burst", b"burst", "per_second", b"per_second", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class GetRateLimitRequest(_message.Message):
+    """Request of GetRateLimit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose limit is read."""
+    region: _builtins.str
+    """The catalog region; one this process serves."""
+    api: _builtins.str
+    """The catalog API."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRateLimitRequest: _TypeAlias = GetRateLimitRequest  # noqa: Y015
 
 @_typing.final
 class WatchEventsRequest(_message.Message):

@@ -140,6 +140,16 @@ class QuotaServiceStub:
                 request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.DeleteUsageAlertRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/allot.quota.v1.QuotaService/SetRateLimit',
+                request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.FromString,
+                _registered_method=True)
+        self.GetRateLimit = channel.unary_unary(
+                '/allot.quota.v1.QuotaService/GetRateLimit',
+                request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetRateLimitRequest.SerializeToString,
+                response_deserializer=allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/allot.quota.v1.QuotaService/WatchEvents',
                 request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.WatchEventsRequest.SerializeToString,
@@ -319,6 +329,25 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimit(self, request, context):
+        """Sets (per_second > 0) or clears (per_second = 0) an account's rate limit override for an
+        API in a region; it beats the catalog's limit. Idempotent by request_id. Errors:
+        INVALID_ARGUMENT (per_second, burst, UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED),
+        FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRateLimit(self, request, context):
+        """The rate limit CheckQuota applies to an account's calls of an API in a region, and where
+        it comes from. Errors: INVALID_ARGUMENT (UNKNOWN_REGION, UNKNOWN_API),
+        FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Streams quota's events after a sequence: history first, then live events. Errors:
         FAILED_PRECONDITION (CURSOR_AHEAD_OF_STREAM: after_sequence is beyond the last event;
@@ -425,6 +454,16 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.DeleteUsageAlert,
                     request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.DeleteUsageAlertRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.SerializeToString,
+            ),
+            'GetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimit,
+                    request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetRateLimitRequest.FromString,
+                    response_serializer=allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -954,6 +993,60 @@ class QuotaService:
             '/allot.quota.v1.QuotaService/DeleteUsageAlert',
             allot_dot_quota_dot_v1_dot_quota__service__pb2.DeleteUsageAlertRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.quota.v1.QuotaService/SetRateLimit',
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.SetRateLimitRequest.SerializeToString,
+            allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.quota.v1.QuotaService/GetRateLimit',
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.GetRateLimitRequest.SerializeToString,
+            allot_dot_quota_dot_v1_dot_quota__pb2.RateLimit.FromString,
             options,
             channel_credentials,
             insecure,
