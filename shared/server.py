@@ -22,22 +22,21 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from allot.testing.v1 import clock_service_pb2, clock_service_pb2_grpc
 from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared import logs, migrations
-from shared.auth import ADMIN, Policy, policy
+from shared.auth import Policy
 from shared.catalog import Catalog, load_catalog
 from shared.channels import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
-from shared.clock import Clock, ClockBackwards, ManualClock, Scheduler, SystemClock
+from shared.clock import Clock, ManualClock, Scheduler, SystemClock
+from shared.clock_service import CLOCK_POLICIES, CLOCK_SERVICE, add_clock_service
 from shared.db import Database
-from shared.errors import FailedPrecondition
+from shared.event_loop import new_event_loop, run_until_done
 from shared.interceptors import CallInterceptor
 from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
-from shared.timeutil import from_duration, from_timestamp, to_timestamp
 from shared.tls import Channels, TlsFiles, server_credentials
 from shared.tokens import TokenSigner, signer_for, verifier_for
 
@@ -104,36 +103,6 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
     )
 
 
-class ClockServicer(clock_service_pb2_grpc.ClockServiceServicer):
-    """allot.testing.v1.ClockService over the scheduler's manual clock."""
-
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-
-    async def GetTime(self, request, context):
-        return clock_service_pb2.GetTimeResponse(time=to_timestamp(self.scheduler.clock.now()))
-
-    async def SetTime(self, request, context):
-        try:
-            now = await self.scheduler.set_time(from_timestamp(request.time, "time"))
-        except ClockBackwards as exc:
-            raise FailedPrecondition("CLOCK_BACKWARDS", str(exc)) from exc
-        return clock_service_pb2.SetTimeResponse(time=to_timestamp(now))
-
-    async def AdvanceTime(self, request, context):
-        try:
-            now = await self.scheduler.advance(from_duration(request.duration, "duration"))
-        except ClockBackwards as exc:
-            raise FailedPrecondition("CLOCK_BACKWARDS", str(exc)) from exc
-        return clock_service_pb2.AdvanceTimeResponse(time=to_timestamp(now))
-
-
-CLOCK_SERVICE = clock_service_pb2.DESCRIPTOR.services_by_name["ClockService"].full_name
-CLOCK_POLICIES = {
-    f"/{CLOCK_SERVICE}/{m}": policy(ADMIN) for m in ("GetTime", "SetTime", "AdvanceTime")
-}
-
-
 class Server:
     """A running service: `await start()`, then `await wait()` until a signal, or `await stop()`."""
 
@@ -198,9 +167,7 @@ class Server:
         )
         self.service.register(server)
         if manual:
-            clock_service_pb2_grpc.add_ClockServiceServicer_to_server(
-                ClockServicer(self.runtime.scheduler), server
-            )
+            add_clock_service(server, self.runtime.scheduler)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -411,40 +378,6 @@ def run_service(
     loop, loop_name = new_event_loop(settings.event_loop)
     log.info("event loop %s, protobuf backend %s", loop_name, api_implementation.Type())
     try:
-        _run(main(), loop)
+        run_until_done(main(), loop)
     except SettingsError as exc:  # found while building the service: still no traceback
         sys.exit(f"{service_name}: {exc}")
-
-
-def new_event_loop(choice: str = "auto") -> tuple[asyncio.AbstractEventLoop, str]:
-    """uvloop's event loop where it is installed and ALLOT_EVENT_LOOP is `auto`, else asyncio's
-    (docs/architecture.md, "Shared pieces"); with the loop, the name of the one chosen."""
-    if choice == "auto":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop(), "uvloop"
-    return asyncio.new_event_loop(), "asyncio"
-
-
-def _run(main, loop: asyncio.AbstractEventLoop) -> None:
-    """`asyncio.run`, except that the final clean-up is bounded: asyncio.run waits without limit
-    for every task left over to finish its cancellation, and a task stuck on a dead database
-    connection never does (docs/faults.md, "Shutdown")."""
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(main)
-    finally:
-        try:
-            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in left:
-                task.cancel()
-            cleanup = [*left, loop.create_task(loop.shutdown_asyncgens())]
-            _, stuck = loop.run_until_complete(asyncio.wait(cleanup, timeout=SHUTDOWN_STEP_MIN * 4))
-            if stuck:
-                log.error("shutdown: %d task(s) ignored cancellation; exiting anyway", len(stuck))
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()

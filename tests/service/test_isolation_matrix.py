@@ -46,7 +46,7 @@ from services.billing.service import POLICIES as BILLING_POLICIES
 from services.notification.service import POLICIES as NOTIFICATION_POLICIES
 from services.quota.service import POLICIES as QUOTA_POLICIES
 from shared.auth import Policy, Principal
-from shared.server import CLOCK_POLICIES
+from shared.clock_service import CLOCK_POLICIES
 from shared.status import error_info
 from shared.tokens import TokenVerifier
 from tests.support.billing import billing_settings, running_billing

@@ -9,7 +9,7 @@ import builtins
 import grpc
 import pytest
 
-from shared.server import new_event_loop
+from shared.event_loop import new_event_loop
 from shared.settings import Settings, SettingsError
 
 
