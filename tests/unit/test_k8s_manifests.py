@@ -24,10 +24,11 @@ PRODUCTION = K8S / "overlays" / "production"
 SETTINGS_ENV = frozenset(Settings.env_names().values())
 
 # The other services whose gRPC address each service needs in its pod (quota follows billing's
-# standings; billing calls quota and reads its events; notification reads both streams).
+# standings; billing calls quota and reads its events, and asks notification who hears an
+# account's alerts; notification reads both streams).
 DIALS = {
     "quota": {"billing"},
-    "billing": {"quota"},
+    "billing": {"quota", "notification"},
     "notification": {"quota", "billing"},
 }
 
