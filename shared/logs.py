@@ -76,9 +76,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def configure(service: str, level: str = "INFO", fmt: str = "text") -> None:
-    """Log lines of `service` to stderr: `text` (one readable line) or `json`."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(service: str, level: str = "INFO", fmt: str = "text", stream=None) -> None:
+    """Log lines of `service` to stderr (or `stream`): `text` (one readable line) or `json`."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service))
