@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from shared import logs
 from shared.auth import SUITE_SERVICES
 
 log = logging.getLogger("allot.tls")
@@ -130,6 +131,8 @@ class Channels:
     def __init__(self, files: TlsFiles, options: Sequence[tuple[str, object]] = ()) -> None:
         self.files = files
         self.options = tuple(options)
+        # Every outbound call carries the request id of the call it serves (shared/logs.py).
+        self.interceptors = logs.client_interceptors()
         self._channels: dict[str, tuple[tuple, grpc.aio.Channel]] = {}
         self._retired: list[grpc.aio.Channel] = []
 
@@ -146,12 +149,16 @@ class Channels:
 
     def _open(self, addr: str) -> grpc.aio.Channel:
         if not self.files.dials_tls:
-            return grpc.aio.insecure_channel(addr, options=self.options)
+            return grpc.aio.insecure_channel(
+                addr, options=self.options, interceptors=self.interceptors
+            )
         key, cert, ca = self.files.read()
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
-        return grpc.aio.secure_channel(addr, credentials, options=self.options)
+        return grpc.aio.secure_channel(
+            addr, credentials, options=self.options, interceptors=self.interceptors
+        )
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
         import asyncio
