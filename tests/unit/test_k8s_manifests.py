@@ -4,7 +4,7 @@ kustomize` renders for every overlay: valid for the Kubernetes API (`kubernetes-
 holding the policies a platform team asks for: a namespace, standard labels, requests and
 limits, restricted pods, no service-account token, PDBs, HPAs, NetworkPolicies that admit only
 the right peers, the catalog as a hashed ConfigMap, startup/readiness gRPC probes and a TCP
-liveness probe on the plaintext health port, migrations in an init container, headless
+liveness probe (health name `liveness`) on the plaintext health port, migrations in an init container, headless
 Services dialled as `dns:///`, mTLS, a JWKS, a pinned image, and in overlays/two-regions one
 quota deployment per region group reached through ALLOT_QUOTA_ENDPOINTS."""
 
@@ -21,7 +21,7 @@ import yaml
 
 from shared.catalog import load_catalog, parse_catalog
 from shared.cli import SERVICES
-from shared.server import SHUTDOWN_MARGIN
+from shared.server import LIVENESS, SHUTDOWN_MARGIN
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,10 +256,11 @@ def test_the_service_listens_on_all_interfaces_at_its_container_ports(overlay, n
 
 
 @pytest.mark.parametrize(("overlay", "name"), DEPLOYMENTS)
-def test_probes_startup_and_readiness_are_grpc_health_liveness_a_tcp_check(overlay, name):
+def test_probes_startup_and_readiness_follow_health_liveness_only_the_loop(overlay, name):
     """Health turns NOT_SERVING while the database is away (docs/faults.md): that must take
-    the pod out of the Service, not get it restarted, so liveness only asks whether the
-    process still listens. Startup covers the first connection and the migrations."""
+    the pod out of the Service, not get it restarted, so liveness asks the health name
+    `liveness` (the process listens and its event loop answers; shared/server.py LIVENESS).
+    Startup covers the first connection and the migrations."""
     deployment = _deployment(overlay, name)
     container = _container(deployment)
     health = _port(_env(container)["ALLOT_HEALTH_ADDR"])
@@ -269,8 +270,9 @@ def test_probes_startup_and_readiness_are_grpc_health_liveness_a_tcp_check(overl
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     liveness = container["livenessProbe"]
-    assert "grpc" not in liveness, f"{name}'s livenessProbe would restart it without a database"
-    assert liveness["tcpSocket"]["port"] == health
+    assert liveness["grpc"] == {"port": health, "service": LIVENESS}, (
+        f"{name}'s livenessProbe must not follow the database"
+    )
 
 
 @pytest.mark.parametrize(("overlay", "name"), DEPLOYMENTS)
