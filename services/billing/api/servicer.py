@@ -361,13 +361,12 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         after = decode_page_token(request)
         if after is not None and not (len(after) == 1 and isinstance(after[0], str)):
             raise InvalidArgument("page_token", "page_token is malformed")
-        page, more = await hiding_absence(
-            line_explanations.explain_line(
-                self.ctx,
-                query,
-                after[0] if after else None,
-                line_explanations.line_page_size(request.page_size),
-            )
+        # The policy checked the account field: the line's absence is the caller's own to know.
+        page, more = await line_explanations.explain_line(
+            self.ctx,
+            query,
+            after[0] if after else None,
+            line_explanations.line_page_size(request.page_size),
         )
         return billing_service_pb2.ExplainBillLineResponse(
             events=[convert.to_proto_line_event(e) for e in page],
