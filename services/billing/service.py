@@ -60,6 +60,9 @@ POLICIES: dict[str, Policy] = {
     _rpc("ExportBill"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("GetAccountOverview"): policy(*READERS, account="account_id"),
     _rpc("ListAccountPackages"): policy(*READERS, account="account_id", regions=("region",)),
+    _rpc("ExplainBillLine"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
     _rpc("WatchEvents"): policy(ADMIN, internal=("quota", "notification")),
 }
 

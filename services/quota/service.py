@@ -40,7 +40,8 @@ def _rpc(method: str) -> str:
 # Who may call what (docs/security.md; the table is complete: a method missing here is refused).
 # Gateways report usage and ask for admission, in the regions of their token; billing
 # (`internal`) grants, renews, revokes, reads packages and enables APIs, and lists packages and
-# usage alerts for its account overview; billing and notification read the event stream;
+# usage alerts for its account overview, and explains usage events (its ExplainBillLine);
+# billing and notification read the event stream;
 # account principals read their own account (and its rate limits), and `account_full` manages
 # its own usage alerts. An enterprise master's tokens may also read its members' packages,
 # subscriptions and usage (`master_reads`; never alerts, admission or a change). Admins may do
@@ -65,7 +66,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("GetQuotaSummary"): policy(
         *READERS, account="account_id", regions=("region",), master_reads=True
     ),
-    _rpc("ExplainUsage"): policy(*READERS, master_reads=True),
+    _rpc("ExplainUsage"): policy(*READERS, internal=BILLING, master_reads=True),
     _rpc("GetUsageStats"): policy(
         *READERS, account="account_id", regions=("region",), master_reads=True
     ),

@@ -280,6 +280,24 @@ def billing_refuses(rpc: str, code: grpc.StatusCode, reason: str, **fields) -> S
     return scenario
 
 
+async def billing_bill_line_not_found(stage: Stage) -> None:
+    billing, _, _ = await billing_with_quota(stage)
+    await funded(billing, "acct-1")
+    await expect_error(
+        billing_rpc(
+            billing,
+            "ExplainBillLine",
+            account_id="acct-1",
+            month="2024-01",
+            cycle_start_time=ts(START),
+            region=REGION,
+            api="passport",
+        ),
+        NOT_FOUND,
+        "BILL_LINE_NOT_FOUND",
+    )
+
+
 async def billing_account_already_exists(stage: Stage) -> None:
     billing, _, _ = await billing_with_quota(stage)
     await billing.create_account("acct-1")
@@ -668,6 +686,7 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ),
     ("billing", "ACCOUNT_PAID_BY_MASTER"): billing_account_paid_by_master,
     ("billing", "API_SUBSCRIPTION_NOT_FOUND"): billing_api_subscription_not_found,
+    ("billing", "BILL_LINE_NOT_FOUND"): billing_bill_line_not_found,
     ("billing", "CURRENCY_MISMATCH"): billing_currency_mismatch,
     ("billing", "CURRENCY_NOT_SUPPORTED"): billing_currency_not_supported,
     ("billing", "EXPIRE_DATE_NOT_AFTER_EXPIRY"): billing_expire_date_not_after_expiry,

@@ -687,6 +687,18 @@ async def _account_packages(s, target):
     return billing_service_pb2.ListAccountPackagesRequest(account_id=account, region=region)
 
 
+@factory(BL("ExplainBillLine"))
+async def _explain_bill_line(s, target):
+    account, region = TARGETS[target]
+    return billing_service_pb2.ExplainBillLineRequest(
+        account_id=account,
+        month="2024-01",
+        cycle_start_time=ts(START),
+        region=region,
+        api=API,
+    )
+
+
 @factory(BL("WatchEvents"), scoped=False, regional=False)
 async def _watch_billing(s, target):
     return billing_service_pb2.WatchEventsRequest(after_sequence=0)

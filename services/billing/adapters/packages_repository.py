@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, insert, select, update
 
 from services.billing.adapters import tables as t
+from services.billing.domain.line_explanations import SoldInForce
 from services.billing.domain.packages import SoldPackage
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
@@ -98,3 +99,50 @@ async def due_attempts(uow: UnitOfWork, now: datetime, limit: int) -> list[str]:
         .limit(limit)
     )
     return [r.package_id for r in await uow.rows(query)]
+
+
+async def sold_in_force(
+    uow: UnitOfWork,
+    account_id: str,
+    api: str,
+    regions: list[str],
+    start: datetime,
+    end: datetime,
+) -> list[SoldInForce]:
+    """The account's packages of ``api`` sold in ``regions`` and in force at some instant of
+    [``start``, ``end``] (purchase effective time, expiry as renewed), by package id; at most
+    1,000 (ExplainBillLine's near misses in other regions)."""
+    if not regions:
+        return []
+    o = t.orders.c
+    query = (
+        select(
+            _r.package_id,
+            _r.region,
+            _r.expire_time_us,
+            o.api,
+            o.enterprise_project_id,
+            o.effective_time_us,
+        )
+        .join(t.orders, o.order_id == _r.order_id)
+        .where(
+            _r.account_id == account_id,
+            _r.region.in_(sorted(set(regions))),
+            o.api == api,
+            o.effective_time_us <= to_epoch_us(end),
+            _r.expire_time_us + 1_000_000 > to_epoch_us(start),
+        )
+        .order_by(_r.package_id)
+        .limit(1000)
+    )
+    return [
+        SoldInForce(
+            package_id=r.package_id,
+            region=r.region,
+            api=r.api,
+            enterprise_project_id=r.enterprise_project_id,
+            effective_time=from_epoch_us(r.effective_time_us),
+            expire_time=from_epoch_us(r.expire_time_us),
+        )
+        for r in await uow.rows(query)
+    ]

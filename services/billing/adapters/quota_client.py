@@ -15,6 +15,7 @@ from datetime import datetime
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
+from services.billing.domain.line_explanations import Explained, NearMissSeen
 from services.billing.domain.overview import AlertSeen, PackageSeen
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
@@ -239,6 +240,24 @@ class QuotaClient:
             within,
         )
         return [_alert_seen(a) for a in response.usage_alerts], response.next_page_token
+
+    async def explain_usage(
+        self, region: str, usage_event_id: str, within: float = READ_TIMEOUT
+    ) -> Explained:
+        """Quota's explanation of a usage event, with its near misses."""
+        explanation = await self._call(
+            region,
+            "ExplainUsage",
+            quota_service_pb2.ExplainUsageRequest(event_id=usage_event_id),
+            within,
+        )
+        return Explained(
+            explanation,
+            tuple(
+                NearMissSeen(m.package_id, m.region, m.api, m.enterprise_project_id, m.reason)
+                for m in explanation.near_misses
+            ),
+        )
 
 
 # What ListPackages is asked for to find the packages in force.

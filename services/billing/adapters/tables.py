@@ -160,6 +160,22 @@ usage_cycles = Table(
     Index("ix_usage_cycles_due", "settled", "cycle_end_us"),
 )
 
+# The usage events behind the pay-per-use of each cycle (quota's usage_event_id of every
+# pay_per_use_recorded event), so a bill line can be explained event by event
+# (ExplainBillLine, docs/design/billing.md "Explaining a pay-per-use line").
+pay_per_use_events = Table(
+    "pay_per_use_events",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("cycle_start_us", BigInteger, primary_key=True),
+    Column("usage_event_id", String(200), primary_key=True),
+    Column("enterprise_project_id", String(64), nullable=False),
+    Column("quantity", BigInteger, nullable=False),
+    Column("occur_time_us", BigInteger, nullable=False),
+)
+
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
 consumer_cursors, consumer_leases = consumer_tables(metadata)

@@ -25,4 +25,5 @@ def recorded_usage(event: quota_pb2.QuotaEvent) -> RecordedUsage | None:
         enterprise_project_id=usage.enterprise_project_id,
         quantity=usage.quantity,
         occur_time=from_timestamp(stamp, "occur_time"),
+        usage_event_id=usage.usage_event_id,
     )

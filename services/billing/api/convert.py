@@ -7,6 +7,7 @@ from datetime import date, timedelta, tzinfo
 from decimal import Decimal
 
 from allot.billing.v1 import billing_pb2, billing_service_pb2
+from allot.quota.v1 import quota_pb2
 from google.type import date_pb2, money_pb2
 
 from services.billing.adapters.events import micros_to_money
@@ -15,6 +16,7 @@ from services.billing.app.bills import ShownBill
 from services.billing.domain.accounts import Account
 from services.billing.domain.bills import BillLine
 from services.billing.domain.cycles import month_bounds
+from services.billing.domain.line_explanations import LineEvent
 from services.billing.domain.overview import AccountOverview
 from services.billing.domain.packages import SoldPackage
 from services.billing.domain.subscriptions import Subscription
@@ -241,3 +243,27 @@ def to_proto_overview(seen: AccountOverview) -> billing_service_pb2.AccountOverv
         unheard_alerts=[alert.wire for alert in seen.unheard_alerts],
         notification_available=seen.notification_available,
     )
+
+
+def to_proto_line_event(event: LineEvent) -> billing_service_pb2.BillLineEvent:
+    usage = event.usage
+    out = billing_service_pb2.BillLineEvent(
+        usage_event_id=usage.usage_event_id,
+        enterprise_project_id=usage.enterprise_project_id,
+        pay_per_use_quantity=usage.quantity,
+        occur_time=to_timestamp(usage.occur_time),
+        near_misses=[
+            quota_pb2.NearMiss(
+                package_id=m.package_id,
+                region=m.region,
+                api=m.api,
+                enterprise_project_id=m.enterprise_project_id,
+                reason=m.reason,
+            )
+            for m in event.near_misses
+        ],
+        unavailable=event.unavailable,
+    )
+    if isinstance(event.explanation, quota_pb2.UsageExplanation):
+        out.explanation.CopyFrom(event.explanation)
+    return out

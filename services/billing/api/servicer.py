@@ -15,6 +15,7 @@ from services.billing.app import (
     batch_renewals,
     bills,
     fulfilment,
+    line_explanations,
     orders,
     overview,
     renewals,
@@ -343,6 +344,34 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             unavailable_regions=page.unavailable_regions,
             next_page_token=encode_page_token(list(page.next_position), request)
             if page.next_position
+            else "",
+        )
+
+    async def ExplainBillLine(self, request, context):
+        if not request.HasField("cycle_start_time"):
+            raise InvalidArgument("cycle_start_time", "cycle_start_time is required")
+        query = line_explanations.LineQuery(
+            account_id=request.account_id,
+            month=request.month,
+            cycle_start_time=from_timestamp(request.cycle_start_time, "cycle_start_time"),
+            region=request.region,
+            api=request.api,
+            visible_regions=current_principal().visible_regions(self.ctx.catalog.regions),
+        )
+        after = decode_page_token(request)
+        if after is not None and not (len(after) == 1 and isinstance(after[0], str)):
+            raise InvalidArgument("page_token", "page_token is malformed")
+        # The policy checked the account field: the line's absence is the caller's own to know.
+        page, more = await line_explanations.explain_line(
+            self.ctx,
+            query,
+            after[0] if after else None,
+            line_explanations.line_page_size(request.page_size),
+        )
+        return billing_service_pb2.ExplainBillLineResponse(
+            events=[convert.to_proto_line_event(e) for e in page],
+            next_page_token=encode_page_token([page[-1].usage.usage_event_id], request)
+            if more and page
             else "",
         )
 

@@ -84,6 +84,9 @@ async def take_pay_per_use(
                 start.isoformat(),
             )
         await repo.add_calls(uow, key, usage.quantity)
+    if usage.usage_event_id:
+        # The line's events, for ExplainBillLine (docs/design/billing.md).
+        await repo.record_event(uow, key, usage)
     return end
 
 

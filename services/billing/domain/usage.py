@@ -17,6 +17,8 @@ class RecordedUsage:
     enterprise_project_id: str
     quantity: int
     occur_time: datetime
+    # Quota's id of the usage event ("" from a quota that does not send it).
+    usage_event_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from services.quota.app.packages import GrantInput
 from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
+from services.quota.domain.near_misses import NearMiss
 from services.quota.domain.rate_limits import EffectiveLimit
 from shared.timeutil import from_epoch_us, from_timestamp, to_timestamp
 
@@ -139,7 +140,9 @@ _RULES = {r.lower(): v for r, v in quota_pb2.DecisiveRule.items()}
 _REASONS = {r.lower(): v for r, v in quota_pb2.IneligibleReason.items()}
 
 
-def to_proto_explanation(usage: StoredUsage) -> quota_pb2.UsageExplanation:
+def to_proto_explanation(
+    usage: StoredUsage, near_misses: Sequence[NearMiss] = ()
+) -> quota_pb2.UsageExplanation:
     explanation = usage.explanation
     return quota_pb2.UsageExplanation(
         event_id=usage.event_id,
@@ -162,6 +165,16 @@ def to_proto_explanation(usage: StoredUsage) -> quota_pb2.UsageExplanation:
         api=usage.api,
         enterprise_project_id=usage.enterprise_project_id,
         occur_time=to_timestamp(usage.occur_time),
+        near_misses=[
+            quota_pb2.NearMiss(
+                package_id=m.package_id,
+                region=m.region,
+                api=m.api,
+                enterprise_project_id=m.enterprise_project_id,
+                reason=int(m.reason),
+            )
+            for m in near_misses
+        ],
     )
 
 

@@ -103,11 +103,13 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         return convert.to_proto_admission(admission)
 
     async def ExplainUsage(self, request, context):
+        # Near misses of other regions only in the regions the caller's token may see.
+        visible = current_principal().visible_regions(self.ctx.served_regions)
         found = await _owned(
-            usage.explain_usage(self.ctx, request.event_id),
-            lambda u: (u.account_id, u.region),
+            usage.explain_usage(self.ctx, request.event_id, visible),
+            lambda e: (e.usage.account_id, e.usage.region),
         )
-        return convert.to_proto_explanation(found)
+        return convert.to_proto_explanation(found.usage, found.near_misses)
 
     # --- packages ------------------------------------------------------------------------
 

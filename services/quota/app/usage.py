@@ -1,4 +1,4 @@
-"""Use cases of usage events: record a batch exactly once, explain one.
+"""Use cases of usage events: record a batch exactly once, explain one (near misses included).
 
 `record_usage` is the one hot path: `ReportUsage` is a batch of one. In one transaction it
 locks every package the batch touches, finds event ids recorded before, applies the rest
@@ -14,11 +14,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from services.quota.adapters import near_miss_queries
 from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import usage_repository as usage_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
-from services.quota.domain.deduction import UsageEvent, apply_usage, left_out_reason
+from services.quota.domain.deduction import (
+    IneligibleReason,
+    UsageEvent,
+    apply_usage,
+    left_out_reason,
+)
+from services.quota.domain.near_misses import ExplainedEvent, NearMiss, near_misses
 from services.quota.domain.packages import Package, PackageState
 from shared.db import UnitOfWork
 from shared.errors import AllotError, InvalidArgument, NotFound
@@ -314,24 +321,59 @@ def _announce_exhausted(
     return out
 
 
-async def explain_usage(ctx: QuotaContext, event_id: str) -> usage_repo.StoredUsage:
+@dataclass(frozen=True)
+class Explained:
+    """A recorded event's explanation and, for pay-per-use, its near misses."""
+
+    usage: usage_repo.StoredUsage
+    near_misses: tuple[NearMiss, ...]
+
+
+async def explain_usage(
+    ctx: QuotaContext, event_id: str, visible_regions: tuple[str, ...] | None = None
+) -> Explained:
     """The event as recorded, its explanation completed with the packages of its scope that
     the hot path did not read (revoked, expired or used up when it was recorded; see
-    `left_out_reason`), listed with the other ineligible candidates by package id."""
+    `left_out_reason`), listed with the other ineligible candidates by package id; and for an
+    event with pay-per-use calls its near misses (`domain/near_misses.py`), looked for in the
+    served regions of `visible_regions` (every served region when None)."""
     if not event_id:
         raise InvalidArgument("event_id", "event_id is required")
 
-    async def work(uow: UnitOfWork) -> usage_repo.StoredUsage:
+    async def work(uow: UnitOfWork) -> Explained:
         found = (await usage_repo.find_usage(uow, [event_id])).get(event_id)
         if found is None:
             raise NotFound(
                 "USAGE_EVENT_NOT_FOUND", f"no usage event {event_id!r}", event_id=event_id
             )
         scope = (found.account_id, found.region, found.api)
-        others = await packages_repo.left_out_packages(
+        scope_packages = await packages_repo.left_out_packages(
             uow, scope, found.occur_time, found.record_time
         )
-        return _with_left_out(found, others)
+        explained = _with_left_out(found, scope_packages)
+        if found.pay_per_use_quantity <= 0:
+            return Explained(explained, ())
+        regions = ctx.regions_or_all("", visible_regions)
+        others = await near_miss_queries.packages_near(
+            uow,
+            account_id=found.account_id,
+            region=found.region,
+            api=found.api,
+            regions=regions,
+            occur_time=found.occur_time,
+            recorded_at=found.record_time,
+        )
+        ineligible = {
+            c[0]: IneligibleReason(c[3]) for c in explained.explanation["candidates"] if not c[2]
+        }
+        event = ExplainedEvent(
+            found.region,
+            found.api,
+            found.occur_time,
+            found.record_time,
+            found.pay_per_use_quantity,
+        )
+        return Explained(explained, near_misses(event, ineligible, scope_packages, others))
 
     return await ctx.db.read(work)
 

@@ -1074,3 +1074,135 @@ class ListAccountPackagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAccountPackagesResponse: _TypeAlias = ListAccountPackagesResponse  # noqa: Y015
+
+@_typing.final
+class ExplainBillLineRequest(_message.Message):
+    """Request of ExplainBillLine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    CYCLE_START_TIME_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose usage the line is (a member's, on an enterprise master's bill)."""
+    month: _builtins.str
+    """The bill's calendar month in the billing time zone, "YYYY-MM"; the cycle starts in it."""
+    region: _builtins.str
+    """The line's catalog region."""
+    api: _builtins.str
+    """The line's catalog API."""
+    page_size: _builtins.int
+    """At most this many events (default 20, at most 100)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same line; empty for the first page."""
+    @_builtins.property
+    def cycle_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the line's hourly cycle (BillLine.cycle_start_time)."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+        cycle_start_time: _timestamp_pb2.Timestamp | None = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cycle_start_time", b"cycle_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "cycle_start_time", b"cycle_start_time", "month", b"month", "page_size", b"page_size", "page_token", b"page_token", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainBillLineRequest: _TypeAlias = ExplainBillLineRequest  # noqa: Y015
+
+@_typing.final
+class BillLineEvent(_message.Message):
+    """One pay-per-use usage event of a bill line, explained."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    NEAR_MISSES_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    usage_event_id: _builtins.str
+    """The usage event (its event_id from quota's ReportUsage)."""
+    enterprise_project_id: _builtins.str
+    """The enterprise project the calls were charged to."""
+    pay_per_use_quantity: _builtins.int
+    """The event's pay-per-use calls, as billing received them."""
+    unavailable: _builtins.bool
+    """The region's quota service did not explain the event in time (or no longer knows it):
+    explanation is unset and near_misses holds only billing's own.
+    """
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When the gateway received the calls."""
+
+    @_builtins.property
+    def explanation(self) -> _quota_pb2.UsageExplanation:
+        """Quota's explanation of the event (ExplainUsage); unset when unavailable."""
+
+    @_builtins.property
+    def near_misses(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.NearMiss]:
+        """The packages that did not pay, most likely cause first: quota's near misses, then the
+        packages billing sold in other regions (OTHER_REGION) that quota did not list.
+        """
+
+    def __init__(
+        self,
+        *,
+        usage_event_id: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
+        pay_per_use_quantity: _builtins.int = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+        explanation: _quota_pb2.UsageExplanation | None = ...,
+        near_misses: _abc.Iterable[_quota_pb2.NearMiss] | None = ...,
+        unavailable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enterprise_project_id", b"enterprise_project_id", "explanation", b"explanation", "near_misses", b"near_misses", "occur_time", b"occur_time", "pay_per_use_quantity", b"pay_per_use_quantity", "unavailable", b"unavailable", "usage_event_id", b"usage_event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillLineEvent: _TypeAlias = BillLineEvent  # noqa: Y015
+
+@_typing.final
+class ExplainBillLineResponse(_message.Message):
+    """Response of ExplainBillLine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty at the end."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillLineEvent]:
+        """The line's events of this page, by usage_event_id."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___BillLineEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainBillLineResponse: _TypeAlias = ExplainBillLineResponse  # noqa: Y015

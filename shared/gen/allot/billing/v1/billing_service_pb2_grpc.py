@@ -160,6 +160,11 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.FromString,
                 _registered_method=True)
+        self.ExplainBillLine = channel.unary_unary(
+                '/allot.billing.v1.BillingService/ExplainBillLine',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/allot.billing.v1.BillingService/WatchEvents',
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.WatchEventsRequest.SerializeToString,
@@ -413,6 +418,21 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainBillLine(self, request, context):
+        """Explains a pay-per-use line of a bill: the usage events of the line's hourly cycle (every
+        enterprise project), by usage event id, at most page_size (default 20, at most 100) a
+        page, each with the explanation of the region's quota service and the account's
+        packages that did not pay (near misses), completed with the packages billing sold in
+        other regions for the same API and in force at the call (OTHER_REGION). Quota's
+        explanations are asked concurrently with a bounded deadline; an event whose quota did
+        not answer is marked unavailable and keeps billing's near misses. Read-only. Errors:
+        INVALID_ARGUMENT (month, cycle_start_time, UNKNOWN_REGION, UNKNOWN_API, page_size,
+        page_token), NOT_FOUND (ACCOUNT_NOT_FOUND, BILL_LINE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Streams billing's events after a sequence: history first, then live events. Errors:
         FAILED_PRECONDITION when after_sequence is beyond the last event (its ErrorInfo carries
@@ -534,6 +554,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ListAccountPackages,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.SerializeToString,
+            ),
+            'ExplainBillLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainBillLine,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -1150,6 +1175,33 @@ class BillingService:
             '/allot.billing.v1.BillingService/ListAccountPackages',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__service__pb2.ListAccountPackagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainBillLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/ExplainBillLine',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.ExplainBillLineResponse.FromString,
             options,
             channel_credentials,
             insecure,

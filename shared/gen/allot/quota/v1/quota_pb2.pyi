@@ -206,6 +206,53 @@ DECISIVE_RULE_NOT_BILLABLE: DecisiveRule.ValueType  # 9
 """The call was not billable (HTTP status not 2xx)."""
 Global___DecisiveRule: _TypeAlias = DecisiveRule  # noqa: Y015
 
+class _NearMissReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NearMissReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NearMissReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NEAR_MISS_REASON_UNSPECIFIED: _NearMissReason.ValueType  # 0
+    """Not set."""
+    NEAR_MISS_REASON_OTHER_REGION: _NearMissReason.ValueType  # 1
+    """Same API, in force at the call, but in another region."""
+    NEAR_MISS_REASON_OTHER_API: _NearMissReason.ValueType  # 2
+    """Same region, in force at the call, but for another API."""
+    NEAR_MISS_REASON_OTHER_PROJECT: _NearMissReason.ValueType  # 3
+    """Same region and API, in force, but designated for another enterprise project."""
+    NEAR_MISS_REASON_NOT_YET_EFFECTIVE: _NearMissReason.ValueType  # 4
+    """Same region and API, but its effective_time was after the call."""
+    NEAR_MISS_REASON_EXPIRED: _NearMissReason.ValueType  # 5
+    """Same region and API, but it had expired before the call."""
+    NEAR_MISS_REASON_EXHAUSTED: _NearMissReason.ValueType  # 6
+    """Same region and API, but nothing was left in it."""
+    NEAR_MISS_REASON_REVOKED: _NearMissReason.ValueType  # 7
+    """Same region and API, but it was revoked."""
+
+class NearMissReason(_NearMissReason, metaclass=_NearMissReasonEnumTypeWrapper):
+    """Why a package of the account did not pay for a pay-per-use call. Near misses are listed
+    most likely cause first: the same region and API (OTHER_PROJECT, NOT_YET_EFFECTIVE,
+    EXPIRED, EXHAUSTED, REVOKED), then OTHER_API, then OTHER_REGION.
+    """
+
+NEAR_MISS_REASON_UNSPECIFIED: NearMissReason.ValueType  # 0
+"""Not set."""
+NEAR_MISS_REASON_OTHER_REGION: NearMissReason.ValueType  # 1
+"""Same API, in force at the call, but in another region."""
+NEAR_MISS_REASON_OTHER_API: NearMissReason.ValueType  # 2
+"""Same region, in force at the call, but for another API."""
+NEAR_MISS_REASON_OTHER_PROJECT: NearMissReason.ValueType  # 3
+"""Same region and API, in force, but designated for another enterprise project."""
+NEAR_MISS_REASON_NOT_YET_EFFECTIVE: NearMissReason.ValueType  # 4
+"""Same region and API, but its effective_time was after the call."""
+NEAR_MISS_REASON_EXPIRED: NearMissReason.ValueType  # 5
+"""Same region and API, but it had expired before the call."""
+NEAR_MISS_REASON_EXHAUSTED: NearMissReason.ValueType  # 6
+"""Same region and API, but nothing was left in it."""
+NEAR_MISS_REASON_REVOKED: NearMissReason.ValueType  # 7
+"""Same region and API, but it was revoked."""
+Global___NearMissReason: _TypeAlias = NearMissReason  # noqa: Y015
+
 class _UsageAlertState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -620,6 +667,7 @@ class UsageExplanation(_message.Message):
     API_FIELD_NUMBER: _builtins.int
     ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    NEAR_MISSES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The usage event explained (its event_id from ReportUsage)."""
     policy: _builtins.str
@@ -648,6 +696,14 @@ class UsageExplanation(_message.Message):
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the gateway received the calls, as reported (or the instant of the report)."""
 
+    @_builtins.property
+    def near_misses(self) -> _containers.RepeatedCompositeFieldContainer[Global___NearMiss]:
+        """For an event with pay-per-use calls: the account's packages that did not pay and why,
+        most likely cause first (see NearMissReason), at most 50. Quota lists the packages of
+        its own database in the regions the caller may see; billing's ExplainBillLine adds
+        packages of regions served elsewhere. Empty when no call was pay-per-use.
+        """
+
     def __init__(
         self,
         *,
@@ -662,14 +718,53 @@ class UsageExplanation(_message.Message):
         api: _builtins.str = ...,
         enterprise_project_id: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        near_misses: _abc.Iterable[Global___NearMiss] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "billable", b"billable", "candidates", b"candidates", "decisive_rule", b"decisive_rule", "enterprise_project_id", b"enterprise_project_id", "event_id", b"event_id", "occur_time", b"occur_time", "pay_per_use_quantity", b"pay_per_use_quantity", "policy", b"policy", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "billable", b"billable", "candidates", b"candidates", "decisive_rule", b"decisive_rule", "enterprise_project_id", b"enterprise_project_id", "event_id", b"event_id", "near_misses", b"near_misses", "occur_time", b"occur_time", "pay_per_use_quantity", b"pay_per_use_quantity", "policy", b"policy", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageExplanation: _TypeAlias = UsageExplanation  # noqa: Y015
+
+@_typing.final
+class NearMiss(_message.Message):
+    """A package of the account that did not pay for a pay-per-use call, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    package_id: _builtins.str
+    """The package."""
+    region: _builtins.str
+    """The package's region."""
+    api: _builtins.str
+    """The package's API."""
+    enterprise_project_id: _builtins.str
+    """The project the package is designated for; empty means every project."""
+    reason: Global___NearMissReason.ValueType
+    """Why it did not pay."""
+    def __init__(
+        self,
+        *,
+        package_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        enterprise_project_id: _builtins.str = ...,
+        reason: Global___NearMissReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "enterprise_project_id", b"enterprise_project_id", "package_id", b"package_id", "reason", b"reason", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NearMiss: _TypeAlias = NearMiss  # noqa: Y015
 
 @_typing.final
 class UsageAlert(_message.Message):

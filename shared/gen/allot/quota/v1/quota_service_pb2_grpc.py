@@ -275,7 +275,9 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExplainUsage(self, request, context):
-        """Says which packages paid for a usage event and why. Errors: NOT_FOUND (USAGE_EVENT_NOT_FOUND).
+        """Says which packages paid for a usage event and why; for a pay-per-use event also which
+        packages of the account did not pay and why (near_misses). Read-only. Errors: NOT_FOUND
+        (USAGE_EVENT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
