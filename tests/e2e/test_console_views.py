@@ -13,7 +13,9 @@ packages") and docs/design/ownership-and-regions.md.
 - `GetAccountOverview` shows the packages of both regions, each read from its own process, and
   flags a usage alert no contact hears until a contact subscribes (billing → notification).
 - The project subtotals of a month's bill (`GetBill.project_subtotals`) add up to its total,
-  with pay-per-use that billing read from Hong Kong's stream.
+  with pay-per-use that billing read from Hong Kong's stream; `ExplainBillLine` explains a
+  Hong Kong pay-per-use call of a project whose package is in Bangkok as "package in another
+  region" (`NEAR_MISS_REASON_OTHER_REGION`).
 - With Bangkok's quota stopped, the overview answers within its read deadline for Hong Kong
   and marks Bangkok `available=false` (so does `ListAccountPackages`); once Bangkok is back, it
   is read again.
@@ -38,6 +40,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
+from allot.quota.v1 import quota_pb2
 from google.type import date_pb2
 
 from services.billing.adapters.quota_client import READ_TIMEOUT
@@ -336,7 +339,9 @@ async def test_the_overview_shows_both_regions_and_flags_an_alert_nobody_hears(c
 # --- the bill ---------------------------------------------------------------------------------
 
 
-async def test_the_project_subtotals_of_a_months_bill_add_up_to_its_total(console):
+async def test_the_project_subtotals_add_up_and_a_pay_per_use_line_names_the_package_elsewhere(
+    console,
+):
     account = "acme-bill"
     await console.account(account, "10.00")
     # Bangkok: this package pays for none of the Hong Kong calls below.
@@ -368,6 +373,26 @@ async def test_the_project_subtotals_of_a_months_bill_add_up_to_its_total(consol
     ]
     assert sum(micros(s.total) for s in bill.project_subtotals) == micros(bill.total)
     assert micros(bill.total) == sum(micros(x.amount) for x in bill.lines) == 8_400_000
+
+    # "Why was I charged pay-per-use although I have a package?": the line's call of project
+    # p-a was made in Hong Kong, the package for p-a is in Bangkok (billing's record of what it
+    # sold; Hong Kong's quota does not know it).
+    (line,) = [x for x in pay_per_use if x.enterprise_project_id == "p-a"]
+    explained = await console.billing.stub.ExplainBillLine(
+        billing_service_pb2.ExplainBillLineRequest(
+            account_id=account,
+            month="2024-05",
+            cycle_start_time=line.cycle_start_time,
+            region=HK,
+            api=PASSPORT,
+        ),
+        metadata=console.billing.account(account, read_only=True),
+    )
+    (event,) = [e for e in explained.events if e.usage_event_id == "bill-p-a"]
+    assert not event.unavailable and event.explanation.pay_per_use_quantity == 2
+    assert [(m.package_id, m.region, m.reason) for m in event.near_misses] == [
+        (bought.package_id, BKK, quota_pb2.NEAR_MISS_REASON_OTHER_REGION)
+    ]
 
 
 # --- a region away (last: it stops and restarts Bangkok's quota) -----------------------------
