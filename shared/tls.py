@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from shared import tracing
 from shared.auth import SUITE_SERVICES
 
 log = logging.getLogger("allot.tls")
@@ -145,13 +146,17 @@ class Channels:
         return channel
 
     def _open(self, addr: str) -> grpc.aio.Channel:
+        # Client spans and `traceparent` on every call, when traced (shared/tracing.py).
+        interceptors = tracing.client_interceptors()
         if not self.files.dials_tls:
-            return grpc.aio.insecure_channel(addr, options=self.options)
+            return grpc.aio.insecure_channel(addr, options=self.options, interceptors=interceptors)
         key, cert, ca = self.files.read()
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
-        return grpc.aio.secure_channel(addr, credentials, options=self.options)
+        return grpc.aio.secure_channel(
+            addr, credentials, options=self.options, interceptors=interceptors
+        )
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
         import asyncio
