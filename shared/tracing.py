@@ -125,9 +125,9 @@ def configure(
 
     global _provider, _tracer
     env = os.environ if environ is None else environ
-    attributes: dict[str, Any] = {}
-    if not env.get("OTEL_SERVICE_NAME"):
-        attributes[SERVICE_NAME] = f"allot-{service_name}"
+    attributes: dict[str, Any] = {
+        SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or f"allot-{service_name}"
+    }
     provider = TracerProvider(resource=Resource.create(attributes))
     processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
