@@ -7,18 +7,22 @@ servers.
   it, quota's server span a child of that (the `traceparent` metadata), and both services'
   database statements are spans under their own server spans. The events the purchase writes
   (billing's order_updated) carry that trace's parent.
+- A service process traces when `OTEL_*` says so (`run_service` configures it; the console
+  exporter prints its spans, flushed at SIGTERM).
 - A consumed event continues its trace: a ReportUsage call paid by pay-per-use writes
   pay_per_use_recorded; billing's stream consumer applies it in a CONSUMER span that is a
   child of quota's ReportUsage span, and billing's database statements of that effect are
-  under it.
+  under it. A refused call has a server span with its status code.
 
 Both on SQLite and PostgreSQL; every wait is bounded (`until`).
 """
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
+from allot.quota.v1 import quota_service_pb2
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -27,7 +31,14 @@ from tests.support.billing import billing_settings, running_billing
 from tests.support.events import PAY_PER_USE_RECORDED
 from tests.support.events import events as read_events
 from tests.support.notification import until
-from tests.support.quota import QuotaCalls, quota_settings, running_quota
+from tests.support.quota import (
+    QuotaCalls,
+    quota_calls,
+    quota_env,
+    quota_process,
+    quota_settings,
+    running_quota,
+)
 
 START = "2024-05-01T02:00:00Z"
 ACCOUNT = "acme"
@@ -35,6 +46,7 @@ REGION = "ap-southeast-1"
 PURCHASE = "/allot.billing.v1.BillingService/PurchasePackage"
 GRANT = "/allot.quota.v1.QuotaService/GrantPackage"
 REPORT = "/allot.quota.v1.QuotaService/ReportUsage"
+LIST = "/allot.quota.v1.QuotaService/ListPackages"
 WITHIN = 30.0
 
 
@@ -178,3 +190,39 @@ async def test_a_consumed_event_continues_the_trace_that_wrote_it(spans, tmp_pat
             assert effect, "billing's statements applying the event are under the consumer span"
             # The streams themselves make no spans (their events carry their trace parents).
             assert not [s for s in got if s.name.endswith("/WatchEvents")]
+
+            # A refused call has its span too, with its status code.
+            spans.clear()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await quota.stub.ListPackages(
+                    quota_service_pb2.ListPackagesRequest(account_id=ACCOUNT), timeout=WITHIN
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            (span,) = await until(
+                finished, lambda got: named(got, LIST, SpanKind.SERVER), what="the refused span"
+            )
+            assert (
+                span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+            )
+            # (Its span status stays unset: OpenTelemetry marks server spans as errors only
+            # for the server's own faults, not for a refused caller.)
+
+
+async def test_a_service_process_traces_when_otel_says_so(tmp_path):
+    env = quota_env(
+        f"sqlite+aiosqlite:///{tmp_path / 'quota.db'}",
+        tmp_path,
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_SERVICE_NAME="quota-under-test",
+    )
+    with quota_process(env, tmp_path / "quota.log") as process:
+        async with grpc.aio.insecure_channel(process.addr) as channel:
+            calls = quota_calls(channel)
+            await calls.list_packages(ACCOUNT)
+        process.send_signal()
+        assert process.wait(30) == 0, process.log_text()
+        printed = "".join(process.printed())
+    assert '"name": "/allot.quota.v1.QuotaService/ListPackages"' in printed, process.log_text()
+    assert '"service.name": "quota-under-test"' in printed
+    assert '"db.statement": "SELECT' in printed
+    assert "WatchEvents" not in printed and "grpc.health" not in printed

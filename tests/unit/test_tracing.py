@@ -4,6 +4,9 @@ inside a span, and the consumer's span as a child of an event's trace parent."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from allot.quota.v1 import quota_pb2
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -11,7 +14,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy import create_engine, text
 
 from shared import tracing
-from shared.settings import SettingsError
+from shared.settings import REPO_ROOT, SettingsError
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -150,3 +153,22 @@ def test_a_failing_effect_marks_the_span(spans):
         raise RuntimeError("effect failed")
     (span,) = spans.get_finished_spans()
     assert not span.status.is_ok
+
+
+def test_a_service_with_a_bad_otel_value_exits_at_start_naming_it(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "services.quota"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ALLOT_DATA_DIR": str(tmp_path),
+            "OTEL_TRACES_EXPORTER": "zipkin",
+        },
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr == (
+        "quota: OTEL_TRACES_EXPORTER: 'zipkin' is not one of otlp, console or none\n"
+    )
