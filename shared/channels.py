@@ -34,8 +34,15 @@ KEEPALIVE_OPTIONS = (
 # its deadline. Every call on these channels may be repeated: billing's commands to quota carry
 # request ids, the rest are reads and streams (a stream is only retried before its first
 # message). Other codes are left to the callers, which retry later on their own schedule.
+#
+# Calls are spread over every address the target resolves to (`round_robin`; gRPC's default,
+# `pick_first`, sends everything to the first). With `dns:///name:port` and a headless
+# Kubernetes Service the name resolves to every ready replica, so one caller's calls reach all
+# of them (deploy/README.md, "Scaling"); a plain host:port that resolves to one address is
+# unchanged.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],  # every method of every service
@@ -47,7 +54,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 CHANNEL_OPTIONS = (

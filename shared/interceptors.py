@@ -1,5 +1,5 @@
 """The one server interceptor: request id, authentication and policy, stream caps, error
-mapping, logging.
+mapping, and the access line of every call (docs/faults.md, "Logs").
 
 Business logic never lives here. Every method needs an entry in the service's policy table
 (deny by default); health and reflection are public. Who is calling (docs/security.md): a peer
@@ -32,8 +32,6 @@ from shared.errors import PermissionDenied, ResourceExhausted, Unavailable
 from shared.tls import peer_service
 from shared.tokens import TokenVerifier
 from shared.validation import check_strings
-
-log = logging.getLogger("allot.rpc")
 
 PUBLIC_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -104,15 +102,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # no client-streaming RPCs in the contract
 
-    async def _enter(self, method: str, rule: Policy | None, request, context) -> Principal:
+    async def _enter(
+        self, method: str, rule: Policy | None, request, context, call: _Call
+    ) -> Principal:
         metadata = dict(context.invocation_metadata() or ())
-        given = metadata.get("x-request-id") or ""
-        logs.request_id.set(
+        given = metadata.get(logs.REQUEST_ID_HEADER) or ""
+        rid = (
             given
             if given.isascii() and given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS
             # 16 hex digits for log lines only: no need for the OS's entropy on every call.
             else f"{random.getrandbits(64):016x}"
         )
+        logs.request_id.set(rid)
+        # Echoed to the caller at the end of every call, errors included (status.abort keeps it).
+        context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, rid),))
         if not self.ready.is_set():
             raise Unavailable("SERVICE_STARTING", "the service is starting: retry shortly")
         if self.database_lost is not None and self.database_lost.is_set():
@@ -129,6 +132,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             # A master reading its members (docs/security.md, "Masters and members").
             members = await self.members_of(principal.account or "")
             principal = dataclasses.replace(principal, members=members)
+        call.principal = principal
         authorize(principal, rule, request)
         # Hostile but well-formed input (docs/security.md): no NUL reaches a database.
         check_strings(request)
@@ -137,24 +141,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, method, rule, behavior):
         async def wrapper(request, context):
-            started = time.perf_counter()
+            call = _Call(method)
             try:
-                await self._enter(method, rule, request, context)
+                await self._enter(method, rule, request, context, call)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
+                call.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                call.cancelled(context)
                 raise
             except Exception as exc:  # the error table decides the code
-                await status.abort(context, status.status_of(exc))
+                error = status.status_of(exc)
+                call.code = _code(error.code)
+                await status.abort(context, error)
             finally:
-                log.debug("%s %.1f ms", method, (time.perf_counter() - started) * 1000)
+                call.log()
 
         return wrapper
 
     def _stream(self, method, rule, behavior):
         async def wrapper(request, context):
+            call = _Call(method)
             key = None
             try:
-                principal = await self._enter(method, rule, request, context)
+                principal = await self._enter(method, rule, request, context, call)
                 key = _stream_key(principal)
                 if self._streams[key] >= self.max_streams_per_caller:
                     key = None
@@ -165,16 +176,88 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         limit=self.max_streams_per_caller,
                     )
                 self._streams[key] += 1
+                # A stream may run for hours: the caller learns its request id as it opens.
+                await context.send_initial_metadata(
+                    ((logs.REQUEST_ID_HEADER, logs.request_id.get()),)
+                )
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:
+                call.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                call.cancelled(context)
                 raise
             except Exception as exc:
-                await status.abort(context, status.status_of(exc))
+                error = status.status_of(exc)
+                call.code = _code(error.code)
+                await status.abort(context, error)
             finally:
                 if key is not None:
                     self._streams[key] -= 1
                     if self._streams[key] <= 0:
                         del self._streams[key]
+                call.log()  # one line when the stream ends
 
         return wrapper
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _code(number: int) -> grpc.StatusCode:
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+class _Call:
+    """What the access line of one call says: method, status code, duration in ms, and who
+    called (subject, role, account; `-` when the caller was refused before it was known). The
+    request id is the line's own (logs.request_id). Metadata is never logged: it holds tokens."""
+
+    __slots__ = ("method", "started", "code", "principal")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.principal: Principal | None = None
+
+    def cancelled(self, context) -> None:
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+    def log(self) -> None:
+        if not logs.access_log.isEnabledFor(logging.INFO):
+            return
+        ms = round((time.perf_counter() - self.started) * 1000, 1)
+        principal = self.principal
+        subject = _shown(principal.subject) if principal else "-"
+        role = ",".join(sorted(principal.roles)) if principal else "-"
+        account = _shown(principal.account or "-") if principal else "-"
+        code = self.code.name
+        logs.access_log.info(
+            "%s %s %.1f ms subject=%s role=%s account=%s",
+            self.method,
+            code,
+            ms,
+            subject,
+            role,
+            account,
+            extra={
+                "fields": {
+                    "method": self.method,
+                    "code": code,
+                    "duration_ms": ms,
+                    "subject": subject,
+                    "role": role,
+                    "account": account,
+                    "request_id": logs.request_id.get(),
+                }
+            },
+        )
+
+
+def _shown(text: str) -> str:
+    """A name from a token as one printable line (a log line must stay one line)."""
+    return text if text.isprintable() else repr(text)

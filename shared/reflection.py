@@ -21,7 +21,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 DESCRIPTOR_SET = pathlib.Path(__file__).resolve().parent / "gen" / "allot_descriptor_set.pb"
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("allot.reflection")
 
 
 def load_sources(

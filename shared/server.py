@@ -1,7 +1,8 @@
 """The bootstrap every service shares.
 
 settings -> clock -> database -> service -> grpc.aio server with the call interceptor ->
-health (NOT_SERVING until the database answers and migrations ran) -> reflection -> start.
+health (NOT_SERVING until the database answers and migrations ran; `liveness` SERVING from
+the start) -> reflection -> start.
 After start, a periodic database check turns health NOT_SERVING after
 ALLOT_HEALTH_DATABASE_GRACE_SECONDS without the database and SERVING again when it answers.
 On SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)`, stop due work, dispose the engine;
@@ -51,6 +52,11 @@ HEALTH_CHECK_INTERVAL = 2.0
 # a second or so of its return (docs/faults.md).
 HEALTH_RECHECK_INTERVAL = 0.5
 HEALTH_PING_TIMEOUT = 2.0
+# The health name of the liveness probe (docs/faults.md, "Health, probes and shutdown"): SERVING
+# from the moment the server listens until shutdown, whatever the database does. It is answered
+# by the event loop, so a wedged loop fails it (a TCP check would still pass: the kernel
+# accepts the connection).
+LIVENESS = "liveness"
 # Shutdown: what the steps after `server.stop(grace)` may take together, and at least each.
 SHUTDOWN_MARGIN = 2.5
 SHUTDOWN_STEP_MIN = 0.25
@@ -172,6 +178,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         # Reflection serves the protos' comments too (shared/reflection.py).
         reflection.enable_server_reflection(
             (*names, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -358,7 +365,7 @@ def run_service(
         settings = Settings.from_env()
     except SettingsError as exc:  # a refused setting stops the process with its message only
         sys.exit(f"{service_name}: {exc}")
-    logs.configure(service_name, settings.log_level)
+    logs.configure(service_name, settings.log_level, settings.log_format)
     try:
         tracing.configure_from_env(service_name)  # off unless OTEL_* asks (docs/operations.md)
     except SettingsError as exc:

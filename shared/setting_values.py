@@ -126,6 +126,7 @@ DeductionPolicy = Annotated[
 ClockKind = Annotated[Literal["system", "manual"], BeforeValidator(_one_of("system", "manual"))]
 ClientAuth = Annotated[Literal["none", "require"], BeforeValidator(_one_of("none", "require"))]
 EventLoop = Annotated[Literal["auto", "asyncio"], BeforeValidator(_one_of("auto", "asyncio"))]
+LogFormat = Annotated[Literal["text", "json"], BeforeValidator(_one_of("text", "json"))]
 
 
 def shown(value: Any, secret: bool = False, url: bool = False) -> str:

@@ -26,6 +26,7 @@ from shared.setting_values import (
     Endpoints,
     EventLoop,
     Instant,
+    LogFormat,
     LogLevel,
     Positive,
     Regions,
@@ -199,7 +200,12 @@ class Settings(BaseSettings):
     expiring_notice_days: WholeNumber = _setting(
         "ALLOT_EXPIRING_NOTICE_DAYS", 7, "days before expiry that package_expiring is sent"
     )
-    log_level: LogLevel = _setting("ALLOT_LOG_LEVEL", "INFO", "logging level")
+    log_level: LogLevel = _setting(
+        "ALLOT_LOG_LEVEL", "INFO", "level of the suite's own loggers (libraries stay at WARNING)"
+    )
+    log_format: LogFormat = _setting(
+        "ALLOT_LOG_FORMAT", "text", "`text` or `json` (one JSON object per line)"
+    )
     event_loop: EventLoop = _setting(
         "ALLOT_EVENT_LOOP", "auto", "`auto` (uvloop where installed) or `asyncio`"
     )

@@ -66,12 +66,16 @@ def status_of(exc: BaseException) -> status_pb2.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
-    """End the call with `status`, its details in `grpc-status-details-bin` (grpcio-status)."""
+    """End the call with `status`, its details in `grpc-status-details-bin` (grpcio-status),
+    keeping the trailing metadata set before (the request id echoed to the caller)."""
     code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
     await context.abort(
         code,
         status.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        trailing_metadata=(
+            *(context.trailing_metadata() or ()),
+            ("grpc-status-details-bin", status.SerializeToString()),
+        ),
     )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from shared import tracing
+from shared import logs, tracing
 from shared.auth import SUITE_SERVICES
 
 log = logging.getLogger("allot.tls")
@@ -131,6 +131,9 @@ class Channels:
     def __init__(self, files: TlsFiles, options: Sequence[tuple[str, object]] = ()) -> None:
         self.files = files
         self.options = tuple(options)
+        # Every outbound call carries the request id of the call it serves (shared/logs.py)
+        # and, when traced, a client span and `traceparent` (shared/tracing.py).
+        self.interceptors = [*tracing.client_interceptors(), *logs.client_interceptors()]
         self._channels: dict[str, tuple[tuple, grpc.aio.Channel]] = {}
         self._retired: list[grpc.aio.Channel] = []
 
@@ -146,16 +149,16 @@ class Channels:
         return channel
 
     def _open(self, addr: str) -> grpc.aio.Channel:
-        # Client spans and `traceparent` on every call, when traced (shared/tracing.py).
-        interceptors = tracing.client_interceptors()
         if not self.files.dials_tls:
-            return grpc.aio.insecure_channel(addr, options=self.options, interceptors=interceptors)
+            return grpc.aio.insecure_channel(
+                addr, options=self.options, interceptors=self.interceptors
+            )
         key, cert, ca = self.files.read()
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
         return grpc.aio.secure_channel(
-            addr, credentials, options=self.options, interceptors=interceptors
+            addr, credentials, options=self.options, interceptors=self.interceptors
         )
 
     def _retire(self, channel: grpc.aio.Channel) -> None:

@@ -166,11 +166,11 @@ def server_interceptors() -> list:
     return [aio_server_interceptor(tracer_provider=_provider, filter_=_traced)]
 
 
-def client_interceptors() -> list | None:
+def client_interceptors() -> list:
     """Interceptors for an outbound channel: a client span per call and `traceparent` in its
-    metadata. None when off (a channel without interceptors takes gRPC's direct path)."""
+    metadata; none when off."""
     if _provider is None:
-        return None
+        return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return aio_client_interceptors(tracer_provider=_provider, filter_=_traced)

@@ -23,6 +23,7 @@ import pytest
 from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.server import LIVENESS
 from tests.support.databases import POSTGRES_ADMIN_URL
 from tests.support.proxy import database_addr, tcp_proxy, through
 from tests.support.quota import QuotaCalls, quota_env, quota_process
@@ -149,6 +150,11 @@ async def test_health_follows_the_database_and_sigterm_stays_bounded(database_ur
                 await switch.take_away()
                 took = await health_becomes(health, NOT_SERVING, TURN_WITHIN)
                 assert took >= HEALTH_GRACE - 1, f"NOT_SERVING after {took:.1f}s, before grace"
+                # Liveness does not follow the database: no restart for an outage.
+                live = await health.Check(
+                    health_pb2.HealthCheckRequest(service=LIVENESS), timeout=CALL_TIMEOUT
+                )
+                assert live.status == SERVING
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.ReportUsage(usage("during"), metadata=GATEWAY, timeout=CALL_TIMEOUT)
                 assert refused.value.code() in RETRYABLE, refused.value

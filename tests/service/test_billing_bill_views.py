@@ -13,43 +13,31 @@ import contextlib
 import csv
 import io
 from dataclasses import dataclass
-from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
-from sqlalchemy import func, select
 
-from services.quota.adapters import tables as quota_tables
 from shared.timeutil import to_epoch_us
 from tests.support.billing import (
+    BILLING_TZ,
     BillingHandle,
     billing_settings,
+    local,
     micros,
+    money_micros_of,
     running_billing,
     write_catalog,
 )
 from tests.support.calls import expect_error
 from tests.support.quota import QuotaCalls, QuotaHandle, quota_settings, running_quota
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2024-05-01T00:00:00Z"  # 2024-05-01 08:00 in the billing time zone
 HK, BKK = "ap-southeast-1", "ap-southeast-2"
 MASTER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MASTER
 MEMBER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER
 PURCHASED = billing_pb2.ORDER_STATE_FULFILLED
-
-
-def local(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=TZ)
-
-
-def cents(amount: str) -> int:
-    """`"-0.50"` in micros."""
-    whole, _, fraction = amount.lstrip("-").partition(".")
-    value = int(whole) * 1_000_000 + int((fraction + "000000")[:6])
-    return -value if amount.startswith("-") else value
 
 
 @dataclass
@@ -71,16 +59,7 @@ class Suite:
 
     async def settle_at(self, at: str) -> None:
         """Once billing has every pay-per-use event quota wrote, move its clock to `at`."""
-        events = quota_tables.outbox_events.c
-
-        async def last(uow):
-            query = select(func.coalesce(func.max(events.sequence), 0)).where(
-                events.event_type == "pay_per_use_recorded"
-            )
-            return (await uow.session.execute(query)).scalar_one()
-
-        sequence = await self.quota_handle.server.runtime.db.read(last)
-        await self.billing_handle.caught_up(sequence, self.quota_handle.addr)
+        await self.billing_handle.caught_up_with(self.quota_handle)
         await self.billing.set_time(local(at))
 
     def bill(self, account: str, project: str = ""):
@@ -148,13 +127,17 @@ async def test_project_subtotals_add_up_to_the_total_and_the_filter_keeps_one_pr
     bill = await suite.bill("acme")
     # The top-up has no project: it counts under "".
     assert subtotals(bill.project_subtotals, "enterprise_project_id") == [
-        ("", cents("10")),
-        ("0", cents("-0.10")),
-        ("p-a", cents("-1.20")),
-        ("p-b", cents("-0.30")),
+        ("", money_micros_of("10")),
+        ("0", money_micros_of("-0.10")),
+        ("p-a", money_micros_of("-1.20")),
+        ("p-b", money_micros_of("-0.30")),
     ]
     assert sum(micros(s.total) for s in bill.project_subtotals) == micros(bill.total)
-    assert micros(bill.total) == sum(micros(line.amount) for line in bill.lines) == cents("8.40")
+    assert (
+        micros(bill.total)
+        == sum(micros(line.amount) for line in bill.lines)
+        == money_micros_of("8.40")
+    )
     assert list(bill.member_subtotals) == []  # not an enterprise master
 
     only_a = await suite.bill("acme", "p-a")
@@ -164,8 +147,10 @@ async def test_project_subtotals_add_up_to_the_total_and_the_filter_keeps_one_pr
         billing_pb2.BILL_LINE_KIND_PAY_PER_USE,
         billing_pb2.BILL_LINE_KIND_PACKAGE_PURCHASE,
     ]
-    assert micros(only_a.total) == cents("-1.20")
-    assert subtotals(only_a.project_subtotals, "enterprise_project_id") == [("p-a", cents("-1.20"))]
+    assert micros(only_a.total) == money_micros_of("-1.20")
+    assert subtotals(only_a.project_subtotals, "enterprise_project_id") == [
+        ("p-a", money_micros_of("-1.20"))
+    ]
     # One project's lines do not explain the account's balance: the balances are unset.
     assert not only_a.HasField("opening_balance") and not only_a.HasField("closing_balance")
     assert bill.HasField("closing_balance")
@@ -200,20 +185,22 @@ async def test_a_masters_bill_sums_each_members_spending(suite):
 
     bill = await suite.bill("corp")
     assert subtotals(bill.member_subtotals, "account_id") == [
-        ("corp", cents("10")),  # the master's own lines: its top-up
-        ("corp-dev", cents("-0.40")),
-        ("corp-ops", cents("-0.20")),
+        ("corp", money_micros_of("10")),  # the master's own lines: its top-up
+        ("corp-dev", money_micros_of("-0.40")),
+        ("corp-ops", money_micros_of("-0.20")),
     ]
     assert sum(micros(s.total) for s in bill.member_subtotals) == micros(bill.total)
     assert sum(micros(s.total) for s in bill.project_subtotals) == micros(bill.total)
-    assert micros(bill.closing_balance) == cents("9.40")
+    assert micros(bill.closing_balance) == money_micros_of("9.40")
     # Filtered by project, the member subtotals are those of the lines shown.
     only_a = await suite.bill("corp", "p-a")
-    assert subtotals(only_a.member_subtotals, "account_id") == [("corp-dev", cents("-0.30"))]
+    assert subtotals(only_a.member_subtotals, "account_id") == [
+        ("corp-dev", money_micros_of("-0.30"))
+    ]
 
     member_bill = await suite.bill("corp-dev")
     assert list(member_bill.member_subtotals) == []  # only a master's bill has them
     assert subtotals(member_bill.project_subtotals, "enterprise_project_id") == [
-        ("0", cents("-0.10")),
-        ("p-a", cents("-0.30")),
+        ("0", money_micros_of("-0.10")),
+        ("p-a", money_micros_of("-0.30")),
     ]

@@ -13,7 +13,6 @@ import contextlib
 from dataclasses import dataclass
 from datetime import date, datetime
 from fractions import Fraction
-from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -22,8 +21,10 @@ from allot.quota.v1 import quota_pb2
 from google.type import date_pb2
 
 from tests.support.billing import (
+    BILLING_TZ,
     BillingCalls,
     billing_settings,
+    local,
     micros,
     running_billing,
     write_catalog,
@@ -33,7 +34,7 @@ from tests.support.quota import QuotaCalls, running_quota
 from tests.support.quota import quota_settings as quota_settings_for
 
 REQ = billing_service_pb2
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in the billing time zone
 HK = "ap-southeast-1"
 BKK = "ap-southeast-2"
@@ -41,10 +42,6 @@ OFFER = "passport-100-1y"
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-
-
-def local(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=TZ)
 
 
 def day(text: str) -> date_pb2.Date:

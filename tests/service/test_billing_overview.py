@@ -269,11 +269,14 @@ async def test_account_packages_page_across_regions(suite):
     assert listed == sorted(hk_ids) + sorted(bkk_ids)
     assert len(pages) == 3
 
-    # Filters: one region, states, the enterprise project (applied by billing).
+    # Filters: one region, states, the enterprise project (quota's rule: the packages
+    # designated to it and those for every project, which can pay its calls).
     only_bkk = await _packages(billing, region=BKK)
     assert len(only_bkk.packages) == 3
-    project = await _packages(billing, enterprise_project_id="proj-a")
+    project = await _packages(billing, enterprise_project_id="proj-a", api=ID_CARD)
     assert [(p.region, p.api) for p in project.packages] == [(BKK, ID_CARD)]
+    every_project = await _packages(billing, enterprise_project_id="proj-b")
+    assert sorted(p.package_id for p in every_project.packages) == sorted(hk_ids + bkk_ids)
     exhausted = await _packages(billing, states=[EXHAUSTED])
     assert list(exhausted.packages) == []
     # A token is only good for its own query.

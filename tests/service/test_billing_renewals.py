@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -21,8 +20,10 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_pb2
 
 from tests.support.billing import (
+    BILLING_TZ,
     BillingCalls,
     billing_settings,
+    local,
     micros,
     running_billing,
     write_catalog,
@@ -33,7 +34,7 @@ from tests.support.quota import quota_settings as quota_settings_for
 from tests.support.servers import free_port
 
 REQ = billing_service_pb2
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in the billing time zone
 HK = "ap-southeast-1"
 BKK = "ap-southeast-2"
@@ -41,10 +42,6 @@ OFFER = "passport-100-1y"
 RENEWAL = billing_pb2.ORDER_KIND_RENEWAL
 AUTO_RENEWAL = billing_pb2.ORDER_KIND_AUTO_RENEWAL
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED
-
-
-def local(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=TZ)
 
 
 def utc(stamp) -> str:

@@ -18,25 +18,26 @@ import io
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2
 from allot.quota.v1 import quota_pb2, quota_service_pb2
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 
 from services.billing.adapters import tables as billing_tables
 from services.billing.app import settlement, standing
 from services.billing.app.usage import BACKLOG_LAG, MAX_WAIT, settlement_waits
 from services.billing.domain.bills import CSV_COLUMNS
-from services.quota.adapters import tables as quota_tables
 from shared.timeutil import to_epoch_us
 from tests.support.billing import (
+    BILLING_TZ,
     TIER_1_UP_TO,
     BillingHandle,
     billing_settings,
+    local,
     micros,
+    money_micros_of,
     running_billing,
     write_catalog,
 )
@@ -46,7 +47,7 @@ from tests.support.quota import quota_settings as quota_settings_for
 from tests.support.servers import free_port
 from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2024-05-01T00:00:00Z"  # 2024-05-01 08:00 in the billing time zone
 HK, BKK = "ap-southeast-1", "ap-southeast-2"
 PASSPORT, GENERAL, ID_CARD = "passport", "general-text", "id-card"
@@ -55,18 +56,6 @@ PAY_PER_USE = billing_pb2.BILL_LINE_KIND_PAY_PER_USE
 TOP_UP = billing_pb2.BILL_LINE_KIND_TOP_UP
 MASTER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MASTER
 MEMBER = billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER
-
-
-def local(text: str) -> datetime:
-    """`"2024-05-01 08:45"` in the billing time zone."""
-    return datetime.fromisoformat(text).replace(tzinfo=TZ)
-
-
-def cents(amount: str) -> int:
-    """`"0.50"` in micros."""
-    whole, _, fraction = amount.lstrip("-").partition(".")
-    value = int(whole) * 1_000_000 + int((fraction + "000000")[:6])
-    return -value if amount.startswith("-") else value
 
 
 @dataclass
@@ -105,16 +94,7 @@ class Suite:
 
     async def synced(self) -> None:
         """Wait until billing has taken in every pay-per-use event quota has written."""
-        db = self.quota_handle.server.runtime.db
-        events = quota_tables.outbox_events.c
-
-        async def last(uow):
-            query = select(func.coalesce(func.max(events.sequence), 0)).where(
-                events.event_type == "pay_per_use_recorded"
-            )
-            return (await uow.session.execute(query)).scalar_one()
-
-        await self.billing_handle.caught_up(await db.read(last), self.quota_handle.addr)
+        await self.billing_handle.caught_up_with(self.quota_handle)
 
     async def settle_at(self, at: datetime) -> None:
         """Move billing's clock to `at` once it has every event: due cycles settle there."""
@@ -235,18 +215,18 @@ async def test_calls_form_hourly_cycles_settled_after_they_end(suite):
         (local("2024-05-01 10:00"), local("2024-05-01 11:00"), 1),
     ]
     assert [micros(line.amount) for line in lines] == [
-        cents("-0.50"),
-        cents("-0.10"),
-        cents("-0.10"),
+        money_micros_of("-0.50"),
+        money_micros_of("-0.10"),
+        money_micros_of("-0.10"),
     ]
     assert [line.region for line in lines] == [HK] * 3
     assert [line.api for line in lines] == [PASSPORT] * 3
     assert [line.enterprise_project_id for line in lines] == ["0"] * 3
-    assert await suite.balance("acme") == cents("99.30")
+    assert await suite.balance("acme") == money_micros_of("99.30")
     # Settling again (the clock moved, nothing new) books nothing more.
     await suite.settle_at(local("2024-05-01 12:00"))
     assert len(await suite.pay_per_use("acme", "2024-05")) == 3
-    assert await suite.balance("acme") == cents("99.30")
+    assert await suite.balance("acme") == money_micros_of("99.30")
 
 
 # --- tiers ----------------------------------------------------------------------------------
@@ -269,15 +249,19 @@ async def test_tiers_count_the_months_calls_in_the_billing_time_zone(suite):
 
     may = await suite.pay_per_use("acme", "2024-05")
     assert [tiers(line) for line in may] == [
-        [(1, 10, cents("0.10"))],
-        [(2, 1, cents("0.05"))],
-        [(2, 1, cents("0.05"))],
+        [(1, 10, money_micros_of("0.10"))],
+        [(2, 1, money_micros_of("0.05"))],
+        [(2, 1, money_micros_of("0.05"))],
     ]
-    assert [micros(line.amount) for line in may] == [cents("-1.00"), cents("-0.05"), cents("-0.05")]
+    assert [micros(line.amount) for line in may] == [
+        money_micros_of("-1.00"),
+        money_micros_of("-0.05"),
+        money_micros_of("-0.05"),
+    ]
     # The May 31 23:00 cycle was settled at 00:00 on June 1 but is on May's bill.
     assert may[-1].occur_time.ToDatetime(tzinfo=TZ) == local("2024-06-01 00:00")
     june = await suite.pay_per_use("acme", "2024-06")
-    assert [tiers(line) for line in june] == [[(1, 1, cents("0.10"))]]
+    assert [tiers(line) for line in june] == [[(1, 1, money_micros_of("0.10"))]]
     assert cycles(june) == [(local("2024-06-01 00:00"), local("2024-06-01 01:00"), 1)]
 
 
@@ -288,13 +272,20 @@ async def test_free_allowance_first_and_a_cycle_split_across_tiers(suite):
     await suite.report("acme", local("2024-05-01 09:10"), 7, api=GENERAL)  # calls 6-12
     await suite.settle_at(local("2024-05-01 10:00"))
     first, second = await suite.pay_per_use("acme", "2024-05")
-    assert (first.quantity, first.free_quantity, tiers(first)) == (5, 3, [(1, 2, cents("0.10"))])
-    assert micros(first.amount) == cents("-0.20")
+    assert (first.quantity, first.free_quantity, tiers(first)) == (
+        5,
+        3,
+        [(1, 2, money_micros_of("0.10"))],
+    )
+    assert micros(first.amount) == money_micros_of("-0.20")
     assert (second.quantity, second.free_quantity) == (7, 0)
-    assert tiers(second) == [(1, 5, cents("0.10")), (2, 2, cents("0.05"))]
-    assert [micros(t.amount) for t in second.tiers] == [cents("0.50"), cents("0.10")]
-    assert micros(second.amount) == cents("-0.60")
-    assert await suite.balance("acme") == cents("9.20")
+    assert tiers(second) == [(1, 5, money_micros_of("0.10")), (2, 2, money_micros_of("0.05"))]
+    assert [micros(t.amount) for t in second.tiers] == [
+        money_micros_of("0.50"),
+        money_micros_of("0.10"),
+    ]
+    assert micros(second.amount) == money_micros_of("-0.60")
+    assert await suite.balance("acme") == money_micros_of("9.20")
 
 
 async def test_package_paid_calls_never_count_toward_tiers(suite):
@@ -306,7 +297,7 @@ async def test_package_paid_calls_never_count_toward_tiers(suite):
     await suite.settle_at(local("2024-05-01 09:00"))
     (line,) = await suite.pay_per_use("acme", "2024-05")
     # Calls 1 and 2 of the month's pay-per-use: tier 1, though 17 calls were made.
-    assert (line.region, line.quantity, tiers(line)) == (BKK, 2, [(1, 2, cents("0.10"))])
+    assert (line.region, line.quantity, tiers(line)) == (BKK, 2, [(1, 2, money_micros_of("0.10"))])
 
 
 async def test_each_cycle_is_rounded_half_up_to_the_cent(suite):
@@ -317,10 +308,14 @@ async def test_each_cycle_is_rounded_half_up_to_the_cent(suite):
     await suite.report("acme", local("2024-05-01 10:10"), 3, api=ID_CARD)  # 0.0075
     await suite.settle_at(local("2024-05-01 11:00"))
     lines = await suite.pay_per_use("acme", "2024-05")
-    assert [micros(line.amount) for line in lines] == [cents("-0.01"), 0, cents("-0.01")]
+    assert [micros(line.amount) for line in lines] == [
+        money_micros_of("-0.01"),
+        0,
+        money_micros_of("-0.01"),
+    ]
     # The tier amounts stay exact.
     assert [micros(line.tiers[0].amount) for line in lines] == [5_000, 2_500, 7_500]
-    assert await suite.balance("acme") == cents("0.98")
+    assert await suite.balance("acme") == money_micros_of("0.98")
 
 
 async def test_enterprise_projects_make_own_lines_but_share_the_tier_count(suite):
@@ -332,8 +327,8 @@ async def test_enterprise_projects_make_own_lines_but_share_the_tier_count(suite
     lines = await suite.pay_per_use("acme", "2024-05")
     by_project = {line.enterprise_project_id: tiers(line) for line in lines}
     assert by_project == {
-        "p-a": [(1, 8, cents("0.10"))],
-        "p-b": [(1, 2, cents("0.10")), (2, 2, cents("0.05"))],
+        "p-a": [(1, 8, money_micros_of("0.10"))],
+        "p-b": [(1, 2, money_micros_of("0.10")), (2, 2, money_micros_of("0.05"))],
     }
 
 
@@ -350,11 +345,11 @@ async def test_an_enterprise_members_pay_per_use_is_charged_to_its_master(suite)
     assert response.pay_per_use_quantity == 3
     await suite.settle_at(local("2024-05-01 09:00"))
 
-    assert await suite.balance("corp") == cents("9.70")
+    assert await suite.balance("corp") == money_micros_of("9.70")
     member_bill = await suite.bill("corp-dev", "2024-05")
     assert [
         (line.account_id, line.quantity, micros(line.amount)) for line in member_bill.lines
-    ] == [("corp-dev", 3, cents("-0.30"))]
+    ] == [("corp-dev", 3, money_micros_of("-0.30"))]
     assert not member_bill.HasField("opening_balance")  # a member has no balance of its own
     assert not member_bill.HasField("closing_balance")
     master_bill = await suite.bill("corp", "2024-05")
@@ -364,7 +359,7 @@ async def test_an_enterprise_members_pay_per_use_is_charged_to_its_master(suite)
         (TOP_UP, "corp"),
     ]
     assert micros(master_bill.opening_balance) == 0
-    assert micros(master_bill.closing_balance) == cents("9.70")
+    assert micros(master_bill.closing_balance) == money_micros_of("9.70")
 
 
 # --- arrears --------------------------------------------------------------------------------
@@ -572,13 +567,20 @@ async def test_bill_lines_add_up_to_the_change_of_balance_and_export_as_csv(suit
     total = sum(micros(line.amount) for line in may.lines)
     assert micros(may.opening_balance) == 0
     assert micros(may.closing_balance) == micros(may.opening_balance) + total
-    assert micros(may.total) == total == cents("5") - cents("0.40") + cents("1.25") - cents("0.30")
+    assert (
+        micros(may.total)
+        == total
+        == money_micros_of("5")
+        - money_micros_of("0.40")
+        + money_micros_of("1.25")
+        - money_micros_of("0.30")
+    )
     assert may.start_time.ToDatetime(tzinfo=TZ) == local("2024-05-01 00:00")
     assert may.end_time.ToDatetime(tzinfo=TZ) == local("2024-06-01 00:00")
     june = await suite.bill("acme", "2024-06")
     assert june.opening_balance == may.closing_balance
-    assert micros(june.closing_balance) == await suite.balance("acme") == cents("5.45")
-    assert sum(micros(line.amount) for line in june.lines) == cents("-0.10")
+    assert micros(june.closing_balance) == await suite.balance("acme") == money_micros_of("5.45")
+    assert sum(micros(line.amount) for line in june.lines) == money_micros_of("-0.10")
 
     exported = (await suite.billing.export_bill("acme", "2024-05")).csv
     rows = list(csv.reader(io.StringIO(exported)))
@@ -595,7 +597,7 @@ async def test_bill_lines_add_up_to_the_change_of_balance_and_export_as_csv(suit
     assert by_column[0]["cycle_start_time"] == "2024-05-01T08:00:00+08:00"
     assert by_column[0]["balance_effect"] == "-0.40"
     assert by_column[2]["free_quantity"] == "2"
-    assert sum(cents(row["balance_effect"]) for row in by_column) == total
+    assert sum(money_micros_of(row["balance_effect"]) for row in by_column) == total
 
 
 async def test_bill_requests_are_checked(suite):
@@ -644,7 +646,7 @@ async def test_balance_alert_fires_once_when_a_charge_crosses_the_threshold(suit
         if e.WhichOneof("payload") == "balance_below_threshold"
     ]
     assert [(a.account_id, micros(a.balance), micros(a.threshold)) for a in alerts] == [
-        ("acme", cents("9.80"), cents("9.85"))
+        ("acme", money_micros_of("9.80"), money_micros_of("9.85"))
     ]
     # Back above the threshold re-arms it; the next crossing fires again.
     await suite.billing.top_up("acme", "1")
@@ -671,15 +673,17 @@ async def test_late_usage_of_a_settled_cycle_is_billed_once_more(suite):
     await suite.settle_at(local("2024-05-01 09:30"))
     lines = await suite.pay_per_use("acme", "2024-05")
     assert [(line.quantity, tiers(line)) for line in lines] == [
-        (9, [(1, 9, cents("0.10"))]),
-        (2, [(1, 1, cents("0.10")), (2, 1, cents("0.05"))]),
+        (9, [(1, 9, money_micros_of("0.10"))]),
+        (2, [(1, 1, money_micros_of("0.10")), (2, 1, money_micros_of("0.05"))]),
     ]
     assert cycles(lines) == [
         (local("2024-05-01 08:00"), local("2024-05-01 09:00"), 9),
         (local("2024-05-01 08:00"), local("2024-05-01 09:00"), 2),
     ]
     assert "late" in lines[1].description
-    assert await suite.balance("acme") == cents("10") - cents("0.90") - cents("0.15")
+    assert await suite.balance("acme") == money_micros_of("10") - money_micros_of(
+        "0.90"
+    ) - money_micros_of("0.15")
 
 
 async def test_usage_of_an_unknown_account_waits_for_the_account(suite):
@@ -689,7 +693,7 @@ async def test_usage_of_an_unknown_account_waits_for_the_account(suite):
     await suite.billing.top_up("ghost", "1")
     await suite.billing.advance(timedelta(minutes=1))
     (line,) = await suite.pay_per_use("ghost", "2024-05")
-    assert (line.quantity, micros(line.amount)) == (2, cents("-0.20"))
+    assert (line.quantity, micros(line.amount)) == (2, money_micros_of("-0.20"))
     assert line.occur_time.ToDatetime(tzinfo=TZ) == local("2024-05-01 09:31")
 
 

@@ -13,13 +13,17 @@ import pathlib
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_pb2_grpc
 from allot.testing.v1 import clock_service_pb2_grpc
 from google.type import money_pb2
+from sqlalchemy import func, select
 
 from services.billing.service import BillingService
+from services.quota.adapters import tables as quota_tables
 from shared.server import Server, build_runtime
 from shared.settings import Settings
 from tests.support.calls import Metadata, ServiceCalls
@@ -169,6 +173,19 @@ class BillingHandle:
     channel: grpc.aio.Channel
     calls: BillingCalls
 
+    async def caught_up_with(self, quota) -> None:
+        """Wait until billing has taken in every pay-per-use event the in-process quota server
+        `quota` (a QuotaHandle) has written so far."""
+        events = quota_tables.outbox_events.c
+
+        async def last(uow):
+            query = select(func.coalesce(func.max(events.sequence), 0)).where(
+                events.event_type == "pay_per_use_recorded"
+            )
+            return (await uow.session.execute(query)).scalar_one()
+
+        await self.caught_up(await quota.server.runtime.db.read(last), quota.addr)
+
     async def caught_up(
         self, sequence: int, quota_addr: str = "", within: float = SETTLE_TIMEOUT
     ) -> None:
@@ -198,6 +215,14 @@ async def running_billing(settings: Settings):
 
 
 # --- calls -------------------------------------------------------------------------------
+
+# The test catalog's billing time zone (write_catalog): cycles, months and expiry dates are its.
+BILLING_TZ = ZoneInfo("Asia/Shanghai")
+
+
+def local(text: str) -> datetime:
+    """`"2024-05-01 08:45"` in the billing time zone."""
+    return datetime.fromisoformat(text).replace(tzinfo=BILLING_TZ)
 
 
 def usd(amount: str) -> money_pb2.Money:

@@ -73,7 +73,7 @@ def test_off_adds_nothing():
     assert not tracing.configure_from_env("quota", {})
     assert not tracing.enabled()
     assert tracing.server_interceptors() == []
-    assert tracing.client_interceptors() is None
+    assert tracing.client_interceptors() == []
     assert tracing.current_traceparent() == ""
     engine = create_engine("sqlite://")
     tracing.instrument_engine(engine)  # nothing registered: no listener to call

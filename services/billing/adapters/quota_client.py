@@ -203,11 +203,13 @@ class QuotaClient:
         account_id: str,
         api: str = "",
         states: tuple[int, ...] = (),
+        enterprise_project_id: str = "",
         page_size: int = 0,
         page_token: str = "",
         within: float = READ_TIMEOUT,
     ) -> tuple[list[PackageSeen], str]:
-        """One page of the account's packages in the region and quota's next page token."""
+        """One page of the account's packages in the region and quota's next page token
+        (a project: the packages designated to it and those for every project)."""
         response = await self._call(
             region,
             "ListPackages",
@@ -216,6 +218,7 @@ class QuotaClient:
                 region=region,
                 api=api,
                 states=states,
+                enterprise_project_id=enterprise_project_id,
                 page_size=page_size,
                 page_token=page_token,
             ),

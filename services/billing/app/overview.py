@@ -34,10 +34,6 @@ log = logging.getLogger("allot.billing.overview")
 # Pages of one region read for the overview (1,000 items each); an account with more packages
 # in force in one region is summed over the first ones and the rest is logged.
 MAX_PAGES = 20
-# Quota calls one ListAccountPackages page may make: filtering by project in billing can leave
-# quota's pages short, so billing asks again, up to this; then it answers a short page with a
-# token.
-MAX_CALLS_PER_PAGE = 8
 _PAGE = 1000
 
 
@@ -155,8 +151,9 @@ async def list_packages(
 ) -> PackagePage:
     """One page of the account's packages across regions: region by region in catalog order,
     each region's packages in quota's order, resumed at ``after`` (a region and quota's own
-    page token there). A region that does not answer is skipped and named; the project
-    filter is applied here (quota lists by account, region, API and state)."""
+    page token there). A region that does not answer is skipped and named. The filters are
+    quota's (a project: the packages designated to it and those for every project, the
+    packages that can pay its calls)."""
     await ctx.db.read(lambda uow: load_account(uow, query.account_id))
     first, inner = after if after else (query.regions[0] if query.regions else "", "")
     if after and first not in query.regions:
@@ -164,19 +161,18 @@ async def list_packages(
     regions = query.regions[query.regions.index(first) :] if query.regions else ()
     found: list[PackageSeen] = []
     unavailable: list[str] = []
-    calls = 0
     for index, region in enumerate(regions):
         token = inner if index == 0 else ""
         while True:
-            if len(found) >= limit or calls >= MAX_CALLS_PER_PAGE:
+            if len(found) >= limit:
                 return PackagePage(tuple(found), tuple(unavailable), (region, token))
-            calls += 1
             try:
                 page, token = await ctx.quota.list_packages(
                     region,
                     account_id=query.account_id,
                     api=query.api,
                     states=query.states,
+                    enterprise_project_id=query.enterprise_project_id,
                     page_size=limit - len(found),
                     page_token=token,
                 )
@@ -186,12 +182,7 @@ async def list_packages(
                 )
                 unavailable.append(region)
                 break
-            found.extend(
-                p
-                for p in page
-                if not query.enterprise_project_id
-                or p.enterprise_project_id == query.enterprise_project_id
-            )
+            found.extend(page)
             if not token:
                 break
     return PackagePage(tuple(found), tuple(unavailable), None)
