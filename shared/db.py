@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from shared import tracing
 from shared.errors import Aborted, Unavailable
 from shared.settings import DatabaseBounds, Settings
 
@@ -239,6 +240,7 @@ class Database:
         self.url = url
         self.bounds = bounds or Settings.database_bounds_from_env()
         self.engine = create_engine(url, self.bounds)
+        tracing.instrument_engine(self.engine)  # database spans, when traced
         # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
         # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
         self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None

@@ -58,6 +58,7 @@ from sqlalchemy import (
     update,
 )
 
+from shared import tracing
 from shared.db import Database, UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.fanout import PAGE, SUBSCRIBER_QUEUE, LiveFanOut
@@ -126,6 +127,7 @@ class Outbox(Generic[E]):
             f.name for f in envelope.DESCRIPTOR.oneofs_by_name["payload"].fields
         )
         self._staged: dict[int, list[dict]] = {}
+        self._carries_trace = "trace_parent" in envelope.DESCRIPTOR.fields_by_name
         self._take_sequences = (
             update(counter)
             .where(counter.c.id == COUNTER_ID)
@@ -152,6 +154,8 @@ class Outbox(Generic[E]):
             raise ValueError(f"{self.envelope.__name__} has no payload {payload_field!r}")
         event_id = new_id("evt")
         envelope = self.envelope(event_id=event_id, create_time=to_timestamp(now))
+        if self._carries_trace:  # the writer's trace, for the consumers' spans (shared/tracing.py)
+            envelope.trace_parent = tracing.current_traceparent()
         getattr(envelope, payload_field).CopyFrom(payload)
         staged = self._staged.setdefault(id(uow), [])
         if not staged:

@@ -27,7 +27,7 @@ from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import logs, migrations
+from shared import logs, migrations, tracing
 from shared.auth import Policy
 from shared.catalog import Catalog, load_catalog
 from shared.channels import CHANNEL_OPTIONS, KEEPALIVE_OPTIONS
@@ -149,7 +149,8 @@ class Server:
             members_of=getattr(self.service, "members_of", None),  # for Policy.master_reads
         )
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            # Tracing first (none unless OTEL_* turns it on), so refused calls have spans too.
+            interceptors=[*tracing.server_interceptors(), interceptor],
             # Calls past this many at once are refused with RESOURCE_EXHAUSTED by gRPC itself.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
@@ -365,6 +366,10 @@ def run_service(
     except SettingsError as exc:  # a refused setting stops the process with its message only
         sys.exit(f"{service_name}: {exc}")
     logs.configure(service_name, settings.log_level, settings.log_format)
+    try:
+        tracing.configure_from_env(service_name)  # off unless OTEL_* asks (docs/operations.md)
+    except SettingsError as exc:
+        sys.exit(f"{service_name}: {exc}")
 
     async def main() -> None:
         runtime = build_runtime(settings, service_name)
@@ -388,3 +393,5 @@ def run_service(
         run_until_done(main(), loop)
     except SettingsError as exc:  # found while building the service: still no traceback
         sys.exit(f"{service_name}: {exc}")
+    finally:
+        tracing.shutdown()  # the last spans, bounded

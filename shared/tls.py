@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from shared import logs
+from shared import logs, tracing
 from shared.auth import SUITE_SERVICES
 
 log = logging.getLogger("allot.tls")
@@ -131,8 +131,9 @@ class Channels:
     def __init__(self, files: TlsFiles, options: Sequence[tuple[str, object]] = ()) -> None:
         self.files = files
         self.options = tuple(options)
-        # Every outbound call carries the request id of the call it serves (shared/logs.py).
-        self.interceptors = logs.client_interceptors()
+        # Every outbound call carries the request id of the call it serves (shared/logs.py)
+        # and, when traced, a client span and `traceparent` (shared/tracing.py).
+        self.interceptors = [*tracing.client_interceptors(), *logs.client_interceptors()]
         self._channels: dict[str, tuple[tuple, grpc.aio.Channel]] = {}
         self._retired: list[grpc.aio.Channel] = []
 

@@ -22,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import Table
 
+from shared import tracing
 from shared.db import Database, UnitOfWork
 from shared.streams.backoff import Backoff
 from shared.streams.lease import DEFAULT_LEASE_TTL, LeaseLost, StreamLease, default_holder
@@ -322,7 +323,9 @@ class StreamConsumer(Generic[E]):
             fresh, skipped = fresh_events(batch, cursor or 0)
             for event in fresh:
                 try:
-                    await self.apply(uow, event)
+                    # A child of the span that wrote the event, when traced (shared/tracing.py).
+                    with tracing.consuming(self.stream, event):
+                        await self.apply(uow, event)
                 except Exception:
                     log.error(
                         "%s: applying event %s (sequence %d) failed",

@@ -83,6 +83,17 @@ class WatchedProcess(ServiceProcess):
             self._lines.put(raw.decode(errors="replace"))
         self._lines.put(None)
 
+    def printed(self) -> list[str]:
+        """The lines of stdout read so far and not yet taken (after READY), without waiting."""
+        lines = []
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return lines
+            if line is not None:
+                lines.append(line)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -1143,6 +1143,7 @@ class BillingEvent(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     ACCOUNT_STANDING_CHANGED_FIELD_NUMBER: _builtins.int
     BALANCE_BELOW_THRESHOLD_FIELD_NUMBER: _builtins.int
     ORDER_UPDATED_FIELD_NUMBER: _builtins.int
@@ -1151,6 +1152,11 @@ class BillingEvent(_message.Message):
     """Position in billing's event sequence, gap-free and increasing."""
     event_id: _builtins.str
     """A unique id of the event, for idempotent consumers."""
+    trace_parent: _builtins.str
+    """The W3C trace context (`traceparent`) of the operation that wrote the event, when that
+    service traces (OpenTelemetry); empty otherwise. A consumer's handling of the event joins
+    that trace (docs/operations.md, "Traces").
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the event was written."""
@@ -1177,6 +1183,7 @@ class BillingEvent(_message.Message):
         sequence: _builtins.int = ...,
         event_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
         account_standing_changed: Global___AccountStandingChanged | None = ...,
         balance_below_threshold: Global___BalanceBelowThreshold | None = ...,
         order_updated: Global___OrderUpdated | None = ...,
@@ -1184,7 +1191,7 @@ class BillingEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "order_updated", b"order_updated", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "event_id", b"event_id", "order_updated", b"order_updated", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "event_id", b"event_id", "order_updated", b"order_updated", "payload", b"payload", "sequence", b"sequence", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["account_standing_changed", "balance_below_threshold", "order_updated", "auto_renew_failed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

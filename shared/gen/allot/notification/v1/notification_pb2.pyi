@@ -324,11 +324,17 @@ class NotificationEvent(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     NOTIFICATION_CREATED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in notification's event sequence, gap-free and increasing."""
     event_id: _builtins.str
     """A unique id of the event, for idempotent consumers."""
+    trace_parent: _builtins.str
+    """The W3C trace context (`traceparent`) of the operation that wrote the event, when that
+    service traces (OpenTelemetry); empty otherwise. A consumer's handling of the event joins
+    that trace (docs/operations.md, "Traces").
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the event was written."""
@@ -343,11 +349,12 @@ class NotificationEvent(_message.Message):
         sequence: _builtins.int = ...,
         event_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
         notification_created: Global___NotificationCreated | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "notification_created", b"notification_created", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_id", b"event_id", "notification_created", b"notification_created", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_id", b"event_id", "notification_created", b"notification_created", "payload", b"payload", "sequence", b"sequence", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["notification_created"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -1108,6 +1108,7 @@ class QuotaEvent(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     THRESHOLD_CROSSED_FIELD_NUMBER: _builtins.int
     PAY_PER_USE_RECORDED_FIELD_NUMBER: _builtins.int
     PACKAGE_STATE_CHANGED_FIELD_NUMBER: _builtins.int
@@ -1116,6 +1117,11 @@ class QuotaEvent(_message.Message):
     """Position in quota's event sequence, gap-free and increasing."""
     event_id: _builtins.str
     """A unique id of the event, for idempotent consumers."""
+    trace_parent: _builtins.str
+    """The W3C trace context (`traceparent`) of the operation that wrote the event, when that
+    service traces (OpenTelemetry); empty otherwise. A consumer's handling of the event joins
+    that trace (docs/operations.md, "Traces").
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the event was written (in the same transaction as the change it records)."""
@@ -1142,6 +1148,7 @@ class QuotaEvent(_message.Message):
         sequence: _builtins.int = ...,
         event_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
         threshold_crossed: Global___ThresholdCrossed | None = ...,
         pay_per_use_recorded: Global___PayPerUseRecorded | None = ...,
         package_state_changed: Global___PackageStateChanged | None = ...,
@@ -1149,7 +1156,7 @@ class QuotaEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "package_expiring", b"package_expiring", "package_state_changed", b"package_state_changed", "pay_per_use_recorded", b"pay_per_use_recorded", "payload", b"payload", "threshold_crossed", b"threshold_crossed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_id", b"event_id", "package_expiring", b"package_expiring", "package_state_changed", b"package_state_changed", "pay_per_use_recorded", b"pay_per_use_recorded", "payload", b"payload", "sequence", b"sequence", "threshold_crossed", b"threshold_crossed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_id", b"event_id", "package_expiring", b"package_expiring", "package_state_changed", b"package_state_changed", "pay_per_use_recorded", b"pay_per_use_recorded", "payload", b"payload", "sequence", b"sequence", "threshold_crossed", b"threshold_crossed", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["threshold_crossed", "pay_per_use_recorded", "package_state_changed", "package_expiring"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
