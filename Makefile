@@ -6,13 +6,18 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 GEN := shared/gen
-PROTO_DEPS := build/proto-deps
+# The google protos the contract imports (and google.rpc.ErrorInfo, which clients decode),
+# copied from googleapis-common-protos by `make vendor-protos` and committed, so protos/ builds
+# on its own (buf build, buf breaking, clients in other languages) without the network.
+VENDORED_PROTOS := google/api/field_behavior.proto google/rpc/status.proto \
+  google/rpc/error_details.proto google/rpc/code.proto google/type/date.proto \
+  google/type/money.proto
 # Our protos' descriptors with their comments (source info), served by server reflection
 # (shared/reflection.py) so `grpcurl describe` shows them.
 DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check lint test run run-mtls bench profile clean
+.PHONY: help venv proto vendor-protos proto-check lint test run run-mtls bench profile clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,15 +33,15 @@ venv: $(VENV)/.installed  ## Create the virtual environment with every dependenc
 
 proto: venv  ## Regenerate Python stubs (and .pyi) and the descriptor set from protos/ into shared/gen
 	rm -rf $(GEN)/allot $(GEN)/$(DESCRIPTOR_SET)
-	mkdir -p $(GEN) $(PROTO_DEPS)/google/rpc $(PROTO_DEPS)/google/type $(PROTO_DEPS)/google/api
-	cp $(SITE)/google/rpc/*.proto $(PROTO_DEPS)/google/rpc/
-	cp $(SITE)/google/type/*.proto $(PROTO_DEPS)/google/type/
-	cp $(SITE)/google/api/field_behavior.proto $(PROTO_DEPS)/google/api/
-	$(PY) -m grpc_tools.protoc -I protos -I $(SITE) --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) \
 	  --include_source_info --descriptor_set_out=$(GEN)/$(DESCRIPTOR_SET) \
-	  $$(find protos -name '*.proto' | sort)
+	  $$(find protos/allot -name '*.proto' | sort)
 	find $(GEN)/allot -type d -exec touch {}/__init__.py \;
+
+vendor-protos: venv  ## Copy the google protos the contract imports into protos/google (committed)
+	for f in $(VENDORED_PROTOS); do mkdir -p protos/$$(dirname $$f) && cp $(SITE)/$$f protos/$$f; done
 
 proto-check: proto  ## Fail when the committed stubs drift from protos/
 	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
