@@ -22,11 +22,13 @@ DESCRIPTOR_SET := allot_descriptor_set.pb
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# Editable installs of both distributions: allot-client (the generated stubs, package `allot`,
+# and the allot_client helper; clients/python) and the server (shared, services) with its tools.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	echo "$(CURDIR)/$(GEN)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/allot-generated.pth"
+	rm -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/allot-generated.pth"
+	$(PY) -m pip install -q -e ./clients/python -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed  ## Create the virtual environment with every dependency
@@ -39,6 +41,7 @@ proto: venv  ## Regenerate Python stubs (and .pyi) and the descriptor set from p
 	  --include_source_info --descriptor_set_out=$(GEN)/$(DESCRIPTOR_SET) \
 	  $$(find protos/allot -name '*.proto' | sort)
 	find $(GEN)/allot -type d -exec touch {}/__init__.py \;
+	touch $(GEN)/allot/py.typed
 
 vendor-protos: venv  ## Copy the google protos the contract imports into protos/google (committed)
 	for f in $(VENDORED_PROTOS); do mkdir -p protos/$$(dirname $$f) && cp $(SITE)/$$f protos/$$f; done
