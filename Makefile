@@ -17,7 +17,7 @@ VENDORED_PROTOS := google/api/field_behavior.proto google/rpc/status.proto \
 DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto vendor-protos proto-check lint test run run-mtls bench profile clean
+.PHONY: help venv proto vendor-protos lock proto-check lint test run run-mtls bench profile clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,19 @@ proto: venv  ## Regenerate Python stubs (and .pyi) and the descriptor set from p
 
 vendor-protos: venv  ## Copy the google protos the contract imports into protos/google (committed)
 	for f in $(VENDORED_PROTOS); do mkdir -p protos/$$(dirname $$f) && cp $(SITE)/$$f protos/$$f; done
+
+# requirements.lock: every runtime dependency of both distributions, transitive ones too, pinned
+# for the image (deploy/Dockerfile). allot-client is not on an index: a wheel of it built here
+# lets pip-compile resolve it, and it stays out of the lock (the image installs it from the
+# source). tests/unit/test_lock.py fails when pyproject's pins and the lock disagree.
+LOCK_WHEELS := build/lock-wheels
+
+lock: venv  ## Re-pin requirements.lock from pyproject.toml and clients/python/pyproject.toml
+	rm -rf $(LOCK_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w $(LOCK_WHEELS) ./clients/python
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --find-links $(LOCK_WHEELS) --unsafe-package allot-client --output-file requirements.lock \
+	  pyproject.toml clients/python/pyproject.toml
 
 proto-check: proto  ## Fail when the committed stubs drift from protos/
 	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
