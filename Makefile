@@ -17,7 +17,7 @@ VENDORED_PROTOS := google/api/field_behavior.proto google/rpc/status.proto \
 DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto vendor-protos lock proto-check lint test run run-mtls bench profile clean
+.PHONY: help venv proto vendor-protos lock node-example proto-check lint test run run-mtls bench profile clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,14 @@ lock: venv  ## Re-pin requirements.lock from pyproject.toml and clients/python/p
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
 	  --find-links $(LOCK_WHEELS) --unsafe-package allot-client --output-file requirements.lock \
 	  pyproject.toml clients/python/pyproject.toml
+
+# examples/node: a grpc-js client run by tests/service/test_node_client.py; its packages from the
+# committed package-lock.json (npm ci), installed again only when the lock changes.
+node-example: examples/node/node_modules/.package-lock.json  ## Install examples/node's packages (npm ci)
+
+examples/node/node_modules/.package-lock.json: examples/node/package-lock.json
+	cd examples/node && timeout 300 npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 proto-check: proto  ## Fail when the committed stubs drift from protos/
 	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
