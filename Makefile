@@ -17,7 +17,7 @@ VENDORED_PROTOS := google/api/field_behavior.proto google/rpc/status.proto \
 DESCRIPTOR_SET := allot_descriptor_set.pb
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto vendor-protos lock node-example proto-check lint test run run-mtls bench profile clean
+.PHONY: help venv proto vendor-protos lock node-example proto-check lint breaking clients test run run-mtls bench profile clean
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,10 +71,32 @@ proto-check: proto  ## Fail when the committed stubs drift from protos/
 	@git diff --exit-code --stat -- $(GEN) && test -z "$$(git status --porcelain -- $(GEN))" \
 	  || { echo "generated code in $(GEN) drifts from protos/: run 'make proto' and commit"; exit 1; }
 
-lint: venv proto  ## ruff and buf lint
+lint: venv proto  ## ruff, buf lint and buf breaking (against the previous commit)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
+	$(MAKE) -s breaking
+
+# `make breaking`: the contract (protos/, rules in buf.yaml) against the previous commit's,
+# extracted with git archive (works in a worktree and any full clone). Skipped with a note
+# where there is no previous commit (a shallow clone) or its protos/ did not build on its own.
+BREAKING_BASE := build/breaking-base
+
+breaking: venv  ## buf breaking: protos/ against the previous commit's
+	@if ! git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null; then \
+	  echo "buf breaking: skipped: no previous commit here (shallow clone? git fetch --deepen=1)"; \
+	else \
+	  rm -rf $(BREAKING_BASE) && mkdir -p $(BREAKING_BASE) \
+	  && git archive HEAD~1 buf.yaml protos | tar -x -C $(BREAKING_BASE) \
+	  && if ! $(BIN)/buf build $(BREAKING_BASE) -o /dev/null 2>/dev/null; then \
+	    echo "buf breaking: skipped: the previous commit's protos/ does not build on its own"; \
+	  else \
+	    $(BIN)/buf breaking --against $(BREAKING_BASE) && echo "buf breaking: no breaking change"; \
+	  fi; \
+	fi
+
+clients: venv  ## Go, Java and TypeScript clients into gen/ (buf.gen.yaml; needs the Buf registry)
+	$(BIN)/buf generate --template buf.gen.yaml --path protos/allot
 
 # Two workers (pytest-xdist) for two cores, each test module on one worker (its module fixtures
 # made once); the 15 slowest tests are printed so the next change sees where the time goes.
