@@ -54,9 +54,12 @@ def ignored(relative: str) -> bool:
         if p.strip() and not p.startswith("#")
     ]
     parts = pathlib.PurePosixPath(relative).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
     for pattern in patterns:
-        bare = pattern.removeprefix("**/")
-        if any(fnmatch.fnmatch(part, bare) for part in parts) or fnmatch.fnmatch(relative, pattern):
+        if pattern.startswith("**/"):  # at any depth
+            if any(fnmatch.fnmatch(part, pattern[3:]) for part in parts):
+                return True
+        elif any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes):  # from the root
             return True
     return False
 
@@ -117,8 +120,12 @@ def test_the_dockerfile_installs_the_lock_before_the_code():
     # the final stage never copies the source: the code is in site-packages only
     assert not [s for s in final if s.startswith("COPY") and ("shared" in s or "services" in s)]
     assert "USER 65532:65532" in final
-    for needed in (".git", ".venv", "build", "var", "**/__pycache__"):
-        assert ignored(needed.removeprefix("**/")), needed
+    # the data dir the fixture below makes: the image's user owns it, the settings point at it
+    assert "chown 65532:65532 /var/lib/allot" in steps
+    assert "ALLOT_DATA_DIR=/var/lib/allot" in steps and "WORKDIR /var/lib/allot" in final
+    for needed in (".git", ".venv", "build", "var", "shared/__pycache__", "var/quota.db"):
+        assert ignored(needed), needed
+    assert not ignored("services/quota/migrations/versions/0001_initial.py")
 
 
 @pytest.fixture(scope="module")
