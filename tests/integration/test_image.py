@@ -3,9 +3,10 @@
 Like the Dockerfile: the build stage's COPY lines copied into a fresh source folder (what
 .dockerignore leaves out left out), wheels of allot-client and allot built there; a fresh
 virtual environment given exactly requirements.lock, then the two wheels with --no-deps, then
-`pip check`. From it, as the image's non-root user (root here: user 65534, else ourselves)
-in a working directory it cannot write: `allot migrate quota` on SQLite in the data dir, and
-a quota process answering health. Built once per run (module fixture), from pip's local cache.
+`pip check`. From it, as the image's non-root user (user 65534 when we are root and a
+Python 3.11 exists that it can run, else ourselves) in a working directory it cannot write:
+`allot migrate quota` on SQLite in the data dir, and a quota process answering health.
+Built once per run (module fixture), with pip's local cache.
 """
 
 from __future__ import annotations
@@ -85,29 +86,36 @@ def run(*args: str | pathlib.Path, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+# Root runs the image's processes as NOBODY, when a Python 3.11 exists that NOBODY can run.
+OTHER_USER = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+image_user: dict = {}
+
+
 def as_image_user() -> dict:
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+    return dict(image_user)
 
 
 def base_python() -> str:
-    """A Python 3.11 the image user can run (the image's is /usr/local/bin/python): ours may
-    live under a home folder only its owner can enter."""
+    """A Python 3.11 for the venv, and who runs the image's processes: as root, user NOBODY
+    with an interpreter that user can run (the image's is /usr/local/bin/python; ours may live
+    under a home folder only its owner can enter); otherwise, or when there is none, we
+    ourselves, still in a working directory we cannot write (unless we are root)."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [os.path.realpath(sys._base_executable), f"/usr/bin/{version}"]
-    candidates += [f"/usr/local/bin/{version}"]
-    for candidate in candidates:
-        if not os.path.exists(candidate):
-            continue
-        try:
-            probe = subprocess.run(
-                [candidate, "-c", "import ensurepip, venv"], capture_output=True, timeout=30,
-                **as_image_user(),
-            )  # fmt: skip
-        except OSError:  # not even reachable for that user
-            continue
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip(f"no {version} with venv that user {NOBODY} can run")
+    ours = os.path.realpath(sys._base_executable)
+    if os.geteuid() == 0:
+        for candidate in (ours, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+            try:
+                probe = subprocess.run(
+                    [candidate, "-c", "import ensurepip, venv"], capture_output=True,
+                    timeout=30, **OTHER_USER,
+                )  # fmt: skip
+            except OSError:  # missing, or not reachable for that user
+                continue
+            if probe.returncode == 0:
+                image_user.update(OTHER_USER)
+                return candidate
+    image_user.clear()
+    return ours
 
 
 def test_the_dockerfile_installs_the_lock_before_the_code():
@@ -154,11 +162,12 @@ def image():
         shutil.copy2(REPO_ROOT / "deploy" / "catalog.yaml", root / "etc" / "allot" / "catalog.yaml")
         data = root / "var" / "lib" / "allot"
         data.mkdir(parents=True, mode=0o700)
-        if os.geteuid() == 0:
+        if image_user:
             os.chown(data, NOBODY, NOBODY)
         workdir = root / "app"  # not writable by the image user, like the image's /
         workdir.mkdir(mode=0o555)
         yield root
+        image_user.clear()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -194,7 +203,8 @@ def test_migrate_and_serve_as_the_non_root_user(image):
     allot = image / "opt" / "allot" / "bin" / "allot"
     done = run(allot, "migrate", "quota", cwd=image / "app", env=env, **as_image_user())
     assert "quota: migrated" in done.stdout
-    assert (image / "var" / "lib" / "allot" / "quota.db").exists()
+    database = image / "var" / "lib" / "allot" / "quota.db"
+    assert database.stat().st_uid == (NOBODY if image_user else os.geteuid())
 
     addr = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(

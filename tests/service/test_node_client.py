@@ -30,7 +30,7 @@ def node() -> str:
     if node is None or shutil.which("npm") is None:
         if os.environ.get("CI"):
             pytest.fail("Node and npm are required in CI (Debian packages nodejs, npm)")
-        pytest.skip("no node/npm on this machine")
+        pytest.skip("missing tool: node (and npm)")
     done = subprocess.run(
         ["make", "-s", "node-example"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
