@@ -3,8 +3,8 @@ kustomize` renders for every overlay: valid for the Kubernetes API (`kubernetes-
 --strict`, its schemas bundled, no network), configured only through settings that exist, and
 holding the policies a platform team asks for: a namespace, standard labels, requests and
 limits, restricted pods, no service-account token, PDBs, HPAs, NetworkPolicies that admit only
-the right peers, the catalog as a hashed ConfigMap, startup/readiness gRPC probes and a TCP
-liveness probe (health name `liveness`) on the plaintext health port, migrations in an init container, headless
+the right peers, the catalog as a hashed ConfigMap, startup, readiness and liveness (health
+name `liveness`) gRPC probes on the plaintext health port, migrations in an init container, headless
 Services dialled as `dns:///`, mTLS, a JWKS, a pinned image, and in overlays/two-regions one
 quota deployment per region group reached through ALLOT_QUOTA_ENDPOINTS."""
 
