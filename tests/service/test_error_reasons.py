@@ -1,6 +1,6 @@
 """Every error reason the contract names, provoked against real in-process servers.
 
-The contract is the protos' comments: every UPPER_SNAKE word in a comment of protos/**/*.proto
+The contract is the protos' comments: every UPPER_SNAKE word in a comment of protos/allot/**/*.proto
 that is not a gRPC status code name, an enum value (or the tail of one: ENTERPRISE_MASTER) or
 an ALLOT_ setting is an error reason of the service whose proto names it (ClockService's are
 under "testing"). `SCENARIOS` maps each (service, reason) to a scenario that makes a real server
@@ -53,7 +53,7 @@ from tests.support.quota import QuotaCalls, last_event_sequence, quota_settings,
 from tests.support.receivers import closed_port
 from tests.support.servers import Tokens
 
-PROTOS = REPO_ROOT / "protos"
+PROTOS = REPO_ROOT / "protos" / "allot"  # ours: protos/google and protos/grpc are vendored copies
 CODE = (REPO_ROOT / "shared", REPO_ROOT / "services")
 START = "2024-01-01T00:00:00Z"
 START_TIME = datetime(2024, 1, 1, tzinfo=UTC)
@@ -96,7 +96,7 @@ def contract_reasons() -> dict[tuple[str, str], list[str]]:
     files = sorted(PROTOS.rglob("*.proto"))
     assert files, f"no protos under {PROTOS}"
     for path in files:
-        service = path.relative_to(PROTOS).parts[1]  # allot/<service>/v1/x.proto
+        service = path.relative_to(PROTOS).parts[0]  # <service>/v1/x.proto
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code, _, comment = line.partition("//")
             if value := _ENUM_VALUE.match(code):
