@@ -18,7 +18,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -35,6 +35,7 @@ from shared.clock_service import CLOCK_POLICIES, CLOCK_SERVICE, add_clock_servic
 from shared.db import Database
 from shared.event_loop import new_event_loop, run_until_done
 from shared.interceptors import CallInterceptor
+from shared.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
 from shared.tls import Channels, TlsFiles, server_credentials
@@ -69,6 +70,8 @@ class Runtime:
     # `internal` tokens (local runs only; None in production, where mTLS identifies callers).
     channels: Channels
     signer: TokenSigner | None
+    # This service's Prometheus registry (one per server; shared/metrics.py).
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class Service(Protocol):
@@ -100,6 +103,7 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
         catalog=load_catalog(settings.catalog),
         channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
         signer=signer,
+        metrics=Metrics(service_name),
     )
 
 
@@ -121,6 +125,7 @@ class Server:
         self._watcher: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self.metrics_endpoint = MetricsEndpoint(runtime.metrics)
 
     async def start(self) -> int:
         settings = self.runtime.settings
@@ -143,7 +148,7 @@ class Server:
             members_of=getattr(self.service, "members_of", None),  # for Policy.master_reads
         )
         server = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=[MetricsInterceptor(self.runtime.metrics), interceptor],
             # Calls past this many at once are refused with RESOURCE_EXHAUSTED by gRPC itself.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
@@ -187,6 +192,10 @@ class Server:
         await server.start()
         self._server = server
         await self._start_health_port()
+        metrics_addr = getattr(settings, f"{self.service.name}_metrics_addr", "")
+        if metrics_addr:  # served while starting too: health and RPC refusals show there
+            setting = f"ALLOT_{self.service.name.upper()}_METRICS_ADDR"
+            await self.metrics_endpoint.start(metrics_addr, setting)
         await self._wait_for_database()
         if self._stopping.is_set():
             return self.port
@@ -319,6 +328,7 @@ class Server:
             ("outbound channels", self.runtime.channels.close()),
             ("the database engine", self.runtime.db.dispose()),
         ]
+        steps.insert(0, ("the metrics port", self.metrics_endpoint.stop()))
         if self._health_server is not None:
             steps.insert(0, ("the health port", self._health_server.stop(None)))
             self._health_server = None
