@@ -110,10 +110,14 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
 class Server:
     """A running service: `await start()`, then `await wait()` until a signal, or `await stop()`."""
 
-    def __init__(self, runtime: Runtime, service: Service, addr: str) -> None:
+    def __init__(
+        self, runtime: Runtime, service: Service, addr: str, metrics_addr: str = ""
+    ) -> None:
         self.runtime = runtime
         self.service = service
         self.addr = addr
+        # ALLOT_<SERVICE>_METRICS_ADDR as `run_service` passes it; empty: no metrics port.
+        self.metrics_addr = metrics_addr
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
@@ -192,10 +196,9 @@ class Server:
         await server.start()
         self._server = server
         await self._start_health_port()
-        metrics_addr = getattr(settings, f"{self.service.name}_metrics_addr", "")
-        if metrics_addr:  # served while starting too: health and RPC refusals show there
+        if self.metrics_addr:  # served while starting too: health and refusals show there
             setting = f"ALLOT_{self.service.name.upper()}_METRICS_ADDR"
-            await self.metrics_endpoint.start(metrics_addr, setting)
+            await self.metrics_endpoint.start(self.metrics_addr, setting)
         await self._wait_for_database()
         if self._stopping.is_set():
             return self.port
@@ -371,7 +374,12 @@ def run_service(
 
     async def main() -> None:
         runtime = build_runtime(settings, service_name)
-        server = Server(runtime, make_service(runtime), getattr(settings, f"{service_name}_addr"))
+        server = Server(
+            runtime,
+            make_service(runtime),
+            getattr(settings, f"{service_name}_addr"),
+            getattr(settings, f"{service_name}_metrics_addr"),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)

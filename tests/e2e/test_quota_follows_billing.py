@@ -55,7 +55,7 @@ from tests.support.quota import (
     quota_settings,
     running_quota,
 )
-from tests.support.servers import METRICS_OFF_SETTINGS, TEST_SECRET, Tokens, free_port
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 from tests.support.standings import (
     DEBT_MICROS,
     FROZEN,
@@ -95,7 +95,6 @@ async def running_billing(database_url: str, data_dir: pathlib.Path, addr: str, 
     service object (its context)."""
     settings = Settings.from_env(
         environ={},
-        **METRICS_OFF_SETTINGS,
         data_dir=str(data_dir),
         billing_database_url=database_url,
         billing_addr=addr,

@@ -20,7 +20,7 @@ from shared.status import error_info
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.notification import until
 from tests.support.quota import quota_settings, running_quota
-from tests.support.servers import METRICS_OFF_SETTINGS, TEST_SECRET, Tokens, free_port
+from tests.support.servers import TEST_SECRET, Tokens, free_port
 
 REQ = billing_service_pb2
 ADMIN = Tokens.md(Tokens().admin())
@@ -31,7 +31,6 @@ START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in UTC+08:00
 async def running_billing(database_url, tmp_path, quota_addr):
     settings = Settings.from_env(
         environ={},
-        **METRICS_OFF_SETTINGS,
         data_dir=str(tmp_path),
         billing_database_url=database_url,
         billing_addr="127.0.0.1:0",

@@ -188,7 +188,7 @@ async def running_billing(settings: Settings):
     """An in-process billing server on a free loopback port."""
     runtime = build_runtime(settings, "billing")
     service = BillingService(runtime)
-    server = Server(runtime, service, settings.billing_addr)
+    server = Server(runtime, service, settings.billing_addr, settings.billing_metrics_addr)
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:

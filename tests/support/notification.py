@@ -153,7 +153,12 @@ class NotificationHandle:
 async def running_notification(settings: Settings):
     """An in-process notification server on a free loopback port, with calls to it."""
     runtime = build_runtime(settings, "notification")
-    server = Server(runtime, NotificationService(runtime), settings.notification_addr)
+    server = Server(
+        runtime,
+        NotificationService(runtime),
+        settings.notification_addr,
+        settings.notification_metrics_addr,
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:

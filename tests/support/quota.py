@@ -129,7 +129,9 @@ async def running_quota(settings: Settings):
     migration is a no-op check (migrating: tests/integration/test_migrations.py)."""
     migrated_sqlite_if_new(settings.quota_database_url, "quota")
     runtime = build_runtime(settings, "quota")
-    server = Server(runtime, QuotaService(runtime), settings.quota_addr)
+    server = Server(
+        runtime, QuotaService(runtime), settings.quota_addr, settings.quota_metrics_addr
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:
