@@ -25,6 +25,7 @@ from importlib import import_module
 
 from shared import certs, keys
 from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES
+from shared.cli_status import cmd_status
 from shared.settings import Settings, SettingsError, parse_duration
 from shared.tokens import TokenSigner, signer_for
 
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("service", choices=sorted(SERVICES))
     sub.add_parser("run", help="run the whole suite in the foreground")
     sub.add_parser("settings", help="list the effective settings (secrets masked)")
+    sub.add_parser("status", help="each service's health, outbox, streams and deliveries")
     args = parser.parse_args(argv)
     try:
         # `run` checks each child's settings itself; `certs` needs none.
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "migrate": cmd_migrate,
             "run": cmd_run,
             "settings": cmd_settings,
+            "status": cmd_status,
         }[args.command]
         return handler(args, settings)
     except (SettingsError, ValueError) as exc:

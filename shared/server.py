@@ -19,7 +19,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -36,6 +36,7 @@ from shared.clock_service import CLOCK_POLICIES, CLOCK_SERVICE, add_clock_servic
 from shared.db import Database
 from shared.event_loop import new_event_loop, run_until_done
 from shared.interceptors import CallInterceptor
+from shared.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from shared.reflection import SourcePool, load_sources
 from shared.settings import Settings, SettingsError
 from shared.tls import Channels, TlsFiles, server_credentials
@@ -75,6 +76,8 @@ class Runtime:
     # `internal` tokens (local runs only; None in production, where mTLS identifies callers).
     channels: Channels
     signer: TokenSigner | None
+    # This service's Prometheus registry (one per server; shared/metrics.py).
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class Service(Protocol):
@@ -106,16 +109,21 @@ def build_runtime(settings: Settings, service_name: str) -> Runtime:
         catalog=load_catalog(settings.catalog),
         channels=Channels(TlsFiles.from_settings(settings), CHANNEL_OPTIONS),
         signer=signer,
+        metrics=Metrics(service_name),
     )
 
 
 class Server:
     """A running service: `await start()`, then `await wait()` until a signal, or `await stop()`."""
 
-    def __init__(self, runtime: Runtime, service: Service, addr: str) -> None:
+    def __init__(
+        self, runtime: Runtime, service: Service, addr: str, metrics_addr: str = ""
+    ) -> None:
         self.runtime = runtime
         self.service = service
         self.addr = addr
+        # ALLOT_<SERVICE>_METRICS_ADDR as `run_service` passes it; empty: no metrics port.
+        self.metrics_addr = metrics_addr
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
@@ -127,6 +135,7 @@ class Server:
         self._watcher: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self.metrics_endpoint = MetricsEndpoint(runtime.metrics)
 
     async def start(self) -> int:
         settings = self.runtime.settings
@@ -149,8 +158,13 @@ class Server:
             members_of=getattr(self.service, "members_of", None),  # for Policy.master_reads
         )
         server = grpc.aio.server(
-            # Tracing first (none unless OTEL_* turns it on), so refused calls have spans too.
-            interceptors=[*tracing.server_interceptors(), interceptor],
+            # Metrics outermost (refusals counted with their codes), then tracing (none unless
+            # OTEL_* turns it on), so refused calls have spans too.
+            interceptors=[
+                MetricsInterceptor(self.runtime.metrics),
+                *tracing.server_interceptors(),
+                interceptor,
+            ],
             # Calls past this many at once are refused with RESOURCE_EXHAUSTED by gRPC itself.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
@@ -195,6 +209,9 @@ class Server:
         await server.start()
         self._server = server
         await self._start_health_port()
+        if self.metrics_addr:  # served while starting too: health and refusals show there
+            setting = f"ALLOT_{self.service.name.upper()}_METRICS_ADDR"
+            await self.metrics_endpoint.start(self.metrics_addr, setting)
         await self._wait_for_database()
         if self._stopping.is_set():
             return self.port
@@ -327,6 +344,7 @@ class Server:
             ("outbound channels", self.runtime.channels.close()),
             ("the database engine", self.runtime.db.dispose()),
         ]
+        steps.insert(0, ("the metrics port", self.metrics_endpoint.stop()))
         if self._health_server is not None:
             steps.insert(0, ("the health port", self._health_server.stop(None)))
             self._health_server = None
@@ -373,7 +391,12 @@ def run_service(
 
     async def main() -> None:
         runtime = build_runtime(settings, service_name)
-        server = Server(runtime, make_service(runtime), getattr(settings, f"{service_name}_addr"))
+        server = Server(
+            runtime,
+            make_service(runtime),
+            getattr(settings, f"{service_name}_addr"),
+            getattr(settings, f"{service_name}_metrics_addr"),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)

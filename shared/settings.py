@@ -160,6 +160,17 @@ class Settings(BaseSettings):
         "",
         "extra plaintext port serving only gRPC health, for kubelet probes under TLS (empty: none)",
     )
+    quota_metrics_addr: Address = _setting(
+        "ALLOT_QUOTA_METRICS_ADDR", "127.0.0.1:9151", "quota's Prometheus /metrics (empty: off)"
+    )
+    billing_metrics_addr: Address = _setting(
+        "ALLOT_BILLING_METRICS_ADDR", "127.0.0.1:9152", "billing's Prometheus /metrics (empty: off)"
+    )
+    notification_metrics_addr: Address = _setting(
+        "ALLOT_NOTIFICATION_METRICS_ADDR",
+        "127.0.0.1:9153",
+        "notification's Prometheus /metrics (empty: off)",
+    )
     max_streams_per_caller: WholeNumber = _setting(
         "ALLOT_MAX_STREAMS_PER_CALLER", 16, "concurrent streaming calls per principal"
     )

@@ -11,6 +11,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 
 from services.billing.adapters import tables
 from services.billing.adapters.events import BillingEvents
+from services.billing.adapters.metrics import BillingMetrics
 from services.billing.adapters.notification_client import NotificationClient
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
@@ -88,12 +89,13 @@ class BillingService:
                 runtime.channels,
                 runtime.signer,
             ),
-            events=BillingEvents(self.outbox),
+            events=BillingEvents(self.outbox, BillingMetrics(runtime.metrics.registry)),
             notification=NotificationClient(
                 runtime.settings.notification_addr, runtime.channels, runtime.signer
             ),
         )
 
+        runtime.metrics.track_outbox(self.outbox)
         self._tasks: list[asyncio.Task] = []
         self.pay_per_use: PayPerUse | None = None
 

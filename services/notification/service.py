@@ -16,6 +16,7 @@ from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
 
 from services.notification.adapters import tables
 from services.notification.adapters.events import NotificationEvents
+from services.notification.adapters.metrics import NotificationMetrics
 from services.notification.adapters.senders import build_senders, close_senders
 from services.notification.adapters.sources import (
     BILLING_EVENT_TYPES,
@@ -91,6 +92,11 @@ class NotificationService:
             ),
             private_webhooks=settings.webhook_allow_private,
             claim=timedelta(seconds=settings.delivery_claim),
+            metrics=NotificationMetrics(runtime.metrics.registry),
+        )
+        runtime.metrics.track_outbox(self.outbox)
+        runtime.metrics.on_scrape(
+            "deliveries_unsent", self.context.metrics.unsent_refresher(runtime.db)
         )
         # Deliveries: retries come due with the clock, new notifications are kicked.
         self._deliveries = KickedWork(

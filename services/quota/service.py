@@ -13,6 +13,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.quota.adapters import billing_events, tables
 from services.quota.adapters.events import QuotaEvents
+from services.quota.adapters.metrics import QuotaMetrics
 from services.quota.api.servicer import QuotaServicer
 from services.quota.app import standings
 from services.quota.app.clock_work import announce_packages
@@ -117,10 +118,11 @@ class QuotaService:
             catalog=catalog,
             served_regions=tuple(served),
             policy=DeductionPolicy(runtime.settings.deduction_policy),
-            events=QuotaEvents(self.outbox),
+            events=QuotaEvents(self.outbox, QuotaMetrics(runtime.metrics.registry)),
             expiring_notice=timedelta(days=runtime.settings.expiring_notice_days),
             tz=runtime.settings.tz,
         )
+        runtime.metrics.track_outbox(self.outbox)
         # Follows billing's account_standing_changed events (started by start()).
         self.subscriptions = Subscriptions.of(
             runtime, "quota", (tables.consumer_cursors, tables.consumer_leases)

@@ -133,6 +133,10 @@ class StreamConsumer(Generic[E]):
         self.skipped = 0  # replayed events skipped because the cursor was past them
         self.batches = 0  # committed applying transactions
         self.last_sequence = 0  # the stored cursor as this instance last read or wrote it
+        # Wall-clock age of the last applied event while more wait in the queue; 0 once the
+        # queue is empty (caught up). Unknown, and left as it was, while disconnected.
+        self.lag_seconds = 0.0
+        self._wall_clock = wall_clock
         self.connected = False  # a stream is open and being read
         self.holding = False  # this instance holds the lease
         self.connects = 0  # streams opened
@@ -278,6 +282,7 @@ class StreamConsumer(Generic[E]):
                         break
                     batch.append(more)
                 await self._apply_batch(batch)
+                self.lag_seconds = self._lag(batch[-1], queue)
                 renew_at = loop.time() + renew_every  # the batch extended the lease
                 self.backoff.reset()  # progress: the next failure starts short again
                 if end is _STOP:
@@ -345,6 +350,12 @@ class StreamConsumer(Generic[E]):
         self.skipped += skipped
         self.batches += 1
         self._set_cursor(last)
+
+    def _lag(self, last: E, queue: asyncio.Queue[Any]) -> float:
+        created = getattr(last, "create_time", None)
+        if queue.empty() or created is None:
+            return 0.0
+        return max(0.0, self._wall_clock() - (created.seconds + created.nanos / 1e9))
 
     def _set_cursor(self, sequence: int) -> None:
         self.last_sequence = sequence

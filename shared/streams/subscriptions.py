@@ -90,7 +90,7 @@ class Subscriptions:
     def of(cls, runtime: Any, caller: str, tables: tuple[Table, Table]) -> Subscriptions:
         """The subscriptions of service `caller` as `runtime` runs it (`shared.server.Runtime`:
         its database, channels, signer and ALLOT_CONSUMER_LEASE_SECONDS)."""
-        return cls(
+        subscriptions = cls(
             runtime.db,
             runtime.channels,
             runtime.signer,
@@ -98,6 +98,8 @@ class Subscriptions:
             tables,
             lease_ttl=runtime.settings.consumer_lease_seconds,
         )
+        runtime.metrics.track_consumers(subscriptions.consumers)  # shared/metrics.py
+        return subscriptions
 
     def subscribe(
         self,

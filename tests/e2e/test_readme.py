@@ -87,6 +87,9 @@ def running_suite(tmp_path, **settings: str) -> Iterator[dict[str, str]]:
         ALLOT_QUOTA_ADDR=f"127.0.0.1:{free_port()}",
         ALLOT_NOTIFICATION_ADDR=f"127.0.0.1:{free_port()}",
         ALLOT_BILLING_ADDR=f"127.0.0.1:{free_port()}",
+        ALLOT_QUOTA_METRICS_ADDR=f"127.0.0.1:{free_port()}",
+        ALLOT_BILLING_METRICS_ADDR=f"127.0.0.1:{free_port()}",
+        ALLOT_NOTIFICATION_METRICS_ADDR=f"127.0.0.1:{free_port()}",
         **settings,
     )
     for key in ("ALLOT_AUTH_SECRET", "ALLOT_AUTH_SECRET_FILE"):

@@ -30,7 +30,7 @@ from tests.support.calls import Metadata, ServiceCalls
 from tests.support.events import events as stream_events
 from tests.support.processes import WatchedProcess
 from tests.support.quota import quota_env
-from tests.support.servers import TEST_SECRET, Tokens, free_port
+from tests.support.servers import METRICS_OFF_SETTINGS, TEST_SECRET, Tokens, free_port
 
 # How long a test waits for something the services do on their own (a consumer catching up,
 # a settlement); every wait ends as soon as it is met.
@@ -152,6 +152,7 @@ def billing_settings(
     **overrides: str,
 ) -> Settings:
     values = {
+        **METRICS_OFF_SETTINGS,
         "data_dir": str(data_dir),
         "billing_database_url": database_url,
         "billing_addr": "127.0.0.1:0",
@@ -204,7 +205,7 @@ async def running_billing(settings: Settings):
     """An in-process billing server on a free loopback port."""
     runtime = build_runtime(settings, "billing")
     service = BillingService(runtime)
-    server = Server(runtime, service, settings.billing_addr)
+    server = Server(runtime, service, settings.billing_addr, settings.billing_metrics_addr)
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:

@@ -36,7 +36,7 @@ from shared.settings import Settings
 from tests.support.calls import Metadata, ServiceCalls
 from tests.support.processes import WatchedProcess
 from tests.support.receivers import SmtpInbox
-from tests.support.servers import TEST_SECRET, Tokens, free_port
+from tests.support.servers import METRICS_OFF_SETTINGS, TEST_SECRET, Tokens, free_port
 
 # Numbers the barrier accounts and addresses of `NotificationCalls.barrier`.
 _BARRIERS = itertools.count(1)
@@ -122,6 +122,7 @@ def notification_settings(
     database_url: str, data_dir: pathlib.Path, quota_addr: str, **overrides: str
 ) -> Settings:
     values = {
+        **METRICS_OFF_SETTINGS,
         "data_dir": str(data_dir),
         "notification_database_url": database_url,
         "notification_addr": "127.0.0.1:0",
@@ -152,7 +153,12 @@ class NotificationHandle:
 async def running_notification(settings: Settings):
     """An in-process notification server on a free loopback port, with calls to it."""
     runtime = build_runtime(settings, "notification")
-    server = Server(runtime, NotificationService(runtime), settings.notification_addr)
+    server = Server(
+        runtime,
+        NotificationService(runtime),
+        settings.notification_addr,
+        settings.notification_metrics_addr,
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from shared.settings import REPO_ROOT
-from tests.support.servers import ServiceProcess
+from tests.support.servers import METRICS_OFF, ServiceProcess
 
 # A loaded 2-core machine may take a while to import grpc and SQLAlchemy and run migrations.
 START_TIMEOUT = 60.0
@@ -56,7 +56,7 @@ class WatchedProcess(ServiceProcess):
         with open(self.log_path, "ab") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", f"services.{self.name}"],
-                env={**inherited, **self.env},
+                env={**inherited, **METRICS_OFF, **self.env},
                 cwd=REPO_ROOT,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -30,7 +30,7 @@ from shared.settings import Settings
 from tests.support.calls import Metadata, ServiceCalls, ts
 from tests.support.databases import migrated_sqlite_if_new
 from tests.support.processes import WatchedProcess
-from tests.support.servers import TEST_SECRET, Tokens, free_port
+from tests.support.servers import METRICS_OFF_SETTINGS, TEST_SECRET, Tokens, free_port
 
 REGION = "ap-southeast-1"
 OTHER_REGION = "ap-southeast-2"
@@ -96,6 +96,7 @@ def quota_process(env: dict[str, str], log_path: pathlib.Path) -> Iterator[Quota
 
 def quota_settings(database_url: str, data_dir: pathlib.Path, **overrides: str) -> Settings:
     values = {
+        **METRICS_OFF_SETTINGS,
         "data_dir": str(data_dir),
         "quota_database_url": database_url,
         "quota_addr": "127.0.0.1:0",
@@ -128,7 +129,9 @@ async def running_quota(settings: Settings):
     migration is a no-op check (migrating: tests/integration/test_migrations.py)."""
     migrated_sqlite_if_new(settings.quota_database_url, "quota")
     runtime = build_runtime(settings, "quota")
-    server = Server(runtime, QuotaService(runtime), settings.quota_addr)
+    server = Server(
+        runtime, QuotaService(runtime), settings.quota_addr, settings.quota_metrics_addr
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(server.bound_addr)
     try:

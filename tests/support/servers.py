@@ -47,6 +47,20 @@ class Tokens:
         return (("authorization", f"Bearer {token}"),)
 
 
+# Tests start many services side by side: none listens on the default metrics ports unless a
+# test gives it one (tests/service/test_metrics.py).
+METRICS_OFF = {
+    "ALLOT_QUOTA_METRICS_ADDR": "",
+    "ALLOT_BILLING_METRICS_ADDR": "",
+    "ALLOT_NOTIFICATION_METRICS_ADDR": "",
+}
+METRICS_OFF_SETTINGS = {
+    "quota_metrics_addr": "",
+    "billing_metrics_addr": "",
+    "notification_metrics_addr": "",
+}
+
+
 def free_port() -> int:
     import socket
 
@@ -66,7 +80,7 @@ class ServiceProcess:
         self.addr = ""
 
     def start(self, timeout: float = 30.0) -> str:
-        env = dict(os.environ, **self.env)
+        env = {**os.environ, **METRICS_OFF, **self.env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],

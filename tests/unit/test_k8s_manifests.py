@@ -30,9 +30,8 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 KUBERNETES_VERSIONS = ("1.36.0", "1.37.0")  # the schemas kubernetes-validate bundles
 CATALOG = load_catalog(ROOT / "deploy" / "catalog.yaml")
 
-# Every variable Settings.from_env reads; ALLOT_METRICS_ADDR is the metrics port's setting
-# (issue 15, item 1), set in the manifests for the metrics work merged beside this one.
-SETTINGS_ENV = frozenset(Settings.env_names().values()) | {"ALLOT_METRICS_ADDR"}
+# Every variable Settings.from_env reads.
+SETTINGS_ENV = frozenset(Settings.env_names().values())
 
 # The services whose gRPC address each service needs (quota follows billing's standings;
 # billing calls quota and asks notification's CheckAudience; notification reads both streams).
@@ -246,7 +245,7 @@ def test_the_service_listens_on_all_interfaces_at_its_container_ports(overlay, n
     for variable, port_name in (
         (f"ALLOT_{service.upper()}_ADDR", "grpc"),
         ("ALLOT_HEALTH_ADDR", "health"),
-        ("ALLOT_METRICS_ADDR", "metrics"),
+        (f"ALLOT_{service.upper()}_METRICS_ADDR", "metrics"),
     ):
         listen = env.get(variable)
         assert listen is not None, f"{name}: {variable} would be the loopback default"

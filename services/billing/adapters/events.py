@@ -8,6 +8,7 @@ from datetime import datetime
 from allot.billing.v1 import billing_pb2
 from google.type import money_pb2
 
+from services.billing.adapters.metrics import BillingMetrics
 from shared.db import UnitOfWork
 from shared.money import to_wire
 from shared.outbox import Outbox
@@ -48,8 +49,11 @@ def order_message(order) -> billing_pb2.Order:
 
 
 class BillingEvents:
-    def __init__(self, outbox: Outbox[billing_pb2.BillingEvent]) -> None:
+    def __init__(
+        self, outbox: Outbox[billing_pb2.BillingEvent], metrics: BillingMetrics | None = None
+    ) -> None:
         self.outbox = outbox
+        self.metrics = metrics if metrics is not None else BillingMetrics()
 
     def standing_changed(
         self,
@@ -101,6 +105,7 @@ class BillingEvents:
 
     def order_updated(self, uow: UnitOfWork, order, previous: int | None, now: datetime) -> None:
         payload = billing_pb2.OrderUpdated(order=order_message(order))
+        self.metrics.order_entered(uow, order.kind.name, order.state.name)
         if previous is not None:
             payload.previous_state = int(previous)
         self.outbox.add(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from services.notification.adapters.events import NotificationEvents
+from services.notification.adapters.metrics import NotificationMetrics
 from services.notification.domain.delivery import RetryPolicy
 from shared.clock import Clock
 from shared.db import Database
@@ -25,6 +26,8 @@ class NotificationContext:
     # ALLOT_DELIVERY_CLAIM_SECONDS: how long (wall clock) a delivery being sent stays claimed;
     # longer than any send may take (each sender bounds its exchange).
     claim: timedelta = timedelta(minutes=2)
+    # Delivery outcomes (docs/operations.md); a registry of its own unless the service's.
+    metrics: NotificationMetrics = field(default_factory=NotificationMetrics)
 
     def now(self):
         return self.clock.now()

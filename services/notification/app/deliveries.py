@@ -128,7 +128,9 @@ async def _attempt(
         except Exception as exc:  # a sender bug must not stop the other deliveries
             log.exception("delivery %s to %s failed unexpectedly", notification_id, contact_id)
             error = DeliveryError(f"unexpected error: {type(exc).__name__}", retryable=True)
-    await ctx.db.transaction(lambda uow: _record(ctx, uow, key, error, probe))
+    outcome = await ctx.db.transaction(lambda uow: _record(ctx, uow, key, error, probe))
+    if outcome is not None and contact is not None:  # committed: count it
+        ctx.metrics.attempt(contact.channel.name, outcome)
     return error is None
 
 
@@ -138,27 +140,31 @@ async def _record(
     key: DeliveryKey,
     error: DeliveryError | None,
     probe: bool = False,
-) -> None:
+) -> str | None:
+    """Record an attempt; its outcome for the metrics: SENT, RETRY, FAILED, or None (nothing
+    counted: the delivery is gone, or a probe failed)."""
     tried = await repo.pending_attempts(uow, key)
     if tried is None:  # dropped meanwhile (contact deleted)
-        return
+        return None
     now = ctx.now()
     attempts = tried + 1
     if error is None:
         await repo.wake_behind(uow, key, now, _wall_us())
         await repo.mark_sent(uow, key, attempts, now)
-    elif probe:
+        return "SENT"
+    if probe:
         # Not counted: the delivery keeps its attempts and its next retry.
         await repo.release_probe(uow, key, str(error)[:MAX_STORED_ERROR])
         log.info("probe of delivery %s to %s failed: %s", key[0], key[1], error)
-    else:
-        retry_at = (
-            ctx.retry.next_attempt(attempts, now, retry_after=error.retry_after)
-            if error.retryable
-            else None
-        )
-        await repo.mark_failed_attempt(uow, key, attempts, str(error)[:MAX_STORED_ERROR], retry_at)
-        log.info("delivery %s to %s failed (attempt %d): %s", key[0], key[1], attempts, error)
+        return None
+    retry_at = (
+        ctx.retry.next_attempt(attempts, now, retry_after=error.retry_after)
+        if error.retryable
+        else None
+    )
+    await repo.mark_failed_attempt(uow, key, attempts, str(error)[:MAX_STORED_ERROR], retry_at)
+    log.info("delivery %s to %s failed (attempt %d): %s", key[0], key[1], attempts, error)
+    return "FAILED" if retry_at is None else "RETRY"
 
 
 async def retry_delivery(

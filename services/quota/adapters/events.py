@@ -6,6 +6,7 @@ from datetime import datetime
 
 from allot.quota.v1 import quota_pb2
 
+from services.quota.adapters.metrics import QuotaMetrics
 from services.quota.adapters.packages_repository import PackageRecord
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.deduction import UsageEvent
@@ -16,8 +17,11 @@ from shared.timeutil import to_timestamp
 
 
 class QuotaEvents:
-    def __init__(self, outbox: Outbox[quota_pb2.QuotaEvent]) -> None:
+    def __init__(
+        self, outbox: Outbox[quota_pb2.QuotaEvent], metrics: QuotaMetrics | None = None
+    ) -> None:
         self.outbox = outbox
+        self.metrics = metrics if metrics is not None else QuotaMetrics()
 
     def threshold_crossed(
         self,
@@ -40,6 +44,7 @@ class QuotaEvents:
             payload.threshold_quantity = rule.threshold.quantity
         else:
             payload.threshold_percent = float(rule.threshold.percent)
+        self.metrics.threshold_crossed(uow)
         return self.outbox.add(
             uow,
             "threshold_crossed",

@@ -272,6 +272,24 @@ async def _record(
     await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)
     await alerts.after_usage(ctx, uow, walk, candidates.in_force, now)
 
+    answers = _answers(slots, recorded, first_in_batch, results)
+    ctx.events.metrics.usage_recorded(
+        uow,
+        deducted_events=sum(1 for o in outcomes if o.deductions),
+        deducted=sum(d.quantity for o in outcomes for d in o.deductions),
+        pay_per_use=sum(o.pay_per_use_quantity for o in outcomes),
+        duplicates=sum(1 for a in answers if isinstance(a, UsageResult) and a.duplicate),
+    )
+    return answers
+
+
+def _answers(
+    slots: list[_Valid | AllotError],
+    recorded: dict[str, usage_repo.StoredUsage],
+    first_in_batch: dict[str, _Valid],
+    results: dict[str, UsageResult],
+) -> list[UsageResult | AllotError]:
+    """Each slot's answer: its error, a replay of what was recorded, or the new result."""
     answers: list[UsageResult | AllotError] = []
     for slot in slots:
         if isinstance(slot, AllotError):
