@@ -10,11 +10,20 @@ import grpc
 import httpx
 
 from shared import cli
+from tests.support.billing import billing_settings, running_billing, write_catalog
 from tests.support.calls import expect_error
 from tests.support.events import AlertCalls, alert
 from tests.support.metrics import scrape, total, value
-from tests.support.notification import notification_settings, running_notification
-from tests.support.quota import ACCOUNT, START, quota_server
+from tests.support.notification import (
+    ARREARS,
+    EMAIL,
+    WEBHOOK,
+    notification_settings,
+    running_notification,
+    until,
+)
+from tests.support.quota import ACCOUNT, START, quota_server, quota_settings, running_quota
+from tests.support.receivers import closed_port, smtp_receiver
 
 QUOTA = "allot.quota.v1.QuotaService"
 PORT_0 = "127.0.0.1:0"
@@ -70,6 +79,91 @@ async def test_business_counters_and_outbox_depth(database_url, tmp_path):
     assert value(after, "allot_quota_pay_per_use_quantity_total") == 3
     # The crossing, the package's exhaustion and the pay-per-use record are events.
     assert value(after, "allot_outbox_depth") >= value(before, "allot_outbox_depth") + 3
+
+
+async def test_billing_counts_orders_by_kind_and_state_after_commit(
+    quota_and_billing_urls, tmp_path
+):
+    """A purchase enters PENDING then FULFILLED; a refused one (no balance) is no order."""
+    quota_url, billing_url = quota_and_billing_urls
+    catalog = str(write_catalog(tmp_path))
+    for name in ("quota", "billing"):
+        (tmp_path / name).mkdir()
+    quota_at = quota_settings(
+        quota_url, tmp_path / "quota", clock="manual", clock_start=START, catalog=catalog
+    )
+    async with running_quota(quota_at) as quota:
+        billing_at = billing_settings(
+            billing_url,
+            tmp_path / "billing",
+            quota.addr,
+            START,
+            catalog=catalog,
+            billing_metrics_addr=PORT_0,
+        )
+        async with running_billing(billing_at) as billing:
+            port = billing.server.metrics_endpoint.port
+            calls = billing.calls
+            await calls.create_account("metered")
+            await expect_error(
+                calls.purchase("metered", "passport-100-1y", "ap-southeast-1", "p0", 20),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                reason="INSUFFICIENT_BALANCE",
+            )
+            await calls.top_up("metered", "5.00")
+            order = await calls.purchase("metered", "passport-100-1y", "ap-southeast-1", "p1", 20)
+            samples = await scrape(port)
+
+    assert order.package_id
+    purchase = {"kind": "PURCHASE"}
+    assert value(samples, "allot_billing_orders_total", **purchase, state="PENDING") == 1
+    assert value(samples, "allot_billing_orders_total", **purchase, state="FULFILLED") == 1
+    assert total(samples, "allot_billing_orders_total") == 2
+    assert (
+        value(
+            samples,
+            "allot_rpc_requests_total",
+            service="allot.billing.v1.BillingService",
+            method="PurchasePackage",
+            code="FAILED_PRECONDITION",
+        )
+        == 1
+    )
+
+
+async def test_notification_counts_deliveries_sent_and_retries(database_url, tmp_path):
+    """A test mail reaches a real SMTP server (SENT); a webhook to a closed port fails its first
+    attempt and is scheduled again (a retry, not yet FAILED)."""
+    with smtp_receiver() as smtp:
+        settings = notification_settings(
+            database_url,
+            tmp_path,
+            f"127.0.0.1:{closed_port()}",
+            smtp_url=smtp.url(),
+            notification_metrics_addr=PORT_0,
+        )
+        async with running_notification(settings) as handle:
+            port = handle.server.metrics_endpoint.port
+            n = handle.calls
+            mail = await n.create(ACCOUNT, EMAIL, "ops@example.com", [ARREARS])
+            hook = await n.create(
+                ACCOUNT, WEBHOOK, f"http://127.0.0.1:{closed_port()}/hook", [ARREARS]
+            )
+            await n.send_test(mail.contact_id)
+            await n.send_test(hook.contact_id)
+            samples = await until(
+                lambda: scrape(port),
+                lambda s: (
+                    total(s, "allot_notification_deliveries_total") >= 1
+                    and total(s, "allot_notification_delivery_retries_total") >= 1
+                ),
+                20,
+                "a sent mail and a webhook retry in the metrics",
+            )
+
+    assert value(samples, "allot_notification_deliveries_total", channel="EMAIL", state="SENT") == 1
+    assert value(samples, "allot_notification_delivery_retries_total", channel="WEBHOOK") == 1
+    assert total(samples, "allot_notification_deliveries_total", state="FAILED") == 0
 
 
 async def test_a_batch_counts_each_event_once(database_url, tmp_path):
