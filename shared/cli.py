@@ -7,7 +7,7 @@ allot migrate SERVICE
 allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
                    # (TLS: ALLOT_<SERVICE>_TLS_CERT_FILE/_KEY_FILE per service, or the shared
                    # ALLOT_TLS_CERT_FILE/_KEY_FILE, with ALLOT_TLS_CA_FILE; `make run-mtls`)
-allot settings     # every ALLOT_* setting: effective value, source (env/default), meaning
+allot settings     # every ALLOT_* setting: effective value, source (env/default), meaning; traces (OTEL_*)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from importlib import import_module
 
-from shared import certs, keys
+from shared import certs, keys, tracing
 from shared.auth import ACCOUNT_FULL, ADMIN, GATEWAY, ROLES
 from shared.cli_status import cmd_status
 from shared.settings import Settings, SettingsError, parse_duration
@@ -250,6 +250,15 @@ def cmd_settings(args, settings: Settings) -> int:
     print(f"{'VARIABLE':<36} {'VALUE':<28} {'SOURCE':<8} MEANING")
     for env, value, source, description in settings.effective():
         print(f"{env:<36} {value or '(empty)':<28} {source:<8} {description}")
+    # Traces follow OpenTelemetry's own variables (docs/operations.md, "Traces").
+    try:
+        exporter = tracing.wanted_exporter()
+    except SettingsError as exc:
+        exporter = f"refused: {exc}"
+    print(f"\ntraces: {exporter or 'off'} (OTEL_* variables)")
+    for name in sorted(k for k in os.environ if k.startswith("OTEL_")):
+        secret = "HEADERS" in name or "KEY" in name
+        print(f"{name:<36} {'***' if secret else os.environ[name]}")
     return 0
 
 

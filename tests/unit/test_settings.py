@@ -123,10 +123,13 @@ def test_allot_settings_prints_effective_values_sources_and_masks_secrets(tmp_pa
             "ALLOT_BILLING_DATABASE_URL": "postgresql+asyncpg://allot:hunter2@db:5432/billing",
             "ALLOT_SMTP_URL": "smtps://mailer:pa55@mail.example.com:465",
             "ALLOT_DELIVERY_MAX_ATTEMPTS": "4",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+            "OTEL_EXPORTER_OTLP_HEADERS": "api-key=t0psecret",
         },
     )
     assert run.returncode == 0, run.stderr
-    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:]}
+    settings_part, traces_part = run.stdout.split("\n\n")
+    rows = {line.split()[0]: line.split() for line in settings_part.splitlines()[1:]}
     assert set(rows) == set(Settings.env_names().values())
     assert rows["ALLOT_DELIVERY_MAX_ATTEMPTS"][1:3] == ["4", "env"]
     assert rows["ALLOT_SHUTDOWN_GRACE_SECONDS"][1:3] == ["10", "default"]
@@ -136,7 +139,14 @@ def test_allot_settings_prints_effective_values_sources_and_masks_secrets(tmp_pa
         "postgresql+asyncpg://allot:********@db:5432/billing"
     )
     assert rows["ALLOT_SMTP_URL"][1] == "smtps://mailer:********@mail.example.com:465"
-    for password in (secret, "hunter2", "pa55"):
+    # Traces follow OpenTelemetry's variables: shown, headers (credentials) masked.
+    assert traces_part.splitlines()[0] == "traces: otlp (OTEL_* variables)"
+    traced = {line.split()[0]: line.split()[1] for line in traces_part.splitlines()[1:]}
+    assert traced == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": "***",
+    }
+    for password in (secret, "hunter2", "pa55", "t0psecret"):
         assert password not in run.stdout
 
 
