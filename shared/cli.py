@@ -7,7 +7,7 @@ allot migrate SERVICE
 allot run          # every service, on SQLite under ALLOT_DATA_DIR, in the foreground
                    # (TLS: ALLOT_<SERVICE>_TLS_CERT_FILE/_KEY_FILE per service, or the shared
                    # ALLOT_TLS_CERT_FILE/_KEY_FILE, with ALLOT_TLS_CA_FILE; `make run-mtls`)
-allot settings     # every ALLOT_* setting: effective value, source (env/default), meaning; traces (OTEL_*)
+allot settings     # every ALLOT_* setting: value, source (env/default), meaning; OTEL_* traces
 """
 
 from __future__ import annotations
