@@ -21,6 +21,7 @@ The metric names and meanings are listed in docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -211,6 +212,24 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream:
             behavior = handler.unary_stream
+            if not inspect.isasyncgenfunction(behavior):
+                # Writes with `context.write` and returns (gRPC's health Watch): not an
+                # iterator, so it is awaited, not iterated.
+                async def written(request, context):
+                    started, error = time.perf_counter(), None
+                    try:
+                        return await behavior(request, context)
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        self._observe(labels, context, started, error)
+
+                return grpc.unary_stream_rpc_method_handler(
+                    written,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
 
             async def stream(request, context):
                 started, error = time.perf_counter(), None

@@ -8,6 +8,7 @@ import asyncio
 
 import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import cli
 from tests.support.billing import billing_settings, running_billing, write_catalog
@@ -60,6 +61,26 @@ async def test_rpc_counts_and_latency_by_method_and_code(database_url, tmp_path)
     assert value(samples, "allot_quota_usage_duplicates_total") == 1
     assert value(samples, "allot_quota_pay_per_use_quantity_total") == 0
     assert total(samples, "allot_metrics_refresh_errors_total") == 0
+
+
+async def test_streams_of_either_style_still_stream_and_are_counted(database_url, tmp_path):
+    """gRPC's health Watch writes with `context.write` (not an iterator); it must still stream
+    through the metrics interceptor, and be counted when it ends."""
+    async with quota_server(database_url, tmp_path, quota_metrics_addr=PORT_0) as q:
+        port = q.handle.server.metrics_endpoint.port
+        watch = health_pb2_grpc.HealthStub(q.handle.channel).Watch(
+            health_pb2.HealthCheckRequest(service="")
+        )
+        first = await asyncio.wait_for(watch.read(), 10)
+        watch.cancel()
+        samples = await until(
+            lambda: scrape(port),
+            lambda s: total(s, "allot_rpc_requests_total", method="Watch") == 1,
+            10,
+            "the ended health Watch in the metrics",
+        )
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    assert total(samples, "allot_rpc_requests_total", service="grpc.health.v1.Health") == 1
 
 
 async def test_business_counters_and_outbox_depth(database_url, tmp_path):
