@@ -190,46 +190,41 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self.metrics.rpc_requests.labels(*labels, code).inc()
         self.metrics.rpc_duration.labels(*labels, code).observe(time.perf_counter() - started)
 
+    async def _timed(self, labels: tuple[str, str], context, call):
+        """Await `call`, then count and time it with its final code."""
+        started, error = time.perf_counter(), None
+        try:
+            return await call
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._observe(labels, context, started, error)
+
     def _wrap(self, method: str, handler):
         labels = _split_method(method)
-        if handler.unary_unary:
-            behavior = handler.unary_unary
+        if handler.unary_unary or (
+            handler.unary_stream and not inspect.isasyncgenfunction(handler.unary_stream)
+        ):
+            # A unary call, or a stream that writes with `context.write` and returns (gRPC's
+            # health Watch): awaited, not iterated.
+            behavior = handler.unary_unary or handler.unary_stream
 
-            async def unary(request, context):
-                started, error = time.perf_counter(), None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._observe(labels, context, started, error)
+            async def awaited(request, context):
+                return await self._timed(labels, context, behavior(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return make(
+                awaited,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             behavior = handler.unary_stream
-            if not inspect.isasyncgenfunction(behavior):
-                # Writes with `context.write` and returns (gRPC's health Watch): not an
-                # iterator, so it is awaited, not iterated.
-                async def written(request, context):
-                    started, error = time.perf_counter(), None
-                    try:
-                        return await behavior(request, context)
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        self._observe(labels, context, started, error)
-
-                return grpc.unary_stream_rpc_method_handler(
-                    written,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
 
             async def stream(request, context):
                 started, error = time.perf_counter(), None
