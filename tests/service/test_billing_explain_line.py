@@ -10,8 +10,6 @@ event unavailable with billing's near misses; bad requests name their field.
 
 from __future__ import annotations
 
-import contextlib
-
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
@@ -20,10 +18,9 @@ from allot.quota.v1 import quota_pb2
 from tests.support.billing import billing_settings, running_billing, write_catalog
 from tests.support.calls import expect_error
 from tests.support.quota import (
-    QuotaCalls,
     last_event_sequence,
-    quota_settings,
-    running_quota,
+    regional_quota,
+    sqlite_in,
     ts,
 )
 from tests.support.receivers import closed_port
@@ -35,35 +32,16 @@ START = "2024-01-01T00:00:00Z"  # 08:00 in the billing time zone: a cycle starts
 MISS = quota_pb2.NearMissReason
 
 
-def _sqlite(directory) -> str:
-    directory.mkdir(parents=True, exist_ok=True)
-    return f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
-
-
-@contextlib.asynccontextmanager
-async def _quota(tmp_path, name: str, region: str, catalog: str):
-    settings = quota_settings(
-        _sqlite(tmp_path / name),
-        tmp_path / name,
-        clock="manual",
-        clock_start=START,
-        catalog=catalog,
-        quota_regions=region,
-    )
-    async with running_quota(settings) as handle:
-        yield QuotaCalls(handle)
-
-
 @pytest.fixture
 async def suite(tmp_path):
     """(hk, bkk, billing handle), all running; the account exists in billing."""
     catalog = str(write_catalog(tmp_path))
     async with (
-        _quota(tmp_path, "hk", HK, catalog) as hk,
-        _quota(tmp_path, "bkk", BKK, catalog) as bkk,
+        regional_quota(tmp_path / "hk", HK, catalog, START) as hk,
+        regional_quota(tmp_path / "bkk", BKK, catalog, START) as bkk,
     ):
         settings = billing_settings(
-            _sqlite(tmp_path / "billing"),
+            sqlite_in(tmp_path / "billing"),
             tmp_path / "billing",
             "",
             START,

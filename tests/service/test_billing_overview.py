@@ -37,7 +37,7 @@ from tests.support.notification import (
     running_notification,
     until,
 )
-from tests.support.quota import END_OF_YEAR, QuotaCalls, quota_settings, running_quota
+from tests.support.quota import END_OF_YEAR, regional_quota, sqlite_in
 from tests.support.receivers import closed_port
 from tests.support.servers import Tokens
 
@@ -51,29 +51,10 @@ EXHAUSTED = quota_pb2.PACKAGE_STATE_EXHAUSTED
 DEADLINE = 1.0
 
 
-def _sqlite(directory) -> str:
-    directory.mkdir(parents=True, exist_ok=True)
-    return f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
-
-
-@contextlib.asynccontextmanager
-async def _quota(tmp_path, name: str, region: str, catalog: str):
-    settings = quota_settings(
-        _sqlite(tmp_path / name),
-        tmp_path / name,
-        clock="manual",
-        clock_start=START,
-        catalog=catalog,
-        quota_regions=region,
-    )
-    async with running_quota(settings) as handle:
-        yield QuotaCalls(handle)
-
-
 @contextlib.asynccontextmanager
 async def _billing(tmp_path, catalog: str, endpoints: str, notification_addr: str):
     settings = billing_settings(
-        _sqlite(tmp_path / "billing"),
+        sqlite_in(tmp_path / "billing"),
         tmp_path / "billing",
         "",
         START,
@@ -100,11 +81,11 @@ def short_deadline(monkeypatch):
 async def suite(tmp_path, catalog):
     """(hk, bkk, notification calls, billing handle), all running."""
     async with (
-        _quota(tmp_path, "hk", HK, catalog) as hk,
-        _quota(tmp_path, "bkk", BKK, catalog) as bkk,
+        regional_quota(tmp_path / "hk", HK, catalog, START) as hk,
+        regional_quota(tmp_path / "bkk", BKK, catalog, START) as bkk,
     ):
         n_settings = notification_settings(
-            _sqlite(tmp_path / "notification"), tmp_path / "notification", hk.handle.addr
+            sqlite_in(tmp_path / "notification"), tmp_path / "notification", hk.handle.addr
         )
         async with running_notification(n_settings) as notification:
             async with _billing(
@@ -214,9 +195,9 @@ async def test_a_stopped_or_silent_region_is_unavailable_and_the_rest_answers(tm
     silent.listen()
     silent_addr = f"127.0.0.1:{silent.getsockname()[1]}"
     try:
-        async with _quota(tmp_path, "hk", HK, catalog) as hk:
+        async with regional_quota(tmp_path / "hk", HK, catalog, START) as hk:
             await hk.grant(ACCOUNT, 100, region=HK, api=PASSPORT)
-            async with _quota(tmp_path, "bkk", BKK, catalog) as bkk:
+            async with regional_quota(tmp_path / "bkk", BKK, catalog, START) as bkk:
                 await bkk.grant(ACCOUNT, 50, region=BKK, api=PASSPORT)
                 bkk_addr = bkk.handle.addr
             # BKK's quota is stopped now; notification is not running at all.

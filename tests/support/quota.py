@@ -153,6 +153,28 @@ def deductions(response) -> list[tuple[str, int]]:
     return [(d.package_id, d.quantity) for d in response.deductions]
 
 
+def sqlite_in(directory: pathlib.Path) -> str:
+    """The URL of a SQLite database file in `directory` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
+
+
+@contextlib.asynccontextmanager
+async def regional_quota(data_dir: pathlib.Path, region: str, catalog: str, clock_start: str):
+    """An in-process quota serving `region` alone from its own SQLite database in `data_dir`,
+    on a manual clock: one regional deployment of several in a test."""
+    settings = quota_settings(
+        sqlite_in(data_dir),
+        data_dir,
+        clock="manual",
+        clock_start=clock_start,
+        catalog=catalog,
+        quota_regions=region,
+    )
+    async with running_quota(settings) as handle:
+        yield QuotaCalls(handle)
+
+
 @contextlib.asynccontextmanager
 async def quota_server(database_url: str, data_dir: pathlib.Path, **overrides: str):
     """A quota server like the `quota` fixture's (manual clock at START) with other settings."""
