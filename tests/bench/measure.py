@@ -2,12 +2,15 @@
 
 A scenario runs a fixed time: a WARMUP_SECONDS warm-up, then BENCH_SECONDS (default 5)
 measured. A call counts when it finishes inside the measured window; calls still in flight at
-the end are awaited (so the next scenario starts on an idle server) but not counted.
+the end are awaited (so the next scenario starts on an idle server) but not counted. Inside
+`served_by(pid)` each measurement also records the serving process's CPU time per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import math
 import os
 import pathlib
@@ -43,6 +46,16 @@ class Measurement:
     accounts: list[str] = field(default_factory=list)  # checked for consistency afterwards
     consistency: str = "-"  # "ok" or what is wrong; "-" where nothing is counted
     note: str = ""  # what the row is (e.g. "1,000 packages"), printed beside the name
+    # CPU seconds the server process (`served_by`) used in the measured window: per call it is
+    # a figure the machine's other load hardly moves, unlike calls per second.
+    server_cpu_s: float | None = None
+
+    @property
+    def server_cpu_us_per_call(self) -> float | None:
+        calls = len(self.latencies) + self.errors
+        if self.server_cpu_s is None or not calls:
+            return None
+        return self.server_cpu_s / calls * 1e6
 
     @property
     def calls_per_second(self) -> float:
@@ -68,6 +81,27 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
     return str(exc)
+
+
+# The process serving the calls `drive` makes (quota, or the echo server): its CPU time over
+# the measured window is recorded with the measurement. Set by `served_by`.
+_server_pid: contextvars.ContextVar[int | None] = contextvars.ContextVar("server_pid", default=None)
+
+
+@contextlib.contextmanager
+def served_by(pid: int):
+    """Measurements taken inside the block record process `pid`'s CPU time per call."""
+    token = _server_pid.set(pid)
+    try:
+        yield
+    finally:
+        _server_pid.reset(token)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used so far, from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(
@@ -101,7 +135,15 @@ async def drive(
             else:
                 result.latencies.append(finished - began)
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    async def server_cpu(pid: int) -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        before = cpu_seconds(pid)
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        result.server_cpu_s = cpu_seconds(pid) - before
+
+    pid = _server_pid.get()
+    watch = [server_cpu(pid)] if pid else []
+    await asyncio.gather(*(worker(i) for i in range(concurrency)), *watch)
     return result
 
 
@@ -115,6 +157,8 @@ def merge(parts: list[Measurement]) -> Measurement:
     merged.errors = sum(p.errors for p in parts)
     merged.first_error = next((p.first_error for p in parts if p.first_error), "")
     merged.scenario, merged.accounts, merged.note = first.scenario, first.accounts, first.note
+    cpu = [p.server_cpu_s for p in parts]
+    merged.server_cpu_s = None if None in cpu else sum(cpu)
     return merged
 
 
@@ -135,14 +179,9 @@ async def abba(
 async def cpu_share(pid: int, seconds: float) -> float:
     """The share of one core process `pid` used over the next `seconds` (from /proc)."""
 
-    def ticks() -> int:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
-    before, started = ticks(), time.perf_counter()
+    before, started = cpu_seconds(pid), time.perf_counter()
     await asyncio.sleep(seconds)
-    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
-    return used / (time.perf_counter() - started)
+    return (cpu_seconds(pid) - before) / (time.perf_counter() - started)
 
 
 def process_memory(pid: int) -> tuple[int, int]:

@@ -89,12 +89,21 @@ def goals(database: str, rows: list[Measurement], echo: dict[int, Measurement]) 
     return out
 
 
+def _echo_cpu(echo: dict[int, Measurement], concurrency: int) -> float:
+    ref = echo.get(concurrency)
+    cpu = ref.server_cpu_us_per_call if ref else None
+    return math.nan if cpu is None else cpu
+
+
 def print_table(title: str, rows: list[Measurement], echo: dict[int, Measurement] | None) -> None:
     print(f"\n{title}")
     unit = "events/s" if echo is not None else "req/s"
     header = f"  {'scenario':<28}{'conc':>5}{unit:>12}{'p50 ms':>10}{'p99 ms':>10}"
     if echo is not None:
         header += f"{'vs echo':>9}{'p50/echo':>10}"
+    header += f"{'srv us':>8}"
+    if echo is not None:
+        header += f"{'/echo':>7}"
     print(header + f"{'errors':>8}  consistency")
     print("  " + "-" * (len(header) + 20))
     notes = []
@@ -110,6 +119,11 @@ def print_table(title: str, rows: list[Measurement], echo: dict[int, Measurement
                 line += f"{_ratio(m.percentile_ms(50), ref.percentile_ms(50)):>9.2f}x"
             else:
                 line += f"{'-':>9}{'-':>10}"
+        cpu = m.server_cpu_us_per_call
+        line += f"{cpu:>8,.0f}" if cpu is not None else f"{'-':>8}"
+        if echo is not None:
+            ratio = _ratio(cpu or math.nan, _echo_cpu(echo, m.concurrency))
+            line += f"{ratio:>6.2f}x" if not math.isnan(ratio) else f"{'-':>7}"
         print(line + f"{m.errors:>8}  {m.consistency}" + (f"  ({m.note})" if m.note else ""))
         if m.first_error:
             notes.append(f"  ! {m.name} c={m.concurrency}: first error: {m.first_error}")
@@ -167,6 +181,12 @@ def measurement_json(database: str, m: Measurement, echo: dict[int, Measurement]
         "p99_ms": num(m.percentile_ms(99)),
         "ratio_vs_echo": num(_ratio(m.throughput, ref.throughput)) if ref else None,
         "p50_vs_echo_p50": num(_ratio(m.percentile_ms(50), ref.percentile_ms(50))) if ref else None,
+        # The server's CPU time per call (µs) in the measured window, and as a multiple of the
+        # echo server's at the same concurrency: steadier than calls/s on a shared machine.
+        "server_cpu_us_per_call": num(m.server_cpu_us_per_call or math.nan),
+        "server_cpu_vs_echo": num(
+            _ratio(m.server_cpu_us_per_call or math.nan, _echo_cpu(echo or {}, m.concurrency))
+        ),
         "errors": m.errors,
         "first_error": m.first_error,
         "consistency": m.consistency,

@@ -19,6 +19,7 @@ from allot.quota.v1 import quota_service_pb2_grpc
 
 from shared.settings import DEFAULT_CATALOG
 from tests.bench.database import EVENT_COLUMNS, PACKAGE_COLUMNS, BenchDatabase, history
+from tests.bench.measure import served_by
 from tests.bench.scenarios import API, REGION, QuotaBench
 from tests.support.databases import POSTGRES_ADMIN_URL
 from tests.support.servers import TEST_SECRET, ServiceProcess, Tokens, free_port
@@ -70,8 +71,10 @@ async def quota_session(label: str, database_url: str, workdir: pathlib.Path, pr
             stub = quota_service_pb2_grpc.QuotaServiceStub(channel)
             bench = QuotaBench(stub, Tokens(), label, BenchDatabase(database_url))
             assert process.proc is not None
-            async with recording(process.proc.pid, PROFILE if profile else ""):
-                yield bench, process
+            pid = process.proc.pid
+            with served_by(pid):
+                async with recording(pid, PROFILE if profile else ""):
+                    yield bench, process
         finally:
             await channel.close()
         await asyncio.to_thread(process.terminate)

@@ -39,7 +39,9 @@ quantity grew by exactly the events acknowledged and the database holds that man
 A scenario runs a 1 s warm-up, then BENCH_SECONDS (default 5) measured (tests/bench/measure.py).
 Throughput is events/s (echo: requests/s); latency is per call (a batch call carries 100
 events). "vs echo" is events/s over the echo's requests/s at the same concurrency, "p50/echo"
-the p50 over the echo's p50.
+the p50 over the echo's p50. "srv us" is the serving process's CPU time per call in the measured
+window (from /proc), "/echo" that over the echo server's: the machine's other load moves calls/s
+a lot and CPU per call little, so this is the figure to compare between runs on a busy machine.
 
 Every run writes build/bench/<UTC timestamp>-<short commit>.json (git commit and dirty flag,
 machine, versions, settings, every row, the goals). BENCH_PROFILE=<file.svg> records quota
@@ -68,7 +70,14 @@ from allot.quota.v1 import quota_service_pb2
 
 from tests.bench import streams
 from tests.bench.echo import EchoProcess, measure_echo
-from tests.bench.measure import BENCH_SECONDS, CONCURRENCIES, WARMUP_SECONDS, abba, env_list
+from tests.bench.measure import (
+    BENCH_SECONDS,
+    CONCURRENCIES,
+    WARMUP_SECONDS,
+    abba,
+    env_list,
+    served_by,
+)
 from tests.bench.output import (
     git_state,
     goals,
@@ -289,6 +298,7 @@ async def main() -> None:
         "  latency     per call (a batch call carries 100 events); vs echo = events/s over "
         "echo req/s at the same concurrency; p50/echo = p50 over echo's p50"
     )
+    print("  srv us      the server's CPU time per call (µs); /echo = over the echo server's")
 
     tokens = Tokens()
     record: dict = {
@@ -314,8 +324,10 @@ async def main() -> None:
         echo_process = EchoProcess(root / "echo.log")
         try:
             addr = await asyncio.to_thread(echo_process.start)
-            for label in databases:
-                await measure_one(label, root, only, record, addr, payload, tokens)
+            assert echo_process.proc is not None
+            with served_by(echo_process.proc.pid):  # quota's sessions name their own process
+                for label in databases:
+                    await measure_one(label, root, only, record, addr, payload, tokens)
         finally:
             echo_process.stop()
 
