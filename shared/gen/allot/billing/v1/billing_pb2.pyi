@@ -255,6 +255,7 @@ class Account(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
+    MONTHLY_SPENDING_CAP_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id, chosen by the caller on create and never changed: 1 to 64 letters,
     digits, `-` and `_`.
@@ -324,6 +325,14 @@ class Account(_message.Message):
         new balance alert).
         """
 
+    @_builtins.property
+    def monthly_spending_cap(self) -> _money_pb2.Money:
+        """The most the account's own pay-per-use may cost in one calendar month (billing time
+        zone); unset means no cap. Once reached, quota denies pay-per-use calls
+        (DENY_REASON_SPENDING_CAP) until the next month or a higher cap. Set it with
+        SetSpendingCap.
+        """
+
     def __init__(
         self,
         *,
@@ -343,10 +352,11 @@ class Account(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         block_pay_per_use_in_grace: _builtins.bool = ...,
+        monthly_spending_cap: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "monthly_spending_cap", b"monthly_spending_cap", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "monthly_spending_cap", b"monthly_spending_cap", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -975,6 +985,7 @@ class AccountStandingChanged(_message.Message):
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
     MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTHLY_SPENDING_CAP_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account. When the standing or the pay-per-use block of an enterprise master changes,
     one event is also emitted for each of its members, whose standing follows it.
@@ -989,6 +1000,10 @@ class AccountStandingChanged(_message.Message):
     """
     master_account_id: _builtins.str
     """The enterprise master of a member account; empty for other kinds."""
+    monthly_spending_cap_micros: _builtins.int
+    """The account's own monthly pay-per-use spending cap in micro-units of its currency
+    (Account.monthly_spending_cap); 0 means no cap.
+    """
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
         """The balance at the change."""
@@ -1017,10 +1032,11 @@ class AccountStandingChanged(_message.Message):
         change_time: _timestamp_pb2.Timestamp | None = ...,
         block_pay_per_use_in_grace: _builtins.bool = ...,
         master_account_id: _builtins.str = ...,
+        monthly_spending_cap_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "retention_end_time", b"retention_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "monthly_spending_cap_micros", b"monthly_spending_cap_micros", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
