@@ -246,8 +246,9 @@ async def announce_standing(
         previous,
         now,
         block_pay_per_use_in_grace=payer.block_pay_per_use_in_grace,
+        monthly_spending_cap_micros=payer.monthly_spending_cap_micros,
     )
-    for account_id, own_block in await repo.member_settings(uow, payer.account_id):
+    for account_id, own_block, own_cap in await repo.member_settings(uow, payer.account_id):
         ctx.events.standing_changed(
             uow,
             account_id,
@@ -256,6 +257,7 @@ async def announce_standing(
             now,
             block_pay_per_use_in_grace=own_block or payer.block_pay_per_use_in_grace,
             master_account_id=payer.account_id,
+            monthly_spending_cap_micros=own_cap,
         )
 
 
@@ -271,6 +273,7 @@ async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account)
         ctx.now(),
         block_pay_per_use_in_grace=blocks_pay_per_use_in_grace(member, payer),
         master_account_id=payer.account_id,
+        monthly_spending_cap_micros=member.monthly_spending_cap_micros,
     )
 
 
@@ -336,3 +339,32 @@ async def set_balance_alert(
         _check_amount(threshold_micros, currency, account.currency_code, "threshold")
     await repo.set_balance_alert(uow, account_id, threshold_micros, ctx.now())
     return await load_account(uow, account_id)
+
+
+async def set_spending_cap(
+    ctx: BillingContext,
+    uow: UnitOfWork,
+    account_id: str,
+    cap_micros: int,
+    currency: str,
+) -> Account:
+    """Set (cap_micros > 0) or clear (0) the account's own monthly pay-per-use cap and announce
+    it to quota in account_standing_changed (docs/design/spending-cap.md): the event carries
+    the account's whole admission state, so quota's projection takes it with the rest."""
+    check_account_id(account_id)
+    if cap_micros < 0:
+        raise InvalidArgument("monthly_amount", "monthly_amount must not be negative")
+    before = await repo.get(uow, account_id, for_update=True)
+    if before is None:
+        raise account_not_found(account_id)
+    _check_amount(cap_micros, currency, before.currency_code, "monthly_amount")
+    await repo.update_settings(
+        uow, account_id, {"monthly_spending_cap_micros": cap_micros}, ctx.now()
+    )
+    after = await load_account(uow, account_id)
+    if after.monthly_spending_cap_micros != before.monthly_spending_cap_micros:
+        if after.kind == AccountKind.ENTERPRISE_MEMBER:
+            await announce_member(ctx, uow, after)
+        else:
+            await announce_standing(ctx, uow, after, after.standing)
+    return after

@@ -61,4 +61,6 @@ def standing_change(event: billing_pb2.BillingEvent) -> StandingChange | None:
         event_id=event.event_id,
         block_pay_per_use_in_grace=payload.block_pay_per_use_in_grace,
         master_account_id=master,
+        # A negative cap cannot come from billing; read it as none rather than hold the stream.
+        monthly_spending_cap_micros=max(0, payload.monthly_spending_cap_micros),
     )
