@@ -28,13 +28,13 @@ from tests.support.billing import (
     usd,
 )
 from tests.support.calls import expect_error
-from tests.support.quota import QuotaCalls, quota_settings, running_quota
+from tests.support.quota import QuotaCalls, quota_settings, running_quota, sqlite_in
 from tests.support.servers import Tokens, free_port
 
 REQ = billing_service_pb2
 SPENDING_CAP = quota_service_pb2.DENY_REASON_SPENDING_CAP
 START = "2024-05-01T00:00:00Z"  # 2024-05-01 08:00 in the billing time zone
-REGION, API = "ap-southeast-1", "passport"
+REGION, OTHER_REGION, API = "ap-southeast-1", "ap-southeast-2", "passport"
 ACCOUNT, OTHER = "acme", "globex"
 PRICE_MICROS = 100_000  # 0.10 a call
 CONCURRENT = 30
@@ -46,6 +46,7 @@ CATALOG = f"""\
 currency: USD
 regions:
   - {{id: {REGION}, name: CN-Hong Kong}}
+  - {{id: {OTHER_REGION}, name: AP-Bangkok}}
 apis:
   - id: {API}
     name: Passport OCR
@@ -110,11 +111,11 @@ def set_cap(billing, amount: money_pb2.Money | None, request_id: str, metadata=N
     )
 
 
-async def call(q: QuotaCalls, event_id: str) -> bool:
+async def call(q: QuotaCalls, event_id: str, region: str = REGION) -> bool:
     """What a gateway does for one call: ask, and report it when admitted."""
-    answer = await q.check(ACCOUNT)
+    answer = await q.check(ACCOUNT, region=region)
     if answer.allowed:
-        await q.report(event_id, ACCOUNT)
+        await q.report(event_id, ACCOUNT, region=region)
     return answer.allowed
 
 
@@ -248,3 +249,76 @@ async def test_set_spending_cap_checks_input_and_caller(capped):
     )
     # Nothing refused was written.
     assert micros((await billing.calls.get_account(ACCOUNT)).monthly_spending_cap) == 3_000_000
+
+
+async def test_settled_charges_of_other_regions_count(quota_and_billing_urls, tmp_path):
+    """Two regional quota deployments (one database each) and billing: what billing settled in
+    one region reaches the other region's admission through the standing projection."""
+    quota_url, billing_url = quota_and_billing_urls
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    addrs = {REGION: f"127.0.0.1:{free_port()}", OTHER_REGION: f"127.0.0.1:{free_port()}"}
+    (tmp_path / "billing").mkdir()
+    b_settings = billing_settings(
+        billing_url,
+        tmp_path / "billing",
+        addrs[REGION],
+        START,
+        catalog=str(catalog),
+        quota_endpoints=",".join(f"{r}={a}" for r, a in addrs.items()),
+    )
+    async with running_billing(b_settings) as billing:
+
+        def regional(region: str, url: str):
+            (tmp_path / region).mkdir()
+            return running_quota(
+                quota_settings(
+                    url,
+                    tmp_path / region,
+                    quota_addr=addrs[region],
+                    quota_regions=region,
+                    clock="manual",
+                    clock_start=START,
+                    catalog=str(catalog),
+                    billing_addr=billing.server.bound_addr,
+                    consumer_lease_seconds="2",
+                )
+            )
+
+        other_url = sqlite_in(tmp_path / "other-db")
+        async with regional(REGION, quota_url) as here, regional(OTHER_REGION, other_url) as there:
+            q_here, q_there = QuotaCalls(here), QuotaCalls(there)
+            await billing.calls.create_account(ACCOUNT)
+            await billing.calls.top_up(ACCOUNT, "100")
+            await q_here.enable(ACCOUNT, API, REGION)
+            await q_there.enable(ACCOUNT, API, OTHER_REGION)
+            await set_cap(billing, usd("1.00"), "cap-1")
+            # 0.60 of pay-per-use in the other region, settled by billing after the hour.
+            for i in range(6):
+                await q_there.report(f"there-{i}", ACCOUNT, region=OTHER_REGION)
+            await billing.caught_up_with(there)
+            await billing.calls.set_time(local("2024-05-01 09:00"))
+            (line,) = [
+                line
+                for line in (await billing.calls.get_bill(ACCOUNT, "2024-05")).lines
+                if line.region == OTHER_REGION
+            ]
+            assert micros(line.amount) == -600_000
+            events = await billing.calls.events(types=("account_standing_changed",))
+            last = events[-1].account_standing_changed
+            assert (last.spending_month, dict(last.settled_pay_per_use_micros)) == (
+                "2024-05",
+                {OTHER_REGION: 600_000},
+            )
+            await followed(billing, here)
+            # Here: room for 0.40, four calls.
+            await q_here.set_time(local("2024-05-01 09:00"))
+            answers = [await call(q_here, f"here-{i}") for i in range(6)]
+            assert answers == [True] * 4 + [False] * 2
+            assert (await q_here.check(ACCOUNT)).deny_reason == SPENDING_CAP
+            # The other region counts its own recorded calls once, not billing's figure too:
+            # 0.60 there, and nothing of here settled yet, so 0.40 of room there as well.
+            await followed(billing, there)
+            assert [await call(q_there, f"there-more-{i}", OTHER_REGION) for i in range(5)] == [
+                True
+            ] * 4 + [False]

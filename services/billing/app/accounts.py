@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from services.billing.adapters import accounts_repository as repo
 from services.billing.adapters import ledger_repository as ledger
+from services.billing.adapters import month_usage
 from services.billing.app.context import BillingContext
 from services.billing.domain.accounts import (
     DEFAULT_PERIOD,
@@ -24,6 +25,7 @@ from services.billing.domain.accounts import (
 )
 from services.billing.domain.arrears import ArrearsState, Standing
 from services.billing.domain.bills import BillLine, BillLineKind
+from services.billing.domain.cycles import month_bounds, month_key
 from shared.db import UnitOfWork
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from shared.money import MAX_AMOUNT_MICROS, MICROS_PER_UNIT
@@ -247,6 +249,7 @@ async def announce_standing(
         now,
         block_pay_per_use_in_grace=payer.block_pay_per_use_in_grace,
         monthly_spending_cap_micros=payer.monthly_spending_cap_micros,
+        spending=await spending_of(ctx, uow, payer.account_id, payer.monthly_spending_cap_micros),
     )
     for account_id, own_block, own_cap in await repo.member_settings(uow, payer.account_id):
         ctx.events.standing_changed(
@@ -258,7 +261,43 @@ async def announce_standing(
             block_pay_per_use_in_grace=own_block or payer.block_pay_per_use_in_grace,
             master_account_id=payer.account_id,
             monthly_spending_cap_micros=own_cap,
+            spending=await spending_of(ctx, uow, account_id, own_cap),
         )
+
+
+async def spending_of(
+    ctx: BillingContext, uow: UnitOfWork, account_id: str, cap_micros: int
+) -> tuple[str, dict[str, int]] | None:
+    """(this month, the account's own settled pay-per-use of it by region) for an account with
+    a spending cap; None without one (docs/design/spending-cap.md)."""
+    if cap_micros <= 0:
+        return None
+    month = month_key(ctx.now(), ctx.tz)
+    start, end = month_bounds(month, ctx.tz)
+    return month, await month_usage.settled_by_region(uow, account_id, start, end)
+
+
+async def announce_spending(ctx: BillingContext, uow: UnitOfWork, account: Account) -> None:
+    """account_standing_changed for `account` alone (its standing unchanged) after its own
+    pay-per-use was settled, when it has a spending cap: quota learns the month's settled
+    charges of every region."""
+    if account.monthly_spending_cap_micros <= 0:
+        return
+    if account.kind == AccountKind.ENTERPRISE_MEMBER:
+        await announce_member(ctx, uow, account)
+        return
+    ctx.events.standing_changed(
+        uow,
+        account.account_id,
+        account,
+        account.standing,
+        ctx.now(),
+        block_pay_per_use_in_grace=account.block_pay_per_use_in_grace,
+        monthly_spending_cap_micros=account.monthly_spending_cap_micros,
+        spending=await spending_of(
+            ctx, uow, account.account_id, account.monthly_spending_cap_micros
+        ),
+    )
 
 
 async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account) -> None:
@@ -274,6 +313,7 @@ async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account)
         block_pay_per_use_in_grace=blocks_pay_per_use_in_grace(member, payer),
         master_account_id=payer.account_id,
         monthly_spending_cap_micros=member.monthly_spending_cap_micros,
+        spending=await spending_of(ctx, uow, member.account_id, member.monthly_spending_cap_micros),
     )
 
 

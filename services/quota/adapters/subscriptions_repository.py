@@ -4,6 +4,7 @@ billing announced: the rows admission reads."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import NamedTuple
@@ -89,6 +90,7 @@ def _admission_select(i: int):
         m.account_id == account, m.month == month, m.region == region, m.api == api
     )
     admitted = select(a.admitted_micros).where(a.account_id == account, a.month == month)
+    settled = select(st.settled_pay_per_use).where(st.account_id == account)
     return select(
         literal_column(str(i), Integer).label("i"),
         state.scalar_subquery().label("state"),
@@ -99,6 +101,7 @@ def _admission_select(i: int):
         spent.scalar_subquery().label("spent"),
         used.scalar_subquery().label("used"),
         admitted.scalar_subquery().label("admitted"),
+        settled.scalar_subquery().label("settled"),
     )
 
 
@@ -121,6 +124,8 @@ class AdmissionFacts(NamedTuple):
     spent_micros: int = 0  # the month's counted pay-per-use of the account
     used_quantity: int = 0  # the month's pay-per-use calls of the region and API
     admitted_micros: int = 0  # what admission let through under the cap this month
+    settled: str = ""  # billing's settled pay-per-use by region (`settled_elsewhere`)
+    month: str = ""  # the month read ("YYYY-MM", billing time zone)
 
 
 async def admission_facts_of(
@@ -151,6 +156,8 @@ async def admission_facts_of(
             int(row.spent or 0),
             int(row.used or 0),
             int(row.admitted or 0),
+            row.settled or "",
+            month,
         )
         for row in rows
     }
@@ -177,6 +184,25 @@ async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | N
     return (row.billing_sequence, row.billing_event_id) if row is not None else None
 
 
+def _settled_json(change: StandingChange) -> str:
+    if not change.spending_month:
+        return ""
+    regions = dict(change.settled_by_region)
+    return json.dumps({"month": change.spending_month, "regions": regions}, sort_keys=True)
+
+
+def settled_elsewhere(text: str, month: str, served: Iterable[str]) -> int:
+    """Micros of the account's settled pay-per-use of `month` in regions not in `served`, from
+    the row's `settled_pay_per_use` ('' or another month: none)."""
+    if not text:
+        return 0
+    found = json.loads(text)
+    if found.get("month") != month:
+        return 0
+    skip = set(served)
+    return sum(int(a) for r, a in found.get("regions", {}).items() if r not in skip)
+
+
 async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, new: bool) -> None:
     """Write `change` into the account's row (a `new` row, or over the one it has)."""
     values = {
@@ -188,6 +214,7 @@ async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, n
         "block_pay_per_use_in_grace": change.block_pay_per_use_in_grace,
         "master_account_id": change.master_account_id,
         "monthly_spending_cap_micros": change.monthly_spending_cap_micros,
+        "settled_pay_per_use": _settled_json(change),
     }
     if new:
         # Only the consumer holding the stream's lease writes here; should a second writer

@@ -104,6 +104,9 @@ account_standings = Table(
     Column("master_account_id", String(64), nullable=False, server_default=""),
     # The account's own monthly pay-per-use cap in micros (billing's SetSpendingCap); 0 = none.
     Column("monthly_spending_cap_micros", BigInteger, nullable=False, server_default="0"),
+    # With a cap: billing's settled pay-per-use of the account by region for one month, JSON
+    # {"month": "YYYY-MM", "regions": {region: micros}}; '' without.
+    Column("settled_pay_per_use", Text, nullable=False, server_default=""),
     Index("ix_account_standings_master", "master_account_id"),
 )
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from services.quota.adapters import spending_repository as repo
-from services.quota.adapters.subscriptions_repository import AdmissionFacts
+from services.quota.adapters.subscriptions_repository import AdmissionFacts, settled_elsewhere
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, DenyReason
 from services.quota.domain.spending_caps import month_of, pay_per_use_part, pay_per_use_price
@@ -48,12 +48,22 @@ async def after_usage(ctx: QuotaContext, uow: UnitOfWork, recorded: Iterable[tup
         await repo.add_month(uow, key, months[key], price, new=used is None)
 
 
+def month_spend(ctx: QuotaContext, facts: AdmissionFacts) -> int:
+    """The account's pay-per-use of the month as admission counts it (0 without a cap, which
+    needs no count): what this database recorded, priced, plus billing's settled charges of
+    the regions this process does not serve."""
+    if facts.cap_micros <= 0:
+        return 0
+    return facts.spent_micros + settled_elsewhere(facts.settled, facts.month, ctx.served_regions)
+
+
 async def apply(
     ctx: QuotaContext,
     key: tuple[str, str, str],
     facts: AdmissionFacts,
     admission: Admission,
     quantity: int,
+    spent_micros: int,
 ) -> Admission:
     """The admission under the account's spending cap: only an admitted pay-per-use call of a
     capped account pays a statement; it takes its price from the month's room or is denied
@@ -63,10 +73,10 @@ async def apply(
     account_id, region, api = key
     part = pay_per_use_part(facts.remaining, quantity)
     price = _price(ctx, region, api, facts.used_quantity, part)
-    month = month_of(ctx.now(), ctx.tz)
+    month = facts.month or month_of(ctx.now(), ctx.tz)
 
     async def work(uow: UnitOfWork) -> tuple[bool, int]:
-        return await repo.admit(uow, account_id, month, facts.spent_micros, price, facts.cap_micros)
+        return await repo.admit(uow, account_id, month, spent_micros, price, facts.cap_micros)
 
     admitted, _ = await ctx.db.transaction(work)
     if admitted:

@@ -74,6 +74,7 @@ async def check_quota(
     _check(ctx, account_id, region, api)
     check_quantity(quantity, "quantity")
     facts = await reads.facts((account_id, region, api, normalize_project_id(project)))
+    spent = spending_caps.month_spend(ctx, facts)
     admission = admit(
         subscribed=facts.state == ACTIVE,
         standing=Standing(facts.standing) if facts.standing else Standing.GOOD,
@@ -81,12 +82,12 @@ async def check_quota(
         quantity=quantity or 1,
         block_pay_per_use_in_grace=facts.block,
         spending_cap_micros=facts.cap_micros,
-        month_spend_micros=max(facts.spent_micros, facts.admitted_micros),
+        month_spend_micros=max(spent, facts.admitted_micros),
     )
     # Then the spending cap: only a capped pay-per-use call pays a statement
     # (docs/design/spending-cap.md).
     admission = await spending_caps.apply(
-        ctx, (account_id, region, api), facts, admission, quantity or 1
+        ctx, (account_id, region, api), facts, admission, quantity or 1, spent
     )
     # Last: only a call admitted otherwise takes a token, and only a limited one pays a query.
     if rate_limits is None:

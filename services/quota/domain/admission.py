@@ -37,6 +37,10 @@ class StandingChange:
     # The account's own monthly pay-per-use cap in micros, 0 = none
     # (docs/design/spending-cap.md).
     monthly_spending_cap_micros: int = 0
+    # With a cap: the month ("YYYY-MM", billing time zone) and the account's settled
+    # pay-per-use charges of it by region, as billing announced them.
+    spending_month: str = ""
+    settled_by_region: tuple[tuple[str, int], ...] = ()
 
 
 class DenyReason(enum.IntEnum):

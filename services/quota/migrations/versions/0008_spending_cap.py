@@ -24,6 +24,9 @@ def upgrade() -> None:
                 nullable=False,
             )
         )
+        batch_op.add_column(
+            sa.Column("settled_pay_per_use", sa.Text(), server_default="", nullable=False)
+        )
     op.create_table(
         "pay_per_use_months",
         sa.Column("account_id", sa.String(length=64), nullable=False),
@@ -48,4 +51,5 @@ def downgrade() -> None:
     op.drop_table("spending_cap_admissions")
     op.drop_table("pay_per_use_months")
     with op.batch_alter_table("account_standings", schema=None) as batch_op:
+        batch_op.drop_column("settled_pay_per_use")
         batch_op.drop_column("monthly_spending_cap_micros")

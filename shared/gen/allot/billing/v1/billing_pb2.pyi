@@ -976,6 +976,26 @@ class AccountStandingChanged(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SettledPayPerUseMicrosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     PREVIOUS_STANDING_FIELD_NUMBER: _builtins.int
     STANDING_FIELD_NUMBER: _builtins.int
@@ -986,6 +1006,8 @@ class AccountStandingChanged(_message.Message):
     BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
     MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTHLY_SPENDING_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    SPENDING_MONTH_FIELD_NUMBER: _builtins.int
+    SETTLED_PAY_PER_USE_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account. When the standing or the pay-per-use block of an enterprise master changes,
     one event is also emitted for each of its members, whose standing follows it.
@@ -1004,6 +1026,8 @@ class AccountStandingChanged(_message.Message):
     """The account's own monthly pay-per-use spending cap in micro-units of its currency
     (Account.monthly_spending_cap); 0 means no cap.
     """
+    spending_month: _builtins.str
+    """The calendar month (billing time zone, "YYYY-MM") of settled_pay_per_use_micros."""
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
         """The balance at the change."""
@@ -1020,6 +1044,13 @@ class AccountStandingChanged(_message.Message):
     def change_time(self) -> _timestamp_pb2.Timestamp:
         """When the standing changed (for a change made by the clock, the instant it came due)."""
 
+    @_builtins.property
+    def settled_pay_per_use_micros(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """For an account with a spending cap: its own settled pay-per-use charges of
+        spending_month by region (micro-units, non-negative), as billed when the event was
+        written. Quota adds the regions it does not serve to what it counted itself.
+        """
+
     def __init__(
         self,
         *,
@@ -1033,10 +1064,12 @@ class AccountStandingChanged(_message.Message):
         block_pay_per_use_in_grace: _builtins.bool = ...,
         master_account_id: _builtins.str = ...,
         monthly_spending_cap_micros: _builtins.int = ...,
+        spending_month: _builtins.str = ...,
+        settled_pay_per_use_micros: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "retention_end_time", b"retention_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "monthly_spending_cap_micros", b"monthly_spending_cap_micros", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "monthly_spending_cap_micros", b"monthly_spending_cap_micros", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "settled_pay_per_use_micros", b"settled_pay_per_use_micros", "spending_month", b"spending_month", "standing", b"standing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
