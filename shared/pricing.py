@@ -1,5 +1,8 @@
 """Graduated pay-per-use pricing: what a run of calls costs, given the month's earlier calls.
 
+One rule for the suite: billing rates its hourly cycles with it, quota counts a month's
+pay-per-use with it for spending caps (docs/design/spending-cap.md).
+
 The rule (docs/design/billing.md)
 =================================
 
