@@ -16,10 +16,11 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from allot.billing.v1 import billing_service_pb2
+from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.quota.v1 import quota_service_pb2
 from google.type import money_pb2
 
+from services.quota.adapters import spending_repository
 from tests.support.billing import (
     billing_settings,
     local,
@@ -65,11 +66,13 @@ def overshoot_bound(cap_micros: int, price_micros: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def suite(urls, tmp_path):
-    """Billing, then quota following it (its standings consumer) on its own database."""
+async def suite(urls, tmp_path, write: bool = True):
+    """Billing, then quota following it (its standings consumer) on its own database; the
+    catalog is CATALOG unless the test wrote its own (`write=False`)."""
     quota_url, billing_url = urls
     catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(CATALOG)
+    if write:
+        catalog.write_text(CATALOG)
     for name in ("quota", "billing"):
         (tmp_path / name).mkdir(exist_ok=True)
     quota_addr = f"127.0.0.1:{free_port()}"
@@ -322,3 +325,112 @@ async def test_settled_charges_of_other_regions_count(quota_and_billing_urls, tm
             assert [await call(q_there, f"there-more-{i}", OTHER_REGION) for i in range(5)] == [
                 True
             ] * 4 + [False]
+
+
+async def test_replicas_on_one_database_share_the_cap(quota_and_billing_urls, tmp_path):
+    """Two quota replicas on one database, callers spread over both: still at most the
+    documented bound (the room is taken by one atomic statement in the shared database)."""
+    async with suite(quota_and_billing_urls, tmp_path) as (billing, quota):
+        second_settings = quota_settings(
+            quota_and_billing_urls[0],
+            tmp_path / "quota",
+            clock="manual",
+            clock_start=START,
+            catalog=str(tmp_path / "catalog.yaml"),
+        )
+        async with running_quota(second_settings) as second:
+            replicas = [QuotaCalls(quota), QuotaCalls(second)]
+            await billing.calls.create_account(ACCOUNT)
+            await replicas[0].enable(ACCOUNT, API, REGION)
+            await set_cap(billing, usd("1.00"), "cap-1")
+            await followed(billing, quota)
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(call(replicas[i % 2], f"spread-{i}") for i in range(CONCURRENT))),
+                CALL_TIMEOUT,
+            )
+            assert 10 <= sum(answers) <= overshoot_bound(1_000_000, PRICE_MICROS)
+            for replica in replicas:
+                assert (await replica.check(ACCOUNT)).deny_reason == SPENDING_CAP
+
+
+TIERED_CATALOG = f"""\
+currency: USD
+regions:
+  - {{id: {REGION}, name: CN-Hong Kong}}
+apis:
+  - id: {API}
+    name: Passport OCR
+    free_monthly_quantity: 3
+    price_tiers:
+      - {{up_to: 10, unit_price: "0.10"}}
+      - {{unit_price: "0.05"}}
+offers: []
+"""
+
+
+async def test_quota_counts_the_month_as_billing_charges_it(quota_and_billing_urls, tmp_path):
+    """Free calls, two tiers, calls in several batches: quota's count of the month equals what
+    billing's settlement charged (the one pricing rule, shared/pricing.py)."""
+    (tmp_path / "catalog.yaml").write_text(TIERED_CATALOG)
+    async with suite(quota_and_billing_urls, tmp_path, write=False) as (billing, quota):
+        q = QuotaCalls(quota)
+        await billing.calls.create_account(ACCOUNT)
+        await billing.calls.top_up(ACCOUNT, "100")
+        await q.enable(ACCOUNT, API, REGION)
+        for i, quantity in enumerate((2, 4, 1, 7, 3)):  # 17 calls: 3 free, 7 at 0.10, 7 at 0.05
+            await q.report(f"tiered-{i}", ACCOUNT, quantity)
+        await billing.caught_up_with(quota)
+        await billing.calls.set_time(local("2024-05-01 09:00"))
+        lines = [
+            line
+            for line in (await billing.calls.get_bill(ACCOUNT, "2024-05")).lines
+            if line.region == REGION
+        ]
+        charged = -sum(micros(line.amount) for line in lines)
+        assert charged == 7 * 100_000 + 7 * 50_000
+
+        async def counted(uow):
+            return await spending_repository.month_amount(uow, ACCOUNT, "2024-05")
+
+        assert await quota.server.runtime.db.read(counted) == charged
+        # A cap of exactly what was charged denies the next pay-per-use call.
+        await set_cap(billing, usd("1.05"), "cap-1")
+        await followed(billing, quota)
+        assert (await q.check(ACCOUNT)).deny_reason == SPENDING_CAP
+
+
+async def test_a_members_cap_is_its_own(capped):
+    """Every account_standing_changed carries the account's own cap: a master's change of cap
+    (announced for its members too, whose standing follows it) leaves each member's cap as it
+    was."""
+    billing, _, _ = capped
+    calls = billing.calls
+    await calls.create_account("corp", billing_pb2.ACCOUNT_KIND_ENTERPRISE_MASTER)
+    for member in ("corp-a", "corp-b"):
+        await calls.create_account(
+            member, billing_pb2.ACCOUNT_KIND_ENTERPRISE_MEMBER, master_account_id="corp"
+        )
+
+    def cap_request(account_id: str, amount: str, request_id: str):
+        return calls.stub.SetSpendingCap(
+            REQ.SetSpendingCapRequest(
+                request_id=request_id, account_id=account_id, monthly_amount=usd(amount)
+            ),
+            metadata=calls.admin,
+        )
+
+    await cap_request("corp-a", "2.00", "cap-a")
+    await cap_request("corp", "7.00", "cap-corp")
+    latest: dict[str, billing_pb2.AccountStandingChanged] = {}
+    for event in await calls.events(types=("account_standing_changed",)):
+        latest[event.account_standing_changed.account_id] = event.account_standing_changed
+    caps = {
+        account: (e.monthly_spending_cap_micros, e.master_account_id, e.spending_month)
+        for account, e in latest.items()
+        if account.startswith("corp")
+    }
+    assert caps == {
+        "corp": (7_000_000, "", "2024-05"),
+        "corp-a": (2_000_000, "corp", "2024-05"),
+        "corp-b": (0, "corp", ""),
+    }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 
-from sqlalchemy import BigInteger, bindparam, case, insert, select, update
+from sqlalchemy import BigInteger, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services.quota.adapters import tables as t
@@ -59,6 +59,15 @@ async def add_month(
         .where(c.account_id == account_id, c.month == month, c.region == region, c.api == api)
         .values(quantity=c.quantity + quantity, amount_micros=c.amount_micros + amount_micros)
     )
+
+
+async def month_amount(uow: UnitOfWork, account_id: str, month: str) -> int:
+    """Micros the account's pay-per-use recorded here in `month` costs, every region and API."""
+    c = t.pay_per_use_months.c
+    query = select(func.coalesce(func.sum(c.amount_micros), 0)).where(
+        c.account_id == account_id, c.month == month
+    )
+    return int((await uow.session.execute(query)).scalar_one())
 
 
 @functools.cache
