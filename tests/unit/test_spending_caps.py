@@ -1,6 +1,6 @@
 """The pure rules of spending caps (docs/design/spending-cap.md): the month of an instant in the
-billing time zone, the pay-per-use part of a call, the price as billing rates it, the room
-under a cap, and admission's SPENDING_CAP."""
+billing time zone, the pay-per-use part of a call, the price as billing rates it, admission's
+SPENDING_CAP, and billing's settled figures of other regions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from services.quota.domain.spending_caps import (
     month_of,
     pay_per_use_part,
     pay_per_use_price,
-    within_cap,
 )
 from shared.catalog import PriceTier
 
@@ -47,13 +46,6 @@ def test_calls_are_priced_as_billing_rates_them():
     once = pay_per_use_price(tiers, 3, 0, 25)
     split = sum(pay_per_use_price(tiers, 3, used, 5) for used in range(0, 25, 5))
     assert once == split == 7 * 100_000 + 15 * 50_000
-
-
-def test_room_under_the_cap():
-    assert within_cap(0, 10**12, 10**12)  # no cap
-    assert within_cap(1_000_000, 900_000, 0)
-    assert not within_cap(1_000_000, 1_000_000, 0)
-    assert not within_cap(1_000_000, 0, 1_000_000)
 
 
 def base(**overrides):

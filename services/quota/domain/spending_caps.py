@@ -4,8 +4,9 @@ Billing owns the cap (SetSpendingCap) and carries it to quota in account_standin
 Quota counts, per account and calendar month of the billing time zone, what its pay-per-use
 costs, priced by the catalog's tiers exactly as billing rates it (`shared/pricing.py`), and
 what admission has already let through (`admitted`): a capped pay-per-use call is admitted
-only while the larger of the two is below the cap, and then adds its own price to `admitted`
-in one atomic statement (`adapters/spending_repository.py`).
+only while the larger of the two is below the cap (`domain/admission.admit` with the larger
+as `month_spend_micros`), and then adds its own price to `admitted` in one atomic statement
+(`adapters/spending_repository.py`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,3 @@ def pay_per_use_part(remaining_quantity: int, quantity: int) -> int:
     """The calls of a call of `quantity` that packages with `remaining_quantity` left do not
     cover: those pay-per-use would pay."""
     return max(0, quantity - max(0, remaining_quantity))
-
-
-def within_cap(cap_micros: int, spent_micros: int, admitted_micros: int) -> bool:
-    """Whether a pay-per-use call may still be admitted under the cap (0 = no cap): the month's
-    counted spend and what admission let through are both below it."""
-    return cap_micros <= 0 or max(spent_micros, admitted_micros) < cap_micros
