@@ -45,6 +45,7 @@ POLICIES: dict[str, Policy] = {
     _rpc("UpdateAccount"): policy(*OWNERS, account="account.account_id"),
     _rpc("TopUp"): policy(ADMIN),
     _rpc("SetBalanceAlert"): policy(*OWNERS, account="account_id"),
+    _rpc("SetSpendingCap"): policy(*OWNERS, account="account_id"),
     _rpc("ListOffers"): policy(*READERS),
     _rpc("ListPriceTiers"): policy(*READERS),
     _rpc("PurchasePackage"): policy(*OWNERS, account="account_id", regions=("region",)),

@@ -566,6 +566,15 @@ async def _balance_alert(s, target):
     )
 
 
+@factory(BL("SetSpendingCap"), regional=False)
+async def _spending_cap(s, target):
+    return billing_service_pb2.SetSpendingCapRequest(
+        request_id=s.unique("spending-cap"),
+        account_id=TARGETS[target][0],
+        monthly_amount=money_pb2.Money(currency_code="USD", units=5),
+    )
+
+
 @factory(BL("UpdateAccount"), regional=False)
 async def _update_account(s, target):
     return billing_service_pb2.UpdateAccountRequest(
@@ -935,6 +944,7 @@ REPLAYED = [
     Q("CreateUsageAlert"),
     Q("UpdateUsageAlert"),
     BL("SetBalanceAlert"),
+    BL("SetSpendingCap"),
     BL("UpdateAccount"),
     BL("PurchasePackage"),
     BL("RenewPackage"),

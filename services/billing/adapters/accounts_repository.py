@@ -46,6 +46,7 @@ def _to_account(row, paying_row=None) -> Account:
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
         block_pay_per_use_in_grace=bool(row.block_pay_per_use_in_grace),
+        monthly_spending_cap_micros=int(row.monthly_spending_cap_micros),
     )
 
 
@@ -119,15 +120,19 @@ async def member_ids(uow: UnitOfWork, payer_id: str) -> list[str]:
     return [r.account_id for r in (await uow.session.execute(query)).all()]
 
 
-async def member_settings(uow: UnitOfWork, payer_id: str) -> list[tuple[str, bool]]:
-    """(account id, own block_pay_per_use_in_grace) of each member of ``payer_id``."""
+async def member_settings(uow: UnitOfWork, payer_id: str) -> list[tuple[str, bool, int]]:
+    """(account id, own block_pay_per_use_in_grace, own monthly spending cap in micros) of
+    each member of ``payer_id``."""
     query = (
-        select(_a.account_id, _a.block_pay_per_use_in_grace)
+        select(_a.account_id, _a.block_pay_per_use_in_grace, _a.monthly_spending_cap_micros)
         .where(_a.master_account_id == payer_id)
         .order_by(_a.account_id)
     )
     rows = (await uow.session.execute(query)).all()
-    return [(r.account_id, bool(r.block_pay_per_use_in_grace)) for r in rows]
+    return [
+        (r.account_id, bool(r.block_pay_per_use_in_grace), int(r.monthly_spending_cap_micros))
+        for r in rows
+    ]
 
 
 async def locked_balance(uow: UnitOfWork, account_id: str) -> int:

@@ -65,6 +65,8 @@ class BillingEvents:
         *,
         block_pay_per_use_in_grace: bool = False,
         master_account_id: str = "",
+        monthly_spending_cap_micros: int = 0,
+        spending: tuple[str, dict[str, int]] | None = None,
     ) -> None:
         """``account_id`` (the payer or one of its members) follows the payer's standing
         (``payer``: domain.accounts.Account after the change). The event carries the account's
@@ -77,7 +79,11 @@ class BillingEvents:
             balance=micros_to_money(payer.balance_micros, payer.currency_code),
             block_pay_per_use_in_grace=block_pay_per_use_in_grace,
             master_account_id=master_account_id,
+            monthly_spending_cap_micros=monthly_spending_cap_micros,
         )
+        if spending is not None:  # (month, settled pay-per-use by region) of a capped account
+            payload.spending_month = spending[0]
+            payload.settled_pay_per_use_micros.update(spending[1])
         if payer.standing_change_time:
             # When the change came due (a clock-driven change is stamped with its due time).
             payload.change_time.CopyFrom(to_timestamp(payer.standing_change_time))

@@ -48,3 +48,24 @@ async def month_usage(
         key: MonthUsage(quantities.get(key, 0), costs.get(key, 0))
         for key in set(quantities) | set(costs)
     }
+
+
+async def settled_by_region(
+    uow: UnitOfWork, account_id: str, start: datetime, end: datetime
+) -> dict[str, int]:
+    """``region -> micros`` the account's own settled pay-per-use cycles starting in
+    ``[start, end)`` cost (non-negative): what a spending cap counts of other regions
+    (docs/design/spending-cap.md)."""
+    low, high = to_epoch_us(start), to_epoch_us(end)
+    rows = await uow.rows(
+        select(_lg.region, func.sum(_lg.amount_micros).label("amount"))
+        .where(
+            _lg.account_id == account_id,
+            _lg.occur_time_us >= low,
+            _lg.kind == int(BillLineKind.PAY_PER_USE),
+            _lg.cycle_start_us >= low,
+            _lg.cycle_start_us < high,
+        )
+        .group_by(_lg.region)
+    )
+    return {r.region: -int(r.amount) for r in rows if int(r.amount)}

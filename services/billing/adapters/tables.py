@@ -43,6 +43,9 @@ accounts = Table(
     # While in GRACE, quota refuses pay-per-use calls of this account (and of its members,
     # for a master): UpdateAccount sets it, account_standing_changed carries it to quota.
     Column("block_pay_per_use_in_grace", Boolean, nullable=False, server_default=false()),
+    # The account's own monthly pay-per-use cap (SetSpendingCap); 0 = none. Carried to quota
+    # in account_standing_changed (docs/design/spending-cap.md).
+    Column("monthly_spending_cap_micros", BigInteger, nullable=False, server_default="0"),
     Column("create_time_us", BigInteger, nullable=False),
     Column("update_time_us", BigInteger, nullable=False),
     Index("ix_accounts_master", "master_account_id"),

@@ -94,6 +94,10 @@ def to_proto_account(account: Account) -> billing_pb2.Account:
         update_time=to_timestamp(account.update_time),
         block_pay_per_use_in_grace=account.block_pay_per_use_in_grace,
     )
+    if account.monthly_spending_cap_micros:
+        message.monthly_spending_cap.CopyFrom(
+            micros_to_money(account.monthly_spending_cap_micros, account.currency_code)
+        )
     if account.balance_alert_micros is not None:
         message.balance_alert_threshold.CopyFrom(
             micros_to_money(account.balance_alert_micros, account.currency_code)

@@ -114,6 +114,23 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             self._idempotent("SetBalanceAlert", request, billing_pb2.Account, work)
         )
 
+    async def SetSpendingCap(self, request, context):
+        cap = (
+            convert.money_to_micros(request.monthly_amount, "monthly_amount")
+            if request.HasField("monthly_amount")
+            else 0
+        )
+
+        async def work(uow):
+            account = await accounts.set_spending_cap(
+                self.ctx, uow, request.account_id, cap, request.monthly_amount.currency_code
+            )
+            return convert.to_proto_account(account)
+
+        return await hiding_absence(
+            self._idempotent("SetSpendingCap", request, billing_pb2.Account, work)
+        )
+
     # --- catalog --------------------------------------------------------------------------
 
     async def ListOffers(self, request, context):

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from services.billing.adapters import accounts_repository as repo
 from services.billing.adapters import ledger_repository as ledger
+from services.billing.adapters import month_usage
 from services.billing.app.context import BillingContext
 from services.billing.domain.accounts import (
     DEFAULT_PERIOD,
@@ -24,6 +25,7 @@ from services.billing.domain.accounts import (
 )
 from services.billing.domain.arrears import ArrearsState, Standing
 from services.billing.domain.bills import BillLine, BillLineKind
+from services.billing.domain.cycles import month_bounds, month_key
 from shared.db import UnitOfWork
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from shared.money import MAX_AMOUNT_MICROS, MICROS_PER_UNIT
@@ -246,8 +248,10 @@ async def announce_standing(
         previous,
         now,
         block_pay_per_use_in_grace=payer.block_pay_per_use_in_grace,
+        monthly_spending_cap_micros=payer.monthly_spending_cap_micros,
+        spending=await spending_of(ctx, uow, payer.account_id, payer.monthly_spending_cap_micros),
     )
-    for account_id, own_block in await repo.member_settings(uow, payer.account_id):
+    for account_id, own_block, own_cap in await repo.member_settings(uow, payer.account_id):
         ctx.events.standing_changed(
             uow,
             account_id,
@@ -256,7 +260,44 @@ async def announce_standing(
             now,
             block_pay_per_use_in_grace=own_block or payer.block_pay_per_use_in_grace,
             master_account_id=payer.account_id,
+            monthly_spending_cap_micros=own_cap,
+            spending=await spending_of(ctx, uow, account_id, own_cap),
         )
+
+
+async def spending_of(
+    ctx: BillingContext, uow: UnitOfWork, account_id: str, cap_micros: int
+) -> tuple[str, dict[str, int]] | None:
+    """(this month, the account's own settled pay-per-use of it by region) for an account with
+    a spending cap; None without one (docs/design/spending-cap.md)."""
+    if cap_micros <= 0:
+        return None
+    month = month_key(ctx.now(), ctx.tz)
+    start, end = month_bounds(month, ctx.tz)
+    return month, await month_usage.settled_by_region(uow, account_id, start, end)
+
+
+async def announce_spending(ctx: BillingContext, uow: UnitOfWork, account: Account) -> None:
+    """account_standing_changed for `account` alone (its standing unchanged) after its own
+    pay-per-use was settled, when it has a spending cap: quota learns the month's settled
+    charges of every region."""
+    if account.monthly_spending_cap_micros <= 0:
+        return
+    if account.kind == AccountKind.ENTERPRISE_MEMBER:
+        await announce_member(ctx, uow, account)
+        return
+    ctx.events.standing_changed(
+        uow,
+        account.account_id,
+        account,
+        account.standing,
+        ctx.now(),
+        block_pay_per_use_in_grace=account.block_pay_per_use_in_grace,
+        monthly_spending_cap_micros=account.monthly_spending_cap_micros,
+        spending=await spending_of(
+            ctx, uow, account.account_id, account.monthly_spending_cap_micros
+        ),
+    )
 
 
 async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account) -> None:
@@ -271,6 +312,8 @@ async def announce_member(ctx: BillingContext, uow: UnitOfWork, member: Account)
         ctx.now(),
         block_pay_per_use_in_grace=blocks_pay_per_use_in_grace(member, payer),
         master_account_id=payer.account_id,
+        monthly_spending_cap_micros=member.monthly_spending_cap_micros,
+        spending=await spending_of(ctx, uow, member.account_id, member.monthly_spending_cap_micros),
     )
 
 
@@ -336,3 +379,32 @@ async def set_balance_alert(
         _check_amount(threshold_micros, currency, account.currency_code, "threshold")
     await repo.set_balance_alert(uow, account_id, threshold_micros, ctx.now())
     return await load_account(uow, account_id)
+
+
+async def set_spending_cap(
+    ctx: BillingContext,
+    uow: UnitOfWork,
+    account_id: str,
+    cap_micros: int,
+    currency: str,
+) -> Account:
+    """Set (cap_micros > 0) or clear (0) the account's own monthly pay-per-use cap and announce
+    it to quota in account_standing_changed (docs/design/spending-cap.md): the event carries
+    the account's whole admission state, so quota's projection takes it with the rest."""
+    check_account_id(account_id)
+    if cap_micros < 0:
+        raise InvalidArgument("monthly_amount", "monthly_amount must not be negative")
+    before = await repo.get(uow, account_id, for_update=True)
+    if before is None:
+        raise account_not_found(account_id)
+    _check_amount(cap_micros, currency, before.currency_code, "monthly_amount")
+    await repo.update_settings(
+        uow, account_id, {"monthly_spending_cap_micros": cap_micros}, ctx.now()
+    )
+    after = await load_account(uow, account_id)
+    if after.monthly_spending_cap_micros != before.monthly_spending_cap_micros:
+        if after.kind == AccountKind.ENTERPRISE_MEMBER:
+            await announce_member(ctx, uow, after)
+        else:
+            await announce_standing(ctx, uow, after, after.standing)
+    return after

@@ -137,6 +137,9 @@ async def settle_cycle(ctx: BillingContext, uow: UnitOfWork, key: CycleKey, now:
     entry_id = await ledger.book(uow, line)
     await repo.mark_settled(uow, key, entry_id)
     await _after_charge(ctx, uow, payer, line.amount_micros, now)
+    # A capped account's quota learns the month's settled charges of every region
+    # (docs/design/spending-cap.md).
+    await accounts.announce_spending(ctx, uow, await accounts.load_account(uow, key.account_id))
     ctx.events.metrics.settled(uow, (to_epoch_us(now) - cycle.cycle_end_us) / 1_000_000)
     return 1
 

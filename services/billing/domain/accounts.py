@@ -44,6 +44,9 @@ class Account:
     # The account's own setting (UpdateAccount); for a member, its master's setting applies
     # as well (`blocks_pay_per_use_in_grace`).
     block_pay_per_use_in_grace: bool = False
+    # The account's own monthly pay-per-use cap in micros, 0 = none (SetSpendingCap;
+    # docs/design/spending-cap.md). A member's cap is its own, never its master's.
+    monthly_spending_cap_micros: int = 0
 
     @property
     def payer_id(self) -> str:

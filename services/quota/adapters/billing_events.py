@@ -61,4 +61,10 @@ def standing_change(event: billing_pb2.BillingEvent) -> StandingChange | None:
         event_id=event.event_id,
         block_pay_per_use_in_grace=payload.block_pay_per_use_in_grace,
         master_account_id=master,
+        # A negative cap cannot come from billing; read it as none rather than hold the stream.
+        monthly_spending_cap_micros=max(0, payload.monthly_spending_cap_micros),
+        spending_month=payload.spending_month,
+        settled_by_region=tuple(
+            sorted((r, max(0, a)) for r, a in payload.settled_pay_per_use_micros.items())
+        ),
     )

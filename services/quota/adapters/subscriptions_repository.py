@@ -4,8 +4,10 @@ billing announced: the rows admission reads."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import (
     Integer,
@@ -57,9 +59,14 @@ async def list_subscriptions(
 def _admission_select(i: int):
     """What CheckQuota reads for key `i` of a statement, as one row of scalar subqueries: the
     subscription's state, the account's standing and its pay-per-use block in grace (one
-    primary-key row), and the remaining quantity of the packages in force for the project
-    (designated + all-project packages)."""
+    primary-key row), the remaining quantity of the packages in force for the project
+    (designated + all-project packages), and for the spending cap
+    (docs/design/spending-cap.md): the cap, the month's counted pay-per-use of the account
+    (its regions in this database), the month's calls of this region and API, and what
+    admission let through this month (primary-key reads of small tables)."""
     s, st, p = t.api_subscriptions.c, t.account_standings.c, t.packages.c
+    m, a = t.pay_per_use_months.c, t.spending_cap_admissions.c
+    month = bindparam("month")
     account, region, api = (
         bindparam(f"account_{i}"),
         bindparam(f"region_{i}"),
@@ -75,12 +82,26 @@ def _admission_select(i: int):
         p.enterprise_project_id.in_(["", bindparam(f"project_{i}")]),
         in_force_condition(bindparam("now_us")),
     )
+    cap = select(st.monthly_spending_cap_micros).where(st.account_id == account)
+    spent = select(func.coalesce(func.sum(m.amount_micros), 0)).where(
+        m.account_id == account, m.month == month
+    )
+    used = select(m.quantity).where(
+        m.account_id == account, m.month == month, m.region == region, m.api == api
+    )
+    admitted = select(a.admitted_micros).where(a.account_id == account, a.month == month)
+    settled = select(st.settled_pay_per_use).where(st.account_id == account)
     return select(
         literal_column(str(i), Integer).label("i"),
         state.scalar_subquery().label("state"),
         standing.scalar_subquery().label("standing"),
         block.scalar_subquery().label("block"),
         remaining.scalar_subquery().label("remaining"),
+        cap.scalar_subquery().label("cap"),
+        spent.scalar_subquery().label("spent"),
+        used.scalar_subquery().label("used"),
+        admitted.scalar_subquery().label("admitted"),
+        settled.scalar_subquery().label("settled"),
     )
 
 
@@ -92,13 +113,28 @@ def _admission_query(size: int):
     return union_all(*(_admission_select(i) for i in range(size)))
 
 
+class AdmissionFacts(NamedTuple):
+    """What admission reads for one call (`admission_facts_of`)."""
+
+    state: int | None  # the subscription's state, None: never enabled
+    standing: int | None  # None: GOOD
+    remaining: int  # calls left in the packages in force for the project
+    block: bool  # pay-per-use blocked in grace
+    cap_micros: int = 0  # the monthly spending cap, 0 = none
+    spent_micros: int = 0  # the month's counted pay-per-use of the account
+    used_quantity: int = 0  # the month's pay-per-use calls of the region and API
+    admitted_micros: int = 0  # what admission let through under the cap this month
+    settled: str = ""  # billing's settled pay-per-use by region (`settled_elsewhere`)
+    month: str = ""  # the month read ("YYYY-MM", billing time zone)
+
+
 async def admission_facts_of(
-    uow: UnitOfWork, keys: Sequence[tuple[str, str, str, str]], now: datetime
-) -> list[tuple[int | None, int | None, int, bool]]:
+    uow: UnitOfWork, keys: Sequence[tuple[str, str, str, str]], now: datetime, month: str = ""
+) -> list[AdmissionFacts]:
     """For each (account, region, API, project) key, the rows admission reads for a call of it
-    now: (subscription state or None, standing or None, remaining quantity, pay-per-use
-    blocked in grace). One statement, one round trip, one snapshot."""
-    params: dict = {"now_us": to_epoch_us(now)}
+    now, `month` being the billing time zone's month of now. One statement, one round trip,
+    one snapshot."""
+    params: dict = {"now_us": to_epoch_us(now), "month": month}
     for i, (account_id, region, api, project) in enumerate(keys):
         params.update(
             {
@@ -110,7 +146,21 @@ async def admission_facts_of(
         )
     connection = await uow.session.connection()
     rows = (await connection.execute(_admission_query(len(keys)), params)).all()
-    found = {row.i: (row.state, row.standing, int(row.remaining), bool(row.block)) for row in rows}
+    found = {
+        row.i: AdmissionFacts(
+            row.state,
+            row.standing,
+            int(row.remaining),
+            bool(row.block),
+            int(row.cap or 0),
+            int(row.spent or 0),
+            int(row.used or 0),
+            int(row.admitted or 0),
+            row.settled or "",
+            month,
+        )
+        for row in rows
+    }
     return [found[i] for i in range(len(keys))]
 
 
@@ -134,6 +184,25 @@ async def held_standing(uow: UnitOfWork, account_id: str) -> tuple[int, str] | N
     return (row.billing_sequence, row.billing_event_id) if row is not None else None
 
 
+def _settled_json(change: StandingChange) -> str:
+    if not change.spending_month:
+        return ""
+    regions = dict(change.settled_by_region)
+    return json.dumps({"month": change.spending_month, "regions": regions}, sort_keys=True)
+
+
+def settled_elsewhere(text: str, month: str, served: Iterable[str]) -> int:
+    """Micros of the account's settled pay-per-use of `month` in regions not in `served`, from
+    the row's `settled_pay_per_use` ('' or another month: none)."""
+    if not text:
+        return 0
+    found = json.loads(text)
+    if found.get("month") != month:
+        return 0
+    skip = set(served)
+    return sum(int(a) for r, a in found.get("regions", {}).items() if r not in skip)
+
+
 async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, new: bool) -> None:
     """Write `change` into the account's row (a `new` row, or over the one it has)."""
     values = {
@@ -144,6 +213,8 @@ async def put_standing(uow: UnitOfWork, change: StandingChange, now: datetime, n
         "billing_event_id": change.event_id,
         "block_pay_per_use_in_grace": change.block_pay_per_use_in_grace,
         "master_account_id": change.master_account_id,
+        "monthly_spending_cap_micros": change.monthly_spending_cap_micros,
+        "settled_pay_per_use": _settled_json(change),
     }
     if new:
         # Only the consumer holding the stream's lease writes here; should a second writer

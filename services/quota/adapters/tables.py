@@ -102,6 +102,11 @@ account_standings = Table(
     # The enterprise master of a member account ('' otherwise): a master's tokens may read
     # its members' packages and usage (docs/security.md).
     Column("master_account_id", String(64), nullable=False, server_default=""),
+    # The account's own monthly pay-per-use cap in micros (billing's SetSpendingCap); 0 = none.
+    Column("monthly_spending_cap_micros", BigInteger, nullable=False, server_default="0"),
+    # With a cap: billing's settled pay-per-use of the account by region for one month, JSON
+    # {"month": "YYYY-MM", "regions": {region: micros}}; '' without.
+    Column("settled_pay_per_use", Text, nullable=False, server_default=""),
     Index("ix_account_standings_master", "master_account_id"),
 )
 
@@ -156,6 +161,33 @@ rate_limit_buckets = Table(
     Column("api", String(64), primary_key=True),
     Column("tokens", BigInteger, nullable=False),
     Column("refill_time_us", BigInteger, nullable=False),
+    Column("admitted", Boolean, nullable=False),
+)
+
+# Pay-per-use recorded here per account, month of the billing time zone (by occur_time),
+# region and API: the calls and what they cost by the catalog's tiers (micros, unrounded),
+# written in the usage transaction. The spending cap reads the month's sum
+# (docs/design/spending-cap.md).
+pay_per_use_months = Table(
+    "pay_per_use_months",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("month", String(7), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("quantity", BigInteger, nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+)
+
+# What admission let through under a spending cap this month (micros): one atomic upsert per
+# capped pay-per-use CheckQuota, shared by every replica of the database.
+spending_cap_admissions = Table(
+    "spending_cap_admissions",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("month", String(7), primary_key=True),
+    Column("admitted_micros", BigInteger, nullable=False),
+    # The answer to the last call that wrote the row.
     Column("admitted", Boolean, nullable=False),
 )
 

@@ -16,6 +16,7 @@ from services.quota.app.context import QuotaContext
 from services.quota.app.rate_limits import RateLimits
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
+from services.quota.domain.spending_caps import month_of
 from shared import status
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import AllotError
@@ -52,7 +53,9 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         self._idempotent = idempotency.bound(ctx.db, ctx.now)
         self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
-        self.admission_reads = AdmissionReads(ctx.db, ctx.now)
+        self.admission_reads = AdmissionReads(
+            ctx.db, ctx.now, month_of=lambda now: month_of(now, ctx.tz)
+        )
         self.rate_limits = RateLimits(ctx)
 
     async def close(self, grace: float) -> None:

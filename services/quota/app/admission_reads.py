@@ -15,6 +15,8 @@ passes stops waiting, and the read goes on for the callers that share it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import datetime
 
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from shared.db import Database, UnitOfWork
@@ -23,15 +25,23 @@ from shared.db import Database, UnitOfWork
 MAX_KEYS = 64
 
 Key = tuple[str, str, str, str]  # account, region, API, project
-# subscription state, standing, remaining, pay-per-use blocked in grace
-Facts = tuple[int | None, int | None, int, bool]
+Facts = subscriptions_repo.AdmissionFacts
 
 
 class AdmissionReads:
-    def __init__(self, db: Database, now, max_keys: int = MAX_KEYS) -> None:
+    def __init__(
+        self,
+        db: Database,
+        now,
+        max_keys: int = MAX_KEYS,
+        month_of: Callable[[datetime], str] | None = None,
+    ) -> None:
         self.db = db
         self.now = now
         self.max_keys = max_keys
+        # The billing time zone's month of an instant: the spending cap's month
+        # (docs/design/spending-cap.md); None reads no month (no cap counts).
+        self.month_of = month_of
         self._queue: dict[Key, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
 
@@ -52,7 +62,9 @@ class AdmissionReads:
                 futures = [self._queue.pop(key) for key in keys]
 
                 async def work(uow: UnitOfWork, keys: list[Key] = keys) -> list[Facts]:
-                    return await subscriptions_repo.admission_facts_of(uow, keys, self.now())
+                    now = self.now()
+                    month = self.month_of(now) if self.month_of is not None else ""
+                    return await subscriptions_repo.admission_facts_of(uow, keys, now, month)
 
                 try:
                     answers = await self.db.read(work)

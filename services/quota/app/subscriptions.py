@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
+from services.quota.app import spending_caps
 from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.context import QuotaContext
 from services.quota.app.rate_limits import RateLimits
@@ -72,15 +73,21 @@ async def check_quota(
 ) -> Admission:
     _check(ctx, account_id, region, api)
     check_quantity(quantity, "quantity")
-    state, standing, remaining, block = await reads.facts(
-        (account_id, region, api, normalize_project_id(project))
-    )
+    facts = await reads.facts((account_id, region, api, normalize_project_id(project)))
+    spent = spending_caps.month_spend(ctx, facts)
     admission = admit(
-        subscribed=state == ACTIVE,
-        standing=Standing(standing) if standing else Standing.GOOD,
-        remaining_quantity=remaining,
+        subscribed=facts.state == ACTIVE,
+        standing=Standing(facts.standing) if facts.standing else Standing.GOOD,
+        remaining_quantity=facts.remaining,
         quantity=quantity or 1,
-        block_pay_per_use_in_grace=block,
+        block_pay_per_use_in_grace=facts.block,
+        spending_cap_micros=facts.cap_micros,
+        month_spend_micros=max(spent, facts.admitted_micros),
+    )
+    # Then the spending cap: only a capped pay-per-use call pays a statement
+    # (docs/design/spending-cap.md).
+    admission = await spending_caps.apply(
+        ctx, (account_id, region, api), facts, admission, quantity or 1, spent
     )
     # Last: only a call admitted otherwise takes a token, and only a limited one pays a query.
     if rate_limits is None:

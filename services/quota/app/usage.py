@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from services.quota.adapters import near_miss_queries
 from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import usage_repository as usage_repo
-from services.quota.app import alerts
+from services.quota.app import alerts, spending_caps
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import (
     IneligibleReason,
@@ -270,6 +270,11 @@ async def _record(
             }
         )
     await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)
+    # The month's pay-per-use, counted for spending caps (docs/design/spending-cap.md).
+    recorded_pay_per_use = [
+        (v.event, o.pay_per_use_quantity) for v, o in zip(fresh, outcomes, strict=True)
+    ]
+    await spending_caps.after_usage(ctx, uow, recorded_pay_per_use)
     await alerts.after_usage(ctx, uow, walk, candidates.in_force, now)
 
     answers = _answers(slots, recorded, first_in_batch, results)

@@ -34,6 +34,13 @@ class StandingChange:
     event_id: str
     block_pay_per_use_in_grace: bool = False
     master_account_id: str = ""
+    # The account's own monthly pay-per-use cap in micros, 0 = none
+    # (docs/design/spending-cap.md).
+    monthly_spending_cap_micros: int = 0
+    # With a cap: the month ("YYYY-MM", billing time zone) and the account's settled
+    # pay-per-use charges of it by region, as billing announced them.
+    spending_month: str = ""
+    settled_by_region: tuple[tuple[str, int], ...] = ()
 
 
 class DenyReason(enum.IntEnum):
@@ -43,6 +50,7 @@ class DenyReason(enum.IntEnum):
     ACCOUNT_RELEASED = 3
     PAY_PER_USE_BLOCKED = 4
     RATE_LIMITED = 5
+    SPENDING_CAP = 6
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,14 @@ def admit(
     remaining_quantity: int,
     quantity: int,
     block_pay_per_use_in_grace: bool = False,
+    spending_cap_micros: int = 0,
+    month_spend_micros: int = 0,
 ) -> Admission:
     """The API must be subscribed and the account neither frozen nor released; in grace, calls
     that packages do not cover are refused only when the account's setting (billing's
-    `block_pay_per_use_in_grace`, its own or its master's) blocks pay-per-use there."""
+    `block_pay_per_use_in_grace`, its own or its master's) blocks pay-per-use there. Calls
+    packages do not cover are refused too once the month's pay-per-use (`month_spend_micros`,
+    what quota counted: docs/design/spending-cap.md) reached the account's cap (0 = none)."""
     pay_per_use = remaining_quantity < quantity
     reason = DenyReason.NONE
     if not subscribed:
@@ -76,4 +88,6 @@ def admit(
         reason = DenyReason.ACCOUNT_RELEASED
     elif standing == Standing.GRACE and pay_per_use and block_pay_per_use_in_grace:
         reason = DenyReason.PAY_PER_USE_BLOCKED
+    elif pay_per_use and spending_cap_micros > 0 and month_spend_micros >= spending_cap_micros:
+        reason = DenyReason.SPENDING_CAP
     return Admission(reason == DenyReason.NONE, reason, remaining_quantity, pay_per_use)

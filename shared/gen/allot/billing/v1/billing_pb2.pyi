@@ -255,6 +255,7 @@ class Account(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
+    MONTHLY_SPENDING_CAP_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id, chosen by the caller on create and never changed: 1 to 64 letters,
     digits, `-` and `_`.
@@ -324,6 +325,14 @@ class Account(_message.Message):
         new balance alert).
         """
 
+    @_builtins.property
+    def monthly_spending_cap(self) -> _money_pb2.Money:
+        """The most the account's own pay-per-use may cost in one calendar month (billing time
+        zone); unset means no cap. Once reached, quota denies pay-per-use calls
+        (DENY_REASON_SPENDING_CAP) until the next month or a higher cap. Set it with
+        SetSpendingCap.
+        """
+
     def __init__(
         self,
         *,
@@ -343,10 +352,11 @@ class Account(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         block_pay_per_use_in_grace: _builtins.bool = ...,
+        monthly_spending_cap: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "create_time", b"create_time", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "monthly_spending_cap", b"monthly_spending_cap", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "balance_alert_threshold", b"balance_alert_threshold", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "grace_end_time", b"grace_end_time", "grace_period", b"grace_period", "kind", b"kind", "master_account_id", b"master_account_id", "monthly_spending_cap", b"monthly_spending_cap", "retention_end_time", b"retention_end_time", "retention_period", b"retention_period", "standing", b"standing", "standing_change_time", b"standing_change_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -966,6 +976,26 @@ class AccountStandingChanged(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SettledPayPerUseMicrosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     PREVIOUS_STANDING_FIELD_NUMBER: _builtins.int
     STANDING_FIELD_NUMBER: _builtins.int
@@ -975,6 +1005,9 @@ class AccountStandingChanged(_message.Message):
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     BLOCK_PAY_PER_USE_IN_GRACE_FIELD_NUMBER: _builtins.int
     MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTHLY_SPENDING_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    SPENDING_MONTH_FIELD_NUMBER: _builtins.int
+    SETTLED_PAY_PER_USE_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account. When the standing or the pay-per-use block of an enterprise master changes,
     one event is also emitted for each of its members, whose standing follows it.
@@ -989,6 +1022,12 @@ class AccountStandingChanged(_message.Message):
     """
     master_account_id: _builtins.str
     """The enterprise master of a member account; empty for other kinds."""
+    monthly_spending_cap_micros: _builtins.int
+    """The account's own monthly pay-per-use spending cap in micro-units of its currency
+    (Account.monthly_spending_cap); 0 means no cap.
+    """
+    spending_month: _builtins.str
+    """The calendar month (billing time zone, "YYYY-MM") of settled_pay_per_use_micros."""
     @_builtins.property
     def balance(self) -> _money_pb2.Money:
         """The balance at the change."""
@@ -1005,6 +1044,13 @@ class AccountStandingChanged(_message.Message):
     def change_time(self) -> _timestamp_pb2.Timestamp:
         """When the standing changed (for a change made by the clock, the instant it came due)."""
 
+    @_builtins.property
+    def settled_pay_per_use_micros(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """For an account with a spending cap: its own settled pay-per-use charges of
+        spending_month by region (micro-units, non-negative), as billed when the event was
+        written. Quota adds the regions it does not serve to what it counted itself.
+        """
+
     def __init__(
         self,
         *,
@@ -1017,10 +1063,13 @@ class AccountStandingChanged(_message.Message):
         change_time: _timestamp_pb2.Timestamp | None = ...,
         block_pay_per_use_in_grace: _builtins.bool = ...,
         master_account_id: _builtins.str = ...,
+        monthly_spending_cap_micros: _builtins.int = ...,
+        spending_month: _builtins.str = ...,
+        settled_pay_per_use_micros: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "retention_end_time", b"retention_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "standing", b"standing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "block_pay_per_use_in_grace", b"block_pay_per_use_in_grace", "change_time", b"change_time", "grace_end_time", b"grace_end_time", "master_account_id", b"master_account_id", "monthly_spending_cap_micros", b"monthly_spending_cap_micros", "previous_standing", b"previous_standing", "retention_end_time", b"retention_end_time", "settled_pay_per_use_micros", b"settled_pay_per_use_micros", "spending_month", b"spending_month", "standing", b"standing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1206,3 +1206,37 @@ class ExplainBillLineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainBillLineResponse: _TypeAlias = ExplainBillLineResponse  # noqa: Y015
+
+@_typing.final
+class SetSpendingCapRequest(_message.Message):
+    """Request of SetSpendingCap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTHLY_AMOUNT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
+    account_id: _builtins.str
+    """The account whose cap is set or cleared."""
+    @_builtins.property
+    def monthly_amount(self) -> _money_pb2.Money:
+        """The most the account's pay-per-use may cost in one calendar month, in the account's
+        currency; not negative. Unset or zero clears the cap (no cap).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        monthly_amount: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["monthly_amount", b"monthly_amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "monthly_amount", b"monthly_amount", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSpendingCapRequest: _TypeAlias = SetSpendingCapRequest  # noqa: Y015

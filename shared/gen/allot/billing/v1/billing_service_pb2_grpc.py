@@ -170,6 +170,11 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.BillingEvent.FromString,
                 _registered_method=True)
+        self.SetSpendingCap = channel.unary_unary(
+                '/allot.billing.v1.BillingService/SetSpendingCap',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -442,6 +447,19 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSpendingCap(self, request, context):
+        """Sets or clears (monthly_amount unset or zero) the account's monthly pay-per-use spending
+        cap (Account.monthly_spending_cap). Once the calendar month's pay-per-use charges (billing
+        time zone) reach it, quota's CheckQuota denies calls that packages do not cover
+        (DENY_REASON_SPENDING_CAP) until the next month or a higher cap; packages keep working.
+        The cap reaches quota in account_standing_changed. Idempotent by request_id.
+        Errors: INVALID_ARGUMENT (monthly_amount negative or more than six decimals,
+        CURRENCY_MISMATCH), NOT_FOUND (ACCOUNT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -564,6 +582,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.WatchEventsRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.BillingEvent.SerializeToString,
+            ),
+            'SetSpendingCap': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSpendingCap,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1229,6 +1252,33 @@ class BillingService:
             '/allot.billing.v1.BillingService/WatchEvents',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.WatchEventsRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__pb2.BillingEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSpendingCap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/SetSpendingCap',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
             options,
             channel_credentials,
             insecure,

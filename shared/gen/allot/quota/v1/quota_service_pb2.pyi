@@ -47,6 +47,12 @@ class _DenyReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenyReason
     """The account called the API in the region faster than its rate limit allows; retry after
     `retry_after`.
     """
+    DENY_REASON_SPENDING_CAP: _DenyReason.ValueType  # 6
+    """The account's pay-per-use of this calendar month (billing time zone) reached its monthly
+    spending cap (billing's Account.monthly_spending_cap), and no package covers the call.
+    Calls packages pay for still pass; the next month or a higher cap admits pay-per-use
+    again. ReportUsage still records usage that happened.
+    """
 
 class DenyReason(_DenyReason, metaclass=_DenyReasonEnumTypeWrapper):
     """Why a call may not proceed."""
@@ -67,6 +73,12 @@ call. ReportUsage still records usage that happened.
 DENY_REASON_RATE_LIMITED: DenyReason.ValueType  # 5
 """The account called the API in the region faster than its rate limit allows; retry after
 `retry_after`.
+"""
+DENY_REASON_SPENDING_CAP: DenyReason.ValueType  # 6
+"""The account's pay-per-use of this calendar month (billing time zone) reached its monthly
+spending cap (billing's Account.monthly_spending_cap), and no package covers the call.
+Calls packages pay for still pass; the next month or a higher cap admits pay-per-use
+again. ReportUsage still records usage that happened.
 """
 Global___DenyReason: _TypeAlias = DenyReason  # noqa: Y015
 
