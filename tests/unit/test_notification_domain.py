@@ -17,8 +17,8 @@ from services.notification.adapters.sources import QUOTA_EVENT_TYPES, from_quota
 from services.notification.domain import delivery
 from services.notification.domain.delivery import JITTER, MAX_DELAY, RetryPolicy
 from services.notification.domain.messages import (
-    ForecastAlertFired,
     Channel,
+    ForecastAlertFired,
     MessageType,
     PackageExhausted,
     PackageExpiring,
