@@ -176,6 +176,27 @@ async def test_more_than_n_forfeited_fires_once_rearms_when_false_and_fires_on_a
     assert forecast.forfeitures[0].expire_time.ToDatetime(UTC) == END_OF_JANUARY
 
 
+async def test_the_due_work_evaluates_a_forecast_rule_at_most_once_an_hour(q, a):
+    await q.grant(quantity=3_000)
+    await q.report("burst", quantity=1_000, occur=START)
+    await q.advance(timedelta(hours=23, minutes=30))
+    # Today's calls are not a whole day yet: rate 0, armed (and stamped at 23:30).
+    rule = await a.create(api=API, depletion_days=7)
+    assert rule.state == ARMED
+    # 00:10: yesterday's 1,000 calls make the rate 1,000 a day, 2,000 left: used up in 2
+    # days. But the rule was evaluated 40 minutes ago: not yet.
+    await q.advance(timedelta(minutes=40))
+    assert await crossings(a) == []
+    assert await a.state(rule.alert_id) == ARMED
+    (forecast,) = (await q.forecast()).forecasts
+    assert forecast.daily_rate == "1000"
+    # 00:31: an hour and a minute since: evaluated, fired.
+    await q.advance(timedelta(minutes=21))
+    (crossed,) = await crossings(a)
+    assert (crossed.alert_id, crossed.daily_rate) == (rule.alert_id, "1000")
+    assert crossed.depletion_time.ToDatetime(UTC) == START + DAY + timedelta(minutes=31) + 2 * DAY
+
+
 async def test_the_forecast_lists_each_region_and_api_with_packages_and_honours_filters(q):
     await q.grant(quantity=100)
     await q.grant(quantity=50, api=OTHER_API)
