@@ -934,8 +934,10 @@ class UpdateUsageAlertRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `api`, `remaining_quantity` or `remaining_percent`, `enabled`; empty
-        means all of them. The account and region of a rule never change.
+        """Fields to change: `api`, the threshold (`remaining_quantity`, `remaining_percent`,
+        `depletion_within_days` or `forfeiture_above_quantity`: naming any one sets the threshold
+        to the one the rule carries), `enabled`; empty means all of them. The account and region
+        of a rule never change.
         """
 
     def __init__(
