@@ -808,7 +808,10 @@ Global___NearMiss: _TypeAlias = NearMiss  # noqa: Y015
 
 @_typing.final
 class UsageAlert(_message.Message):
-    """A rule that fires when the remaining quantity of the packages in force reaches a threshold."""
+    """A rule that fires when the remaining quantity of the packages in force reaches a threshold,
+    or when their forecast (GetQuotaForecast) says they are used up soon or calls will be
+    forfeited (docs/design/forecasts.md).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -992,7 +995,9 @@ Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class ThresholdCrossed(_message.Message):
-    """A usage alert fired: the remaining quantity in force reached the rule's threshold."""
+    """A usage alert fired: the remaining quantity in force reached the rule's threshold, or the
+    forecast met the rule's condition (`condition` says which).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
