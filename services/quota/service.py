@@ -15,7 +15,7 @@ from services.quota.adapters import billing_events, tables
 from services.quota.adapters.events import QuotaEvents
 from services.quota.adapters.metrics import QuotaMetrics
 from services.quota.api.servicer import QuotaServicer
-from services.quota.app import standings
+from services.quota.app import forecasts, standings
 from services.quota.app.clock_work import announce_packages
 from services.quota.app.context import QuotaContext
 from services.quota.domain.deduction import DeductionPolicy
@@ -83,6 +83,9 @@ POLICIES: dict[str, Policy] = {
     _rpc("SetRateLimit"): policy(ADMIN, regions=("region",)),
     _rpc("GetRateLimit"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("WatchEvents"): policy(ADMIN, internal=NOTIFICATION),
+    _rpc("GetQuotaForecast"): policy(
+        *READERS, account="account_id", regions=("region",), master_reads=True
+    ),
 }
 
 
@@ -147,6 +150,10 @@ class QuotaService:
         follow billing's standings (unless ALLOT_BILLING_ADDR is empty)."""
         self.runtime.scheduler.register(
             "quota.packages", lambda now: announce_packages(self.context, now)
+        )
+        # After the packages' announcements, so a forecast sees the clock's expiries.
+        self.runtime.scheduler.register(
+            "quota.forecasts", lambda now: forecasts.forecast_due(self.context, now)
         )
         addr = self.runtime.settings.billing_addr
         if not addr:

@@ -254,6 +254,39 @@ async def test_a_contact_for_arrears_only_gets_nothing_for_usage_alerts(n, q, sm
         assert contact_id not in deliveries(notification)
 
 
+async def test_a_forfeiture_forecast_crossing_sends_one_email_and_webhook(n, q, smtp):
+    """docs/design/forecasts.md: a rule on "more than N calls forfeited" fires when created if
+    the forecast already says so (no usage: the whole package is forfeited at its expiry)."""
+    account = "acct-forfeit"
+    address = f"ops+{account}@example.com"
+    with http_receiver() as hook:
+        await n.create(account, EMAIL, address, [USAGE_ALERT])
+        await webhook_contact(n, account, hook)
+        package = await q.grant(account, 1_000, expire="2024-06-30T15:59:59Z")
+        rule = await AlertCalls(q).create(account, api=API, forfeiture=500)
+        assert rule.state == quota_pb2.USAGE_ALERT_STATE_FIRED
+
+        [mail] = await wait_mails(smtp, address, 1)
+        [request] = await hook.wait_for(1)
+        await n.settled(account, 1)
+        await barrier(n, q, smtp, account)
+        assert len(mails_to(smtp, address)) == 1 and len(hook.requests) == 1
+        [notification] = await n.notifications(account)
+
+    [event] = await crossing_events(q, account)
+    assert event.threshold_crossed.condition == quota_pb2.ALERT_CONDITION_FORFEITURE_ABOVE_QUANTITY
+    assert notification.source_event_id == event.event_id
+    assert notification.message_type == USAGE_ALERT
+    body = mail.message.get_content()
+    # 2024-06-30 15:59:59 UTC on the billing time zone's clock (UTC+08:00).
+    assert "1,000 calls will be forfeited at 2024-06-30 23:59:59+08:00" in body
+    assert package.package_id in body and rule.alert_id in body
+    assert "1,000 calls of passport" in mail.message["Subject"]
+    data = request.json()["data"]
+    assert (data["package_id"], data["forfeited_quantity"]) == (package.package_id, 1_000)
+    assert (data["forfeiture_above_quantity"], data["daily_rate"]) == (500, "0")
+
+
 async def webhook_contact(n: NotificationCalls, account: str, hook: HttpReceiver) -> str:
     created = await n.create(account, WEBHOOK, hook.url(), [USAGE_ALERT])
     hook.secret = created.webhook_secret

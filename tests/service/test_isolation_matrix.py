@@ -386,6 +386,7 @@ for _name, _kind in (
     ("ListApiSubscriptions", quota_service_pb2.ListApiSubscriptionsRequest),
     ("GetQuotaSummary", quota_service_pb2.GetQuotaSummaryRequest),
     ("ListUsageAlerts", quota_service_pb2.ListUsageAlertsRequest),
+    ("GetQuotaForecast", quota_service_pb2.GetQuotaForecastRequest),
 ):
 
     def _listing(kind):

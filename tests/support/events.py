@@ -280,13 +280,19 @@ def alert(
     quantity: int | None = None,
     percent: float | None = None,
     enabled: bool = True,
+    depletion_days: int | None = None,
+    forfeiture: int | None = None,
 ) -> quota_pb2.UsageAlert:
-    """A UsageAlert with the threshold given (neither: no threshold at all)."""
+    """A UsageAlert with the threshold given (none: no threshold at all)."""
     message = quota_pb2.UsageAlert(account_id=account_id, region=region, api=api, enabled=enabled)
     if quantity is not None:
         message.remaining_quantity = quantity
     if percent is not None:
         message.remaining_percent = percent
+    if depletion_days is not None:
+        message.depletion_within_days = depletion_days
+    if forfeiture is not None:
+        message.forfeiture_above_quantity = forfeiture
     return message
 
 

@@ -318,6 +318,20 @@ class QuotaCalls(ServiceCalls):
             metadata=metadata or self.admin,
         )
 
+    def forecast(
+        self,
+        account_id: str = ACCOUNT,
+        region: str = "",
+        api: str = "",
+        metadata: Metadata | None = None,
+    ):
+        return self.stub.GetQuotaForecast(
+            quota_service_pb2.GetQuotaForecastRequest(
+                account_id=account_id, region=region, api=api
+            ),
+            metadata=metadata or self.admin,
+        )
+
     # --- usage ---------------------------------------------------------------------------
 
     @staticmethod

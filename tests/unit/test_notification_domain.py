@@ -18,6 +18,7 @@ from services.notification.domain import delivery
 from services.notification.domain.delivery import JITTER, MAX_DELAY, RetryPolicy
 from services.notification.domain.messages import (
     Channel,
+    ForecastAlertFired,
     MessageType,
     PackageExhausted,
     PackageExpiring,
@@ -175,6 +176,75 @@ def test_threshold_crossed_becomes_a_usage_alert_with_its_threshold_in_words():
     )
     assert from_quota_event(crossed(threshold_percent=12.5)).threshold == "12.5%"
     assert from_quota_event(crossed(threshold_quantity=5000)).threshold == "5,000 calls"
+
+
+def test_forecast_crossings_become_forecast_alerts():
+    depletion = crossed(
+        threshold_depletion_days=7,
+        condition=quota_pb2.ALERT_CONDITION_DEPLETION_WITHIN_DAYS,
+        daily_rate="2500.5",
+        depletion_time=stamp(EXPIRE),
+    )
+    assert from_quota_event(depletion) == ForecastAlertFired(
+        "alr-1", "acct-1", "ap-southeast-1", "passport", "2500.5", 20_000, 7, EXPIRE
+    )
+    forfeiture = crossed(
+        threshold_forfeiture_quantity=500,
+        condition=quota_pb2.ALERT_CONDITION_FORFEITURE_ABOVE_QUANTITY,
+        daily_rate="10",
+        forfeiture=quota_pb2.ForecastForfeiture(
+            package_id="pkg-9", expire_time=stamp(EXPIRE), quantity=1_200
+        ),
+    )
+    assert from_quota_event(forfeiture) == ForecastAlertFired(
+        "alr-1",
+        "acct-1",
+        "ap-southeast-1",
+        "passport",
+        "10",
+        20_000,
+        forfeiture_above=500,
+        package_id="pkg-9",
+        forfeited_quantity=1_200,
+        expire_time=EXPIRE,
+    )
+    # A remaining-quantity crossing that names its condition is still a usage alert.
+    named = crossed(threshold_quantity=5000, condition=quota_pb2.ALERT_CONDITION_REMAINING_QUANTITY)
+    assert from_quota_event(named).threshold == "5,000 calls"
+
+
+def test_forecast_alerts_say_within_how_many_days_around_when_and_how_much_is_forfeited():
+    shanghai = ZoneInfo("Asia/Shanghai")
+    depletion = compose(
+        ForecastAlertFired("alr-1", "acct-1", "r1", "passport", "2500.5", 20_000, 7, EXPIRE),
+        shanghai,
+    )
+    assert depletion.message_type == MessageType.USAGE_ALERT
+    assert depletion.subject == "Usage alert: passport in r1 will be used up within 7 days"
+    # 2024-03-31 16:00 UTC is April 1st on the billing time zone's clock.
+    assert "will be used up within 7 days (around 2024-04-01)" in depletion.body
+    assert "2500.5 calls a day" in depletion.body and "alr-1" in depletion.body
+    assert depletion.data["depletion_within_days"] == 7
+    assert depletion.data["depletion_time"] == EXPIRE.isoformat()
+    forfeiture = compose(
+        ForecastAlertFired(
+            "alr-2",
+            "acct-1",
+            "r1",
+            "passport",
+            "10",
+            0,
+            forfeiture_above=500,
+            package_id="pkg-9",
+            forfeited_quantity=1_200,
+            expire_time=EXPIRE,
+        ),
+        shanghai,
+    )
+    assert "1,200 calls of passport in r1 will be forfeited" in forfeiture.subject
+    assert "1,200 calls will be forfeited at 2024-04-01 00:00:00+08:00" in forfeiture.body
+    assert "pkg-9" in forfeiture.body and "500 calls" in forfeiture.body
+    assert forfeiture.data["forfeited_quantity"] == 1_200
 
 
 def test_package_events_become_expiring_and_exhausted_and_nothing_else():

@@ -12,6 +12,7 @@ from allot.quota.v1 import quota_pb2
 from services.notification.domain.messages import (
     AutoRenewalFailed,
     BalanceBelowThreshold,
+    ForecastAlertFired,
     OrderChanged,
     PackageExhausted,
     PackageExpiring,
@@ -31,10 +32,40 @@ def _threshold(payload: quota_pb2.ThresholdCrossed) -> str:
     return f"{payload.threshold_quantity:,} calls"
 
 
+_FORECAST_THRESHOLDS = ("threshold_depletion_days", "threshold_forfeiture_quantity")
+
+
+def _forecast_alert(p: quota_pb2.ThresholdCrossed) -> ForecastAlertFired:
+    def when(message, name: str):
+        return from_timestamp(getattr(message, name), name) if message.HasField(name) else None
+
+    common = {
+        "alert_id": p.alert_id,
+        "account_id": p.account_id,
+        "region": p.region,
+        "api": p.api,
+        "daily_rate": p.daily_rate or "0",
+        "remaining_quantity": p.remaining_quantity,
+    }
+    if p.WhichOneof("threshold") == "threshold_depletion_days":
+        return ForecastAlertFired(
+            **common, days=p.threshold_depletion_days, depletion_time=when(p, "depletion_time")
+        )
+    return ForecastAlertFired(
+        **common,
+        forfeiture_above=p.threshold_forfeiture_quantity,
+        package_id=p.forfeiture.package_id,
+        forfeited_quantity=p.forfeiture.quantity,
+        expire_time=when(p.forfeiture, "expire_time"),
+    )
+
+
 def from_quota_event(event: quota_pb2.QuotaEvent) -> SourceEvent | None:
     kind = event.WhichOneof("payload")
     if kind == "threshold_crossed":
         p = event.threshold_crossed
+        if p.WhichOneof("threshold") in _FORECAST_THRESHOLDS:
+            return _forecast_alert(p)
         return UsageAlertFired(
             alert_id=p.alert_id,
             account_id=p.account_id,

@@ -47,6 +47,26 @@ class UsageAlertFired:
 
 
 @dataclass(frozen=True)
+class ForecastAlertFired:
+    """A usage alert on the forecast fired (docs/design/forecasts.md): `days` set for "used up
+    within N days", `forfeiture_above` (with the package expected to forfeit most) for "more
+    than N calls forfeited"."""
+
+    alert_id: str
+    account_id: str
+    region: str
+    api: str
+    daily_rate: str  # calls a day, a decimal string
+    remaining_quantity: int
+    days: int | None = None
+    depletion_time: datetime | None = None
+    forfeiture_above: int | None = None
+    package_id: str = ""
+    forfeited_quantity: int = 0
+    expire_time: datetime | None = None
+
+
+@dataclass(frozen=True)
 class PackageExpiring:
     package_id: str
     account_id: str
@@ -109,6 +129,7 @@ class AutoRenewalFailed:
 
 SourceEvent = (
     UsageAlertFired
+    | ForecastAlertFired
     | PackageExpiring
     | PackageExhausted
     | StandingChanged
@@ -251,6 +272,8 @@ def compose(event: SourceEvent, tz: tzinfo = UTC) -> Message:
                 "threshold": event.threshold,
             },
         )
+    if isinstance(event, ForecastAlertFired):
+        return _forecast_message(event, tz)
     if isinstance(event, PackageExpiring):
         return Message(
             MessageType.PACKAGE_EXPIRING,
@@ -284,6 +307,54 @@ def compose(event: SourceEvent, tz: tzinfo = UTC) -> Message:
             "api": event.api,
             "total_quantity": event.total_quantity,
             "expire_time": event.expire_time.isoformat(),
+        },
+    )
+
+
+def _forecast_message(event: ForecastAlertFired, tz: tzinfo) -> Message:
+    data = {
+        "alert_id": event.alert_id,
+        "region": event.region,
+        "api": event.api,
+        "daily_rate": event.daily_rate,
+        "remaining_quantity": event.remaining_quantity,
+    }
+    rate = f"at the recent rate of {event.daily_rate} calls a day"
+    if event.days is not None:
+        around = (
+            f" (around {event.depletion_time.astimezone(tz).date().isoformat()})"
+            if event.depletion_time is not None
+            else ""
+        )
+        within = f"{event.days} day{'s' if event.days != 1 else ''}"
+        return Message(
+            MessageType.USAGE_ALERT,
+            event.account_id,
+            f"Usage alert: {event.api} in {event.region} will be used up within {within}",
+            f"Account {event.account_id}: {rate}, the packages of "
+            f"{event.api} in {event.region} ({_calls(event.remaining_quantity)} left) will be "
+            f"used up within {within}{around} (alert {event.alert_id}).\n"
+            "Calls beyond your packages are charged pay-per-use; buy a package to keep them "
+            "covered.",
+            data
+            | {"depletion_within_days": event.days, "depletion_time": _when(event.depletion_time)},
+        )
+    at = _local(event.expire_time, tz)
+    return Message(
+        MessageType.USAGE_ALERT,
+        event.account_id,
+        f"Usage alert: {_calls(event.forfeited_quantity)} of {event.api} in {event.region} "
+        "will be forfeited",
+        f"Account {event.account_id}: {rate}, "
+        f"{_calls(event.forfeited_quantity)} will be forfeited at {at}, when package "
+        f"{event.package_id} ({event.api}, {event.region}) expires; your alert threshold is "
+        f"{_calls(event.forfeiture_above or 0)} (alert {event.alert_id}).",
+        data
+        | {
+            "forfeiture_above_quantity": event.forfeiture_above,
+            "package_id": event.package_id,
+            "forfeited_quantity": event.forfeited_quantity,
+            "expire_time": _when(event.expire_time),
         },
     )
 

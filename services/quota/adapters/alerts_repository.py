@@ -22,7 +22,12 @@ def to_rule(row) -> AlertRule:
         account_id=row.account_id,
         region=row.region,
         api=row.api,
-        threshold=Threshold(quantity=row.threshold_quantity, percent=percent),
+        threshold=Threshold(
+            quantity=row.threshold_quantity,
+            percent=percent,
+            depletion_days=row.threshold_depletion_days,
+            forfeiture_quantity=row.threshold_forfeiture_quantity,
+        ),
         enabled=row.enabled,
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
@@ -38,18 +43,27 @@ def _values(rule: AlertRule) -> dict:
         "api": rule.api,
         "threshold_quantity": rule.threshold.quantity,
         "threshold_percent": str(percent) if percent is not None else None,
+        "threshold_depletion_days": rule.threshold.depletion_days,
+        "threshold_forfeiture_quantity": rule.threshold.forfeiture_quantity,
         "enabled": rule.enabled,
         "create_time_us": to_epoch_us(rule.create_time),
         "update_time_us": to_epoch_us(rule.update_time),
     }
 
 
+def _check_time(rule: AlertRule, now: datetime) -> int | None:
+    # Forecast rules carry when they were last evaluated (due at once after a change);
+    # the others NULL, which keeps them out of `due_forecast_rules`.
+    return to_epoch_us(now) if rule.threshold.is_forecast else None
+
+
 async def insert_rule(uow: UnitOfWork, rule: AlertRule) -> None:
-    await uow.session.execute(insert(t.usage_alerts).values(**_values(rule)))
+    values = _values(rule) | {"forecast_check_time_us": _check_time(rule, rule.update_time)}
+    await uow.session.execute(insert(t.usage_alerts).values(**values))
 
 
 async def save_rule(uow: UnitOfWork, rule: AlertRule) -> None:
-    values = _values(rule)
+    values = _values(rule) | {"forecast_check_time_us": _check_time(rule, rule.update_time)}
     values.pop("alert_id")
     await uow.session.execute(
         update(t.usage_alerts).where(t.usage_alerts.c.alert_id == rule.alert_id).values(**values)
@@ -127,17 +141,26 @@ def _watching(scopes: list[tuple[str, str, str]]):
     )
 
 
+# The usage path evaluates the remaining-quantity rules only: forecast rules are neither read
+# nor locked there (docs/design/forecasts.md, "When the alerts are evaluated").
+_NOT_FORECAST = _a.forecast_check_time_us.is_(None)
+
+
 def _rules_with_states(condition):
     return (
         select(t.usage_alerts, _s.api.label("state_api"), _s.state.label("state"))
         .outerjoin(t.usage_alert_states, _s.alert_id == _a.alert_id)
-        .where(_a.enabled.is_(True), condition)
+        .where(_a.enabled.is_(True), _NOT_FORECAST, condition)
         .order_by(_a.alert_id, _s.api)
     )
 
 
 def _rules(condition):
-    return select(t.usage_alerts).where(_a.enabled.is_(True), condition).order_by(_a.alert_id)
+    return (
+        select(t.usage_alerts)
+        .where(_a.enabled.is_(True), _NOT_FORECAST, condition)
+        .order_by(_a.alert_id)
+    )
 
 
 _ONE_SCOPE = _watching([("", "", "")])
@@ -227,3 +250,33 @@ async def delete_states(uow: UnitOfWork, alert_id: str) -> None:
     await uow.session.execute(
         delete(t.usage_alert_states).where(t.usage_alert_states.c.alert_id == alert_id)
     )
+
+
+async def due_forecast_rules(
+    uow: UnitOfWork, regions: Iterable[str], checked_before: datetime, limit: int
+) -> list[AlertRule]:
+    """Enabled forecast rules of `regions` last evaluated before `checked_before`, locked in
+    id order (as `lock_rules` locks them), at most `limit`."""
+    a = t.usage_alerts.c
+    query = (
+        select(t.usage_alerts)
+        .where(
+            a.forecast_check_time_us < to_epoch_us(checked_before),
+            a.enabled.is_(True),
+            a.region.in_(sorted(set(regions))),
+        )
+        .order_by(a.alert_id)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [to_rule(r) for r in (await uow.session.execute(query)).all()]
+
+
+async def mark_forecast_checked(uow: UnitOfWork, alert_ids: Iterable[str], now: datetime) -> None:
+    ids = sorted(set(alert_ids))
+    if ids:
+        await uow.session.execute(
+            update(t.usage_alerts)
+            .where(t.usage_alerts.c.alert_id.in_(ids))
+            .values(forecast_check_time_us=to_epoch_us(now))
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
 from allot.quota.v1 import quota_pb2
 
@@ -10,6 +11,7 @@ from services.quota.adapters.metrics import QuotaMetrics
 from services.quota.adapters.packages_repository import PackageRecord
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.deduction import UsageEvent
+from services.quota.domain.forecast import Forecast, Forfeiture
 from services.quota.domain.packages import PackageState
 from shared.db import UnitOfWork
 from shared.outbox import Outbox
@@ -31,7 +33,9 @@ class QuotaEvents:
         remaining: int,
         quantity_in_force: int,
         now: datetime,
+        forecast: Forecast | None = None,
     ) -> str:
+        threshold = rule.threshold
         payload = quota_pb2.ThresholdCrossed(
             alert_id=rule.alert_id,
             account_id=rule.account_id,
@@ -39,11 +43,23 @@ class QuotaEvents:
             api=api,
             remaining_quantity=remaining,
             total_quantity=quantity_in_force,
+            condition=int(threshold.condition),
         )
-        if rule.threshold.quantity is not None:
-            payload.threshold_quantity = rule.threshold.quantity
+        if threshold.quantity is not None:
+            payload.threshold_quantity = threshold.quantity
+        elif threshold.percent is not None:
+            payload.threshold_percent = float(threshold.percent)
+        elif threshold.depletion_days is not None:
+            payload.threshold_depletion_days = threshold.depletion_days
         else:
-            payload.threshold_percent = float(rule.threshold.percent)
+            payload.threshold_forfeiture_quantity = threshold.forfeiture_quantity
+        if forecast is not None and threshold.is_forecast:
+            payload.daily_rate = format_rate(forecast.daily_rate)
+            if threshold.depletion_days is not None and forecast.depletion_time is not None:
+                payload.depletion_time.CopyFrom(to_timestamp(forecast.depletion_time))
+            largest = forecast.largest_forfeiture()
+            if threshold.forfeiture_quantity is not None and largest is not None:
+                payload.forfeiture.CopyFrom(forfeiture_message(largest))
         self.metrics.threshold_crossed(uow)
         return self.outbox.add(
             uow,
@@ -121,3 +137,17 @@ def package_message(record: PackageRecord, now: datetime) -> quota_pb2.Package:
     if p.revoke_time is not None:
         message.revoke_time.CopyFrom(to_timestamp(p.revoke_time))
     return message
+
+
+def format_rate(rate: Decimal) -> str:
+    """A daily rate on the wire: a plain decimal string without exponent or trailing zeros."""
+    text = format(rate.normalize(), "f")
+    return text if text != "-0" else "0"
+
+
+def forfeiture_message(item: Forfeiture) -> quota_pb2.ForecastForfeiture:
+    return quota_pb2.ForecastForfeiture(
+        package_id=item.package_id,
+        expire_time=to_timestamp(item.expire_time),
+        quantity=item.quantity,
+    )

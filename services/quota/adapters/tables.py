@@ -124,7 +124,14 @@ usage_alerts = Table(
     Column("enabled", Boolean, nullable=False),
     Column("create_time_us", BigInteger, nullable=False),
     Column("update_time_us", BigInteger, nullable=False),
+    # Forecast conditions (docs/design/forecasts.md); at most one threshold column is set.
+    Column("threshold_depletion_days", Integer, nullable=True),
+    Column("threshold_forfeiture_quantity", BigInteger, nullable=True),
+    # When the due work last evaluated a forecast rule's forecast; NULL for the other rules,
+    # so the due work's range scan of this index finds forecast rules only.
+    Column("forecast_check_time_us", BigInteger, nullable=True),
     Index("ix_usage_alerts_scope", "account_id", "region"),
+    Index("ix_usage_alerts_forecast_check", "forecast_check_time_us"),
 )
 
 # One row per rule and API it has been evaluated for (ARMED or FIRED).

@@ -7,10 +7,11 @@ from datetime import datetime
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2
 
-from services.quota.adapters.events import package_message
+from services.quota.adapters.events import forfeiture_message, format_rate, package_message
 from services.quota.adapters.packages_repository import PackageRecord
 from services.quota.adapters.usage_repository import StoredUsage
 from services.quota.app.alerts import AlertInput, AlertView
+from services.quota.app.forecasts import ScopeForecast
 from services.quota.app.packages import GrantInput
 from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
@@ -112,6 +113,12 @@ def from_proto_alert(alert: quota_pb2.UsageAlert) -> AlertInput:
         api=alert.api,
         threshold_quantity=alert.remaining_quantity if which == "remaining_quantity" else None,
         threshold_percent=alert.remaining_percent if which == "remaining_percent" else None,
+        depletion_within_days=(
+            alert.depletion_within_days if which == "depletion_within_days" else None
+        ),
+        forfeiture_above_quantity=(
+            alert.forfeiture_above_quantity if which == "forfeiture_above_quantity" else None
+        ),
         # Unset on create means enabled: a rule nobody asked to switch off should work.
         enabled=alert.enabled if alert.HasField("enabled") else True,
     )
@@ -129,10 +136,27 @@ def to_proto_alert(view: AlertView) -> quota_pb2.UsageAlert:
         create_time=to_timestamp(rule.create_time),
         update_time=to_timestamp(rule.update_time),
     )
-    if rule.threshold.quantity is not None:
-        message.remaining_quantity = rule.threshold.quantity
+    threshold = rule.threshold
+    if threshold.quantity is not None:
+        message.remaining_quantity = threshold.quantity
+    elif threshold.percent is not None:
+        message.remaining_percent = float(threshold.percent)
+    elif threshold.depletion_days is not None:
+        message.depletion_within_days = threshold.depletion_days
     else:
-        message.remaining_percent = float(rule.threshold.percent)
+        message.forfeiture_above_quantity = threshold.forfeiture_quantity
+    return message
+
+
+def to_proto_forecast(item: ScopeForecast) -> quota_pb2.QuotaForecast:
+    message = quota_pb2.QuotaForecast(
+        region=item.region,
+        api=item.api,
+        daily_rate=format_rate(item.forecast.daily_rate),
+        forfeitures=[forfeiture_message(f) for f in item.forecast.forfeitures],
+    )
+    if item.forecast.depletion_time is not None:
+        message.depletion_time.CopyFrom(to_timestamp(item.forecast.depletion_time))
     return message
 
 

@@ -9,7 +9,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.quota.api import convert
-from services.quota.app import alerts, packages, stats, subscriptions, usage
+from services.quota.app import alerts, forecasts, packages, stats, subscriptions, usage
 from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
@@ -205,6 +205,16 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
                 )
                 for i in items
             ],
+        )
+
+    async def GetQuotaForecast(self, request, context):
+        principal = current_principal()
+        account_id = principal.scoped_account(request.account_id)
+        items = await forecasts.quota_forecast(
+            self.ctx, account_id, request.region, principal.regions, request.api
+        )
+        return quota_service_pb2.GetQuotaForecastResponse(
+            forecasts=[convert.to_proto_forecast(item) for item in items]
         )
 
     # --- API subscriptions ---------------------------------------------------------------

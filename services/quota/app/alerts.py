@@ -4,6 +4,8 @@ Evaluation runs where the aggregate changes, in that change's transaction: after
 deductions of a usage batch (no re-arming; the crossing event carries the remaining quantity
 the crossing call left), and after anything that changes the quantity in force of a scope —
 grant, renewal, revocation, activation, expiry — or the rule itself (re-armed, then evaluated).
+Forecast rules (docs/design/forecasts.md) are left out of the usage path; they are evaluated
+on those changes and by the due work, edge-triggered on their condition (`app/forecasts.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from decimal import Decimal, InvalidOperation
 
 from services.quota.adapters import alerts_repository as alerts_repo
 from services.quota.adapters import packages_repository as packages_repo
+from services.quota.app import forecasts
 from services.quota.app.context import QuotaContext
-from services.quota.domain.alerts import AlertRule, AlertState, Threshold, evaluate
+from services.quota.domain.alerts import (
+    MAX_DEPLETION_DAYS,
+    AlertRule,
+    AlertState,
+    Threshold,
+    evaluate,
+)
 from shared.db import UnitOfWork
 from shared.errors import InvalidArgument, NotFound
 from shared.ids import new_id
@@ -34,6 +43,8 @@ class AlertInput:
     threshold_quantity: int | None
     threshold_percent: float | None
     enabled: bool
+    depletion_within_days: int | None = None
+    forfeiture_above_quantity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,25 @@ def _threshold(spec: AlertInput) -> Threshold:
                 "usage_alert.remaining_percent", "remaining_percent must be in (0, 100]"
             )
         return Threshold(percent=percent.normalize())
-    raise InvalidArgument("usage_alert.threshold", "set remaining_quantity or remaining_percent")
+    if spec.depletion_within_days is not None:
+        if not 1 <= spec.depletion_within_days <= MAX_DEPLETION_DAYS:
+            raise InvalidArgument(
+                "usage_alert.depletion_within_days",
+                f"depletion_within_days must be in [1, {MAX_DEPLETION_DAYS}]",
+            )
+        return Threshold(depletion_days=spec.depletion_within_days)
+    if spec.forfeiture_above_quantity is not None:
+        if not 0 <= spec.forfeiture_above_quantity <= MAX_THRESHOLD:
+            raise InvalidArgument(
+                "usage_alert.forfeiture_above_quantity",
+                "forfeiture_above_quantity must be >= 0",
+            )
+        return Threshold(forfeiture_quantity=spec.forfeiture_above_quantity)
+    raise InvalidArgument(
+        "usage_alert.threshold",
+        "set remaining_quantity, remaining_percent, depletion_within_days or "
+        "forfeiture_above_quantity",
+    )
 
 
 def _check_scope(ctx: QuotaContext, spec: AlertInput) -> None:
@@ -133,7 +162,13 @@ async def list_alerts(
     return await ctx.db.read(work)
 
 
-UPDATABLE = {"remaining_quantity", "remaining_percent", "enabled", "api"}
+THRESHOLDS = {
+    "remaining_quantity",
+    "remaining_percent",
+    "depletion_within_days",
+    "forfeiture_above_quantity",
+}
+UPDATABLE = THRESHOLDS | {"enabled", "api"}
 
 
 async def update_alert(
@@ -163,7 +198,7 @@ async def update_alert(
         if spec.api:
             ctx.check_api(spec.api, "usage_alert.api")
         changes["api"] = spec.api
-    if "remaining_quantity" in paths or "remaining_percent" in paths:
+    if THRESHOLDS & set(paths):
         changes["threshold"] = _threshold(spec)
     if "enabled" in paths:
         changes["enabled"] = spec.enabled
@@ -205,9 +240,17 @@ async def reevaluate(
         return 0
     before = await alerts_repo.states_of(uow, (r.alert_id for r in rules))
     after = dict(before)
-    fired = 0
+    fired = await forecasts.evaluate_rules(
+        ctx,
+        uow,
+        [r for r in rules if only is None or r.alert_id == only],
+        apis,
+        before,
+        after,
+        now,
+    )
     for rule in rules:
-        if only is not None and rule.alert_id != only:
+        if (only is not None and rule.alert_id != only) or rule.threshold.is_forecast:
             continue
         for api in [rule.api] if rule.api else scope_apis:
             if apis is not None and api not in apis:
@@ -244,7 +287,8 @@ async def after_usage(
     for scope, remaining in walk:
         account_id, region, api = scope
         for rule in rules:
-            if not rule.watches(account_id, region, api):
+            # Forecast rules are not read here (alerts_repository); the check keeps it so.
+            if rule.threshold.is_forecast or not rule.watches(account_id, region, api):
                 continue
             key = (rule.alert_id, api)
             state = after.get(key, AlertState.ARMED)

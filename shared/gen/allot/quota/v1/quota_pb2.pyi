@@ -357,6 +357,46 @@ RATE_LIMIT_SOURCE_OVERRIDE: RateLimitSource.ValueType  # 3
 """The account's override (SetRateLimit); it beats the catalog."""
 Global___RateLimitSource: _TypeAlias = RateLimitSource  # noqa: Y015
 
+class _AlertCondition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertConditionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertCondition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_CONDITION_UNSPECIFIED: _AlertCondition.ValueType  # 0
+    """Not set: an event written before conditions were named."""
+    ALERT_CONDITION_REMAINING_QUANTITY: _AlertCondition.ValueType  # 1
+    """The remaining quantity in force reached UsageAlert.remaining_quantity."""
+    ALERT_CONDITION_REMAINING_PERCENT: _AlertCondition.ValueType  # 2
+    """The remaining quantity in force reached UsageAlert.remaining_percent."""
+    ALERT_CONDITION_DEPLETION_WITHIN_DAYS: _AlertCondition.ValueType  # 3
+    """The forecast says the packages in force are used up within
+    UsageAlert.depletion_within_days.
+    """
+    ALERT_CONDITION_FORFEITURE_ABOVE_QUANTITY: _AlertCondition.ValueType  # 4
+    """The forecast says more than UsageAlert.forfeiture_above_quantity calls of one package
+    will be forfeited at its expiry.
+    """
+
+class AlertCondition(_AlertCondition, metaclass=_AlertConditionEnumTypeWrapper):
+    """The condition of a usage alert rule that fired (ThresholdCrossed.condition)."""
+
+ALERT_CONDITION_UNSPECIFIED: AlertCondition.ValueType  # 0
+"""Not set: an event written before conditions were named."""
+ALERT_CONDITION_REMAINING_QUANTITY: AlertCondition.ValueType  # 1
+"""The remaining quantity in force reached UsageAlert.remaining_quantity."""
+ALERT_CONDITION_REMAINING_PERCENT: AlertCondition.ValueType  # 2
+"""The remaining quantity in force reached UsageAlert.remaining_percent."""
+ALERT_CONDITION_DEPLETION_WITHIN_DAYS: AlertCondition.ValueType  # 3
+"""The forecast says the packages in force are used up within
+UsageAlert.depletion_within_days.
+"""
+ALERT_CONDITION_FORFEITURE_ABOVE_QUANTITY: AlertCondition.ValueType  # 4
+"""The forecast says more than UsageAlert.forfeiture_above_quantity calls of one package
+will be forfeited at its expiry.
+"""
+Global___AlertCondition: _TypeAlias = AlertCondition  # noqa: Y015
+
 @_typing.final
 class Package(_message.Message):
     """A prepaid package of successful calls of one API in one region for one account."""
@@ -768,7 +808,10 @@ Global___NearMiss: _TypeAlias = NearMiss  # noqa: Y015
 
 @_typing.final
 class UsageAlert(_message.Message):
-    """A rule that fires when the remaining quantity of the packages in force reaches a threshold."""
+    """A rule that fires when the remaining quantity of the packages in force reaches a threshold,
+    or when their forecast (GetQuotaForecast) says they are used up soon or calls will be
+    forfeited (docs/design/forecasts.md).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -778,6 +821,8 @@ class UsageAlert(_message.Message):
     API_FIELD_NUMBER: _builtins.int
     REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
     REMAINING_PERCENT_FIELD_NUMBER: _builtins.int
+    DEPLETION_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
+    FORFEITURE_ABOVE_QUANTITY_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
@@ -795,6 +840,15 @@ class UsageAlert(_message.Message):
     remaining_percent: _builtins.float
     """Fire when the remaining quantity in force is at or below this percentage, in (0, 100],
     of the quantity in force.
+    """
+    depletion_within_days: _builtins.int
+    """Fire when the forecast (GetQuotaForecast) says the packages in force are used up within
+    this many days, 1 to 3,650. Evaluated by the service's due work and on package changes,
+    not on each usage event (docs/design/forecasts.md).
+    """
+    forfeiture_above_quantity: _builtins.int
+    """Fire when the forecast says more than this many calls (>= 0) of one package will be
+    forfeited at its expiry. Evaluated like depletion_within_days.
     """
     enabled: _builtins.bool
     """Whether the rule is evaluated. Unset on create means true."""
@@ -817,18 +871,20 @@ class UsageAlert(_message.Message):
         api: _builtins.str = ...,
         remaining_quantity: _builtins.int = ...,
         remaining_percent: _builtins.float = ...,
+        depletion_within_days: _builtins.int = ...,
+        forfeiture_above_quantity: _builtins.int = ...,
         enabled: _builtins.bool | None = ...,
         state: Global___UsageAlertState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "create_time", b"create_time", "enabled", b"enabled", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "create_time", b"create_time", "depletion_within_days", b"depletion_within_days", "enabled", b"enabled", "forfeiture_above_quantity", b"forfeiture_above_quantity", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "enabled", b"enabled", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "depletion_within_days", b"depletion_within_days", "enabled", b"enabled", "forfeiture_above_quantity", b"forfeiture_above_quantity", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
-    _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["remaining_quantity", "remaining_percent"]  # noqa: Y015
+    _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["remaining_quantity", "remaining_percent", "depletion_within_days", "forfeiture_above_quantity"]  # noqa: Y015
     _WhichOneofArgType_threshold: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
@@ -939,7 +995,9 @@ Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class ThresholdCrossed(_message.Message):
-    """A usage alert fired: the remaining quantity in force reached the rule's threshold."""
+    """A usage alert fired: the remaining quantity in force reached the rule's threshold, or the
+    forecast met the rule's condition (`condition` says which).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -951,6 +1009,12 @@ class ThresholdCrossed(_message.Message):
     TOTAL_QUANTITY_FIELD_NUMBER: _builtins.int
     THRESHOLD_QUANTITY_FIELD_NUMBER: _builtins.int
     THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    THRESHOLD_DEPLETION_DAYS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FORFEITURE_QUANTITY_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    DAILY_RATE_FIELD_NUMBER: _builtins.int
+    DEPLETION_TIME_FIELD_NUMBER: _builtins.int
+    FORFEITURE_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
     """The rule that fired."""
     account_id: _builtins.str
@@ -969,6 +1033,28 @@ class ThresholdCrossed(_message.Message):
     """Absolute threshold in calls."""
     threshold_percent: _builtins.float
     """Percentage threshold, in (0, 100], of the quantity in force."""
+    threshold_depletion_days: _builtins.int
+    """Forecast threshold: used up within this many days."""
+    threshold_forfeiture_quantity: _builtins.int
+    """Forecast threshold: more than this many calls forfeited at one package's expiry."""
+    condition: Global___AlertCondition.ValueType
+    """Which condition fired. UNSPECIFIED only in events written before the field existed: read
+    the threshold then (every one of those was a remaining-quantity or -percent rule).
+    """
+    daily_rate: _builtins.str
+    """The forecast's daily rate (a decimal string, calls a day; see QuotaForecast.daily_rate);
+    set for the forecast conditions only.
+    """
+    @_builtins.property
+    def depletion_time(self) -> _timestamp_pb2.Timestamp:
+        """DEPLETION_WITHIN_DAYS: when the packages in force are expected to be used up."""
+
+    @_builtins.property
+    def forfeiture(self) -> Global___ForecastForfeiture:
+        """FORFEITURE_ABOVE_QUANTITY: the package expected to forfeit the most calls (the earliest
+        to expire among equals), when and how many.
+        """
+
     def __init__(
         self,
         *,
@@ -980,12 +1066,18 @@ class ThresholdCrossed(_message.Message):
         total_quantity: _builtins.int = ...,
         threshold_quantity: _builtins.int = ...,
         threshold_percent: _builtins.float = ...,
+        threshold_depletion_days: _builtins.int = ...,
+        threshold_forfeiture_quantity: _builtins.int = ...,
+        condition: Global___AlertCondition.ValueType = ...,
+        daily_rate: _builtins.str = ...,
+        depletion_time: _timestamp_pb2.Timestamp | None = ...,
+        forfeiture: Global___ForecastForfeiture | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["threshold", b"threshold", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["depletion_time", b"depletion_time", "forfeiture", b"forfeiture", "threshold", b"threshold", "threshold_depletion_days", b"threshold_depletion_days", "threshold_forfeiture_quantity", b"threshold_forfeiture_quantity", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "region", b"region", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity", "total_quantity", b"total_quantity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "condition", b"condition", "daily_rate", b"daily_rate", "depletion_time", b"depletion_time", "forfeiture", b"forfeiture", "region", b"region", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "threshold_depletion_days", b"threshold_depletion_days", "threshold_forfeiture_quantity", b"threshold_forfeiture_quantity", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity", "total_quantity", b"total_quantity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["threshold_quantity", "threshold_percent"]  # noqa: Y015
+    _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["threshold_quantity", "threshold_percent", "threshold_depletion_days", "threshold_forfeiture_quantity"]  # noqa: Y015
     _WhichOneofArgType_threshold: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_threshold) -> _WhichOneofReturnType_threshold | None: ...
 
@@ -1163,3 +1255,86 @@ class QuotaEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___QuotaEvent: _TypeAlias = QuotaEvent  # noqa: Y015
+
+@_typing.final
+class ForecastForfeiture(_message.Message):
+    """Calls of one package expected to be left when it expires, and so forfeited."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    package_id: _builtins.str
+    """The package."""
+    quantity: _builtins.int
+    """Calls expected to be left then, rounded down (> 0)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Its expire_time: the last second it can be used."""
+
+    def __init__(
+        self,
+        *,
+        package_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "package_id", b"package_id", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastForfeiture: _TypeAlias = ForecastForfeiture  # noqa: Y015
+
+@_typing.final
+class QuotaForecast(_message.Message):
+    """The depletion and forfeiture forecast of one account, region and API
+    (docs/design/forecasts.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    DAILY_RATE_FIELD_NUMBER: _builtins.int
+    DEPLETION_TIME_FIELD_NUMBER: _builtins.int
+    FORFEITURES_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """The catalog region."""
+    api: _builtins.str
+    """The catalog API."""
+    daily_rate: _builtins.str
+    """Recent billable calls a day: exponentially weighted over the last 28 whole UTC days
+    (weight 0.9 per day back, half-life about 6.6 days), as a decimal string with at most 3
+    fractional digits, e.g. "1250" or "83.333"; "0" without a whole day of usage. The
+    forecast assumes exactly this rate.
+    """
+    @_builtins.property
+    def depletion_time(self) -> _timestamp_pb2.Timestamp:
+        """When the packages are expected to be used up at that rate (rounded up to the second;
+        now when packages are in force but none has calls left); unset when they end (expire)
+        first or the rate is 0.
+        """
+
+    @_builtins.property
+    def forfeitures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForecastForfeiture]:
+        """Packages expected to have calls left when they expire, by expire_time then package_id."""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        daily_rate: _builtins.str = ...,
+        depletion_time: _timestamp_pb2.Timestamp | None = ...,
+        forfeitures: _abc.Iterable[Global___ForecastForfeiture] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["depletion_time", b"depletion_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "daily_rate", b"daily_rate", "depletion_time", b"depletion_time", "forfeitures", b"forfeitures", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaForecast: _TypeAlias = QuotaForecast  # noqa: Y015

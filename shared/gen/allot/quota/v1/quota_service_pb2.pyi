@@ -946,8 +946,10 @@ class UpdateUsageAlertRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `api`, `remaining_quantity` or `remaining_percent`, `enabled`; empty
-        means all of them. The account and region of a rule never change.
+        """Fields to change: `api`, the threshold (`remaining_quantity`, `remaining_percent`,
+        `depletion_within_days` or `forfeiture_above_quantity`: naming any one sets the threshold
+        to the one the rule carries), `enabled`; empty means all of them. The account and region
+        of a rule never change.
         """
 
     def __init__(
@@ -1090,3 +1092,61 @@ class WatchEventsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class GetQuotaForecastRequest(_message.Message):
+    """Request of GetQuotaForecast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account forecast; required for operator tokens, account tokens default to their own
+    account (an enterprise master's may name a member).
+    """
+    region: _builtins.str
+    """Only this region; empty means every served region."""
+    api: _builtins.str
+    """Only this API; empty means every API."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaForecastRequest: _TypeAlias = GetQuotaForecastRequest  # noqa: Y015
+
+@_typing.final
+class GetQuotaForecastResponse(_message.Message):
+    """Response of GetQuotaForecast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORECASTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def forecasts(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.QuotaForecast]:
+        """One forecast per region and API that has packages not yet ended (in force, used up or
+        yet to begin), by region then API.
+        """
+
+    def __init__(
+        self,
+        *,
+        forecasts: _abc.Iterable[_quota_pb2.QuotaForecast] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forecasts", b"forecasts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaForecastResponse: _TypeAlias = GetQuotaForecastResponse  # noqa: Y015

@@ -155,6 +155,11 @@ class QuotaServiceStub:
                 request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=allot_dot_quota_dot_v1_dot_quota__pb2.QuotaEvent.FromString,
                 _registered_method=True)
+        self.GetQuotaForecast = channel.unary_unary(
+                '/allot.quota.v1.QuotaService/GetQuotaForecast',
+                request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.SerializeToString,
+                response_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -359,6 +364,16 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQuotaForecast(self, request, context):
+        """Forecasts, per region and API with packages not yet ended, from the recent daily rate of
+        usage: when the packages are used up and how many calls each forfeits at its expiry.
+        Read-only. Errors: INVALID_ARGUMENT (account_id, UNKNOWN_REGION, UNKNOWN_API),
+        FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -471,6 +486,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.WatchEventsRequest.FromString,
                     response_serializer=allot_dot_quota_dot_v1_dot_quota__pb2.QuotaEvent.SerializeToString,
+            ),
+            'GetQuotaForecast': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuotaForecast,
+                    request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.FromString,
+                    response_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1076,6 +1096,33 @@ class QuotaService:
             '/allot.quota.v1.QuotaService/WatchEvents',
             allot_dot_quota_dot_v1_dot_quota__service__pb2.WatchEventsRequest.SerializeToString,
             allot_dot_quota_dot_v1_dot_quota__pb2.QuotaEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuotaForecast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.quota.v1.QuotaService/GetQuotaForecast',
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.SerializeToString,
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.FromString,
             options,
             channel_credentials,
             insecure,
