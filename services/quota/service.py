@@ -83,6 +83,11 @@ POLICIES: dict[str, Policy] = {
     _rpc("SetRateLimit"): policy(ADMIN, regions=("region",)),
     _rpc("GetRateLimit"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("WatchEvents"): policy(ADMIN, internal=NOTIFICATION),
+    # What-if replay: read-only; the account's own tokens, admins and billing (its
+    # RecommendPackages).
+    _rpc("SimulateUsage"): policy(
+        *READERS, internal=BILLING, account="account_id", regions=("region",)
+    ),
 }
 
 
