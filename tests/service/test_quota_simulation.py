@@ -185,3 +185,172 @@ async def test_replay_of_the_real_packages_equals_what_was_recorded(quota):
     await asyncio.to_thread(check)
     assert len(checked) >= EXAMPLES
     assert sum(checked) > 0  # the histories recorded usage at all
+
+
+# --- hypothetical packages, policies, nothing written, errors ------------------------------------
+
+JAN_2 = datetime(2024, 1, 2, tzinfo=UTC)
+WINDOW = (datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC))
+# passport-1k-1y bought 2023-03-01 (Asia/Shanghai calendar) covers up to this second.
+OLD_1K_EXPIRES = datetime(2024, 3, 1, 15, 59, 59, tzinfo=UTC)
+
+
+async def three_months_of_usage(calls: QuotaCalls) -> None:
+    """400 calls on 2 January, 1 February and 10 March 2024, one failed call, no packages."""
+    for n, day in enumerate(
+        (JAN_2, datetime(2024, 2, 1, tzinfo=UTC), datetime(2024, 3, 10, tzinfo=UTC))
+    ):
+        await calls.set_time(day)
+        await calls.report(f"use-{n}", quantity=400)
+    await calls.report("failed", quantity=7, http_status=503)
+
+
+async def table_counts(quota) -> dict[str, int]:
+    engine = quota.server.runtime.db.engine
+    counts = {}
+    async with engine.connect() as connection:
+        for table in ("usage_events", "packages", "package_changes", "outbox_events"):
+            query = sa.text(f"SELECT count(*) FROM {table}")  # noqa: S608 (fixed names)
+            counts[table] = (await connection.execute(query)).scalar_one()
+        query = sa.text("SELECT last_seq FROM history_counter")
+        counts["history_counter"] = (await connection.execute(query)).scalar_one()
+    return counts
+
+
+async def test_hypothetical_packages_pay_expire_and_forfeit_and_nothing_is_written(quota):
+    calls = QuotaCalls(quota)
+    await three_months_of_usage(calls)
+    before = await table_counts(quota)
+
+    # The real history: no packages, everything pay-per-use.
+    real = await calls.simulate(*WINDOW)
+    assert (real.package_paid_quantity, real.pay_per_use_quantity) == (0, 1200)
+    assert real.event_count == 4 and not real.forfeited and not real.per_package
+
+    # One 1k package from 1 January: it pays 1,000 calls, 200 stay pay-per-use; it expires
+    # after the window, so nothing is forfeited.
+    one = await calls.simulate(*WINDOW, packages=[calls.hypothetical("passport-1k-1y", WINDOW[0])])
+    assert (one.package_paid_quantity, one.pay_per_use_quantity) == (1000, 200)
+    assert [(u.package_id, u.used_quantity) for u in one.per_package] == [
+        ("hypothetical-1-1", 1000)
+    ]
+    assert not one.forfeited
+
+    # Two of them: everything is paid; the second package pays the last 200.
+    two = await calls.simulate(
+        *WINDOW, packages=[calls.hypothetical("passport-1k-1y", WINDOW[0], count=2)]
+    )
+    assert (two.package_paid_quantity, two.pay_per_use_quantity) == (1200, 0)
+    assert [(u.package_id, u.used_quantity) for u in two.per_package] == [
+        ("hypothetical-1-1", 1000),
+        ("hypothetical-1-2", 200),
+    ]
+
+    # Bought on 1 March 2023 it expires on 1 March 2024 with 200 left: forfeited; the March
+    # calls are pay-per-use.
+    old = await calls.simulate(
+        *WINDOW, packages=[calls.hypothetical("passport-1k-1y", "2023-03-01T00:00:00+08:00")]
+    )
+    assert (old.package_paid_quantity, old.pay_per_use_quantity) == (800, 400)
+    assert [(f.package_id, f.quantity) for f in old.forfeited] == [("hypothetical-1-1", 200)]
+    assert from_timestamp(old.forfeited[0].expire_time, "t") == OLD_1K_EXPIRES
+
+    # A window that ends before March replays two events only.
+    early = await calls.simulate(
+        WINDOW[0],
+        "2024-02-15T00:00:00Z",
+        packages=[calls.hypothetical("passport-1k-1y", WINDOW[0])],
+    )
+    assert (early.package_paid_quantity, early.pay_per_use_quantity, early.event_count) == (
+        800,
+        0,
+        2,
+    )
+
+    assert await table_counts(quota) == before
+
+
+async def test_real_and_hypothetical_packages_under_either_policy(quota):
+    calls = QuotaCalls(quota)
+    # A real package of 500 calls valid January and February, granted before any usage.
+    real = await calls.grant(
+        quantity=500, effective="2024-01-01T00:00:00Z", expire="2024-02-29T23:59:59Z"
+    )
+    await three_months_of_usage(calls)
+    # Replaying the real history: the package paid 400 + 100.
+    replay = await calls.simulate(*WINDOW)
+    assert (replay.package_paid_quantity, replay.pay_per_use_quantity) == (500, 700)
+    # With a hypothetical 1k package that started earlier (June 2023) and expires later:
+    hypothetical = [calls.hypothetical("passport-1k-1y", "2023-06-01T00:00:00Z")]
+    # standard: the earlier start goes first, so the real package is left with 500 forfeited
+    # at its expiry and the 1k one pays 1,000 of the 1,200.
+    standard = await calls.simulate(
+        *WINDOW, packages=hypothetical, use_real=True, policy="standard"
+    )
+    assert (standard.package_paid_quantity, standard.pay_per_use_quantity) == (1000, 200)
+    assert [(f.package_id, f.quantity) for f in standard.forfeited] == [(real.package_id, 500)]
+    # expiring_first: the real package (ends 29 February) goes first and is used up; the 1k
+    # one pays the rest.
+    expiring = await calls.simulate(
+        *WINDOW, packages=hypothetical, use_real=True, policy="expiring_first"
+    )
+    assert (expiring.package_paid_quantity, expiring.pay_per_use_quantity) == (1200, 0)
+    assert {(u.package_id, u.used_quantity) for u in expiring.per_package} == {
+        (real.package_id, 500),
+        ("hypothetical-1-1", 700),
+    }
+    assert not expiring.forfeited
+    # use_real = false with no packages: pay-per-use only.
+    none = await calls.simulate(*WINDOW, use_real=False)
+    assert (none.package_paid_quantity, none.pay_per_use_quantity) == (0, 1200)
+
+
+async def test_an_account_token_simulates_its_own_account_only(quota):
+    calls = QuotaCalls(quota)
+    await three_months_of_usage(calls)
+    own = await calls.simulate(*WINDOW, account_id="", metadata=calls.account(read_only=True))
+    assert own.pay_per_use_quantity == 1200
+    await expect_error(
+        calls.simulate(*WINDOW, metadata=calls.account("acct-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+async def test_simulate_usage_errors_name_the_field(quota, monkeypatch):
+    calls = QuotaCalls(quota)
+    await three_months_of_usage(calls)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    start, end = WINDOW
+    await expect_error(calls.simulate(end, start), bad, field="end_time")
+    await expect_error(calls.simulate(start, start + timedelta(days=401)), bad, field="end_time")
+    await expect_error(calls.simulate(start, end, policy="cheapest"), bad, field="policy")
+    await expect_error(
+        calls.simulate(start, end, packages=[calls.hypothetical("no-such-offer", start)]),
+        bad,
+        field="packages[0].offer_id",
+    )
+    await expect_error(
+        calls.simulate(
+            start,
+            end,
+            packages=[
+                calls.hypothetical("passport-1k-1y", start),
+                calls.hypothetical("id-card-1k-1y", start),
+            ],
+        ),
+        bad,
+        field="packages[1].offer_id",
+    )
+    await expect_error(
+        calls.simulate(start, end, packages=[calls.hypothetical("passport-1k-1y", start, 101)]),
+        bad,
+        field="packages[0].count",
+    )
+    await expect_error(
+        calls.simulate(start, end, api="no-such-api"), bad, reason="UNKNOWN_API", field="api"
+    )
+    # More events than a replay reads (the bound, lowered for the test).
+    from services.quota.app import simulation
+
+    monkeypatch.setattr(simulation, "MAX_EVENTS", 3)
+    await expect_error(calls.simulate(start, end), bad, field="start_time")
