@@ -226,6 +226,13 @@ async def test_hypothetical_packages_pay_expire_and_forfeit_and_nothing_is_writt
     real = await calls.simulate(*WINDOW)
     assert (real.package_paid_quantity, real.pay_per_use_quantity) == (0, 1200)
     assert real.event_count == 4 and not real.forfeited and not real.per_package
+    # Per calendar month of the billing time zone (UTC+08:00): January starts at 16:00 UTC on
+    # 31 December.
+    assert [(from_timestamp(m.month_start, "t"), m.pay_per_use_quantity) for m in real.months] == [
+        (datetime(2023, 12, 31, 16, tzinfo=UTC), 400),
+        (datetime(2024, 1, 31, 16, tzinfo=UTC), 400),
+        (datetime(2024, 2, 29, 16, tzinfo=UTC), 400),
+    ]
 
     # One 1k package from 1 January: it pays 1,000 calls, 200 stay pay-per-use; it expires
     # after the window, so nothing is forfeited.

@@ -239,4 +239,12 @@ def to_proto_simulation(result: SimulationResult) -> quota_service_pb2.SimulateU
             for package_id, used in result.per_package.items()
         ],
         event_count=result.event_count,
+        months=[
+            quota_service_pb2.SimulatedMonth(
+                month_start=to_timestamp(m.month_start),
+                package_paid_quantity=m.package_paid_quantity,
+                pay_per_use_quantity=m.pay_per_use_quantity,
+            )
+            for m in result.months
+        ],
     )

@@ -153,6 +153,7 @@ async def simulate_usage(
             base=base,
             hypothetical=hypothetical,
             keep_events=keep_events,
+            tz=ctx.tz,
         )
         read = 0
         async for page in history_repo.recorded_events(uow, scope, end, since):

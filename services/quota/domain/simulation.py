@@ -22,10 +22,14 @@ import enum
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from services.quota.domain.deduction import DeductionPolicy, UsageEvent, UsageOutcome, apply_usage
 from services.quota.domain.packages import Package, PackageSource
+
+
+UTC_ZONE = ZoneInfo("UTC")
 
 
 class ChangeKind(enum.IntEnum):
@@ -83,6 +87,15 @@ class EventReplay:
 
 
 @dataclass(frozen=True)
+class MonthTotals:
+    """The replayed calls of one calendar month (``month_start``: its first instant, UTC)."""
+
+    month_start: datetime
+    package_paid_quantity: int
+    pay_per_use_quantity: int
+
+
+@dataclass(frozen=True)
 class SimulationResult:
     package_paid_quantity: int
     pay_per_use_quantity: int
@@ -90,6 +103,8 @@ class SimulationResult:
     # package id -> calls it paid for, for every package that paid for at least one.
     per_package: dict[str, int]
     event_count: int
+    # Per calendar month of the replay's time zone, oldest first; months without events left out.
+    months: tuple[MonthTotals, ...] = ()
     # Every replayed event, when the replay was asked to keep them.
     events: tuple[EventReplay, ...] = ()
 
@@ -111,6 +126,8 @@ class Replay:
     base: Iterable[Package] = ()
     hypothetical: Iterable[Package] = ()
     keep_events: bool = False
+    # The calendar of `SimulationResult.months` (the billing time zone).
+    tz: ZoneInfo = UTC_ZONE
     _packages: dict[str, Package] = field(default_factory=dict, init=False)
     _next_change: int = field(default=0, init=False)
     _batch: list[RecordedEvent] = field(default_factory=list, init=False)
@@ -120,6 +137,8 @@ class Replay:
     _used: dict[str, int] = field(default_factory=lambda: defaultdict(int), init=False)
     _forfeited: list[Forfeiture] = field(default_factory=list, init=False)
     _kept: list[EventReplay] = field(default_factory=list, init=False)
+    # month start -> [package-paid, pay-per-use]
+    _months: dict[datetime, list[int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for package in (*self.base, *self.hypothetical):
@@ -163,10 +182,16 @@ class Replay:
             forfeited=tuple(forfeited),
             per_package={k: v for k, v in sorted(self._used.items()) if v},
             event_count=self._count,
+            months=tuple(MonthTotals(m, *q) for m, q in sorted(self._months.items())),
             events=tuple(self._kept),
         )
 
     # --- internals ------------------------------------------------------------------------
+
+    def _month_of(self, t: datetime) -> datetime:
+        local = t.astimezone(self.tz)
+        first = datetime(local.year, local.month, 1, tzinfo=self.tz)
+        return first.astimezone(UTC)
 
     def _changes_before(self, seq: int) -> None:
         while self._next_change < len(self.changes) and self.changes[self._next_change].seq < seq:
@@ -236,5 +261,9 @@ class Replay:
             for deduction in outcome.deductions:
                 self._paid += deduction.quantity
                 self._used[deduction.package_id] += deduction.quantity
+            if outcome.billable:
+                month = self._months.setdefault(self._month_of(recorded.event.occur_time), [0, 0])
+                month[0] += outcome.package_quantity
+                month[1] += outcome.pay_per_use_quantity
             if self.keep_events:
                 self._kept.append(EventReplay(recorded, outcome))

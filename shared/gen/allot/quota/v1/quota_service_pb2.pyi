@@ -1255,6 +1255,7 @@ class SimulateUsageResponse(_message.Message):
     FORFEITED_FIELD_NUMBER: _builtins.int
     PER_PACKAGE_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MONTHS_FIELD_NUMBER: _builtins.int
     package_paid_quantity: _builtins.int
     """Billable calls of the replayed events that packages paid for."""
     pay_per_use_quantity: _builtins.int
@@ -1269,6 +1270,13 @@ class SimulateUsageResponse(_message.Message):
     def per_package(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedPackageUse]:
         """Every package of the replay that paid for a call, by package id."""
 
+    @_builtins.property
+    def months(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedMonth]:
+        """The replayed calls per calendar month of the billing time zone (ALLOT_TIMEZONE), by the
+        month their events occurred in, oldest first; months without events are left out. Billing
+        prices pay-per-use per month (its tiers restart each month).
+        """
+
     def __init__(
         self,
         *,
@@ -1277,11 +1285,44 @@ class SimulateUsageResponse(_message.Message):
         forfeited: _abc.Iterable[Global___SimulatedForfeiture] | None = ...,
         per_package: _abc.Iterable[Global___SimulatedPackageUse] | None = ...,
         event_count: _builtins.int = ...,
+        months: _abc.Iterable[Global___SimulatedMonth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forfeited", b"forfeited", "package_paid_quantity", b"package_paid_quantity", "pay_per_use_quantity", b"pay_per_use_quantity", "per_package", b"per_package"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forfeited", b"forfeited", "months", b"months", "package_paid_quantity", b"package_paid_quantity", "pay_per_use_quantity", b"pay_per_use_quantity", "per_package", b"per_package"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SimulateUsageResponse: _TypeAlias = SimulateUsageResponse  # noqa: Y015
+
+@_typing.final
+class SimulatedMonth(_message.Message):
+    """The replayed calls of one calendar month."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONTH_START_FIELD_NUMBER: _builtins.int
+    PACKAGE_PAID_QUANTITY_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    package_paid_quantity: _builtins.int
+    """Billable calls of the month's events that packages paid for."""
+    pay_per_use_quantity: _builtins.int
+    """Billable calls of the month's events that no package covered."""
+    @_builtins.property
+    def month_start(self) -> _timestamp_pb2.Timestamp:
+        """The first instant of the month (midnight of its first day, billing time zone)."""
+
+    def __init__(
+        self,
+        *,
+        month_start: _timestamp_pb2.Timestamp | None = ...,
+        package_paid_quantity: _builtins.int = ...,
+        pay_per_use_quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["month_start", b"month_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month_start", b"month_start", "package_paid_quantity", b"package_paid_quantity", "pay_per_use_quantity", b"pay_per_use_quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedMonth: _TypeAlias = SimulatedMonth  # noqa: Y015
