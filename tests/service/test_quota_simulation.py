@@ -12,14 +12,14 @@ quantity it was recorded with.
 from __future__ import annotations
 
 import asyncio
-import json
 import itertools
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from allot.testing.v1 import clock_service_pb2
 import sqlalchemy as sa
+from allot.testing.v1 import clock_service_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

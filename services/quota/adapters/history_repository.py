@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam, func, insert, select, update

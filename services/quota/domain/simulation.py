@@ -28,7 +28,6 @@ from zoneinfo import ZoneInfo
 from services.quota.domain.deduction import DeductionPolicy, UsageEvent, UsageOutcome, apply_usage
 from services.quota.domain.packages import Package, PackageSource
 
-
 UTC_ZONE = ZoneInfo("UTC")
 
 
