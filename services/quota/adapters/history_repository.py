@@ -103,8 +103,12 @@ async def packages_without_history(uow: UnitOfWork, scope: Scope) -> list[Packag
     """The scope's packages granted before the history existed (no grant recorded)."""
     account_id, region, api = scope
     p = t.packages.c
-    granted = select(t.package_changes.c.package_id).where(
-        t.package_changes.c.kind == int(ChangeKind.GRANT)
+    c = t.package_changes.c
+    granted = select(c.package_id).where(
+        c.account_id == account_id,
+        c.region == region,
+        c.api == api,
+        c.kind == int(ChangeKind.GRANT),
     )
     query = select(t.packages).where(
         p.account_id == account_id,
@@ -146,28 +150,12 @@ async def recorded_events(
     uow: UnitOfWork, scope: Scope, before: datetime, since: datetime | None
 ) -> AsyncIterator[list[RecordedEvent]]:
     """The scope's events that occurred before `before` (and at or after `since`), in the
-    order they were recorded, a page at a time: first those recorded before the history
-    existed (record_seq NULL; by record time, then event id), then by record_seq (keyset on
-    the index `ix_usage_events_scope_seq`)."""
+    order they were recorded (record_seq; events recorded before migration 0008 were numbered
+    by it in record-time order), a page at a time by keyset on the index
+    `ix_usage_events_scope_seq`."""
     e = t.usage_events.c
-    base = select(*_COLUMNS).where(*_events_query(scope, before, since))
+    numbered = select(*_COLUMNS).where(*_events_query(scope, before, since)).order_by(e.record_seq)
     connection = await uow.connection()
-    legacy = base.where(e.record_seq.is_(None)).order_by(e.record_time_us, e.event_id)
-    after: tuple | None = None
-    while True:
-        query = legacy
-        if after is not None:
-            query = query.where(
-                (e.record_time_us > after[0])
-                | ((e.record_time_us == after[0]) & (e.event_id > after[1]))
-            )
-        rows = (await connection.execute(query.limit(PAGE))).all()
-        if rows:
-            yield [_recorded(r, scope) for r in rows]
-            after = (rows[-1].record_time_us, rows[-1].event_id)
-        if len(rows) < PAGE:
-            break
-    numbered = base.where(e.record_seq.is_not(None)).order_by(e.record_seq)
     last_seq: int | None = None
     while True:
         query = numbered if last_seq is None else numbered.where(e.record_seq > last_seq)
@@ -208,7 +196,7 @@ def _recorded(row, scope: Scope) -> RecordedEvent:
             http_status=row.http_status,
             occur_time=from_epoch_us(row.occur_time_us),
         ),
-        seq=row.record_seq or 0,
+        seq=row.record_seq,
         deductions=tuple((d[0], d[1]) for d in json.loads(row.deductions)),
         pay_per_use_quantity=row.pay_per_use_quantity,
     )

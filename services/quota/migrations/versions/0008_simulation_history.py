@@ -44,7 +44,22 @@ def upgrade() -> None:
         sa.Column("last_seq", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.execute("INSERT INTO history_counter (id, last_seq) VALUES (1, 0)")
+    # Events recorded before this revision are numbered by record time (then event id: the
+    # order within a batch was not kept), and the counter continues after them.
+    op.execute(
+        "UPDATE usage_events SET record_seq = numbered.n FROM ("
+        " SELECT event_id, row_number() OVER (ORDER BY record_time_us, event_id) AS n"
+        " FROM usage_events) AS numbered WHERE usage_events.event_id = numbered.event_id"
+    )
+    op.execute(
+        "INSERT INTO history_counter (id, last_seq)"
+        " SELECT 1, coalesce(max(record_seq), 0) FROM usage_events"
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "SELECT setval('quota_history_seq', coalesce(max(record_seq), 0) + 1, false)"
+            " FROM usage_events"
+        )
 
 
 def downgrade() -> None:
