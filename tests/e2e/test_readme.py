@@ -1,5 +1,5 @@
-"""The README's "Try it", "Try billing" and "What if" blocks, run verbatim with bash against `allot run`
-(the suite as `make run` starts it), on its own data dir and port."""
+"""The README's "Try it", "Try billing" and "What if" blocks, run verbatim with bash against
+`allot run` (the suite as `make run` starts it), on its own data dir and port."""
 
 from __future__ import annotations
 
