@@ -4,9 +4,9 @@ SQLite and PostgreSQL.
 The central property: a Hypothesis-generated history of grants (some starting in the past,
 some designated for a project), renewals (some of expired packages, which forfeit), revocations,
 clock moves (expiries; several writes at one instant) and usage (single events and batches, late
-reports, failed calls) is recorded by the real service; replaying the real packages under the
-real policy over the whole history gives every event exactly the deductions and pay-per-use
-quantity it was recorded with.
+reports, failed calls) is recorded by the real service (applying either deduction policy); replaying the real
+packages under that policy over the whole history gives every event exactly the deductions and
+pay-per-use quantity it was recorded with.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 import sqlalchemy as sa
 from allot.testing.v1 import clock_service_pb2
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +27,16 @@ from hypothesis import strategies as st
 from services.quota.app.simulation import SimulationInput, simulate_usage
 from shared.timeutil import from_timestamp
 from tests.support.calls import expect_error
-from tests.support.quota import API, FREE, PROMOTION, REGION, SUBSCRIPTION, QuotaCalls
+from tests.support.quota import (
+    API,
+    FREE,
+    PROMOTION,
+    REGION,
+    SUBSCRIPTION,
+    QuotaCalls,
+    quota_settings,
+    running_quota,
+)
 
 EXAMPLES = 10
 SOURCES = (FREE, PROMOTION, SUBSCRIPTION)
@@ -145,7 +155,22 @@ async def recorded(quota, account: str) -> dict[str, tuple[list, int]]:
     return {r[0]: ([tuple(d) for d in json.loads(r[1])], r[2]) for r in rows}
 
 
-async def test_replay_of_the_real_packages_equals_what_was_recorded(quota):
+@pytest.fixture(params=["standard", "expiring_first"])
+async def policy_quota(request, database_url, tmp_path):
+    """A quota server (manual clock at 2024-01-01) applying either deduction policy."""
+    settings = quota_settings(
+        database_url,
+        tmp_path,
+        clock="manual",
+        clock_start="2024-01-01T00:00:00Z",
+        deduction_policy=request.param,
+    )
+    async with running_quota(settings) as handle:
+        yield handle
+
+
+async def test_replay_of_the_real_packages_equals_what_was_recorded(policy_quota):
+    quota = policy_quota
     calls = QuotaCalls(quota)
     ctx = quota.server.service.context
     loop = asyncio.get_running_loop()
