@@ -4,9 +4,9 @@ SQLite and PostgreSQL.
 The central property: a Hypothesis-generated history of grants (some starting in the past,
 some designated for a project), renewals (some of expired packages, which forfeit), revocations,
 clock moves (expiries; several writes at one instant) and usage (single events and batches, late
-reports, failed calls) is recorded by the real service (applying either deduction policy); replaying the real
-packages under that policy over the whole history gives every event exactly the deductions and
-pay-per-use quantity it was recorded with.
+reports, failed calls) is recorded by the real service, applying either deduction policy;
+replaying the real packages under that policy over the whole history gives every event exactly
+the deductions and pay-per-use quantity it was recorded with.
 """
 
 from __future__ import annotations
