@@ -195,6 +195,12 @@ async def test_replay_of_the_real_packages_equals_what_was_recorded(policy_quota
         assert answer.pay_per_use_quantity == sum(p for _, p in truth.values())
         assert answer.package_paid_quantity == sum(q for d, _ in truth.values() for _, q in d)
         assert answer.event_count == len(truth)
+        # Merged runs of events (docs/design/what-if.md, "Bounds") pay each package the same.
+        paid: dict[str, int] = {}
+        for deductions, _ in truth.values():
+            for package_id, quantity in deductions:
+                paid[package_id] = paid.get(package_id, 0) + quantity
+        assert {u.package_id: u.used_quantity for u in answer.per_package} == paid
         checked.append(len(truth))
 
     @settings(

@@ -176,3 +176,66 @@ def test_a_revoked_package_pays_nothing_after_and_forfeits_nothing():
     assert result.per_package == {"h": 5, "p1": 5}
     assert result.pay_per_use_quantity == 10
     assert [(f.package_id, f.quantity) for f in result.forfeited] == []
+
+
+@st.composite
+def replays(draw):
+    """Packages (some for a project, some starting or ending within the window) and events
+    (both projects, failed calls, out of occurrence order) of one scope."""
+    packages = []
+    for i in range(draw(st.integers(1, 4))):
+        start = T0 + timedelta(hours=draw(st.integers(-48, 200)))
+        packages.append(
+            Package(
+                f"p{i}",
+                *SCOPE,
+                draw(st.sampled_from(["", "proj-a"])),
+                draw(st.sampled_from(list(PackageSource))),
+                draw(st.integers(1, 40)),
+                0,
+                start,
+                start + timedelta(hours=draw(st.integers(0, 400))),
+                T0,
+            )
+        )
+    events = [
+        RecordedEvent(
+            UsageEvent(
+                f"e{n}",
+                SCOPE[0],
+                "u",
+                *SCOPE[1:],
+                draw(st.sampled_from(["0", "proj-a"])),
+                draw(st.integers(1, 15)),
+                draw(st.sampled_from([200, 200, 500])),
+                T0 + timedelta(hours=draw(st.integers(0, 24 * 40))),
+            ),
+            n + 1,
+            (),
+            0,
+        )
+        for n in range(draw(st.integers(0, 30)))
+    ]
+    return packages, events, draw(st.sampled_from(list(DeductionPolicy)))
+
+
+@given(replays())
+def test_merged_runs_of_events_answer_what_one_by_one_answers(case):
+    packages, events, policy = case
+    window = (T0, T0 + timedelta(days=35))
+    answers = []
+    for keep in (True, False):
+        replay = Replay(SCOPE, *window, policy, (), (), packages, keep_events=keep)
+        replay.feed(events)
+        result = replay.finish()
+        answers.append(
+            (
+                result.package_paid_quantity,
+                result.pay_per_use_quantity,
+                result.per_package,
+                result.months,
+                result.forfeited,
+                result.event_count,
+            )
+        )
+    assert answers[0] == answers[1]

@@ -117,6 +117,13 @@ def hypothetical_packages(ctx: QuotaContext, spec: SimulationInput) -> list[Pack
     return built
 
 
+def _too_many(count: int) -> InvalidArgument:
+    return InvalidArgument(
+        "start_time",
+        f"the replay would read {count} events, more than {MAX_EVENTS}; narrow the range",
+    )
+
+
 async def simulate_usage(
     ctx: QuotaContext, spec: SimulationInput, keep_events: bool = False
 ) -> SimulationResult:
@@ -138,10 +145,7 @@ async def simulate_usage(
     async def work(uow: UnitOfWork) -> SimulationResult:
         count = await history_repo.count_events(uow, scope, end, since)
         if count > MAX_EVENTS:
-            raise InvalidArgument(
-                "start_time",
-                f"the replay would read {count} events, more than {MAX_EVENTS}; narrow the range",
-            )
+            raise _too_many(count)
         changes = await history_repo.scope_changes(uow, scope) if use_real else []
         base = await history_repo.packages_without_history(uow, scope) if use_real else []
         replay = Replay(
@@ -158,8 +162,8 @@ async def simulate_usage(
         read = 0
         async for page in history_repo.recorded_events(uow, scope, end, since):
             read += len(page)
-            if read > MAX_EVENTS:  # events recorded while the replay runs
-                break
+            if read > MAX_EVENTS:  # late events recorded while the replay runs
+                raise _too_many(read)
             replay.feed(page)
         return replay.finish()
 

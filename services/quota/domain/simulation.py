@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from services.quota.domain.deduction import DeductionPolicy, UsageEvent, UsageOutcome, apply_usage
-from services.quota.domain.packages import Package, PackageSource
+from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource
+from shared.validity import ONE_SECOND
 
 UTC_ZONE = ZoneInfo("UTC")
 
@@ -243,19 +244,61 @@ class Replay:
                 used = min(package.total_quantity, package.used_quantity + quantity)
                 self._packages[package_id] = dataclasses.replace(package, used_quantity=used)
 
+    def _runs(self, batch: list[RecordedEvent]) -> list[tuple[RecordedEvent, int]]:
+        """Consecutive events the engine cannot tell apart but by their quantity, merged into
+        one: the same billability, month, packages whose validity covers the call and, when a
+        package is designated for a project, project. Deducting their sum at once takes from
+        each package exactly what deducting them one by one takes (the eligible packages and
+        their order are the same; each takes until empty, then the next). Not done when the
+        replay keeps every event. Returns (event, how many events it stands for)."""
+        if self.keep_events:
+            return [(r, 1) for r in batch]
+        packages = list(self._packages.values())
+        designated = any(p.enterprise_project_id != ALL_PROJECTS for p in packages)
+        bounds = [(p.effective_time, p.expire_time + ONE_SECOND) for p in packages]
+        runs: list[tuple[RecordedEvent, int, int]] = []  # first event, count, quantity
+        previous = None
+        for recorded in batch:
+            e = recorded.event
+            t = e.occur_time
+            key = (
+                e.billable,
+                self._month_of(t),
+                e.enterprise_project_id if designated else "",
+                tuple(start <= t < stop for start, stop in bounds),
+            )
+            if runs and key == previous:
+                first, count, quantity = runs[-1]
+                runs[-1] = (first, count + 1, quantity + e.quantity)
+            else:
+                runs.append((recorded, 1, e.quantity))
+                previous = key
+        return [
+            (
+                first
+                if count == 1
+                else dataclasses.replace(
+                    first, event=dataclasses.replace(first.event, quantity=quantity)
+                ),
+                count,
+            )
+            for first, count, quantity in runs
+        ]
+
     def _flush(self) -> None:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
+        runs = self._runs(batch)
         outcomes, changed = apply_usage(
-            [r.event for r in batch], self._packages.values(), self.policy
+            [r.event for r, _ in runs], self._packages.values(), self.policy
         )
         for package_id, package in changed.items():
             self._packages[package_id] = dataclasses.replace(
                 self._packages[package_id], used_quantity=package.used_quantity
             )
-        for recorded, outcome in zip(batch, outcomes, strict=True):
-            self._count += 1
+        for (recorded, count), outcome in zip(runs, outcomes, strict=True):
+            self._count += count
             self._pay_per_use += outcome.pay_per_use_quantity
             for deduction in outcome.deductions:
                 self._paid += deduction.quantity
