@@ -36,7 +36,7 @@ _BUMP = (
 
 def next_seq_expression():
     """PostgreSQL: the next number, as an expression of an INSERT."""
-    return func.nextval(t.HISTORY_SEQUENCE)
+    return t.history_sequence.next_value()
 
 
 async def take_seqs(uow: UnitOfWork, count: int) -> list[int]:

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     SmallInteger,
     String,
     Table,
@@ -194,6 +195,7 @@ history_counter = Table(
     Column("last_seq", BigInteger, nullable=False),
 )
 HISTORY_SEQUENCE = "quota_history_seq"
+history_sequence = Sequence(HISTORY_SEQUENCE, metadata=metadata)
 
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
