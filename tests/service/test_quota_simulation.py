@@ -392,3 +392,38 @@ async def test_simulate_usage_errors_name_the_field(quota, monkeypatch):
 
     monkeypatch.setattr(simulation, "MAX_EVENTS", 3)
     await expect_error(calls.simulate(start, end), bad, field="start_time")
+
+
+async def test_replay_is_exact_under_concurrent_usage_renewals_and_revocations(quota):
+    """Usage batches race renewals and a revocation of the packages they draw on (on
+    PostgreSQL truly concurrently): the numbers the writers take while holding the packages'
+    locks put every change on the side of each batch it happened on (docs/design/what-if.md,
+    "Exactness")."""
+    calls = QuotaCalls(quota)
+    account = "racer"
+    packages = [
+        (await calls.grant(account, 500, expire="2024-06-30T23:59:59Z")).package_id
+        for _ in range(3)
+    ]
+
+    async def use(n: int) -> None:
+        await calls.batch([calls.usage(f"race-{n}-{k}", account, 7, project="") for k in range(2)])
+
+    async def renew(n: int) -> None:
+        await calls.renew(packages[1 + n % 2], add=5)
+
+    async def revoke() -> None:
+        await calls.revoke(packages[0])
+
+    await asyncio.gather(*(use(n) for n in range(30)), *(renew(n) for n in range(6)), revoke())
+    ctx = quota.server.service.context
+    start = datetime(2023, 12, 1, tzinfo=UTC)
+    result = await simulate_usage(
+        ctx, SimulationInput(account, REGION, API, start, start + timedelta(days=60)), True
+    )
+    truth = await recorded(quota, account)
+    assert len(result.events) == len(truth) == 60
+    for replayed in result.events:
+        deductions, pay_per_use = truth[replayed.recorded.event.event_id]
+        assert list(replayed.replayed_deductions) == deductions
+        assert replayed.outcome.pay_per_use_quantity == pay_per_use
