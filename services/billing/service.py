@@ -61,6 +61,8 @@ POLICIES: dict[str, Policy] = {
     _rpc("GetBill"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("ExportBill"): policy(*READERS, account="account_id", master_reads=True),
     _rpc("GetAccountOverview"): policy(*READERS, account="account_id"),
+    # What-if: read-only, the account's own tokens and admins (docs/design/what-if.md).
+    _rpc("RecommendPackages"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("ListAccountPackages"): policy(*READERS, account="account_id", regions=("region",)),
     _rpc("ExplainBillLine"): policy(
         *READERS, account="account_id", regions=("region",), master_reads=True

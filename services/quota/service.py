@@ -86,6 +86,11 @@ POLICIES: dict[str, Policy] = {
     _rpc("GetQuotaForecast"): policy(
         *READERS, account="account_id", regions=("region",), master_reads=True
     ),
+    # What-if replay: read-only; the account's own tokens, admins and billing (its
+    # RecommendPackages).
+    _rpc("SimulateUsage"): policy(
+        *READERS, internal=BILLING, account="account_id", regions=("region",)
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-"""The README's "Try it" and "Try billing" blocks, run verbatim with bash against `allot run`
-(the suite as `make run` starts it), on its own data dir and port."""
+"""The README's "Try it", "Try billing" and "What if" blocks, run verbatim with bash against
+`allot run` (the suite as `make run` starts it), on its own data dir and port."""
 
 from __future__ import annotations
 
@@ -75,6 +75,29 @@ def check_try_billing(outputs: list[str], frozen_clock: bool = False) -> None:
     assert second[2]["order_id"] == order["order_id"]
     assert second[3]["order_id"] == renewal["order_id"]
     assert second[6]["lines"] == bill["lines"]
+
+
+def check_what_if(output: str, package_id: str) -> None:
+    """The "What if" block's answers after "Try it" and "Try billing" (docs/design/what-if.md)."""
+    real, alone, hypothetical, recommendation = json_documents(output)
+    # As recorded: the 3 calls of "Try it" were paid by the 100,000-call package.
+    assert real["package_paid_quantity"] == "3"
+    assert real["per_package"] == [{"package_id": package_id, "used_quantity": "3"}]
+    assert alone["pay_per_use_quantity"] == "3"
+    assert "package_paid_quantity" not in alone
+    assert hypothetical["per_package"] == [{"package_id": "hypothetical-1-1", "used_quantity": "3"}]
+    cheapest = recommendation["candidates"][0]
+    assert "offers" not in cheapest  # pay-per-use alone: 3 x 0.0025
+    assert cheapest["expected_cost"] == {"currency_code": "USD", "nanos": 7500000}
+    assert recommendation["candidates"][1]["offers"] == [
+        {"offer_id": "passport-1k-1y", "count": 1, "purchases": 1}
+    ]
+    # What "Try billing" paid for passport packages: 2.40 + 4.80.
+    assert recommendation["actual_cost"] == {
+        "currency_code": "USD",
+        "units": "7",
+        "nanos": 200000000,
+    }
 
 
 @contextlib.contextmanager
@@ -161,6 +184,7 @@ def test_try_it_runs_verbatim(tmp_path):
         loose = {path: oct(mode) for path, mode in found.items() if mode & 0o077}
         assert loose == {}, loose
         check_try_billing([run_block(readme_block("### Try billing"), env) for _ in range(2)])
+        check_what_if(run_block(readme_block("### What if"), env), grant["package_id"])
 
 
 def test_try_billing_half_an_hour_into_a_month_in_the_billing_time_zone(tmp_path):

@@ -187,3 +187,50 @@ async def test_drift_would_be_noticed(database_url, tmp_path):
     assert [(d[0], d[2], d[3].name) for d in diffs] == [
         ("add_column", "packages", "extra_quantity")
     ]
+
+
+async def test_simulation_history_numbers_the_events_recorded_before_it(database_url):
+    """Quota's 0010_simulation_history numbers existing usage events by record time (then
+    event id), and the history counter goes on after them (docs/design/what-if.md)."""
+    from alembic import command
+
+    engine = create_engine(database_url)
+    cfg = alembic_config("quota", QuotaService.migrations_dir)
+
+    def to(revision: str):
+        def run(sync_connection) -> None:
+            cfg.attributes["connection"] = sync_connection
+            command.upgrade(cfg, revision)
+
+        return run
+
+    row = (
+        "INSERT INTO usage_events (event_id, fingerprint, account_id, user_id, region, api,"
+        " enterprise_project_id, quantity, http_status, billable, occur_time_us, record_time_us,"
+        " package_quantity, pay_per_use_quantity, remaining_quantity, deductions, explanation)"
+        " VALUES (:id, '', 'a', 'u', 'r', 'p', '0', 1, 200, true, 0, :at, 0, 1, 0, '[]', '{}')"
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(to("0009_forecast_alerts"))
+            for event_id, at in (("late", 30), ("b", 10), ("a", 10), ("c", 20)):
+                await connection.execute(text(row), {"id": event_id, "at": at})
+        async with engine.begin() as connection:
+            await connection.run_sync(to("0010_simulation_history"))
+            numbered = (
+                await connection.execute(
+                    text("SELECT event_id, record_seq FROM usage_events ORDER BY record_seq")
+                )
+            ).all()
+            counter = (
+                await connection.execute(text("SELECT last_seq FROM history_counter"))
+            ).scalar_one()
+            assert [tuple(r) for r in numbered] == [("a", 1), ("b", 2), ("c", 3), ("late", 4)]
+            assert counter == 4
+            if engine.dialect.name == "postgresql":
+                next_value = (
+                    await connection.execute(text("SELECT nextval('quota_history_seq')"))
+                ).scalar_one()
+                assert next_value == 5
+    finally:
+        await engine.dispose()

@@ -523,6 +523,18 @@ async def _get_rate_limit(s, target):
     return quota_service_pb2.GetRateLimitRequest(account_id=account, region=region, api=API)
 
 
+@factory(Q("SimulateUsage"))
+async def _simulate(s, target):
+    account, region = TARGETS[target]
+    return quota_service_pb2.SimulateUsageRequest(
+        account_id=account,
+        region=region,
+        api=API,
+        start_time=ts(START),
+        end_time=ts("2024-01-02T00:00:00Z"),
+    )
+
+
 @factory(Q("WatchEvents"), scoped=False, regional=False)
 async def _watch_quota(s, target):
     return quota_service_pb2.WatchEventsRequest(after_sequence=0)
@@ -689,6 +701,14 @@ async def _export(s, target):
 @factory(BL("GetAccountOverview"), regional=False)
 async def _overview(s, target):
     return billing_service_pb2.GetAccountOverviewRequest(account_id=TARGETS[target][0])
+
+
+@factory(BL("RecommendPackages"))
+async def _recommend(s, target):
+    account, region = TARGETS[target]
+    return billing_service_pb2.RecommendPackagesRequest(
+        account_id=account, region=region, api=API, months=1
+    )
 
 
 @factory(BL("ListAccountPackages"))

@@ -334,6 +334,41 @@ class QuotaCalls(ServiceCalls):
 
     # --- usage ---------------------------------------------------------------------------
 
+    def simulate(
+        self,
+        start: datetime | str,
+        end: datetime | str,
+        *,
+        account_id: str = ACCOUNT,
+        region: str = REGION,
+        api: str = API,
+        policy: str = "",
+        packages: Sequence[quota_service_pb2.HypotheticalPackage] = (),
+        use_real: bool | None = None,
+        metadata: Metadata | None = None,
+    ):
+        """SimulateUsage over [start, end) (docs/design/what-if.md)."""
+        request = quota_service_pb2.SimulateUsageRequest(
+            account_id=account_id,
+            region=region,
+            api=api,
+            start_time=ts(start),
+            end_time=ts(end),
+            policy=policy,
+            packages=packages,
+        )
+        if use_real is not None:
+            request.use_real_packages = use_real
+        return self.stub.SimulateUsage(request, metadata=metadata or self.admin)
+
+    @staticmethod
+    def hypothetical(
+        offer_id: str, start: datetime | str, count: int = 0, project: str = ""
+    ) -> quota_service_pb2.HypotheticalPackage:
+        return quota_service_pb2.HypotheticalPackage(
+            offer_id=offer_id, start_time=ts(start), count=count, enterprise_project_id=project
+        )
+
     @staticmethod
     def usage(
         event_id: str,

@@ -177,3 +177,22 @@ async def month_lines(
         )
     ).all()
     return [to_line(row) for row in rows]
+
+
+async def charged_for(
+    uow: UnitOfWork, account_id: str, region: str, api: str, start: datetime, end: datetime
+) -> int:
+    """What `account_id` was charged for `region` and `api` by lines placed in [start, end)
+    (a pay-per-use line by its cycle's start, others by their booking, as on bills): every
+    line but top-ups, negated (charges are negative, refunds positive)."""
+    total = await uow.session.execute(
+        select(func.coalesce(func.sum(_lg.amount_micros), 0)).where(
+            _lg.account_id == account_id,
+            _lg.region == region,
+            _lg.api == api,
+            _lg.kind != int(BillLineKind.TOP_UP),
+            _bill_time() >= to_epoch_us(start),
+            _bill_time() < to_epoch_us(end),
+        )
+    )
+    return -int(total.scalar_one())

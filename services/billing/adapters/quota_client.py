@@ -10,6 +10,7 @@ is `QuotaUnavailable` — the order stays pending and is offered again (docs/fau
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 
 import grpc
@@ -17,6 +18,7 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.billing.domain.line_explanations import Explained, NearMissSeen
 from services.billing.domain.overview import AlertSeen, PackageSeen
+from services.billing.domain.recommendations import Purchase, SimulatedOutcome
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
 from shared.timeutil import from_timestamp, to_timestamp
@@ -51,6 +53,8 @@ MISCONFIGURED = frozenset(
 # does not answer within this is shown as unavailable, never waited for
 # (docs/design/billing.md, "Account overview").
 READ_TIMEOUT = 3.0
+# A what-if replay (RecommendPackages) reads up to a year of usage events: it may take longer.
+SIMULATE_TIMEOUT = 60.0
 # Everything else — UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED, CANCELLED,
 # INTERNAL, UNKNOWN, DATA_LOSS — says nothing about the request: try again later. A retry is
 # safe, every command carries its request id.
@@ -257,6 +261,45 @@ class QuotaClient:
                 NearMissSeen(m.package_id, m.region, m.api, m.enterprise_project_id, m.reason)
                 for m in explanation.near_misses
             ),
+        )
+
+    async def simulate_usage(
+        self,
+        region: str,
+        *,
+        account_id: str,
+        api: str,
+        start: datetime,
+        end: datetime,
+        purchases: Sequence[Purchase],
+        within: float = SIMULATE_TIMEOUT,
+    ) -> SimulatedOutcome:
+        """Quota's what-if replay of the account's usage with `purchases` as its only packages
+        (none: pay-per-use only)."""
+        response = await self._call(
+            region,
+            "SimulateUsage",
+            quota_service_pb2.SimulateUsageRequest(
+                account_id=account_id,
+                region=region,
+                api=api,
+                start_time=to_timestamp(start),
+                end_time=to_timestamp(end),
+                packages=[
+                    quota_service_pb2.HypotheticalPackage(
+                        offer_id=p.offer.id, start_time=to_timestamp(p.start), count=p.count
+                    )
+                    for p in purchases
+                ],
+                use_real_packages=False,
+            ),
+            within,
+        )
+        return SimulatedOutcome(
+            package_paid_quantity=response.package_paid_quantity,
+            pay_per_use_quantity=response.pay_per_use_quantity,
+            forfeited_quantity=sum(f.quantity for f in response.forfeited),
+            monthly_pay_per_use=tuple(m.pay_per_use_quantity for m in response.months),
         )
 
 

@@ -9,7 +9,7 @@ from allot.billing.v1 import billing_pb2, billing_service_pb2, billing_service_p
 from allot.quota.v1 import quota_pb2
 
 from services.billing.adapters.events import order_message
-from services.billing.api import convert
+from services.billing.api import convert, what_if
 from services.billing.app import (
     accounts,
     batch_renewals,
@@ -18,6 +18,7 @@ from services.billing.app import (
     line_explanations,
     orders,
     overview,
+    recommendations,
     renewals,
     standing,
     subscriptions,
@@ -391,6 +392,15 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             if more and page
             else "",
         )
+
+    async def RecommendPackages(self, request, context):
+        account_id = check_account_id(request.account_id)
+        found = await hiding_absence(
+            recommendations.recommend_packages(
+                self.ctx, account_id, request.region, request.api, request.months
+            )
+        )
+        return what_if.to_proto_recommendation(found)
 
     async def WatchEvents(self, request, context):
         # A region-limited token sees its regions' events and those about no region (an

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     SmallInteger,
     String,
     Table,
@@ -77,7 +78,11 @@ usage_events = Table(
     Column("deductions", Text, nullable=False),
     # JSON: the candidates and the decisive rule, for ExplainUsage.
     Column("explanation", Text, nullable=False),
+    # The event's place in the order the scope's usage and package changes were recorded in
+    # (`adapters/history_repository.py`); NULL for events recorded before it existed.
+    Column("record_seq", BigInteger, nullable=True),
     Index("ix_usage_events_scope_time", "account_id", "region", "api", "occur_time_us"),
+    Index("ix_usage_events_scope_seq", "account_id", "region", "api", "record_seq"),
 )
 
 # Quota's projection of each account's standing (billing's events keep it; absent = GOOD).
@@ -197,6 +202,38 @@ spending_cap_admissions = Table(
     # The answer to the last call that wrote the row.
     Column("admitted", Boolean, nullable=False),
 )
+# Every grant, renewal and revocation of a package, with the state it left: what a what-if
+# replay of the real packages needs to see each package as each usage event saw it
+# (docs/design/what-if.md). `seq` comes from the same counter as `usage_events.record_seq`.
+package_changes = Table(
+    "package_changes",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("package_id", String(40), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("api", String(64), nullable=False),
+    # 1 grant, 2 renewal, 3 revocation (`domain/simulation.py`, ChangeKind).
+    Column("kind", SmallInteger, nullable=False),
+    Column("change_time_us", BigInteger, nullable=False),
+    # The package's total quantity and last covered second after the change.
+    Column("total_quantity", BigInteger, nullable=False),
+    Column("expire_time_us", BigInteger, nullable=False),
+    # A renewal of an expired package: its old remainder was forfeited (used = total).
+    Column("forfeit", Boolean, nullable=False),
+    Index("ix_package_changes_scope", "account_id", "region", "api", "seq"),
+)
+
+# The history counter on SQLite (one row, id 1; writers are serialized there). PostgreSQL
+# takes the numbers from the sequence `quota_history_seq` instead, which no writer waits on.
+history_counter = Table(
+    "history_counter",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+)
+HISTORY_SEQUENCE = "quota_history_seq"
+history_sequence = Sequence(HISTORY_SEQUENCE, metadata=metadata)
 
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)

@@ -17,6 +17,7 @@ from datetime import datetime
 from sqlalchemy import String, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from services.quota.adapters import history_repository as history_repo
 from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
@@ -134,18 +135,27 @@ def _save_statement():
         .values(used_quantity=changed.c.used_quantity, announced_state=changed.c.announced_state)
         .cte("deducted")
     )
-    names = [c.name for c in t.usage_events.c]
+    names = [c.name for c in _EVENT_COLUMNS]
     events = (
-        func.unnest(*(bindparam(f"e_{c.name}", type_=ARRAY(c.type)) for c in t.usage_events.c))
+        func.unnest(*(bindparam(f"e_{c.name}", type_=ARRAY(c.type)) for c in _EVENT_COLUMNS))
         .table_valued(*names)
         .render_derived()
         .alias("batch")
     )
+    # record_seq: the batch's places in the history, in batch order, from the sequence
+    # (adapters/history_repository.py), taken while the batch holds its packages' locks.
     return (
         insert(t.usage_events)
-        .from_select(names, select(*(events.c[n] for n in names)))
+        .from_select(
+            [*names, "record_seq"],
+            select(*(events.c[n] for n in names), history_repo.next_seq_expression()),
+        )
         .add_cte(deducted)
     )
+
+
+# The columns a batch supplies; record_seq is numbered by the save (`save_batch`).
+_EVENT_COLUMNS = tuple(c for c in t.usage_events.c if c.name != "record_seq")
 
 
 _PACKAGE_COLUMNS = (
@@ -164,6 +174,9 @@ async def save_batch(
     statement; elsewhere two executemany."""
     if uow.dialect != "postgresql" or not rows:
         await packages_repo.update_used(uow, changed)
+        if rows:
+            seqs = await history_repo.take_seqs(uow, len(rows))
+            rows = [{**row, "record_seq": seq} for row, seq in zip(rows, seqs, strict=True)]
         await insert_usage(uow, rows)
         return
     params: dict[str, list] = {
@@ -171,7 +184,7 @@ async def save_batch(
         "p_used_quantity": [r.package.used_quantity for r in changed],
         "p_announced_state": [int(r.announced_state) for r in changed],
     }
-    for c in t.usage_events.c:
+    for c in _EVENT_COLUMNS:
         params[f"e_{c.name}"] = [row[c.name] for row in rows]
     connection = await uow.connection()
     await connection.execute(_SAVE, params)

@@ -13,11 +13,13 @@ from services.quota.adapters.usage_repository import StoredUsage
 from services.quota.app.alerts import AlertInput, AlertView
 from services.quota.app.forecasts import ScopeForecast
 from services.quota.app.packages import GrantInput
+from services.quota.app.simulation import HypotheticalInput, SimulationInput
 from services.quota.app.stats import StatsBucket
 from services.quota.app.usage import UsageInput, UsageResult
 from services.quota.domain.admission import Admission
 from services.quota.domain.near_misses import NearMiss
 from services.quota.domain.rate_limits import EffectiveLimit
+from services.quota.domain.simulation import SimulationResult
 from shared.timeutil import from_epoch_us, from_timestamp, to_timestamp
 
 
@@ -216,4 +218,57 @@ def to_proto_usage_stats(buckets: Sequence[StatsBucket]) -> quota_service_pb2.Ge
             )
             for b in buckets
         ]
+    )
+
+
+def from_proto_simulation(
+    request: quota_service_pb2.SimulateUsageRequest, account_id: str
+) -> SimulationInput:
+    return SimulationInput(
+        account_id=account_id,
+        region=request.region,
+        api=request.api,
+        start_time=_optional_time(request, "start_time", "start_time"),
+        end_time=_optional_time(request, "end_time", "end_time"),
+        policy=request.policy,
+        packages=tuple(
+            HypotheticalInput(
+                offer_id=p.offer_id,
+                start_time=_optional_time(p, "start_time", f"packages[{i}].start_time"),
+                count=p.count,
+                enterprise_project_id=p.enterprise_project_id,
+            )
+            for i, p in enumerate(request.packages)
+        ),
+        use_real_packages=(
+            request.use_real_packages if request.HasField("use_real_packages") else None
+        ),
+    )
+
+
+def to_proto_simulation(result: SimulationResult) -> quota_service_pb2.SimulateUsageResponse:
+    return quota_service_pb2.SimulateUsageResponse(
+        package_paid_quantity=result.package_paid_quantity,
+        pay_per_use_quantity=result.pay_per_use_quantity,
+        forfeited=[
+            quota_service_pb2.SimulatedForfeiture(
+                package_id=f.package_id,
+                quantity=f.quantity,
+                expire_time=to_timestamp(f.expire_time),
+            )
+            for f in result.forfeited
+        ],
+        per_package=[
+            quota_service_pb2.SimulatedPackageUse(package_id=package_id, used_quantity=used)
+            for package_id, used in result.per_package.items()
+        ],
+        event_count=result.event_count,
+        months=[
+            quota_service_pb2.SimulatedMonth(
+                month_start=to_timestamp(m.month_start),
+                package_paid_quantity=m.package_paid_quantity,
+                pay_per_use_quantity=m.pay_per_use_quantity,
+            )
+            for m in result.months
+        ],
     )

@@ -9,7 +9,15 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.quota.api import convert
-from services.quota.app import alerts, forecasts, packages, stats, subscriptions, usage
+from services.quota.app import (
+    alerts,
+    forecasts,
+    packages,
+    simulation,
+    stats,
+    subscriptions,
+    usage,
+)
 from services.quota.app.admission_reads import AdmissionReads
 from services.quota.app.coalescer import UsageCoalescer
 from services.quota.app.context import QuotaContext
@@ -344,6 +352,13 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def GetRateLimit(self, request, context):
         limit = await self.rate_limits.get(request.account_id, request.region, request.api)
         return convert.to_proto_rate_limit(limit)
+
+    # --- what-if (docs/design/what-if.md) ------------------------------------------------
+
+    async def SimulateUsage(self, request, context):
+        account_id = current_principal().scoped_account(request.account_id)
+        spec = convert.from_proto_simulation(request, account_id)
+        return convert.to_proto_simulation(await simulation.simulate_usage(self.ctx, spec))
 
     # --- events --------------------------------------------------------------------------
 

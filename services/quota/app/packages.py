@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.quota.adapters import history_repository as history_repo
 from services.quota.adapters import packages_repository as packages_repo
 from services.quota.app import alerts
 from services.quota.app.context import QuotaContext
@@ -17,6 +18,7 @@ from services.quota.domain.packages import (
     PackageState,
     QuotaTotals,
 )
+from services.quota.domain.simulation import ChangeKind
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
@@ -85,6 +87,7 @@ async def grant_package(
     # event; one that starts later is announced when the clock reaches it.
     record = packages_repo.PackageRecord(package, announced_state=package.state_at(now))
     await packages_repo.insert_package(uow, record)
+    await history_repo.record_change(uow, package, ChangeKind.GRANT, now)
     if package.in_force_at(now):
         await alerts.reevaluate(ctx, uow, package.account_id, package.region, [package.api], now)
     return record
@@ -202,6 +205,8 @@ async def renew_package(
     record = dataclasses.replace(
         record, expiring_announced=record.expiring_announced and new_expire == package.expire_time
     )
+    forfeit = state == PackageState.EXPIRED
+    await history_repo.record_change(uow, renewed, ChangeKind.RENEWAL, now, forfeit=forfeit)
     return await _save_change(ctx, uow, record, renewed, now)
 
 
@@ -220,6 +225,7 @@ async def revoke_package(
             state="REVOKED",
         )
     revoked = dataclasses.replace(record.package, revoke_time=now)
+    await history_repo.record_change(uow, revoked, ChangeKind.REVOCATION, now)
     return await _save_change(
         ctx, uow, dataclasses.replace(record, revoke_reason=reason), revoked, now
     )

@@ -1240,3 +1240,169 @@ class SetSpendingCapRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetSpendingCapRequest: _TypeAlias = SetSpendingCapRequest  # noqa: Y015
+
+@_typing.final
+class RecommendPackagesRequest(_message.Message):
+    """Request of RecommendPackages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    MONTHS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose usage is looked at."""
+    region: _builtins.str
+    """The catalog region."""
+    api: _builtins.str
+    """The catalog API."""
+    months: _builtins.int
+    """The window: the last 1 to 12 calendar months up to now (billing time zone); 0 means 12."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        months: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "months", b"months", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendPackagesRequest: _TypeAlias = RecommendPackagesRequest  # noqa: Y015
+
+@_typing.final
+class RecommendedOffer(_message.Message):
+    """An offer of a recommended mix."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The catalog offer."""
+    count: _builtins.int
+    """How many packages of the offer are bought at a time."""
+    purchases: _builtins.int
+    """How many times they are bought within the window: at its start, then again whenever
+    the previous ones expire before the window ends.
+    """
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        purchases: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "offer_id", b"offer_id", "purchases", b"purchases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendedOffer: _TypeAlias = RecommendedOffer  # noqa: Y015
+
+@_typing.final
+class PackageRecommendation(_message.Message):
+    """One mix of offers and what it would have cost over the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERS_FIELD_NUMBER: _builtins.int
+    EXPECTED_COST_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    FORFEITED_QUANTITY_FIELD_NUMBER: _builtins.int
+    PACKAGE_COST_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_COST_FIELD_NUMBER: _builtins.int
+    SAVING_FIELD_NUMBER: _builtins.int
+    pay_per_use_quantity: _builtins.int
+    """Calls no package would have covered."""
+    forfeited_quantity: _builtins.int
+    """Calls left in packages that would have expired within the window."""
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedOffer]:
+        """The offers bought; empty means pay-per-use only."""
+
+    @_builtins.property
+    def expected_cost(self) -> _money_pb2.Money:
+        """package_cost plus pay_per_use_cost."""
+
+    @_builtins.property
+    def package_cost(self) -> _money_pb2.Money:
+        """The offers' prices times count times purchases."""
+
+    @_builtins.property
+    def pay_per_use_cost(self) -> _money_pb2.Money:
+        """The pay-per-use calls priced at the catalog's tiers, month by month."""
+
+    @_builtins.property
+    def saving(self) -> _money_pb2.Money:
+        """actual_cost minus expected_cost: what the mix would have saved (negative: cost more)."""
+
+    def __init__(
+        self,
+        *,
+        offers: _abc.Iterable[Global___RecommendedOffer] | None = ...,
+        expected_cost: _money_pb2.Money | None = ...,
+        pay_per_use_quantity: _builtins.int = ...,
+        forfeited_quantity: _builtins.int = ...,
+        package_cost: _money_pb2.Money | None = ...,
+        pay_per_use_cost: _money_pb2.Money | None = ...,
+        saving: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected_cost", b"expected_cost", "package_cost", b"package_cost", "pay_per_use_cost", b"pay_per_use_cost", "saving", b"saving"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_cost", b"expected_cost", "forfeited_quantity", b"forfeited_quantity", "offers", b"offers", "package_cost", b"package_cost", "pay_per_use_cost", b"pay_per_use_cost", "pay_per_use_quantity", b"pay_per_use_quantity", "saving", b"saving"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackageRecommendation: _TypeAlias = PackageRecommendation  # noqa: Y015
+
+@_typing.final
+class RecommendPackagesResponse(_message.Message):
+    """Response of RecommendPackages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    ACTUAL_COST_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PackageRecommendation]:
+        """The mixes looked at, cheapest first (ties: fewer packages, then by offers)."""
+
+    @_builtins.property
+    def actual_cost(self) -> _money_pb2.Money:
+        """What the account was charged for the region and API in the window: packages bought
+        and renewed, and settled pay-per-use, less refunds.
+        """
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The window the usage was taken from: [start_time, end_time)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The window's end: now."""
+
+    def __init__(
+        self,
+        *,
+        candidates: _abc.Iterable[Global___PackageRecommendation] | None = ...,
+        actual_cost: _money_pb2.Money | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actual_cost", b"actual_cost", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_cost", b"actual_cost", "candidates", b"candidates", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendPackagesResponse: _TypeAlias = RecommendPackagesResponse  # noqa: Y015

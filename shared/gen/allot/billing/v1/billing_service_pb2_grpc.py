@@ -175,6 +175,11 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
                 _registered_method=True)
+        self.RecommendPackages = channel.unary_unary(
+                '/allot.billing.v1.BillingService/RecommendPackages',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -460,6 +465,19 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendPackages(self, request, context):
+        """Recommends packages from the account's usage of one region and API over the last
+        `months` calendar months: mixes of the catalog's offers for that region and API (and
+        pay-per-use alone), each replayed through the region's quota service (SimulateUsage) and
+        priced at the catalog's offer prices and pay-per-use tiers, cheapest first, beside what
+        the account actually paid in the window (docs/design/what-if.md). Read-only. Errors:
+        INVALID_ARGUMENT (months, UNKNOWN_REGION, UNKNOWN_API), NOT_FOUND (ACCOUNT_NOT_FOUND),
+        UNAVAILABLE (QUOTA_UNAVAILABLE: the region's quota service did not answer; retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -587,6 +605,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.SetSpendingCap,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.Account.SerializeToString,
+            ),
+            'RecommendPackages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendPackages,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1279,6 +1302,33 @@ class BillingService:
             '/allot.billing.v1.BillingService/SetSpendingCap',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.SetSpendingCapRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendPackages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/RecommendPackages',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1150,3 +1150,251 @@ class GetQuotaForecastResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQuotaForecastResponse: _TypeAlias = GetQuotaForecastResponse  # noqa: Y015
+
+@_typing.final
+class HypotheticalPackage(_message.Message):
+    """A package that SimulateUsage pretends the account had: `count` packages of a catalog offer
+    (its quantity and validity), in force from `start_time`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    ENTERPRISE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The catalog offer; sold for the request's region and API."""
+    count: _builtins.int
+    """How many such packages, 1 to 100; 0 means 1."""
+    enterprise_project_id: _builtins.str
+    """The enterprise project the packages are designated for; empty means every project."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the packages take effect; they expire after the offer's validity_months, counted
+        as a purchase is (the billing time zone's calendar, to the end of the local day).
+        """
+
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        count: _builtins.int = ...,
+        enterprise_project_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "enterprise_project_id", b"enterprise_project_id", "offer_id", b"offer_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HypotheticalPackage: _TypeAlias = HypotheticalPackage  # noqa: Y015
+
+@_typing.final
+class SimulateUsageRequest(_message.Message):
+    """Request of SimulateUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    USE_REAL_PACKAGES_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose recorded usage is replayed; account tokens default to their own."""
+    region: _builtins.str
+    """The catalog region; one this process serves."""
+    api: _builtins.str
+    """The catalog API."""
+    policy: _builtins.str
+    """The deduction policy of the replay, `standard` or `expiring_first`; empty means the
+    policy this service applies.
+    """
+    use_real_packages: _builtins.bool
+    """Whether the account's real packages take part as they were at each replayed event
+    (their grants, renewals and revocations). Unset: only when `packages` is empty, so an
+    empty request replays the real history; false with no packages is pay-per-use only.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Events that occurred at or after this instant are replayed."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Events that occurred before this instant are replayed; at most 400 days after
+        start_time.
+        """
+
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___HypotheticalPackage]:
+        """Hypothetical packages, each id'd `hypothetical-<position>-<n>` in the answer (position in
+        this list and n within its count, both from 1), at most 20 entries and 100 packages.
+        """
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        policy: _builtins.str = ...,
+        packages: _abc.Iterable[Global___HypotheticalPackage] | None = ...,
+        use_real_packages: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_use_real_packages", b"_use_real_packages", "end_time", b"end_time", "start_time", b"start_time", "use_real_packages", b"use_real_packages"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_real_packages", b"_use_real_packages", "account_id", b"account_id", "api", b"api", "end_time", b"end_time", "packages", b"packages", "policy", b"policy", "region", b"region", "start_time", b"start_time", "use_real_packages", b"use_real_packages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__use_real_packages: _TypeAlias = _typing.Literal["use_real_packages"]  # noqa: Y015
+    _WhichOneofArgType__use_real_packages: _TypeAlias = _typing.Literal["_use_real_packages", b"_use_real_packages"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_real_packages) -> _WhichOneofReturnType__use_real_packages | None: ...
+
+Global___SimulateUsageRequest: _TypeAlias = SimulateUsageRequest  # noqa: Y015
+
+@_typing.final
+class SimulatedForfeiture(_message.Message):
+    """Quantity a package of the replay forfeited when it expired within the range."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    package_id: _builtins.str
+    """The real package's id, or a hypothetical package's `hypothetical-<position>-<n>`."""
+    quantity: _builtins.int
+    """Calls left in the package when it expired."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The last covered second of the package."""
+
+    def __init__(
+        self,
+        *,
+        package_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "package_id", b"package_id", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedForfeiture: _TypeAlias = SimulatedForfeiture  # noqa: Y015
+
+@_typing.final
+class SimulatedPackageUse(_message.Message):
+    """Calls one package of the replay paid for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    USED_QUANTITY_FIELD_NUMBER: _builtins.int
+    package_id: _builtins.str
+    """The real package's id, or a hypothetical package's `hypothetical-<position>-<n>`."""
+    used_quantity: _builtins.int
+    """Calls of the replayed events this package paid for."""
+    def __init__(
+        self,
+        *,
+        package_id: _builtins.str = ...,
+        used_quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["package_id", b"package_id", "used_quantity", b"used_quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedPackageUse: _TypeAlias = SimulatedPackageUse  # noqa: Y015
+
+@_typing.final
+class SimulateUsageResponse(_message.Message):
+    """Response of SimulateUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_PAID_QUANTITY_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    FORFEITED_FIELD_NUMBER: _builtins.int
+    PER_PACKAGE_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MONTHS_FIELD_NUMBER: _builtins.int
+    package_paid_quantity: _builtins.int
+    """Billable calls of the replayed events that packages paid for."""
+    pay_per_use_quantity: _builtins.int
+    """Billable calls of the replayed events that no package covered."""
+    event_count: _builtins.int
+    """The number of events replayed (those that occurred within the range)."""
+    @_builtins.property
+    def forfeited(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedForfeiture]:
+        """Packages that expired within [start_time, end_time) with calls left, by expire_time."""
+
+    @_builtins.property
+    def per_package(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedPackageUse]:
+        """Every package of the replay that paid for a call, by package id."""
+
+    @_builtins.property
+    def months(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedMonth]:
+        """The replayed calls per calendar month of the billing time zone (ALLOT_TIMEZONE), by the
+        month their events occurred in, oldest first; months without events are left out. Billing
+        prices pay-per-use per month (its tiers restart each month).
+        """
+
+    def __init__(
+        self,
+        *,
+        package_paid_quantity: _builtins.int = ...,
+        pay_per_use_quantity: _builtins.int = ...,
+        forfeited: _abc.Iterable[Global___SimulatedForfeiture] | None = ...,
+        per_package: _abc.Iterable[Global___SimulatedPackageUse] | None = ...,
+        event_count: _builtins.int = ...,
+        months: _abc.Iterable[Global___SimulatedMonth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forfeited", b"forfeited", "months", b"months", "package_paid_quantity", b"package_paid_quantity", "pay_per_use_quantity", b"pay_per_use_quantity", "per_package", b"per_package"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateUsageResponse: _TypeAlias = SimulateUsageResponse  # noqa: Y015
+
+@_typing.final
+class SimulatedMonth(_message.Message):
+    """The replayed calls of one calendar month."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONTH_START_FIELD_NUMBER: _builtins.int
+    PACKAGE_PAID_QUANTITY_FIELD_NUMBER: _builtins.int
+    PAY_PER_USE_QUANTITY_FIELD_NUMBER: _builtins.int
+    package_paid_quantity: _builtins.int
+    """Billable calls of the month's events that packages paid for."""
+    pay_per_use_quantity: _builtins.int
+    """Billable calls of the month's events that no package covered."""
+    @_builtins.property
+    def month_start(self) -> _timestamp_pb2.Timestamp:
+        """The first instant of the month (midnight of its first day, billing time zone)."""
+
+    def __init__(
+        self,
+        *,
+        month_start: _timestamp_pb2.Timestamp | None = ...,
+        package_paid_quantity: _builtins.int = ...,
+        pay_per_use_quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["month_start", b"month_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["month_start", b"month_start", "package_paid_quantity", b"package_paid_quantity", "pay_per_use_quantity", b"pay_per_use_quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedMonth: _TypeAlias = SimulatedMonth  # noqa: Y015

@@ -160,6 +160,11 @@ class QuotaServiceStub:
                 request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.SerializeToString,
                 response_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.FromString,
                 _registered_method=True)
+        self.SimulateUsage = channel.unary_unary(
+                '/allot.quota.v1.QuotaService/SimulateUsage',
+                request_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageRequest.SerializeToString,
+                response_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -374,6 +379,20 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimulateUsage(self, request, context):
+        """What-if replay (read-only): replays the account's recorded usage events of a region and
+        API that occurred within [start_time, end_time), in the order they were recorded, through
+        the deduction engine, against the account's real packages, hypothetical packages built
+        from catalog offers, or both, under either deduction policy; nothing is written
+        (docs/design/what-if.md). Errors: INVALID_ARGUMENT (a field: the range, more than 400
+        days, policy, packages[].offer_id unknown or not sold for the region and API,
+        packages[].start_time, packages[].count; start_time when the replay would read more than
+        1,000,000 events; UNKNOWN_REGION, UNKNOWN_API), FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -491,6 +510,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetQuotaForecast,
                     request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.FromString,
                     response_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.SerializeToString,
+            ),
+            'SimulateUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimulateUsage,
+                    request_deserializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageRequest.FromString,
+                    response_serializer=allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1123,6 +1147,33 @@ class QuotaService:
             '/allot.quota.v1.QuotaService/GetQuotaForecast',
             allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastRequest.SerializeToString,
             allot_dot_quota_dot_v1_dot_quota__service__pb2.GetQuotaForecastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimulateUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.quota.v1.QuotaService/SimulateUsage',
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageRequest.SerializeToString,
+            allot_dot_quota_dot_v1_dot_quota__service__pb2.SimulateUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
