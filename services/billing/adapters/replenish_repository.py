@@ -29,6 +29,7 @@ def _to_setting(row) -> AutoReplenish:
         alert_id=row.alert_id,
         last_failure_reason=row.last_failure_reason,
         rearm_time=None if row.rearm_time_us is None else from_epoch_us(row.rearm_time_us),
+        rearm_request_id=row.rearm_request_id,
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
     )
@@ -58,6 +59,7 @@ async def put(uow: UnitOfWork, setting: AutoReplenish) -> None:
         "alert_id": setting.alert_id,
         "last_failure_reason": setting.last_failure_reason,
         "rearm_time_us": None if setting.rearm_time is None else to_epoch_us(setting.rearm_time),
+        "rearm_request_id": setting.rearm_request_id,
         "update_time_us": to_epoch_us(setting.update_time),
     }
     key = _key(setting.account_id, setting.region, setting.api)

@@ -192,6 +192,8 @@ auto_replenish = Table(
     Column("last_failure_reason", String(500), nullable=False, server_default=""),
     # Set once the month's limit was reached: when the rule is re-armed (next month's start).
     Column("rearm_time_us", BigInteger, nullable=True),
+    # The request id quota is asked with for that re-arm (a retry never re-arms twice).
+    Column("rearm_request_id", String(64), nullable=False, server_default=""),
     Column("create_time_us", BigInteger, nullable=False),
     Column("update_time_us", BigInteger, nullable=False),
     Index("ix_auto_replenish_rearm", "rearm_time_us"),

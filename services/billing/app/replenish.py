@@ -44,7 +44,7 @@ from services.billing.domain.replenish import (
 from shared.auth import check_scope, current_principal
 from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.timeutil import to_epoch_us
+from shared.ids import new_id
 from shared.validation import check_account_id
 
 log = logging.getLogger("allot.billing.replenish")
@@ -174,6 +174,7 @@ async def _record(
         last_failure_reason="",
         # The rule is switched on (and so evaluated) once this row is committed.
         rearm_time=now if spec.enabled else None,
+        rearm_request_id=new_id("replenish-rearm") if spec.enabled else "",
         create_time=old.create_time if old is not None else now,
         update_time=now,
     )
@@ -209,12 +210,6 @@ async def get_auto_replenish(
 # --- the rule in quota -----------------------------------------------------------------------
 
 
-def _sync_request_id(setting: AutoReplenish) -> str:
-    """One id per re-arm: a retry is answered from quota's idempotency, never re-arms again."""
-    assert setting.rearm_time is not None
-    return f"replenish-rearm-{setting.alert_id}-{to_epoch_us(setting.rearm_time)}"
-
-
 async def sync(ctx: BillingContext, setting: AutoReplenish) -> bool:
     """Tell quota the rule's threshold and switch (re-arming it: quota evaluates it at once)
     when the row asks for it; True once quota took it and the row no longer asks."""
@@ -222,7 +217,9 @@ async def sync(ctx: BillingContext, setting: AutoReplenish) -> bool:
         return False
     try:
         await ctx.quota.update_usage_alert(
-            _sync_request_id(setting),
+            # One id per re-arm: a retry is answered from quota's idempotency, never re-arms
+            # a second time.
+            setting.rearm_request_id,
             setting.region,
             setting.alert_id,
             setting.api,
@@ -239,12 +236,13 @@ async def sync(ctx: BillingContext, setting: AutoReplenish) -> bool:
 
     async def done(uow: UnitOfWork) -> None:
         current = await repo.get(uow, *_scope(setting), for_update=True)
-        if current is None or current.rearm_time != setting.rearm_time:
+        if current is None or current.rearm_request_id != setting.rearm_request_id:
             return  # changed meanwhile: its own sync follows
         reason = failure if failure is not None else current.last_failure_reason
-        await repo.put(
-            uow, dataclasses.replace(current, rearm_time=None, last_failure_reason=reason)
+        done = dataclasses.replace(
+            current, rearm_time=None, rearm_request_id="", last_failure_reason=reason
         )
+        await repo.put(uow, done)
 
     await ctx.db.transaction(done)
     return True
@@ -322,6 +320,9 @@ async def _failed(
             setting,
             last_failure_reason=reason,
             rearm_time=rearm if rearm is not None else setting.rearm_time,
+            rearm_request_id=new_id("replenish-rearm")
+            if rearm is not None
+            else setting.rearm_request_id,
         ),
     )
     ctx.events.auto_replenish_failed(uow, setting, crossing, reason, count, now)

@@ -30,8 +30,10 @@ OFFER_GONE = "UNKNOWN_OFFER"
 @dataclass(frozen=True)
 class AutoReplenish:
     """The setting of one account, region and API. ``alert_id`` is quota's usage alert rule
-    billing keeps for it; ``rearm_time`` the start of the next month once this month's limit
-    was reached (the rule is re-armed then), else None."""
+    billing keeps for it. ``rearm_time`` is when the rule is to be switched on and re-armed in
+    quota (at once after SetAutoReplenish; the next month's start once this month's limit was
+    reached), None when nothing is to be done; ``rearm_request_id`` the request id quota is
+    asked with for it, unique per re-arm."""
 
     account_id: str
     region: str
@@ -45,6 +47,7 @@ class AutoReplenish:
     rearm_time: datetime | None
     create_time: datetime
     update_time: datetime
+    rearm_request_id: str = ""
 
 
 @dataclass(frozen=True)

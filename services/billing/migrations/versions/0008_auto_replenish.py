@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("alert_id", sa.String(length=64), nullable=False),
         sa.Column("last_failure_reason", sa.String(length=500), nullable=False, server_default=""),
         sa.Column("rearm_time_us", sa.BigInteger(), nullable=True),
+        sa.Column("rearm_request_id", sa.String(length=64), nullable=False, server_default=""),
         sa.Column("create_time_us", sa.BigInteger(), nullable=False),
         sa.Column("update_time_us", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("account_id", "region", "api"),
