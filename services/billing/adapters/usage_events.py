@@ -45,4 +45,7 @@ def crossing(event: quota_pb2.QuotaEvent) -> Crossing | None:
         region=crossed.region,
         api=crossed.api,
         remaining_quantity=crossed.remaining_quantity,
+        time=from_timestamp(event.create_time, "create_time")
+        if event.HasField("create_time")
+        else None,
     )

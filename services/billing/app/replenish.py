@@ -269,13 +269,15 @@ async def take_crossing(ctx: BillingContext, uow: UnitOfWork, crossing: Crossing
     if await repo.crossing_seen(uow, crossing.event_id):
         return None
     now = ctx.now()
-    month = month_of(now, ctx.tz)
+    # The month of the crossing (quota's instant), not of whichever replica takes it when.
+    crossed = crossing.time or now
+    month = month_of(crossed, ctx.tz)
     count = await repo.month_purchases(uow, *_scope(setting), month)
     outcome = decide(setting, crossing, count)
     if outcome == Outcome.IGNORE:
         return None
     if outcome == Outcome.LIMIT_REACHED:
-        rearm = next_month_start(now, ctx.tz)
+        rearm = next_month_start(crossed, ctx.tz)
         await _failed(ctx, uow, setting, crossing, month, count, LIMIT_REACHED, rearm)
         return None
     if setting.offer_id not in ctx.catalog.offers:

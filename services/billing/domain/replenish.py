@@ -52,7 +52,9 @@ class AutoReplenish:
 
 @dataclass(frozen=True)
 class Crossing:
-    """Quota's ``threshold_crossed`` event as auto-replenish reads it."""
+    """Quota's ``threshold_crossed`` event as auto-replenish reads it. ``time`` is when quota
+    announced it: the crossing counts towards that month (billing time zone), whenever billing
+    takes it."""
 
     event_id: str
     alert_id: str
@@ -60,6 +62,7 @@ class Crossing:
     region: str
     api: str
     remaining_quantity: int
+    time: datetime | None = None
 
 
 class Outcome(enum.Enum):
