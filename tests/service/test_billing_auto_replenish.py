@@ -372,3 +372,30 @@ async def test_account_tokens_see_and_set_only_their_own(suite):
     )
     (rule,) = rules.usage_alerts
     assert (rule.alert_id, rule.remaining_quantity, rule.enabled) == (first.alert_id, 50, True)
+
+
+async def test_a_rule_deleted_in_quota_is_replaced_by_the_next_set(suite):
+    await suite.account("10.00")
+    await buy_first_package(suite)
+    first = await suite.set_replenish()
+    own = suite.quota.tokens.md(suite.quota.tokens.account(ACCOUNT))
+    await suite.quota.stub.DeleteUsageAlert(
+        quota_service_pb2.DeleteUsageAlertRequest(alert_id=first.alert_id), metadata=own
+    )
+
+    # The reply is the setting as written; the rule is found gone (and replaced) right after.
+    await suite.set_replenish("set-2", below_quantity=30)
+    again = await suite.get_replenish()
+    assert again.alert_id and again.alert_id != first.alert_id
+    assert (again.below_quantity, again.last_failure_reason) == (30, "")
+    rules = await suite.quota.stub.ListUsageAlerts(
+        quota_service_pb2.ListUsageAlertsRequest(account_id=ACCOUNT), metadata=suite.quota.admin
+    )
+    (rule,) = rules.usage_alerts
+    assert (rule.alert_id, rule.remaining_quantity, rule.enabled) == (again.alert_id, 30, True)
+
+    await suite.quota.report("down", ACCOUNT, 70)
+    await suite.caught_up()
+    (order,) = await suite.auto_orders()
+    assert order.state == FULFILLED
+    assert await suite.remaining() == (200, 130)

@@ -4,11 +4,12 @@ quota's crossings of its rule, and re-arm the rule when a month's limit has pass
 A setting is kept in two places: billing's row (``auto_replenish``) and a usage alert rule in
 the region's quota service (remaining <= ``below_quantity``, for the setting's API) whose
 ``threshold_crossed`` events billing follows on the stream it already reads for pay-per-use
-(``services/billing/pay_per_use.py``). SetAutoReplenish writes the rule switched off first, then
-billing's row (with the rule's id), then switches the rule on (``sync``): quota evaluates it at
-once, and a crossing it announces finds billing's row already there. A sync quota did not take
-is due work (``rearm_due``): the row keeps ``rearm_time`` until quota took it. The same due
-work re-arms the rule at the start of the month after the month's limit was reached.
+(``services/billing/pay_per_use.py``). SetAutoReplenish creates the rule switched off when the
+setting has none, writes billing's row (with the rule's id), then tells quota the threshold and
+switch (``sync``): quota evaluates the rule at once, and a crossing it announces finds billing's
+row already there. A sync quota did not take is due work (``rearm_due``): the row keeps
+``rearm_time`` until quota took it. The same due work re-arms the rule at the start of the
+month after the month's limit was reached.
 
 Every quota command carries a request id derived from what it does, so a retried sync never
 re-arms twice (a second re-arm at or below the threshold would be a second crossing).
@@ -122,26 +123,15 @@ def check_input(ctx: BillingContext, spec: ReplenishInput) -> None:
 async def set_auto_replenish(
     ctx: BillingContext, request_id: str, spec: ReplenishInput, keep: Keep[T]
 ) -> T:
-    """SetAutoReplenish: the rule in quota (switched off), billing's row, then the rule on."""
+    """SetAutoReplenish: a rule in quota (created switched off) when the setting has none yet,
+    billing's row, then the rule's threshold and switch (``sync``)."""
     check_input(ctx, spec)
     await ctx.db.read(lambda uow: accounts.load_account(uow, spec.account_id))
-    old = await ctx.db.read(lambda uow: repo.get(uow, spec.account_id, spec.region, spec.api))
     scope = (spec.account_id, spec.region, spec.api)
-    alert_id = ""
+    old = await ctx.db.read(lambda uow: repo.get(uow, *scope))
     if old is not None and old.alert_id:
-        try:
-            alert_id = await ctx.quota.update_usage_alert(
-                quota_request_id("replenish-off", request_id, *scope),
-                spec.region,
-                old.alert_id,
-                spec.api,
-                spec.below_quantity,
-                False,
-            )
-        except QuotaRefused as refused:
-            if refused.reason != "USAGE_ALERT_NOT_FOUND":  # deleted in quota: a new one
-                raise
-    if not alert_id:
+        alert_id = old.alert_id  # quota is told the new values by the sync below
+    else:
         alert_id = await ctx.quota.create_usage_alert(
             quota_request_id("replenish-rule", request_id, *scope),
             spec.account_id,
@@ -152,8 +142,10 @@ async def set_auto_replenish(
         )
     reply = await keep(lambda uow: _record(ctx, uow, spec, alert_id))
     stored = await ctx.db.read(lambda uow: repo.get(uow, *scope))
-    if stored is not None:
-        await sync(ctx, stored)  # on failure the due work tries again
+    for _ in range(2):  # a second time after replacing a rule deleted in quota
+        if stored is None or not await sync(ctx, stored):
+            break  # on failure the due work tries again
+        stored = await ctx.db.read(lambda uow: repo.get(uow, *scope))
     return reply
 
 
@@ -172,9 +164,10 @@ async def _record(
         enabled=spec.enabled,
         alert_id=alert_id,
         last_failure_reason="",
-        # The rule is switched on (and so evaluated) once this row is committed.
-        rearm_time=now if spec.enabled else None,
-        rearm_request_id=new_id("replenish-rearm") if spec.enabled else "",
+        # Quota is told the threshold and the switch (and re-arms the rule) once this row is
+        # committed: a crossing it announces then finds the row.
+        rearm_time=now,
+        rearm_request_id=new_id("replenish-rearm"),
         create_time=old.create_time if old is not None else now,
         update_time=now,
     )
@@ -212,7 +205,9 @@ async def get_auto_replenish(
 
 async def sync(ctx: BillingContext, setting: AutoReplenish) -> bool:
     """Tell quota the rule's threshold and switch (re-arming it: quota evaluates it at once)
-    when the row asks for it; True once quota took it and the row no longer asks."""
+    when the row asks for it; True once the row changed: quota took it (the row no longer
+    asks), or the rule was gone in quota and a new one, switched off, took its place (the row
+    asks again, with a new request id)."""
     if setting.rearm_time is None:
         return False
     try:
@@ -226,26 +221,60 @@ async def sync(ctx: BillingContext, setting: AutoReplenish) -> bool:
             setting.below_quantity,
             setting.enabled,
         )
-        failure = None
     except QuotaUnavailable as exc:
         log.info("auto-replenish rule %s not re-armed yet: %s", setting.alert_id, exc)
         return False
-    except QuotaRefused as refused:  # the rule was deleted in quota: SetAutoReplenish again
-        log.warning("auto-replenish rule %s refused: %s", setting.alert_id, refused.reason)
-        failure = refused.reason
+    except QuotaRefused as refused:
+        if refused.reason != "USAGE_ALERT_NOT_FOUND":
+            log.error("auto-replenish rule %s refused: %s", setting.alert_id, refused)
+            return await _settled(ctx, setting, refused.reason)
+        return await _replace_rule(ctx, setting)
+    return await _settled(ctx, setting, None)
 
-    async def done(uow: UnitOfWork) -> None:
+
+async def _settled(ctx: BillingContext, setting: AutoReplenish, failure: str | None) -> bool:
+    async def work(uow: UnitOfWork) -> bool:
         current = await repo.get(uow, *_scope(setting), for_update=True)
         if current is None or current.rearm_request_id != setting.rearm_request_id:
-            return  # changed meanwhile: its own sync follows
+            return False  # changed meanwhile: its own sync follows
         reason = failure if failure is not None else current.last_failure_reason
         done = dataclasses.replace(
             current, rearm_time=None, rearm_request_id="", last_failure_reason=reason
         )
         await repo.put(uow, done)
+        return True
 
-    await ctx.db.transaction(done)
-    return True
+    return await ctx.db.transaction(work)
+
+
+async def _replace_rule(ctx: BillingContext, setting: AutoReplenish) -> bool:
+    """The setting's rule was deleted in quota (a customer may delete any rule of its
+    account): create another, switched off, and ask for a sync of it."""
+    log.warning("auto-replenish rule %s is gone in quota: a new one", setting.alert_id)
+    try:
+        alert_id = await ctx.quota.create_usage_alert(
+            f"{setting.rearm_request_id}-rule",
+            setting.account_id,
+            setting.region,
+            setting.api,
+            setting.below_quantity,
+            False,
+        )
+    except (QuotaUnavailable, QuotaRefused) as exc:
+        log.info("auto-replenish rule of %s not replaced yet: %s", _scope(setting), exc)
+        return False
+
+    async def work(uow: UnitOfWork) -> bool:
+        current = await repo.get(uow, *_scope(setting), for_update=True)
+        if current is None or current.rearm_request_id != setting.rearm_request_id:
+            return False
+        again = dataclasses.replace(
+            current, alert_id=alert_id, rearm_request_id=new_id("replenish-rearm")
+        )
+        await repo.put(uow, again)
+        return True
+
+    return await ctx.db.transaction(work)
 
 
 async def rearm_due(ctx: BillingContext, now: datetime) -> int:
