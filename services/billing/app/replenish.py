@@ -345,16 +345,13 @@ async def _failed(
 ) -> None:
     now = ctx.now()
     await repo.record_crossing(uow, crossing.event_id, setting, month, "", reason, now)
-    await repo.put(
-        uow,
-        dataclasses.replace(
-            setting,
-            last_failure_reason=reason,
-            rearm_time=rearm if rearm is not None else setting.rearm_time,
-            rearm_request_id=new_id("replenish-rearm")
-            if rearm is not None
-            else setting.rearm_request_id,
-        ),
-    )
+    failed = dataclasses.replace(setting, last_failure_reason=reason)
+    # A re-arm at `rearm` unless an earlier sync is pending already (it comes first; a crossing
+    # it brings over the limit schedules this one again).
+    if rearm is not None and (setting.rearm_time is None or setting.rearm_time > rearm):
+        failed = dataclasses.replace(
+            failed, rearm_time=rearm, rearm_request_id=new_id("replenish-rearm")
+        )
+    await repo.put(uow, failed)
     ctx.events.auto_replenish_failed(uow, setting, crossing, reason, count, now)
     log.info("auto-replenish of %s bought nothing (%s)", _scope(setting), reason)
