@@ -40,6 +40,7 @@ from tests.support.notification import (
 from tests.support.notification import until as read_until
 from tests.support.quota import QuotaCalls, last_event_sequence, running_quota
 from tests.support.quota import quota_settings as quota_settings_for
+from tests.support.receivers import closed_port
 
 REQ = billing_service_pb2
 CATALOG = (
@@ -399,3 +400,22 @@ async def test_a_rule_deleted_in_quota_is_replaced_by_the_next_set(suite):
     (order,) = await suite.auto_orders()
     assert order.state == FULFILLED
     assert await suite.remaining() == (200, 130)
+
+
+async def test_quota_away_sets_nothing(tmp_path):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    settings = billing_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+        tmp_path,
+        f"127.0.0.1:{closed_port()}",
+        START,
+        catalog=str(catalog),
+    )
+    async with running_billing(settings) as handle:
+        suite = Suite(quota=None, replicas=[handle])  # type: ignore[arg-type]
+        await suite.account("10.00")
+        await expect_error(suite.set_replenish(), grpc.StatusCode.UNAVAILABLE, "QUOTA_UNAVAILABLE")
+        await expect_error(
+            suite.get_replenish(), grpc.StatusCode.NOT_FOUND, "AUTO_REPLENISH_NOT_FOUND"
+        )
