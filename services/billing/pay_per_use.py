@@ -2,6 +2,8 @@
 `WatchEvents` (its `pay_per_use_recorded` events, read by `adapters/usage_events.py` and taken
 by `app/usage.py`), the hourly settlement as due work, and a nudge that settles at once a cycle
 whose usage arrives after it ended (services/billing/README.md; docs/faults.md, "Streams").
+The same consumer takes quota's `threshold_crossed` events for auto-replenish
+(`app/replenish.py`, docs/design/auto-replenish.md): one subscription per quota deployment.
 
 This is composition-root wiring beside `service.py`: the only part of pay-per-use that knows
 gRPC, the stream and the process's tasks.
@@ -10,14 +12,20 @@ gRPC, the stream and the process's tasks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import datetime, timedelta
 
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from services.billing.adapters import tables
-from services.billing.adapters.usage_events import PAY_PER_USE_RECORDED, recorded_usage
-from services.billing.app import usage
+from services.billing.adapters.usage_events import (
+    PAY_PER_USE_RECORDED,
+    THRESHOLD_CROSSED,
+    crossing,
+    recorded_usage,
+)
+from services.billing.app import fulfilment, replenish, usage
 from services.billing.app.context import BillingContext
 from services.billing.app.settlement import settle_due
 from shared.clock import KickedWork, ManualClock
@@ -26,6 +34,8 @@ from shared.server import Runtime
 from shared.streams.consumer import StreamConsumer
 from shared.streams.subscriptions import Subscriptions
 from shared.timeutil import from_timestamp
+
+log = logging.getLogger("allot.billing.pay_per_use")
 
 
 class PayPerUse:
@@ -40,6 +50,7 @@ class PayPerUse:
             runtime, "billing", (tables.consumer_cursors, tables.consumer_leases)
         )
         self._tasks: list[asyncio.Task] = []
+        self._fulfilling: set[asyncio.Task] = set()
         self._settlement = KickedWork(runtime.clock, self._settle_round, "settling usage")
         self._stopped = False
         # The intake as the settlement sees it: when an event was last applied (monotonic
@@ -84,13 +95,19 @@ class PayPerUse:
                 addr,
                 quota_service_pb2_grpc.QuotaServiceStub,
                 quota_service_pb2.WatchEventsRequest,
-                [PAY_PER_USE_RECORDED],
+                [PAY_PER_USE_RECORDED, THRESHOLD_CROSSED],
                 self._take,
             )
         self.subscriptions.start()
         self._tasks.append(asyncio.create_task(self._settlement.loop(), name="settle-late"))
 
     async def _take(self, uow: UnitOfWork, event: quota_pb2.QuotaEvent) -> None:
+        crossed = crossing(event)
+        if crossed is not None:
+            order_id = await replenish.take_crossing(self.ctx, uow, crossed)
+            if order_id is not None:
+                uow.after_commit(lambda: self._fulfil_soon(order_id))
+            return
         self._last_intake = time.monotonic()
         if event.HasField("create_time"):
             self._intake_lag = self.ctx.now() - from_timestamp(event.create_time, "create_time")
@@ -101,6 +118,19 @@ class PayPerUse:
         if end is not None and end <= self.ctx.now():
             uow.after_commit(self.kick)  # its cycle is over already: settle it now
 
+    def _fulfil_soon(self, order_id: str) -> None:
+        """Ask quota for an auto-replenish order's package now, not at the next round of
+        pending orders (which still takes it should this fail)."""
+        task = asyncio.create_task(self._fulfil(order_id), name=f"fulfil {order_id}")
+        self._fulfilling.add(task)
+        task.add_done_callback(self._fulfilling.discard)
+
+    async def _fulfil(self, order_id: str) -> None:
+        try:
+            await fulfilment.fulfil(self.ctx, order_id)
+        except Exception:  # the pending-orders round offers it again
+            log.exception("fulfilling auto-replenish order %s failed", order_id)
+
     def quiesce(self) -> None:
         self.subscriptions.quiesce()
 
@@ -109,6 +139,7 @@ class PayPerUse:
             return
         self._stopped = True
         await self.subscriptions.stop()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._fulfilling]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

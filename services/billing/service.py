@@ -15,7 +15,7 @@ from services.billing.adapters.metrics import BillingMetrics
 from services.billing.adapters.notification_client import NotificationClient
 from services.billing.adapters.quota_client import QuotaClient
 from services.billing.api.servicer import BillingServicer
-from services.billing.app import accounts, fulfilment, renewals, standing
+from services.billing.app import accounts, fulfilment, renewals, replenish, standing
 from services.billing.app.context import BillingContext
 from services.billing.pay_per_use import PayPerUse
 from shared.auth import ADMIN, OWNERS, READERS, Policy, policy
@@ -68,6 +68,8 @@ POLICIES: dict[str, Policy] = {
         *READERS, account="account_id", regions=("region",), master_reads=True
     ),
     _rpc("WatchEvents"): policy(ADMIN, internal=("quota", "notification")),
+    _rpc("SetAutoReplenish"): policy(*OWNERS, account="account_id", regions=("region",)),
+    _rpc("GetAutoReplenish"): policy(*READERS, account="account_id", regions=("region",)),
 }
 
 
@@ -127,6 +129,10 @@ class BillingService:
         # Auto-renewal after the arrears clock: an attempt sees the standing of its instant.
         self.runtime.scheduler.register(
             "billing.renewals", lambda now: renewals.renew_due(self.context, now)
+        )
+        # Auto-replenish rules to switch on or re-arm (a new month after the month's limit).
+        self.runtime.scheduler.register(
+            "billing.replenish", lambda now: replenish.rearm_due(self.context, now)
         )
 
     async def _fulfil_pending(self) -> None:

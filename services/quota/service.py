@@ -41,7 +41,9 @@ def _rpc(method: str) -> str:
 # Who may call what (docs/security.md; the table is complete: a method missing here is refused).
 # Gateways report usage and ask for admission, in the regions of their token; billing
 # (`internal`) grants, renews, revokes, reads packages and enables APIs, and lists packages and
-# usage alerts for its account overview, and explains usage events (its ExplainBillLine);
+# usage alerts for its account overview, creates and updates the usage alert rule of each
+# auto-replenish setting (docs/design/auto-replenish.md), and explains usage events (its
+# ExplainBillLine);
 # billing and notification read the event stream;
 # account principals read their own account (and its rate limits), and `account_full` manages
 # its own usage alerts. An enterprise master's tokens may also read its members' packages,
@@ -72,13 +74,16 @@ POLICIES: dict[str, Policy] = {
         *READERS, account="account_id", regions=("region",), master_reads=True
     ),
     _rpc("CreateUsageAlert"): policy(
-        *OWNERS, account="usage_alert.account_id", regions=("usage_alert.region",)
+        *OWNERS,
+        internal=BILLING,
+        account="usage_alert.account_id",
+        regions=("usage_alert.region",),
     ),
     _rpc("GetUsageAlert"): policy(*READERS),
     _rpc("ListUsageAlerts"): policy(
         *READERS, internal=BILLING, account="account_id", regions=("region",)
     ),
-    _rpc("UpdateUsageAlert"): policy(*OWNERS, account="usage_alert.account_id"),
+    _rpc("UpdateUsageAlert"): policy(*OWNERS, internal=BILLING, account="usage_alert.account_id"),
     _rpc("DeleteUsageAlert"): policy(*OWNERS),
     _rpc("SetRateLimit"): policy(ADMIN, regions=("region",)),
     _rpc("GetRateLimit"): policy(*READERS, account="account_id", regions=("region",)),

@@ -48,7 +48,13 @@ from tests.support.databases import (
     create_postgres_database,
     drop_postgres_database,
 )
-from tests.support.notification import EMAIL, contact, notification_settings, running_notification
+from tests.support.notification import (
+    EMAIL,
+    contact,
+    notification_settings,
+    running_notification,
+    until,
+)
 from tests.support.quota import QuotaCalls, last_event_sequence, quota_settings, running_quota
 from tests.support.receivers import closed_port
 from tests.support.servers import Tokens
@@ -80,6 +86,7 @@ PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 EXISTS = grpc.StatusCode.ALREADY_EXISTS
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ABORTED = grpc.StatusCode.ABORTED
+AUTO_REPLENISH = billing_pb2.ORDER_KIND_AUTO_REPLENISH
 
 
 # --- the contract ------------------------------------------------------------------------
@@ -665,6 +672,58 @@ async def billing_package_expired(stage: Stage) -> None:
     assert [e.auto_renew_failed.reason for e in failed] == ["PACKAGE_EXPIRED"], failed
 
 
+def set_auto_replenish(billing: BillingCalls, request_id: str, **fields):
+    values = {
+        "account_id": "acct-1",
+        "region": REGION,
+        "api": API,
+        "offer_id": OFFER,
+        "below_quantity": 20,
+        "max_per_month": 1,
+        "enabled": True,
+        **fields,
+    }
+    return billing_rpc(billing, "SetAutoReplenish", request_id=request_id, **values)
+
+
+async def billing_offer_not_for_api(stage: Stage) -> None:
+    billing, _, _ = await billing_with_quota(stage)
+    await funded(billing, "acct-1", "10")
+    await expect_error(
+        set_auto_replenish(billing, "set-1", api="general-text"), INVALID, "OFFER_NOT_FOR_API"
+    )
+
+
+async def billing_auto_replenish_limit_reached(stage: Stage) -> None:
+    """A crossing of an auto-replenish threshold after the month's purchases were made buys
+    nothing: the auto_replenish_failed event's reason, not a status."""
+    billing, quota, _ = await billing_with_quota(stage)
+    await funded(billing, "acct-1", "10")
+    await purchase(billing, "acct-1")  # 100 calls
+    await set_auto_replenish(billing, "set-1")
+    await quota.report("e-1", "acct-1", 80)  # 20 left: the one purchase of the month
+
+    async def auto_orders():
+        return [o for o in await billing.orders("acct-1") if o.kind == AUTO_REPLENISH]
+
+    await until(auto_orders, lambda found: len(found) == 1, WITHIN, "the first purchase")
+    await until(quota_remaining(quota), lambda left: left == 120, WITHIN, "the package granted")
+    await quota.report("e-2", "acct-1", 100)  # 20 left again: over the limit of 1
+    failed = await until(
+        lambda: billing.events(types=("auto_replenish_failed",)), bool, WITHIN, "the failure"
+    )
+    assert [e.auto_replenish_failed.reason for e in failed] == ["AUTO_REPLENISH_LIMIT_REACHED"]
+    assert len(await auto_orders()) == 1
+
+
+def quota_remaining(quota: QuotaCalls):
+    async def read() -> int:
+        (item,) = (await quota.summary("acct-1", region=REGION, api=API)).items
+        return item.remaining_quantity
+
+    return read
+
+
 # --- the tables ----------------------------------------------------------------------------
 
 # Every (service, reason) the protos' comments name.
@@ -708,6 +767,16 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
         "ListOffers", INVALID, "UNKNOWN_API", api="no-such-api"
     ),
     ("billing", "UNKNOWN_OFFER"): billing_unknown_offer,
+    ("billing", "OFFER_NOT_FOR_API"): billing_offer_not_for_api,
+    ("billing", "AUTO_REPLENISH_NOT_FOUND"): billing_refuses(
+        "GetAutoReplenish",
+        NOT_FOUND,
+        "AUTO_REPLENISH_NOT_FOUND",
+        account_id="acct-1",
+        region=REGION,
+        api=API,
+    ),
+    ("billing", "AUTO_REPLENISH_LIMIT_REACHED"): billing_auto_replenish_limit_reached,
     ("billing", "UNKNOWN_REGION"): billing_refuses(
         "ListOffers", INVALID, "UNKNOWN_REGION", region="nowhere-1"
     ),

@@ -652,6 +652,27 @@ async def _get_auto_renew(s, target):
     return billing_service_pb2.GetAutoRenewRequest(package_id=s.sold[target])
 
 
+@factory(BL("SetAutoReplenish"))
+async def _set_auto_replenish(s, target):
+    account, region = TARGETS[target]
+    return billing_service_pb2.SetAutoReplenishRequest(
+        request_id=s.unique("replenish"),
+        account_id=account,
+        region=region,
+        api=API,
+        offer_id=OFFER,
+        below_quantity=10,
+        max_per_month=1,
+        enabled=True,
+    )
+
+
+@factory(BL("GetAutoReplenish"))
+async def _get_auto_replenish(s, target):
+    account, region = TARGETS[target]
+    return billing_service_pb2.GetAutoReplenishRequest(account_id=account, region=region, api=API)
+
+
 @factory(BL("CancelOrder"))
 async def _cancel(s, target):
     return billing_service_pb2.CancelOrderRequest(
@@ -971,6 +992,7 @@ REPLAYED = [
     BL("RenewPackage"),
     BL("RenewPackages"),
     BL("SetAutoRenew"),
+    BL("SetAutoReplenish"),
     BL("SubscribeApi"),
     N("CreateContact"),
     N("UpdateContact"),

@@ -132,3 +132,33 @@ class BillingEvents:
         self.outbox.add(
             uow, "auto_renew_failed", payload, now, account_id=sold.account_id, region=sold.region
         )
+
+    def auto_replenish_failed(
+        self,
+        uow: UnitOfWork,
+        setting,
+        crossing,
+        reason: str,
+        month_purchases: int,
+        now: datetime,
+    ) -> None:
+        """``setting``: domain.replenish.AutoReplenish; ``crossing``: its Crossing."""
+        payload = billing_pb2.AutoReplenishFailed(
+            account_id=setting.account_id,
+            region=setting.region,
+            api=setting.api,
+            offer_id=setting.offer_id,
+            reason=reason,
+            crossing_event_id=crossing.event_id,
+            remaining_quantity=crossing.remaining_quantity,
+            month_purchases=month_purchases,
+            max_per_month=setting.max_per_month,
+        )
+        self.outbox.add(
+            uow,
+            "auto_replenish_failed",
+            payload,
+            now,
+            account_id=setting.account_id,
+            region=setting.region,
+        )

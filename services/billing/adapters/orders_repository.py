@@ -12,7 +12,14 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from services.billing.adapters import tables as t
-from services.billing.domain.orders import NewOrder, Order, OrderKind, OrderPackage, OrderState
+from services.billing.domain.orders import (
+    PURCHASE_KINDS,
+    NewOrder,
+    Order,
+    OrderKind,
+    OrderPackage,
+    OrderState,
+)
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
 
@@ -160,7 +167,7 @@ async def earlier_pending_renewals(uow: UnitOfWork, package_id: str, before: dat
         .join(t.orders, _o.order_id == _p.order_id)
         .where(
             _p.package_id == package_id,
-            _o.kind != int(OrderKind.PURCHASE),
+            _o.kind.not_in([int(k) for k in PURCHASE_KINDS]),
             _o.state == int(OrderState.PENDING),
             _p.expire_time_us < to_epoch_us(before),
         )
@@ -187,7 +194,7 @@ async def has_live_renewal(uow: UnitOfWork, package_ids: tuple[str, ...]) -> boo
         .join(t.orders, _o.order_id == _p.order_id)
         .where(
             _p.package_id.in_(package_ids),
-            _o.kind != int(OrderKind.PURCHASE),
+            _o.kind.not_in([int(k) for k in PURCHASE_KINDS]),
             _o.state.in_([int(OrderState.PENDING), int(OrderState.FULFILLED)]),
         )
         .limit(1)

@@ -15,6 +15,7 @@ from datetime import datetime
 
 import grpc
 from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
+from google.protobuf import field_mask_pb2
 
 from services.billing.domain.line_explanations import Explained, NearMissSeen
 from services.billing.domain.overview import AlertSeen, PackageSeen
@@ -198,6 +199,45 @@ class QuotaClient:
                 request_id=request_id, account_id=account_id, region=region, api=api
             ),
         )
+
+    async def create_usage_alert(
+        self, request_id: str, account_id: str, region: str, api: str, below: int, enabled: bool
+    ) -> str:
+        """Create the usage alert rule of an auto-replenish setting; its alert id."""
+        rule = await self._call(
+            region,
+            "CreateUsageAlert",
+            quota_service_pb2.CreateUsageAlertRequest(
+                request_id=request_id,
+                usage_alert=quota_pb2.UsageAlert(
+                    account_id=account_id,
+                    region=region,
+                    api=api,
+                    remaining_quantity=below,
+                    enabled=enabled,
+                ),
+            ),
+        )
+        return rule.alert_id
+
+    async def update_usage_alert(
+        self, request_id: str, region: str, alert_id: str, api: str, below: int, enabled: bool
+    ) -> str:
+        """Set the rule's API, threshold and switch; quota re-arms and evaluates it at once."""
+        rule = await self._call(
+            region,
+            "UpdateUsageAlert",
+            quota_service_pb2.UpdateUsageAlertRequest(
+                request_id=request_id,
+                usage_alert=quota_pb2.UsageAlert(
+                    alert_id=alert_id, api=api, remaining_quantity=below, enabled=enabled
+                ),
+                update_mask=field_mask_pb2.FieldMask(
+                    paths=["api", "remaining_quantity", "enabled"]
+                ),
+            ),
+        )
+        return rule.alert_id
 
     # --- reads of the console's views ---------------------------------------------------
 

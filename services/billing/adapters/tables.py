@@ -179,6 +179,46 @@ pay_per_use_events = Table(
     Column("occur_time_us", BigInteger, nullable=False),
 )
 
+# Auto-replenish settings, one per account, region and API (app/replenish.py,
+# docs/design/auto-replenish.md), with the id of the usage alert rule billing keeps in quota.
+auto_replenish = Table(
+    "auto_replenish",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("region", String(64), primary_key=True),
+    Column("api", String(64), primary_key=True),
+    Column("offer_id", String(64), nullable=False),
+    Column("below_quantity", BigInteger, nullable=False),
+    Column("max_per_month", SmallInteger, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("alert_id", String(64), nullable=False),
+    Column("last_failure_reason", String(500), nullable=False, server_default=""),
+    # Set once the month's limit was reached: when the rule is re-armed (next month's start).
+    Column("rearm_time_us", BigInteger, nullable=True),
+    # The request id quota is asked with for that re-arm (a retry never re-arms twice).
+    Column("rearm_request_id", String(64), nullable=False, server_default=""),
+    Column("create_time_us", BigInteger, nullable=False),
+    Column("update_time_us", BigInteger, nullable=False),
+    Index("ix_auto_replenish_rearm", "rearm_time_us"),
+)
+
+# Every crossing an auto-replenish setting acted on, keyed by quota's threshold_crossed event
+# id: the purchase's idempotency key (one order per crossing, whoever delivers the event and
+# however often) and the count of the month's purchases (rows with an order_id).
+auto_replenish_crossings = Table(
+    "auto_replenish_crossings",
+    metadata,
+    Column("event_id", String(200), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("api", String(64), nullable=False),
+    Column("month", String(7), nullable=False),
+    Column("order_id", String(40), nullable=False, server_default=""),
+    Column("failure_reason", String(500), nullable=False, server_default=""),
+    Column("create_time_us", BigInteger, nullable=False),
+    Index("ix_auto_replenish_crossings_month", "account_id", "region", "api", "month"),
+)
+
 idempotency_keys = idempotency_table(metadata)
 outbox_events, outbox_counter = outbox_tables(metadata)
 consumer_cursors, consumer_leases = consumer_tables(metadata)

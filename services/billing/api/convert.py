@@ -13,6 +13,7 @@ from google.type import date_pb2, money_pb2
 from services.billing.adapters.events import micros_to_money
 from services.billing.app.accounts import AccountInput, AccountSettings
 from services.billing.app.bills import ShownBill
+from services.billing.app.replenish import ReplenishView
 from services.billing.domain.accounts import Account
 from services.billing.domain.bills import BillLine
 from services.billing.domain.cycles import month_bounds
@@ -138,6 +139,25 @@ def to_proto_auto_renewal(sold: SoldPackage) -> billing_pb2.AutoRenewal:
     if sold.next_attempt_time is not None:
         message.next_attempt_time.CopyFrom(to_timestamp(sold.next_attempt_time))
     return message
+
+
+def to_proto_auto_replenish(view: ReplenishView) -> billing_pb2.AutoReplenish:
+    """The wire form of an auto-replenish setting and this month's purchases."""
+    setting = view.setting
+    return billing_pb2.AutoReplenish(
+        account_id=setting.account_id,
+        region=setting.region,
+        api=setting.api,
+        offer_id=setting.offer_id,
+        below_quantity=setting.below_quantity,
+        max_per_month=setting.max_per_month,
+        enabled=setting.enabled,
+        month_purchases=view.month_purchases,
+        alert_id=setting.alert_id,
+        last_failure_reason=setting.last_failure_reason,
+        create_time=to_timestamp(setting.create_time),
+        update_time=to_timestamp(setting.update_time),
+    )
 
 
 def to_proto_subscription(subscription: Subscription) -> billing_pb2.ApiSubscription:

@@ -20,6 +20,7 @@ from services.billing.app import (
     overview,
     recommendations,
     renewals,
+    replenish,
     standing,
     subscriptions,
 )
@@ -300,6 +301,41 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
                 self.ctx, request.request_id, request.account_id, request.region, request.api, keep
             )
         )
+
+    # --- auto-replenish (docs/design/auto-replenish.md) -----------------------------------
+
+    async def SetAutoReplenish(self, request, context):
+        """Quota's rule first, then billing's record under the request's key; a replay is
+        answered from the stored reply and tells quota nothing."""
+        scope, reply_type = "SetAutoReplenish", billing_pb2.AutoReplenish
+        replay = await self._idempotent.replay(scope, request, reply_type)
+        if replay is not None:
+            return replay
+        spec = replenish.ReplenishInput(
+            account_id=request.account_id,
+            region=request.region,
+            api=request.api,
+            offer_id=request.offer_id,
+            below_quantity=request.below_quantity,
+            max_per_month=request.max_per_month,
+            enabled=request.enabled,
+        )
+
+        def keep(record):
+            async def work(uow):
+                return convert.to_proto_auto_replenish(await record(uow))
+
+            return self._idempotent(scope, request, reply_type, work)
+
+        return await hiding_absence(
+            replenish.set_auto_replenish(self.ctx, request.request_id, spec, keep)
+        )
+
+    async def GetAutoReplenish(self, request, context):
+        view = await hiding_absence(
+            replenish.get_auto_replenish(self.ctx, request.account_id, request.region, request.api)
+        )
+        return convert.to_proto_auto_replenish(view)
 
     async def GetBill(self, request, context):
         regions = current_principal().regions

@@ -25,6 +25,7 @@ from services.billing.app.context import BillingContext
 from services.billing.app.orders import announce, charge, load_order
 from services.billing.domain.bills import BillLineKind
 from services.billing.domain.orders import (
+    PURCHASE_KINDS,
     Order,
     OrderKind,
     OrderPackage,
@@ -52,7 +53,7 @@ async def fulfil(ctx: BillingContext, order_id: str) -> Order:
     refused: dict[int, str] = {}
     granted: list[str] = []
     try:
-        if order.kind == OrderKind.PURCHASE:
+        if order.kind in PURCHASE_KINDS:
             granted = await _grant_all(ctx, order)
         else:
             for item in order.packages:
@@ -145,7 +146,7 @@ async def _fulfilled(
     order = await load_order(ctx, uow, order_id, for_update=True)
     if order.state != OrderState.PENDING:
         return order  # cancelled meanwhile: fulfil() revokes what was granted
-    if order.kind != OrderKind.PURCHASE:
+    if order.kind not in PURCHASE_KINDS:
         if not refused:
             return await _set_state(ctx, uow, order, OrderState.FULFILLED)
         return await _partly_renewed(ctx, uow, order, refused)
@@ -188,7 +189,7 @@ async def _fail(ctx: BillingContext, uow: UnitOfWork, order_id: str, reason: str
     if order.state != OrderState.PENDING:
         return order
     await charge(ctx, uow, order, order.price_micros, BillLineKind.REFUND, f"refund: {reason}")
-    if order.kind != OrderKind.PURCHASE:
+    if order.kind not in PURCHASE_KINDS:
         for item in order.packages:
             await _renewal_failed(ctx, uow, order, item, reason)
     return await _set_state(ctx, uow, order, OrderState.FAILED, failure_reason=reason)
@@ -228,7 +229,7 @@ async def cancel(ctx: BillingContext, order_id: str, guard) -> Order:
     guard(order)
     if order.state == OrderState.CANCELLED:
         return order
-    if order.kind != OrderKind.PURCHASE:
+    if order.kind not in PURCHASE_KINDS:
         raise FailedPrecondition(
             "ORDER_NOT_CANCELLABLE",
             "a renewal cannot be cancelled",

@@ -53,6 +53,8 @@ class PurchaseInput:
     effective_time: datetime | None
     auto_renew: bool
     quantity: int = 1
+    # AUTO_REPLENISH for a purchase an auto-replenish setting makes (app/replenish.py).
+    kind: OrderKind = OrderKind.PURCHASE
 
 
 def check_quantity(quantity: int) -> int:
@@ -205,7 +207,7 @@ async def purchase(ctx: BillingContext, uow: UnitOfWork, spec: PurchaseInput) ->
         quantity=offer.quantity,
     )
     new = NewOrder(
-        kind=OrderKind.PURCHASE,
+        kind=spec.kind,
         account_id=account.account_id,
         paying_account_id=payer.account_id,
         offer_id=offer.id,

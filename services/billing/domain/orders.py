@@ -20,6 +20,11 @@ class OrderKind(enum.IntEnum):
     PURCHASE = 1
     RENEWAL = 2
     AUTO_RENEWAL = 3
+    AUTO_REPLENISH = 4
+
+
+# Orders that buy new packages (granted in quota); every other kind renews sold packages.
+PURCHASE_KINDS = frozenset({OrderKind.PURCHASE, OrderKind.AUTO_REPLENISH})
 
 
 class OrderState(enum.IntEnum):
@@ -34,6 +39,7 @@ LINE_KINDS = {
     OrderKind.PURCHASE: BillLineKind.PACKAGE_PURCHASE,
     OrderKind.RENEWAL: BillLineKind.PACKAGE_RENEWAL,
     OrderKind.AUTO_RENEWAL: BillLineKind.PACKAGE_RENEWAL,
+    OrderKind.AUTO_REPLENISH: BillLineKind.PACKAGE_PURCHASE,
 }
 
 

@@ -2,7 +2,8 @@
 
 Only the events a person should hear about become messages: quota's `threshold_crossed`,
 `package_expiring`, and `package_state_changed` into EXHAUSTED; billing's standing changes,
-balance alerts, order changes and failed auto-renewals. Everything else is None.
+balance alerts, order changes, failed auto-renewals and auto-replenish purchases that
+bought nothing. Everything else is None.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from allot.quota.v1 import quota_pb2
 
 from services.notification.domain.messages import (
     AutoRenewalFailed,
+    AutoReplenishFailed,
     BalanceBelowThreshold,
     ForecastAlertFired,
     OrderChanged,
@@ -110,6 +112,7 @@ BILLING_EVENT_TYPES = (
     "balance_below_threshold",
     "order_updated",
     "auto_renew_failed",
+    "auto_replenish_failed",
 )
 
 
@@ -124,7 +127,8 @@ def _optional_time(message, name: str):
 
 
 def from_billing_event(event) -> SourceEvent | None:
-    """Billing's events as domain events (standing, balance, orders, auto-renewal)."""
+    """Billing's events as domain events (standing, balance, orders, auto-renewal,
+    auto-replenish)."""
     from allot.billing.v1 import billing_pb2
 
     kind = event.WhichOneof("payload")
@@ -167,5 +171,17 @@ def from_billing_event(event) -> SourceEvent | None:
             reason=p.reason,
             next_attempt_time=_optional_time(p, "next_attempt_time"),
             expire_time=_optional_time(p, "expire_time"),
+        )
+    if kind == "auto_replenish_failed":
+        p = event.auto_replenish_failed
+        return AutoReplenishFailed(
+            account_id=p.account_id,
+            region=p.region,
+            api=p.api,
+            offer_id=p.offer_id,
+            reason=p.reason,
+            remaining_quantity=p.remaining_quantity,
+            month_purchases=p.month_purchases,
+            max_per_month=p.max_per_month,
         )
     return None

@@ -23,6 +23,7 @@ class MessageType(enum.IntEnum):
     ORDER = 6
     AUTO_RENEW_FAILED = 7
     TEST = 8
+    AUTO_REPLENISH_FAILED = 9
 
 
 class Channel(enum.IntEnum):
@@ -127,6 +128,18 @@ class AutoRenewalFailed:
     expire_time: datetime | None
 
 
+@dataclass(frozen=True)
+class AutoReplenishFailed:
+    account_id: str
+    region: str
+    api: str
+    offer_id: str
+    reason: str
+    remaining_quantity: int
+    month_purchases: int
+    max_per_month: int
+
+
 SourceEvent = (
     UsageAlertFired
     | ForecastAlertFired
@@ -136,6 +149,7 @@ SourceEvent = (
     | BalanceBelowThreshold
     | OrderChanged
     | AutoRenewalFailed
+    | AutoReplenishFailed
 )
 
 _STANDING_MEANS = {
@@ -237,6 +251,25 @@ def _billing_message(event: SourceEvent, tz: tzinfo) -> Message | None:
                 "reason": event.reason,
                 "next_attempt_time": _when(event.next_attempt_time),
                 "expire_time": _when(event.expire_time),
+            },
+        )
+    if isinstance(event, AutoReplenishFailed):
+        return Message(
+            MessageType.AUTO_REPLENISH_FAILED,
+            event.account_id,
+            f"Auto-replenish of {event.api} in {event.region} bought nothing",
+            f"Account {event.account_id}: {_calls(event.remaining_quantity)} of {event.api} "
+            f"are left in {event.region}, but auto-replenish could not buy {event.offer_id} "
+            f"({event.reason}; {event.month_purchases} of {event.max_per_month} purchases "
+            "made this month).",
+            {
+                "region": event.region,
+                "api": event.api,
+                "offer_id": event.offer_id,
+                "reason": event.reason,
+                "remaining_quantity": event.remaining_quantity,
+                "month_purchases": event.month_purchases,
+                "max_per_month": event.max_per_month,
             },
         )
     return None

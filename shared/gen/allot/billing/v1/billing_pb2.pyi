@@ -119,6 +119,10 @@ class _OrderKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderKind.V
     """A package renewed with RenewPackage."""
     ORDER_KIND_AUTO_RENEWAL: _OrderKind.ValueType  # 3
     """A package renewed by its auto-renewal schedule."""
+    ORDER_KIND_AUTO_REPLENISH: _OrderKind.ValueType  # 4
+    """A package bought by an auto-replenish setting when the remaining quantity fell to its
+    threshold (SetAutoReplenish).
+    """
 
 class OrderKind(_OrderKind, metaclass=_OrderKindEnumTypeWrapper):
     """The kind of an order."""
@@ -131,6 +135,10 @@ ORDER_KIND_RENEWAL: OrderKind.ValueType  # 2
 """A package renewed with RenewPackage."""
 ORDER_KIND_AUTO_RENEWAL: OrderKind.ValueType  # 3
 """A package renewed by its auto-renewal schedule."""
+ORDER_KIND_AUTO_REPLENISH: OrderKind.ValueType  # 4
+"""A package bought by an auto-replenish setting when the remaining quantity fell to its
+threshold (SetAutoReplenish).
+"""
 Global___OrderKind: _TypeAlias = OrderKind  # noqa: Y015
 
 class _OrderState:
@@ -1197,6 +1205,7 @@ class BillingEvent(_message.Message):
     BALANCE_BELOW_THRESHOLD_FIELD_NUMBER: _builtins.int
     ORDER_UPDATED_FIELD_NUMBER: _builtins.int
     AUTO_RENEW_FAILED_FIELD_NUMBER: _builtins.int
+    AUTO_REPLENISH_FAILED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in billing's event sequence, gap-free and increasing."""
     event_id: _builtins.str
@@ -1226,6 +1235,10 @@ class BillingEvent(_message.Message):
     def auto_renew_failed(self) -> Global___AutoRenewFailed:
         """An auto-renewal attempt failed."""
 
+    @_builtins.property
+    def auto_replenish_failed(self) -> Global___AutoReplenishFailed:
+        """An auto-replenish purchase could not be made."""
+
     def __init__(
         self,
         *,
@@ -1237,13 +1250,143 @@ class BillingEvent(_message.Message):
         balance_below_threshold: Global___BalanceBelowThreshold | None = ...,
         order_updated: Global___OrderUpdated | None = ...,
         auto_renew_failed: Global___AutoRenewFailed | None = ...,
+        auto_replenish_failed: Global___AutoReplenishFailed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "order_updated", b"order_updated", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "auto_replenish_failed", b"auto_replenish_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "order_updated", b"order_updated", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "event_id", b"event_id", "order_updated", b"order_updated", "payload", b"payload", "sequence", b"sequence", "trace_parent", b"trace_parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_standing_changed", b"account_standing_changed", "auto_renew_failed", b"auto_renew_failed", "auto_replenish_failed", b"auto_replenish_failed", "balance_below_threshold", b"balance_below_threshold", "create_time", b"create_time", "event_id", b"event_id", "order_updated", b"order_updated", "payload", b"payload", "sequence", b"sequence", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["account_standing_changed", "balance_below_threshold", "order_updated", "auto_renew_failed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["account_standing_changed", "balance_below_threshold", "order_updated", "auto_renew_failed", "auto_replenish_failed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___BillingEvent: _TypeAlias = BillingEvent  # noqa: Y015
+
+@_typing.final
+class AutoReplenish(_message.Message):
+    """An auto-replenish setting of one account, region and API (SetAutoReplenish)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    BELOW_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_PER_MONTH_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    MONTH_PURCHASES_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose quota is replenished."""
+    region: _builtins.str
+    """The catalog region."""
+    api: _builtins.str
+    """The catalog API."""
+    offer_id: _builtins.str
+    """The offer bought at each crossing."""
+    below_quantity: _builtins.int
+    """Buy when the remaining quantity in force falls to this many calls or fewer."""
+    max_per_month: _builtins.int
+    """The most purchases per calendar month (billing time zone)."""
+    enabled: _builtins.bool
+    """Whether the setting buys."""
+    month_purchases: _builtins.int
+    """Purchases made by the setting in the current calendar month (billing time zone)."""
+    alert_id: _builtins.str
+    """The usage alert rule billing keeps in the region's quota service for the setting."""
+    last_failure_reason: _builtins.str
+    """Why the last crossing bought nothing (a reason of auto_replenish_failed); empty after a
+    purchase or before any crossing.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the setting was first made."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the setting was last changed by SetAutoReplenish."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        below_quantity: _builtins.int = ...,
+        max_per_month: _builtins.int = ...,
+        enabled: _builtins.bool = ...,
+        month_purchases: _builtins.int = ...,
+        alert_id: _builtins.str = ...,
+        last_failure_reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "below_quantity", b"below_quantity", "create_time", b"create_time", "enabled", b"enabled", "last_failure_reason", b"last_failure_reason", "max_per_month", b"max_per_month", "month_purchases", b"month_purchases", "offer_id", b"offer_id", "region", b"region", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoReplenish: _TypeAlias = AutoReplenish  # noqa: Y015
+
+@_typing.final
+class AutoReplenishFailed(_message.Message):
+    """A crossing of an auto-replenish threshold bought nothing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CROSSING_EVENT_ID_FIELD_NUMBER: _builtins.int
+    REMAINING_QUANTITY_FIELD_NUMBER: _builtins.int
+    MONTH_PURCHASES_FIELD_NUMBER: _builtins.int
+    MAX_PER_MONTH_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose quota was to be replenished."""
+    region: _builtins.str
+    """The catalog region (a region-limited token sees the event only for its regions)."""
+    api: _builtins.str
+    """The catalog API."""
+    offer_id: _builtins.str
+    """The offer that was to be bought."""
+    reason: _builtins.str
+    """Why nothing was bought: INSUFFICIENT_BALANCE, ACCOUNT_IN_ARREARS,
+    AUTO_REPLENISH_LIMIT_REACHED (max_per_month purchases made this month already; the next
+    month buys again) or UNKNOWN_OFFER (the offer left the catalog).
+    """
+    crossing_event_id: _builtins.str
+    """The id of quota's threshold_crossed event that asked for the purchase."""
+    remaining_quantity: _builtins.int
+    """The remaining quantity in force at the crossing, in calls."""
+    month_purchases: _builtins.int
+    """Purchases made by the setting this month (billing time zone)."""
+    max_per_month: _builtins.int
+    """The setting's limit per month."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        crossing_event_id: _builtins.str = ...,
+        remaining_quantity: _builtins.int = ...,
+        month_purchases: _builtins.int = ...,
+        max_per_month: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "crossing_event_id", b"crossing_event_id", "max_per_month", b"max_per_month", "month_purchases", b"month_purchases", "offer_id", b"offer_id", "reason", b"reason", "region", b"region", "remaining_quantity", b"remaining_quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoReplenishFailed: _TypeAlias = AutoReplenishFailed  # noqa: Y015

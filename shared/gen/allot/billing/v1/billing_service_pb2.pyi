@@ -1406,3 +1406,85 @@ class RecommendPackagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecommendPackagesResponse: _TypeAlias = RecommendPackagesResponse  # noqa: Y015
+
+@_typing.final
+class SetAutoReplenishRequest(_message.Message):
+    """Request of SetAutoReplenish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    BELOW_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_PER_MONTH_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, at most 200 characters; empty means the call is not idempotent."""
+    account_id: _builtins.str
+    """The account whose quota is replenished (it pays, or its enterprise master does)."""
+    region: _builtins.str
+    """The catalog region of the packages watched and bought."""
+    api: _builtins.str
+    """The catalog API of the packages watched and bought."""
+    offer_id: _builtins.str
+    """The catalog offer bought: of this API and sold in this region, with a quantity greater
+    than below_quantity (so one purchase lifts the remaining quantity above the threshold).
+    """
+    below_quantity: _builtins.int
+    """Buy when the remaining quantity in force falls to this many calls or fewer (>= 0)."""
+    max_per_month: _builtins.int
+    """The most purchases per calendar month (billing time zone), 1 to 100."""
+    enabled: _builtins.bool
+    """Whether the setting buys; false keeps the setting but buys nothing."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        below_quantity: _builtins.int = ...,
+        max_per_month: _builtins.int = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "below_quantity", b"below_quantity", "enabled", b"enabled", "max_per_month", b"max_per_month", "offer_id", b"offer_id", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAutoReplenishRequest: _TypeAlias = SetAutoReplenishRequest  # noqa: Y015
+
+@_typing.final
+class GetAutoReplenishRequest(_message.Message):
+    """Request of GetAutoReplenish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account; account tokens may leave it empty for their own."""
+    region: _builtins.str
+    """The catalog region."""
+    api: _builtins.str
+    """The catalog API."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        api: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "api", b"api", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAutoReplenishRequest: _TypeAlias = GetAutoReplenishRequest  # noqa: Y015

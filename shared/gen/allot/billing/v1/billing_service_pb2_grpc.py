@@ -180,6 +180,16 @@ class BillingServiceStub:
                 request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.SerializeToString,
                 response_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.FromString,
                 _registered_method=True)
+        self.SetAutoReplenish = channel.unary_unary(
+                '/allot.billing.v1.BillingService/SetAutoReplenish',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoReplenishRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.FromString,
+                _registered_method=True)
+        self.GetAutoReplenish = channel.unary_unary(
+                '/allot.billing.v1.BillingService/GetAutoReplenish',
+                request_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoReplenishRequest.SerializeToString,
+                response_deserializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -478,6 +488,31 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAutoReplenish(self, request, context):
+        """Sets (creates or replaces) the auto-replenish setting of an account, region and API:
+        whenever the remaining quantity of the account's packages in force there falls to
+        below_quantity or lower, billing buys offer_id once (an order of kind
+        ORDER_KIND_AUTO_REPLENISH), at most max_per_month times per calendar month of the billing
+        time zone. Billing keeps a usage alert rule in the region's quota service for it (its id is
+        alert_id); a purchase that cannot be made is announced as auto_replenish_failed. Idempotent
+        by request_id. Errors: INVALID_ARGUMENT (account_id; region, UNKNOWN_REGION; api,
+        UNKNOWN_API; offer_id, UNKNOWN_OFFER, OFFER_NOT_IN_REGION, OFFER_NOT_FOR_API;
+        below_quantity; max_per_month), NOT_FOUND (ACCOUNT_NOT_FOUND), UNAVAILABLE
+        (QUOTA_UNAVAILABLE: the region's quota did not take the rule; nothing was changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAutoReplenish(self, request, context):
+        """Reads the auto-replenish setting of an account, region and API, with this month's count
+        of purchases. Errors: INVALID_ARGUMENT (account_id, region, api), NOT_FOUND
+        (AUTO_REPLENISH_NOT_FOUND: none was ever set there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -610,6 +645,16 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.RecommendPackages,
                     request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.FromString,
                     response_serializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.SerializeToString,
+            ),
+            'SetAutoReplenish': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoReplenish,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoReplenishRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.SerializeToString,
+            ),
+            'GetAutoReplenish': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAutoReplenish,
+                    request_deserializer=allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoReplenishRequest.FromString,
+                    response_serializer=allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1329,6 +1374,60 @@ class BillingService:
             '/allot.billing.v1.BillingService/RecommendPackages',
             allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesRequest.SerializeToString,
             allot_dot_billing_dot_v1_dot_billing__service__pb2.RecommendPackagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoReplenish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/SetAutoReplenish',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.SetAutoReplenishRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAutoReplenish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/allot.billing.v1.BillingService/GetAutoReplenish',
+            allot_dot_billing_dot_v1_dot_billing__service__pb2.GetAutoReplenishRequest.SerializeToString,
+            allot_dot_billing_dot_v1_dot_billing__pb2.AutoReplenish.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,8 @@ class _MessageTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageTy
     """An auto-renewal attempt failed (billing's auto_renew_failed)."""
     MESSAGE_TYPE_TEST: _MessageType.ValueType  # 8
     """A test sent with SendTestNotification."""
+    MESSAGE_TYPE_AUTO_REPLENISH_FAILED: _MessageType.ValueType  # 9
+    """An auto-replenish purchase could not be made (billing's auto_replenish_failed)."""
 
 class MessageType(_MessageType, metaclass=_MessageTypeEnumTypeWrapper):
     """What a notification is about; contacts subscribe to types."""
@@ -94,6 +96,8 @@ MESSAGE_TYPE_AUTO_RENEW_FAILED: MessageType.ValueType  # 7
 """An auto-renewal attempt failed (billing's auto_renew_failed)."""
 MESSAGE_TYPE_TEST: MessageType.ValueType  # 8
 """A test sent with SendTestNotification."""
+MESSAGE_TYPE_AUTO_REPLENISH_FAILED: MessageType.ValueType  # 9
+"""An auto-replenish purchase could not be made (billing's auto_replenish_failed)."""
 Global___MessageType: _TypeAlias = MessageType  # noqa: Y015
 
 class _DeliveryState:
