@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sqlalchemy import event, pool, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared import tracing
 from shared.errors import Aborted, Unavailable
+from shared.inline_sqlite import InlineConnection, inline_engine, would_wait
 from shared.settings import DatabaseBounds, Settings
 
 log = logging.getLogger("allot.db")
@@ -160,7 +161,7 @@ class TransactionConnection(AsyncConnection):
 class UnitOfWork:
     """One connection, one transaction: commit explicitly, roll back by default."""
 
-    def __init__(self, engine: AsyncEngine, read_only: bool = False):
+    def __init__(self, engine: AsyncEngine | Engine, read_only: bool = False):
         self._engine = engine
         self.read_only = read_only
         self.session: TransactionConnection
@@ -233,6 +234,14 @@ class UnitOfWork:
             hook()
 
 
+class _InlineUnitOfWork(UnitOfWork):
+    """A unit of work on the loop's own thread (shared/inline_sqlite.py)."""
+
+    async def __aenter__(self) -> UnitOfWork:
+        self.session = InlineConnection(self._engine.connect())  # type: ignore[assignment]
+        return self
+
+
 class Database:
     """The service's engine, its sessions and the transaction runner."""
 
@@ -241,6 +250,12 @@ class Database:
         self.bounds = bounds or Settings.database_bounds_from_env()
         self.engine = create_engine(url, self.bounds)
         tracing.instrument_engine(self.engine)  # database spans, when traced
+        # SQLite: short transactions of a caller alone on the loop's thread (*_inline).
+        self._inline = inline_engine(url)
+        self._inline_writes = inline_engine(url, writes=True)
+        for inline in (self._inline, self._inline_writes):
+            if inline is not None:
+                tracing.instrument_engine(inline)
         # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
         # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
         self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -262,6 +277,39 @@ class Database:
         """Run `work` in a read-only transaction (retried on a fresh connection if its own
         died)."""
         return await self._run(work, read_only=True)
+
+    async def read_inline(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """`read`, for a short read of a caller alone: on SQLite it runs on the event loop's
+        thread, without aiosqlite's hand-offs (shared/inline_sqlite.py); elsewhere, or where
+        it would wait for a lock, it is `read`."""
+        if self._inline is None:
+            return await self.read(work)
+        try:
+            async with _InlineUnitOfWork(self._inline, read_only=True) as uow:
+                return await work(uow)
+        except DBAPIError as exc:
+            # Locked, or any other database error: once more the usual way, which waits for
+            # locks and maps faults (a read runs again harmlessly).
+            _log_inline_fallback(exc)
+        return await self.read(work)
+
+    async def transaction_inline(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """`transaction`, for a short one of a caller alone: on SQLite on the event loop's
+        thread (shared/inline_sqlite.py), after this process's writers before it; elsewhere,
+        or where it would wait for another process's lock, it is `transaction`."""
+        if self._inline_writes is None:
+            return await self.transaction(work)
+        async with self._writer_turn():
+            try:
+                async with _InlineUnitOfWork(self._inline_writes) as uow:
+                    result = await work(uow)
+                    await uow.commit()
+                    return result
+            except DBAPIError as exc:
+                # Rolled back: run again the usual way, which waits for locks, retries lost
+                # races and maps faults, as it would for any attempt of `transaction`.
+                _log_inline_fallback(exc)
+        return await self.transaction(work)
 
     async def _run(self, work: Callable[[UnitOfWork], Awaitable[T]], read_only: bool) -> T:
         races = faults = 0
@@ -322,6 +370,14 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        for inline in (self._inline, self._inline_writes):
+            if inline is not None:
+                inline.dispose()
+
+
+def _log_inline_fallback(exc: DBAPIError) -> None:
+    if not would_wait(exc):
+        log.debug("inline transaction failed, running it on the worker: %s", exc.orig)
 
 
 def _retryable(exc: DBAPIError) -> bool:

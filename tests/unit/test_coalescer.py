@@ -19,12 +19,14 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list] = []
+        self.inline: list[bool] = []  # per batch: recorded on the loop's thread (a caller alone)
         self.delay = delay
         self.release = asyncio.Event()
         self.release.set()
 
-    async def __call__(self, ctx, items):
+    async def __call__(self, ctx, items, inline=False):
         self.batches.append(list(items))
+        self.inline.append(inline)
         await self.release.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -41,6 +43,32 @@ async def test_a_lone_call_is_applied_at_once(monkeypatch):
     c = coalescer(monkeypatch, recorder)
     assert await asyncio.wait_for(c.report("e1"), 1) == ("ok", "e1")
     assert recorder.batches == [["e1"]]
+    assert recorder.inline == [True]  # alone: on the loop's thread (shared/inline_sqlite.py)
+
+
+async def test_company_sends_batches_to_the_worker_for_a_while(monkeypatch):
+    """A call that finds another in flight marks the coalescer busy: the batches of the next
+    second go through the database's worker, so callers that arrive meanwhile join them."""
+    recorder = Recorder()
+    c = coalescer(monkeypatch, recorder)
+    recorder.release.clear()
+    first = asyncio.create_task(c.report("a"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(c.report("b"))
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    await asyncio.gather(first, second)
+    assert await asyncio.wait_for(c.report("c"), 1) == ("ok", "c")
+    assert recorder.batches == [["a"], ["b"], ["c"]]
+    assert recorder.inline == [True, False, False]
+
+
+async def test_a_batch_of_many_events_is_never_inline(monkeypatch):
+    recorder = Recorder()
+    c = coalescer(monkeypatch, recorder)
+    many = [f"e{i}" for i in range(module.INLINE_EVENTS + 1)]
+    await asyncio.wait_for(c.report_many(many), 1)
+    assert recorder.inline == [False]
 
 
 async def test_calls_queued_behind_a_batch_share_the_next_whole_and_in_order(monkeypatch):

@@ -20,6 +20,7 @@ from datetime import datetime
 
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from shared.db import Database, UnitOfWork
+from shared.inline_sqlite import Alone
 
 # Distinct keys read by one statement (one compiled form per size, cached by SQLAlchemy).
 MAX_KEYS = 64
@@ -44,6 +45,8 @@ class AdmissionReads:
         self.month_of = month_of
         self._queue: dict[Key, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        # A check alone is read on the loop's thread on SQLite (shared/inline_sqlite.py).
+        self._alone = Alone()
 
     async def facts(self, key: Key) -> Facts:
         future = self._queue.get(key)
@@ -52,8 +55,12 @@ class AdmissionReads:
             self._queue[key] = future
         if self._reader is None:
             self._reader = asyncio.create_task(self._read(), name="admission-reads")
-        # shield: a cancelled caller must not cancel the read its neighbours wait on.
-        return await asyncio.shield(future)
+        self._alone.enter()
+        try:
+            # shield: a cancelled caller must not cancel the read its neighbours wait on.
+            return await asyncio.shield(future)
+        finally:
+            self._alone.leave()
 
     async def _read(self) -> None:
         try:
@@ -67,7 +74,8 @@ class AdmissionReads:
                     return await subscriptions_repo.admission_facts_of(uow, keys, now, month)
 
                 try:
-                    answers = await self.db.read(work)
+                    read = self.db.read_inline if self._alone else self.db.read
+                    answers = await read(work)
                 except BaseException as exc:  # every caller of the batch hears
                     answer = exc if isinstance(exc, Exception) else asyncio.CancelledError()
                     for future in futures:

@@ -28,6 +28,7 @@ import time
 from services.quota.app.context import QuotaContext
 from services.quota.app.usage import MAX_BATCH, UsageInput, UsageResult, record_usage
 from shared.errors import AllotError, Unavailable
+from shared.inline_sqlite import Alone
 
 Answers = list[UsageResult | AllotError]
 
@@ -42,6 +43,9 @@ MIN_COALESCED = 250
 # alive after the loop ends, so the batch must get to close its connection. On PostgreSQL a
 # statement that never returns is bounded by ALLOT_DB_COMMAND_TIMEOUT_SECONDS as well.
 CANCEL_WAIT = 5.0
+# A caller alone (shared/inline_sqlite.py) has its batch, of at most INLINE_EVENTS events,
+# recorded on the event loop's thread on SQLite (docs/design/scale.md).
+INLINE_EVENTS = 4
 
 
 class UsageCoalescer:
@@ -52,6 +56,8 @@ class UsageCoalescer:
         self._flusher: asyncio.Task | None = None
         # Seconds per event of the recent batches (moving average): sizes the next batch.
         self._per_event = 0.0
+        # Whether a caller is alone: then its small batch runs on the loop's thread (_flush).
+        self._alone = Alone()
 
     async def report(self, item: UsageInput) -> UsageResult | AllotError:
         """One event (`ReportUsage`): its result, or its error."""
@@ -71,6 +77,7 @@ class UsageCoalescer:
         future = asyncio.get_running_loop().create_future()
         entry = (items, future)
         self._queue.append(entry)
+        self._alone.enter()
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="usage-coalescer")
         try:
@@ -85,6 +92,8 @@ class UsageCoalescer:
             else:
                 future.add_done_callback(_nobody_listens)
             raise
+        finally:
+            self._alone.leave()
 
     def _take(self) -> list[tuple[list[UsageInput | AllotError], asyncio.Future]]:
         """The next batch: queued calls in arrival order, whole, up to the adaptive bound."""
@@ -124,8 +133,9 @@ class UsageCoalescer:
                 batch = self._take()
                 items = [item for entry_items, _ in batch for item in entry_items]
                 started = time.monotonic()
+                inline = bool(self._alone) and len(items) <= INLINE_EVENTS
                 try:
-                    results = await record_usage(self.ctx, items)
+                    results = await record_usage(self.ctx, items, inline=inline)
                 except BaseException as exc:  # the whole transaction failed: every caller hears
                     answer = exc if isinstance(exc, Exception) else _shutting_down()
                     for _, future in batch:

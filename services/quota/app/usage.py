@@ -141,11 +141,13 @@ def _replay(stored: usage_repo.StoredUsage, fingerprint: str) -> UsageResult:
 
 
 async def record_usage(
-    ctx: QuotaContext, inputs: list[UsageInput | AllotError]
+    ctx: QuotaContext, inputs: list[UsageInput | AllotError], inline: bool = False
 ) -> list[UsageResult | AllotError]:
     """Record a batch of events in order; an invalid event fails alone (its error in its slot).
 
-    An input may already be an error (it failed to convert); it keeps its slot.
+    An input may already be an error (it failed to convert); it keeps its slot. `inline`: a
+    small batch of a caller alone, recorded on the loop's thread on SQLite (the coalescer
+    decides; `Database.transaction_inline`).
     """
     if len(inputs) > MAX_BATCH:
         raise InvalidArgument("requests", f"at most {MAX_BATCH} events per batch")
@@ -164,7 +166,7 @@ async def record_usage(
         return list(slots)  # type: ignore[arg-type]
 
     try:
-        return await _record_together(ctx, slots, valid, now)
+        return await _record_together(ctx, slots, valid, now, inline)
     except AllotError as error:
         if len(valid) == 1:
             return [error if s is valid[0] else s for s in slots]  # type: ignore[misc]
@@ -177,18 +179,24 @@ async def record_usage(
             answers.append(slot)
             continue
         try:
-            answers.extend(await _record_together(ctx, [slot], [slot], now))
+            answers.extend(await _record_together(ctx, [slot], [slot], now, inline))
         except AllotError as error:
             answers.append(error)
     return answers
 
 
 async def _record_together(
-    ctx: QuotaContext, slots: list[_Valid | AllotError], valid: list[_Valid], now: datetime
+    ctx: QuotaContext,
+    slots: list[_Valid | AllotError],
+    valid: list[_Valid],
+    now: datetime,
+    inline: bool = False,
 ) -> list[UsageResult | AllotError]:
     async def work(uow: UnitOfWork) -> list[UsageResult | AllotError]:
         return await _record(ctx, uow, slots, valid, now)
 
+    if inline:
+        return await ctx.db.transaction_inline(work)
     return await ctx.db.transaction(work)
 
 

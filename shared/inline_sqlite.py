@@ -1,21 +1,28 @@
-"""Reads of a SQLite file run on the event loop's own thread (docs/design/scale.md, "Inline
-reads on SQLite").
+"""Short transactions of a SQLite file on the event loop's own thread, for a caller that is
+alone (docs/design/scale.md, "SQLite on the loop's thread").
 
 aiosqlite runs every statement on a worker thread and hands its answer back to the loop: a
-read transaction is five such hand-offs (connect, BEGIN, statement, ROLLBACK, close), each two
-thread wake-ups. For CheckQuota's admission read, a statement of about 10 µs of SQLite work,
-that cost about 600 µs of CPU per read on this machine. A reader of a WAL database never waits
-for writers (it reads its snapshot), so a short, bounded read may run where it is asked for,
-through a plain `sqlite3` connection: no hand-off at all.
+transaction is a hand-off per step (connect, BEGIN, each statement, COMMIT or ROLLBACK, close),
+each two thread wake-ups. CheckQuota's admission read, about 10 µs of SQLite work, cost about
+600 µs of CPU that way on the reference machine; through a plain `sqlite3` connection on the
+loop's thread it costs about 100 µs (SQLAlchemy's part included).
 
-Only reads that are known to be short take this path (`Database.read_inline`); a long one
-(statistics over months, a replay) would hold every other call up, and keeps the worker thread.
-The connection has no busy timeout and is `query_only`: in the rare moment a WAL reader must
-wait (recovery, a checkpoint resetting the log) it fails at once with "database is locked", and
-the read is run again the usual way, which waits as every read does.
+The hand-offs have one virtue: while a transaction is on the worker, the loop serves other
+calls, and the callers that arrive meanwhile share the next transaction (the coalescers'
+batches). Run inline, a transaction leaves no such window, so under concurrency every call
+would pay its own. Hence the rule: a transaction runs inline only for a caller that is alone
+(`Alone`: no other caller in flight for the last second), and only for work known to be short
+(one admission read, a few usage events); with company, the worker thread and the batches.
+
+The inline connections have no busy timeout: where a transaction would wait for a lock (another
+process writing, a checkpoint resetting the log) it fails at once with "database is locked"
+before doing anything, and `Database` runs it again the usual way, which waits as every
+transaction does. The reading connection is `query_only`.
 """
 
 from __future__ import annotations
+
+import time
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -23,8 +30,9 @@ from sqlalchemy.exc import OperationalError
 
 
 def inline_engine(url: str, writes: bool = False) -> Engine | None:
-    """A synchronous engine on the same SQLite file, for reads on the loop's thread; None where
-    there is no file to share (an in-memory database is private to its connection)."""
+    """A synchronous engine on the same SQLite file, for transactions on the loop's thread
+    (`writes`: BEGIN IMMEDIATE, else read-only); None where there is no file to share (an
+    in-memory database is private to its connection)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
@@ -52,13 +60,34 @@ def inline_engine(url: str, writes: bool = False) -> Engine | None:
 
 
 def would_wait(exc: BaseException) -> bool:
-    """The inline read met a lock it may not wait for (SQLITE_BUSY / SQLITE_LOCKED)."""
+    """An inline transaction met a lock it may not wait for (SQLITE_BUSY / SQLITE_LOCKED)."""
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
 
 
+class Alone:
+    """Whether the caller of a path is alone: `enter` and `leave` around each call; a call that
+    finds another in flight marks the path busy for `busy_seconds`."""
+
+    def __init__(self, busy_seconds: float = 1.0) -> None:
+        self.busy_seconds = busy_seconds
+        self._calls = 0
+        self._busy_until = 0.0
+
+    def enter(self) -> None:
+        if self._calls:
+            self._busy_until = time.monotonic() + self.busy_seconds
+        self._calls += 1
+
+    def leave(self) -> None:
+        self._calls -= 1
+
+    def __bool__(self) -> bool:
+        return time.monotonic() >= self._busy_until
+
+
 class InlineConnection:
-    """A synchronous connection behind the awaitable surface the repositories use
-    (`execute`, `scalar`, `scalars`, `connection`): awaiting it never suspends."""
+    """A synchronous connection behind the awaitable surface the repositories and the unit of
+    work use (`execute`, `scalar`, `commit`, ...): awaiting it never suspends."""
 
     def __init__(self, connection: Connection) -> None:
         self.sync_connection = connection
