@@ -1,5 +1,6 @@
-"""What if, end to end (docs/design/what-if.md, docs/design/forecasts.md): quota and billing as
-processes (SQLite, manual clocks the test moves), billing following quota's real stream.
+"""What if, end to end (docs/design/what-if.md, docs/design/forecasts.md): quota, billing and
+notification as processes (quota and billing on SQLite, then on PostgreSQL; manual clocks the
+test moves), billing and notification following quota's real stream.
 
 "planner" has 100.00 USD and buys a 1,000-call passport package through billing on day 0
 (2024-01-10 12:00, billing time zone). It uses passport every day at noon for 86 days — varied
@@ -10,7 +11,8 @@ days"; the walk ends on day 85 (2024-04-04).
 
 - The forecast follows the rate: 100 calls a day, used up after remaining / 100 days. The alert
   fires once, when the clock's due work runs on day 83 (700 left: exactly 7 days), and not
-  again while it keeps holding.
+  again while it keeps holding; notification mails it ("used up within 7 days", around
+  2024-04-09) to the account's contact, once.
 - SimulateUsage with the real packages and the real policy gives what quota recorded — the
   figures taken from GetUsageStats, ListPackages and ReportUsage's own answers, not from the
   replay. Pay-per-use alone, a 10,000-call package and a 5,000-call one-month package change the
@@ -26,6 +28,7 @@ Every wait is bounded (`until`, process start and stop timeouts, stream reads up
 
 from __future__ import annotations
 
+import pathlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -45,10 +48,19 @@ from tests.support.billing import (
 )
 from tests.support.databases import dialect_database, migrated_sqlite_if_new
 from tests.support.events import THRESHOLD_CROSSED, AlertCalls, head, payloads
-from tests.support.notification import until
+from tests.support.notification import (
+    EMAIL,
+    SENT,
+    USAGE_ALERT,
+    NotificationCalls,
+    notification_env,
+    notification_process,
+    until,
+)
 from tests.support.quota import API, REGION, QuotaCalls, quota_calls, quota_process
 
 ACCOUNT = "planner"
+ADDRESS = "ops@planner.example"
 T0 = local("2024-01-10 12:00")  # day 0, 04:00 UTC: the same day in UTC and locally
 LAST_DAY = 85
 STEADY_FROM = 35  # from this day on, RATE calls a day
@@ -158,17 +170,29 @@ async def test_what_if_across_quota_and_billing_processes(urls, tmp_path):
     q_env["ALLOT_CATALOG"] = b_env["ALLOT_CATALOG"] = str(catalog)
     q_env["ALLOT_DEDUCTION_POLICY"] = "standard"
     q_env["ALLOT_QUOTA_DATABASE_URL"], b_env["ALLOT_BILLING_DATABASE_URL"] = urls
+    n_data = tmp_path / "notification"
+    n_data.mkdir()
+    n_url = f"sqlite+aiosqlite:///{n_data / 'notification.db'}"
+    migrated_sqlite_if_new(n_url, "notification")
     with quota_process(q_env, tmp_path / "quota.log") as quota:
         b_env["ALLOT_QUOTA_ADDR"] = quota.addr
-        with billing_process(b_env, tmp_path / "billing.log") as billing:
+        n_env = notification_env(
+            n_url, n_data, quota.addr, ALLOT_CLOCK_START=q_env["ALLOT_CLOCK_START"]
+        )
+        with (
+            billing_process(b_env, tmp_path / "billing.log") as billing,
+            notification_process(n_env, n_data / "notification.log") as notification,
+        ):
             async with (
                 grpc.aio.insecure_channel(quota.addr) as qc,
                 grpc.aio.insecure_channel(billing.addr) as bc,
+                grpc.aio.insecure_channel(notification.addr) as nc,
             ):
-                q, b = quota_calls(qc), BillingCalls(bc)
-                recorded = await three_months(q, b)
+                q, b, n = quota_calls(qc), BillingCalls(bc), NotificationCalls(nc)
+                recorded = await three_months(q, b, n, n_data / "outbox" / "email")
                 await replays(q, b, recorded)
                 await recommendation(q, b)
+            assert notification.terminate(timeout=30) == 0
             assert billing.terminate(timeout=30) == 0
         assert quota.terminate(timeout=30) == 0
 
@@ -176,17 +200,20 @@ async def test_what_if_across_quota_and_billing_processes(urls, tmp_path):
 # --- 1 and 4: the walk, the forecast, the alert -----------------------------------------------
 
 
-async def three_months(q: QuotaCalls, b: BillingCalls) -> Recorded:
+async def three_months(
+    q: QuotaCalls, b: BillingCalls, n: NotificationCalls, mailbox: pathlib.Path
+) -> Recorded:
     recorded = Recorded()
+    await n.create(ACCOUNT, EMAIL, ADDRESS, [USAGE_ALERT])
     await b.create_account(ACCOUNT)
     await b.top_up(ACCOUNT, TOP_UP, request_id="fund")
     first = await buy(b, SMALL, "buy-1")
     assert first.effective_time.ToDatetime(tzinfo=UTC) == day(0)
 
-    for n in range(SECOND_PURCHASE_DAY):
-        if n:
-            await q.set_time(day(n))
-        await use(q, n, recorded)
+    for d in range(SECOND_PURCHASE_DAY):
+        if d:
+            await q.set_time(day(d))
+        await use(q, d, recorded)
     assert await remaining(q) == (1000, 0)
 
     # Day 80: billing's clock catches up (settling what it has taken in so far), a second
@@ -201,28 +228,33 @@ async def three_months(q: QuotaCalls, b: BillingCalls) -> Recorded:
     assert payloads(await alerts.log.new(), THRESHOLD_CROSSED) == []
 
     fired = []
-    for n in range(SECOND_PURCHASE_DAY, LAST_DAY + 1):
-        if n > SECOND_PURCHASE_DAY:
-            await q.set_time(day(n))  # the due work evaluates the rule before this returns
-            crossed = payloads(await alerts.log.new(), THRESHOLD_CROSSED)
-            assert len(crossed) == (n == FIRES_ON), (n, crossed)
-            fired.extend(crossed)
+    for d in range(SECOND_PURCHASE_DAY, LAST_DAY + 1):
+        if d > SECOND_PURCHASE_DAY:
+            await n.set_time(day(d))
+            await q.set_time(day(d))  # the due work evaluates the rule before this returns
+            events = [e for e in await alerts.log.new() if e.HasField(THRESHOLD_CROSSED)]
+            crossed = payloads(events, THRESHOLD_CROSSED)
+            assert len(crossed) == (d == FIRES_ON), (d, crossed)
+            fired.extend(events)
             total, left = await remaining(q)
-            if n == FIRES_ON:
+            if d == FIRES_ON:
                 (event,) = crossed
                 assert (event.alert_id, event.condition) == (rule.alert_id, DEPLETION)
                 assert event.WhichOneof("threshold") == "threshold_depletion_days"
                 assert event.threshold_depletion_days == WITHIN_DAYS
                 assert (event.remaining_quantity, event.total_quantity) == (left, total)
                 assert event.daily_rate == str(RATE)
-                assert event.depletion_time.ToDatetime(tzinfo=UTC) == day(n + WITHIN_DAYS)
-            expected = quota_pb2.USAGE_ALERT_STATE_FIRED if n >= FIRES_ON else rule.state
+                assert event.depletion_time.ToDatetime(tzinfo=UTC) == day(d + WITHIN_DAYS)
+                await mailed_once(n, events[0].event_id, mailbox)
+            expected = quota_pb2.USAGE_ALERT_STATE_FIRED if d >= FIRES_ON else rule.state
             assert await alerts.state(rule.alert_id) == expected
-        await use(q, n, recorded)
+        await use(q, d, recorded)
         # Reporting usage evaluates no forecast rule (docs/design/forecasts.md).
         assert payloads(await alerts.log.new(), THRESHOLD_CROSSED) == []
-        await forecast_follows_the_rate(q, day(n))
+        await forecast_follows_the_rate(q, day(d))
     assert len(fired) == 1
+    # Quota announced one crossing; notification made one message of it.
+    assert len(await n.notifications(ACCOUNT, [USAGE_ALERT])) == 1
 
     # The day after: every cycle has ended; billing settles all it has taken in.
     end = day(LAST_DAY + 1)
@@ -236,6 +268,24 @@ async def three_months(q: QuotaCalls, b: BillingCalls) -> Recorded:
     )
     assert await settled_pay_per_use(b) == recorded.pay_per_use
     return recorded
+
+
+async def mailed_once(n: NotificationCalls, event_id: str, mailbox: pathlib.Path) -> None:
+    """The crossing as one usage-alert email, sent (to the data dir's outbox: no SMTP)."""
+    (notified,) = await n.settled(ACCOUNT, 1, [USAGE_ALERT])
+    assert notified.source_event_id == event_id
+    assert [(x.channel, x.state) for x in notified.deliveries] == [(EMAIL, SENT)]
+    assert notified.subject == f"Usage alert: {API} in {REGION} will be used up within 7 days"
+    assert "(around 2024-04-09)" in notified.body  # day 90, billing time zone
+    (name, text) = mails(mailbox, notified.notification_id)
+    assert name.startswith("20240402T040000Z-")  # day 83 on notification's clock
+    assert f"To: {ADDRESS}" in text
+
+
+def mails(mailbox: pathlib.Path, notification_id: str) -> tuple[str, str]:
+    """(file name, text) of the one email of the notification in the outbox folder."""
+    (mail,) = mailbox.glob(f"*-{notification_id}.eml")
+    return mail.name, mail.read_text()
 
 
 async def forecast_follows_the_rate(q: QuotaCalls, now: datetime) -> None:
