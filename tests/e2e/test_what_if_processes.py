@@ -192,6 +192,7 @@ async def test_what_if_across_quota_and_billing_processes(urls, tmp_path):
                 recorded = await three_months(q, b, n, n_data / "outbox" / "email")
                 await replays(q, b, recorded)
                 await recommendation(q, b)
+                await rearmed_by_a_purchase(q, b)
             assert notification.terminate(timeout=30) == 0
             assert billing.terminate(timeout=30) == 0
         assert quota.terminate(timeout=30) == 0
@@ -372,6 +373,13 @@ def per_package(response) -> dict[str, int]:
     return {p.package_id: p.used_quantity for p in response.per_package}
 
 
+def packages_used_since(packages, start: datetime) -> int:
+    """What the packages effective from `start` paid for (the earlier one was used up)."""
+    return sum(
+        p.used_quantity for p in packages if p.effective_time.ToDatetime(tzinfo=UTC) >= start
+    )
+
+
 async def replays(q: QuotaCalls, b: BillingCalls, recorded: Recorded) -> None:
     start, end = T0 - timedelta(days=5), day(LAST_DAY + 1)
     stats = await usage_stats(q, start, end)
@@ -428,6 +436,18 @@ async def replays(q: QuotaCalls, b: BillingCalls, recorded: Recorded) -> None:
     assert [
         (f.package_id, f.quantity, f.expire_time.ToDatetime(tzinfo=UTC)) for f in short.forfeited
     ] == [("hypothetical-1-1", monthly.quantity - covered, expiry)]
+
+    # From March on: the real packages enter the window with what February left of them
+    # (the first used up, the second not yet bought), and the window's figures are as recorded.
+    march = local("2024-03-01 00:00")
+    since = await usage_stats(q, march, end)
+    assert since.package_paid == packages_used_since(packages, march)
+    later = await q.simulate(march, end, account_id=ACCOUNT)
+    assert (later.package_paid_quantity, later.pay_per_use_quantity) == (
+        since.package_paid,
+        since.pay_per_use,
+    )
+    assert simulated_months(later) == since.monthly()
 
     # Nothing was written.
     after = (await head(q.stub, q.admin), list((await q.list_packages(ACCOUNT)).packages))
@@ -489,3 +509,18 @@ async def recommendation(q: QuotaCalls, b: BillingCalls) -> None:
         await head(q.stub, q.admin),
         await head(b.stub, b.admin, request_type=BILLING_EVENTS),
     )
+
+
+# --- 4, continued: a purchase re-arms the alert -------------------------------------------------
+
+
+async def rearmed_by_a_purchase(q: QuotaCalls, b: BillingCalls) -> None:
+    """A third package (1,400 left: 14 days) makes the condition false: re-armed in the
+    grant's transaction, and nothing announced."""
+    alerts = AlertCalls(q)
+    (rule,) = (await alerts.list_alerts(ACCOUNT)).usage_alerts
+    assert rule.state == quota_pb2.USAGE_ALERT_STATE_FIRED
+    alerts.log.cursor = await head(q.stub, q.admin)
+    await buy(b, SMALL, "buy-3")
+    assert await alerts.state(rule.alert_id) == quota_pb2.USAGE_ALERT_STATE_ARMED
+    assert payloads(await alerts.log.new(), THRESHOLD_CROSSED) == []
