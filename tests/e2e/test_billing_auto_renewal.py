@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2
@@ -31,7 +30,15 @@ from allot.notification.v1 import notification_pb2
 from allot.testing.v1 import clock_service_pb2
 
 from services.notification.adapters.sources import BILLING_EVENT_TYPES
-from tests.support.billing import SETTLE_TIMEOUT, BillingCalls, billing_process, micros, paired_env
+from tests.support.billing import (
+    BILLING_TZ,
+    SETTLE_TIMEOUT,
+    BillingCalls,
+    billing_process,
+    local,
+    micros,
+    paired_env,
+)
 from tests.support.calls import ts
 from tests.support.notification import (
     EMAIL,
@@ -45,7 +52,7 @@ from tests.support.notification import (
 from tests.support.quota import QuotaCalls, quota_calls, quota_process
 from tests.support.receivers import SmtpInbox, smtp_receiver
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2023-04-19T06:25:10Z"  # 2023-04-19 14:25:10 in the billing time zone
 ACCOUNT = "acme"
 ADDRESS = "billing+acme@example.com"
@@ -59,10 +66,6 @@ AUTO_RENEWAL = billing_pb2.ORDER_KIND_AUTO_RENEWAL
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED
 RENEWAL_LINE = billing_pb2.BILL_LINE_KIND_PACKAGE_RENEWAL
 TOP_UP_LINE = billing_pb2.BILL_LINE_KIND_TOP_UP
-
-
-def local(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=TZ)
 
 
 @dataclass

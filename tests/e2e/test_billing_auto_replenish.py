@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import grpc
 from allot.billing.v1 import billing_pb2, billing_service_pb2
@@ -29,10 +28,12 @@ from allot.notification.v1 import notification_pb2
 from allot.testing.v1 import clock_service_pb2
 
 from tests.support.billing import (
+    BILLING_TZ,
     SETTLE_TIMEOUT,
     BillingCalls,
     billing_env,
     billing_process,
+    local,
     micros,
     paired_env,
 )
@@ -48,7 +49,7 @@ from tests.support.notification import (
 from tests.support.quota import QuotaCalls, quota_calls, quota_process
 from tests.support.receivers import SmtpInbox, smtp_receiver
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START = "2024-01-10T00:00:00Z"  # 2024-01-10 08:00 in the billing time zone
 ACCOUNT = "acme"
 ADDRESS = "ops+acme@example.com"
@@ -60,10 +61,6 @@ PRICE = 2_400_000  # 2.40 USD in micros
 FAILED_TYPE = notification_pb2.MESSAGE_TYPE_AUTO_REPLENISH_FAILED
 AUTO = billing_pb2.ORDER_KIND_AUTO_REPLENISH
 FULFILLED = billing_pb2.ORDER_STATE_FULFILLED
-
-
-def local(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=TZ)
 
 
 @dataclass

@@ -35,10 +35,12 @@ from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 
 from shared.money import round_half_up_to_minor
 from tests.support.billing import (
+    BILLING_TZ,
     BillingCalls,
     BillingProcess,
     billing_env,
     billing_process,
+    local,
     micros,
     paired_env,
 )
@@ -53,7 +55,7 @@ from tests.support.quota import quota_calls, quota_env, quota_process
 from tests.support.servers import Tokens, free_port
 from tests.support.standings import FROZEN, GOOD, GRACE, RELEASED
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 TOKENS = Tokens()
 ADMIN = TOKENS.md(TOKENS.admin())
 GATEWAY = TOKENS.md(TOKENS.gateway())
@@ -63,10 +65,6 @@ PASSPORT = "passport"
 PAY_PER_USE = billing_pb2.BILL_LINE_KIND_PAY_PER_USE
 PURCHASE = billing_pb2.BILL_LINE_KIND_PACKAGE_PURCHASE
 TOP_UP = billing_pb2.BILL_LINE_KIND_TOP_UP
-
-
-def local(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=TZ)
 
 
 def utc_text(value: datetime) -> str:

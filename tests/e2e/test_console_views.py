@@ -35,7 +35,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -45,9 +44,11 @@ from google.type import date_pb2
 
 from services.billing.adapters.quota_client import READ_TIMEOUT
 from tests.support.billing import (
+    BILLING_TZ,
     BillingCalls,
     BillingProcess,
     billing_env,
+    local,
     micros,
     write_catalog,
 )
@@ -66,7 +67,7 @@ from tests.support.processes import WatchedProcess
 from tests.support.quota import QuotaCalls, QuotaProcess, quota_calls, quota_env
 from tests.support.servers import free_port
 
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = BILLING_TZ
 START_TEXT = "2024-05-01T00:00:00Z"  # 08:00 in the billing time zone
 START = datetime.fromisoformat(START_TEXT)
 HK, BKK = "ap-southeast-1", "ap-southeast-2"
@@ -90,10 +91,6 @@ class _Deadline(grpc.aio.UnaryUnaryClientInterceptor):
 
 def _channel(addr: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(addr, interceptors=[_Deadline()])
-
-
-def local(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=TZ)
 
 
 def day(text: str) -> date_pb2.Date:
