@@ -31,6 +31,7 @@ def compare(before: dict, after: dict) -> list[str]:
     lines = [f"before: {label(before)}", f"after:  {label(after)}", ""]
     lines.append(
         f"{'database':<11}{'scenario':<30}{'conc':>5}{'events/s':>22}{'vs echo':>16}{'p50 ms':>20}"
+        f"{'srv us/call':>20}"
     )
     old = {_key(r): r for r in before["results"]}
     for row in after["results"]:
@@ -42,6 +43,9 @@ def compare(before: dict, after: dict) -> list[str]:
             f"{was['events_per_s']:>10,.0f} -> {row['events_per_s']:>7,.0f}"
             f"{_fmt(was['ratio_vs_echo'], '.2f'):>8} -> {_fmt(row['ratio_vs_echo'], '.2f'):>5}"
             f"{_fmt(was['p50_ms'], '.2f'):>11} -> {_fmt(row['p50_ms'], '.2f'):>6}"
+            # Runs written before the bench measured the server's CPU have none.
+            f"{_fmt(was.get('server_cpu_us_per_call'), ',.0f'):>11} -> "
+            f"{_fmt(row.get('server_cpu_us_per_call'), ',.0f'):>6}"
         )
     lines.append("")
     goals = {(g["database"], g["goal"]): g for g in before["goals"]}
