@@ -234,3 +234,43 @@ async def test_simulation_history_numbers_the_events_recorded_before_it(database
                 assert next_value == 5
     finally:
         await engine.dispose()
+
+
+async def test_usage_alert_owner_leaves_existing_rules_the_customers(database_url):
+    """Quota's 0011_usage_alert_owner: every rule that existed before is the customer's own
+    (owner ''), rules made before it by billing for auto-replenish included
+    (docs/design/auto-replenish.md); downgrading drops the column again."""
+    from alembic import command
+
+    engine = create_engine(database_url)
+    cfg = alembic_config("quota", QuotaService.migrations_dir)
+
+    def run(step, revision: str):
+        def go(sync_connection) -> None:
+            cfg.attributes["connection"] = sync_connection
+            step(cfg, revision)
+
+        return go
+
+    row = (
+        "INSERT INTO usage_alerts (alert_id, account_id, region, api, threshold_quantity,"
+        " enabled, create_time_us, update_time_us) VALUES (:id, 'a', 'r', 'p', 20, true, 0, 0)"
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run(command.upgrade, "0010_simulation_history"))
+            await connection.execute(text(row), {"id": "alr-old"})
+        async with engine.begin() as connection:
+            await connection.run_sync(run(command.upgrade, "0011_usage_alert_owner"))
+            owners = (
+                await connection.execute(text("SELECT alert_id, owner FROM usage_alerts"))
+            ).all()
+            assert [tuple(r) for r in owners] == [("alr-old", "")]
+        async with engine.begin() as connection:
+            await connection.run_sync(run(command.downgrade, "0010_simulation_history"))
+            columns = await connection.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns("usage_alerts")}
+            )
+            assert "owner" not in columns and "threshold_quantity" in columns
+    finally:
+        await engine.dispose()

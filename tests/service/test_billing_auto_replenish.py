@@ -17,7 +17,7 @@ import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
 from allot.notification.v1 import notification_pb2
-from allot.quota.v1 import quota_service_pb2
+from allot.quota.v1 import quota_pb2, quota_service_pb2
 from sqlalchemy import select
 
 from services.billing.adapters import tables as billing_tables
@@ -31,6 +31,7 @@ from tests.support.billing import (
     running_billing,
 )
 from tests.support.calls import expect_error
+from tests.support.events import THRESHOLD_CROSSED, AlertCalls, payloads
 from tests.support.notification import (
     EMAIL,
     NotificationHandle,
@@ -154,7 +155,12 @@ class Suite:
 
 
 @contextlib.asynccontextmanager
-async def running_suite(urls, tmp_path, replicas: int = 2, with_notification: bool = False):
+async def running_suite(
+    urls, tmp_path, replicas: int = 2, with_notification: bool = False, overview: bool = False
+):
+    """Quota, billing replicas and, `with_notification`, notification following billing's
+    stream too; with `overview` instead, notification follows quota alone and is started first,
+    so billing's account overview can ask it who hears usage alerts."""
     quota_url, billing_url = urls
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(CATALOG)
@@ -163,13 +169,29 @@ async def running_suite(urls, tmp_path, replicas: int = 2, with_notification: bo
         quota_url, tmp_path / "quota", clock="manual", clock_start=START, catalog=str(catalog)
     )
     async with running_quota(settings) as quota, contextlib.AsyncExitStack() as stack:
+        first = None
+        extra = {}
+        if overview:
+            data = tmp_path / "notification"
+            data.mkdir()
+            values = notification_settings(
+                f"sqlite+aiosqlite:///{data / 'n.db'}",
+                data,
+                quota.addr,
+                clock_start=START,
+                catalog=str(catalog),
+            )
+            first = await stack.enter_async_context(running_notification(values))
+            extra["notification_addr"] = first.server.bound_addr
         handles = []
         for n in range(replicas):  # one after the other: the first migrates the database
             data = tmp_path / f"billing-{n}"
             data.mkdir()
-            values = billing_settings(billing_url, data, quota.addr, START, catalog=str(catalog))
+            values = billing_settings(
+                billing_url, data, quota.addr, START, catalog=str(catalog), **extra
+            )
             handles.append(await stack.enter_async_context(running_billing(values)))
-        suite = Suite(QuotaCalls(quota), handles)
+        suite = Suite(QuotaCalls(quota), handles, first)
         if with_notification:
             data = tmp_path / "notification"
             data.mkdir()
@@ -379,10 +401,15 @@ async def test_a_rule_deleted_in_quota_is_replaced_by_the_next_set(suite):
     await suite.account("10.00")
     await buy_first_package(suite)
     first = await suite.set_replenish()
+    # The rule is auto-replenish's: the account's own tokens may not delete it; an admin may.
     own = suite.quota.tokens.md(suite.quota.tokens.account(ACCOUNT))
-    await suite.quota.stub.DeleteUsageAlert(
-        quota_service_pb2.DeleteUsageAlertRequest(alert_id=first.alert_id), metadata=own
+    delete = quota_service_pb2.DeleteUsageAlertRequest(alert_id=first.alert_id)
+    await expect_error(
+        suite.quota.stub.DeleteUsageAlert(delete, metadata=own),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "USAGE_ALERT_OWNED",
     )
+    await suite.quota.stub.DeleteUsageAlert(delete, metadata=suite.quota.admin)
 
     # The reply is the setting as written; the rule is found gone (and replaced) right after.
     await suite.set_replenish("set-2", below_quantity=30)
@@ -394,6 +421,7 @@ async def test_a_rule_deleted_in_quota_is_replaced_by_the_next_set(suite):
     )
     (rule,) = rules.usage_alerts
     assert (rule.alert_id, rule.remaining_quantity, rule.enabled) == (again.alert_id, 30, True)
+    assert rule.owner == "auto_replenish"  # the replacement is owned too
 
     await suite.quota.report("down", ACCOUNT, 70)
     await suite.caught_up()
@@ -419,3 +447,63 @@ async def test_quota_away_sets_nothing(tmp_path):
         await expect_error(
             suite.get_replenish(), grpc.StatusCode.NOT_FOUND, "AUTO_REPLENISH_NOT_FOUND"
         )
+
+
+# --- the rule is auto-replenish's (UsageAlert.owner) -----------------------------------------
+
+OWNER = "auto_replenish"
+USAGE_ALERT = notification_pb2.MESSAGE_TYPE_USAGE_ALERT
+
+
+async def test_the_rule_is_owned_silent_for_contacts_and_not_among_the_customers_alerts(
+    quota_and_billing_urls, tmp_path
+):
+    async with running_suite(quota_and_billing_urls, tmp_path, replicas=1, overview=True) as suite:
+        notification = suite.notification.calls
+        alerts = AlertCalls(suite.quota)
+        own = suite.quota.tokens.md(suite.quota.tokens.account(ACCOUNT))
+        overview = REQ.GetAccountOverviewRequest(account_id=ACCOUNT)
+        await suite.account("10.00")
+        await buy_first_package(suite)
+        setting = await suite.set_replenish()
+
+        # The rule is shown, with its owner, to the account's own tokens.
+        rule = await alerts.get_alert(setting.alert_id, metadata=own)
+        assert (rule.owner, rule.remaining_quantity, rule.enabled) == (OWNER, 20, True)
+        listed = await alerts.list_alerts(ACCOUNT, metadata=own)
+        assert [(r.alert_id, r.owner) for r in listed.usage_alerts] == [(setting.alert_id, OWNER)]
+
+        # Nobody hears usage alerts yet: the overview flags the customer's own rule, not the
+        # setting's.
+        mine = await alerts.create(ACCOUNT, region=HK, api=API, quantity=5, metadata=own)
+        seen = await suite.billing.stub.GetAccountOverview(overview, metadata=suite.billing.admin)
+        assert seen.notification_available
+        assert [a.alert_id for a in seen.unheard_alerts] == [mine.alert_id]
+        await notification.create(ACCOUNT, EMAIL, "alerts@acme.test", [USAGE_ALERT])
+        seen = await suite.billing.stub.GetAccountOverview(overview, metadata=suite.billing.admin)
+        assert list(seen.unheard_alerts) == []
+
+        # The setting's crossing buys once, and is marked as the setting's in quota's stream.
+        await suite.quota.report("down", ACCOUNT, 85)  # 15 left
+        await suite.caught_up()
+        (order,) = await suite.auto_orders()
+        assert order.state == FULFILLED
+        assert await suite.remaining() == (200, 115)
+        crossings = payloads(await alerts.events(types=(THRESHOLD_CROSSED,)), THRESHOLD_CROSSED)
+        assert [(c.alert_id, c.owner) for c in crossings] == [(setting.alert_id, OWNER)]
+
+        # A later crossing, of the customer's own rule (changed to 200: it fires at once), is
+        # the known position: once notification has made it a message, it has read the
+        # setting's crossing before it, and made nothing of it.
+        change = quota_pb2.UsageAlert(alert_id=mine.alert_id, remaining_quantity=200)
+        await alerts.update_alert(change, ["remaining_quantity"], metadata=own)
+        events = await alerts.events(types=(THRESHOLD_CROSSED,))
+        later = [e for e in events if e.threshold_crossed.alert_id == mine.alert_id]
+        assert len(later) == 1 and not later[0].threshold_crossed.owner
+        found = await read_until(
+            lambda: notification.notifications(ACCOUNT, [USAGE_ALERT]),
+            lambda found: len(found) >= 1,
+            WITHIN,
+            "the usage alert notification of the customer's own rule",
+        )
+        assert [n.source_event_id for n in found] == [later[0].event_id]

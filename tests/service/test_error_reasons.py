@@ -29,7 +29,7 @@ import asyncpg
 import grpc
 import pytest
 from allot.billing.v1 import billing_pb2, billing_service_pb2
-from allot.quota.v1 import quota_service_pb2, quota_service_pb2_grpc
+from allot.quota.v1 import quota_pb2, quota_service_pb2, quota_service_pb2_grpc
 from google.type import date_pb2, money_pb2
 
 from services.quota.service import QuotaService
@@ -254,6 +254,27 @@ async def quota_usage_alert_not_found(stage: Stage) -> None:
         ),
         NOT_FOUND,
         "USAGE_ALERT_NOT_FOUND",
+    )
+
+
+async def quota_usage_alert_owned(stage: Stage) -> None:
+    quota = await stage.quota()
+    billing = quota.tokens.md(quota.tokens.internal("billing"))
+    rule = await quota.stub.CreateUsageAlert(
+        quota_service_pb2.CreateUsageAlertRequest(
+            usage_alert=quota_pb2.UsageAlert(
+                account_id="acct-1", region=REGION, remaining_quantity=5, owner="auto_replenish"
+            )
+        ),
+        metadata=billing,
+    )
+    await expect_error(
+        quota.stub.DeleteUsageAlert(
+            quota_service_pb2.DeleteUsageAlertRequest(alert_id=rule.alert_id),
+            metadata=quota.account("acct-1"),
+        ),
+        PRECONDITION,
+        "USAGE_ALERT_OWNED",
     )
 
 
@@ -737,6 +758,7 @@ SCENARIOS: dict[tuple[str, str], Scenario] = {
     ("quota", "USAGE_EVENT_NOT_FOUND"): quota_usage_event_not_found,
     ("quota", "REQUEST_ID_REUSED"): quota_request_id_reused,
     ("quota", "USAGE_ALERT_NOT_FOUND"): quota_usage_alert_not_found,
+    ("quota", "USAGE_ALERT_OWNED"): quota_usage_alert_owned,
     ("quota", "CURSOR_AHEAD_OF_STREAM"): quota_cursor_ahead_of_stream,
     ("billing", "ACCOUNT_ALREADY_EXISTS"): billing_account_already_exists,
     ("billing", "ACCOUNT_IN_ARREARS"): billing_account_in_arrears,

@@ -20,6 +20,7 @@ from google.protobuf import field_mask_pb2
 from services.billing.domain.line_explanations import Explained, NearMissSeen
 from services.billing.domain.overview import AlertSeen, PackageSeen
 from services.billing.domain.recommendations import Purchase, SimulatedOutcome
+from services.billing.domain.replenish import RULE_OWNER
 from shared.errors import AllotError, Kind, Unavailable
 from shared.status import error_info
 from shared.timeutil import from_timestamp, to_timestamp
@@ -203,7 +204,8 @@ class QuotaClient:
     async def create_usage_alert(
         self, request_id: str, account_id: str, region: str, api: str, below: int, enabled: bool
     ) -> str:
-        """Create the usage alert rule of an auto-replenish setting; its alert id."""
+        """Create the usage alert rule of an auto-replenish setting, owned by auto-replenish
+        (UsageAlert.owner: kept out of the customer's messages and alerts); its alert id."""
         rule = await self._call(
             region,
             "CreateUsageAlert",
@@ -215,6 +217,7 @@ class QuotaClient:
                     api=api,
                     remaining_quantity=below,
                     enabled=enabled,
+                    owner=RULE_OWNER,
                 ),
             ),
         )
@@ -367,5 +370,6 @@ def _alert_seen(alert: quota_pb2.UsageAlert) -> AlertSeen:
         api=alert.api,
         # Unset means enabled (quota's default for a new rule).
         enabled=alert.enabled if alert.HasField("enabled") else True,
+        owner=alert.owner,
         wire=alert,
     )

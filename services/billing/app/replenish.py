@@ -2,7 +2,8 @@
 quota's crossings of its rule, and re-arm the rule when a month's limit has passed.
 
 A setting is kept in two places: billing's row (``auto_replenish``) and a usage alert rule in
-the region's quota service (remaining <= ``below_quantity``, for the setting's API) whose
+the region's quota service (remaining <= ``below_quantity``, for the setting's API; owned by
+auto-replenish, so it is no customer's alert: ``RULE_OWNER``) whose
 ``threshold_crossed`` events billing follows on the stream it already reads for pay-per-use
 (``services/billing/pay_per_use.py``). SetAutoReplenish creates the rule switched off when the
 setting has none, writes billing's row (with the rule's id), then tells quota the threshold and
@@ -248,8 +249,9 @@ async def _settled(ctx: BillingContext, setting: AutoReplenish, failure: str | N
 
 
 async def _replace_rule(ctx: BillingContext, setting: AutoReplenish) -> bool:
-    """The setting's rule was deleted in quota (a customer may delete any rule of its
-    account): create another, switched off, and ask for a sync of it."""
+    """The setting's rule was deleted in quota (by an admin; or by the customer, when it is a
+    rule made before rules had owners, docs/design/auto-replenish.md): create another, owned
+    and switched off, and ask for a sync of it."""
     log.warning("auto-replenish rule %s is gone in quota: a new one", setting.alert_id)
     try:
         alert_id = await ctx.quota.create_usage_alert(

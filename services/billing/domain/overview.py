@@ -38,6 +38,9 @@ class AlertSeen:
     region: str
     api: str
     enabled: bool
+    # "" = the customer's own rule; else the suite feature that keeps it (an auto-replenish
+    # setting's rule: "auto_replenish"), which is not one of the customer's alerts.
+    owner: str = ""
     wire: object = field(default=None, compare=False, repr=False)
 
 
@@ -108,9 +111,11 @@ def region_figures(
 
 
 def unheard_alerts(alerts: Iterable[AlertSeen], audience: int | None) -> tuple[AlertSeen, ...]:
-    """The enabled rules nobody would hear: all of them when no contact of the account is
-    subscribed to usage alerts (``audience`` 0); none when somebody is, or when notification
-    could not tell (``audience`` None: unknown, not "unheard")."""
+    """The enabled rules of the customer nobody would hear: all of them when no contact of the
+    account is subscribed to usage alerts (``audience`` 0); none when somebody is, or when
+    notification could not tell (``audience`` None: unknown, not "unheard"). Rules the system
+    owns (an auto-replenish setting's) are not the customer's alerts and are never heard by
+    design: they are left out."""
     if audience is None or audience > 0:
         return ()
-    return tuple(a for a in alerts if a.enabled)
+    return tuple(a for a in alerts if a.enabled and not a.owner)

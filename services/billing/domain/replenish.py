@@ -25,6 +25,9 @@ MAX_PER_MONTH = 100
 # ACCOUNT_IN_ARREARS).
 LIMIT_REACHED = "AUTO_REPLENISH_LIMIT_REACHED"
 OFFER_GONE = "UNKNOWN_OFFER"
+# The owner quota records on a setting's rule (UsageAlert.owner): the rule is the system's,
+# not one of the customer's alerts (docs/design/auto-replenish.md, "The rule is billing's").
+RULE_OWNER = "auto_replenish"
 
 
 @dataclass(frozen=True)

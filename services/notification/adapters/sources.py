@@ -1,9 +1,11 @@
 """Source events of other services' streams, as notification's domain events.
 
-Only the events a person should hear about become messages: quota's `threshold_crossed`,
-`package_expiring`, and `package_state_changed` into EXHAUSTED; billing's standing changes,
-balance alerts, order changes, failed auto-renewals and auto-replenish purchases that
-bought nothing. Everything else is None.
+Only the events a person should hear about become messages: quota's `threshold_crossed` (of
+the customer's own rules: a crossing of a rule the system owns, such as an auto-replenish
+setting's, is for its owner; docs/design/usage-alerts.md, "Owned rules"), `package_expiring`,
+and `package_state_changed` into EXHAUSTED; billing's standing changes, balance alerts, order
+changes, failed auto-renewals and auto-replenish purchases that bought nothing. Everything
+else is None.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def from_quota_event(event: quota_pb2.QuotaEvent) -> SourceEvent | None:
     kind = event.WhichOneof("payload")
     if kind == "threshold_crossed":
         p = event.threshold_crossed
+        if p.owner:
+            return None  # the system's own rule: its owner acts on it, nobody is told
         if p.WhichOneof("threshold") in _FORECAST_THRESHOLDS:
             return _forecast_alert(p)
         return UsageAlertFired(

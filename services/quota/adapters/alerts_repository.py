@@ -31,6 +31,7 @@ def to_rule(row) -> AlertRule:
         enabled=row.enabled,
         create_time=from_epoch_us(row.create_time_us),
         update_time=from_epoch_us(row.update_time_us),
+        owner=row.owner,
     )
 
 
@@ -48,6 +49,7 @@ def _values(rule: AlertRule) -> dict:
         "enabled": rule.enabled,
         "create_time_us": to_epoch_us(rule.create_time),
         "update_time_us": to_epoch_us(rule.update_time),
+        "owner": rule.owner,
     }
 
 

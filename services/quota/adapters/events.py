@@ -44,6 +44,7 @@ class QuotaEvents:
             remaining_quantity=remaining,
             total_quantity=quantity_in_force,
             condition=int(threshold.condition),
+            owner=rule.owner,
         )
         if threshold.quantity is not None:
             payload.threshold_quantity = threshold.quantity

@@ -135,6 +135,8 @@ usage_alerts = Table(
     # When the due work last evaluated a forecast rule's forecast; NULL for the other rules,
     # so the due work's range scan of this index finds forecast rules only.
     Column("forecast_check_time_us", BigInteger, nullable=True),
+    # '' = the customer's own rule; else the suite feature that keeps it (UsageAlert.owner).
+    Column("owner", String(40), nullable=False, server_default=""),
     Index("ix_usage_alerts_scope", "account_id", "region"),
     Index("ix_usage_alerts_forecast_check", "forecast_check_time_us"),
 )

@@ -123,6 +123,7 @@ def from_proto_alert(alert: quota_pb2.UsageAlert) -> AlertInput:
         ),
         # Unset on create means enabled: a rule nobody asked to switch off should work.
         enabled=alert.enabled if alert.HasField("enabled") else True,
+        owner=alert.owner,
     )
 
 
@@ -137,6 +138,7 @@ def to_proto_alert(view: AlertView) -> quota_pb2.UsageAlert:
         state=int(view.state),
         create_time=to_timestamp(rule.create_time),
         update_time=to_timestamp(rule.update_time),
+        owner=rule.owner,
     )
     threshold = rule.threshold
     if threshold.quantity is not None:

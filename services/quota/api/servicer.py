@@ -45,7 +45,10 @@ def _check_package(package: Package) -> None:
 
 
 def _check_rule(rule: AlertRule) -> None:
+    """The caller may change or delete the rule: its account and region, and not an owned
+    rule for an account token (USAGE_ALERT_OWNED, docs/design/usage-alerts.md)."""
     check_scope(rule.account_id, rule.region)
+    alerts.check_may_change(rule, current_principal().is_operator)
 
 
 async def _owned(load: Awaitable[T], scope_of: Callable[[T], tuple[str, str]]) -> T:
@@ -281,8 +284,11 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
     async def CreateUsageAlert(self, request, context):
         spec = convert.from_proto_alert(request.usage_alert)
 
+        by_service = current_principal().service is not None
+
         async def work(uow):
-            return convert.to_proto_alert(await alerts.create_alert(self.ctx, uow, spec))
+            view = await alerts.create_alert(self.ctx, uow, spec, by_service)
+            return convert.to_proto_alert(view)
 
         return await self._idempotent("CreateUsageAlert", request, quota_pb2.UsageAlert, work)
 

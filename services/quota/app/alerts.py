@@ -26,9 +26,10 @@ from services.quota.domain.alerts import (
     AlertState,
     Threshold,
     evaluate,
+    owner_is_valid,
 )
 from shared.db import UnitOfWork
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.validation import check_account_id
 
@@ -45,6 +46,7 @@ class AlertInput:
     enabled: bool
     depletion_within_days: int | None = None
     forfeiture_above_quantity: int | None = None
+    owner: str = ""  # "" = the customer's own rule (docs/design/usage-alerts.md, "Owned rules")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,34 @@ def _threshold(spec: AlertInput) -> Threshold:
     )
 
 
+def _check_owner(owner: str, by_service: bool) -> None:
+    """Only the suite's services make owned rules (docs/design/usage-alerts.md)."""
+    if not owner:
+        return
+    if not by_service:
+        raise InvalidArgument(
+            "usage_alert.owner", "only the suite's services may set owner; leave it empty"
+        )
+    if not owner_is_valid(owner):
+        raise InvalidArgument(
+            "usage_alert.owner",
+            "owner must be lowercase letters, digits and '_', starting with a letter, "
+            "at most 40 characters",
+        )
+
+
+def check_may_change(rule: AlertRule, by_operator: bool) -> None:
+    """An owned rule is changed and deleted by its owner (or an admin), never by the
+    account's own tokens: they would break the feature that keeps it."""
+    if rule.owner and not by_operator:
+        raise FailedPrecondition(
+            "USAGE_ALERT_OWNED",
+            f"usage alert {rule.alert_id!r} is kept by {rule.owner!r}; change that instead",
+            alert_id=rule.alert_id,
+            owner=rule.owner,
+        )
+
+
 def _check_scope(ctx: QuotaContext, spec: AlertInput) -> None:
     check_account_id(spec.account_id, "usage_alert.account_id")
     ctx.check_region(spec.region, "usage_alert.region")
@@ -113,8 +143,13 @@ async def _view(uow: UnitOfWork, rule: AlertRule) -> AlertView:
     return AlertView(rule, AlertState.FIRED if fired else AlertState.ARMED)
 
 
-async def create_alert(ctx: QuotaContext, uow: UnitOfWork, spec: AlertInput) -> AlertView:
+async def create_alert(
+    ctx: QuotaContext, uow: UnitOfWork, spec: AlertInput, by_service: bool = False
+) -> AlertView:
+    """A new rule; `by_service` when one of the suite's services asks (it alone may set
+    `owner`)."""
     _check_scope(ctx, spec)
+    _check_owner(spec.owner, by_service)
     now = ctx.now()
     rule = AlertRule(
         alert_id=new_id("alr"),
@@ -125,6 +160,7 @@ async def create_alert(ctx: QuotaContext, uow: UnitOfWork, spec: AlertInput) -> 
         enabled=spec.enabled,
         create_time=now,
         update_time=now,
+        owner=spec.owner,
     )
     await alerts_repo.insert_rule(uow, rule)
     await reevaluate(ctx, uow, rule.account_id, rule.region, None, now, only=rule.alert_id)
@@ -192,6 +228,8 @@ async def update_alert(
     if rule is None:
         raise alert_not_found(alert_id)
     guard(rule)
+    if spec.owner and spec.owner != rule.owner:
+        raise InvalidArgument("usage_alert.owner", "owner is set on create and never changes")
     paths = list(paths) or sorted(UPDATABLE)
     changes: dict = {"update_time": ctx.now()}
     if "api" in paths:

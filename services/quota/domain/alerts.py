@@ -47,6 +47,20 @@ class AlertCondition(enum.IntEnum):
 
 MAX_DEPLETION_DAYS = 3650
 
+# The owner of the rule of an auto-replenish setting (docs/design/auto-replenish.md).
+OWNER_AUTO_REPLENISH = "auto_replenish"
+# What an owner may be: lowercase letters, digits and "_", starting with a letter.
+OWNER_MAX_LENGTH = 40
+
+
+def owner_is_valid(owner: str) -> bool:
+    return (
+        0 < len(owner) <= OWNER_MAX_LENGTH
+        and owner[0].isascii()
+        and owner[0].islower()
+        and all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in owner)
+    )
+
 
 @dataclass(frozen=True)
 class Threshold:
@@ -118,6 +132,9 @@ class AlertRule:
     enabled: bool
     create_time: datetime
     update_time: datetime
+    # "" = the customer's own rule; else the suite feature that keeps it (docs/design/
+    # usage-alerts.md, "Owned rules"), e.g. OWNER_AUTO_REPLENISH.
+    owner: str = ""
 
     def watches(self, account_id: str, region: str, api: str) -> bool:
         return self.account_id == account_id and self.region == region and self.api in ("", api)

@@ -968,7 +968,9 @@ class AccountOverview(_message.Message):
     def unheard_alerts(self) -> _containers.RepeatedCompositeFieldContainer[_quota_pb2.UsageAlert]:
         """The account's enabled usage alerts (of the available regions) that no contact of the
         account would hear: none is subscribed to usage alerts. Empty when every alert is
-        heard, and when notification_available is false (then unknown).
+        heard, and when notification_available is false (then unknown). Rules the system owns
+        (UsageAlert.owner, such as an auto-replenish setting's) are not the customer's alerts and
+        are never listed here.
         """
 
     def __init__(

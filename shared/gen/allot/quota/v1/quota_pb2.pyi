@@ -827,6 +827,7 @@ class UsageAlert(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
     """The rule's id, assigned by the service on create."""
     account_id: _builtins.str
@@ -854,6 +855,16 @@ class UsageAlert(_message.Message):
     """Whether the rule is evaluated. Unset on create means true."""
     state: Global___UsageAlertState.ValueType
     """Whether the rule has fired since it was last armed."""
+    owner: _builtins.str
+    """Who owns the rule: empty for the customer's own rule; the name of a feature of the suite
+    for a rule the system keeps on the account's behalf ("auto_replenish": the rule of an
+    auto-replenish setting, docs/design/auto-replenish.md). Only the suite's services (role
+    `internal`) may set it, on create; an account or admin token that sets it gets
+    INVALID_ARGUMENT. Owned rules are listed like the others (with their owner), their
+    crossings are not turned into customer messages, and account tokens may not update or
+    delete them (FAILED_PRECONDITION USAGE_ALERT_OWNED). Lowercase letters, digits and `_`,
+    at most 40 characters, starting with a letter.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the rule was created."""
@@ -877,10 +888,11 @@ class UsageAlert(_message.Message):
         state: Global___UsageAlertState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "create_time", b"create_time", "depletion_within_days", b"depletion_within_days", "enabled", b"enabled", "forfeiture_above_quantity", b"forfeiture_above_quantity", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "depletion_within_days", b"depletion_within_days", "enabled", b"enabled", "forfeiture_above_quantity", b"forfeiture_above_quantity", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "create_time", b"create_time", "depletion_within_days", b"depletion_within_days", "enabled", b"enabled", "forfeiture_above_quantity", b"forfeiture_above_quantity", "owner", b"owner", "region", b"region", "remaining_percent", b"remaining_percent", "remaining_quantity", b"remaining_quantity", "state", b"state", "threshold", b"threshold", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
@@ -1015,6 +1027,7 @@ class ThresholdCrossed(_message.Message):
     DAILY_RATE_FIELD_NUMBER: _builtins.int
     DEPLETION_TIME_FIELD_NUMBER: _builtins.int
     FORFEITURE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
     """The rule that fired."""
     account_id: _builtins.str
@@ -1045,6 +1058,10 @@ class ThresholdCrossed(_message.Message):
     """The forecast's daily rate (a decimal string, calls a day; see QuotaForecast.daily_rate);
     set for the forecast conditions only.
     """
+    owner: _builtins.str
+    """The rule's owner (UsageAlert.owner): empty for the customer's own rule. A crossing of an
+    owned rule is for its owner (billing's auto-replenish), not a message to the customer.
+    """
     @_builtins.property
     def depletion_time(self) -> _timestamp_pb2.Timestamp:
         """DEPLETION_WITHIN_DAYS: when the packages in force are expected to be used up."""
@@ -1072,10 +1089,11 @@ class ThresholdCrossed(_message.Message):
         daily_rate: _builtins.str = ...,
         depletion_time: _timestamp_pb2.Timestamp | None = ...,
         forfeiture: Global___ForecastForfeiture | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["depletion_time", b"depletion_time", "forfeiture", b"forfeiture", "threshold", b"threshold", "threshold_depletion_days", b"threshold_depletion_days", "threshold_forfeiture_quantity", b"threshold_forfeiture_quantity", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "condition", b"condition", "daily_rate", b"daily_rate", "depletion_time", b"depletion_time", "forfeiture", b"forfeiture", "region", b"region", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "threshold_depletion_days", b"threshold_depletion_days", "threshold_forfeiture_quantity", b"threshold_forfeiture_quantity", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity", "total_quantity", b"total_quantity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "alert_id", b"alert_id", "api", b"api", "condition", b"condition", "daily_rate", b"daily_rate", "depletion_time", b"depletion_time", "forfeiture", b"forfeiture", "owner", b"owner", "region", b"region", "remaining_quantity", b"remaining_quantity", "threshold", b"threshold", "threshold_depletion_days", b"threshold_depletion_days", "threshold_forfeiture_quantity", b"threshold_forfeiture_quantity", "threshold_percent", b"threshold_percent", "threshold_quantity", b"threshold_quantity", "total_quantity", b"total_quantity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_threshold: _TypeAlias = _typing.Literal["threshold_quantity", "threshold_percent", "threshold_depletion_days", "threshold_forfeiture_quantity"]  # noqa: Y015
     _WhichOneofArgType_threshold: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015

@@ -303,8 +303,9 @@ class QuotaServiceServicer:
 
     def CreateUsageAlert(self, request, context):
         """Creates a usage alert rule; it is evaluated at once. Idempotent by request_id. Errors:
-        INVALID_ARGUMENT (the threshold, UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED),
-        FAILED_PRECONDITION (REGION_NOT_SERVED).
+        INVALID_ARGUMENT (the threshold, owner: set by a caller other than the suite's services,
+        or malformed; UNKNOWN_REGION, UNKNOWN_API, REQUEST_ID_REUSED), FAILED_PRECONDITION
+        (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -318,8 +319,9 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsageAlerts(self, request, context):
-        """Lists usage alert rules. Errors: INVALID_ARGUMENT (page_size, page_token,
-        UNKNOWN_REGION), FAILED_PRECONDITION (REGION_NOT_SERVED).
+        """Lists usage alert rules, those the system owns (UsageAlert.owner) among them. Errors:
+        INVALID_ARGUMENT (page_size, page_token, UNKNOWN_REGION), FAILED_PRECONDITION
+        (REGION_NOT_SERVED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,15 +329,17 @@ class QuotaServiceServicer:
 
     def UpdateUsageAlert(self, request, context):
         """Changes a usage alert rule; it is re-armed and evaluated at once. Idempotent by
-        request_id. Errors: INVALID_ARGUMENT (update_mask, the threshold, UNKNOWN_API,
-        REQUEST_ID_REUSED), NOT_FOUND (USAGE_ALERT_NOT_FOUND).
+        request_id. Errors: INVALID_ARGUMENT (update_mask, the threshold, owner, UNKNOWN_API,
+        REQUEST_ID_REUSED), NOT_FOUND (USAGE_ALERT_NOT_FOUND), FAILED_PRECONDITION
+        (USAGE_ALERT_OWNED: an account token may not change a rule the system owns).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUsageAlert(self, request, context):
-        """Deletes a usage alert rule. Errors: NOT_FOUND (USAGE_ALERT_NOT_FOUND).
+        """Deletes a usage alert rule. Errors: NOT_FOUND (USAGE_ALERT_NOT_FOUND), FAILED_PRECONDITION
+        (USAGE_ALERT_OWNED: an account token may not delete a rule the system owns).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
