@@ -30,11 +30,15 @@ def check_account_id(account_id: str, field: str = "account_id") -> str:
     return account_id
 
 
+# C0 control characters and DEL (a regular expression: checked on every id of every call).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_length(value: str, field: str, limit: int = MAX_ID_LENGTH) -> str:
     """``value`` if it has at most ``limit`` characters and no control characters."""
     if len(value) > limit:
         raise InvalidArgument(field, f"{field} is longer than {limit} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise InvalidArgument(field, f"{field} must not contain control characters")
     return value
 
