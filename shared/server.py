@@ -94,6 +94,18 @@ class Service(Protocol):
     async def stop(self) -> None: ...  # after the server stopped: finish background work
 
 
+def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """A connection older than ALLOT_MAX_CONNECTION_AGE_SECONDS is sent a GOAWAY: its client
+    connects again and, dialling `dns:///` targets, resolves the name anew, so replicas added
+    since (a scale-up) get calls too (docs/operations.md, "Spreading calls")."""
+    if not settings.max_connection_age:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", settings.max_connection_age * 1000),
+        ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace * 1000),
+    ]
+
+
 def build_runtime(settings: Settings, service_name: str) -> Runtime:
     start = settings.clock_start
     try:
@@ -184,6 +196,7 @@ class Server:
                 # its streams open here for hours, each holding one of its
                 # ALLOT_MAX_STREAMS_PER_CALLER, until its consumer, dialling again, is refused.
                 *KEEPALIVE_OPTIONS,
+                *_connection_age_options(settings),
             ],
         )
         self.service.register(server)

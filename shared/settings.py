@@ -177,6 +177,18 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: WholeNumber = _setting(
         "ALLOT_MAX_CONCURRENT_RPCS", 1000, "calls a server runs at once; more are refused"
     )
+    max_connection_age: WholeNumber = _setting(
+        "ALLOT_MAX_CONNECTION_AGE_SECONDS",
+        0,
+        "seconds after which a server asks a client to reconnect, so dns:/// clients find new "
+        "replicas (0: never)",
+    )
+    max_connection_age_grace: WholeNumber = _setting(
+        "ALLOT_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        30,
+        "seconds calls still open on such a connection may finish; streams then end "
+        "(UNAVAILABLE) and their consumers resume from their cursor",
+    )
     smtp_url: str = _setting("ALLOT_SMTP_URL", "", "email transport (unset: outbox folder)")
     smtp_from: str = _setting("ALLOT_SMTP_FROM", "allot@localhost", "sender address")
     sms_gateway_url: str = _setting("ALLOT_SMS_GATEWAY_URL", "", "HTTP SMS gateway endpoint")
