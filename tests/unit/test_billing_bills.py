@@ -24,9 +24,9 @@ from services.billing.domain.bills import (
     pay_per_use_line,
 )
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds, month_key
-from services.billing.domain.pricing import merge_priced, price_usage
 from shared.catalog import PriceTier
 from shared.money import to_micros
+from shared.pricing import merge_priced, price_usage
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PLUS_8 = timezone(timedelta(hours=8))

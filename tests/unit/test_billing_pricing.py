@@ -10,15 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.billing.domain.cycles import month_key
-from services.billing.domain.pricing import (
+from shared.catalog import PriceTier
+from shared.money import MoneyError, to_micros
+from shared.pricing import (
     Priced,
     TierCharge,
     merge_priced,
     price_usage,
     validate_tiers,
 )
-from shared.catalog import PriceTier
-from shared.money import MoneyError, to_micros
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PLUS_8 = timezone(timedelta(hours=8))

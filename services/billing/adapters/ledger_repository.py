@@ -15,10 +15,10 @@ from sqlalchemy import and_, func, insert, or_, select
 
 from services.billing.adapters import tables as t
 from services.billing.domain.bills import BillLine, BillLineKind
-from services.billing.domain.pricing import TierCharge
 from services.billing.domain.usage import CycleKey
 from shared.db import UnitOfWork
 from shared.ids import new_id
+from shared.pricing import TierCharge
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 _lg = t.ledger.c

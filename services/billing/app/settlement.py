@@ -44,10 +44,10 @@ from services.billing.domain.accounts import Account
 from services.billing.domain.arrears import after_charge
 from services.billing.domain.bills import pay_per_use_line
 from services.billing.domain.cycles import month_bounds, month_key
-from services.billing.domain.pricing import price_usage
 from services.billing.domain.usage import CycleKey, Unpriceable
 from shared.db import UnitOfWork
 from shared.money import MoneyError
+from shared.pricing import price_usage
 from shared.projects import DEFAULT_PROJECT
 from shared.timeutil import from_epoch_us, to_epoch_us
 

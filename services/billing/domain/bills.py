@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from services.billing.domain.cycles import cycle_end, cycle_start, month_bounds
-from services.billing.domain.pricing import Priced, TierCharge
 from shared.money import format_amount, round_half_up_to_minor
+from shared.pricing import Priced, TierCharge
 from shared.validity import as_utc
 
 __all__ = [

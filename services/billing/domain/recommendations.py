@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from services.billing.domain.pricing import price_usage
 from shared.catalog import Api, Offer
 from shared.money import to_micros
+from shared.pricing import price_usage
 from shared.validity import package_expire_time
 
 MAX_COUNT = 20
