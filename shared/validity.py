@@ -3,13 +3,15 @@
 A package bought at any moment of a day runs until 23:59:59 of the same calendar day N months
 later in the billing time zone; a day that the target month lacks is clamped to its last day.
 Quota (grants, renewals) and billing (orders, renewals, auto-renewal) apply the same rule, so
-it lives here rather than in either service.
+it lives here rather than in either service; so does the calendar month of an instant in the
+billing time zone (`month_key`), which billing's bills and limits and quota's spending caps
+count by.
 """
 
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
 from shared.timeutil import MAX_TIME
@@ -37,6 +39,15 @@ def as_utc(value: datetime, name: str = "datetime") -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
     return value.astimezone(UTC)
+
+
+def month_key(t: datetime, tz: tzinfo) -> str:
+    """The calendar month (``"YYYY-MM"``) of ``t`` in ``tz``.
+
+    2024-04-30 16:00:00 UTC is already ``"2024-05"`` in UTC+08:00.
+    """
+    local = as_utc(t, "t").astimezone(tz)
+    return f"{local.year:04d}-{local.month:02d}"
 
 
 def add_months(d: date, months: int) -> date:

@@ -17,12 +17,12 @@ from services.billing.domain.replenish import (
     check_lifts,
     check_max_per_month,
     decide,
-    month_of,
     next_month_start,
 )
 from services.notification.adapters.sources import BILLING_EVENT_TYPES, from_billing_event
 from services.notification.domain.messages import MessageType, compose
 from shared.errors import InvalidArgument
+from shared.validity import month_key
 
 TZ = ZoneInfo("Asia/Shanghai")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -85,8 +85,8 @@ def test_checks_name_the_field():
 
 def test_months_are_the_billing_time_zones():
     # 2024-01-31 16:00 UTC is 2024-02-01 00:00 in UTC+08:00.
-    assert month_of(datetime(2024, 1, 31, 15, 59, 59, tzinfo=UTC), TZ) == "2024-01"
-    assert month_of(datetime(2024, 1, 31, 16, tzinfo=UTC), TZ) == "2024-02"
+    assert month_key(datetime(2024, 1, 31, 15, 59, 59, tzinfo=UTC), TZ) == "2024-01"
+    assert month_key(datetime(2024, 1, 31, 16, tzinfo=UTC), TZ) == "2024-02"
     assert next_month_start(datetime(2024, 1, 10, tzinfo=UTC), TZ) == datetime(
         2024, 1, 31, 16, tzinfo=UTC
     )

@@ -13,20 +13,20 @@ import pytest
 from services.quota.adapters.subscriptions_repository import settled_elsewhere
 from services.quota.domain.admission import DenyReason, Standing, admit
 from services.quota.domain.spending_caps import (
-    month_of,
     pay_per_use_part,
     pay_per_use_price,
 )
 from shared.catalog import PriceTier
+from shared.validity import month_key
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def test_the_month_is_the_billing_time_zones():
     # 2024-05-31 16:00 UTC is 2024-06-01 00:00 in Shanghai.
-    assert month_of(datetime(2024, 5, 31, 15, 59, 59, tzinfo=UTC), SHANGHAI) == "2024-05"
-    assert month_of(datetime(2024, 5, 31, 16, 0, 0, tzinfo=UTC), SHANGHAI) == "2024-06"
-    assert month_of(datetime(2024, 12, 31, 16, 0, tzinfo=UTC), SHANGHAI) == "2025-01"
+    assert month_key(datetime(2024, 5, 31, 15, 59, 59, tzinfo=UTC), SHANGHAI) == "2024-05"
+    assert month_key(datetime(2024, 5, 31, 16, 0, 0, tzinfo=UTC), SHANGHAI) == "2024-06"
+    assert month_key(datetime(2024, 12, 31, 16, 0, tzinfo=UTC), SHANGHAI) == "2025-01"
 
 
 @pytest.mark.parametrize(

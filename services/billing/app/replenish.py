@@ -40,7 +40,6 @@ from services.billing.domain.replenish import (
     check_lifts,
     check_max_per_month,
     decide,
-    month_of,
     next_month_start,
 )
 from shared.auth import check_scope, current_principal
@@ -48,6 +47,7 @@ from shared.db import UnitOfWork
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import new_id
 from shared.validation import check_account_id
+from shared.validity import month_key
 
 log = logging.getLogger("allot.billing.replenish")
 
@@ -173,7 +173,7 @@ async def _record(
         update_time=now,
     )
     await repo.put(uow, setting)
-    count = await repo.month_purchases(uow, *_scope(setting), month_of(now, ctx.tz))
+    count = await repo.month_purchases(uow, *_scope(setting), month_key(now, ctx.tz))
     return ReplenishView(setting, count)
 
 
@@ -194,7 +194,7 @@ async def get_auto_replenish(
         setting = await repo.get(uow, account_id, region, api)
         if setting is None:
             raise not_found(account_id, region, api)
-        month = month_of(ctx.now(), ctx.tz)
+        month = month_key(ctx.now(), ctx.tz)
         count = await repo.month_purchases(uow, account_id, region, api, month)
         return ReplenishView(setting, count)
 
@@ -302,7 +302,7 @@ async def take_crossing(ctx: BillingContext, uow: UnitOfWork, crossing: Crossing
     now = ctx.now()
     # The month of the crossing (quota's instant), not of whichever replica takes it when.
     crossed = crossing.time or now
-    month = month_of(crossed, ctx.tz)
+    month = month_key(crossed, ctx.tz)
     count = await repo.month_purchases(uow, *_scope(setting), month)
     outcome = decide(setting, crossing, count)
     if outcome == Outcome.IGNORE:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from shared.timeutil import MAX_TIME, MIN_TIME
-from shared.validity import as_utc
+from shared.validity import as_utc, month_key
 
 __all__ = [
     "CYCLE_LENGTH",
@@ -100,15 +100,6 @@ def cycle_end(start: datetime, tz: tzinfo) -> datetime:
 def cycle_due(start: datetime, now: datetime, tz: tzinfo) -> bool:
     """Whether the cycle containing ``start`` has ended at ``now`` and may be settled."""
     return as_utc(now, "now") >= cycle_end(start, tz)
-
-
-def month_key(t: datetime, tz: tzinfo) -> str:
-    """The calendar month (``"YYYY-MM"``) of ``t`` in ``tz``.
-
-    2024-04-30 16:00:00 UTC is already ``"2024-05"`` in UTC+08:00.
-    """
-    local = as_utc(t, "t").astimezone(tz)
-    return f"{local.year:04d}-{local.month:02d}"
 
 
 def parse_month(month: str) -> tuple[int, int]:

@@ -119,10 +119,6 @@ def decide(setting: AutoReplenish | None, crossing: Crossing, month_purchases: i
     return Outcome.BUY
 
 
-def month_of(now: datetime, tz: tzinfo) -> str:
-    return month_key(now, tz)
-
-
 def next_month_start(now: datetime, tz: tzinfo) -> datetime:
     """The first instant of the month after ``now``'s (billing time zone), in UTC."""
     return month_bounds(month_key(now, tz), tz)[1]

@@ -24,7 +24,6 @@ from services.quota.app.context import QuotaContext
 from services.quota.app.rate_limits import RateLimits
 from services.quota.domain.alerts import AlertRule
 from services.quota.domain.packages import Package
-from services.quota.domain.spending_caps import month_of
 from shared import status
 from shared.auth import check_scope, current_principal, hiding_absence
 from shared.errors import AllotError
@@ -32,6 +31,7 @@ from shared.idempotency import IdempotencyStore
 from shared.outbox import Outbox
 from shared.pagination import paged
 from shared.timeutil import from_timestamp
+from shared.validity import month_key
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ class QuotaServicer(quota_service_pb2_grpc.QuotaServiceServicer):
         self.outbox = outbox
         self.coalescer = UsageCoalescer(ctx)
         self.admission_reads = AdmissionReads(
-            ctx.db, ctx.now, month_of=lambda now: month_of(now, ctx.tz)
+            ctx.db, ctx.now, month_of=lambda now: month_key(now, ctx.tz)
         )
         self.rate_limits = RateLimits(ctx)
 

@@ -23,8 +23,9 @@ from services.quota.adapters import spending_repository as repo
 from services.quota.adapters.subscriptions_repository import AdmissionFacts, settled_elsewhere
 from services.quota.app.context import QuotaContext
 from services.quota.domain.admission import Admission, DenyReason
-from services.quota.domain.spending_caps import month_of, pay_per_use_part, pay_per_use_price
+from services.quota.domain.spending_caps import pay_per_use_part, pay_per_use_price
 from shared.db import UnitOfWork
+from shared.validity import month_key
 
 
 def _price(ctx: QuotaContext, region: str, api: str, used_before: int, quantity: int) -> int:
@@ -40,7 +41,7 @@ async def after_usage(ctx: QuotaContext, uow: UnitOfWork, recorded: Iterable[tup
     months: dict[repo.MonthKey, int] = defaultdict(int)
     for event, quantity in recorded:
         if quantity > 0:
-            month = month_of(event.occur_time, ctx.tz)
+            month = month_key(event.occur_time, ctx.tz)
             months[(event.account_id, month, event.region, event.api)] += quantity
     for key in sorted(months):
         used = await repo.month_quantity_for_update(uow, key)
@@ -73,7 +74,7 @@ async def apply(
     account_id, region, api = key
     part = pay_per_use_part(facts.remaining, quantity)
     price = _price(ctx, region, api, facts.used_quantity, part)
-    month = facts.month or month_of(ctx.now(), ctx.tz)
+    month = facts.month or month_key(ctx.now(), ctx.tz)
 
     async def work(uow: UnitOfWork) -> tuple[bool, int]:
         return await repo.admit(uow, account_id, month, spent_micros, price, facts.cap_micros)

@@ -12,18 +12,9 @@ as `month_spend_micros`), and then adds its own price to `admitted` in one atomi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from shared.catalog import PriceTier
 from shared.pricing import price_usage
-
-
-def month_of(instant: datetime, tz: ZoneInfo) -> str:
-    """The calendar month ("YYYY-MM") of the billing time zone that `instant` lies in: the
-    month billing's tiers and bills count it in (docs/design/time.md)."""
-    local = instant.astimezone(tz)
-    return f"{local.year:04d}-{local.month:02d}"
 
 
 def pay_per_use_price(
