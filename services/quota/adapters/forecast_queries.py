@@ -9,15 +9,13 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import BigInteger, literal, select
 
 from services.quota.adapters import tables as t
-from services.quota.adapters.packages_repository import to_package
+from services.quota.adapters.packages_repository import ONE_SECOND_US, to_package
 from services.quota.adapters.stats_queries import usage_per_bucket
+from services.quota.domain.forecast import DAY_US
 from services.quota.domain.packages import Package
 from services.quota.domain.stats import BucketRun
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
-
-DAY_US = 86_400_000_000
-ONE_SECOND_US = 1_000_000
 
 
 async def packages_not_ended(

@@ -33,6 +33,7 @@ from math import ceil, floor
 from services.quota.domain.deduction import DeductionPolicy, deduction_key
 from services.quota.domain.packages import ALL_PROJECTS, Package
 from shared.timeutil import from_epoch_us, to_epoch_us
+from shared.validity import ONE_SECOND
 
 # The estimator (docs/design/forecasts.md, "The daily rate").
 WINDOW_DAYS = 28
@@ -110,7 +111,7 @@ def _begin_us(package: Package) -> int:
 
 def _end_us(package: Package) -> int:
     # Valid up to and including the second expire_time (docs/design/deduction-order.md).
-    return to_epoch_us(package.expire_time) + SECOND_US
+    return to_epoch_us(package.expire_time + ONE_SECOND)
 
 
 def forecast(
