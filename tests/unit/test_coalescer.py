@@ -115,17 +115,21 @@ async def test_the_next_batch_is_bounded_by_the_time_recent_batches_took(monkeyp
     assert all(size % 2 == 0 and size <= bound for size in sizes)  # whole calls only
 
 
-@pytest.mark.parametrize("dialect", ["postgresql"])
-async def test_on_postgresql_a_batch_call_keeps_its_own_transaction(monkeypatch, dialect):
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+async def test_batch_calls_queue_and_merge_on_either_database(monkeypatch, dialect):
+    """Batch calls wait behind the running transaction and the queued ones share the next one;
+    on PostgreSQL too, where batches of one account side by side would queue on its row lock."""
     recorder = Recorder()
     c = coalescer(monkeypatch, recorder, dialect)
     recorder.release.clear()
     single = asyncio.create_task(c.report("s"))
     await asyncio.sleep(0)
-    batch = asyncio.create_task(c.report_many(["m1", "m2"]))
+    first = asyncio.create_task(c.report_many(["m1", "m2"]))
+    second = asyncio.create_task(c.report_many(["n1", "n2"]))
     await asyncio.sleep(0.01)
-    # The batch call did not queue behind the running single event.
-    assert recorder.batches == [["s"], ["m1", "m2"]]
+    assert recorder.batches == [["s"]]  # both batch calls wait behind the running one
     recorder.release.set()
     assert await single == ("ok", "s")
-    assert await batch == [("ok", "m1"), ("ok", "m2")]
+    assert await first == [("ok", "m1"), ("ok", "m2")]
+    assert await second == [("ok", "n1"), ("ok", "n2")]
+    assert recorder.batches == [["s"], ["m1", "m2", "n1", "n2"]]
