@@ -70,7 +70,6 @@ _FIND = {
         t.usage_events.c.event_id.in_(bindparam("ids", expanding=True))
     ),
 }
-_INSERT = insert(t.usage_events)
 
 
 async def lock_and_find(
@@ -113,10 +112,19 @@ def explanation_json(outcome: UsageOutcome) -> dict:
     }
 
 
+# SQLite's INSERT of a batch's events as the driver's own text, rows as they are (sqlite3 takes
+# named parameters from dicts): SQLAlchemy's per-row parameter processing of an executemany
+# cost about as much as the database's work (docs/design/scale.md "The hot path's costs").
+_SQLITE_INSERT = "INSERT INTO usage_events ({}) VALUES ({})".format(
+    ", ".join(c.name for c in t.usage_events.c), ", ".join(f":{c.name}" for c in t.usage_events.c)
+)
+
+
 async def insert_usage(uow: UnitOfWork, rows: list[dict]) -> None:
+    """The batch's events (SQLite; PostgreSQL writes them in `save_batch`'s one statement)."""
     if rows:
         connection = await uow.connection()
-        await connection.execute(_INSERT, rows)
+        await connection.exec_driver_sql(_SQLITE_INSERT, rows)
 
 
 def _save_statement():

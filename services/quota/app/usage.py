@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+import orjson
 
 from services.quota.adapters import near_miss_queries
 from services.quota.adapters import packages_repository as packages_repo
@@ -273,8 +274,9 @@ async def _record(
                 "package_quantity": outcome.package_quantity,
                 "pay_per_use_quantity": outcome.pay_per_use_quantity,
                 "remaining_quantity": remaining[scope],
-                "deductions": json.dumps(deductions),
-                "explanation": json.dumps(usage_repo.explanation_json(outcome)),
+                # orjson: encoding these two took as long as the deduction itself.
+                "deductions": orjson.dumps(deductions).decode(),
+                "explanation": orjson.dumps(usage_repo.explanation_json(outcome)).decode(),
             }
         )
     await usage_repo.save_batch(uow, _announce_exhausted(ctx, uow, records, changed, now), rows)

@@ -230,16 +230,28 @@ def deduction_key(package: Package, event_project: str, policy: DeductionPolicy)
     return _key(package, event_project, deduction_steps(policy))
 
 
+# The components of a key in the order of _STANDARD_STEPS; a policy's key picks them in the
+# order of its steps (positions, not a dict per call: this runs for every candidate of every
+# event on the hot path).
+_COMPONENTS = _STANDARD_STEPS
+_ORDER = {
+    steps: tuple(_COMPONENTS.index(step) for step in steps) for steps in _STEPS.values()
+}
+
+
 def _key(package: Package, event_project: str, steps: tuple[DecisiveRule, ...]) -> tuple:
-    values = {
-        DecisiveRule.PROJECT_SCOPE: _project_scope(package, event_project),
-        DecisiveRule.SOURCE: int(package.source),
-        DecisiveRule.EFFECTIVE_TIME: package.effective_time,
-        DecisiveRule.EXPIRE_TIME: package.expire_time,
-        DecisiveRule.CREATE_TIME: package.create_time,
-        DecisiveRule.PACKAGE_ID: package.package_id,
-    }
-    return tuple(values[step] for step in steps)
+    values = (
+        _project_scope(package, event_project),
+        int(package.source),
+        package.effective_time,
+        package.expire_time,
+        package.create_time,
+        package.package_id,
+    )
+    order = _ORDER[steps]
+    if order == (0, 1, 2, 3, 4, 5):
+        return values
+    return tuple(values[i] for i in order)
 
 
 def _decisive_rule(keys: Sequence[tuple], steps: tuple[DecisiveRule, ...]) -> DecisiveRule:
@@ -259,8 +271,11 @@ def _deduct(
     candidates: Iterable[Package],
     used: dict[str, int],
     policy: DeductionPolicy,
+    keys: dict[tuple[str, str], tuple],
 ) -> UsageOutcome:
-    """Decide and record one event; ``used`` is the batch's working ledger, updated in place."""
+    """Decide and record one event; ``used`` is the batch's working ledger, updated in place;
+    ``keys`` the batch's deduction keys by (package, project), filled as needed (a package's
+    key does not change within a batch)."""
     steps = _STEPS[policy]
     project = event.enterprise_project_id
     eligible: list[tuple[tuple, Package]] = []
@@ -269,7 +284,10 @@ def _deduct(
         remaining = package.total_quantity - used[package.package_id]
         reason = _ineligibility(package, remaining, project, event.occur_time)
         if reason is None:
-            eligible.append((_key(package, project, steps), package))
+            key = keys.get((package.package_id, project))
+            if key is None:
+                key = keys[(package.package_id, project)] = _key(package, project, steps)
+            eligible.append((key, package))
         else:
             ineligible.append((package, reason))
     eligible.sort(key=lambda pair: pair[0])
@@ -334,12 +352,13 @@ def apply_usage(
     used = {package_id: package.used_quantity for package_id, package in originals.items()}
     outcomes: list[UsageOutcome] = []
     seen: set[str] = set()
+    keys: dict[tuple[str, str], tuple] = {}
     for event in events:
         if event.event_id in seen:
             raise ValueError(f"event {event.event_id!r} appears twice in one batch")
         seen.add(event.event_id)
         scope = by_scope.get((event.account_id, event.region, event.api), ())
-        outcomes.append(_deduct(event, scope, used, policy))
+        outcomes.append(_deduct(event, scope, used, policy, keys))
 
     changed = {
         package_id: replace(package, used_quantity=used[package_id])
