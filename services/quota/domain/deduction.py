@@ -234,9 +234,7 @@ def deduction_key(package: Package, event_project: str, policy: DeductionPolicy)
 # order of its steps (positions, not a dict per call: this runs for every candidate of every
 # event on the hot path).
 _COMPONENTS = _STANDARD_STEPS
-_ORDER = {
-    steps: tuple(_COMPONENTS.index(step) for step in steps) for steps in _STEPS.values()
-}
+_ORDER = {steps: tuple(_COMPONENTS.index(step) for step in steps) for steps in _STEPS.values()}
 
 
 def _key(package: Package, event_project: str, steps: tuple[DecisiveRule, ...]) -> tuple:
