@@ -1,5 +1,5 @@
-"""Short transactions of a SQLite file on the event loop's own thread, for a caller that is
-alone (docs/design/scale.md, "SQLite on the loop's thread").
+"""Short transactions of a SQLite file on the event loop's own thread (docs/design/scale.md,
+"SQLite on the loop's thread").
 
 aiosqlite runs every statement on a worker thread and hands its answer back to the loop: a
 transaction is a hand-off per step (connect, BEGIN, each statement, COMMIT or ROLLBACK, close),
@@ -9,10 +9,11 @@ loop's thread it costs about 100 µs (SQLAlchemy's part included).
 
 The hand-offs have one virtue: while a transaction is on the worker, the loop serves other
 calls, and the callers that arrive meanwhile share the next transaction (the coalescers'
-batches). Run inline, a transaction leaves no such window, so under concurrency every call
-would pay its own. Hence the rule: a transaction runs inline only for a caller that is alone
-(`Alone`: no other caller in flight for the last second), and only for work known to be short
-(one admission read, a few usage events); with company, the worker thread and the batches.
+batches). Run inline, a transaction leaves no such window; the batches make one on purpose
+instead: with company, a batch waits a little for more callers (`shared/batching.py`) and then
+runs inline as well, if it is short (an admission read of up to 64 keys, a usage batch of up
+to 100 events); a longer one (a merged batch of `BatchReportUsage` calls) goes to the worker,
+so the loop is never held for long.
 
 The inline connections have no busy timeout: where a transaction would wait for a lock (another
 process writing, a checkpoint resetting the log) it fails at once with "database is locked"
@@ -21,8 +22,6 @@ transaction does. The reading connection is `query_only`.
 """
 
 from __future__ import annotations
-
-import time
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -62,27 +61,6 @@ def inline_engine(url: str, writes: bool = False) -> Engine | None:
 def would_wait(exc: BaseException) -> bool:
     """An inline transaction met a lock it may not wait for (SQLITE_BUSY / SQLITE_LOCKED)."""
     return isinstance(exc, OperationalError) and "locked" in str(exc.orig).lower()
-
-
-class Alone:
-    """Whether the caller of a path is alone: `enter` and `leave` around each call; a call that
-    finds another in flight marks the path busy for `busy_seconds`."""
-
-    def __init__(self, busy_seconds: float = 1.0) -> None:
-        self.busy_seconds = busy_seconds
-        self._calls = 0
-        self._busy_until = 0.0
-
-    def enter(self) -> None:
-        if self._calls:
-            self._busy_until = time.monotonic() + self.busy_seconds
-        self._calls += 1
-
-    def leave(self) -> None:
-        self._calls -= 1
-
-    def __bool__(self) -> bool:
-        return time.monotonic() >= self._busy_until
 
 
 class InlineConnection:

@@ -1,7 +1,8 @@
 """The usage coalescer's batching (services/quota/app/coalescer.py), with record_usage replaced
 by a recorder: a lone call goes at once, calls queued behind a running batch share the next one
-(whole calls, in arrival order, each caller its own answers), the batch size follows how long
-recent batches took, and on PostgreSQL a batch call keeps its own transaction."""
+(whole calls, in arrival order, each caller its own answers), with company the next batch
+waits a little for more callers, the batch size follows how long recent batches took, and
+batch calls merge on either database."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from services.quota.app import coalescer as module
 from services.quota.app.coalescer import UsageCoalescer
+from shared import batching
 
 
 class Recorder:
@@ -19,7 +21,7 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list] = []
-        self.inline: list[bool] = []  # per batch: recorded on the loop's thread (a caller alone)
+        self.inline: list[bool] = []  # per batch: recorded on the loop's thread (a short one)
         self.delay = delay
         self.release = asyncio.Event()
         self.release.set()
@@ -46,9 +48,11 @@ async def test_a_lone_call_is_applied_at_once(monkeypatch):
     assert recorder.inline == [True]  # alone: on the loop's thread (shared/inline_sqlite.py)
 
 
-async def test_company_sends_batches_to_the_worker_for_a_while(monkeypatch):
-    """A call that finds another in flight marks the coalescer busy: the batches of the next
-    second go through the database's worker, so callers that arrive meanwhile join them."""
+async def test_with_company_the_next_batch_waits_for_more_callers(monkeypatch):
+    """A call that finds another in flight marks the coalescer busy: the next batch waits a
+    step for more callers (shared/batching.py), so one arriving meanwhile joins it; batches
+    this short still run on the loop's thread."""
+    monkeypatch.setattr(batching, "GATHER_STEP", 0.05)
     recorder = Recorder()
     c = coalescer(monkeypatch, recorder)
     recorder.release.clear()
@@ -57,10 +61,11 @@ async def test_company_sends_batches_to_the_worker_for_a_while(monkeypatch):
     second = asyncio.create_task(c.report("b"))
     await asyncio.sleep(0.01)
     recorder.release.set()
-    await asyncio.gather(first, second)
-    assert await asyncio.wait_for(c.report("c"), 1) == ("ok", "c")
-    assert recorder.batches == [["a"], ["b"], ["c"]]
-    assert recorder.inline == [True, False, False]
+    await asyncio.sleep(0.01)  # "a" is answered; the batch of "b" waits for company
+    third = asyncio.create_task(c.report("c"))
+    assert await asyncio.gather(first, second, third) == [("ok", "a"), ("ok", "b"), ("ok", "c")]
+    assert recorder.batches == [["a"], ["b", "c"]]
+    assert recorder.inline == [True, True]
 
 
 async def test_a_batch_of_many_events_is_never_inline(monkeypatch):

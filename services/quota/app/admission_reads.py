@@ -3,9 +3,11 @@
 The same shape as the usage coalescer (`app/coalescer.py`): while one read runs, calls that
 arrive queue up; when it answers, the queue is read as the next batch, in one statement for all
 its distinct (account, region, API, project) keys. A lone call is read at once (no timer, no
-added latency). Every call's facts are read by a statement that started after the call
-arrived, so an answer is never older than the call (what a read of its own would see). The
-decision stays in `domain/admission.py`.
+added latency); with company, the next read first waits a little for more callers
+(`shared/batching.py`), which under load is what fills the batches: a read alone takes less
+time than the calls take to arrive. Every call's facts are read by a statement that started
+after the call arrived, so an answer is never older than the call (what a read of its own would
+see). The decision stays in `domain/admission.py`.
 
 Faults (docs/faults.md "Database faults"): the batch read retries a dropped connection itself
 and then fails with UNAVAILABLE, which every caller of the batch hears; a caller whose deadline
@@ -19,8 +21,8 @@ from collections.abc import Callable
 from datetime import datetime
 
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
+from shared.batching import Alone
 from shared.db import Database, UnitOfWork
-from shared.inline_sqlite import Alone
 
 # Distinct keys read by one statement (one compiled form per size, cached by SQLAlchemy).
 MAX_KEYS = 64
@@ -45,7 +47,7 @@ class AdmissionReads:
         self.month_of = month_of
         self._queue: dict[Key, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
-        # A check alone is read on the loop's thread on SQLite (shared/inline_sqlite.py).
+        # Whether a check is alone: with company, a read waits a little for more of them.
         self._alone = Alone()
 
     async def facts(self, key: Key) -> Facts:
@@ -65,6 +67,8 @@ class AdmissionReads:
     async def _read(self) -> None:
         try:
             while self._queue:
+                # With company, let more callers join this read (shared/batching.py).
+                await self._alone.gather()
                 keys = list(self._queue)[: self.max_keys]
                 futures = [self._queue.pop(key) for key in keys]
 
@@ -74,7 +78,8 @@ class AdmissionReads:
                     return await subscriptions_repo.admission_facts_of(uow, keys, now, month)
 
                 try:
-                    read = self.db.read_inline if self._alone else self.db.read
+                    # Short, so on the loop's thread on SQLite (shared/inline_sqlite.py).
+                    read = self.db.read_inline
                     answers = await read(work)
                 except BaseException as exc:  # every caller of the batch hears
                     answer = exc if isinstance(exc, Exception) else asyncio.CancelledError()

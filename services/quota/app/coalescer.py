@@ -1,8 +1,10 @@
 """Merges concurrent `ReportUsage` and `BatchReportUsage` calls into shared batch transactions.
 
 While one batch transaction runs, calls that arrive queue up; when it commits, the queue is
-applied as the next batch. A lone call is applied at once (no timer, no added latency); under
-load, many calls share one transaction, one lock round and one commit (group commit). Each call
+applied as the next batch. A lone call is applied at once (no timer, no added latency); with
+company, the next batch first waits a little for more callers (`shared/batching.py`: steps of
+1 ms while each brings someone, at most 4 ms), so under load many calls share one transaction,
+one lock round and one commit (group commit). Each call
 still gets its own results or error: `record_usage` isolates invalid events and applies events
 in arrival order (a batch call's events stay together, in their order), so the rules are
 exactly those of each call on its own.
@@ -27,8 +29,8 @@ import time
 
 from services.quota.app.context import QuotaContext
 from services.quota.app.usage import MAX_BATCH, UsageInput, UsageResult, record_usage
+from shared.batching import Alone
 from shared.errors import AllotError, Unavailable
-from shared.inline_sqlite import Alone
 
 Answers = list[UsageResult | AllotError]
 
@@ -43,9 +45,10 @@ MIN_COALESCED = 250
 # alive after the loop ends, so the batch must get to close its connection. On PostgreSQL a
 # statement that never returns is bounded by ALLOT_DB_COMMAND_TIMEOUT_SECONDS as well.
 CANCEL_WAIT = 5.0
-# A caller alone (shared/inline_sqlite.py) has its batch, of at most INLINE_EVENTS events,
-# recorded on the event loop's thread on SQLite (docs/design/scale.md).
-INLINE_EVENTS = 4
+# A batch of at most INLINE_EVENTS events is recorded on the event loop's thread on SQLite
+# (shared/inline_sqlite.py, docs/design/scale.md); a longer one on aiosqlite's worker, so the
+# loop is not held for long (about 25 µs per event).
+INLINE_EVENTS = 100
 
 
 class UsageCoalescer:
@@ -131,10 +134,12 @@ class UsageCoalescer:
     async def _flush(self) -> None:
         try:
             while self._queue:
+                # With company, let more callers join this batch (shared/batching.py).
+                await self._alone.gather()
                 batch = self._take()
                 items = [item for entry_items, _ in batch for item in entry_items]
                 started = time.monotonic()
-                inline = bool(self._alone) and len(items) <= INLINE_EVENTS
+                inline = len(items) <= INLINE_EVENTS
                 try:
                     results = await record_usage(self.ctx, items, inline=inline)
                 except BaseException as exc:  # the whole transaction failed: every caller hears
