@@ -26,6 +26,10 @@ from tests.support.servers import TEST_SECRET, ServiceProcess, Tokens, free_port
 
 SEED_EVENTS = int(os.environ.get("BENCH_SEED_EVENTS", "1000000"))
 SEED_ACCOUNTS = int(os.environ.get("BENCH_SEED_ACCOUNTS", "100000"))
+# What the main PostgreSQL database holds before quota starts on it (tests/bench/report_usage.py
+# `measure_one`): other accounts' history, analysed, as in a database in service.
+BASE_EVENTS = int(os.environ.get("BENCH_BASE_EVENTS", "100000"))
+BASE_ACCOUNTS = int(os.environ.get("BENCH_BASE_ACCOUNTS", "10000"))
 PROFILE = os.environ.get("BENCH_PROFILE", "")  # a flame graph (SVG) of quota under the load
 # More `py-spy record` options, e.g. "--idle" (waits shown too) or "--rate 250".
 PROFILE_ARGS = os.environ.get("BENCH_PROFILE_ARGS", "").split()
@@ -122,12 +126,14 @@ def _start_spy(pid: int, svg: str) -> tuple[subprocess.Popen, pathlib.Path, path
     return proc, out, spy_log
 
 
-async def seed_history(database_url: str) -> tuple[int, float]:
-    """SEED_EVENTS usage events over SEED_ACCOUNTS accounts (one package each) into the
-    database, before quota starts on it; how many events and how long it took."""
+async def seed_history(
+    database_url: str, events: int = SEED_EVENTS, accounts: int = SEED_ACCOUNTS
+) -> tuple[int, float]:
+    """`events` usage events over `accounts` accounts (one package each) into the database,
+    before quota starts on it, then settled (analysed); how many events and how long it took."""
     database = BenchDatabase(database_url)
     started = time.perf_counter()
-    packages, events = history(SEED_EVENTS, SEED_ACCOUNTS, REGION, API)
+    packages, events = history(events, accounts, REGION, API)
     await database.insert("packages", PACKAGE_COLUMNS, packages)
     count = await database.insert("usage_events", EVENT_COLUMNS, events)
     await database.settle()
