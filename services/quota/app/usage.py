@@ -12,6 +12,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import orjson
 
@@ -84,20 +85,29 @@ class UsageResult:
     remaining_quantity: int
 
 
-@dataclass(frozen=True)
-class _Valid:
+class _Valid(NamedTuple):
     event: UsageEvent
     fingerprint: str
 
 
-def validate_usage(ctx: QuotaContext, raw: UsageInput, now: datetime) -> _Valid:
+def validate_usage(
+    ctx: QuotaContext, raw: UsageInput, now: datetime, checked: set | None = None
+) -> _Valid:
+    """The event checked; `checked` holds the (account, region, API) scopes of a batch found
+    valid so far, checked once per batch (the same answer for every event of the scope)."""
     if not raw.event_id:
         raise InvalidArgument("event_id", "event_id is required")
     check_length(raw.event_id, "event_id")
-    check_account_id(raw.account_id)
-    check_length(raw.user_id, "user_id")
-    ctx.check_region(raw.region)
-    ctx.check_api(raw.api)
+    scope = (raw.account_id, raw.region, raw.api)
+    if checked is None or scope not in checked:
+        check_account_id(raw.account_id)
+        check_length(raw.user_id, "user_id")
+        ctx.check_region(raw.region)
+        ctx.check_api(raw.api)
+        if checked is not None:
+            checked.add(scope)
+    else:
+        check_length(raw.user_id, "user_id")
     check_length(raw.enterprise_project_id, "enterprise_project_id")
     check_quantity(raw.quantity, "quantity")
     if not 100 <= raw.http_status <= 599:
@@ -154,12 +164,13 @@ async def record_usage(
         raise InvalidArgument("requests", f"at most {MAX_BATCH} events per batch")
     now = ctx.now()
     slots: list[_Valid | AllotError] = []
+    checked: set[tuple[str, str, str]] = set()
     for raw in inputs:
         if isinstance(raw, AllotError):
             slots.append(raw)
             continue
         try:
-            slots.append(validate_usage(ctx, raw, now))
+            slots.append(validate_usage(ctx, raw, now, checked))
         except AllotError as error:
             slots.append(error)
     valid = [s for s in slots if isinstance(s, _Valid)]
