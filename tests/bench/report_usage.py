@@ -175,16 +175,26 @@ async def growth_events(label: str, root: pathlib.Path) -> tuple[list, list[str]
         seeded, seconds = await seed_history(urls[1])
         c = RATIO_CONCURRENCY
         async with (
-            quota_session(f"{label}-empty", urls[0], workdirs[0], profile=False) as (empty, _),
+            quota_session(f"{label}-empty", urls[0], workdirs[0], profile=False) as (
+                empty,
+                empty_process,
+            ),
             quota_session(f"{label}-seeded", urls[1], workdirs[1]) as (full, process),
         ):
             accounts = [await b.new_account("growth-events", c) for b in (empty, full)]
             name = f"ReportUsage {seeded:,} events"
+
+            async def on_empty(t: float):
+                # The inner session's `served_by` names the seeded process: CPU per call of
+                # this row is the empty one's.
+                assert empty_process.proc is not None
+                with served_by(empty_process.proc.pid):
+                    return await empty.unary(
+                        "ReportUsage empty database", "growth_events", c, accounts[:1], t
+                    )
+
             before, after = await abba(
-                lambda t: empty.unary(
-                    "ReportUsage empty database", "growth_events", c, accounts[:1], t
-                ),
-                lambda t: full.unary(name, "growth_events", c, accounts[1:], t),
+                on_empty, lambda t: full.unary(name, "growth_events", c, accounts[1:], t)
             )
             before.consistency = await empty.consistency(before.accounts)
             after.consistency = await full.consistency(after.accounts)

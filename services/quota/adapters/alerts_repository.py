@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
@@ -103,33 +104,27 @@ async def list_rules(
 async def lock_rules(uow: UnitOfWork, scopes: Iterable[tuple[str, str, str]]) -> list[AlertRule]:
     """Enabled rules watching any of the (account, region, api) scopes, locked in id order, so
     concurrent evaluations of one scope take turns and a crossing fires once."""
-    a = t.usage_alerts.c
     scopes = sorted(set(scopes))
     if not scopes:
         return []
     query = (
         select(t.usage_alerts)
-        .where(
-            a.enabled.is_(True),
-            or_(
-                *(
-                    and_(a.account_id == acct, a.region == region, a.api.in_(["", api]))
-                    for acct, region, api in scopes
-                )
-            ),
-        )
-        .order_by(a.alert_id)
+        .where(_a.enabled.is_(True), _watching(len(scopes)))
+        .order_by(_a.alert_id)
         .with_for_update()
     )
-    return [to_rule(r) for r in (await uow.session.execute(query)).all()]
+    return [to_rule(r) for r in (await uow.session.execute(query, _watching_params(scopes))).all()]
 
 
 _a = t.usage_alerts.c
 _s = t.usage_alert_states.c
 
 
-def _watching(scopes: list[tuple[str, str, str]]):
-    if len(scopes) == 1:  # the usual usage batch: a statement built once, bound parameters
+def _watching(size: int):
+    """Rules watching one of `size` scopes (account, region, API), the scopes as parameters
+    (`_watching_params`): the statements below are built once per size, so SQLAlchemy compiles
+    each once; built anew for every batch they cost more than the batch's other work."""
+    if size == 1:  # the usual usage batch
         return and_(
             _a.account_id == bindparam("r_account"),
             _a.region == bindparam("r_region"),
@@ -137,10 +132,31 @@ def _watching(scopes: list[tuple[str, str, str]]):
         )
     return or_(
         *(
-            and_(_a.account_id == acct, _a.region == region, _a.api.in_(["", api]))
-            for acct, region, api in scopes
+            and_(
+                _a.account_id == bindparam(f"r_account_{i}"),
+                _a.region == bindparam(f"r_region_{i}"),
+                _a.api.in_([bindparam(f"r_any_api_{i}"), bindparam(f"r_api_{i}")]),
+            )
+            for i in range(size)
         )
     )
+
+
+def _watching_params(scopes: list[tuple[str, str, str]]) -> dict:
+    if len(scopes) == 1:
+        ((acct, region, api),) = scopes
+        return {"r_account": acct, "r_region": region, "r_any_api": "", "r_api": api}
+    params: dict = {}
+    for i, (acct, region, api) in enumerate(scopes):
+        params.update(
+            {
+                f"r_account_{i}": acct,
+                f"r_region_{i}": region,
+                f"r_any_api_{i}": "",
+                f"r_api_{i}": api,
+            }
+        )
+    return params
 
 
 # The usage path evaluates the remaining-quantity rules only: forecast rules are neither read
@@ -165,9 +181,16 @@ def _rules(condition):
     )
 
 
-_ONE_SCOPE = _watching([("", "", "")])
-_RULES_WITH_STATES_OF_ONE_SCOPE = _rules_with_states(_ONE_SCOPE)
-_RULES_OF_ONE_SCOPE = _rules(_ONE_SCOPE).with_for_update()
+@functools.cache
+def _rules_with_states_of(size: int):
+    return _rules_with_states(_watching(size))
+
+
+@functools.cache
+def _locked_rules_of(size: int):
+    return _rules(_watching(size)).with_for_update()
+
+
 _STATES = select(_s.alert_id, _s.api, _s.state).where(
     _s.alert_id == bindparam("ids", type_=ARRAY(String)).any_()
 )
@@ -187,12 +210,9 @@ async def lock_rules_with_states(
     if not scopes:
         return [], {}
     connection = await uow.connection()
-    params: dict = {}
-    if len(scopes) == 1:
-        ((acct, region, api),) = scopes
-        params = {"r_account": acct, "r_region": region, "r_any_api": "", "r_api": api}
+    params = _watching_params(scopes)
     if uow.dialect != "postgresql":
-        query = _RULES_WITH_STATES_OF_ONE_SCOPE if params else _rules_with_states(_watching(scopes))
+        query = _rules_with_states_of(len(scopes))
         rules: dict[str, AlertRule] = {}
         states: dict[tuple[str, str], AlertState] = {}
         for row in (await connection.execute(query, params)).all():
@@ -201,7 +221,7 @@ async def lock_rules_with_states(
             if row.state_api is not None:
                 states[(row.alert_id, row.state_api)] = AlertState(row.state)
         return list(rules.values()), states
-    query = _RULES_OF_ONE_SCOPE if params else _rules(_watching(scopes)).with_for_update()
+    query = _locked_rules_of(len(scopes))
     locked = [to_rule(r) for r in (await connection.execute(query, params)).all()]
     if not locked:
         return [], {}

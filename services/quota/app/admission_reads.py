@@ -69,6 +69,8 @@ class AdmissionReads:
             while self._queue:
                 # With company, let more callers join this read (shared/batching.py).
                 await self._alone.gather()
+                if not self._queue:
+                    break
                 keys = list(self._queue)[: self.max_keys]
                 futures = [self._queue.pop(key) for key in keys]
 

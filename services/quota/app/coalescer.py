@@ -4,10 +4,9 @@ While one batch transaction runs, calls that arrive queue up; when it commits, t
 applied as the next batch. A lone call is applied at once (no timer, no added latency); with
 company, the next batch first waits a little for more callers (`shared/batching.py`: steps of
 1 ms while each brings someone, at most 4 ms), so under load many calls share one transaction,
-one lock round and one commit (group commit). Each call
-still gets its own results or error: `record_usage` isolates invalid events and applies events
-in arrival order (a batch call's events stay together, in their order), so the rules are
-exactly those of each call on its own.
+one lock round and one commit (group commit). Each call still gets its own results or error:
+`record_usage` isolates invalid events and applies events in arrival order (a batch call's
+events stay together, in their order), so the rules are exactly those of each call on its own.
 
 How long a call waits is bounded adaptively: the next batch takes queued calls up to the events
 the last batches managed in TARGET_SECONDS, but never fewer than MIN_COALESCED events (a
@@ -136,6 +135,8 @@ class UsageCoalescer:
             while self._queue:
                 # With company, let more callers join this batch (shared/batching.py).
                 await self._alone.gather()
+                if not self._queue:  # every caller that waited went away meanwhile
+                    break
                 batch = self._take()
                 items = [item for entry_items, _ in batch for item in entry_items]
                 started = time.monotonic()

@@ -99,15 +99,15 @@ def validate_usage(
         raise InvalidArgument("event_id", "event_id is required")
     check_length(raw.event_id, "event_id")
     scope = (raw.account_id, raw.region, raw.api)
-    if checked is None or scope not in checked:
+    known = checked is not None and scope in checked
+    if not known:
         check_account_id(raw.account_id)
-        check_length(raw.user_id, "user_id")
+    check_length(raw.user_id, "user_id")
+    if not known:
         ctx.check_region(raw.region)
         ctx.check_api(raw.api)
         if checked is not None:
             checked.add(scope)
-    else:
-        check_length(raw.user_id, "user_id")
     check_length(raw.enterprise_project_id, "enterprise_project_id")
     check_quantity(raw.quantity, "quantity")
     if not 100 <= raw.http_status <= 599:
