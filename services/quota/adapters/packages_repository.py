@@ -209,32 +209,17 @@ def _quantity_in_force(account_id, region, api, now_us) -> ColumnElement[int]:
     )
 
 
-LOCK_ONE_SCOPE = (
-    select(
-        t.packages,
-        _quantity_in_force(
-            bindparam("l_account"), bindparam("l_region"), bindparam("l_api"), bindparam("l_now")
-        ),
-    )
-    .where(
-        _p.account_id == bindparam("l_account"),
-        _p.region == bindparam("l_region"),
-        _p.api == bindparam("l_api"),
-        _could_pay(bindparam("l_after")),
-    )
-    .order_by(_p.package_id)
-    .with_for_update(of=t.packages)
-)
-
-
 @functools.cache
 def _lock_scopes(size: int):
-    """LOCK_ONE_SCOPE for a batch of `size` scopes (account, region, API): built once per size
-    with its scopes as parameters, so SQLAlchemy compiles it once; built anew for every batch
-    (the scopes as literals) it cost more than the batch's other work (`make bench`
-    contention, 64 accounts). An OR of the scopes, each matched by the scope index."""
+    """The packages of `size` scopes (account, region, API) that can still pay, locked: built
+    once per size with the scopes as parameters (`l_account_<i>`, ...), so SQLAlchemy compiles
+    it once; built anew for every batch (the scopes as literals) it cost more than the batch's
+    other work (`make bench` contention, 64 accounts). An OR of the scopes, each matched by the
+    scope index; one scope, the usual batch, reads its quantity in force once."""
+    scope = (bindparam("l_account_0"), bindparam("l_region_0"), bindparam("l_api_0"))
+    columns = scope if size == 1 else (_p.account_id, _p.region, _p.api)
     return (
-        select(t.packages, _quantity_in_force(_p.account_id, _p.region, _p.api, bindparam("l_now")))
+        select(t.packages, _quantity_in_force(*columns, bindparam("l_now")))
         .where(
             or_(
                 *(
@@ -269,18 +254,6 @@ class Candidates:
     in_force: dict[Scope, int]
 
 
-def lock_parameters(scope: Scope, since: datetime, now: datetime) -> dict:
-    """The parameters of LOCK_ONE_SCOPE."""
-    account_id, region, api = scope
-    return {
-        "l_account": account_id,
-        "l_region": region,
-        "l_api": api,
-        "l_after": to_epoch_us(since) - ONE_SECOND_US,
-        "l_now": to_epoch_us(now),
-    }
-
-
 async def lock_candidates(
     uow: UnitOfWork, scopes: Iterable[Scope], since: datetime, now: datetime
 ) -> Candidates:
@@ -293,17 +266,11 @@ async def lock_candidates(
     if not scopes:
         return Candidates([], {})
     connection = await uow.connection()
-    if len(scopes) == 1:
-        query, params = LOCK_ONE_SCOPE, lock_parameters(scopes[0], since, now)
-    else:
-        query = _lock_scopes(len(scopes))
-        params = {"l_after": to_epoch_us(since) - ONE_SECOND_US, "l_now": to_epoch_us(now)}
-        for i, (account_id, region, api) in enumerate(scopes):
-            params.update(
-                {f"l_account_{i}": account_id, f"l_region_{i}": region, f"l_api_{i}": api}
-            )
+    params = {"l_after": to_epoch_us(since) - ONE_SECOND_US, "l_now": to_epoch_us(now)}
+    for i, (account_id, region, api) in enumerate(scopes):
+        params.update({f"l_account_{i}": account_id, f"l_region_{i}": region, f"l_api_{i}": api})
     records, in_force = [], {}
-    for row in (await connection.execute(query, params)).all():
+    for row in (await connection.execute(_lock_scopes(len(scopes)), params)).all():
         record = to_record(row)
         records.append(record)
         in_force[(row.account_id, row.region, row.api)] = int(row.scope_in_force)
