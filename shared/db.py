@@ -250,7 +250,7 @@ class Database:
         self.bounds = bounds or Settings.database_bounds_from_env()
         self.engine = create_engine(url, self.bounds)
         tracing.instrument_engine(self.engine)  # database spans, when traced
-        # SQLite: short transactions of a caller alone on the loop's thread (*_inline).
+        # SQLite: short transactions on the loop's thread (*_inline).
         self._inline = inline_engine(url)
         self._inline_writes = inline_engine(url, writes=True)
         for inline in (self._inline, self._inline_writes):
@@ -279,9 +279,9 @@ class Database:
         return await self._run(work, read_only=True)
 
     async def read_inline(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """`read`, for a short read of a caller alone: on SQLite it runs on the event loop's
-        thread, without aiosqlite's hand-offs (shared/inline_sqlite.py); elsewhere, or where
-        it would wait for a lock, it is `read`."""
+        """`read`, for a short read: on SQLite it runs on the event loop's thread, without
+        aiosqlite's hand-offs (shared/inline_sqlite.py); elsewhere, or where it would wait for
+        a lock, it is `read`."""
         if self._inline is None:
             return await self.read(work)
         try:
@@ -294,9 +294,9 @@ class Database:
         return await self.read(work)
 
     async def transaction_inline(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """`transaction`, for a short one of a caller alone: on SQLite on the event loop's
-        thread (shared/inline_sqlite.py), after this process's writers before it; elsewhere,
-        or where it would wait for another process's lock, it is `transaction`."""
+        """`transaction`, for a short one: on SQLite on the event loop's thread
+        (shared/inline_sqlite.py), after this process's writers before it; elsewhere, or where
+        it would wait for another process's lock, it is `transaction`."""
         if self._inline_writes is None:
             return await self.transaction(work)
         async with self._writer_turn():

@@ -157,8 +157,8 @@ async def record_usage(
     """Record a batch of events in order; an invalid event fails alone (its error in its slot).
 
     An input may already be an error (it failed to convert); it keeps its slot. `inline`: a
-    small batch of a caller alone, recorded on the loop's thread on SQLite (the coalescer
-    decides; `Database.transaction_inline`).
+    short batch, recorded on the loop's thread on SQLite (the coalescer decides;
+    `Database.transaction_inline`).
     """
     if len(inputs) > MAX_BATCH:
         raise InvalidArgument("requests", f"at most {MAX_BATCH} events per batch")
