@@ -279,9 +279,10 @@ class Database:
         return await self._run(work, read_only=True)
 
     async def read_inline(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """`read`, for a short read: on SQLite it runs on the event loop's thread, without
-        aiosqlite's hand-offs (shared/inline_sqlite.py); elsewhere, or where it would wait for
-        a lock, it is `read`."""
+        """`read`, for a short read of one statement: on SQLite it runs on the event loop's
+        thread, without aiosqlite's hand-offs and without a BEGIN, so each statement reads its
+        own snapshot (shared/inline_sqlite.py); elsewhere, or where it would wait for a lock,
+        it is `read`."""
         if self._inline is None:
             return await self.read(work)
         try:

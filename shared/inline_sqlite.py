@@ -51,9 +51,14 @@ def inline_engine(url: str, writes: bool = False) -> Engine | None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+    if writes:
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # Reads say no BEGIN: each statement reads its own snapshot (the read is one statement,
+    # `Database.read_inline`), and a BEGIN was a statement as costly as the read.
 
     return engine
 
