@@ -11,6 +11,7 @@ from sqlalchemy import String, and_, bindparam, delete, insert, or_, select, upd
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from services.quota.adapters import tables as t
+from services.quota.adapters.scopes import scope_bindparams, scope_parameters
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
@@ -113,7 +114,8 @@ async def lock_rules(uow: UnitOfWork, scopes: Iterable[tuple[str, str, str]]) ->
         .order_by(_a.alert_id)
         .with_for_update()
     )
-    return [to_rule(r) for r in (await uow.session.execute(query, _watching_params(scopes))).all()]
+    rows = (await uow.session.execute(query, scope_parameters("r_", scopes))).all()
+    return [to_rule(r) for r in rows]
 
 
 _a = t.usage_alerts.c
@@ -121,42 +123,15 @@ _s = t.usage_alert_states.c
 
 
 def _watching(size: int):
-    """Rules watching one of `size` scopes (account, region, API), the scopes as parameters
-    (`_watching_params`): the statements below are built once per size, so SQLAlchemy compiles
-    each once; built anew for every batch they cost more than the batch's other work."""
-    if size == 1:  # the usual usage batch
-        return and_(
-            _a.account_id == bindparam("r_account"),
-            _a.region == bindparam("r_region"),
-            _a.api.in_([bindparam("r_any_api"), bindparam("r_api")]),
-        )
+    """Rules watching one of `size` scopes (adapters/scopes.py: the scopes as parameters, so
+    the statements below are built and compiled once per size): the scope's account and
+    region, and its API or every API (`api` "")."""
     return or_(
         *(
-            and_(
-                _a.account_id == bindparam(f"r_account_{i}"),
-                _a.region == bindparam(f"r_region_{i}"),
-                _a.api.in_([bindparam(f"r_any_api_{i}"), bindparam(f"r_api_{i}")]),
-            )
-            for i in range(size)
+            and_(_a.account_id == account, _a.region == region, _a.api.in_(["", api]))
+            for account, region, api in (scope_bindparams("r_", i) for i in range(size))
         )
     )
-
-
-def _watching_params(scopes: list[tuple[str, str, str]]) -> dict:
-    if len(scopes) == 1:
-        ((acct, region, api),) = scopes
-        return {"r_account": acct, "r_region": region, "r_any_api": "", "r_api": api}
-    params: dict = {}
-    for i, (acct, region, api) in enumerate(scopes):
-        params.update(
-            {
-                f"r_account_{i}": acct,
-                f"r_region_{i}": region,
-                f"r_any_api_{i}": "",
-                f"r_api_{i}": api,
-            }
-        )
-    return params
 
 
 # The usage path evaluates the remaining-quantity rules only: forecast rules are neither read
@@ -210,7 +185,7 @@ async def lock_rules_with_states(
     if not scopes:
         return [], {}
     connection = await uow.connection()
-    params = _watching_params(scopes)
+    params = scope_parameters("r_", scopes)
     if uow.dialect != "postgresql":
         query = _rules_with_states_of(len(scopes))
         rules: dict[str, AlertRule] = {}

@@ -18,13 +18,12 @@ from sqlalchemy import bindparam, func, insert, select, update
 
 from services.quota.adapters import tables as t
 from services.quota.adapters.packages_repository import to_package
+from services.quota.adapters.scopes import Scope
 from services.quota.domain.deduction import UsageEvent
 from services.quota.domain.packages import Package
 from services.quota.domain.simulation import ChangeKind, PackageChange, RecordedEvent
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
-
-Scope = tuple[str, str, str]
 
 _BUMP = (
     update(t.history_counter)

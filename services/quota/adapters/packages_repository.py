@@ -17,6 +17,7 @@ from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.sql import ColumnElement
 
 from services.quota.adapters import tables as t
+from services.quota.adapters.scopes import Scope, scope_bindparams, scope_parameters
 from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource, PackageState
 from shared.db import UnitOfWork
 from shared.timeutil import from_epoch_us, to_epoch_us
@@ -24,7 +25,6 @@ from shared.timeutil import from_epoch_us, to_epoch_us
 ONE_SECOND_US = 1_000_000
 # How long an expired package is still listed by ExplainUsage among an event's candidates.
 CANDIDATE_HISTORY = timedelta(days=31)
-Scope = tuple[str, str, str]  # account, region, api
 
 
 def to_package(row) -> Package:
@@ -216,19 +216,15 @@ def _lock_scopes(size: int):
     it once; built anew for every batch (the scopes as literals) it cost more than the batch's
     other work (`make bench` contention, 64 accounts). An OR of the scopes, each matched by the
     scope index; one scope, the usual batch, reads its quantity in force once."""
-    scope = (bindparam("l_account_0"), bindparam("l_region_0"), bindparam("l_api_0"))
-    columns = scope if size == 1 else (_p.account_id, _p.region, _p.api)
+    scopes = [scope_bindparams("l_", i) for i in range(size)]
+    columns = scopes[0] if size == 1 else (_p.account_id, _p.region, _p.api)
     return (
         select(t.packages, _quantity_in_force(*columns, bindparam("l_now")))
         .where(
             or_(
                 *(
-                    and_(
-                        _p.account_id == bindparam(f"l_account_{i}"),
-                        _p.region == bindparam(f"l_region_{i}"),
-                        _p.api == bindparam(f"l_api_{i}"),
-                    )
-                    for i in range(size)
+                    and_(_p.account_id == account, _p.region == region, _p.api == api)
+                    for account, region, api in scopes
                 )
             ),
             _could_pay(bindparam("l_after")),
@@ -266,9 +262,11 @@ async def lock_candidates(
     if not scopes:
         return Candidates([], {})
     connection = await uow.connection()
-    params = {"l_after": to_epoch_us(since) - ONE_SECOND_US, "l_now": to_epoch_us(now)}
-    for i, (account_id, region, api) in enumerate(scopes):
-        params.update({f"l_account_{i}": account_id, f"l_region_{i}": region, f"l_api_{i}": api})
+    params = {
+        **scope_parameters("l_", scopes),
+        "l_after": to_epoch_us(since) - ONE_SECOND_US,
+        "l_now": to_epoch_us(now),
+    }
     records, in_force = [], {}
     for row in (await connection.execute(_lock_scopes(len(scopes)), params)).all():
         record = to_record(row)

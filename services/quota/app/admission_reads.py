@@ -69,8 +69,6 @@ class AdmissionReads:
             while self._queue:
                 # With company, let more callers join this read (shared/batching.py).
                 await self._alone.gather()
-                if not self._queue:
-                    break
                 keys = list(self._queue)[: self.max_keys]
                 futures = [self._queue.pop(key) for key in keys]
 
