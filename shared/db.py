@@ -21,13 +21,13 @@ from typing import TypeVar
 
 from sqlalchemy import event, pool, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from shared import tracing
+from shared.db_faults import connection_fault, retryable, unanswered
 from shared.errors import Aborted, Unavailable
-from shared.inline_sqlite import InlineConnection, inline_engine, would_wait
+from shared.inline_sqlite import InlineEngine, inline_engine, would_wait
 from shared.settings import DatabaseBounds, Settings
 
 log = logging.getLogger("allot.db")
@@ -237,8 +237,12 @@ class UnitOfWork:
 class _InlineUnitOfWork(UnitOfWork):
     """A unit of work on the loop's own thread (shared/inline_sqlite.py)."""
 
+    def __init__(self, inline: InlineEngine) -> None:
+        super().__init__(inline.engine, read_only=not inline.writes)
+        self._inline = inline
+
     async def __aenter__(self) -> UnitOfWork:
-        self.session = InlineConnection(self._engine.connect())  # type: ignore[assignment]
+        self.session = self._inline.connect()  # type: ignore[assignment]
         return self
 
 
@@ -255,7 +259,7 @@ class Database:
         self._inline_writes = inline_engine(url, writes=True)
         for inline in (self._inline, self._inline_writes):
             if inline is not None:
-                tracing.instrument_engine(inline)
+                tracing.instrument_engine(inline.engine)
         # SQLite has one writer at a time. Queueing writers here, in arrival order, replaces
         # SQLite's busy-wait polling (which starves unlucky writers for seconds under load).
         self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -286,7 +290,7 @@ class Database:
         if self._inline is None:
             return await self.read(work)
         try:
-            async with _InlineUnitOfWork(self._inline, read_only=True) as uow:
+            async with _InlineUnitOfWork(self._inline) as uow:
                 return await work(uow)
         except DBAPIError as exc:
             # Locked, or any other database error: once more the usual way, which waits for
@@ -328,7 +332,7 @@ class Database:
                     faults += 1
                     await self._after_fault(exc, faults)
                     continue
-                if read_only or not isinstance(exc, DBAPIError) or not _retryable(exc):
+                if read_only or not isinstance(exc, DBAPIError) or not retryable(exc):
                     raise
                 races += 1
                 if races == MAX_ATTEMPTS:
@@ -340,7 +344,7 @@ class Database:
         """Retry a dropped connection (bounded); a timeout or an exhausted pool at once becomes
         UNAVAILABLE — waiting again would only double the caller's wait."""
         fault = connection_fault(exc)
-        if fault == "timeout" and _unanswered(exc):
+        if fault == "timeout" and unanswered(exc):
             await self.forget_connections()
         if fault != "lost" or faults >= self.bounds.retry_attempts:
             log.warning("database unavailable (%s after %d attempts): %r", fault, faults, exc)
@@ -379,70 +383,3 @@ class Database:
 def _log_inline_fallback(exc: DBAPIError) -> None:
     if not would_wait(exc):
         log.debug("inline transaction failed, running it on the worker: %s", exc.orig)
-
-
-def _retryable(exc: DBAPIError) -> bool:
-    if isinstance(exc, IntegrityError):
-        # A unique key taken by a concurrent transaction: the retry sees the winner's row.
-        return "unique" in str(exc.orig).lower() or "duplicate" in str(exc.orig).lower()
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-        getattr(exc.orig, "__cause__", None), "sqlstate", None
-    )
-    if sqlstate in ("40001", "40P01"):  # serialization failure, deadlock detected
-        return True
-    return "database is locked" in str(exc.orig).lower()
-
-
-# SQLSTATEs of a connection that is gone: class 08 (connection exception), and the server
-# ending the session (57P01 admin shutdown, e.g. pg_terminate_backend; 57P02 crash; 57P03
-# cannot connect now).
-_LOST_SQLSTATES = ("57P01", "57P02", "57P03")
-_STATEMENT_TIMEOUT = "57014"  # query_canceled: statement_timeout
-
-
-def connection_fault(exc: BaseException) -> str | None:
-    """Why `exc` is the database's fault rather than ours: "lost" (the connection died or could
-    not be opened: retry on a fresh one), "timeout" (a bound ran out: a statement, the pool
-    checkout), or None (not an infrastructure fault)."""
-    if isinstance(exc, PoolTimeout):
-        return "timeout"
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return "lost"
-        return connection_fault(exc.orig) if exc.orig is not None else None
-    for cause in _chain(exc):
-        if isinstance(cause, TimeoutError):
-            return "timeout"
-        if isinstance(cause, OSError):
-            return "lost"
-        sqlstate = getattr(cause, "sqlstate", None)
-        if sqlstate == _STATEMENT_TIMEOUT:
-            return "timeout"
-        if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in _LOST_SQLSTATES):
-            return "lost"
-        name = type(cause).__name__
-        if name in ("ConnectionDoesNotExistError", "ConnectionFailureError"):
-            return "lost"
-        if name == "InterfaceError" and (
-            "connection is closed" in str(cause) or "connection was closed" in str(cause)
-        ):
-            return "lost"
-    return None
-
-
-def _unanswered(exc: BaseException) -> bool:
-    """The driver's own timeout ran out (not the server's statement_timeout, not the pool's
-    checkout): the server did not even answer in time, so the way to it may be dead."""
-    return not isinstance(exc, PoolTimeout) and any(
-        isinstance(cause, TimeoutError) for cause in _chain(exc)
-    )
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and its causes (the driver's error behind the adapter's), at most a few deep."""
-    out: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(out) < 5:
-        out.append(current)
-        current = current.__cause__
-    return out

@@ -27,8 +27,41 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 
+from shared import direct_sqlite, tracing
 
-def inline_engine(url: str, writes: bool = False) -> Engine | None:
+
+class InlineEngine:
+    """A synchronous engine on the service's SQLite file for transactions on the loop's thread,
+    and the one connection it keeps open between them: checking a connection out of the pool
+    and back cost more than a short read."""
+
+    def __init__(self, engine: Engine, writes: bool) -> None:
+        self.engine = engine
+        self.writes = writes
+        self._idle: Connection | None = None
+
+    def connect(self) -> InlineConnection:
+        """The kept connection, or a new one while the kept one is in use."""
+        connection, self._idle = self._idle, None
+        if connection is None or connection.closed or connection.invalidated:
+            connection = self.engine.connect()
+        # Hot statements on the driver, unless traced (spans come from SQLAlchemy's events).
+        return InlineConnection(connection, self, direct=not tracing.enabled())
+
+    def keep(self, connection: Connection) -> None:
+        if self._idle is None and not (connection.closed or connection.invalidated):
+            self._idle = connection
+        else:
+            connection.close()
+
+    def dispose(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.close()
+        self.engine.dispose()
+
+
+def inline_engine(url: str, writes: bool = False) -> InlineEngine | None:
     """A synchronous engine on the same SQLite file, for transactions on the loop's thread
     (`writes`: BEGIN IMMEDIATE, else read-only); None where there is no file to share (an
     in-memory database is private to its connection)."""
@@ -55,12 +88,14 @@ def inline_engine(url: str, writes: bool = False) -> Engine | None:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Begun already where a hot statement came first (InlineConnection._driver).
+            if not conn.connection.dbapi_connection.in_transaction:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     # Reads say no BEGIN: each statement reads its own snapshot (the read is one statement,
     # `Database.read_inline`), and a BEGIN was a statement as costly as the read.
 
-    return engine
+    return InlineEngine(engine, writes)
 
 
 def would_wait(exc: BaseException) -> bool:
@@ -70,34 +105,65 @@ def would_wait(exc: BaseException) -> bool:
 
 class InlineConnection:
     """A synchronous connection behind the awaitable surface the repositories and the unit of
-    work use (`execute`, `scalar`, `commit`, ...): awaiting it never suspends."""
+    work use (`execute`, `scalar`, `commit`, ...): awaiting it never suspends.
 
-    def __init__(self, connection: Connection) -> None:
+    `direct`: hot statements, and the driver's own text, go straight to the driver
+    (`shared/direct_sqlite.py`), and so do a write transaction's BEGIN IMMEDIATE and its end.
+    A statement SQLAlchemy runs after them joins the transaction begun (the engine's begin
+    hook sees it open), and SQLAlchemy then ends it."""
+
+    def __init__(self, connection: Connection, owner: InlineEngine, direct: bool = True) -> None:
         self.sync_connection = connection
+        self._owner = owner
+        self._direct = direct
+
+    def _driver(self):
+        driver = self.sync_connection.connection.dbapi_connection
+        if self._owner.writes and not driver.in_transaction:
+            direct_sqlite.run_text(driver, "BEGIN IMMEDIATE", None, self.sync_connection.dialect)
+        return driver
 
     async def execute(self, statement, parameters=None, **kwargs):
+        if self._direct and not kwargs:
+            plan = direct_sqlite.plan_of(statement, self.sync_connection.dialect)
+            if plan is not None:
+                return plan.run(self._driver(), parameters)
         return self.sync_connection.execute(statement, parameters, **kwargs)
 
     async def scalar(self, statement, parameters=None, **kwargs):
-        return self.sync_connection.scalar(statement, parameters, **kwargs)
+        return (await self.execute(statement, parameters, **kwargs)).scalar()
 
     async def scalars(self, statement, parameters=None, **kwargs):
-        return self.sync_connection.scalars(statement, parameters, **kwargs)
+        return (await self.execute(statement, parameters, **kwargs)).scalars()
 
     async def connection(self, **_options) -> InlineConnection:
         return self
 
     async def exec_driver_sql(self, statement, parameters=None, **kwargs):
+        if self._direct and not kwargs:
+            dialect = self.sync_connection.dialect
+            return direct_sqlite.run_text(self._driver(), statement, parameters, dialect)
         return self.sync_connection.exec_driver_sql(statement, parameters, **kwargs)
 
     async def commit(self) -> None:
-        self.sync_connection.commit()
+        self._end("COMMIT")
 
     async def rollback(self) -> None:
-        self.sync_connection.rollback()
+        self._end("ROLLBACK")
+
+    def _end(self, verb: str) -> None:
+        connection = self.sync_connection
+        if connection.in_transaction():  # SQLAlchemy's own (it ends the driver's too)
+            connection.commit() if verb == "COMMIT" else connection.rollback()
+            return
+        if connection.closed or connection.invalidated:
+            return
+        driver = connection.connection.dbapi_connection
+        if driver.in_transaction:
+            direct_sqlite.run_text(driver, verb, None, connection.dialect)
 
     async def invalidate(self) -> None:
         self.sync_connection.invalidate()
 
     async def close(self) -> None:
-        self.sync_connection.close()
+        self._owner.keep(self.sync_connection)

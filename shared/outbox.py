@@ -60,6 +60,7 @@ from sqlalchemy import (
 
 from shared import tracing
 from shared.db import Database, UnitOfWork
+from shared.direct_sqlite import hot
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.fanout import PAGE, SUBSCRIBER_QUEUE, LiveFanOut
 from shared.ids import new_id
@@ -128,7 +129,7 @@ class Outbox(Generic[E]):
         )
         self._staged: dict[int, list[dict]] = {}
         self._carries_trace = "trace_parent" in envelope.DESCRIPTOR.fields_by_name
-        self._take_sequences = (
+        self._take_sequences = hot(
             update(counter)
             .where(counter.c.id == COUNTER_ID)
             .values(last_sequence=counter.c.last_sequence + bindparam("step"))

@@ -14,6 +14,7 @@ from services.quota.adapters import tables as t
 from services.quota.adapters.scopes import scope_bindparams, scope_parameters
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold
 from shared.db import UnitOfWork
+from shared.direct_sqlite import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 
@@ -158,12 +159,12 @@ def _rules(condition):
 
 @functools.cache
 def _rules_with_states_of(size: int):
-    return _rules_with_states(_watching(size))
+    return hot(_rules_with_states(_watching(size)))
 
 
 @functools.cache
 def _locked_rules_of(size: int):
-    return _rules(_watching(size)).with_for_update()
+    return hot(_rules(_watching(size)).with_for_update())
 
 
 _STATES = select(_s.alert_id, _s.api, _s.state).where(

@@ -23,9 +23,10 @@ from services.quota.domain.deduction import UsageEvent
 from services.quota.domain.packages import Package
 from services.quota.domain.simulation import ChangeKind, PackageChange, RecordedEvent
 from shared.db import UnitOfWork
+from shared.direct_sqlite import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
-_BUMP = (
+_BUMP = hot(
     update(t.history_counter)
     .where(t.history_counter.c.id == 1)
     .values(last_seq=t.history_counter.c.last_seq + bindparam("step"))

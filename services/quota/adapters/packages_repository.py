@@ -20,6 +20,7 @@ from services.quota.adapters import tables as t
 from services.quota.adapters.scopes import Scope, scope_bindparams, scope_parameters
 from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource, PackageState
 from shared.db import UnitOfWork
+from shared.direct_sqlite import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 ONE_SECOND_US = 1_000_000
@@ -218,7 +219,7 @@ def _lock_scopes(size: int):
     scope index; one scope, the usual batch, reads its quantity in force once."""
     scopes = [scope_bindparams("l_", i) for i in range(size)]
     columns = scopes[0] if size == 1 else (_p.account_id, _p.region, _p.api)
-    return (
+    return hot(
         select(t.packages, _quantity_in_force(*columns, bindparam("l_now")))
         .where(
             or_(
@@ -234,7 +235,7 @@ def _lock_scopes(size: int):
     )
 
 
-_UPDATE_USED = (
+_UPDATE_USED = hot(
     update(t.packages)
     .where(_p.package_id == bindparam("b_id"))
     .values(used_quantity=bindparam("b_used"), announced_state=bindparam("b_announced"))

@@ -27,6 +27,7 @@ from services.quota.adapters.packages_repository import in_force_condition
 from services.quota.domain.admission import StandingChange
 from shared.api_subscriptions import get_api_subscription, put_api_subscription
 from shared.db import UnitOfWork
+from shared.direct_sqlite import hot
 from shared.timeutil import to_epoch_us
 
 
@@ -109,8 +110,8 @@ def _admission_select(i: int):
 def _admission_query(size: int):
     """One statement for `size` keys (built once per size; its parameters bound per call)."""
     if size == 1:
-        return _admission_select(0)
-    return union_all(*(_admission_select(i) for i in range(size)))
+        return hot(_admission_select(0))
+    return hot(union_all(*(_admission_select(i) for i in range(size))))
 
 
 class AdmissionFacts(NamedTuple):

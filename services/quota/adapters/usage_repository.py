@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from sqlalchemy import String, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -22,6 +23,7 @@ from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
 from shared.db import UnitOfWork
+from shared.direct_sqlite import hot
 from shared.timeutil import from_epoch_us
 
 
@@ -66,8 +68,14 @@ _FIND = {
     "postgresql": select(t.usage_events).where(
         t.usage_events.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()
     ),
-    "sqlite": select(t.usage_events).where(
-        t.usage_events.c.event_id.in_(bindparam("ids", expanding=True))
+    # The ids as one JSON array: one statement text for every batch size (an IN list's text
+    # would follow its length), so it runs on the driver directly (shared/direct_sqlite.py).
+    "sqlite": hot(
+        select(t.usage_events).where(
+            t.usage_events.c.event_id.in_(
+                select(func.json_each(bindparam("ids")).table_valued("value").c.value)
+            )
+        )
     ),
 }
 
@@ -91,7 +99,9 @@ async def find_usage(uow: UnitOfWork, event_ids: Iterable[str]) -> dict[str, Sto
     if not ids:
         return {}
     connection = await uow.connection()
-    rows = (await connection.execute(_FIND[uow.dialect], {"ids": ids})).all()
+    dialect = uow.dialect
+    given = ids if dialect == "postgresql" else orjson.dumps(ids).decode()
+    rows = (await connection.execute(_FIND[dialect], {"ids": given})).all()
     return {r.event_id: _to_stored(r) for r in rows}
 
 
