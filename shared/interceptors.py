@@ -236,24 +236,16 @@ class _Call:
         role = ",".join(sorted(principal.roles)) if principal else "-"
         account = _shown(principal.account or "-") if principal else "-"
         code = self.code.name
-        logs.access_log.info(
-            "%s %s %.1f ms subject=%s role=%s account=%s",
-            self.method,
-            code,
-            ms,
-            subject,
-            role,
-            account,
-            extra={
-                "fields": {
-                    "method": self.method,
-                    "code": code,
-                    "duration_ms": ms,
-                    "subject": subject,
-                    "role": role,
-                    "account": account,
-                    "request_id": logs.request_id.get(),
-                }
+        logs.access(
+            f"{self.method} {code} {ms:.1f} ms subject={subject} role={role} account={account}",
+            {
+                "method": self.method,
+                "code": code,
+                "duration_ms": ms,
+                "subject": subject,
+                "role": role,
+                "account": account,
+                "request_id": logs.request_id.get(),
             },
         )
 

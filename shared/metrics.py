@@ -172,6 +172,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._wrapped: dict[str, tuple[object, object]] = {}
+        self._children: dict[tuple, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -187,8 +188,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _observe(self, labels: tuple[str, str], context, started: float, error) -> None:
         code = _code_of(context, error)
-        self.metrics.rpc_requests.labels(*labels, code).inc()
-        self.metrics.rpc_duration.labels(*labels, code).observe(time.perf_counter() - started)
+        children = self._children.get((labels, code))
+        if children is None:  # looked up once per method and code: labels() takes a lock
+            children = self._children[(labels, code)] = (
+                self.metrics.rpc_requests.labels(*labels, code),
+                self.metrics.rpc_duration.labels(*labels, code),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     async def _timed(self, labels: tuple[str, str], context, call):
         """Await `call`, then count and time it with its final code."""

@@ -92,3 +92,28 @@ def test_log_format_is_a_checked_setting():
     assert Settings.from_env(environ={"ALLOT_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(SettingsError, match="ALLOT_LOG_FORMAT"):
         Settings.from_env(environ={"ALLOT_LOG_FORMAT": "xml"})
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_access_line_written_directly_is_the_line_logging_writes(configured, fmt, monkeypatch):
+    """`logs.access` writes to the configured handler without a LogRecord; the line is the
+    one logging's formatter writes for the same call and instant (the clock stopped for both),
+    and with another handler added (a test's capture) the line goes through logging and
+    reaches both."""
+    out = configured("INFO", fmt)
+    fields = {"method": "/m", "code": "OK", "duration_ms": 1.5, "request_id": "r1"}
+    monkeypatch.setattr(logs.time, "time", lambda: 1_800_000_000.25)
+    token = logs.request_id.set("r1")
+    captured = io.StringIO()
+    other = logging.StreamHandler(captured)
+    try:
+        logs.access("/m OK 1.5 ms", fields)
+        logging.getLogger().addHandler(other)
+        logs.access("/m OK 1.5 ms", fields)
+    finally:
+        logging.getLogger().removeHandler(other)
+        logs.request_id.reset(token)
+    direct, through_logging = out.getvalue().splitlines()
+    assert direct == through_logging
+    assert "r1" in direct and "/m OK 1.5 ms" in direct
+    assert captured.getvalue() == "/m OK 1.5 ms\n"  # the other handler got it too
