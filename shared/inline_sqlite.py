@@ -49,7 +49,11 @@ class InlineEngine:
         return InlineConnection(connection, self, direct=not tracing.enabled())
 
     def keep(self, connection: Connection) -> None:
-        if self._idle is None and not (connection.closed or connection.invalidated):
+        """Keep a connection whose transaction ended (else close it: the pool resets it)."""
+        reusable = not (connection.closed or connection.invalidated) and not (
+            connection.in_transaction() or connection.connection.dbapi_connection.in_transaction
+        )
+        if self._idle is None and reusable:
             self._idle = connection
         else:
             connection.close()
