@@ -59,8 +59,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         max_streams_per_caller: int = 16,
         database_lost: asyncio.Event | None = None,
         members_of: Callable[[str], Awaitable[frozenset[str]]] | None = None,
+        tls: bool = True,
     ) -> None:
         self.policies = policies
+        # Whether calls may come over TLS, so a peer may present a client certificate; a
+        # plaintext server has none to look for (gRPC's auth context is costly to build).
+        self.tls = tls
         # The service's lookup of an enterprise master's members (None: no master reads).
         self.members_of = members_of
         self.verifier = verifier
@@ -121,7 +125,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if self.database_lost is not None and self.database_lost.is_set():
             # Health says NOT_SERVING (docs/faults.md): fail fast with a status clients retry.
             raise Unavailable("DATABASE_UNAVAILABLE", "the service lost its database: retry later")
-        service = peer_service(context)
+        service = peer_service(context) if self.tls else None
         if service is not None:
             principal = internal_principal(service)
         else:

@@ -162,6 +162,7 @@ class Server:
             verifier = verifier_for(settings)
         except ValueError as exc:
             raise SettingsError(str(exc)) from exc
+        files = TlsFiles.from_settings(settings)
         interceptor = CallInterceptor(
             policies,
             verifier,
@@ -169,6 +170,7 @@ class Server:
             settings.max_streams_per_caller,
             database_lost=self._database_lost,
             members_of=getattr(self.service, "members_of", None),  # for Policy.master_reads
+            tls=files.serves_tls,
         )
         server = grpc.aio.server(
             # Metrics outermost (refusals counted with their codes), then tracing (none unless
@@ -213,7 +215,6 @@ class Server:
             server,
             pool=SourcePool(load_sources()),
         )
-        files = TlsFiles.from_settings(settings)
         if files.serves_tls:
             self.port = server.add_secure_port(self.addr, server_credentials(files))
         else:
