@@ -4,6 +4,7 @@ The bounds are documented in docs/security.md ("Hostile input"); a value outside
 ``INVALID_ARGUMENT`` naming the field, before anything is read or written.
 """
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -65,14 +66,31 @@ def check_strings(message, prefix: str = "") -> None:
     Repeated messages are not entered: a batch (``BatchReportUsage.requests``) checks each of
     its items in the item's own slot, so one bad item does not fail the others.
     """
-    for field, value in message.ListFields():
-        name = prefix + field.name
-        if field.type == field.TYPE_STRING:
-            values = enumerate(value) if field.is_repeated else [(None, value)]
-            for index, text in values:
+    for name, kind in _string_fields(message.DESCRIPTOR):
+        if kind is _ONE:
+            if "\x00" in getattr(message, name):
+                where = prefix + name
+                raise InvalidArgument(where, f"{where} must not contain a NUL character")
+        elif kind is _MANY:
+            for index, text in enumerate(getattr(message, name)):
                 if "\x00" in text:
-                    where = name if index is None else f"{name}[{index}]"
+                    where = f"{prefix}{name}[{index}]"
                     raise InvalidArgument(where, f"{where} must not contain a NUL character")
+        elif message.HasField(name):
+            check_strings(getattr(message, name), f"{prefix}{name}.")
+
+
+_ONE, _MANY, _MESSAGE = "one", "many", "message"
+
+
+@functools.cache
+def _string_fields(descriptor) -> tuple[tuple[str, str], ...]:
+    """A message type's string fields and singular message fields, read once per type (the
+    descriptor's walk cost more than the check on every call)."""
+    out = []
+    for field in descriptor.fields:
+        if field.type == field.TYPE_STRING:
+            out.append((field.name, _MANY if field.is_repeated else _ONE))
         elif field.type == field.TYPE_MESSAGE and not field.is_repeated:
-            if not field.message_type.GetOptions().map_entry:
-                check_strings(value, name + ".")
+            out.append((field.name, _MESSAGE))
+    return tuple(out)

@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from allot.notification.v1 import notification_pb2, notification_service_pb2
+from allot.quota.v1 import quota_service_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from services.billing.domain.cycles import parse_month
 from shared.errors import InvalidArgument
 from shared.money import MAX_AMOUNT_MICROS, from_wire, to_wire
 from shared.timeutil import MAX_TIME, MIN_TIME, check_time, from_duration, from_timestamp
+from shared.validation import check_strings
 from shared.validity import (
     ValidityOutOfRange,
     package_expire_time,
@@ -103,3 +106,27 @@ def test_a_validity_past_9000_is_out_of_range():
     with pytest.raises(ValidityOutOfRange):
         renewal_expire_time(datetime(8999, 12, 31, tzinfo=UTC), 1, SHANGHAI)
     assert package_expire_time(start, 6, SHANGHAI) < MAX_TIME
+
+
+def test_a_nul_character_is_refused_in_any_string_field_named_by_its_path():
+    """`check_strings` (every request, shared/interceptors.py) walks string fields, singular
+    messages inside (a contact inside its request) and repeated strings (by index); repeated
+    messages are left to their own slots (a batch's items)."""
+    fine = notification_service_pb2.CreateContactRequest(
+        request_id="r", contact=notification_pb2.Contact(account_id="a", address="x@example.com")
+    )
+    check_strings(fine)
+    nested = notification_service_pb2.CreateContactRequest(
+        contact=notification_pb2.Contact(address="x\x00@example.com")
+    )
+    with pytest.raises(InvalidArgument) as raised:
+        check_strings(nested)
+    assert raised.value.field == "contact.address"
+    repeated = quota_service_pb2.WatchEventsRequest(event_types=["a", "b", "c\x00"])
+    with pytest.raises(InvalidArgument) as raised:
+        check_strings(repeated)
+    assert raised.value.field == "event_types[2]"
+    batch = quota_service_pb2.BatchReportUsageRequest(
+        requests=[quota_service_pb2.ReportUsageRequest(event_id="e\x00")]
+    )
+    check_strings(batch)  # each item is checked in its own slot
