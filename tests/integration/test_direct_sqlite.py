@@ -108,7 +108,6 @@ def _hot_statements() -> list:
     for size in (1, 3):
         packages_repo._lock_scopes(size)
         alerts_repo._rules_with_states_of(size)
-        alerts_repo._locked_rules_of(size)
         subscriptions_repo._admission_query(size)
     return [statement for statement, _plans in list(direct_sqlite._HOT.values())]
 
@@ -147,7 +146,7 @@ def _returns(statement) -> bool:
 
 async def test_every_hot_statement_gives_what_sqlalchemy_gives(database, monkeypatch):
     statements = _hot_statements()
-    assert len(statements) >= 11  # quota's hot path, two sizes of those built per size
+    assert len(statements) >= 9  # quota's hot path, two sizes of those built per size
     seen_rows = 0
     for statement in statements:
         params = _parameters(statement)

@@ -164,7 +164,7 @@ def _rules_with_states_of(size: int):
 
 @functools.cache
 def _locked_rules_of(size: int):
-    return hot(_rules(_watching(size)).with_for_update())
+    return _rules(_watching(size)).with_for_update()  # PostgreSQL's (SQLite's: above)
 
 
 _STATES = select(_s.alert_id, _s.api, _s.state).where(
