@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from shared import tracing
+from shared import direct_sql, tracing
 from shared.db_faults import connection_fault, retryable, unanswered
 from shared.errors import Aborted, Unavailable
 from shared.inline_sqlite import InlineEngine, inline_engine, would_wait
@@ -156,6 +156,14 @@ class TransactionConnection(AsyncConnection):
     async def connection(self, **_options) -> TransactionConnection:
         """Itself: code written for a session's `connection()` keeps working."""
         return self
+
+    async def execute(self, statement, parameters=None, **kwargs):
+        """Hot statements on asyncpg itself (shared/direct_sql.py), unless traced."""
+        if not kwargs and isinstance(parameters, dict | None) and self.dialect.driver == "asyncpg":
+            plan = direct_sql.plan_of(statement, self.dialect) if not tracing.enabled() else None
+            if plan is not None:
+                return await plan.run_asyncpg(self, parameters)
+        return await super().execute(statement, parameters, **kwargs)
 
 
 class UnitOfWork:

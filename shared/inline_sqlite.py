@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 
-from shared import direct_sqlite, tracing
+from shared import direct_sql, tracing
 
 
 class InlineEngine:
@@ -112,7 +112,7 @@ class InlineConnection:
     work use (`execute`, `scalar`, `commit`, ...): awaiting it never suspends.
 
     `direct`: hot statements, and the driver's own text, go straight to the driver
-    (`shared/direct_sqlite.py`), and so do a write transaction's BEGIN IMMEDIATE and its end.
+    (`shared/direct_sql.py`), and so do a write transaction's BEGIN IMMEDIATE and its end.
     A statement SQLAlchemy runs after them joins the transaction begun (the engine's begin
     hook sees it open), and SQLAlchemy then ends it."""
 
@@ -124,12 +124,12 @@ class InlineConnection:
     def _driver(self):
         driver = self.sync_connection.connection.dbapi_connection
         if self._owner.writes and not driver.in_transaction:
-            direct_sqlite.run_text(driver, "BEGIN IMMEDIATE", None, self.sync_connection.dialect)
+            direct_sql.run_text(driver, "BEGIN IMMEDIATE", None, self.sync_connection.dialect)
         return driver
 
     async def execute(self, statement, parameters=None, **kwargs):
         if self._direct and not kwargs:
-            plan = direct_sqlite.plan_of(statement, self.sync_connection.dialect)
+            plan = direct_sql.plan_of(statement, self.sync_connection.dialect)
             if plan is not None:
                 return plan.run(self._driver(), parameters)
         return self.sync_connection.execute(statement, parameters, **kwargs)
@@ -146,7 +146,7 @@ class InlineConnection:
     async def exec_driver_sql(self, statement, parameters=None, **kwargs):
         if self._direct and not kwargs:
             dialect = self.sync_connection.dialect
-            return direct_sqlite.run_text(self._driver(), statement, parameters, dialect)
+            return direct_sql.run_text(self._driver(), statement, parameters, dialect)
         return self.sync_connection.exec_driver_sql(statement, parameters, **kwargs)
 
     async def commit(self) -> None:
@@ -164,7 +164,7 @@ class InlineConnection:
             return
         driver = connection.connection.dbapi_connection
         if driver.in_transaction:
-            direct_sqlite.run_text(driver, verb, None, connection.dialect)
+            direct_sql.run_text(driver, verb, None, connection.dialect)
 
     async def invalidate(self) -> None:
         self.sync_connection.invalidate()

@@ -60,7 +60,7 @@ from sqlalchemy import (
 
 from shared import tracing
 from shared.db import Database, UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.fanout import PAGE, SUBSCRIBER_QUEUE, LiveFanOut
 from shared.ids import new_id

@@ -14,7 +14,7 @@ from services.quota.adapters import tables as t
 from services.quota.adapters.scopes import scope_bindparams, scope_parameters
 from services.quota.domain.alerts import AlertRule, AlertState, Threshold
 from shared.db import UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 
@@ -164,11 +164,13 @@ def _rules_with_states_of(size: int):
 
 @functools.cache
 def _locked_rules_of(size: int):
-    return _rules(_watching(size)).with_for_update()  # PostgreSQL's (SQLite's: above)
+    return hot(_rules(_watching(size)).with_for_update())  # PostgreSQL's (SQLite's: above)
 
 
-_STATES = select(_s.alert_id, _s.api, _s.state).where(
-    _s.alert_id == bindparam("ids", type_=ARRAY(String)).any_()
+_STATES = hot(
+    select(_s.alert_id, _s.api, _s.state).where(
+        _s.alert_id == bindparam("ids", type_=ARRAY(String)).any_()
+    )
 )
 
 

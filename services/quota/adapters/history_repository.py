@@ -23,7 +23,7 @@ from services.quota.domain.deduction import UsageEvent
 from services.quota.domain.packages import Package
 from services.quota.domain.simulation import ChangeKind, PackageChange, RecordedEvent
 from shared.db import UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 _BUMP = hot(

@@ -20,7 +20,7 @@ from services.quota.adapters import tables as t
 from services.quota.adapters.scopes import Scope, scope_bindparams, scope_parameters
 from services.quota.domain.packages import ALL_PROJECTS, Package, PackageSource, PackageState
 from shared.db import UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.timeutil import from_epoch_us, to_epoch_us
 
 ONE_SECOND_US = 1_000_000

@@ -27,7 +27,7 @@ from services.quota.adapters.packages_repository import in_force_condition
 from services.quota.domain.admission import StandingChange
 from shared.api_subscriptions import get_api_subscription, put_api_subscription
 from shared.db import UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.timeutil import to_epoch_us
 
 

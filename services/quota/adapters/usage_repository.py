@@ -23,7 +23,7 @@ from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import tables as t
 from services.quota.domain.deduction import UsageOutcome
 from shared.db import UnitOfWork
-from shared.direct_sqlite import hot
+from shared.direct_sql import hot
 from shared.timeutil import from_epoch_us
 
 
@@ -65,11 +65,13 @@ def _to_stored(row) -> StoredUsage:
 
 
 _FIND = {
-    "postgresql": select(t.usage_events).where(
-        t.usage_events.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()
+    "postgresql": hot(
+        select(t.usage_events).where(
+            t.usage_events.c.event_id == bindparam("ids", type_=ARRAY(String)).any_()
+        )
     ),
     # The ids as one JSON array: one statement text for every batch size (an IN list's text
-    # would follow its length), so it runs on the driver directly (shared/direct_sqlite.py).
+    # would follow its length), so it runs on the driver directly (shared/direct_sql.py).
     "sqlite": hot(
         select(t.usage_events).where(
             t.usage_events.c.event_id.in_(
@@ -181,7 +183,7 @@ _PACKAGE_COLUMNS = (
     t.packages.c.used_quantity,
     t.packages.c.announced_state,
 )
-_SAVE = _save_statement()
+_SAVE = hot(_save_statement())
 
 
 async def save_batch(

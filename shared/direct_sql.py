@@ -1,21 +1,25 @@
-"""Hot statements run straight on SQLite's driver, on the loop's thread (docs/design/scale.md,
-"Hot statements below SQLAlchemy").
+"""Hot statements run straight on the driver (docs/design/scale.md, "Hot statements below
+SQLAlchemy").
 
 Every `ReportUsage` and `CheckQuota` runs the same few SQLAlchemy Core statements. Executing one
-through SQLAlchemy costs about 50 µs of CPU before SQLite sees it (its cache key, the
-parameters, the execution context, the result's metadata), several times the statement's own
-work on SQLite. A repository marks such a statement with `hot(statement)`: it must be built
-once (a module constant, or cached per size) and live as long as the process. On the inline
-connections (`shared/inline_sqlite.py`) a hot statement is compiled once by SQLAlchemy, and
-then each execution is the driver's own `execute` with the parameters in compiled order and
-the rows as named tuples; SQLAlchemy's type processing is applied where a type has one
-(booleans). What SQLAlchemy would raise is raised (its `DBAPIError` wrapping the driver's
-error), so the callers' fault handling is the same. Everything else, and every statement when
-tracing is on (its spans come from SQLAlchemy's events), goes through SQLAlchemy as before.
+through SQLAlchemy costs about 50 µs of CPU before the driver sees it (its cache key, the
+parameters, the execution context, the result's metadata; on PostgreSQL also the asyncpg
+adapter's greenlet), several times SQLite's own work for it. A repository marks such a
+statement with `hot(statement)`: it must be built once (a module constant, or cached per size)
+and live as long as the process. A hot statement is compiled once by SQLAlchemy per dialect;
+each execution is then the driver's own: `sqlite3`'s `execute` on the inline connections
+(`shared/inline_sqlite.py`), asyncpg's `fetch` inside the transaction SQLAlchemy's adapter
+began (`shared/db.py`, `TransactionConnection`), the parameters in compiled order and the rows
+as named tuples; SQLAlchemy's type processing is applied where a type has one (booleans,
+arrays). What SQLAlchemy would raise is raised (its `DBAPIError` wrapping the driver's error,
+a lost connection marked invalidated), so the callers' fault handling is the same. Everything
+else, and every statement when tracing is on (its spans come from SQLAlchemy's events), goes
+through SQLAlchemy as before.
 
 A statement whose compiled form this cannot run as it is (an expanding IN list, a column name
 that cannot be a tuple field) is refused when it is first run, loudly: `hot` is a promise the
-tests check (tests/unit/test_direct_sqlite.py runs every hot statement both ways).
+tests check (tests/integration/test_direct_sql.py runs every hot statement both ways on both
+databases).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class _Plan:
     values the statement itself fixes), its bind and result processors, its row type."""
 
     def __init__(self, statement, dialect: Dialect) -> None:
-        if statement.is_dml and not getattr(statement, "_values", None):
+        if statement.is_dml and not (
+            getattr(statement, "_values", None) or getattr(statement, "_select_names", None)
+        ):
             # Its columns would follow each call's parameter names (`insert(table)`).
             raise ValueError("not a hot statement: INSERT or UPDATE without its values")
         compiled = statement.compile(dialect=dialect)
@@ -91,6 +97,18 @@ class _Plan:
             values = [p(v) if p else v for p, v in zip(self.bind_processors, values, strict=True)]
         return tuple(values)
 
+    def rows(self, fetched) -> list:
+        """Driver rows as named tuples, SQLAlchemy's result processing applied."""
+        if self.row is None:
+            return []
+        if self.any_result_processor:
+            processors = self.result_processors
+            fetched = [
+                tuple(p(v) if p else v for p, v in zip(processors, r, strict=True)) for r in fetched
+            ]
+        make = self.row._make
+        return [make(r) for r in fetched]
+
     def run(self, driver: sqlite3.Connection, params: dict | Sequence[dict] | None) -> Rows:
         many = isinstance(params, list | tuple)
         try:
@@ -102,13 +120,45 @@ class _Plan:
             rowcount = cursor.rowcount
         except sqlite3.Error as exc:
             raise _wrapped(self.sql, params, exc, self.dialect) from exc
-        if self.any_result_processor:
-            processors = self.result_processors
-            fetched = [
-                tuple(p(v) if p else v for p, v in zip(processors, r, strict=True)) for r in fetched
-            ]
-        make = self.row._make if self.row is not None else None
-        return Rows([make(r) for r in fetched] if make else [], rowcount)
+        return Rows(self.rows(fetched), rowcount)
+
+    async def run_asyncpg(self, connection, params: dict | None) -> Rows:
+        """Run on the asyncpg connection under SQLAlchemy's `connection` (an AsyncConnection
+        of the asyncpg dialect), in its transaction: SQLAlchemy's is begun first, so its commit
+        or rollback ends what ran here, and the adapter's BEGIN is sent as the adapter would
+        (none in autocommit, a read's isolation)."""
+        if not connection.in_transaction():
+            await connection.begin()
+        sync = connection.sync_connection
+        # The pooled connection itself (checked out already: no I/O, no greenlet).
+        fairy = await connection.get_raw_connection() if sync.invalidated else sync.connection
+        adapter = fairy.dbapi_connection
+        values = self.values(params)
+        async with adapter._execute_mutex:
+            try:
+                if adapter._transaction is None:
+                    await adapter._start_transaction()
+                if self.row is not None:
+                    fetched = await adapter._connection.fetch(self.sql, *values)
+                    return Rows(self.rows(fetched), len(fetched))
+                status = await adapter._connection.execute(self.sql, *values)
+            except Exception as exc:  # the adapter's translation, then SQLAlchemy's wrapping
+                raise self._asyncpg_error(adapter, exc, params) from exc
+        count = status.rsplit(" ", 1)[-1]
+        return Rows([], int(count) if count.isdigit() else -1)
+
+    def _asyncpg_error(self, adapter, exc: Exception, params) -> BaseException:
+        try:
+            adapter._handle_exception(exc)  # raises the adapter's DB-API error for exc
+        except Exception as translated:  # noqa: BLE001 - wrapped below, as SQLAlchemy does
+            exc = translated
+        if not isinstance(exc, self.dialect.loaded_dbapi.Error):
+            return exc  # not the database's (a timeout, a cancellation): as it is
+        lost = self.dialect.is_disconnect(exc, adapter, None)
+        return DBAPIError.instance(
+            self.sql, params, exc, self.dialect.loaded_dbapi.Error,
+            dialect=self.dialect, connection_invalidated=lost,
+        )  # fmt: skip
 
 
 def run_text(driver: sqlite3.Connection, sql: str, params, dialect: Dialect) -> Rows:

@@ -1,15 +1,15 @@
-"""Hot statements on SQLite's driver (shared/direct_sqlite.py): every statement quota marks hot
-runs on the driver with the same rows, columns and errors as through SQLAlchemy; a write
-transaction mixing hot statements, the driver's own text and SQLAlchemy's statements commits
-or rolls back as one; statements the driver path cannot run as they are are refused."""
+"""Hot statements on the driver (shared/direct_sql.py): every statement quota marks hot runs
+on SQLite's driver and on asyncpg with the same rows and errors as through SQLAlchemy; a
+write transaction mixing hot statements, the driver's own text and SQLAlchemy's statements
+commits or rolls back as one; statements the driver path cannot run as they are are
+refused."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
-from sqlalchemy import bindparam, create_engine, insert, select, text
+from sqlalchemy import bindparam, insert, select, text
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from services.quota.adapters import alerts_repository as alerts_repo
@@ -20,21 +20,22 @@ from services.quota.adapters import (
 from services.quota.adapters import packages_repository as packages_repo
 from services.quota.adapters import subscriptions_repository as subscriptions_repo
 from services.quota.adapters import tables as t
-from shared import direct_sqlite, tracing
+from shared import direct_sql, tracing
 from shared.db import Database, _InlineUnitOfWork
+from shared.db_faults import connection_fault
 from shared.timeutil import from_epoch_us
+from tests.support.databases import dialect_database
 
 T = 1_000_000_000  # every integer parameter (µs): the seeded rows are in force then
 WORD = "a"  # every string parameter: account, region, API, project, month, ids below
 
 
-def _seed(path) -> None:
-    engine = create_engine(f"sqlite:///{path}")
-    t.metadata.create_all(engine)
+async def _seed(db: Database) -> None:
     scope = {"account_id": WORD, "region": WORD, "api": WORD}
-    with engine.begin() as c:
+    async with db.engine.begin() as c:
+        await c.run_sync(t.metadata.create_all)
         for i, project in enumerate(["", WORD]):
-            c.execute(
+            await c.execute(
                 insert(t.packages).values(
                     package_id=f"{WORD}{i or ''}",
                     **scope,
@@ -48,15 +49,15 @@ def _seed(path) -> None:
                     expiring_announced=bool(i),
                 )
             )
-        c.execute(
+        await c.execute(
             insert(t.api_subscriptions).values(**scope, state=1, create_time_us=0, update_time_us=0)
         )
-        c.execute(
+        await c.execute(
             insert(t.account_standings).values(
                 account_id=WORD, standing=2, update_time_us=0, block_pay_per_use_in_grace=True
             )
         )
-        c.execute(
+        await c.execute(
             insert(t.usage_alerts).values(
                 alert_id=WORD,
                 **scope,
@@ -66,11 +67,11 @@ def _seed(path) -> None:
                 update_time_us=0,
             )  # fmt: skip
         )
-        c.execute(
+        await c.execute(
             insert(t.usage_alert_states).values(alert_id=WORD, api=WORD, state=1, update_time_us=0)
         )
-        c.execute(insert(t.history_counter).values(id=1, last_seq=7))
-        c.execute(
+        await c.execute(insert(t.history_counter).values(id=1, last_seq=7))
+        await c.execute(
             insert(t.usage_events).values(
                 event_id=WORD,
                 fingerprint="f",
@@ -89,18 +90,17 @@ def _seed(path) -> None:
                 explanation="{}",
             )  # fmt: skip
         )
-    engine.dispose()
 
 
-@pytest.fixture
-async def database(tmp_path):
-    path = tmp_path / "direct.db"
-    _seed(path)
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        yield db
-    finally:
-        await db.dispose()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request, tmp_path):
+    async with dialect_database(request.param, tmp_path / "direct.db") as url:
+        db = Database(url)
+        try:
+            await _seed(db)
+            yield db
+        finally:
+            await db.dispose()
 
 
 def _hot_statements() -> list:
@@ -109,28 +109,45 @@ def _hot_statements() -> list:
         packages_repo._lock_scopes(size)
         alerts_repo._rules_with_states_of(size)
         subscriptions_repo._admission_query(size)
-    return [statement for statement, _plans in list(direct_sqlite._HOT.values())]
+    return [statement for statement, _plans in list(direct_sql._HOT.values())]
 
 
-def _parameters(statement) -> dict:
-    compiled = statement.compile(dialect=sqlite.dialect())
+def _parameters(statement, dialect=None) -> dict:
+    compiled = statement.compile(dialect=dialect or sqlite.dialect())
     params = {}
     for bind in compiled.binds.values():
         if not bind.required:
             continue
-        if bind.key == "ids":
+        kind = bind.type
+        if isinstance(kind, ARRAY):  # PostgreSQL's batches: two of each
+            item = _value(kind.item_type)
+            params[bind.key] = [item, item if isinstance(item, int) else "b"]
+        elif bind.key == "ids":  # SQLite's id look-up: a JSON array
             params[bind.key] = f'["{WORD}", "b"]'
-        elif bind.type._type_affinity.__name__ in ("Integer", "BigInteger", "SmallInteger"):
-            params[bind.key] = T
         else:
-            params[bind.key] = WORD
+            params[bind.key] = _value(kind, bind.key)
     return params
+
+
+def _value(kind, key: str = ""):
+    affinity = kind._type_affinity.__name__ if kind._type_affinity is not None else ""
+    affinity = "" if affinity == "NullType" else affinity
+    if affinity in ("Integer", "BigInteger", "SmallInteger"):
+        return T
+    if not affinity and any(word in key for word in ("now", "after", "step", "_us")):
+        return T  # untyped: an instant or a step
+    return True if affinity == "Boolean" else WORD
+
+
+def _unit_of_work(db: Database):
+    """SQLite: an inline write transaction (its driver path); PostgreSQL: the usual one."""
+    return _InlineUnitOfWork(db._inline_writes) if db.dialect == "sqlite" else db.unit_of_work()
 
 
 async def _run(db: Database, statement, params, direct: bool, monkeypatch):
     """Rows (as tuples) and column names, or the error's type; rolled back either way."""
     monkeypatch.setattr(tracing, "enabled", lambda: not direct)
-    async with _InlineUnitOfWork(db._inline_writes) as uow:
+    async with _unit_of_work(db) as uow:
         try:
             result = await uow.session.execute(statement, params)
         except DBAPIError as exc:
@@ -149,7 +166,10 @@ async def test_every_hot_statement_gives_what_sqlalchemy_gives(database, monkeyp
     assert len(statements) >= 9  # quota's hot path, two sizes of those built per size
     seen_rows = 0
     for statement in statements:
-        params = _parameters(statement)
+        try:
+            params = _parameters(statement, database.engine.dialect)
+        except NotImplementedError:  # the other database's statement (a sequence: PostgreSQL)
+            continue
         through_sqlalchemy = await _run(database, statement, params, False, monkeypatch)
         on_the_driver = await _run(database, statement, params, True, monkeypatch)
         if isinstance(through_sqlalchemy, type):
@@ -163,7 +183,7 @@ async def test_every_hot_statement_gives_what_sqlalchemy_gives(database, monkeyp
 
 async def test_rows_keep_sqlalchemys_types_and_names(database, monkeypatch):
     monkeypatch.setattr(tracing, "enabled", lambda: False)
-    async with _InlineUnitOfWork(database._inline_writes) as uow:
+    async with _unit_of_work(database) as uow:
         candidates = await packages_repo.lock_candidates(
             uow, [(WORD, WORD, WORD)], from_epoch_us(T), from_epoch_us(T)
         )
@@ -188,7 +208,7 @@ async def test_a_transaction_of_hot_and_other_statements_commits_and_rolls_back_
     add = text("INSERT INTO history_counter (id, last_seq) VALUES (:id, 0)")
 
     async def mixed(uow, fail: bool):
-        await uow.session.execute(bump, {"step": 1})  # hot: BEGIN IMMEDIATE on the driver
+        await uow.session.execute(bump, {"step": 1})  # hot: on the driver (SQLite: its BEGIN)
         await uow.session.execute(add, {"id": 2})  # SQLAlchemy's, in the same transaction
         await uow.session.exec_driver_sql("INSERT INTO history_counter VALUES (3, 0)")
         if fail:  # a broken CHECK: the whole transaction is undone
@@ -210,12 +230,37 @@ async def test_the_drivers_errors_are_sqlalchemys(database, monkeypatch):
     """A constraint broken on the driver is SQLAlchemy's IntegrityError, with the driver's
     error behind it (the fault handling and the fallback read these)."""
     monkeypatch.setattr(tracing, "enabled", lambda: False)
-    async with _InlineUnitOfWork(database._inline_writes) as uow:
+    async with _unit_of_work(database) as uow:
         with pytest.raises(IntegrityError) as raised:
             await uow.session.execute(
-                packages_repo._UPDATE_USED, [{"b_id": WORD, "b_used": 11 * T, "b_announced": 1}]
+                packages_repo._UPDATE_USED, {"b_id": WORD, "b_used": 11 * T, "b_announced": 1}
             )
-    assert isinstance(raised.value.orig, sqlite3.IntegrityError)
+    assert isinstance(raised.value.orig, database.engine.dialect.loaded_dbapi.IntegrityError)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_connection_lost_under_a_hot_statement_is_a_lost_connection(database, monkeypatch):
+    """PostgreSQL: the server ends the session under a hot statement; the error says the
+    connection is gone (`connection_fault` "lost"), so the transaction runs again on a fresh
+    one, as it does through SQLAlchemy (docs/faults.md, "Database faults")."""
+    monkeypatch.setattr(tracing, "enabled", lambda: False)
+    statement = packages_repo._lock_scopes(1)
+    params = _parameters(statement)
+    async with database.unit_of_work() as uow:
+        pid = (await uow.session.execute(text("SELECT pg_backend_pid()"))).scalar()
+        async with database.engine.connect() as other:
+            await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as raised:
+            await uow.session.execute(statement, params)
+        assert connection_fault(raised.value) == "lost"
+    attempts = []
+
+    async def work(uow):
+        attempts.append(1)
+        return len((await uow.session.execute(statement, params)).all())
+
+    assert await database.transaction(work) == 2  # a fresh connection: the pool was renewed
+    assert len(attempts) <= 2
 
 
 def test_statements_it_cannot_run_as_they_are_are_refused():
@@ -226,10 +271,10 @@ def test_statements_it_cannot_run_as_they_are_are_refused():
     bare_insert = insert(t.history_counter)
     try:
         with pytest.raises(ValueError, match="expanding"):
-            direct_sqlite.plan_of(direct_sqlite.hot(expanding), dialect)
+            direct_sql.plan_of(direct_sql.hot(expanding), dialect)
         with pytest.raises(ValueError, match="without its values"):
-            direct_sqlite.plan_of(direct_sqlite.hot(bare_insert), dialect)
+            direct_sql.plan_of(direct_sql.hot(bare_insert), dialect)
     finally:  # the other tests run every hot statement
         for statement in (expanding, bare_insert):
-            direct_sqlite._HOT.pop(id(statement), None)
-    assert direct_sqlite.plan_of(select(t.packages), dialect) is None  # not hot: SQLAlchemy's
+            direct_sql._HOT.pop(id(statement), None)
+    assert direct_sql.plan_of(select(t.packages), dialect) is None  # not hot: SQLAlchemy's
