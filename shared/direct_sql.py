@@ -109,7 +109,7 @@ class _Plan:
         make = self.row._make
         return [make(r) for r in fetched]
 
-    def run(self, driver: sqlite3.Connection, params: dict | Sequence[dict] | None) -> Rows:
+    def run_sqlite(self, driver: sqlite3.Connection, params: dict | Sequence[dict] | None) -> Rows:
         many = isinstance(params, list | tuple)
         try:
             if many:

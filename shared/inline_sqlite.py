@@ -131,7 +131,7 @@ class InlineConnection:
         if self._direct and not kwargs:
             plan = direct_sql.plan_of(statement, self.sync_connection.dialect)
             if plan is not None:
-                return plan.run(self._driver(), parameters)
+                return plan.run_sqlite(self._driver(), parameters)
         return self.sync_connection.execute(statement, parameters, **kwargs)
 
     async def scalar(self, statement, parameters=None, **kwargs):
