@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -219,6 +220,14 @@ class BenchDatabase:
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 finally:
                     conn.close()
+                # The load ran with synchronous=OFF: its pages may still wait in the OS's
+                # cache, and quota's first checkpoint (on the loop's thread) would flush them
+                # all, a stall of a second or more that belongs to the load, not to quota.
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
             await asyncio.to_thread(checkpoint)
             return
