@@ -61,20 +61,43 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "service": self.service,
-            "logger": record.name,
-            "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            line.update(fields)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return json_line(
+            record.created,
+            record.levelname,
+            self.service,
+            record.name,
+            getattr(record, "request_id", "-"),
+            record.getMessage(),
+            getattr(record, "fields", None),
+            exception,
+        )
+
+
+def json_line(
+    created: float,
+    level: str,
+    service: str,
+    logger: str,
+    request_id: str,
+    message: str,
+    fields: dict | None = None,
+    exception: str | None = None,
+) -> str:
+    """One JSON log line (`JsonFormatter`, and access lines written directly)."""
+    line = {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "service": service,
+        "logger": logger,
+        "request_id": request_id,
+        "message": message,
+    }
+    if fields:
+        line.update(fields)
+    if exception:
+        line["exception"] = exception
+    return json.dumps(line, ensure_ascii=False, default=str)
 
 
 class _AccessLines:
@@ -109,23 +132,14 @@ class _AccessLines:
         )
 
     def line(self, message: str, fields: dict, created: float) -> str:
+        rid = fields["request_id"]
         if self.json:
-            line = {
-                "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
-                "level": "INFO",
-                "service": self.service,
-                "logger": access_log.name,
-                "request_id": fields["request_id"],
-                "message": message,
-                **fields,
-            }
-            return json.dumps(line, ensure_ascii=False, default=str)
+            return json_line(created, "INFO", self.service, access_log.name, rid, message, fields)
         second = int(created)
         if second != self._second:  # logging.Formatter's default time, formatted once a second
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
         msecs = int((created - second) * 1000)
-        rid = fields["request_id"]
         return f"{self._stamp},{msecs:03d} INFO {self.service} [{rid}] {access_log.name}: {message}"
 
     def write(self, text: str) -> None:
