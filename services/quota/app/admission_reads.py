@@ -79,8 +79,7 @@ class AdmissionReads:
 
                 try:
                     # Short, so on the loop's thread on SQLite (shared/inline_sqlite.py).
-                    read = self.db.read_inline
-                    answers = await read(work)
+                    answers = await self.db.read_inline(work)
                 except BaseException as exc:  # every caller of the batch hears
                     answer = exc if isinstance(exc, Exception) else asyncio.CancelledError()
                     for future in futures:
